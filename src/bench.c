@@ -1,0 +1,85 @@
+#include "bench.h"
+
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+double bench_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps)
+{
+    float *a = malloc(m * k * sizeof *a), *b = malloc(k * n * sizeof *b), *c = malloc(m * n * sizeof *c);
+    double *rate = malloc(reps * sizeof *rate);
+    if (!a || !b || !c || !rate) {
+        free(a), free(b), free(c), free(rate);
+        return 0.0;
+    }
+    for (size_t i = 0; i < m * k; i++)
+        a[i] = (float)(i % 7) * 0.01f;
+    for (size_t i = 0; i < k * n; i++)
+        b[i] = (float)(i % 5) * 0.01f;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0f, a, (int)k, b, (int)n, 0.0f,
+                c, (int)n); /* warm-up: thread start, page faults */
+    for (size_t r = 0; r < reps; r++) {
+        double t0 = bench_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0f, a, (int)k, b, (int)n,
+                    0.0f, c, (int)n);
+        rate[r] = 2.0 * (double)m * (double)n * (double)k / (bench_now() - t0) / 1e9;
+    }
+    qsort(rate, reps, sizeof *rate, cmp_double);
+    double med = rate[reps / 2];
+    free(a), free(b), free(c), free(rate);
+    return med;
+}
+
+/* One block over `rows` rows whose queries attend to keys [0, i] for row i:
+ * ln/QKV 6d^2, attention 4 d (i+1) per row, proj 2d^2, MLP 4dm. */
+static double block_flops(const model_config *c, size_t row0, size_t T)
+{
+    const double d = (double)c->n_embd, m = (double)c->n_inner, rows = (double)(T - row0);
+    double attn = 0;
+    for (size_t i = row0; i < T; i++)
+        attn += 4.0 * d * (double)(i + 1);
+    return rows * (8.0 * d * d + 4.0 * d * m) + attn;
+}
+
+double bench_forward_flops(const model_config *c, size_t T)
+{
+    return (double)c->n_layer * block_flops(c, 0, T) + 2.0 * (double)c->n_embd * (double)c->vocab_size;
+}
+
+double bench_cell_flops(const model *m, const patch_pair *pairs, const patch_cell *cell, const patch_opts *o)
+{
+    const model_config *c = &m->cfg;
+    const patch_plan pl = patch_cell_plan(m, pairs, cell, o->direction);
+    if (pl.skipped)
+        return 0.0;
+    const size_t T = pairs[cell->pair].T, L = c->n_layer;
+    const double d = (double)c->n_embd, mm = (double)c->n_inner;
+    double f = 0.0;
+    if (cell->component != PATCH_RESID_PRE && cell->component != PATCH_MLP_OUT) {
+        /* the partial block: attention output (z components) and MLP of the changed rows */
+        double changed = (double)(pl.row_end - pl.row0);
+        f += changed * ((cell->component >= PATCH_Z ? 2.0 * d * d : 0.0) + 4.0 * d * mm);
+    }
+    for (size_t l = pl.block0; l < L; l++) {
+        if (l + 1 < L)
+            f += block_flops(c, pl.row0, T);
+        else /* last block: K, V of every recomputed row, the rest for the last row only */
+            f += (double)(T - pl.row0) * 4.0 * d * d + 4.0 * d * d + 4.0 * d * mm + 4.0 * d * (double)T;
+    }
+    f += o->metric == PATCH_LOGIT_DIFF ? 4.0 * d : 2.0 * d * (double)c->vocab_size;
+    return f;
+}

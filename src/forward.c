@@ -1,0 +1,344 @@
+#include "forward.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- kernels ------------------------------------------------------------ */
+
+void forward_layernorm(float *out, const float *x, const float *w, const float *b,
+                       size_t rows, size_t d, float eps)
+{
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = out + r * d;
+        /* Two passes in double: the mean first, then the biased variance of
+         * the centred values, so large residual norms lose no precision. */
+        double mean = 0.0;
+        for (size_t i = 0; i < d; i++)
+            mean += xr[i];
+        mean /= (double)d;
+        double var = 0.0;
+        for (size_t i = 0; i < d; i++) {
+            double c = xr[i] - mean;
+            var += c * c;
+        }
+        var /= (double)d;
+        float rstd = (float)(1.0 / sqrt(var + (double)eps));
+        float fmean = (float)mean;
+        for (size_t i = 0; i < d; i++)
+            o[i] = (xr[i] - fmean) * rstd * w[i] + b[i];
+    }
+}
+
+void forward_matmul(float *out, const float *x, const float *W, size_t ldw, const float *bias,
+                    size_t rows, size_t k, size_t n)
+{
+    if (rows == 0)
+        return;
+    float beta = 0.0f;
+    if (bias) {
+        for (size_t r = 0; r < rows; r++)
+            memcpy(out + r * n, bias, n * sizeof *out);
+        beta = 1.0f;
+    }
+    /* out[rows, n] = x[rows, k] @ W[k, n] + beta * out (Conv1D layout kept as stored) */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)n, (int)k, 1.0f, x,
+                (int)k, W, (int)ldw, beta, out, (int)n);
+}
+
+void forward_gelu(float *x, size_t n)
+{
+    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* Causal attention pattern for query rows [row0, T):
+ *   pattern[h, i, j] = softmax_{j<=i}(q[i,h,:] . k[j,h,:] / sqrt(dh)), 0 for j > i.
+ * Keys of rows < row0 are read as they are (the KV prefix). */
+static void attention_pattern_rows(float *pattern, const float *q, const float *k, size_t T,
+                                   size_t row0, size_t H, size_t dh)
+{
+    const size_t d = H * dh;
+    const float scale = 1.0f / sqrtf((float)dh);
+    for (size_t h = 0; h < H; h++) {
+        for (size_t i = row0; i < T; i++) {
+            float *p = pattern + (h * T + i) * T;
+            const float *qi = q + i * d + h * dh;
+            float mx = -INFINITY;
+            for (size_t j = 0; j <= i; j++) {
+                const float *kj = k + j * d + h * dh;
+                float s = 0.0f;
+                for (size_t e = 0; e < dh; e++)
+                    s += qi[e] * kj[e];
+                s *= scale;
+                p[j] = s;
+                if (s > mx)
+                    mx = s;
+            }
+            double sum = 0.0;
+            for (size_t j = 0; j <= i; j++) {
+                p[j] = expf(p[j] - mx);
+                sum += p[j];
+            }
+            float inv = (float)(1.0 / sum);
+            for (size_t j = 0; j <= i; j++)
+                p[j] *= inv;
+            for (size_t j = i + 1; j < T; j++)
+                p[j] = 0.0f;
+        }
+    }
+}
+
+/* z[i, h, :] = sum_j pattern[h, i, j] v[j, h, :] for rows [row0, T).  The sum
+ * runs over all j < T, not j <= i, so a pattern hook that writes above the
+ * diagonal is honoured as TransformerLens would. */
+static void attention_z_rows(float *z, const float *pattern, const float *v, size_t T, size_t row0,
+                             size_t H, size_t dh)
+{
+    const size_t d = H * dh;
+    for (size_t i = row0; i < T; i++) {
+        for (size_t h = 0; h < H; h++) {
+            float *zi = z + i * d + h * dh;
+            const float *p = pattern + (h * T + i) * T;
+            memset(zi, 0, dh * sizeof *zi);
+            for (size_t j = 0; j < T; j++) {
+                const float pj = p[j];
+                if (pj == 0.0f)
+                    continue;
+                const float *vj = v + j * d + h * dh;
+                for (size_t e = 0; e < dh; e++)
+                    zi[e] += pj * vj[e];
+            }
+        }
+    }
+}
+
+/* ---- cache -------------------------------------------------------------- */
+
+ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t capacity,
+                             forward_logits logits_mode)
+{
+    memset(c, 0, sizeof *c);
+    if (capacity == 0 || capacity > cfg->n_positions)
+        return err_set(PS_ERR_RANGE, "a run of %zu tokens does not fit the model's %zu positions",
+                       capacity, cfg->n_positions);
+    const size_t T = capacity, d = cfg->n_embd, m = cfg->n_inner, H = cfg->n_head;
+    const size_t V = cfg->vocab_size, L = cfg->n_layer;
+    /* Per block: 9 [T,d] arrays (resid_pre, ln1, q, k, v, z, attn_out,
+     * resid_mid, ln2) + mlp_out + resid_post = 11, two [T,m], one [H,T,T]. */
+    size_t per_layer = 11 * T * d + 2 * T * m + H * T * T;
+    size_t logits_rows = logits_mode == FORWARD_LOGITS_ALL ? T : logits_mode == FORWARD_LOGITS_LAST ? 1 : 0;
+    size_t total = 3 * T * d + L * per_layer + logits_rows * V;
+    c->arena = calloc(total, sizeof *c->arena);
+    c->layers = calloc(L, sizeof *c->layers);
+    c->tokens = calloc(T, sizeof *c->tokens);
+    if (!c->arena || !c->layers || !c->tokens) {
+        forward_cache_free(c);
+        return err_set(PS_ERR_NOMEM, "cannot allocate activations for %zu tokens (%zu MB)", T,
+                       total * sizeof(float) >> 20);
+    }
+    c->cfg = *cfg;
+    c->capacity = T;
+    c->logits_mode = logits_mode;
+    c->arena_floats = total;
+    float *p = c->arena;
+#define TAKE(n) (p += (n), p - (n))
+    c->embed = TAKE(T * d);
+    c->pos_embed = TAKE(T * d);
+    for (size_t l = 0; l < L; l++) {
+        forward_layer *ly = &c->layers[l];
+        ly->resid_pre = TAKE(T * d);
+        ly->ln1 = TAKE(T * d);
+        ly->q = TAKE(T * d);
+        ly->k = TAKE(T * d);
+        ly->v = TAKE(T * d);
+        ly->pattern = TAKE(H * T * T);
+        ly->z = TAKE(T * d);
+        ly->attn_out = TAKE(T * d);
+        ly->resid_mid = TAKE(T * d);
+        ly->ln2 = TAKE(T * d);
+        ly->mlp_pre = TAKE(T * m);
+        ly->mlp_post = TAKE(T * m);
+        ly->mlp_out = TAKE(T * d);
+        ly->resid_post = TAKE(T * d);
+    }
+    c->ln_final = TAKE(T * d);
+    c->logits = logits_rows ? TAKE(logits_rows * V) : NULL;
+#undef TAKE
+    return PS_OK;
+}
+
+void forward_cache_free(forward_cache *c)
+{
+    free(c->arena);
+    free(c->layers);
+    free(c->tokens);
+    memset(c, 0, sizeof *c);
+}
+
+void forward_cache_copy(forward_cache *dst, const forward_cache *src)
+{
+    memcpy(dst->arena, src->arena, src->arena_floats * sizeof *src->arena);
+    memcpy(dst->tokens, src->tokens, src->capacity * sizeof *src->tokens);
+    dst->T = src->T;
+}
+
+float *forward_cache_hook(const forward_cache *c, hook_point hp)
+{
+    const forward_layer *ly = hook_kind_in_block(hp.kind) ? &c->layers[hp.layer] : NULL;
+    switch (hp.kind) {
+    case HOOK_EMBED: return c->embed;
+    case HOOK_POS_EMBED: return c->pos_embed;
+    case HOOK_RESID_PRE: return ly->resid_pre;
+    case HOOK_Q: return ly->q;
+    case HOOK_K: return ly->k;
+    case HOOK_V: return ly->v;
+    case HOOK_PATTERN: return ly->pattern;
+    case HOOK_Z: return ly->z;
+    case HOOK_ATTN_OUT: return ly->attn_out;
+    case HOOK_RESID_MID: return ly->resid_mid;
+    case HOOK_MLP_PRE: return ly->mlp_pre;
+    case HOOK_MLP_POST: return ly->mlp_post;
+    case HOOK_MLP_OUT: return ly->mlp_out;
+    case HOOK_RESID_POST: return ly->resid_post;
+    case HOOK_LN_FINAL: return c->ln_final;
+    case HOOK_LOGITS: return c->logits;
+    case HOOK_KIND_COUNT: break;
+    }
+    return NULL;
+}
+
+/* ---- forward ------------------------------------------------------------ */
+
+static ps_status fire(const forward_hooks *hooks, const forward_cache *c, hook_kind kind, size_t layer)
+{
+    if (!hooks || !hooks->fn)
+        return PS_OK;
+    hook_point hp = {kind, layer};
+    if (hooks->only && !hook_set_has(hooks->only, hp))
+        return PS_OK;
+    size_t shape[HOOK_MAX_DIMS];
+    size_t nd = hook_shape(kind, &c->cfg, c->T, shape, NULL);
+    if (kind == HOOK_LOGITS && c->logits_mode == FORWARD_LOGITS_LAST)
+        shape[0] = 1;
+    return hooks->fn(hooks->user, hp, forward_cache_hook(c, hp), shape, nd);
+}
+
+#define FIRE(kind, layer)                                   \
+    do {                                                    \
+        ps_status st_ = fire(hooks, c, (kind), (layer));    \
+        if (st_ != PS_OK)                                   \
+            return st_;                                     \
+    } while (0)
+
+static void add_rows(float *out, const float *a, const float *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = a[i] + b[i];
+}
+
+/* Block l for rows [row0, T): reads ly->resid_pre, writes everything else.
+ * Every array is [T, ...] so row r of a [T, w] array starts at r * w. */
+static ps_status block_forward(const model *mdl, forward_cache *c, size_t l, size_t row0,
+                               const forward_hooks *hooks)
+{
+    const model_config *cfg = &mdl->cfg;
+    const model_block *b = &mdl->blocks[l];
+    forward_layer *ly = &c->layers[l];
+    const size_t T = c->T, d = cfg->n_embd, m = cfg->n_inner, n = T - row0;
+    const size_t o = row0 * d, om = row0 * m;
+
+    FIRE(HOOK_RESID_PRE, l);
+    forward_layernorm(ly->ln1 + o, ly->resid_pre + o, b->ln_1_w, b->ln_1_b, n, d, cfg->ln_eps);
+    /* q | k | v = ln1 @ c_attn.weight[:, 0:d | d:2d | 2d:3d] + bias: three
+     * GEMMs on column blocks of the [d, 3d] weight give contiguous [T, H, dh]. */
+    forward_matmul(ly->q + o, ly->ln1 + o, b->attn_w, 3 * d, b->attn_b, n, d, d);
+    forward_matmul(ly->k + o, ly->ln1 + o, b->attn_w + d, 3 * d, b->attn_b + d, n, d, d);
+    forward_matmul(ly->v + o, ly->ln1 + o, b->attn_w + 2 * d, 3 * d, b->attn_b + 2 * d, n, d, d);
+    FIRE(HOOK_Q, l);
+    FIRE(HOOK_K, l);
+    FIRE(HOOK_V, l);
+    attention_pattern_rows(ly->pattern, ly->q, ly->k, T, row0, cfg->n_head, cfg->d_head);
+    FIRE(HOOK_PATTERN, l);
+    attention_z_rows(ly->z, ly->pattern, ly->v, T, row0, cfg->n_head, cfg->d_head);
+    FIRE(HOOK_Z, l);
+    forward_matmul(ly->attn_out + o, ly->z + o, b->attn_proj_w, d, b->attn_proj_b, n, d, d);
+    FIRE(HOOK_ATTN_OUT, l);
+    add_rows(ly->resid_mid + o, ly->resid_pre + o, ly->attn_out + o, n * d);
+    FIRE(HOOK_RESID_MID, l);
+    forward_layernorm(ly->ln2 + o, ly->resid_mid + o, b->ln_2_w, b->ln_2_b, n, d, cfg->ln_eps);
+    forward_matmul(ly->mlp_pre + om, ly->ln2 + o, b->fc_w, m, b->fc_b, n, d, m);
+    FIRE(HOOK_MLP_PRE, l);
+    memcpy(ly->mlp_post + om, ly->mlp_pre + om, n * m * sizeof(float));
+    forward_gelu(ly->mlp_post + om, n * m);
+    FIRE(HOOK_MLP_POST, l);
+    forward_matmul(ly->mlp_out + o, ly->mlp_post + om, b->mlp_proj_w, d, b->mlp_proj_b, n, m, d);
+    FIRE(HOOK_MLP_OUT, l);
+    add_rows(ly->resid_post + o, ly->resid_mid + o, ly->mlp_out + o, n * d);
+    FIRE(HOOK_RESID_POST, l);
+    return PS_OK;
+}
+
+static ps_status head_forward(const model *mdl, forward_cache *c, size_t row0, const forward_hooks *hooks)
+{
+    const model_config *cfg = &mdl->cfg;
+    const size_t T = c->T, d = cfg->n_embd, V = cfg->vocab_size;
+    const float *last = c->layers[cfg->n_layer - 1].resid_post;
+    forward_layernorm(c->ln_final + row0 * d, last + row0 * d, mdl->ln_f_w, mdl->ln_f_b, T - row0, d,
+                      cfg->ln_eps);
+    FIRE(HOOK_LN_FINAL, 0);
+    if (c->logits_mode == FORWARD_LOGITS_NONE)
+        return PS_OK;
+    /* logits[r, :] = ln_final[r, :] @ unembed^T, unembed [V, d] */
+    size_t r0 = c->logits_mode == FORWARD_LOGITS_ALL ? row0 : T - 1;
+    float *out = c->logits_mode == FORWARD_LOGITS_ALL ? c->logits + r0 * V : c->logits;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(T - r0), (int)V, (int)d, 1.0f,
+                c->ln_final + r0 * d, (int)d, mdl->unembed, (int)d, 0.0f, out, (int)V);
+    FIRE(HOOK_LOGITS, 0);
+    return PS_OK;
+}
+
+ps_status forward_run_from(const model *m, forward_cache *c, size_t layer0, size_t row0,
+                           const forward_hooks *hooks)
+{
+    const size_t L = m->cfg.n_layer, d = m->cfg.n_embd, T = c->T;
+    if (layer0 > L || row0 >= T)
+        return err_set(PS_ERR_RANGE, "suffix run from block %zu row %zu outside %zu blocks x %zu rows",
+                       layer0, row0, L, T);
+    for (size_t l = layer0; l < L; l++) {
+        ps_status st = block_forward(m, c, l, row0, hooks);
+        if (st)
+            return st;
+        if (l + 1 < L)
+            memcpy(c->layers[l + 1].resid_pre + row0 * d, c->layers[l].resid_post + row0 * d,
+                   (T - row0) * d * sizeof(float));
+    }
+    return head_forward(m, c, row0, hooks);
+}
+
+ps_status forward_run(const model *m, forward_cache *c, const int32_t *tokens, size_t T,
+                      const forward_hooks *hooks)
+{
+    const size_t d = m->cfg.n_embd;
+    if (T == 0 || T > c->capacity)
+        return err_set(PS_ERR_RANGE, "a run of %zu tokens does not fit (1..%zu)", T, c->capacity);
+    for (size_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || (size_t)tokens[t] >= m->cfg.vocab_size)
+            return err_set(PS_ERR_RANGE, "token id %d at position %zu is outside the vocabulary (%zu)",
+                           tokens[t], t, m->cfg.vocab_size);
+    c->T = T;
+    memcpy(c->tokens, tokens, T * sizeof *tokens);
+    for (size_t t = 0; t < T; t++) {
+        memcpy(c->embed + t * d, m->wte + (size_t)tokens[t] * d, d * sizeof(float));
+        memcpy(c->pos_embed + t * d, m->wpe + t * d, d * sizeof(float));
+    }
+    FIRE(HOOK_EMBED, 0);
+    FIRE(HOOK_POS_EMBED, 0);
+    add_rows(c->layers[0].resid_pre, c->embed, c->pos_embed, T * d);
+    return forward_run_from(m, c, 0, 0, hooks);
+}

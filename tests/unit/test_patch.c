@@ -1,0 +1,195 @@
+/* Unit tests of the patching engines on in-memory random models: the fast
+ * engine equals the naive one (a full forward per cell with a hook) for
+ * every component, metric and direction, over several prompt pairs of
+ * different lengths at once and with row budgets small enough to split the
+ * work into many sgemm groups. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "patch.h"
+#include "random_model.h"
+
+enum { N_PAIRS = 3 };
+
+typedef struct {
+    random_model tm;
+    patch_pair pairs[N_PAIRS];
+} fixture;
+
+/* Pairs shaped like IOI: equal prefixes, a difference at one or two
+ * positions, different lengths. */
+static int setup(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    random_model_init(&fx->tm, 3, 4, 32, 64, 24);
+    static const int32_t c0[] = {63, 5, 17, 3, 9, 42, 8, 17, 11}, r0[] = {63, 5, 17, 3, 9, 42, 8, 3, 11};
+    static const int32_t c1[] = {63, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}, r1[] = {63, 1, 2, 30, 4, 5, 6, 7, 8, 9, 40, 11};
+    static const int32_t c2[] = {7, 20, 21, 22, 23, 24, 25}, r2[] = {8, 20, 21, 22, 23, 24, 25};
+    const int32_t *cl[] = {c0, c1, c2}, *co[] = {r0, r1, r2};
+    const size_t T[] = {9, 12, 7};
+    for (int i = 0; i < N_PAIRS; i++)
+        assert_int_equal(patch_pair_init(&fx->pairs[i], &fx->tm.m, cl[i], co[i], T[i], 17 + i, 3 + i), PS_OK);
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *fx = *state;
+    for (int i = 0; i < N_PAIRS; i++)
+        patch_pair_free(&fx->pairs[i]);
+    random_model_free(&fx->tm);
+    free(fx);
+    return 0;
+}
+
+/* All cells of all components of all pairs. */
+static patch_cell *all_cells(const fixture *fx, size_t *n)
+{
+    patch_cell *all = NULL;
+    size_t total = 0;
+    for (uint32_t p = 0; p < N_PAIRS; p++)
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            patch_cell *cells;
+            size_t k;
+            assert_int_equal(patch_grid_cells((patch_component)c, &fx->tm.m.cfg, p, fx->pairs[p].T, &cells, &k), PS_OK);
+            all = realloc(all, (total + k) * sizeof *all);
+            memcpy(all + total, cells, k * sizeof *cells);
+            total += k;
+            free(cells);
+        }
+    *n = total;
+    return all;
+}
+
+static void check_engines_agree(fixture *fx, patch_metric metric, patch_direction dir)
+{
+    size_t n;
+    patch_cell *cells = all_cells(fx, &n);
+    double *naive = malloc(n * sizeof *naive), *fast = malloc(n * sizeof *fast), *split = malloc(n * sizeof *split);
+    patch_opts o = {.metric = metric, .direction = dir, .engine = PATCH_ENGINE_NAIVE};
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, naive), PS_OK);
+    o.engine = PATCH_ENGINE_FAST;
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, fast), PS_OK);
+    o.max_rows = 13; /* many small groups; a job of 12 rows fits, two rarely do */
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, split), PS_OK);
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double tol = metric == PATCH_PROB ? 1e-5 * fmax(fabs(naive[i]), 1e-3) : 1e-4 * fmax(1.0, fabs(naive[i]));
+        double e = fmax(fabs(fast[i] - naive[i]), fabs(split[i] - naive[i]));
+        if (!(e <= tol))
+            fail_msg("%s %s cell %zu (component %s, layer %u, position %u, head %u, pair %u): naive %.9g fast %.9g "
+                     "split %.9g",
+                     patch_metric_name(metric), dir == PATCH_DENOISE ? "denoise" : "noise", i,
+                     patch_component_name((patch_component)cells[i].component), cells[i].layer, cells[i].position,
+                     cells[i].head, cells[i].pair, naive[i], fast[i], split[i]);
+        worst = fmax(worst, e / tol);
+    }
+    /* Grouping must not change a single bit. */
+    assert_memory_equal(fast, split, n * sizeof *fast);
+    printf("  %s/%s: %zu cells, worst error %.3f of the tolerance\n", patch_metric_name(metric),
+           dir == PATCH_DENOISE ? "denoise" : "noise", n, worst);
+    free(naive);
+    free(fast);
+    free(split);
+    free(cells);
+}
+
+static void test_fast_equals_naive(void **state)
+{
+    for (int m = 0; m < PATCH_METRIC_COUNT; m++) {
+        check_engines_agree(*state, (patch_metric)m, PATCH_DENOISE);
+        check_engines_agree(*state, (patch_metric)m, PATCH_NOISE);
+    }
+}
+
+/* Cells before the first differing token change nothing: both engines give
+ * the unpatched metric exactly, and the fast engine's cost is 0. */
+static void test_unchanged_cells(void **state)
+{
+    fixture *fx = *state;
+    const patch_pair *p = &fx->pairs[1]; /* first difference at position 3 */
+    patch_cell *cells;
+    size_t n;
+    assert_int_equal(patch_grid_cells(PATCH_RESID_PRE, &fx->tm.m.cfg, 1, p->T, &cells, &n), PS_OK);
+    double *v = malloc(n * sizeof *v);
+    for (int e = 0; e < 2; e++) {
+        patch_opts o = {.metric = PATCH_LOGIT_DIFF, .direction = PATCH_DENOISE, .engine = (patch_engine)e};
+        assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, v), PS_OK);
+        for (size_t i = 0; i < n; i++)
+            if (cells[i].position < 3) {
+                assert_true(v[i] == p->corrupted_metric[PATCH_LOGIT_DIFF]);
+                assert_int_equal(patch_cell_cost(&fx->tm.m, fx->pairs, &cells[i], PATCH_DENOISE), 0);
+            }
+    }
+    /* resid_pre at layer 0 of the differing position restores the clean run */
+    size_t i3 = 3; /* layer 0, position 3 */
+    patch_opts o = {.metric = PATCH_LOGIT_DIFF, .direction = PATCH_DENOISE, .engine = PATCH_ENGINE_FAST};
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, v), PS_OK);
+    assert_int_equal(patch_cell_cost(&fx->tm.m, fx->pairs, &cells[i3], PATCH_DENOISE), 3 * (p->T - 3));
+    free(v);
+    free(cells);
+}
+
+/* Patching resid_pre of block 0 at every position where the prompts differ
+ * turns the corrupted run into the clean one: normalized value 1. */
+static void test_full_restore(void **state)
+{
+    fixture *fx = *state;
+    const patch_pair *p = &fx->pairs[2]; /* differs only at position 0 */
+    patch_cell cell = {.pair = 2, .component = PATCH_RESID_PRE, .layer = 0, .position = 0};
+    double v;
+    patch_opts o = {.metric = PATCH_LOGIT_DIFF, .direction = PATCH_DENOISE, .engine = PATCH_ENGINE_FAST};
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &cell, 1, &o, &v), PS_OK);
+    assert_true(fabs(patch_normalize(p, PATCH_LOGIT_DIFF, v) - 1.0) < 1e-4);
+    o.direction = PATCH_NOISE;
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &cell, 1, &o, &v), PS_OK);
+    assert_true(fabs(patch_normalize(p, PATCH_LOGIT_DIFF, v)) < 1e-4);
+    /* KL of the clean run against itself is 0 */
+    assert_true(fabs(p->clean_metric[PATCH_KL]) < 1e-6);
+}
+
+static void test_parse_and_shapes(void **state)
+{
+    fixture *fx = *state;
+    bool on[PATCH_COMPONENT_COUNT];
+    assert_int_equal(patch_components_parse("block_every,z", on), PS_OK);
+    assert_true(on[PATCH_RESID_PRE] && on[PATCH_ATTN_OUT] && on[PATCH_MLP_OUT] && on[PATCH_Z]);
+    assert_false(on[PATCH_RESID_MID]);
+    assert_int_equal(patch_components_parse("head_all_pos_every", on), PS_OK);
+    assert_true(on[PATCH_PATTERN_ALL_POS] && !on[PATCH_Z]);
+    assert_int_equal(patch_components_parse("resid_pre,bogus", on), PS_ERR_INVALID);
+    assert_non_null(strstr(err_msg(), "bogus"));
+    patch_metric m;
+    assert_int_equal(patch_metric_parse("kl", &m), PS_OK);
+    assert_int_equal(m, PATCH_KL);
+    assert_int_equal(patch_metric_parse("accuracy", &m), PS_ERR_INVALID);
+    size_t shape[3];
+    const char *dn[3];
+    assert_int_equal(patch_grid_shape(PATCH_Z, &fx->tm.m.cfg, 9, shape, dn), 3);
+    assert_int_equal(shape[0] * shape[1] * shape[2], 3 * 9 * 4);
+    assert_int_equal(patch_grid_shape(PATCH_V_ALL_POS, &fx->tm.m.cfg, 9, shape, dn), 2);
+    assert_string_equal(dn[1], "head");
+    patch_cell bad = {.pair = 0, .component = PATCH_RESID_PRE, .layer = 3};
+    double v;
+    patch_opts o = {0};
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &bad, 1, &o, &v), PS_ERR_RANGE);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_fast_equals_naive),
+        cmocka_unit_test(test_unchanged_cells),
+        cmocka_unit_test(test_full_restore),
+        cmocka_unit_test(test_parse_and_shapes),
+    };
+    return cmocka_run_group_tests_name("patch", tests, setup, teardown);
+}
