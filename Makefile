@@ -32,7 +32,11 @@ PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 LDFLAGS := $(filter -fsanitize=%,$(OPTFLAGS))
 LDLIBS   = $(PKG_LIBS) -lm -lpthread
 
-LIB_SRC := $(filter-out src/main.c,$(wildcard src/*.c))
+# The library is everything but the CLI layer (main, cli, cmd_*), which alone
+# prints and exits.
+CLI_SRC := src/main.c src/cli.c $(wildcard src/cmd_*.c)
+CLI_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(CLI_SRC))
+LIB_SRC := $(filter-out $(CLI_SRC),$(wildcard src/*.c))
 LIB_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRC))
 LIB     := $(BUILD)/libpatchsweep.a
 BIN     := $(BUILD)/patchsweep
@@ -61,8 +65,8 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)/obj
 $(LIB): $(LIB_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
-$(BIN): src/main.c $(LIB)
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
+$(BIN): $(CLI_OBJ) $(LIB)
+	$(CC) $(CLI_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
@@ -125,4 +129,4 @@ clean:
 distclean:
 	rm -rf build results
 
--include $(LIB_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d)

@@ -1,0 +1,286 @@
+#include "cmd_model.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "forward.h"
+#include "hooks.h"
+#include "ncout.h"
+
+/* ---- tokenize ------------------------------------------------------------ */
+
+static const char *tokenize_help =
+    "usage: patchsweep tokenize --model DIR [--tokenizer DIR] [--no-bos] [--json] TEXT\n"
+    "  Byte-level BPE token ids and token strings of TEXT (GPT-2's tokenizer).\n"
+    "  --model DIR      model directory (its vocab.json + merges.txt, or the default tokenizer)\n"
+    "  --tokenizer DIR  use the tokenizer files in DIR\n"
+    "  --no-bos         do not prepend <|endoftext|> (id 50256)\n"
+    "  --json           {\"ids\": [...], \"tokens\": [...]}\n";
+
+int cmd_tokenize(int argc, char **argv)
+{
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
+    cli_common o = {.bos = true};
+    int ch, rc;
+    while ((ch = getopt_long(argc, argv, "m:h", opts, NULL)) != -1)
+        if ((rc = cli_common_opt("tokenize", tokenize_help, ch, argv, &o)) != CLI_CONTINUE)
+            return rc;
+    if (optind != argc - 1)
+        return cli_usage("tokenize", "exactly one TEXT argument is required");
+    tokenizer *tok;
+    if ((rc = cli_load("tokenize", &o, NULL, &tok)))
+        return rc;
+    int32_t *ids;
+    size_t n;
+    if (cli_encode_prompt(tok, argv[optind], o.bos, &ids, &n) != PS_OK) {
+        tokenizer_free(tok);
+        return cli_fail();
+    }
+    json_t *jids = json_array(), *jtoks = json_array();
+    for (size_t i = 0; i < n; i++) {
+        char *s = cli_token_display(tok, ids[i]);
+        if (o.json) {
+            json_array_append_new(jids, json_integer(ids[i]));
+            json_array_append_new(jtoks, json_string(s));
+        } else {
+            printf("%4zu %6d ", i, ids[i]);
+            cli_print_quoted(stdout, s);
+            putchar('\n');
+        }
+        free(s);
+    }
+    if (o.json) {
+        cli_print_json(json_pack("{s:o,s:o}", "ids", jids, "tokens", jtoks));
+    } else {
+        json_decref(jids);
+        json_decref(jtoks);
+    }
+    free(ids);
+    tokenizer_free(tok);
+    return 0;
+}
+
+/* ---- run ----------------------------------------------------------------- */
+
+static const char *run_help =
+    "usage: patchsweep run --model DIR --prompt TEXT [--top-k K] [--no-bos] [--json]\n"
+    "  One forward pass; the next-token distribution after the prompt: the top K\n"
+    "  tokens with probability and logit (default K = 10).\n";
+
+typedef struct {
+    int32_t id;
+    float logit;
+} scored;
+
+static int cmp_scored(const void *a, const void *b)
+{
+    const scored *x = a, *y = b;
+    if (x->logit != y->logit)
+        return x->logit < y->logit ? 1 : -1;
+    return x->id - y->id;
+}
+
+enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS };
+
+int cmd_run(int argc, char **argv)
+{
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"prompt", required_argument, 0, 'p'},
+                                         {"top-k", required_argument, 0, OPT_TOP_K},
+                                         {0, 0, 0, 0}};
+    cli_common o = {.bos = true};
+    const char *prompt = NULL;
+    size_t top_k = 10;
+    int ch, rc;
+    while ((ch = getopt_long(argc, argv, "m:p:h", opts, NULL)) != -1) {
+        if (ch == 'p')
+            prompt = optarg;
+        else if (ch == OPT_TOP_K) {
+            if (!cli_parse_size(optarg, 1, 1000000, &top_k))
+                return cli_usage("run", "--top-k takes a whole number >= 1, not '%s'", optarg);
+        } else if ((rc = cli_common_opt("run", run_help, ch, argv, &o)) != CLI_CONTINUE)
+            return rc;
+    }
+    if (optind != argc)
+        return cli_usage("run", "unexpected argument '%s'", argv[optind]);
+    if (!prompt)
+        return cli_usage("run", "--prompt TEXT is required");
+    model m;
+    tokenizer *tok;
+    if ((rc = cli_load("run", &o, &m, &tok)))
+        return rc;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    forward_cache c = {0};
+    scored *top = NULL;
+    if (cli_encode_prompt(tok, prompt, o.bos, &ids, &n) != PS_OK ||
+        forward_cache_init(&c, &m.cfg, n, FORWARD_LOGITS_LAST) != PS_OK || forward_run(&m, &c, ids, n, NULL) != PS_OK) {
+        rc = cli_fail();
+        goto out;
+    }
+    const size_t V = m.cfg.vocab_size;
+    size_t k = top_k < V ? top_k : V;
+    /* softmax over the last row: p_i = exp(l_i - max) / sum_j exp(l_j - max) */
+    float mx = -INFINITY;
+    for (size_t i = 0; i < V; i++)
+        mx = fmaxf(mx, c.logits[i]);
+    double z = 0.0;
+    for (size_t i = 0; i < V; i++)
+        z += exp((double)c.logits[i] - mx);
+    top = malloc(V * sizeof *top);
+    if (!top) {
+        err_set(PS_ERR_NOMEM, "out of memory");
+        rc = cli_fail();
+        goto out;
+    }
+    for (size_t i = 0; i < V; i++)
+        top[i] = (scored){(int32_t)i, c.logits[i]};
+    qsort(top, V, sizeof *top, cmp_scored);
+    json_t *jtop = json_array();
+    if (!o.json)
+        printf("%zu tokens; next token:\n%4s %6s %9s %9s  %s\n", n, "rank", "id", "prob", "logit", "token");
+    for (size_t i = 0; i < k; i++) {
+        double p = exp((double)top[i].logit - mx) / z;
+        char *s = cli_token_display(tok, top[i].id);
+        if (o.json) {
+            json_array_append_new(jtop, json_pack("{s:i,s:s,s:f,s:f}", "id", top[i].id, "token", s, "prob", p,
+                                                  "logit", (double)top[i].logit));
+        } else {
+            printf("%4zu %6d %9.6f %9.4f  ", i + 1, top[i].id, p, top[i].logit);
+            cli_print_quoted(stdout, s);
+            putchar('\n');
+        }
+        free(s);
+    }
+    if (o.json)
+        cli_print_json(json_pack("{s:i,s:o}", "n_tokens", (int)n, "top", jtop));
+    else
+        json_decref(jtop);
+out:
+    free(top);
+    free(ids);
+    forward_cache_free(&c);
+    tokenizer_free(tok);
+    model_free(&m);
+    return rc;
+}
+
+/* ---- cache --------------------------------------------------------------- */
+
+static const char *cache_help =
+    "usage: patchsweep cache --model DIR --prompt TEXT [--hooks PATTERN[,PATTERN...]] [--no-bos] -o OUT.nc\n"
+    "  TransformerLens' run_with_cache as a NetCDF-4 file: one variable per hook\n"
+    "  point, named by its hook name (e.g. blocks.3.attn.hook_z(position, head, d_head)),\n"
+    "  plus logits(position, vocab), token_id(position), token(position) and provenance.\n"
+    "  --hooks   comma-separated shell globs over hook names (default: all), e.g.\n"
+    "            'blocks.*.hook_resid_post,logits'\n";
+
+int cmd_cache(int argc, char **argv)
+{
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"prompt", required_argument, 0, 'p'},
+                                         {"hooks", required_argument, 0, OPT_HOOKS},
+                                         {"output", required_argument, 0, 'o'},
+                                         {0, 0, 0, 0}};
+    cli_common o = {.bos = true};
+    const char *prompt = NULL, *hooks = NULL, *output = NULL;
+    int ch, rc;
+    while ((ch = getopt_long(argc, argv, "m:p:o:h", opts, NULL)) != -1) {
+        if (ch == 'p')
+            prompt = optarg;
+        else if (ch == OPT_HOOKS)
+            hooks = optarg;
+        else if (ch == 'o')
+            output = optarg;
+        else if ((rc = cli_common_opt("cache", cache_help, ch, argv, &o)) != CLI_CONTINUE)
+            return rc;
+    }
+    if (optind != argc)
+        return cli_usage("cache", "unexpected argument '%s'", argv[optind]);
+    if (!prompt)
+        return cli_usage("cache", "--prompt TEXT is required");
+    if (!output)
+        return cli_usage("cache", "-o OUT.nc is required");
+    model m;
+    tokenizer *tok;
+    if ((rc = cli_load("cache", &o, &m, &tok)))
+        return rc;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    forward_cache c = {0};
+    hook_set hs = {0};
+    ncout_file f = {.ncid = -1};
+    ps_status st = hooks ? hook_set_parse(&hs, hooks, m.cfg.n_layer) : hook_set_all(&hs, m.cfg.n_layer);
+    bool want_logits = st == PS_OK && hook_set_has(&hs, (hook_point){HOOK_LOGITS, 0});
+    if (st || (st = cli_encode_prompt(tok, prompt, o.bos, &ids, &n)) || (st = ncout_create(&f, output)) ||
+        (st = forward_cache_init(&c, &m.cfg, n, want_logits ? FORWARD_LOGITS_ALL : FORWARD_LOGITS_NONE)) ||
+        (st = forward_run(&m, &c, ids, n, NULL)) || (st = ncout_write_cache(&f, &m, tok, &c, &hs, o.bos)) ||
+        (st = ncout_commit(&f))) {
+        ncout_abort(&f);
+        rc = cli_fail();
+    } else {
+        fprintf(stderr, "wrote %s: %zu tokens, %zu hook points\n", output, n, hs.n_on);
+    }
+    free(ids);
+    hook_set_free(&hs);
+    forward_cache_free(&c);
+    tokenizer_free(tok);
+    model_free(&m);
+    return rc;
+}
+
+/* ---- info ---------------------------------------------------------------- */
+
+static const char *info_help =
+    "usage: patchsweep info --model DIR [--json]\n"
+    "  The model's config, parameter count, weight dtype, file sha256, tokenizer,\n"
+    "  and the BLAS kernel and threads this process uses.\n";
+
+int cmd_info(int argc, char **argv)
+{
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, {0, 0, 0, 0}};
+    cli_common o = {.bos = true};
+    int ch, rc;
+    while ((ch = getopt_long(argc, argv, "m:h", opts, NULL)) != -1)
+        if ((rc = cli_common_opt("info", info_help, ch, argv, &o)) != CLI_CONTINUE)
+            return rc;
+    if (optind != argc)
+        return cli_usage("info", "unexpected argument '%s'", argv[optind]);
+    model m;
+    tokenizer *tok;
+    if ((rc = cli_load("info", &o, &m, &tok)))
+        return rc;
+    if (model_hash(&m) != PS_OK) {
+        rc = cli_fail();
+        goto out;
+    }
+    const model_config *c = &m.cfg;
+    const char *core = openblas_get_corename();
+    int threads = openblas_get_num_threads();
+    if (o.json) {
+        cli_print_json(json_pack(
+            "{s:s,s:s,s:{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f},s:I,s:s,s:b,s:i,s:{s:s,s:i}}", "model", m.dir, "sha256",
+            m.sha256, "config", "n_layer", (int)c->n_layer, "n_head", (int)c->n_head, "n_embd", (int)c->n_embd,
+            "d_head", (int)c->d_head, "n_inner", (int)c->n_inner, "n_positions", (int)c->n_positions, "vocab_size",
+            (int)c->vocab_size, "layer_norm_epsilon", (double)c->ln_eps, "n_params", (json_int_t)m.n_params, "dtype",
+            m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", (int)tokenizer_vocab_size(tok), "blas", "core",
+            core, "threads", threads));
+    } else {
+        printf("model        %s\n", m.dir);
+        printf("sha256       %s\n", m.sha256);
+        printf("layers       %zu\nheads        %zu (d_head %zu)\nd_model      %zu\nd_mlp        %zu\n", c->n_layer,
+               c->n_head, c->d_head, c->n_embd, c->n_inner);
+        printf("positions    %zu\nvocab        %zu (tokenizer %zu)\nln eps       %g\n", c->n_positions, c->vocab_size,
+               tokenizer_vocab_size(tok), (double)c->ln_eps);
+        printf("parameters   %zu (%.1f M)\ndtype        %s\nunembedding  %s\n", m.n_params, m.n_params / 1e6,
+               m.weights_dtype, m.tied ? "tied to wte" : "lm_head.weight");
+        printf("blas         OpenBLAS core %s, %d threads\n", core, threads);
+    }
+out:
+    tokenizer_free(tok);
+    model_free(&m);
+    return rc;
+}

@@ -1,0 +1,399 @@
+#include "cmd_patch.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+#include "cli.h"
+#include "ncout.h"
+#include "patch.h"
+#include "strutil.h"
+
+/* Options of the commands that patch one prompt pair. */
+typedef struct {
+    cli_common common;
+    const char *clean, *corrupted, *answer, *wrong, *output;
+    bool on[PATCH_COMPONENT_COUNT];
+    bool components_given;
+    patch_opts po;
+    size_t reps;
+} patch_args;
+
+enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
+       OPT_DIRECTION, OPT_ENGINE, OPT_REPS };
+
+static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
+{
+    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+                                         {"clean", required_argument, 0, OPT_CLEAN},
+                                         {"corrupted", required_argument, 0, OPT_CORRUPTED},
+                                         {"answer", required_argument, 0, OPT_ANSWER},
+                                         {"wrong", required_argument, 0, OPT_WRONG},
+                                         {"components", required_argument, 0, OPT_COMPONENTS},
+                                         {"metric", required_argument, 0, OPT_METRIC},
+                                         {"direction", required_argument, 0, OPT_DIRECTION},
+                                         {"engine", required_argument, 0, OPT_ENGINE},
+                                         {"output", required_argument, 0, 'o'},
+                                         {"reps", required_argument, 0, OPT_REPS},
+                                         {0, 0, 0, 0}};
+    memset(a, 0, sizeof *a);
+    a->common.bos = true;
+    a->po = (patch_opts){.metric = PATCH_LOGIT_DIFF, .direction = PATCH_DENOISE, .engine = PATCH_ENGINE_FAST};
+    a->reps = 5;
+    patch_components_parse("resid_pre", a->on);
+    int ch, rc;
+    while ((ch = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
+        /* options of the other command are usage errors, not silently ignored */
+        const char *foreign = is_patch ? (ch == OPT_REPS ? "--reps" : NULL)
+                                       : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
+                                                 : ch == OPT_ENGINE ? "--engine" : NULL;
+        if (foreign)
+            return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
+        switch (ch) {
+        case OPT_CLEAN: a->clean = optarg; break;
+        case OPT_CORRUPTED: a->corrupted = optarg; break;
+        case OPT_ANSWER: a->answer = optarg; break;
+        case OPT_WRONG: a->wrong = optarg; break;
+        case 'o': a->output = optarg; break;
+        case OPT_COMPONENTS:
+            if (patch_components_parse(optarg, a->on) != PS_OK)
+                return cli_usage(cmd, "%s", err_msg());
+            a->components_given = true;
+            break;
+        case OPT_METRIC:
+            if (patch_metric_parse(optarg, &a->po.metric) != PS_OK)
+                return cli_usage(cmd, "%s", err_msg());
+            break;
+        case OPT_DIRECTION:
+            if (strcmp(optarg, "denoise") && strcmp(optarg, "noise"))
+                return cli_usage(cmd, "unknown direction '%s' (denoise or noise)", optarg);
+            a->po.direction = strcmp(optarg, "noise") ? PATCH_DENOISE : PATCH_NOISE;
+            break;
+        case OPT_ENGINE:
+            if (strcmp(optarg, "fast") && strcmp(optarg, "naive"))
+                return cli_usage(cmd, "unknown engine '%s' (fast or naive)", optarg);
+            a->po.engine = strcmp(optarg, "naive") ? PATCH_ENGINE_FAST : PATCH_ENGINE_NAIVE;
+            break;
+        case OPT_REPS:
+            if (!cli_parse_size(optarg, 1, 1000, &a->reps))
+                return cli_usage(cmd, "--reps takes a whole number from 1 to 1000, not '%s'", optarg);
+            break;
+        default:
+            if ((rc = cli_common_opt(cmd, help, ch, argv, &a->common)) != CLI_CONTINUE)
+                return rc;
+        }
+    }
+    if (optind != argc)
+        return cli_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    return CLI_CONTINUE;
+}
+
+/* Tokenize and validate the pair (equal token lengths, within the model's
+ * positions, single-token answers), then run both prompts. */
+static ps_status prepare_pair(const model *m, const tokenizer *tok, const patch_args *a, patch_pair *pair)
+{
+    int32_t *clean = NULL, *corrupted = NULL, answer, wrong;
+    size_t nc = 0, nr = 0;
+    ps_status st;
+    if ((st = cli_encode_prompt(tok, a->clean, a->common.bos, &clean, &nc)) ||
+        (st = cli_encode_prompt(tok, a->corrupted, a->common.bos, &corrupted, &nr)))
+        goto out;
+    if (nc != nr) {
+        st = err_set(PS_ERR_INVALID, "clean and corrupted prompts differ in token length (%zu vs %zu tokens)", nc, nr);
+        goto out;
+    }
+    if (nc > m->cfg.n_positions) {
+        st = err_set(PS_ERR_RANGE, "the prompts are %zu tokens, more than the model's %zu positions", nc,
+                     m->cfg.n_positions);
+        goto out;
+    }
+    if ((st = tokenizer_single_token(tok, a->answer, &answer)) || (st = tokenizer_single_token(tok, a->wrong, &wrong)))
+        goto out;
+    st = patch_pair_init(pair, m, clean, corrupted, nc, answer, wrong);
+out:
+    free(clean);
+    free(corrupted);
+    return st;
+}
+
+/* ---- patch --------------------------------------------------------------- */
+
+static const char *patch_help =
+    "usage: patchsweep patch --model DIR --clean TEXT --corrupted TEXT --answer TOK --wrong TOK\n"
+    "                        [--components LIST] [--metric M] [--direction denoise|noise]\n"
+    "                        [--engine fast|naive] [-o OUT.nc] [--json] [--no-bos]\n"
+    "  Activation patching of one prompt pair (the worksheet's IOI grid).\n"
+    "  --components  comma-separated: resid_pre (default), resid_mid, attn_out, mlp_out,\n"
+    "                z (layer x position x head), z_all_pos, q_all_pos, k_all_pos,\n"
+    "                v_all_pos, pattern_all_pos (layer x head); groups block_every\n"
+    "                (resid_pre,attn_out,mlp_out) and head_all_pos_every\n"
+    "  --metric      logit_diff (default: logit[answer] - logit[wrong]), prob, logprob, kl\n"
+    "  --direction   denoise (default: run corrupted, patch in clean) or noise\n"
+    "  --engine      fast (default: recompute only what a patch changes) or naive\n"
+    "                (one full forward per cell, the reference)\n"
+    "  Prints each grid of normalized values, (patched - corrupted) / (clean - corrupted),\n"
+    "  layers as rows and tokens as columns; -o writes the NetCDF results file.\n";
+
+/* The table of one component's normalized grid. */
+static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_component c, const model_config *cfg,
+                              const double *values, patch_metric metric)
+{
+    size_t shape[3];
+    size_t nd = patch_grid_shape(c, cfg, p->T, shape, NULL);
+    printf("\n%s (normalized %s; rows = layer%s, columns = %s)\n", patch_component_name(c), patch_metric_name(metric),
+           nd == 3 ? ".head" : "", c >= PATCH_Z_ALL_POS ? "head" : "token_position");
+    const size_t ncol = shape[1] == p->T && c < PATCH_Z_ALL_POS ? p->T : shape[1];
+    printf("%-7s", "");
+    for (size_t j = 0; j < ncol; j++) {
+        if (c >= PATCH_Z_ALL_POS) {
+            printf(" %7s%-2zu", "h", j);
+            continue;
+        }
+        /* Column labels as the worksheet's: token_index, cut to 9 chars. */
+        size_t len;
+        const char *b = tokenizer_token_bytes(tok, p->corrupted.tokens[j], &len);
+        char *s = b ? str_utf8_sanitize(b, len) : strdup("?");
+        char label[64];
+        snprintf(label, sizeof label, "%s_%zu", s ? s : "?", j);
+        free(s);
+        for (char *q = label; *q; q++)
+            if (*q == '\n' || *q == '\t')
+                *q = ' ';
+        printf(" %9.9s", label);
+    }
+    putchar('\n');
+    size_t rows = shape[0] * (nd == 3 ? shape[2] : 1);
+    for (size_t r = 0; r < rows; r++) {
+        size_t layer = nd == 3 ? r / shape[2] : r, head = nd == 3 ? r % shape[2] : 0;
+        char label[48];
+        if (nd == 3)
+            snprintf(label, sizeof label, "L%zu.H%zu", layer, head);
+        else
+            snprintf(label, sizeof label, "L%zu", layer);
+        printf("%-7s", label);
+        for (size_t j = 0; j < ncol; j++) {
+            size_t idx = nd == 3 ? (layer * shape[1] + j) * shape[2] + head : layer * shape[1] + j;
+            printf(" %9.3f", patch_normalize(p, metric, values[idx]));
+        }
+        putchar('\n');
+    }
+}
+
+int cmd_patch(int argc, char **argv)
+{
+    patch_args a;
+    int rc = parse_patch_args("patch", patch_help, argc, argv, &a, true);
+    if (rc != CLI_CONTINUE)
+        return rc;
+    if (!a.clean || !a.corrupted || !a.answer || !a.wrong)
+        return cli_usage("patch", "--clean, --corrupted, --answer and --wrong are required");
+    bool *on = a.on;
+    patch_opts po = a.po;
+    tokenizer *tok;
+    model m;
+    if ((rc = cli_load("patch", &a.common, &m, &tok)))
+        return rc;
+    patch_pair pair = {0};
+    int32_t answer, wrong;
+    double *values[PATCH_COMPONENT_COUNT] = {0};
+    ncout_file f = {.ncid = -1};
+    ps_status st = PS_OK;
+    if (a.output && (st = ncout_create(&f, a.output)))
+        goto out;
+    if ((st = prepare_pair(&m, tok, &a, &pair)))
+        goto out;
+    answer = pair.answer;
+    wrong = pair.wrong;
+    const size_t nc = pair.T;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+        if (!on[c])
+            continue;
+        patch_cell *cells;
+        size_t n;
+        if ((st = patch_grid_cells((patch_component)c, &m.cfg, 0, nc, &cells, &n)))
+            break;
+        values[c] = malloc(n * sizeof *values[c]);
+        if (!values[c])
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+        else
+            st = patch_eval(&m, &pair, 1, cells, n, &po, values[c]);
+        free(cells);
+    }
+    if (st)
+        goto out;
+    if (a.output) {
+        ncout_results res;
+        if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) ||
+            (st = ncout_results_put(&res, 0, &pair, tok, a.answer, a.wrong, values)) || (st = ncout_commit(&f)))
+            goto out;
+        fprintf(stderr, "wrote %s\n", a.output);
+    }
+    if (a.common.json) {
+        json_t *comps = json_object();
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (!on[c])
+                continue;
+            size_t shape[3];
+            const char *dn[3];
+            size_t nd = patch_grid_shape((patch_component)c, &m.cfg, nc, shape, dn);
+            size_t n = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+            json_t *dims = json_array(), *shp = json_array(), *raw = json_array(), *norm = json_array();
+            for (size_t k = 0; k < nd; k++) {
+                json_array_append_new(dims, json_string(dn[k]));
+                json_array_append_new(shp, json_integer((json_int_t)shape[k]));
+            }
+            for (size_t i = 0; i < n; i++) {
+                double v = patch_normalize(&pair, po.metric, values[c][i]);
+                json_array_append_new(raw, json_real(values[c][i]));
+                json_array_append_new(norm, isfinite(v) ? json_real(v) : json_null());
+            }
+            json_object_set_new(comps, patch_component_name((patch_component)c),
+                                json_pack("{s:o,s:o,s:o,s:o}", "dims", dims, "shape", shp, "values", raw,
+                                          "normalized", norm));
+        }
+        json_t *toks = json_array();
+        for (size_t t = 0; t < nc; t++) {
+            char *s = cli_token_display(tok, pair.corrupted.tokens[t]);
+            json_array_append_new(toks, json_string(s ? s : ""));
+            free(s);
+        }
+        cli_print_json(json_pack("{s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:o,s:o}", "metric", patch_metric_name(po.metric),
+                             "direction", po.direction == PATCH_DENOISE ? "denoise" : "noise", "engine",
+                             po.engine == PATCH_ENGINE_FAST ? "fast" : "naive", "clean_metric",
+                             pair.clean_metric[po.metric], "corrupted_metric", pair.corrupted_metric[po.metric],
+                             "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps));
+    } else {
+        printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
+               pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
+               po.direction == PATCH_DENOISE ? "denoising" : "noising",
+               po.engine == PATCH_ENGINE_FAST ? "fast" : "naive");
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+            if (on[c])
+                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric);
+    }
+out:
+    if (st) {
+        ncout_abort(&f);
+        rc = cli_fail();
+    }
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        free(values[c]);
+    patch_pair_free(&pair);
+    tokenizer_free(tok);
+    model_free(&m);
+    return rc;
+}
+
+
+
+/* ---- bench --------------------------------------------------------------- */
+
+static const char *bench_help =
+    "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK]\n"
+    "                        [--components LIST] [--metric M] [--reps N] [--json]\n"
+    "  Times the naive and the fast patching engine side by side in this process\n"
+    "  on one prompt pair (default: the worksheet's IOI pair), beside the sgemm\n"
+    "  peak measured in the same run.  Fast: median of N runs (default 5);\n"
+    "  naive: one run.  Useful GFLOP/s = the FLOPs the fast engine's plan needs\n"
+    "  (recomputed rows and blocks of the cells that change anything) / time.\n";
+
+int cmd_bench(int argc, char **argv)
+{
+    patch_args a;
+    int rc = parse_patch_args("bench", bench_help, argc, argv, &a, false);
+    if (rc != CLI_CONTINUE)
+        return rc;
+    if (!a.clean)
+        a.clean = "After John and Mary went to the store, Mary gave a bottle of milk to";
+    if (!a.corrupted)
+        a.corrupted = "After John and Mary went to the store, John gave a bottle of milk to";
+    if (!a.answer)
+        a.answer = " John";
+    if (!a.wrong)
+        a.wrong = " Mary";
+    if (!a.components_given)
+        patch_components_parse("resid_pre,attn_out,mlp_out,z_all_pos", a.on);
+    bool *on = a.on;
+    patch_opts po = a.po;
+    const size_t reps = a.reps;
+    model m;
+    tokenizer *tok;
+    if ((rc = cli_load("bench", &a.common, &m, &tok)))
+        return rc;
+    patch_pair pair = {0};
+    ps_status st = prepare_pair(&m, tok, &a, &pair);
+    if (st)
+        goto out;
+    const size_t na = pair.T;
+    const size_t d = m.cfg.n_embd;
+    double peak = bench_sgemm_gflops(1024, d, 4 * d, 7);
+    const char *core = openblas_get_corename();
+    int threads = openblas_get_num_threads();
+    json_t *rows = json_array();
+    if (!a.common.json) {
+        printf("BLAS: OpenBLAS core %s, %d threads; sgemm peak (1024 x %zu x %zu): %.1f GFLOP/s\n", core, threads, d,
+               4 * d, peak);
+        printf("model: %zu layers, d_model %zu, %zu heads, vocab %zu; prompt pair of %zu tokens; metric %s\n",
+               m.cfg.n_layer, d, m.cfg.n_head, m.cfg.vocab_size, na, patch_metric_name(po.metric));
+        printf("%-16s %6s %9s %9s %7s %10s %10s %9s %9s %7s\n", "component", "cells", "naive_s", "fast_s", "ratio",
+               "naive_c/s", "fast_c/s", "useful_GF", "GFLOP/s", "%peak");
+    }
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+        if (!on[c])
+            continue;
+        patch_cell *cells;
+        size_t n;
+        if ((st = patch_grid_cells((patch_component)c, &m.cfg, 0, na, &cells, &n)))
+            break;
+        double *v = malloc(n * sizeof *v), *times = malloc(reps * sizeof *times), useful = 0.0;
+        for (size_t i = 0; i < n; i++)
+            useful += bench_cell_flops(&m, &pair, &cells[i], &po);
+        po.engine = PATCH_ENGINE_NAIVE;
+        double t0 = bench_now();
+        st = patch_eval(&m, &pair, 1, cells, n, &po, v);
+        double naive_s = bench_now() - t0;
+        po.engine = PATCH_ENGINE_FAST;
+        for (size_t r = 0; r < reps && st == PS_OK; r++) {
+            t0 = bench_now();
+            st = patch_eval(&m, &pair, 1, cells, n, &po, v);
+            times[r] = bench_now() - t0;
+        }
+        if (st == PS_OK) {
+            for (size_t i = 1; i < reps; i++) /* insertion sort: reps is small */
+                for (size_t j = i; j > 0 && times[j] < times[j - 1]; j--) {
+                    double t = times[j];
+                    times[j] = times[j - 1];
+                    times[j - 1] = t;
+                }
+            double fast_s = times[reps / 2], gf = useful / fast_s / 1e9;
+            const char *cn = patch_component_name((patch_component)c);
+            json_array_append_new(rows, json_pack("{s:s,s:i,s:f,s:f,s:f,s:f,s:f,s:f}", "component", cn, "cells", (int)n,
+                                                  "naive_seconds", naive_s, "fast_seconds", fast_s, "ratio",
+                                                  naive_s / fast_s, "useful_gflop", useful / 1e9, "useful_gflops",
+                                                  gf, "percent_of_peak", 100.0 * gf / peak));
+            if (!a.common.json)
+                printf("%-16s %6zu %9.3f %9.4f %6.1fx %10.1f %10.1f %9.2f %9.1f %6.1f%%\n", cn, n, naive_s, fast_s,
+                       naive_s / fast_s, (double)n / naive_s, (double)n / fast_s, useful / 1e9, gf,
+                       100.0 * gf / peak);
+        }
+        free(v);
+        free(times);
+        free(cells);
+    }
+    if (st == PS_OK && a.common.json)
+        cli_print_json(json_pack("{s:{s:s,s:i,s:f},s:i,s:s,s:o}", "blas", "core", core, "threads", threads,
+                             "sgemm_peak_gflops", peak, "tokens", (int)na, "metric", patch_metric_name(po.metric),
+                             "components", rows));
+    else
+        json_decref(rows);
+out:
+    if (st)
+        rc = cli_fail();
+    patch_pair_free(&pair);
+    tokenizer_free(tok);
+    model_free(&m);
+    return rc;
+}
+
