@@ -36,7 +36,16 @@ LDLIBS   = $(PKG_LIBS) -lm -lpthread
 # prints and exits.
 CLI_SRC := src/main.c src/cli.c $(wildcard src/cmd_*.c)
 CLI_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(CLI_SRC))
-LIB_SRC := $(filter-out $(CLI_SRC),$(wildcard src/*.c))
+# MPI lives in src/comm_mpi.c alone; the library carries the serial comm
+# (src/comm_serial.c), which the binary's comm_mpi.o overrides at link time.
+# MPI=0 builds a binary without MPI.
+MPI ?= 1
+ifeq ($(MPI),1)
+COMM_OBJ := $(BUILD)/obj/comm_mpi.o
+MPI_CFLAGS = $(shell pkg-config --cflags ompi-c 2>/dev/null)
+MPI_LIBS   = $(shell pkg-config --libs ompi-c 2>/dev/null)
+endif
+LIB_SRC := $(filter-out $(CLI_SRC) src/comm_mpi.c,$(wildcard src/*.c))
 LIB_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRC))
 LIB     := $(BUILD)/libpatchsweep.a
 BIN     := $(BUILD)/patchsweep
@@ -65,8 +74,11 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)/obj
 $(LIB): $(LIB_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
-$(BIN): $(CLI_OBJ) $(LIB)
-	$(CC) $(CLI_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
+$(BUILD)/obj/comm_mpi.o: src/comm_mpi.c include/comm.h include/err.h | $(BUILD)/obj
+	$(CC) $(CFLAGS) $(MPI_CFLAGS) -MMD -c $< -o $@
+
+$(BIN): $(CLI_OBJ) $(COMM_OBJ) $(LIB)
+	$(CC) $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@

@@ -63,6 +63,9 @@ typedef struct {
     float *logits;          /* [T, V] for ALL, [1, V] (last row) for LAST, NULL for NONE */
     float *arena;           /* owned: every array above */
     size_t arena_floats;
+    size_t core_floats;     /* arena prefix the patching engines read: embeddings,
+                               per block everything but ln1, ln2, mlp_pre, mlp_post;
+                               ln_final.  Sized for `capacity` tokens. */
 } forward_cache;
 
 /* Hook callback: called after each selected activation is computed and before

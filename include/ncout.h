@@ -34,6 +34,14 @@ typedef struct {
  * writable. */
 ps_status ncout_create(ncout_file *f, const char *path);
 
+/* Whether a file could be created at PATH: the directory exists and is
+ * writable (checked before hours of work, not after). */
+ps_status ncout_check_writable(const char *path);
+
+/* The text attribute `name` of an existing NetCDF file (malloc'd), or
+ * PS_ERR_INVALID if the file has none; PS_ERR_IO/FORMAT if unreadable. */
+ps_status ncout_read_attr(const char *path, const char *name, char **value);
+
 /* Close and atomically rename to the final name. */
 ps_status ncout_commit(ncout_file *f);
 
@@ -57,9 +65,12 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
  * patched metric C(prompt, layer, position) / C(prompt, layer, position,
  * head) / C(prompt, layer, head) and C_normalized likewise; per prompt
  * clean_metric, corrupted_metric, length, answer_id, wrong_id, answer, wrong,
- * done; per prompt and position clean_token_id, corrupted_token_id,
- * clean_token, corrupted_token.  Positions past a prompt's length hold
- * _FillValue.  Global attributes: provenance plus metric, direction, engine. */
+ * done (1 when every value of the prompt is written), skipped (1 when the
+ * pair was invalid and skipped, reason in skip_reason); per prompt and
+ * position clean_token_id, corrupted_token_id, clean_token, corrupted_token.
+ * Positions past a prompt's length, and every value of a prompt not done,
+ * hold _FillValue (NaN once read by xarray).  Global attributes: provenance
+ * plus metric, direction, engine. */
 typedef struct {
     ncout_file *f;
     size_t n_layer, n_head, max_T;
@@ -67,8 +78,18 @@ typedef struct {
     patch_metric metric;
     int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];
     int v_clean_metric, v_corrupted_metric, v_length, v_answer_id, v_wrong_id, v_answer, v_wrong, v_done;
+    int v_skipped, v_skip_reason;
     int v_clean_tok_id, v_corrupted_tok_id, v_clean_tok, v_corrupted_tok;
 } ncout_results;
+
+/* What the file records of one prompt besides its grids. */
+typedef struct {
+    size_t T;
+    int32_t answer_id, wrong_id;
+    double clean_metric, corrupted_metric;
+    const int32_t *clean_tokens, *corrupted_tokens; /* [T] */
+    const char *answer, *wrong;                     /* the answer texts */
+} ncout_prompt;
 
 ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t max_T,
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
@@ -76,7 +97,16 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
 
 /* Everything of one prompt at index `prompt`: values[c] is the component's
  * grid for this prompt (patch_grid_shape order) for every selected c. */
-ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p, const tokenizer *tok,
-                            const char *answer, const char *wrong, double *const values[PATCH_COMPONENT_COUNT]);
+ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
+                            double *const values[PATCH_COMPONENT_COUNT]);
+
+/* Record prompt `prompt` as not computed yet (done = 0, skipped = 0). */
+ps_status ncout_results_put_pending(ncout_results *r, size_t prompt);
+
+/* Mark prompt `prompt` skipped, with the reason (its other values stay fill). */
+ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char *reason);
+
+/* A text attribute on the file (NetCDF-4 allows adding them at any time). */
+ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
 
 #endif

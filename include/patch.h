@@ -98,6 +98,16 @@ ps_status patch_pair_init(patch_pair *p, const model *m, const int32_t *clean, c
                           size_t T, int32_t answer, int32_t wrong);
 void patch_pair_free(patch_pair *p);
 
+/* A pair as one flat byte image, for broadcasting from the rank that ran
+ * the prompts: T, ids, metrics, tokens, the clean log-probabilities and the
+ * caches' core (forward_cache.core_floats: what both engines read; the
+ * unpacked caches hold zeros elsewhere, logits included). */
+size_t patch_pair_packed_bytes(const model_config *cfg, size_t T);
+void patch_pair_pack(const patch_pair *p, void *buf);
+/* Reads T from the image first: patch_pair_packed_T() gives it to size buffers. */
+size_t patch_pair_packed_T(const void *buf);
+ps_status patch_pair_unpack(patch_pair *p, const model_config *cfg, const void *buf);
+
 /* One cell of one prompt pair. */
 typedef struct {
     uint32_t pair;      /* index into the pairs array */

@@ -225,8 +225,13 @@ int cmd_patch(int argc, char **argv)
         goto out;
     if (a.output) {
         ncout_results res;
+        const ncout_prompt prompt = {.T = pair.T, .answer_id = pair.answer, .wrong_id = pair.wrong,
+                                     .clean_metric = pair.clean_metric[po.metric],
+                                     .corrupted_metric = pair.corrupted_metric[po.metric],
+                                     .clean_tokens = pair.clean.tokens, .corrupted_tokens = pair.corrupted.tokens,
+                                     .answer = a.answer, .wrong = a.wrong};
         if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) ||
-            (st = ncout_results_put(&res, 0, &pair, tok, a.answer, a.wrong, values)) || (st = ncout_commit(&f)))
+            (st = ncout_results_put(&res, 0, &prompt, tok, values)) || (st = ncout_commit(&f)))
             goto out;
         fprintf(stderr, "wrote %s\n", a.output);
     }

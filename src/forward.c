@@ -148,12 +148,15 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
     c->arena_floats = total;
     float *p = c->arena;
 #define TAKE(n) (p += (n), p - (n))
+    /* What the patching engines read comes first (the "core", see
+     * core_floats); ln1, ln2 and the MLP hidden layer, which
+     * they recompute when needed, and the logits come after it, so a sweep
+     * broadcasts one contiguous prefix. */
     c->embed = TAKE(T * d);
     c->pos_embed = TAKE(T * d);
     for (size_t l = 0; l < L; l++) {
         forward_layer *ly = &c->layers[l];
         ly->resid_pre = TAKE(T * d);
-        ly->ln1 = TAKE(T * d);
         ly->q = TAKE(T * d);
         ly->k = TAKE(T * d);
         ly->v = TAKE(T * d);
@@ -161,13 +164,18 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
         ly->z = TAKE(T * d);
         ly->attn_out = TAKE(T * d);
         ly->resid_mid = TAKE(T * d);
-        ly->ln2 = TAKE(T * d);
-        ly->mlp_pre = TAKE(T * m);
-        ly->mlp_post = TAKE(T * m);
         ly->mlp_out = TAKE(T * d);
         ly->resid_post = TAKE(T * d);
     }
     c->ln_final = TAKE(T * d);
+    c->core_floats = (size_t)(p - c->arena);
+    for (size_t l = 0; l < L; l++) {
+        forward_layer *ly = &c->layers[l];
+        ly->ln1 = TAKE(T * d);
+        ly->ln2 = TAKE(T * d);
+        ly->mlp_pre = TAKE(T * m);
+        ly->mlp_post = TAKE(T * m);
+    }
     c->logits = logits_rows ? TAKE(logits_rows * V) : NULL;
 #undef TAKE
     return PS_OK;

@@ -12,6 +12,7 @@
 #include "cmd_dataset.h"
 #include "cmd_model.h"
 #include "cmd_patch.h"
+#include "cmd_sweep.h"
 #include "prov.h"
 
 typedef struct {
@@ -25,6 +26,7 @@ static const command commands[] = {
     {"run", cmd_run, "next-token prediction of a prompt"},
     {"cache", cmd_cache, "every activation of a prompt as NetCDF (run_with_cache)"},
     {"patch", cmd_patch, "activation patching of one prompt pair"},
+    {"sweep", cmd_sweep, "activation patching over a dataset, MPI-parallel (job file)"},
     {"bench", cmd_bench, "naive vs fast patching engine, beside the sgemm peak"},
     {"info", cmd_info, "model config, size, hash; BLAS kernel"},
     {"make-dataset", cmd_make_dataset, "IOI / capitals prompt pairs as JSONL"},

@@ -1,6 +1,7 @@
 #include "ncout.h"
 
 #include <errno.h>
+#include <math.h>
 #include <netcdf.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,25 +20,57 @@ ps_status ncout_check(int nc_status, const char *path, const char *what)
     return err_set(PS_ERR_IO, "%s: %s: %s", path, what, nc_strerror(nc_status));
 }
 
+ps_status ncout_check_writable(const char *path)
+{
+    char *dir = fs_dirname(path);
+    if (!dir)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+    ps_status st = PS_OK;
+    if (access(dir, F_OK) != 0)
+        st = err_set(PS_ERR_IO, "%s: output directory '%s' does not exist", path, dir);
+    else if (access(dir, W_OK) != 0)
+        st = err_set(PS_ERR_IO, "%s: output directory '%s' is not writable", path, dir);
+    free(dir);
+    return st;
+}
+
+ps_status ncout_read_attr(const char *path, const char *name, char **value)
+{
+    *value = NULL;
+    int ncid;
+    int rc = nc_open(path, NC_NOWRITE, &ncid);
+    if (rc != NC_NOERR)
+        return err_set(PS_ERR_FORMAT, "%s: not a readable NetCDF file: %s", path, nc_strerror(rc));
+    size_t len;
+    nc_type type;
+    if (nc_inq_att(ncid, NC_GLOBAL, name, &type, &len) != NC_NOERR || type != NC_CHAR) {
+        nc_close(ncid);
+        return err_set(PS_ERR_INVALID, "%s: no text attribute '%s'", path, name);
+    }
+    char *v = malloc(len + 1);
+    if (!v) {
+        nc_close(ncid);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    rc = nc_get_att_text(ncid, NC_GLOBAL, name, v);
+    nc_close(ncid);
+    if (rc != NC_NOERR) {
+        free(v);
+        return err_set(PS_ERR_FORMAT, "%s: attribute '%s': %s", path, name, nc_strerror(rc));
+    }
+    v[len] = '\0';
+    *value = v;
+    return PS_OK;
+}
+
 ps_status ncout_create(ncout_file *f, const char *path)
 {
     memset(f, 0, sizeof *f);
     f->ncid = -1;
-    char *dir = fs_dirname(path);
-    if (!dir)
-        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
     /* Say what is wrong with the directory before NetCDF's generic message. */
-    if (access(dir, F_OK) != 0) {
-        ps_status st = err_set(PS_ERR_IO, "%s: output directory '%s' does not exist", path, dir);
-        free(dir);
+    ps_status st = ncout_check_writable(path);
+    if (st)
         return st;
-    }
-    if (access(dir, W_OK) != 0) {
-        ps_status st = err_set(PS_ERR_IO, "%s: output directory '%s' is not writable", path, dir);
-        free(dir);
-        return st;
-    }
-    free(dir);
     f->path = strdup(path);
     size_t n = strlen(path);
     f->tmp_path = malloc(n + sizeof ".partial");
@@ -50,7 +83,7 @@ ps_status ncout_create(ncout_file *f, const char *path)
     int ncid;
     int rc = nc_create(f->tmp_path, NC_NETCDF4 | NC_CLOBBER, &ncid);
     if (rc != NC_NOERR) {
-        ps_status st = ncout_check(rc, f->tmp_path, "cannot create");
+        st = ncout_check(rc, f->tmp_path, "cannot create");
         ncout_abort(f);
         return st;
     }
@@ -87,7 +120,7 @@ void ncout_abort(ncout_file *f)
     f->path = f->tmp_path = NULL;
 }
 
-static ps_status put_text(ncout_file *f, const char *name, const char *value)
+ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value)
 {
     return ncout_check(nc_put_att_text(f->ncid, NC_GLOBAL, name, strlen(value), value), f->tmp_path, name);
 }
@@ -103,14 +136,14 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     char *abs_dir = realpath(m->dir, NULL);
-    if ((st = put_text(f, "Conventions", "patchsweep-1.0")) ||
-        (st = put_text(f, "patchsweep_version", prov_version())) ||
-        (st = put_text(f, "command_line", prov_command_line())) ||
-        (st = put_text(f, "created", created)) ||
-        (st = put_text(f, "model_path", abs_dir ? abs_dir : m->dir)) ||
-        (st = put_text(f, "model_sha256", m->sha256)) ||
-        (st = put_text(f, "model_config", m->config_json)) ||
-        (st = put_text(f, "model_dtype", m->weights_dtype))) {
+    if ((st = ncout_put_attr(f, "Conventions", "patchsweep-1.0")) ||
+        (st = ncout_put_attr(f, "patchsweep_version", prov_version())) ||
+        (st = ncout_put_attr(f, "command_line", prov_command_line())) ||
+        (st = ncout_put_attr(f, "created", created)) ||
+        (st = ncout_put_attr(f, "model_path", abs_dir ? abs_dir : m->dir)) ||
+        (st = ncout_put_attr(f, "model_sha256", m->sha256)) ||
+        (st = ncout_put_attr(f, "model_config", m->config_json)) ||
+        (st = ncout_put_attr(f, "model_dtype", m->weights_dtype))) {
         free(abs_dir);
         return st;
     }
@@ -133,7 +166,7 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
     const size_t T = c->T, n_hooks = hook_count(m->cfg.n_layer);
     if ((st = ncout_put_provenance(f, m)) != PS_OK)
         return st;
-    if ((st = put_text(f, "prepend_bos", bos ? "true" : "false")) != PS_OK)
+    if ((st = ncout_put_attr(f, "prepend_bos", bos ? "true" : "false")) != PS_OK)
         return st;
     int pos_dim, tok_var, str_var;
     if ((st = dim_id(f, "position", T, &pos_dim)) != PS_OK)
@@ -204,6 +237,12 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
     if (st == PS_OK && long_name)
         st = ncout_check(nc_put_att_text(f->ncid, *id, "long_name", strlen(long_name), long_name), f->tmp_path,
                          name);
+    /* "" as the declared fill of strings; the writers still write every
+     * string cell (put_empty_strings), which HDF5 needs to read them back. */
+    if (st == PS_OK && type == NC_STRING) {
+        const char *empty = "";
+        st = ncout_check(nc_def_var_fill(f->ncid, *id, 0, &empty), f->tmp_path, name);
+    }
     /* One prompt per chunk: appends touch only their own chunks. */
     if (st == PS_OK && nd > 0 && dims[0] == 0 && type != NC_STRING) {
         size_t chunk[4] = {1, 1, 1, 1};
@@ -226,10 +265,10 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     r->metric = metric;
     memcpy(r->on, on, sizeof r->on);
     ps_status st;
-    if ((st = ncout_put_provenance(f, m)) || (st = put_text(f, "metric", patch_metric_name(metric))) ||
-        (st = put_text(f, "direction", direction == PATCH_DENOISE ? "denoise" : "noise")) ||
-        (st = put_text(f, "engine", engine == PATCH_ENGINE_FAST ? "fast" : "naive")) ||
-        (st = put_text(f, "normalized", "(patched - corrupted_metric) / (clean_metric - corrupted_metric)")))
+    if ((st = ncout_put_provenance(f, m)) || (st = ncout_put_attr(f, "metric", patch_metric_name(metric))) ||
+        (st = ncout_put_attr(f, "direction", direction == PATCH_DENOISE ? "denoise" : "noise")) ||
+        (st = ncout_put_attr(f, "engine", engine == PATCH_ENGINE_FAST ? "fast" : "naive")) ||
+        (st = ncout_put_attr(f, "normalized", "(patched - corrupted_metric) / (clean_metric - corrupted_metric)")))
         return st;
     int d_prompt, d_layer, d_pos, d_head;
     /* Dimension ids are 0..3 in this order (def_var relies on prompt = 0). */
@@ -252,6 +291,8 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         (st = def_var(r, "answer", NC_STRING, 1, &d_prompt, &r->v_answer, NULL)) ||
         (st = def_var(r, "wrong", NC_STRING, 1, &d_prompt, &r->v_wrong, NULL)) ||
         (st = def_var(r, "done", NC_BYTE, 1, &d_prompt, &r->v_done, "1 when every value of the prompt is written")) ||
+        (st = def_var(r, "skipped", NC_BYTE, 1, &d_prompt, &r->v_skipped, "1 when the prompt pair was invalid and skipped")) ||
+        (st = def_var(r, "skip_reason", NC_STRING, 1, &d_prompt, &r->v_skip_reason, NULL)) ||
         (st = def_var(r, "clean_token_id", NC_INT, 2, pp, &r->v_clean_tok_id, NULL)) ||
         (st = def_var(r, "corrupted_token_id", NC_INT, 2, pp, &r->v_corrupted_tok_id, NULL)) ||
         (st = def_var(r, "clean_token", NC_STRING, 2, pp, &r->v_clean_tok, NULL)) ||
@@ -317,8 +358,52 @@ static ps_status put_string(ncout_results *r, int var, const size_t *start, cons
     return st;
 }
 
-ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p, const tokenizer *tok,
-                            const char *answer, const char *wrong, double *const values[PATCH_COMPONENT_COUNT])
+/* Every string cell of a prompt gets written: HDF5 (as netCDF-C 4.9 uses it)
+ * fails to read a variable-length string that was never written, fill
+ * value or not.  Token strings from position `from` on, and with
+ * whole_prompt also answer, wrong and skip_reason, become "". */
+static ps_status put_empty_strings(ncout_results *r, size_t prompt, size_t from, bool whole_prompt)
+{
+    ps_status st = PS_OK;
+    size_t one = 1;
+    if (whole_prompt)
+        if ((st = put_string(r, r->v_answer, &prompt, &one, "", 0, "answer")) ||
+            (st = put_string(r, r->v_wrong, &prompt, &one, "", 0, "wrong")) ||
+            (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")))
+            return st;
+    for (size_t t = from; t < r->max_T && st == PS_OK; t++) {
+        size_t s2[2] = {prompt, t}, c2[2] = {1, 1};
+        if ((st = put_string(r, r->v_clean_tok, s2, c2, "", 0, "clean_token")) == PS_OK)
+            st = put_string(r, r->v_corrupted_tok, s2, c2, "", 0, "corrupted_token");
+    }
+    return st;
+}
+
+static ps_status put_flags(ncout_results *r, size_t prompt, signed char done, signed char skipped)
+{
+    ps_status st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_skipped, &prompt, &skipped), r->f->tmp_path, "skipped");
+    if (st == PS_OK)
+        st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_done, &prompt, &done), r->f->tmp_path, "done");
+    return st;
+}
+
+ps_status ncout_results_put_pending(ncout_results *r, size_t prompt)
+{
+    ps_status st = put_empty_strings(r, prompt, 0, true);
+    return st ? st : put_flags(r, prompt, 0, 0);
+}
+
+ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char *reason)
+{
+    size_t one = 1;
+    ps_status st = put_empty_strings(r, prompt, 0, true);
+    if (st == PS_OK)
+        st = put_string(r, r->v_skip_reason, &prompt, &one, reason, strlen(reason), "skip_reason");
+    return st ? st : put_flags(r, prompt, 0, 1);
+}
+
+ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
+                            double *const values[PATCH_COMPONENT_COUNT])
 {
     ncout_file *f = r->f;
     const int ncid = f->ncid;
@@ -329,32 +414,35 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p
     ps_status st;
     size_t one = 1;
     int len = (int)T;
-    if ((st = ncout_check(nc_put_var1_double(ncid, r->v_clean_metric, &prompt, &p->clean_metric[r->metric]),
-                          f->tmp_path, "clean_metric")) ||
-        (st = ncout_check(nc_put_var1_double(ncid, r->v_corrupted_metric, &prompt, &p->corrupted_metric[r->metric]),
+    if ((st = ncout_check(nc_put_var1_double(ncid, r->v_clean_metric, &prompt, &p->clean_metric), f->tmp_path,
+                          "clean_metric")) ||
+        (st = ncout_check(nc_put_var1_double(ncid, r->v_corrupted_metric, &prompt, &p->corrupted_metric),
                           f->tmp_path, "corrupted_metric")) ||
         (st = ncout_check(nc_put_var1_int(ncid, r->v_length, &prompt, &len), f->tmp_path, "length")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, r->v_answer_id, &prompt, &p->answer), f->tmp_path, "answer_id")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, r->v_wrong_id, &prompt, &p->wrong), f->tmp_path, "wrong_id")) ||
-        (st = put_string(r, r->v_answer, &prompt, &one, answer, strlen(answer), "answer")) ||
-        (st = put_string(r, r->v_wrong, &prompt, &one, wrong, strlen(wrong), "wrong")))
+        (st = ncout_check(nc_put_var1_int(ncid, r->v_answer_id, &prompt, &p->answer_id), f->tmp_path, "answer_id")) ||
+        (st = ncout_check(nc_put_var1_int(ncid, r->v_wrong_id, &prompt, &p->wrong_id), f->tmp_path, "wrong_id")) ||
+        (st = put_string(r, r->v_answer, &prompt, &one, p->answer, strlen(p->answer), "answer")) ||
+        (st = put_string(r, r->v_wrong, &prompt, &one, p->wrong, strlen(p->wrong), "wrong")) ||
+        (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")) ||
+        (st = put_empty_strings(r, prompt, T, false)))
         return st;
     size_t start2[2] = {prompt, 0}, count2[2] = {1, T};
-    if ((st = ncout_check(nc_put_vara_int(ncid, r->v_clean_tok_id, start2, count2, p->clean.tokens), f->tmp_path,
+    if ((st = ncout_check(nc_put_vara_int(ncid, r->v_clean_tok_id, start2, count2, p->clean_tokens), f->tmp_path,
                           "clean_token_id")) ||
-        (st = ncout_check(nc_put_vara_int(ncid, r->v_corrupted_tok_id, start2, count2, p->corrupted.tokens),
+        (st = ncout_check(nc_put_vara_int(ncid, r->v_corrupted_tok_id, start2, count2, p->corrupted_tokens),
                           f->tmp_path, "corrupted_token_id")))
         return st;
     for (size_t t = 0; t < T; t++) {
         size_t s2[2] = {prompt, t}, c2[2] = {1, 1}, blen;
-        const char *b = tokenizer_token_bytes(tok, p->clean.tokens[t], &blen);
+        const char *b = tokenizer_token_bytes(tok, p->clean_tokens[t], &blen);
         if ((st = put_string(r, r->v_clean_tok, s2, c2, b ? b : "", b ? blen : 0, "clean_token")))
             return st;
-        b = tokenizer_token_bytes(tok, p->corrupted.tokens[t], &blen);
+        b = tokenizer_token_bytes(tok, p->corrupted_tokens[t], &blen);
         if ((st = put_string(r, r->v_corrupted_tok, s2, c2, b ? b : "", b ? blen : 0, "corrupted_token")))
             return st;
     }
     model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
+    const double denom = p->clean_metric - p->corrupted_metric;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!r->on[c])
             continue;
@@ -365,9 +453,11 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p
         if (!raw)
             return err_set(PS_ERR_NOMEM, "out of memory");
         float *norm = raw + n;
+        /* normalized = (patched - corrupted) / (clean - corrupted), NaN when
+         * the clean and corrupted runs agree (as patch_normalize) */
         for (size_t i = 0; i < n; i++) {
             raw[i] = (float)values[c][i];
-            norm[i] = (float)patch_normalize(p, r->metric, values[c][i]);
+            norm[i] = denom == 0.0 ? NAN : (float)((values[c][i] - p->corrupted_metric) / denom);
         }
         size_t start[4] = {prompt, 0, 0, 0}, count[4] = {1, shape[0], shape[1], nd == 3 ? shape[2] : 1};
         const char *cn = patch_component_name((patch_component)c);
@@ -378,6 +468,5 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const patch_pair *p
         if (st)
             return st;
     }
-    signed char done = 1;
-    return ncout_check(nc_put_var1_schar(ncid, r->v_done, &prompt, &done), f->tmp_path, "done");
+    return put_flags(r, prompt, 1, 0);
 }

@@ -206,6 +206,90 @@ void patch_pair_free(patch_pair *p)
     memset(p, 0, sizeof *p);
 }
 
+/* Image layout: u64 T | i32 answer, wrong | f64 clean_metric[M], corrupted_metric[M]
+ * | i32 clean tokens[T], corrupted tokens[T] | f32 clean_logprobs[V]
+ * | f32 clean core[C] | f32 corrupted core[C], C = core floats of a T-token cache. */
+static size_t core_floats_for(const model_config *cfg, size_t T)
+{
+    const size_t d = cfg->n_embd;
+    return 3 * T * d + cfg->n_layer * (9 * T * d + cfg->n_head * T * T);
+}
+
+size_t patch_pair_packed_bytes(const model_config *cfg, size_t T)
+{
+    return sizeof(uint64_t) + 2 * sizeof(int32_t) + 2 * PATCH_METRIC_COUNT * sizeof(double) +
+           2 * T * sizeof(int32_t) + cfg->vocab_size * sizeof(float) + 2 * core_floats_for(cfg, T) * sizeof(float);
+}
+
+#define PUT(ptr, n)                   \
+    do {                              \
+        memcpy(w, (ptr), (n));        \
+        w += (n);                     \
+    } while (0)
+#define GET(ptr, n)                   \
+    do {                              \
+        memcpy((ptr), r, (n));        \
+        r += (n);                     \
+    } while (0)
+
+void patch_pair_pack(const patch_pair *p, void *buf)
+{
+    const model_config *cfg = &p->clean.cfg;
+    const size_t core = core_floats_for(cfg, p->T);
+    unsigned char *w = buf;
+    uint64_t T = p->T;
+    PUT(&T, sizeof T);
+    PUT(&p->answer, sizeof p->answer);
+    PUT(&p->wrong, sizeof p->wrong);
+    PUT(p->clean_metric, sizeof p->clean_metric);
+    PUT(p->corrupted_metric, sizeof p->corrupted_metric);
+    PUT(p->clean.tokens, p->T * sizeof(int32_t));
+    PUT(p->corrupted.tokens, p->T * sizeof(int32_t));
+    PUT(p->clean_logprobs, cfg->vocab_size * sizeof(float));
+    PUT(p->clean.arena, core * sizeof(float));
+    PUT(p->corrupted.arena, core * sizeof(float));
+}
+
+size_t patch_pair_packed_T(const void *buf)
+{
+    uint64_t T;
+    memcpy(&T, buf, sizeof T);
+    return (size_t)T;
+}
+
+ps_status patch_pair_unpack(patch_pair *p, const model_config *cfg, const void *buf)
+{
+    memset(p, 0, sizeof *p);
+    const unsigned char *r = buf;
+    uint64_t T;
+    GET(&T, sizeof T);
+    ps_status st;
+    if ((st = forward_cache_init(&p->clean, cfg, (size_t)T, FORWARD_LOGITS_LAST)) ||
+        (st = forward_cache_init(&p->corrupted, cfg, (size_t)T, FORWARD_LOGITS_LAST))) {
+        patch_pair_free(p);
+        return st;
+    }
+    p->clean_logprobs = malloc(cfg->vocab_size * sizeof *p->clean_logprobs);
+    if (!p->clean_logprobs) {
+        patch_pair_free(p);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    const size_t core = core_floats_for(cfg, (size_t)T);
+    p->T = p->clean.T = p->corrupted.T = (size_t)T;
+    GET(&p->answer, sizeof p->answer);
+    GET(&p->wrong, sizeof p->wrong);
+    GET(p->clean_metric, sizeof p->clean_metric);
+    GET(p->corrupted_metric, sizeof p->corrupted_metric);
+    GET(p->clean.tokens, p->T * sizeof(int32_t));
+    GET(p->corrupted.tokens, p->T * sizeof(int32_t));
+    GET(p->clean_logprobs, cfg->vocab_size * sizeof(float));
+    GET(p->clean.arena, core * sizeof(float));
+    GET(p->corrupted.arena, core * sizeof(float));
+    return PS_OK;
+}
+#undef PUT
+#undef GET
+
 static const forward_cache *base_of(const patch_pair *p, patch_direction dir)
 {
     return dir == PATCH_DENOISE ? &p->corrupted : &p->clean;

@@ -183,6 +183,41 @@ static void test_parse_and_shapes(void **state)
     assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &bad, 1, &o, &v), PS_ERR_RANGE);
 }
 
+/* A pair sent through its byte image gives the same values, bit for bit. */
+static void test_pack_round_trip(void **state)
+{
+    fixture *fx = *state;
+    const patch_pair *p = &fx->pairs[1];
+    size_t bytes = patch_pair_packed_bytes(&fx->tm.m.cfg, p->T);
+    assert_int_equal(p->clean.core_floats, (bytes - 8 - 8 - 2 * PATCH_METRIC_COUNT * 8 - 2 * p->T * 4 - 64 * 4) / 8);
+    void *buf = malloc(bytes);
+    patch_pair_pack(p, buf);
+    assert_int_equal(patch_pair_packed_T(buf), p->T);
+    patch_pair q;
+    assert_int_equal(patch_pair_unpack(&q, &fx->tm.m.cfg, buf), PS_OK);
+    patch_pair both[2] = {*p, q};
+    patch_cell *cells;
+    size_t n;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        assert_int_equal(patch_grid_cells((patch_component)c, &fx->tm.m.cfg, 0, p->T, &cells, &n), PS_OK);
+        patch_cell *twice = malloc(2 * n * sizeof *twice);
+        memcpy(twice, cells, n * sizeof *cells);
+        for (size_t i = 0; i < n; i++)
+            twice[n + i] = cells[i], twice[n + i].pair = 1;
+        double *v = malloc(2 * n * sizeof *v);
+        for (int e = 0; e < 2; e++) {
+            patch_opts o = {.metric = PATCH_KL, .direction = PATCH_DENOISE, .engine = (patch_engine)e};
+            assert_int_equal(patch_eval(&fx->tm.m, both, 2, twice, 2 * n, &o, v), PS_OK);
+            assert_memory_equal(v, v + n, n * sizeof *v);
+        }
+        free(v);
+        free(twice);
+        free(cells);
+    }
+    patch_pair_free(&q);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -190,6 +225,7 @@ int main(void)
         cmocka_unit_test(test_unchanged_cells),
         cmocka_unit_test(test_full_restore),
         cmocka_unit_test(test_parse_and_shapes),
+        cmocka_unit_test(test_pack_round_trip),
     };
     return cmocka_run_group_tests_name("patch", tests, setup, teardown);
 }

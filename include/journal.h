@@ -1,0 +1,64 @@
+/*
+ * journal: an append-only file of checksummed records, the crash-safe store
+ * of a sweep's completed prompts.
+ *
+ * Why: a NetCDF-4 (HDF5) file whose writer dies with it open can be
+ * unreadable as a whole, so a long sweep never keeps its result file open.
+ * Each finished chunk is appended here and fdatasync'ed; the NetCDF file is
+ * built from the journal and appears under its final name by rename.  A
+ * process killed mid-append leaves a torn last record, which the next open
+ * detects (length, checksum) and cuts off: every record before it survives.
+ *
+ * Layout: a 512-byte header (magic "PSJRNL01", then the identity below as
+ * NUL-padded text fields and a u64), then records
+ *   u32 magic 0x31525350 ("PSR1") | u32 n | n payload bytes | 8 bytes of the
+ *   payload's sha256.
+ * Native byte order: a journal is read back on the machine type that wrote it.
+ */
+#ifndef PS_JOURNAL_H
+#define PS_JOURNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "err.h"
+
+/* One record at most (a prompt's results); a larger length means corruption. */
+#define JOURNAL_MAX_RECORD ((size_t)1 << 30)
+
+/* What a journal belongs to: resuming with anything else is refused. */
+typedef struct {
+    char job_sha256[65];
+    char model_sha256[65];
+    char dataset_sha256[65];
+    uint64_t n_prompts;
+} journal_identity;
+
+typedef struct {
+    int fd;
+    char *path;
+    journal_identity id;
+    off_t end;          /* end of the last good record */
+    size_t n_records;
+} journal;
+
+/* Open PATH for appending.  A missing file (or overwrite) starts a new
+ * journal; an existing one must carry the same identity (else PS_ERR_INVALID
+ * naming what differs) and is scanned: a torn or corrupt tail is cut off. */
+ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite);
+
+/* Append one record (not yet durable). */
+ps_status journal_append(journal *j, const void *payload, size_t n);
+
+/* Make everything appended so far durable (fdatasync). */
+ps_status journal_sync(journal *j);
+
+/* Call fn for every record in order; stops at the first non-OK status. */
+ps_status journal_each(journal *j, ps_status (*fn)(void *user, const void *payload, size_t n), void *user);
+
+/* Close (and with remove, delete the file). */
+void journal_close(journal *j, bool remove);
+
+#endif

@@ -1,0 +1,89 @@
+/*
+ * sweep: activation patching over a dataset on every rank of a comm
+ * (MPI or serial), gathered into one NetCDF results file; resumable.
+ *
+ * Collective: every rank calls sweep_run with its own loaded model; the
+ * dataset, the tokenizer, the journal and the output are rank 0's alone.
+ *
+ *   rank 0: read + tokenize + validate the whole dataset up front (equal
+ *           token lengths, single-token answers, length <= n_positions);
+ *           open the journal (results of earlier runs of the same job)
+ *   per chunk of prompts not done yet:
+ *     rank 0: run the clean and corrupted forwards, pack the caches' core
+ *             (patch_pair_pack), broadcast them with the chunk header
+ *     all:    the chunk's cells (prompt x component x layer x position/head)
+ *             are dealt to ranks by their cost (longest first to the least
+ *             loaded rank: the same deterministic plan on every rank); each
+ *             rank evaluates its cells with the fast (or naive) engine
+ *     rank 0: gathers the values, appends one journal record per prompt,
+ *             fdatasyncs, reports progress
+ *   rank 0: builds the NetCDF file from the journal (.partial + rename);
+ *           when every prompt is done the journal is deleted.
+ *
+ * Values do not depend on the number of ranks: a cell's value is computed
+ * the same way whatever else shares its sgemm calls (tested bit for bit).
+ *
+ * Stopping: when *stop becomes non-zero (a signal handler sets it), the
+ * current chunk is finished and journaled, the file is written with the
+ * prompts done so far (global attribute complete = "false"), and
+ * sweep_result.interrupted is set.  Killed outright (SIGKILL), a sweep loses
+ * at most the chunk in flight: the journal's torn tail is cut off on resume.
+ */
+#ifndef PS_SWEEP_H
+#define PS_SWEEP_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "comm.h"
+#include "err.h"
+#include "job.h"
+#include "model.h"
+#include "patch.h"
+#include "tokenizer.h"
+
+typedef struct {
+    size_t prompts_total;   /* in the dataset (after max_prompts) */
+    size_t prompts_done;    /* done or skipped, earlier runs included */
+    size_t cells_total;     /* cells of the prompts this run computes */
+    size_t cells_done;
+    size_t chunk, n_chunks; /* chunks of this run, 1-based after the first */
+    double seconds;         /* since this run's first chunk started */
+} sweep_progress;
+
+typedef struct {
+    const char *output;          /* NULL: the job's [run] output */
+    bool overwrite;              /* discard earlier results of this output */
+    volatile sig_atomic_t *stop; /* may be NULL */
+    size_t ranks_for_provenance; /* recorded in the file */
+    const char *blas_for_provenance;
+    void (*progress)(void *user, const sweep_progress *p); /* rank 0, after each chunk */
+    void *progress_user;
+} sweep_opts;
+
+/* Per component, the mean normalized value over the prompts done, per
+ * (layer, position counted from the end) or (layer, head): for a summary. */
+typedef struct {
+    size_t rows, cols;       /* layer x (positions from the end | heads) */
+    double *mean;            /* [rows * cols], NaN where no prompt contributes */
+    bool by_head;
+} sweep_summary;
+
+typedef struct {
+    size_t prompts_total, prompts_done, prompts_skipped, prompts_resumed;
+    size_t cells_computed;
+    bool complete;           /* every prompt done or skipped: the file is final */
+    bool interrupted;        /* stopped by *stop before the end */
+    bool was_complete;       /* the output was already complete: nothing run */
+    double seconds;
+    double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
+    sweep_summary summary[PATCH_COMPONENT_COUNT];
+    char output[4096];
+} sweep_result;
+
+ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o, sweep_result *res);
+
+void sweep_result_free(sweep_result *res);
+
+#endif

@@ -1,0 +1,222 @@
+#include "cmd_sweep.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "comm.h"
+#include "job.h"
+#include "sweep.h"
+
+static const char *sweep_help =
+    "usage: patchsweep sweep JOB.ini [--output OUT.nc] [--resume | --overwrite] [--threads N]\n"
+    "  Activation patching over the job's dataset, on every rank when run under\n"
+    "  mpirun or srun, gathered into one NetCDF file (see README: job files).\n"
+    "  --output OUT.nc  write here instead of the job's [run] output\n"
+    "  --resume         continue an interrupted run (also the default when the\n"
+    "                   journal OUT.nc.journal of the same job, model and dataset exists)\n"
+    "  --overwrite      discard earlier results of this output and start over\n"
+    "  --threads N      BLAS threads per rank (default: the job's, else\n"
+    "                   $SLURM_CPUS_PER_TASK, else cores / ranks on the node)\n"
+    "  Exit status: 0 complete, 1 failed, 2 usage error, 3 stopped by SIGTERM/\n"
+    "  SIGINT/SIGUSR1 after the chunk in flight (rerun to resume).\n";
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+typedef struct {
+    bool tty;
+    double every, last;
+} progress_state;
+
+static void fmt_time(char *buf, size_t n, double s)
+{
+    if (!isfinite(s) || s < 0)
+        snprintf(buf, n, "--:--:--");
+    else
+        snprintf(buf, n, "%d:%02d:%02d", (int)(s / 3600), (int)fmod(s / 60, 60), (int)fmod(s, 60));
+}
+
+/* Rank 0 only: a live line on a terminal, a line every N seconds in a log. */
+static void progress(void *user, const sweep_progress *p)
+{
+    progress_state *ps = user;
+    bool last = p->chunk == p->n_chunks;
+    if (!ps->tty && !last && p->seconds - ps->last < ps->every)
+        return;
+    ps->last = p->seconds;
+    double rate = p->seconds > 0 ? (double)p->cells_done / p->seconds : 0.0;
+    char el[32], eta[32];
+    fmt_time(el, sizeof el, p->seconds);
+    fmt_time(eta, sizeof eta, rate > 0 ? (double)(p->cells_total - p->cells_done) / rate : NAN);
+    fprintf(stderr, "%ssweep: chunk %zu/%zu, prompts %zu/%zu, cells %zu/%zu (%.1f%%), %.0f cells/s, elapsed %s, ETA %s%s",
+            ps->tty ? "\r" : "", p->chunk, p->n_chunks, p->prompts_done, p->prompts_total, p->cells_done,
+            p->cells_total, p->cells_total ? 100.0 * (double)p->cells_done / (double)p->cells_total : 100.0, rate, el,
+            eta, ps->tty ? (last ? "\n" : "") : "\n");
+    fflush(stderr);
+}
+
+/* BLAS threads per rank: the option, the job, Slurm's CPUs per task, or the
+ * node's cores shared among its ranks; never more ranks x threads than cores. */
+static size_t blas_threads(size_t opt, const job *j, comm *c)
+{
+    if (opt)
+        return opt;
+    if (j->threads)
+        return j->threads;
+    const char *s = getenv("SLURM_CPUS_PER_TASK");
+    size_t n;
+    if (s && cli_parse_size(s, 1, 4096, &n))
+        return n;
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    n = cores > 0 ? (size_t)cores / comm_local_size(c) : 1;
+    return n ? n : 1;
+}
+
+static void print_summary(const job *j, const sweep_result *r)
+{
+    printf("%s: %zu of %zu prompts done", r->output, r->prompts_done, r->prompts_total);
+    if (r->prompts_skipped)
+        printf(", %zu skipped", r->prompts_skipped);
+    if (r->prompts_resumed)
+        printf(" (%zu from an earlier run)", r->prompts_resumed);
+    printf("; %zu cells in %.1f s\n", r->cells_computed, r->seconds);
+    printf("%s: clean %.4f, corrupted %.4f (means over prompts)", patch_metric_name(j->metric), r->mean_clean_metric,
+           r->mean_corrupted_metric);
+    if (!isnan(r->accuracy))
+        printf("; accuracy (clean %s > 0) %.1f%%", patch_metric_name(j->metric), 100.0 * r->accuracy);
+    putchar('\n');
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        const sweep_summary *sm = &r->summary[c];
+        if (!sm->mean)
+            continue;
+        /* the five cells with the largest mean normalized value */
+        printf("  %-16s strongest (mean normalized):", patch_component_name((patch_component)c));
+        bool *used = calloc(sm->rows * sm->cols, sizeof *used);
+        for (int k = 0; k < 5 && used; k++) {
+            size_t best = SIZE_MAX;
+            for (size_t i = 0; i < sm->rows * sm->cols; i++)
+                if (!used[i] && !isnan(sm->mean[i]) && (best == SIZE_MAX || sm->mean[i] > sm->mean[best]))
+                    best = i;
+            if (best == SIZE_MAX)
+                break;
+            used[best] = true;
+            size_t l = best / sm->cols, col = best % sm->cols;
+            if (sm->by_head)
+                printf(" L%zu.H%zu %.2f", l, col, sm->mean[best]);
+            else if (col == 0)
+                printf(" L%zu@last %.2f", l, sm->mean[best]);
+            else
+                printf(" L%zu@-%zu %.2f", l, col, sm->mean[best]);
+        }
+        free(used);
+        putchar('\n');
+    }
+    if (r->summary[PATCH_RESID_PRE].mean || r->summary[PATCH_ATTN_OUT].mean || r->summary[PATCH_MLP_OUT].mean)
+        printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
+}
+
+enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS };
+
+int cmd_sweep(int argc, char **argv)
+{
+    static const struct option opts[] = {{"output", required_argument, 0, 'o'},
+                                         {"resume", no_argument, 0, OPT_RESUME},
+                                         {"overwrite", no_argument, 0, OPT_OVERWRITE},
+                                         {"threads", required_argument, 0, OPT_THREADS},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    const char *output = NULL;
+    bool resume = false, overwrite = false;
+    size_t threads = 0;
+    int ch;
+    while ((ch = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'o': output = optarg; break;
+        case OPT_RESUME: resume = true; break;
+        case OPT_OVERWRITE: overwrite = true; break;
+        case OPT_THREADS:
+            if (!cli_parse_size(optarg, 1, 4096, &threads))
+                return cli_usage("sweep", "--threads takes a whole number from 1 to 4096, not '%s'", optarg);
+            break;
+        case 'h': fputs(sweep_help, stdout); return 0;
+        default: return cli_usage("sweep", "unknown option or missing value: '%s'", argv[optind - 1]);
+        }
+    }
+    if (resume && overwrite)
+        return cli_usage("sweep", "--resume and --overwrite exclude each other");
+    if (optind != argc - 1)
+        return cli_usage("sweep", "exactly one JOB.ini argument is required");
+    const char *job_path = argv[optind];
+
+    comm *c = NULL;
+    if (comm_init(&c, &argc, &argv) != PS_OK)
+        return cli_fail();
+    const bool root = comm_rank(c) == 0;
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGUSR1, &sa, NULL);
+
+    job j = {0};
+    model m = {0};
+    tokenizer *tok = NULL;
+    sweep_result res = {0};
+    int rc = 0;
+    ps_status st = job_load(&j, job_path);
+    if ((st = comm_agree(c, st)))
+        goto out;
+    size_t nt = blas_threads(threads, &j, c);
+    openblas_set_num_threads((int)nt);
+    char blas[128];
+    snprintf(blas, sizeof blas, "OpenBLAS %s, %zu threads per rank", openblas_get_corename(), nt);
+    /* Every rank loads the model (mmap: ranks on a node share the pages);
+     * the tokenizer is rank 0's. */
+    st = model_load(&m, j.model_dir);
+    if (st == PS_OK && root)
+        st = tokenizer_load_for_model(&tok, j.model_dir, j.tokenizer_dir);
+    if ((st = comm_agree(c, st)))
+        goto out;
+    if (root)
+        fprintf(stderr, "sweep: %s on %s; %zu rank%s (%s), %s\n", job_path, j.model_dir, comm_size(c),
+                comm_size(c) > 1 ? "s" : "", comm_library(), blas);
+    progress_state ps = {.tty = isatty(STDERR_FILENO), .every = j.progress_seconds, .last = -1e30};
+    sweep_opts so = {.output = output, .overwrite = overwrite, .stop = &stop_requested,
+                     .ranks_for_provenance = comm_size(c), .blas_for_provenance = blas,
+                     .progress = progress, .progress_user = &ps};
+    st = sweep_run(&j, &m, tok, c, &so, &res);
+    if (st == PS_OK && root) {
+        if (res.was_complete)
+            printf("%s is already the complete result of this job (--overwrite recomputes it)\n", res.output);
+        else
+            print_summary(&j, &res);
+        if (res.interrupted)
+            fprintf(stderr, "sweep: stopped by a signal after %zu of %zu prompts; rerun the same command to resume\n",
+                    res.prompts_done + res.prompts_skipped, res.prompts_total);
+    }
+    if (st == PS_OK && res.interrupted)
+        rc = SWEEP_EXIT_INTERRUPTED;
+out:
+    if (st) {
+        if (root)
+            cli_fail();
+        rc = CLI_EXIT_FAIL;
+    }
+    fflush(stdout);
+    sweep_result_free(&res);
+    tokenizer_free(tok);
+    model_free(&m);
+    job_free(&j);
+    comm_finalize(c);
+    return rc;
+}

@@ -1,0 +1,218 @@
+#include "journal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sha256.h"
+
+#define HEADER_BYTES 512
+#define MAGIC "PSJRNL01"
+#define RECORD_MAGIC 0x31525350u
+
+static void header_encode(unsigned char h[HEADER_BYTES], const journal_identity *id)
+{
+    memset(h, 0, HEADER_BYTES);
+    memcpy(h, MAGIC, 8);
+    memcpy(h + 8, id->job_sha256, 64);
+    memcpy(h + 8 + 65, id->model_sha256, 64);
+    memcpy(h + 8 + 130, id->dataset_sha256, 64);
+    memcpy(h + 8 + 195, &id->n_prompts, sizeof id->n_prompts);
+}
+
+static void header_decode(const unsigned char h[HEADER_BYTES], journal_identity *id)
+{
+    memset(id, 0, sizeof *id);
+    memcpy(id->job_sha256, h + 8, 64);
+    memcpy(id->model_sha256, h + 8 + 65, 64);
+    memcpy(id->dataset_sha256, h + 8 + 130, 64);
+    memcpy(&id->n_prompts, h + 8 + 195, sizeof id->n_prompts);
+}
+
+static ps_status write_all(int fd, const void *buf, size_t n, const char *path)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return err_set(PS_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        p += w;
+        n -= (size_t)w;
+    }
+    return PS_OK;
+}
+
+/* Read exactly n bytes at off; false at end of file or on error. */
+static bool read_at(int fd, void *buf, size_t n, off_t off)
+{
+    char *p = buf;
+    while (n > 0) {
+        ssize_t r = pread(fd, p, n, off);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return false;
+        p += r;
+        n -= (size_t)r;
+        off += r;
+    }
+    return true;
+}
+
+static void checksum(const void *payload, size_t n, unsigned char out[8])
+{
+    char hex[65];
+    sha256_hex(payload, n, hex);
+    for (int i = 0; i < 8; i++) {
+        unsigned v;
+        sscanf(hex + 2 * i, "%2x", &v);
+        out[i] = (unsigned char)v;
+    }
+}
+
+/* Validate the record at off; its payload size in *n, or false if torn/corrupt. */
+static bool record_at(int fd, off_t off, off_t file_end, size_t *n, void **payload_out)
+{
+    uint32_t head[2];
+    if (off + 8 > file_end || !read_at(fd, head, sizeof head, off) || head[0] != RECORD_MAGIC ||
+        head[1] > JOURNAL_MAX_RECORD || off + 8 + (off_t)head[1] + 8 > file_end)
+        return false;
+    void *payload = malloc(head[1] ? head[1] : 1);
+    unsigned char sum[8], want[8];
+    if (!payload || !read_at(fd, payload, head[1], off + 8) || !read_at(fd, sum, 8, off + 8 + head[1])) {
+        free(payload);
+        return false;
+    }
+    checksum(payload, head[1], want);
+    if (memcmp(sum, want, 8) != 0) {
+        free(payload);
+        return false;
+    }
+    *n = head[1];
+    if (payload_out)
+        *payload_out = payload;
+    else
+        free(payload);
+    return true;
+}
+
+ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite)
+{
+    memset(j, 0, sizeof *j);
+    j->fd = -1;
+    j->path = strdup(path);
+    j->id = *id;
+    if (!j->path)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    int fd = open(path, O_RDWR | O_CREAT | (overwrite ? O_TRUNC : 0), 0644);
+    if (fd < 0) {
+        ps_status st = err_set(PS_ERR_IO, "%s: cannot open the journal: %s", path, strerror(errno));
+        journal_close(j, false);
+        return st;
+    }
+    j->fd = fd;
+    off_t size = lseek(fd, 0, SEEK_END);
+    unsigned char h[HEADER_BYTES];
+    if (size < HEADER_BYTES) {
+        /* new (or torn before its header was complete): start over */
+        header_encode(h, id);
+        ps_status st;
+        if (ftruncate(fd, 0) != 0 || lseek(fd, 0, SEEK_SET) != 0)
+            st = err_set(PS_ERR_IO, "%s: cannot reset: %s", path, strerror(errno));
+        else if ((st = write_all(fd, h, sizeof h, path)) == PS_OK && fdatasync(fd) != 0)
+            st = err_set(PS_ERR_IO, "%s: fdatasync failed: %s", path, strerror(errno));
+        if (st) {
+            journal_close(j, false);
+            return st;
+        }
+        j->end = HEADER_BYTES;
+        return PS_OK;
+    }
+    journal_identity have;
+    if (!read_at(fd, h, sizeof h, 0) || memcmp(h, MAGIC, 8) != 0) {
+        journal_close(j, false);
+        return err_set(PS_ERR_FORMAT, "%s: not a patchsweep journal (use --overwrite to replace it)", path);
+    }
+    header_decode(h, &have);
+    const char *what = strcmp(have.job_sha256, id->job_sha256)       ? "job file"
+                       : strcmp(have.model_sha256, id->model_sha256) ? "model"
+                       : strcmp(have.dataset_sha256, id->dataset_sha256) ? "dataset"
+                       : have.n_prompts != id->n_prompts                 ? "number of prompts"
+                                                                         : NULL;
+    if (what) {
+        journal_close(j, false);
+        return err_set(PS_ERR_INVALID, "%s: the results so far come from a different %s (use --overwrite to start over)",
+                       path, what);
+    }
+    off_t off = HEADER_BYTES;
+    size_t n;
+    while (record_at(fd, off, size, &n, NULL)) {
+        off += 8 + (off_t)n + 8;
+        j->n_records++;
+    }
+    if (off < size && ftruncate(fd, off) != 0) {
+        ps_status st = err_set(PS_ERR_IO, "%s: cannot cut off a torn record: %s", path, strerror(errno));
+        journal_close(j, false);
+        return st;
+    }
+    j->end = off;
+    return PS_OK;
+}
+
+ps_status journal_append(journal *j, const void *payload, size_t n)
+{
+    if (n > JOURNAL_MAX_RECORD)
+        return err_set(PS_ERR_RANGE, "%s: a record of %zu bytes is over the limit", j->path, n);
+    uint32_t head[2] = {RECORD_MAGIC, (uint32_t)n};
+    unsigned char sum[8];
+    checksum(payload, n, sum);
+    ps_status st;
+    if (lseek(j->fd, j->end, SEEK_SET) != j->end)
+        return err_set(PS_ERR_IO, "%s: seek failed: %s", j->path, strerror(errno));
+    if ((st = write_all(j->fd, head, sizeof head, j->path)) || (st = write_all(j->fd, payload, n, j->path)) ||
+        (st = write_all(j->fd, sum, sizeof sum, j->path)))
+        return st;
+    j->end += 8 + (off_t)n + 8;
+    j->n_records++;
+    return PS_OK;
+}
+
+ps_status journal_sync(journal *j)
+{
+    if (fdatasync(j->fd) != 0)
+        return err_set(PS_ERR_IO, "%s: fdatasync failed: %s", j->path, strerror(errno));
+    return PS_OK;
+}
+
+ps_status journal_each(journal *j, ps_status (*fn)(void *user, const void *payload, size_t n), void *user)
+{
+    off_t off = HEADER_BYTES;
+    while (off < j->end) {
+        size_t n;
+        void *payload;
+        if (!record_at(j->fd, off, j->end, &n, &payload))
+            return err_set(PS_ERR_FORMAT, "%s: record at byte %lld changed under us", j->path, (long long)off);
+        ps_status st = fn(user, payload, n);
+        free(payload);
+        if (st)
+            return st;
+        off += 8 + (off_t)n + 8;
+    }
+    return PS_OK;
+}
+
+void journal_close(journal *j, bool remove)
+{
+    if (j->fd >= 0)
+        close(j->fd);
+    if (remove && j->path)
+        unlink(j->path);
+    free(j->path);
+    memset(j, 0, sizeof *j);
+    j->fd = -1;
+}

@@ -1,0 +1,676 @@
+#include "sweep.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "dataset.h"
+#include "journal.h"
+#include "ncout.h"
+#include "sha256.h"
+
+/* ---- journal records ------------------------------------------------------
+ * One record per prompt:
+ *   u64 prompt | i32 kind (1 done, 2 skipped) | i32 T | i32 answer | i32 wrong
+ *   | f64 clean_metric | f64 corrupted_metric
+ *   | done:    i32 clean[T] | i32 corrupted[T] | f64 values of each selected
+ *              component, in component order, grid order (patch_grid_shape)
+ *   | skipped: the reason, UTF-8, to the end of the record */
+
+enum { REC_DONE = 1, REC_SKIPPED = 2 };
+
+typedef struct {
+    uint64_t prompt;
+    int32_t kind, T, answer, wrong;
+    double clean_metric, corrupted_metric;
+} rec_head;
+
+static size_t grid_size(patch_component c, const model_config *cfg, size_t T)
+{
+    size_t shape[3];
+    size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
+    return shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+}
+
+/* Cells of one prompt over the selected components. */
+static size_t prompt_cells(const bool *on, const model_config *cfg, size_t T)
+{
+    size_t n = 0;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        if (on[c])
+            n += grid_size((patch_component)c, cfg, T);
+    return n;
+}
+
+/* ---- what rank 0 knows about the dataset --------------------------------- */
+
+typedef struct {
+    dataset d;
+    size_t n;                 /* prompts used (max_prompts applied) */
+    dataset_tokens *tk;       /* [n]; n_tokens == 0 for an invalid item */
+    char **invalid;           /* [n]: reason, or NULL when valid */
+    unsigned char *state;     /* [n]: 0 to do, REC_DONE, REC_SKIPPED (from the journal) */
+    size_t max_T;
+} plan;
+
+static void plan_free(plan *p)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        if (p->tk)
+            dataset_tokens_free(&p->tk[i]);
+        if (p->invalid)
+            free(p->invalid[i]);
+    }
+    free(p->tk);
+    free(p->invalid);
+    free(p->state);
+    dataset_free(&p->d);
+    memset(p, 0, sizeof *p);
+}
+
+/* Read and validate the dataset; invalid pairs stop the job unless skip_invalid. */
+static ps_status plan_load(plan *p, const job *j, const model *m, const tokenizer *tok)
+{
+    memset(p, 0, sizeof *p);
+    ps_status st = dataset_read_jsonl(&p->d, j->dataset);
+    if (st)
+        return st;
+    p->n = j->max_prompts && j->max_prompts < p->d.n ? j->max_prompts : p->d.n;
+    if (p->n == 0)
+        return err_set(PS_ERR_INVALID, "%s: the dataset has no prompt pairs", j->dataset);
+    p->tk = calloc(p->n, sizeof *p->tk);
+    p->invalid = calloc(p->n, sizeof *p->invalid);
+    p->state = calloc(p->n, 1);
+    if (!p->tk || !p->invalid || !p->state)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    size_t n_bad = 0, first_bad = 0;
+    char lines[256] = "";
+    for (size_t i = 0; i < p->n; i++) {
+        if (dataset_tokenize(&p->d, i, tok, j->bos, m->cfg.n_positions, &p->tk[i]) != PS_OK) {
+            p->invalid[i] = strdup(err_msg());
+            if (!p->invalid[i])
+                return err_set(PS_ERR_NOMEM, "out of memory");
+            if (n_bad++ == 0)
+                first_bad = i;
+            size_t k = strlen(lines);
+            if (k < sizeof lines - 24)
+                snprintf(lines + k, sizeof lines - k, "%s%zu", k ? ", " : "", p->d.items[i].line);
+            else if (lines[k - 1] != '.')
+                snprintf(lines + k, sizeof lines - k, ", ...");
+            continue;
+        }
+        if (p->tk[i].n_tokens > p->max_T)
+            p->max_T = p->tk[i].n_tokens;
+    }
+    if (n_bad && !j->skip_invalid)
+        return err_set(PS_ERR_INVALID, "%zu invalid prompt pair%s (line%s %s; skip_invalid = true skips them): %s", n_bad,
+                       n_bad > 1 ? "s" : "", n_bad > 1 ? "s" : "", lines, p->invalid[first_bad]);
+    if (p->max_T == 0)
+        return err_set(PS_ERR_INVALID, "%s: no valid prompt pair", j->dataset);
+    return PS_OK;
+}
+
+/* ---- the NetCDF file from the journal ------------------------------------ */
+
+typedef struct {
+    const plan *p;
+    const job *j;
+    const model_config *cfg;
+    const tokenizer *tok;
+    ncout_results *r;
+    sweep_result *res;
+    size_t *counts[PATCH_COMPONENT_COUNT]; /* summary contributions per cell */
+    bool mark_state;                        /* first pass: fill plan.state */
+    unsigned char *state;
+} finalize_ctx;
+
+static ps_status parse_record(const void *payload, size_t n, rec_head *h, const unsigned char **rest, size_t *rest_n)
+{
+    if (n < sizeof *h)
+        return err_set(PS_ERR_FORMAT, "journal record too short (%zu bytes)", n);
+    memcpy(h, payload, sizeof *h);
+    *rest = (const unsigned char *)payload + sizeof *h;
+    *rest_n = n - sizeof *h;
+    return PS_OK;
+}
+
+/* First pass on open: which prompts are done already. */
+static ps_status mark_record(void *user, const void *payload, size_t n)
+{
+    finalize_ctx *fx = user;
+    rec_head h;
+    const unsigned char *rest = NULL;
+    size_t rn = 0;
+    ps_status st = parse_record(payload, n, &h, &rest, &rn);
+    if (st)
+        return st;
+    if (h.prompt >= fx->p->n || (h.kind != REC_DONE && h.kind != REC_SKIPPED))
+        return err_set(PS_ERR_FORMAT, "journal record for prompt %llu is not of this dataset",
+                       (unsigned long long)h.prompt);
+    fx->state[h.prompt] = (unsigned char)h.kind;
+    return PS_OK;
+}
+
+static ps_status write_record(void *user, const void *payload, size_t n)
+{
+    finalize_ctx *fx = user;
+    rec_head h;
+    const unsigned char *rest = NULL;
+    size_t rn = 0;
+    ps_status st = parse_record(payload, n, &h, &rest, &rn);
+    if (st)
+        return st;
+    const dataset_item *it = &fx->p->d.items[h.prompt];
+    if (h.kind == REC_SKIPPED) {
+        char *reason = strndup((const char *)rest, rn);
+        if (!reason)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        st = ncout_results_put_skipped(fx->r, h.prompt, reason);
+        free(reason);
+        fx->res->prompts_skipped++;
+        return st;
+    }
+    const size_t T = (size_t)h.T;
+    const size_t need = 2 * T * sizeof(int32_t) + prompt_cells(fx->j->components, fx->cfg, T) * sizeof(double);
+    if (rn != need)
+        return err_set(PS_ERR_FORMAT, "journal record for prompt %llu has %zu bytes, expected %zu",
+                       (unsigned long long)h.prompt, rn, need);
+    int32_t *tokens = malloc(2 * T * sizeof *tokens);
+    double *vals = malloc(need - 2 * T * sizeof(int32_t));
+    if (!tokens || !vals) {
+        free(tokens), free(vals);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    memcpy(tokens, rest, 2 * T * sizeof *tokens);
+    memcpy(vals, rest + 2 * T * sizeof *tokens, need - 2 * T * sizeof *tokens);
+    double *values[PATCH_COMPONENT_COUNT] = {0};
+    size_t off = 0;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        if (fx->j->components[c]) {
+            values[c] = vals + off;
+            off += grid_size((patch_component)c, fx->cfg, T);
+        }
+    ncout_prompt np = {.T = T, .answer_id = h.answer, .wrong_id = h.wrong, .clean_metric = h.clean_metric,
+                       .corrupted_metric = h.corrupted_metric, .clean_tokens = tokens, .corrupted_tokens = tokens + T,
+                       .answer = it->answer, .wrong = it->wrong};
+    st = ncout_results_put(fx->r, h.prompt, &np, fx->tok, values);
+    /* summary: mean normalized value per (layer, position from the end | head) */
+    sweep_result *res = fx->res;
+    double denom = h.clean_metric - h.corrupted_metric;
+    res->prompts_done++;
+    res->mean_clean_metric += h.clean_metric;
+    res->mean_corrupted_metric += h.corrupted_metric;
+    res->accuracy += h.clean_metric > 0.0;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK && denom != 0.0; c++) {
+        if (!values[c] || c == PATCH_Z)
+            continue;
+        sweep_summary *sm = &res->summary[c];
+        size_t shape[3];
+        patch_grid_shape((patch_component)c, fx->cfg, T, shape, NULL);
+        for (size_t l = 0; l < shape[0]; l++)
+            for (size_t k = 0; k < shape[1]; k++) {
+                /* position grids: column = position counted from the end */
+                size_t col = sm->by_head ? k : T - 1 - k;
+                if (col >= sm->cols)
+                    continue;
+                sm->mean[l * sm->cols + col] += (values[c][l * shape[1] + k] - h.corrupted_metric) / denom;
+                fx->counts[c][l * sm->cols + col]++;
+            }
+    }
+    free(tokens);
+    free(vals);
+    return st;
+}
+
+static ps_status summary_init(sweep_result *res, const job *j, const model_config *cfg, size_t max_T,
+                              size_t *counts[PATCH_COMPONENT_COUNT])
+{
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        counts[c] = NULL;
+        if (!j->components[c] || c == PATCH_Z)
+            continue;
+        sweep_summary *sm = &res->summary[c];
+        sm->by_head = c >= PATCH_Z_ALL_POS;
+        sm->rows = cfg->n_layer;
+        sm->cols = sm->by_head ? cfg->n_head : max_T;
+        sm->mean = calloc(sm->rows * sm->cols, sizeof *sm->mean);
+        counts[c] = calloc(sm->rows * sm->cols, sizeof *counts[c]);
+        if (!sm->mean || !counts[c])
+            return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    return PS_OK;
+}
+
+static ps_status finalize(const job *j, model *m, const tokenizer *tok, const plan *p, journal *jr,
+                          const char *output, const sweep_opts *o, const char *dataset_sha, sweep_result *res)
+{
+    ncout_file f;
+    ncout_results r;
+    ps_status st = ncout_create(&f, output);
+    if (st)
+        return st;
+    finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
+    char ranks[32];
+    snprintf(ranks, sizeof ranks, "%zu", o->ranks_for_provenance);
+    if ((st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine)) ||
+        (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
+        (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
+        (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
+        (st = ncout_put_attr(&f, "blas", o->blas_for_provenance ? o->blas_for_provenance : "")) ||
+        (st = summary_init(res, j, &m->cfg, p->max_T, fx.counts)))
+        goto out;
+    res->prompts_done = res->prompts_skipped = 0;
+    res->mean_clean_metric = res->mean_corrupted_metric = res->accuracy = 0.0;
+    if ((st = journal_each(jr, write_record, &fx)))
+        goto out;
+    /* Prompts not done yet: explicit done = 0, so the prompt dimension
+     * always has every prompt of the dataset. */
+    for (size_t i = 0; i < p->n && st == PS_OK; i++)
+        if (!p->state[i]) {
+            st = ncout_results_put_pending(&r, i);
+        }
+    if (st)
+        goto out;
+    res->complete = res->prompts_done + res->prompts_skipped == p->n;
+    char num[32];
+    snprintf(num, sizeof num, "%zu", res->prompts_done);
+    if ((st = ncout_put_attr(&f, "complete", res->complete ? "true" : "false")) ||
+        (st = ncout_put_attr(&f, "prompts_done", num)))
+        goto out;
+    st = ncout_commit(&f);
+    if (st == PS_OK) {
+        double n = (double)res->prompts_done;
+        if (n > 0) {
+            res->mean_clean_metric /= n;
+            res->mean_corrupted_metric /= n;
+            res->accuracy = j->metric == PATCH_LOGIT_DIFF ? res->accuracy / n : NAN;
+        }
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            sweep_summary *sm = &res->summary[c];
+            for (size_t k = 0; sm->mean && k < sm->rows * sm->cols; k++)
+                sm->mean[k] = fx.counts[c][k] ? sm->mean[k] / (double)fx.counts[c][k] : NAN;
+        }
+    }
+out:
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        free(fx.counts[c]);
+    if (st)
+        ncout_abort(&f);
+    return st;
+}
+
+/* ---- the distributed loop ------------------------------------------------ */
+
+/* What rank 0 broadcasts before each chunk. */
+typedef struct {
+    uint64_t n_pairs;  /* 0: no more chunks */
+    uint64_t bytes;    /* of the packed pairs that follow */
+} chunk_header;
+
+/* Deal cells to ranks, longest first to the least loaded (lowest rank on
+ * ties): the same plan on every rank from the same pairs. owner[i] = rank. */
+static ps_status assign_cells(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n,
+                              patch_direction dir, size_t ranks, uint32_t *owner)
+{
+    typedef struct {
+        size_t cost, index;
+    } item;
+    item *items = malloc((n ? n : 1) * sizeof *items);
+    size_t *load = calloc(ranks, sizeof *load);
+    if (!items || !load) {
+        free(items), free(load);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    /* +1: a skipped cell still costs a little (its plan and its slot) */
+    for (size_t i = 0; i < n; i++)
+        items[i] = (item){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
+    /* insertion into a max-heap would do; a stable sort by cost is simpler */
+    for (size_t i = 1; i < n; i++) {
+        item x = items[i];
+        size_t k = i;
+        while (k > 0 && items[k - 1].cost < x.cost) {
+            items[k] = items[k - 1];
+            k--;
+        }
+        items[k] = x;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t best = 0;
+        for (size_t r = 1; r < ranks; r++)
+            if (load[r] < load[best])
+                best = r;
+        load[best] += items[i].cost;
+        owner[items[i].index] = (uint32_t)best;
+    }
+    free(items);
+    free(load);
+    return PS_OK;
+}
+
+/* Evaluate one chunk's cells on every rank; on rank 0, values[i] for every
+ * cell of the chunk (cells in pair, component, grid order). */
+static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pair *pairs, size_t n_pairs,
+                           double **values_out, size_t *n_cells_out)
+{
+    const size_t ranks = comm_size(c), me = comm_rank(c);
+    size_t n = 0;
+    for (size_t p = 0; p < n_pairs; p++)
+        n += prompt_cells(j->components, &m->cfg, pairs[p].T);
+    patch_cell *cells = malloc((n ? n : 1) * sizeof *cells);
+    uint32_t *owner = malloc((n ? n : 1) * sizeof *owner);
+    size_t *counts = calloc(ranks, sizeof *counts);
+    double *mine = NULL, *gathered = NULL, *values = NULL;
+    ps_status st = PS_OK;
+    if (!cells || !owner || !counts) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    size_t k = 0;
+    for (size_t p = 0; p < n_pairs && st == PS_OK; p++)
+        for (int comp = 0; comp < PATCH_COMPONENT_COUNT && st == PS_OK; comp++) {
+            if (!j->components[comp])
+                continue;
+            patch_cell *g;
+            size_t ng;
+            if ((st = patch_grid_cells((patch_component)comp, &m->cfg, (uint32_t)p, pairs[p].T, &g, &ng)))
+                break;
+            memcpy(cells + k, g, ng * sizeof *g);
+            k += ng;
+            free(g);
+        }
+    if (st || (st = assign_cells(m, pairs, cells, n, j->direction, ranks, owner)))
+        goto out;
+    /* this rank's cells, in cell order */
+    size_t n_mine = 0;
+    for (size_t i = 0; i < n; i++) {
+        counts[owner[i]] += sizeof(double);
+        if (owner[i] == me)
+            cells[n_mine++] = cells[i];
+    }
+    mine = malloc((n_mine ? n_mine : 1) * sizeof *mine);
+    if (!mine) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine};
+    st = patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
+    if ((st = comm_agree(c, st)))
+        goto out;
+    if (me == 0) {
+        gathered = malloc((n ? n : 1) * sizeof *gathered);
+        values = malloc((n ? n : 1) * sizeof *values);
+        if (!gathered || !values)
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, n_mine * sizeof *mine, gathered, counts)))
+        goto out;
+    if (me == 0) {
+        /* rank r's values arrive in its cell order: walk the owners again */
+        size_t *next = calloc(ranks, sizeof *next), *base = calloc(ranks, sizeof *base);
+        if (!next || !base) {
+            free(next), free(base);
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t r = 1; r < ranks; r++)
+            base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
+        for (size_t i = 0; i < n; i++)
+            values[i] = gathered[base[owner[i]] + next[owner[i]]++];
+        free(next), free(base);
+        *values_out = values;
+        values = NULL;
+    }
+    *n_cells_out = n;
+out:
+    free(cells), free(owner), free(counts), free(mine), free(gathered), free(values);
+    return st;
+}
+
+/* One journal record of a finished prompt. */
+static ps_status journal_prompt(journal *jr, const job *j, const model_config *cfg, size_t prompt,
+                                const patch_pair *p, const double *values)
+{
+    const size_t T = p->T, nv = prompt_cells(j->components, cfg, T);
+    const size_t bytes = sizeof(rec_head) + 2 * T * sizeof(int32_t) + nv * sizeof(double);
+    unsigned char *buf = malloc(bytes);
+    if (!buf)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    rec_head h = {.prompt = prompt, .kind = REC_DONE, .T = (int32_t)T, .answer = p->answer, .wrong = p->wrong,
+                  .clean_metric = p->clean_metric[j->metric], .corrupted_metric = p->corrupted_metric[j->metric]};
+    unsigned char *w = buf;
+    memcpy(w, &h, sizeof h), w += sizeof h;
+    memcpy(w, p->clean.tokens, T * sizeof(int32_t)), w += T * sizeof(int32_t);
+    memcpy(w, p->corrupted.tokens, T * sizeof(int32_t)), w += T * sizeof(int32_t);
+    memcpy(w, values, nv * sizeof(double));
+    ps_status st = journal_append(jr, buf, bytes);
+    free(buf);
+    return st;
+}
+
+static ps_status journal_skipped(journal *jr, size_t prompt, const char *reason)
+{
+    size_t len = strlen(reason), bytes = sizeof(rec_head) + len;
+    unsigned char *buf = malloc(bytes);
+    if (!buf)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    rec_head h = {.prompt = prompt, .kind = REC_SKIPPED};
+    memcpy(buf, &h, sizeof h);
+    memcpy(buf + sizeof h, reason, len);
+    ps_status st = journal_append(jr, buf, bytes);
+    free(buf);
+    return st;
+}
+
+/* Prompts per chunk: the job's, or as many as keep rank 0's chunk (the
+ * prompts' caches plus their packed copies) near 512 MB, 1..64. */
+static size_t chunk_size(const job *j, const model_config *cfg, size_t max_T)
+{
+    if (j->chunk_prompts)
+        return j->chunk_prompts;
+    forward_cache probe = {0};
+    size_t per = 2 * patch_pair_packed_bytes(cfg, max_T);
+    if (forward_cache_init(&probe, cfg, max_T, FORWARD_LOGITS_LAST) == PS_OK) {
+        per += 2 * probe.arena_floats * sizeof(float);
+        forward_cache_free(&probe);
+    }
+    size_t n = ((size_t)512 << 20) / (per ? per : 1);
+    return n < 1 ? 1 : n > 64 ? 64 : n;
+}
+
+/* Rank 0's side of the set-up: plan, identity, journal; what is done. */
+static ps_status root_setup(const job *j, model *m, const tokenizer *tok, const sweep_opts *o, const char *output,
+                            plan *p, journal *jr, char dataset_sha[65], sweep_result *res)
+{
+    ps_status st;
+    if ((st = ncout_check_writable(output)) || (st = plan_load(p, j, m, tok)) ||
+        (st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
+        return st;
+    journal_identity id = {.n_prompts = p->n};
+    memcpy(id.job_sha256, j->sha256, 65);
+    memcpy(id.model_sha256, m->sha256, 65);
+    memcpy(id.dataset_sha256, dataset_sha, 65);
+    char jpath[4200];
+    snprintf(jpath, sizeof jpath, "%s.journal", output);
+    /* A complete result file of this very job and no journal: nothing to do. */
+    if (!o->overwrite && access(jpath, F_OK) != 0 && access(output, F_OK) == 0) {
+        char *a = NULL, *b = NULL, *cc = NULL, *done = NULL;
+        bool same = ncout_read_attr(output, "job_sha256", &a) == PS_OK && !strcmp(a, j->sha256) &&
+                    ncout_read_attr(output, "model_sha256", &b) == PS_OK && !strcmp(b, m->sha256) &&
+                    ncout_read_attr(output, "dataset_sha256", &cc) == PS_OK && !strcmp(cc, dataset_sha) &&
+                    ncout_read_attr(output, "complete", &done) == PS_OK && !strcmp(done, "true");
+        free(a), free(b), free(cc), free(done);
+        if (!same)
+            return err_set(PS_ERR_INVALID,
+                           "%s exists and is not the complete result of this job, model and dataset "
+                           "(use --overwrite to replace it)", output);
+        res->was_complete = res->complete = true;
+        return PS_OK;
+    }
+    if ((st = journal_open(jr, jpath, &id, o->overwrite)))
+        return st;
+    finalize_ctx fx = {.p = p, .state = p->state};
+    if ((st = journal_each(jr, mark_record, &fx)))
+        return err_wrap(st, "%s", jpath);
+    for (size_t i = 0; i < p->n; i++)
+        res->prompts_resumed += p->state[i] != 0;
+    /* invalid pairs (skip_invalid): journaled once as skipped */
+    for (size_t i = 0; i < p->n && st == PS_OK; i++)
+        if (p->invalid[i] && !p->state[i]) {
+            st = journal_skipped(jr, i, p->invalid[i]);
+            p->state[i] = REC_SKIPPED;
+        }
+    return st ? st : journal_sync(jr);
+}
+
+ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o, sweep_result *res)
+{
+    memset(res, 0, sizeof *res);
+    const bool root = comm_rank(c) == 0;
+    const char *output = o->output ? o->output : j->output;
+    snprintf(res->output, sizeof res->output, "%s", output);
+    plan p = {0};
+    journal jr = {.fd = -1};
+    char dataset_sha[65] = "";
+    ps_status st = PS_OK;
+    if (root)
+        st = root_setup(j, m, tok, o, output, &p, &jr, dataset_sha, res);
+    if ((st = comm_agree(c, st)))
+        goto out;
+    uint64_t nothing_to_do = res->was_complete;
+    if ((st = comm_bcast(c, &nothing_to_do, sizeof nothing_to_do)) || nothing_to_do)
+        goto out;
+
+    size_t chunk = 1, n_chunks = 0, todo = 0;
+    sweep_progress pr = {0};
+    if (root) {
+        res->prompts_total = pr.prompts_total = p.n;
+        chunk = chunk_size(j, &m->cfg, p.max_T);
+        for (size_t i = 0; i < p.n; i++) {
+            if (p.state[i]) {
+                pr.prompts_done++;
+                continue;
+            }
+            todo++;
+            pr.cells_total += prompt_cells(j->components, &m->cfg, p.tk[i].n_tokens);
+        }
+        n_chunks = (todo + chunk - 1) / chunk;
+        pr.n_chunks = n_chunks;
+    }
+    const double t0 = bench_now();
+    size_t next = 0; /* rank 0: next prompt index to consider */
+    for (;;) {
+        chunk_header hdr = {0};
+        unsigned char *buf = NULL;
+        patch_pair *pairs = NULL;
+        size_t *index = NULL, n_pairs = 0;
+        if (root && !(o->stop && *o->stop)) {
+            /* run the next prompts not done yet, pack them */
+            index = malloc(chunk * sizeof *index);
+            pairs = calloc(chunk, sizeof *pairs);
+            if (!index || !pairs)
+                st = err_set(PS_ERR_NOMEM, "out of memory");
+            size_t bytes = 0;
+            while (st == PS_OK && n_pairs < chunk && next < p.n) {
+                size_t i = next++;
+                if (p.state[i])
+                    continue;
+                dataset_tokens *tk = &p.tk[i];
+                if ((st = patch_pair_init(&pairs[n_pairs], m, tk->clean_ids, tk->corrupted_ids, tk->n_tokens,
+                                          tk->answer_id, tk->wrong_id)))
+                    break;
+                index[n_pairs++] = i;
+                bytes += patch_pair_packed_bytes(&m->cfg, tk->n_tokens);
+            }
+            if (st == PS_OK && n_pairs) {
+                buf = malloc(bytes);
+                if (!buf)
+                    st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's caches", bytes);
+                for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
+                    patch_pair_pack(&pairs[k], buf + off);
+                    off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+                }
+            }
+            hdr = (chunk_header){st == PS_OK ? n_pairs : 0, bytes};
+        }
+        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)))
+            goto chunk_out;
+        if (hdr.n_pairs == 0)
+            break;
+        if (!root) {
+            buf = malloc(hdr.bytes);
+            pairs = calloc(hdr.n_pairs, sizeof *pairs);
+            if (!buf || !pairs)
+                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk's caches",
+                             (unsigned long long)hdr.bytes);
+        }
+        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
+            goto chunk_out;
+        if (!root) {
+            n_pairs = hdr.n_pairs;
+            for (size_t k = 0, off = 0; k < n_pairs && st == PS_OK; k++) {
+                st = patch_pair_unpack(&pairs[k], &m->cfg, buf + off);
+                off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+            }
+        }
+        free(buf);
+        buf = NULL;
+        if ((st = comm_agree(c, st)))
+            goto chunk_out;
+        double *values = NULL;
+        size_t n_cells = 0;
+        if ((st = run_chunk(j, m, c, pairs, n_pairs, &values, &n_cells)))
+            goto chunk_out;
+        if (root) {
+            size_t off = 0;
+            for (size_t k = 0; k < n_pairs && st == PS_OK; k++) {
+                st = journal_prompt(&jr, j, &m->cfg, index[k], &pairs[k], values + off);
+                off += prompt_cells(j->components, &m->cfg, pairs[k].T);
+                p.state[index[k]] = REC_DONE;
+            }
+            if (st == PS_OK)
+                st = journal_sync(&jr);
+            pr.prompts_done += n_pairs;
+            pr.cells_done += n_cells;
+            pr.chunk++;
+            pr.seconds = bench_now() - t0;
+            res->cells_computed += n_cells;
+            if (o->progress)
+                o->progress(o->progress_user, &pr);
+        }
+        free(values);
+        st = comm_agree(c, st);
+    chunk_out:
+        free(buf);
+        for (size_t k = 0; pairs && k < n_pairs; k++)
+            patch_pair_free(&pairs[k]);
+        free(pairs);
+        free(index);
+        if (st)
+            goto out;
+    }
+    res->seconds = bench_now() - t0;
+    if (root) {
+        res->interrupted = o->stop && *o->stop && pr.prompts_done < p.n;
+        st = finalize(j, m, tok, &p, &jr, output, o, dataset_sha, res);
+        res->prompts_total = p.n;
+        if (st == PS_OK && res->complete)
+            journal_close(&jr, true);
+    }
+    st = comm_agree(c, st);
+out:
+    if (jr.fd >= 0)
+        journal_close(&jr, false);
+    plan_free(&p);
+    return st;
+}
+
+void sweep_result_free(sweep_result *res)
+{
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        free(res->summary[c].mean);
+    memset(res->summary, 0, sizeof res->summary);
+}

@@ -1,0 +1,216 @@
+"""The MPI sweep job end to end:
+  - 1, 2, 3 and 4 ranks give bitwise identical files;
+  - SIGKILL at several moments (and a torn journal record) then a rerun gives
+    the values of an uninterrupted run; SIGTERM stops cleanly (exit 3, a
+    readable file marked incomplete) and the rerun completes it;
+  - the file follows the results contract and matches `patchsweep patch`;
+  - bad job files and datasets fail with one clear line."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import xarray as xr
+
+ROOT = os.environ["PS_ROOT"]
+BIN = os.environ["PS_BIN"]
+SAN = "/san/" in BIN
+TMP = tempfile.mkdtemp(prefix="ps-sweep-")
+# A private copy of the binary: a rebuild while mpirun starts ranks must not bite.
+shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
+BIN = os.path.join(TMP, "patchsweep")
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
+
+
+def run(args, ranks=0, **kw):
+    cmd = ([ "mpirun", "--oversubscribe", "-np", str(ranks)] if ranks else []) + [BIN] + args
+    return subprocess.run(cmd, capture_output=True, text=True, env=MPI_ENV, timeout=900, **kw)
+
+
+model = os.path.join(TMP, "model")
+subprocess.run([sys.executable, f"{ROOT}/tests/tools/make_model.py", "--layers", "3", "--heads", "4", "--d-model",
+                "32", "--n-positions", "64", "--std", "0.3", "-o", model], check=True, capture_output=True)
+data = os.path.join(TMP, "ioi.jsonl")
+subprocess.run([BIN, "make-dataset", "ioi", "--n", "24", "--seed", "11", "-o", data], check=True, capture_output=True)
+
+
+def write_job(name, components="resid_pre,attn_out,mlp_out,z_all_pos,z", engine="fast", chunk=3, dataset="ioi.jsonl",
+              extra=""):
+    path = os.path.join(TMP, name + ".ini")
+    with open(path, "w") as f:
+        f.write(f"; {name}\n[model]\ndir = model\n[data]\ndataset = {dataset}\n{extra}"
+                f"[patch]\ncomponents = {components}\nengine = {engine}\n"
+                f"[run]\noutput = {name}.nc\nchunk_prompts = {chunk}\nprogress_seconds = 0.1\n")
+    return path
+
+
+def values(path):
+    with xr.open_dataset(path) as ds:
+        return {k: ds[k].values.copy() for k in ds.data_vars if ds[k].dtype.kind in "fi"}, dict(ds.attrs)
+
+
+def same(a, b):
+    return all(np.array_equal(a[k], b[k], equal_nan=True) for k in a) and a.keys() == b.keys()
+
+
+# --- ranks ---------------------------------------------------------------
+job = write_job("ranks")
+r = run(["sweep", job, "--output", f"{TMP}/r0.nc"])
+check("serial run", r.returncode == 0 and "24 of 24 prompts done" in r.stdout, r.stderr + r.stdout)
+ref, ref_attrs = values(f"{TMP}/r0.nc")
+for n in (1, 2, 3, 4):
+    r = run(["sweep", job, "--output", f"{TMP}/r{n}.nc"], ranks=n)
+    ok = r.returncode == 0
+    if ok:
+        v, attrs = values(f"{TMP}/r{n}.nc")
+        ok = same(ref, v) and attrs["mpi_ranks"] == str(n)
+    check(f"{n} rank(s) bitwise equal to the serial run", ok, r.stderr[-500:])
+check("rank 0 alone prints", r.stdout.count("prompts done") == 1, r.stdout)
+
+# --- contract and agreement with `patch` ----------------------------------
+with xr.open_dataset(f"{TMP}/r0.nc") as ds:
+    check("dims", ds.sizes["prompt"] == 24 and ds.sizes["layer"] == 3 and ds.sizes["head"] == 4
+          and ds.sizes["position"] == int(ds["length"].max()), dict(ds.sizes))
+    check("component dims", ds["resid_pre"].dims == ("prompt", "layer", "position")
+          and ds["z"].dims == ("prompt", "layer", "position", "head") and ds["z_all_pos"].dims == ("prompt", "layer", "head"))
+    check("coordinates", list(ds["layer"].values) == [0, 1, 2] and list(ds["head"].values) == [0, 1, 2, 3])
+    check("done and not skipped", bool((ds["done"].values == 1).all()) and bool((ds["skipped"].values == 0).all()))
+    check("provenance", all(k in ds.attrs for k in ("patchsweep_version", "command_line", "model_sha256", "job_text",
+                                                     "job_sha256", "dataset_sha256", "mpi_ranks", "blas", "metric",
+                                                     "direction", "engine", "Conventions"))
+          and ds.attrs["complete"] == "true", list(ds.attrs))
+    lengths = ds["length"].values
+    short = int(np.argmin(lengths))
+    check("fill past a prompt's length", lengths.min() == lengths.max()
+          or bool(np.isnan(ds["resid_pre"].values[short, :, lengths[short]:]).all()))
+    items = [json.loads(line) for line in open(data)]
+    for i in (0, 7, 23):
+        res = run(["patch", "--model", model, "--clean", items[i]["clean"], "--corrupted", items[i]["corrupted"],
+                   "--answer", items[i]["answer"], "--wrong", items[i]["wrong"], "--components",
+                   "resid_pre,attn_out,mlp_out,z_all_pos,z", "--json"])
+        pj = json.loads(res.stdout)
+        T = int(lengths[i])
+        ok = abs(pj["clean_metric"] - float(ds["clean_metric"].values[i])) < 1e-6
+        for comp, data_ in pj["components"].items():
+            grid = np.array(data_["values"]).reshape(data_["shape"])
+            mine = ds[comp].values[i]
+            mine = mine[:, :T] if comp in ("resid_pre", "attn_out", "mlp_out", "z") else mine
+            ok = ok and np.allclose(grid, mine, rtol=1e-6, atol=1e-6)
+        check(f"prompt {i} equals `patchsweep patch`", ok)
+        check(f"prompt {i} tokens", list(ds["clean_token_id"].values[i][:T]) ==
+              json.loads(run(["tokenize", "--model", model, "--json", items[i]["clean"]]).stdout)["ids"])
+
+# --- rerun of a complete job, other jobs against its file -----------------
+r = run(["sweep", job, "--output", f"{TMP}/r0.nc"])
+check("rerun of a complete job does nothing", r.returncode == 0 and "already the complete result" in r.stdout, r.stdout)
+other = write_job("other", components="resid_pre")
+r = run(["sweep", other, "--output", f"{TMP}/r0.nc"])
+check("another job refuses an existing file", r.returncode == 1 and "--overwrite" in r.stderr, r.stderr)
+r = run(["sweep", other, "--output", f"{TMP}/r0.nc", "--overwrite"])
+check("--overwrite replaces it", r.returncode == 0 and "resid_pre" in values(f"{TMP}/r0.nc")[0]
+      and "z" not in values(f"{TMP}/r0.nc")[0], r.stderr)
+
+# --- SIGKILL and resume ---------------------------------------------------
+# naive engine: slow enough to be killed mid-run
+kjob = write_job("kill", engine="naive", components="resid_pre,z_all_pos", chunk=2)
+r = run(["sweep", kjob, "--output", f"{TMP}/kref.nc"])
+kref, _ = values(f"{TMP}/kref.nc")
+t_full = float(r.stdout.split(" s\n")[0].rsplit(" ", 1)[1]) if r.returncode == 0 else 1.0
+out = f"{TMP}/kill.nc"
+for k, frac in enumerate((0.15, 0.4, 0.7, 0.95)):
+    if os.path.exists(out):
+        os.remove(out)
+    for ranks in ((0,) if k % 2 == 0 else (2,)):
+        cmd = (["mpirun", "--oversubscribe", "-np", str(ranks)] if ranks else []) + [BIN, "sweep", kjob]
+        p = subprocess.Popen(cmd, env=MPI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        time.sleep(max(0.05, frac * t_full * (3 if ranks else 1)))
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    j = out + ".journal"
+    if k == 2 and os.path.exists(j):
+        # a torn record: the tail of a record cut off mid-write
+        size = os.path.getsize(j)
+        if size > 600:
+            with open(j, "r+b") as f:
+                f.truncate(size - 5)
+    check(f"after SIGKILL #{k + 1} no file under the final name is partial",
+          not os.path.exists(out) or values(out)[1].get("complete") in ("true", "false"))
+    r = run(["sweep", kjob])
+    ok = r.returncode == 0 and os.path.exists(out) and same(kref, values(out)[0])
+    check(f"SIGKILL at {int(frac * 100)}% of the run{' (2 ranks)' if k % 2 else ''}, rerun: identical values", ok,
+          r.stderr[-400:])
+    check(f"journal removed when complete #{k + 1}", not os.path.exists(j))
+
+# --- SIGTERM ----------------------------------------------------------------
+os.remove(out)
+p = subprocess.Popen([BIN, "sweep", kjob], env=MPI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+time.sleep(max(0.1, 0.4 * t_full))
+p.send_signal(signal.SIGTERM)
+so, se = p.communicate(timeout=300)
+if p.returncode == 0:
+    check("SIGTERM (the run finished before the signal; skipped)", True)
+else:
+    check("SIGTERM exits with status 3", p.returncode == 3, f"{p.returncode} {se[-300:]}")
+    v, attrs = values(out)
+    done = v["done"]
+    check("SIGTERM leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
+          f"{attrs.get('complete')} {done.sum()}")
+    r = run(["sweep", kjob, "--resume"])
+    check("resume after SIGTERM completes with identical values",
+          r.returncode == 0 and "from an earlier run" in r.stdout and same(kref, values(out)[0]), r.stdout + r.stderr)
+
+# --- bad input --------------------------------------------------------------
+lines = open(data).read().splitlines()
+bad = json.loads(lines[3])
+bad["corrupted"] = bad["corrupted"] + " again"
+multi = json.loads(lines[5])
+multi["answer"] = " John Smith"
+with open(f"{TMP}/bad.jsonl", "w") as f:
+    f.write("\n".join(lines[:3] + [json.dumps(bad)] + [lines[4]] + [json.dumps(multi)] + lines[6:10]) + "\n")
+ro = os.path.join(TMP, "nowhere")
+CASES = [
+    ("missing key", "[model]\ndir = model\n[run]\noutput = x.nc\n", "dataset", 1),
+    ("unknown component", "[model]\ndir = model\n[data]\ndataset = ioi.jsonl\n[patch]\ncomponents = resid_pree\n"
+                          "[run]\noutput = x.nc\n", "resid_pree", 1),
+    ("unknown key", "[model]\ndir = model\ncolour = red\n[data]\ndataset = ioi.jsonl\n[run]\noutput = x.nc\n",
+     "colour", 1),
+    ("unequal lengths and multi-token answer", "[model]\ndir = model\n[data]\ndataset = bad.jsonl\n[run]\noutput = x.nc\n",
+     "lines 4, 6", 1),
+    ("output directory missing", "[model]\ndir = model\n[data]\ndataset = ioi.jsonl\n[run]\n"
+                                 f"output = {ro}/x.nc\n", "does not exist", 1),
+    ("dataset missing", "[model]\ndir = model\n[data]\ndataset = none.jsonl\n[run]\noutput = x.nc\n", "none.jsonl", 1),
+]
+for name, text, frag, code in CASES:
+    path = os.path.join(TMP, "bad.ini")
+    open(path, "w").write(text)
+    r = run(["sweep", path], ranks=2 if name == "unknown component" else 0)
+    # our lines only: mpirun adds its own banner when a rank exits non-zero
+    lines_err = [l for l in r.stderr.strip().splitlines() if l.startswith("patchsweep")]
+    check(f"bad input: {name}", r.returncode == code and len(lines_err) == 1 and frag in lines_err[0],
+          f"{r.returncode} {r.stderr!r}")
+    check(f"bad input: {name}: no output", not os.path.exists(os.path.join(TMP, "x.nc")))
+skipjob = write_job("skip", dataset="bad.jsonl", extra="skip_invalid = true\n")
+r = run(["sweep", skipjob])
+with xr.open_dataset(f"{TMP}/skip.nc") as ds:
+    check("skip_invalid records skipped pairs", r.returncode == 0 and list(ds["skipped"].values) ==
+          [0, 0, 0, 1, 0, 1, 0, 0, 0, 0] and "token length" in str(ds["skip_reason"].values[3])
+          and ds.attrs["complete"] == "true", r.stderr)
+
+shutil.rmtree(TMP, ignore_errors=True)
+print(f"sweep: {passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
