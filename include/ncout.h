@@ -65,7 +65,9 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
  * patched metric C(prompt, layer, position) / C(prompt, layer, position,
  * head) / C(prompt, layer, head) and C_normalized likewise; per prompt
  * clean_metric, corrupted_metric, length, answer_id, wrong_id, answer, wrong,
- * done (1 when every value of the prompt is written), skipped (1 when the
+ * prompt_index (the pair's 0-based index in the whole dataset: files of a
+ * sliced sweep hold a contiguous part of it), done (1 when every value of
+ * the prompt is written), skipped (1 when the
  * pair was invalid and skipped, reason in skip_reason); per prompt and
  * position clean_token_id, corrupted_token_id, clean_token, corrupted_token.
  * Positions past a prompt's length, and every value of a prompt not done,
@@ -78,7 +80,8 @@ typedef struct {
     patch_metric metric;
     int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];
     int v_clean_metric, v_corrupted_metric, v_length, v_answer_id, v_wrong_id, v_answer, v_wrong, v_done;
-    int v_skipped, v_skip_reason;
+    int v_skipped, v_skip_reason, v_prompt_index;
+    size_t prompt_offset;   /* prompt_index = prompt_offset + prompt (0 unless sliced) */
     int v_clean_tok_id, v_corrupted_tok_id, v_clean_tok, v_corrupted_tok;
 } ncout_results;
 

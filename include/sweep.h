@@ -55,6 +55,8 @@ typedef struct {
 typedef struct {
     const char *output;          /* NULL: the job's [run] output */
     bool overwrite;              /* discard earlier results of this output */
+    size_t slice, n_slices;      /* run slice `slice` (1-based) of n_slices equal contiguous
+                                    parts of the dataset (array jobs); 0/0: all of it */
     volatile sig_atomic_t *stop; /* may be NULL */
     size_t ranks_for_provenance; /* recorded in the file */
     const char *blas_for_provenance;

@@ -9,12 +9,13 @@
 #include "cli.h"
 #include "ncout.h"
 #include "patch.h"
+#include "prov.h"
 #include "strutil.h"
 
 /* Options of the commands that patch one prompt pair. */
 typedef struct {
     cli_common common;
-    const char *clean, *corrupted, *answer, *wrong, *output;
+    const char *clean, *corrupted, *answer, *wrong, *output, *save;
     bool on[PATCH_COMPONENT_COUNT];
     bool components_given;
     patch_opts po;
@@ -22,7 +23,7 @@ typedef struct {
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
-       OPT_DIRECTION, OPT_ENGINE, OPT_REPS };
+       OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -37,6 +38,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"engine", required_argument, 0, OPT_ENGINE},
                                          {"output", required_argument, 0, 'o'},
                                          {"reps", required_argument, 0, OPT_REPS},
+                                         {"save", required_argument, 0, OPT_SAVE},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -46,7 +48,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
         /* options of the other command are usage errors, not silently ignored */
-        const char *foreign = is_patch ? (ch == OPT_REPS ? "--reps" : NULL)
+        const char *foreign = is_patch ? (ch == OPT_REPS ? "--reps" : ch == OPT_SAVE ? "--save" : NULL)
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
@@ -57,6 +59,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_ANSWER: a->answer = optarg; break;
         case OPT_WRONG: a->wrong = optarg; break;
         case 'o': a->output = optarg; break;
+        case OPT_SAVE: a->save = optarg; break;
         case OPT_COMPONENTS:
             if (patch_components_parse(optarg, a->on) != PS_OK)
                 return cli_usage(cmd, "%s", err_msg());
@@ -297,12 +300,20 @@ out:
 
 static const char *bench_help =
     "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK]\n"
-    "                        [--components LIST] [--metric M] [--reps N] [--json]\n"
+    "                        [--components LIST] [--metric M] [--reps N] [--json] [--save FILE.json]\n"
     "  Times the naive and the fast patching engine side by side in this process\n"
     "  on one prompt pair (default: the worksheet's IOI pair), beside the sgemm\n"
     "  peak measured in the same run.  Fast: median of N runs (default 5);\n"
     "  naive: one run.  Useful GFLOP/s = the FLOPs the fast engine's plan needs\n"
-    "  (recomputed rows and blocks of the cells that change anything) / time.\n";
+    "  (recomputed rows and blocks of the cells that change anything) / time.\n"
+    "  --save FILE.json  also write the JSON report there (with provenance)\n";
+
+static ps_status write_json(FILE *out, void *user)
+{
+    if (json_dumpf(user, out, JSON_INDENT(2)) != 0 || fputc('\n', out) == EOF)
+        return err_set(PS_ERR_IO, "cannot write the JSON report");
+    return PS_OK;
+}
 
 int cmd_bench(int argc, char **argv)
 {
@@ -387,12 +398,27 @@ int cmd_bench(int argc, char **argv)
         free(times);
         free(cells);
     }
-    if (st == PS_OK && a.common.json)
-        cli_print_json(json_pack("{s:{s:s,s:i,s:f},s:i,s:s,s:o}", "blas", "core", core, "threads", threads,
-                             "sgemm_peak_gflops", peak, "tokens", (int)na, "metric", patch_metric_name(po.metric),
-                             "components", rows));
-    else
+    if (st == PS_OK) {
+        if (model_hash(&m) != PS_OK) {
+            st = PS_ERR_IO;
+            json_decref(rows);
+            goto out;
+        }
+        json_t *report = json_pack("{s:s,s:s,s:s,s:s,s:{s:s,s:i,s:f},s:{s:i,s:i,s:i,s:i},s:i,s:s,s:o}",
+                                   "patchsweep_version", prov_version(), "command_line", prov_command_line(),
+                                   "model", m.dir, "model_sha256", m.sha256, "blas", "core", core, "threads",
+                                   threads, "sgemm_peak_gflops", peak, "model_shape", "n_layer", (int)m.cfg.n_layer,
+                                   "n_embd", (int)d, "n_head", (int)m.cfg.n_head, "vocab_size",
+                                   (int)m.cfg.vocab_size, "tokens", (int)na, "metric", patch_metric_name(po.metric),
+                                   "components", rows);
+        if (a.save && (st = cli_write_atomic(a.save, write_json, report)) == PS_OK)
+            fprintf(stderr, "wrote %s\n", a.save);
+        if (st == PS_OK && a.common.json)
+            cli_print_json(json_incref(report));
+        json_decref(report);
+    } else {
         json_decref(rows);
+    }
 out:
     if (st)
         rc = cli_fail();

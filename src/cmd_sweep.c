@@ -20,6 +20,8 @@ static const char *sweep_help =
     "  --resume         continue an interrupted run (also the default when the\n"
     "                   journal OUT.nc.journal of the same job, model and dataset exists)\n"
     "  --overwrite      discard earlier results of this output and start over\n"
+    "  --slice K/N      only slice K (1..N) of N equal contiguous parts of the dataset\n"
+    "                   (array jobs; stitch the parts with 'patchsweep merge')\n"
     "  --threads N      BLAS threads per rank (default: the job's, else\n"
     "                   $SLURM_CPUS_PER_TASK, else cores / ranks on the node)\n"
     "  Exit status: 0 complete, 1 failed, 2 usage error, 3 stopped by SIGTERM/\n"
@@ -125,7 +127,19 @@ static void print_summary(const job *j, const sweep_result *r)
         printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
 }
 
-enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS };
+enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE };
+
+/* "K/N" with 1 <= K <= N */
+static bool parse_slice(const char *s, size_t *k, size_t *n)
+{
+    const char *slash = strchr(s, '/');
+    if (!slash || slash == s || slash - s > 20)
+        return false;
+    char a[24];
+    memcpy(a, s, (size_t)(slash - s));
+    a[slash - s] = '\0';
+    return cli_parse_size(a, 1, 1000000, k) && cli_parse_size(slash + 1, 1, 1000000, n) && *k <= *n;
+}
 
 int cmd_sweep(int argc, char **argv)
 {
@@ -133,11 +147,12 @@ int cmd_sweep(int argc, char **argv)
                                          {"resume", no_argument, 0, OPT_RESUME},
                                          {"overwrite", no_argument, 0, OPT_OVERWRITE},
                                          {"threads", required_argument, 0, OPT_THREADS},
+                                         {"slice", required_argument, 0, OPT_SLICE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *output = NULL;
     bool resume = false, overwrite = false;
-    size_t threads = 0;
+    size_t threads = 0, slice = 0, n_slices = 0;
     int ch;
     while ((ch = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
         switch (ch) {
@@ -147,6 +162,10 @@ int cmd_sweep(int argc, char **argv)
         case OPT_THREADS:
             if (!cli_parse_size(optarg, 1, 4096, &threads))
                 return cli_usage("sweep", "--threads takes a whole number from 1 to 4096, not '%s'", optarg);
+            break;
+        case OPT_SLICE:
+            if (!parse_slice(optarg, &slice, &n_slices))
+                return cli_usage("sweep", "--slice takes K/N with 1 <= K <= N, not '%s'", optarg);
             break;
         case 'h': fputs(sweep_help, stdout); return 0;
         default: return cli_usage("sweep", "unknown option or missing value: '%s'", argv[optind - 1]);
@@ -191,7 +210,8 @@ int cmd_sweep(int argc, char **argv)
         fprintf(stderr, "sweep: %s on %s; %zu rank%s (%s), %s\n", job_path, j.model_dir, comm_size(c),
                 comm_size(c) > 1 ? "s" : "", comm_library(), blas);
     progress_state ps = {.tty = isatty(STDERR_FILENO), .every = j.progress_seconds, .last = -1e30};
-    sweep_opts so = {.output = output, .overwrite = overwrite, .stop = &stop_requested,
+    sweep_opts so = {.output = output, .overwrite = overwrite, .slice = slice, .n_slices = n_slices,
+                     .stop = &stop_requested,
                      .ranks_for_provenance = comm_size(c), .blas_for_provenance = blas,
                      .progress = progress, .progress_user = &ps};
     st = sweep_run(&j, &m, tok, c, &so, &res);

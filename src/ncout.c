@@ -292,6 +292,8 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         (st = def_var(r, "wrong", NC_STRING, 1, &d_prompt, &r->v_wrong, NULL)) ||
         (st = def_var(r, "done", NC_BYTE, 1, &d_prompt, &r->v_done, "1 when every value of the prompt is written")) ||
         (st = def_var(r, "skipped", NC_BYTE, 1, &d_prompt, &r->v_skipped, "1 when the prompt pair was invalid and skipped")) ||
+        (st = def_var(r, "prompt_index", NC_INT, 1, &d_prompt, &r->v_prompt_index,
+                      "0-based index of the prompt pair in the dataset")) ||
         (st = def_var(r, "skip_reason", NC_STRING, 1, &d_prompt, &r->v_skip_reason, NULL)) ||
         (st = def_var(r, "clean_token_id", NC_INT, 2, pp, &r->v_clean_tok_id, NULL)) ||
         (st = def_var(r, "corrupted_token_id", NC_INT, 2, pp, &r->v_corrupted_tok_id, NULL)) ||
@@ -381,7 +383,11 @@ static ps_status put_empty_strings(ncout_results *r, size_t prompt, size_t from,
 
 static ps_status put_flags(ncout_results *r, size_t prompt, signed char done, signed char skipped)
 {
-    ps_status st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_skipped, &prompt, &skipped), r->f->tmp_path, "skipped");
+    int index = (int)(r->prompt_offset + prompt);
+    ps_status st = ncout_check(nc_put_var1_int(r->f->ncid, r->v_prompt_index, &prompt, &index), r->f->tmp_path,
+                               "prompt_index");
+    if (st == PS_OK)
+        st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_skipped, &prompt, &skipped), r->f->tmp_path, "skipped");
     if (st == PS_OK)
         st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_done, &prompt, &done), r->f->tmp_path, "done");
     return st;

@@ -50,7 +50,8 @@ static size_t prompt_cells(const bool *on, const model_config *cfg, size_t T)
 
 typedef struct {
     dataset d;
-    size_t n;                 /* prompts used (max_prompts applied) */
+    size_t first;             /* dataset index of the plan's prompt 0 (slices) */
+    size_t n;                 /* prompts used (max_prompts and the slice applied) */
     dataset_tokens *tk;       /* [n]; n_tokens == 0 for an invalid item */
     char **invalid;           /* [n]: reason, or NULL when valid */
     unsigned char *state;     /* [n]: 0 to do, REC_DONE, REC_SKIPPED (from the journal) */
@@ -73,15 +74,25 @@ static void plan_free(plan *p)
 }
 
 /* Read and validate the dataset; invalid pairs stop the job unless skip_invalid. */
-static ps_status plan_load(plan *p, const job *j, const model *m, const tokenizer *tok)
+static ps_status plan_load(plan *p, const job *j, const model *m, const tokenizer *tok, size_t slice,
+                           size_t n_slices)
 {
     memset(p, 0, sizeof *p);
     ps_status st = dataset_read_jsonl(&p->d, j->dataset);
     if (st)
         return st;
-    p->n = j->max_prompts && j->max_prompts < p->d.n ? j->max_prompts : p->d.n;
-    if (p->n == 0)
+    size_t total = j->max_prompts && j->max_prompts < p->d.n ? j->max_prompts : p->d.n;
+    if (total == 0)
         return err_set(PS_ERR_INVALID, "%s: the dataset has no prompt pairs", j->dataset);
+    p->n = total;
+    if (n_slices) {
+        /* slice k of n: prompts [floor((k-1) total / n), floor(k total / n)) */
+        if (n_slices > total)
+            return err_set(PS_ERR_INVALID, "%s: %zu slices of %zu prompt pairs would leave slices empty", j->dataset,
+                           n_slices, total);
+        p->first = (slice - 1) * total / n_slices;
+        p->n = slice * total / n_slices - p->first;
+    }
     p->tk = calloc(p->n, sizeof *p->tk);
     p->invalid = calloc(p->n, sizeof *p->invalid);
     p->state = calloc(p->n, 1);
@@ -90,7 +101,7 @@ static ps_status plan_load(plan *p, const job *j, const model *m, const tokenize
     size_t n_bad = 0, first_bad = 0;
     char lines[256] = "";
     for (size_t i = 0; i < p->n; i++) {
-        if (dataset_tokenize(&p->d, i, tok, j->bos, m->cfg.n_positions, &p->tk[i]) != PS_OK) {
+        if (dataset_tokenize(&p->d, p->first + i, tok, j->bos, m->cfg.n_positions, &p->tk[i]) != PS_OK) {
             p->invalid[i] = strdup(err_msg());
             if (!p->invalid[i])
                 return err_set(PS_ERR_NOMEM, "out of memory");
@@ -98,7 +109,7 @@ static ps_status plan_load(plan *p, const job *j, const model *m, const tokenize
                 first_bad = i;
             size_t k = strlen(lines);
             if (k < sizeof lines - 24)
-                snprintf(lines + k, sizeof lines - k, "%s%zu", k ? ", " : "", p->d.items[i].line);
+                snprintf(lines + k, sizeof lines - k, "%s%zu", k ? ", " : "", p->d.items[p->first + i].line);
             else if (lines[k - 1] != '.')
                 snprintf(lines + k, sizeof lines - k, ", ...");
             continue;
@@ -164,7 +175,7 @@ static ps_status write_record(void *user, const void *payload, size_t n)
     ps_status st = parse_record(payload, n, &h, &rest, &rn);
     if (st)
         return st;
-    const dataset_item *it = &fx->p->d.items[h.prompt];
+    const dataset_item *it = &fx->p->d.items[fx->p->first + h.prompt];
     if (h.kind == REC_SKIPPED) {
         char *reason = strndup((const char *)rest, rn);
         if (!reason)
@@ -256,7 +267,12 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
     finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
     char ranks[32];
     snprintf(ranks, sizeof ranks, "%zu", o->ranks_for_provenance);
-    if ((st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine)) ||
+    char slice[64] = "all";
+    if (o->n_slices)
+        snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
+    st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine);
+    r.prompt_offset = p->first;
+    if (st || (st = ncout_put_attr(&f, "slice", slice)) ||
         (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
         (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
         (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
@@ -486,10 +502,11 @@ static ps_status root_setup(const job *j, model *m, const tokenizer *tok, const 
                             plan *p, journal *jr, char dataset_sha[65], sweep_result *res)
 {
     ps_status st;
-    if ((st = ncout_check_writable(output)) || (st = plan_load(p, j, m, tok)) ||
+    if ((st = ncout_check_writable(output)) || (st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
         (st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
         return st;
-    journal_identity id = {.n_prompts = p->n};
+    /* the slice is part of the identity: first and count */
+    journal_identity id = {.n_prompts = ((uint64_t)p->first << 32) | p->n};
     memcpy(id.job_sha256, j->sha256, 65);
     memcpy(id.model_sha256, m->sha256, 65);
     memcpy(id.dataset_sha256, dataset_sha, 65);
