@@ -1,0 +1,249 @@
+#include "ncout_lens.h"
+
+#include "dataset.h"
+#include "forward.h"
+
+#include <netcdf.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "dataset.h"
+#include "forward.h"
+#include "strutil.h"
+
+static ps_status put_att(ncout_file *f, const char *name, const char *value)
+{
+    return ncout_check(nc_put_att_text(f->ncid, NC_GLOBAL, name, strlen(value), value), f->tmp_path, name);
+}
+
+/* A variable with a long_name; numeric per-prompt variables are chunked one
+ * prompt per chunk (dims[0] is prompt) so appending a prompt touches only
+ * its own chunks. */
+static ps_status def_var(ncout_file *f, const char *name, nc_type type, int nd, const int *dims, bool per_prompt,
+                         const char *long_name, int *id)
+{
+    ps_status st = ncout_check(nc_def_var(f->ncid, name, type, nd, dims, id), f->tmp_path, name);
+    if (st == PS_OK)
+        st = ncout_check(nc_put_att_text(f->ncid, *id, "long_name", strlen(long_name), long_name), f->tmp_path,
+                         name);
+    if (st == PS_OK && per_prompt && type != NC_STRING) {
+        size_t chunk[3] = {1, 1, 1};
+        for (int i = 1; i < nd; i++)
+            if ((st = ncout_check(nc_inq_dimlen(f->ncid, dims[i], &chunk[i]), f->tmp_path, name)))
+                return st;
+        st = ncout_check(nc_def_var_chunking(f->ncid, *id, NC_CHUNKED, chunk), f->tmp_path, name);
+    }
+    return st;
+}
+
+ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t max_T, size_t k, bool bos,
+                            const char *dataset_path)
+{
+    memset(w, 0, sizeof *w);
+    w->f = f;
+    w->n_rows = lens_n_rows(&m->cfg);
+    w->k = k;
+    w->max_T = max_T;
+    ps_status st;
+    if ((st = ncout_put_provenance(f, m)) || (st = put_att(f, "analysis", "lens")) ||
+        (st = put_att(f, "prepend_bos", bos ? "true" : "false")) ||
+        (st = put_att(f, "dataset", dataset_path ? dataset_path : "")) ||
+        (st = put_att(f, "decoded_position", "last")))
+        return st;
+    int d_prompt, d_layer, d_topk, d_pos;
+    if ((st = ncout_check(nc_def_dim(f->ncid, "prompt", NC_UNLIMITED, &d_prompt), f->tmp_path, "prompt")) ||
+        (st = ncout_check(nc_def_dim(f->ncid, "layer", w->n_rows, &d_layer), f->tmp_path, "layer")) ||
+        (st = ncout_check(nc_def_dim(f->ncid, "topk", k, &d_topk), f->tmp_path, "topk")) ||
+        (st = ncout_check(nc_def_dim(f->ncid, "position", max_T, &d_pos), f->tmp_path, "position")))
+        return st;
+    const int pl[2] = {d_prompt, d_layer}, plk[3] = {d_prompt, d_layer, d_topk}, pp[2] = {d_prompt, d_pos};
+    int v_label, v_hook;
+    if ((st = def_var(f, "layer_label", NC_STRING, 1, &d_layer, false,
+                      "embed = the embedding output, l = the output of block l", &v_label)) ||
+        (st = def_var(f, "hook", NC_STRING, 1, &d_layer, false, "hook point each layer decodes", &v_hook)) ||
+        (st = def_var(f, "prob", NC_DOUBLE, 2, pl, true, "probability of the answer after ln_f and unembedding",
+                      &w->v_prob)) ||
+        (st = def_var(f, "logprob", NC_DOUBLE, 2, pl, true, "log probability of the answer", &w->v_logprob)) ||
+        (st = def_var(f, "rank", NC_INT, 2, pl, true, "tokens with a logit strictly greater than the answer's",
+                      &w->v_rank)) ||
+        (st = def_var(f, "reciprocal_rank", NC_DOUBLE, 2, pl, true, "1 / (rank + 1)", &w->v_rr)) ||
+        (st = def_var(f, "topk_id", NC_INT, 3, plk, true, "most likely tokens, best first", &w->v_topk_id)) ||
+        (st = def_var(f, "topk_prob", NC_DOUBLE, 3, plk, true, "probabilities of the most likely tokens",
+                      &w->v_topk_prob)) ||
+        (st = def_var(f, "topk_token", NC_STRING, 3, plk, true, "text of the most likely tokens", &w->v_topk_token)) ||
+        (st = def_var(f, "answer_id", NC_INT, 1, &d_prompt, true, "token id of the answer", &w->v_answer_id)) ||
+        (st = def_var(f, "answer", NC_STRING, 1, &d_prompt, true, "the answer", &w->v_answer)) ||
+        (st = def_var(f, "length", NC_INT, 1, &d_prompt, true, "tokens in the prompt", &w->v_length)) ||
+        (st = def_var(f, "token_id", NC_INT, 2, pp, true, "token ids of the prompt", &w->v_token_id)) ||
+        (st = def_var(f, "token", NC_STRING, 2, pp, true, "tokens of the prompt", &w->v_token)) ||
+        (st = def_var(f, "done", NC_BYTE, 1, &d_prompt, true, "1 when every value of the prompt is written",
+                      &w->v_done)))
+        return st;
+    int fill_int = -1;
+    if ((st = ncout_check(nc_def_var_fill(f->ncid, w->v_token_id, 0, &fill_int), f->tmp_path, "token_id")) ||
+        (st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
+        return st;
+    for (size_t r = 0; r < w->n_rows && st == PS_OK; r++) {
+        char label[LENS_MAX_LABEL], hook[HOOK_MAX_NAME];
+        lens_row_label(r, label);
+        hook_name(lens_row_hook(r), hook);
+        const char *lp = label, *hp = hook;
+        size_t one = 1;
+        st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, "layer_label");
+        if (st == PS_OK)
+            st = ncout_check(nc_put_vara_string(f->ncid, v_hook, &r, &one, &hp), f->tmp_path, "hook");
+    }
+    return st;
+}
+
+/* Display strings of n token ids (invalid UTF-8 shown as U+FFFD), malloc'd
+ * one by one into out[n]; on failure everything is freed. */
+static ps_status token_strings(const tokenizer *tok, const int32_t *ids, size_t n, char **out, const char *path)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t len;
+        const char *b = tokenizer_token_bytes(tok, ids[i], &len);
+        out[i] = str_utf8_sanitize(b ? b : "", b ? len : 0);
+        if (!out[i]) {
+            for (size_t j = 0; j < i; j++)
+                free(out[j]);
+            return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+        }
+    }
+    return PS_OK;
+}
+
+static void free_strings(char **s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(s[i]);
+}
+
+ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const lens_view *v, const tokenizer *tok,
+                         const int32_t *tokens, size_t T, const char *answer)
+{
+    ncout_file *f = w->f;
+    const int ncid = f->ncid;
+    const size_t R = w->n_rows, k = w->k;
+    if (v->n_rows != R || v->k != k)
+        return err_set(PS_ERR_INVALID, "%s: a lens of %zu layers x top %zu written to a file of %zu x %zu", f->path,
+                       v->n_rows, v->k, R, k);
+    if (v->answer == LENS_NO_TOKEN)
+        return err_set(PS_ERR_INVALID, "%s: prompt %zu was decoded without an answer", f->path, prompt);
+    if (T > w->max_T)
+        return err_set(PS_ERR_RANGE, "%s: prompt %zu has %zu tokens, more than the file's %zu positions", f->path,
+                       prompt, T, w->max_T);
+    ps_status st = PS_OK;
+    double *prob = malloc(3 * R * sizeof *prob);
+    int *rank = malloc(R * sizeof *rank);
+    char **strs = malloc((R * k > T ? R * k : T) * sizeof *strs);
+    if (!prob || !rank || !strs) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
+        goto out;
+    }
+    double *logprob = prob + R, *rr = prob + 2 * R;
+    for (size_t r = 0; r < R; r++) {
+        prob[r] = v->ans[r].prob;
+        logprob[r] = v->ans[r].logprob;
+        rr[r] = v->ans[r].reciprocal_rank;
+        rank[r] = (int)v->ans[r].rank;
+    }
+    size_t s2[2] = {prompt, 0}, c2[2] = {1, R}, s3[3] = {prompt, 0, 0}, c3[3] = {1, R, k}, one = 1;
+    int len = (int)T;
+    if ((st = ncout_check(nc_put_vara_double(ncid, w->v_prob, s2, c2, prob), f->tmp_path, "prob")) ||
+        (st = ncout_check(nc_put_vara_double(ncid, w->v_logprob, s2, c2, logprob), f->tmp_path, "logprob")) ||
+        (st = ncout_check(nc_put_vara_double(ncid, w->v_rr, s2, c2, rr), f->tmp_path, "reciprocal_rank")) ||
+        (st = ncout_check(nc_put_vara_int(ncid, w->v_rank, s2, c2, rank), f->tmp_path, "rank")) ||
+        (st = ncout_check(nc_put_vara_int(ncid, w->v_topk_id, s3, c3, v->top_id), f->tmp_path, "topk_id")) ||
+        (st = ncout_check(nc_put_vara_double(ncid, w->v_topk_prob, s3, c3, v->top_prob), f->tmp_path,
+                          "topk_prob")) ||
+        (st = ncout_check(nc_put_var1_int(ncid, w->v_answer_id, &prompt, &v->answer), f->tmp_path, "answer_id")) ||
+        (st = ncout_check(nc_put_var1_int(ncid, w->v_length, &prompt, &len), f->tmp_path, "length")))
+        goto out;
+    char *ans = str_utf8_sanitize(answer, strlen(answer));
+    if (!ans) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
+        goto out;
+    }
+    const char *ap = ans;
+    st = ncout_check(nc_put_vara_string(ncid, w->v_answer, &prompt, &one, &ap), f->tmp_path, "answer");
+    free(ans);
+    if (st || (st = token_strings(tok, v->top_id, R * k, strs, f->path)))
+        goto out;
+    st = ncout_check(nc_put_vara_string(ncid, w->v_topk_token, s3, c3, (const char **)strs), f->tmp_path,
+                     "topk_token");
+    free_strings(strs, R * k);
+    if (st)
+        goto out;
+    c2[1] = T;
+    if ((st = ncout_check(nc_put_vara_int(ncid, w->v_token_id, s2, c2, tokens), f->tmp_path, "token_id")) ||
+        (st = token_strings(tok, tokens, T, strs, f->path)))
+        goto out;
+    st = ncout_check(nc_put_vara_string(ncid, w->v_token, s2, c2, (const char **)strs), f->tmp_path, "token");
+    free_strings(strs, T);
+    if (st == PS_OK) {
+        signed char done = 1;
+        st = ncout_check(nc_put_var1_schar(ncid, w->v_done, &prompt, &done), f->tmp_path, "done");
+    }
+out:
+    free(prob);
+    free(rank);
+    free(strs);
+    return st;
+}
+
+ps_status ncout_lens_write_dataset(const char *output, model *m, const tokenizer *tok, const char *path,
+                                   size_t first, size_t count, bool bos, size_t top_k, size_t *n_written)
+{
+    dataset d = {0};
+    dataset_tokens *tk = NULL;
+    forward_cache c = {0};
+    lens_view v = {0};
+    ncout_file f = {.ncid = -1};
+    ncout_lens w;
+    size_t max_T = 0, n_tok = 0, n = 0;
+    ps_status st;
+    *n_written = 0;
+    if ((st = ncout_create(&f, output)) || (st = dataset_read_jsonl(&d, path)))
+        goto out;
+    if (first >= d.n) {
+        st = err_set(PS_ERR_INVALID, "%s: no items from index %zu on", path, first);
+        goto out;
+    }
+    n = count && first + count < d.n ? count : d.n - first;
+    /* Tokenize (and validate) everything first: a bad item fails the run
+     * before any compute, and the longest prompt sizes the file and cache. */
+    if (!(tk = calloc(n, sizeof *tk))) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory for %zu items", path, n);
+        goto out;
+    }
+    for (; n_tok < n; n_tok++) {
+        if ((st = dataset_tokenize(&d, first + n_tok, tok, bos, m->cfg.n_positions, &tk[n_tok])))
+            goto out;
+        max_T = tk[n_tok].n_tokens > max_T ? tk[n_tok].n_tokens : max_T;
+    }
+    if ((st = forward_cache_init(&c, &m->cfg, max_T, FORWARD_LOGITS_NONE)) ||
+        (st = lens_view_init(&v, &m->cfg, lens_n_rows(&m->cfg), top_k)) ||
+        (st = ncout_lens_define(&w, &f, m, max_T, top_k, bos, path)))
+        goto out;
+    for (size_t i = 0; i < n; i++) {
+        const size_t T = tk[i].n_tokens;
+        if ((st = forward_run(m, &c, tk[i].clean_ids, T, NULL)) ||
+            (st = lens_run(&v, m, &c, T - 1, tk[i].answer_id)) ||
+            (st = ncout_lens_put(&w, i, &v, tok, tk[i].clean_ids, T, d.items[first + i].answer)))
+            goto out;
+    }
+    st = ncout_commit(&f);
+    if (st == PS_OK)
+        *n_written = n;
+out:
+    if (st)
+        ncout_abort(&f);
+    for (size_t i = 0; i < n_tok; i++)
+        dataset_tokens_free(&tk[i]);
+    free(tk);
+    lens_view_free(&v);
+    forward_cache_free(&c);
+    dataset_free(&d);
+    return st;
+}

@@ -1,0 +1,736 @@
+#include "plot.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "strutil.h"
+
+const plot_rgb plot_rdbu_stops[PLOT_RDBU_STOPS] = {
+    {103, 0, 31},   {178, 24, 43},  {214, 96, 77},  {244, 165, 130}, {253, 219, 199}, {247, 247, 247},
+    {209, 229, 240}, {146, 197, 222}, {67, 147, 195}, {33, 102, 172},  {5, 48, 97},
+};
+
+const plot_rgb plot_nan_rgb = {217, 217, 217};
+
+/* plotly's default qualitative palette, so lines look like the seed's figures. */
+static const char *const line_colors[] = {"#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a",
+                                          "#19d3f3", "#ff6692", "#b6e880", "#ff97ff", "#fecb52"};
+#define N_LINE_COLORS (sizeof line_colors / sizeof line_colors[0])
+
+#define FONT_FAMILY "Helvetica, Arial, sans-serif"
+#define MARGIN 20.0
+#define TICK_FS 11.0
+#define AXIS_FS 13.0
+#define COS45 0.70710678
+/* Legends list at most this many lines; the rest are counted. */
+#define MAX_LEGEND 12
+
+plot_rgb plot_rdbu(double v, double zmax)
+{
+    if (isnan(v))
+        return plot_nan_rgb;
+    double t = (v + zmax) / (2.0 * zmax);
+    t = t < 0.0 ? 0.0 : t > 1.0 ? 1.0 : t;
+    double s = t * (PLOT_RDBU_STOPS - 1);
+    size_t i = (size_t)s;
+    if (i > PLOT_RDBU_STOPS - 2)
+        i = PLOT_RDBU_STOPS - 2;
+    double f = s - (double)i;
+    const plot_rgb a = plot_rdbu_stops[i], b = plot_rdbu_stops[i + 1];
+    return (plot_rgb){(uint8_t)lround(a.r + f * (b.r - a.r)), (uint8_t)lround(a.g + f * (b.g - a.g)),
+                      (uint8_t)lround(a.b + f * (b.b - a.b))};
+}
+
+void plot_rgb_hex(plot_rgb c, char buf[8])
+{
+    snprintf(buf, 8, "#%02x%02x%02x", c.r, c.g, c.b);
+}
+
+void plot_xml_escape(FILE *out, const char *s)
+{
+    static const char replacement[] = "\xef\xbf\xbd"; /* U+FFFD */
+    const unsigned char *p = (const unsigned char *)s;
+    size_t n = strlen(s);
+    for (size_t i = 0; i < n;) {
+        unsigned char c = p[i];
+        switch (c) {
+        case '&': fputs("&amp;", out); i++; continue;
+        case '<': fputs("&lt;", out); i++; continue;
+        case '>': fputs("&gt;", out); i++; continue;
+        case '"': fputs("&quot;", out); i++; continue;
+        case '\'': fputs("&apos;", out); i++; continue;
+        /* As references, so attribute values keep them (parsers turn a
+         * literal newline in an attribute into a space). */
+        case '\t': fputs("&#9;", out); i++; continue;
+        case '\n': fputs("&#10;", out); i++; continue;
+        case '\r': fputs("&#13;", out); i++; continue;
+        default: break;
+        }
+        if (c < 0x20) {
+            fputs(replacement, out);
+            i++;
+            continue;
+        }
+        if (c < 0x80) {
+            fputc(c, out);
+            i++;
+            continue;
+        }
+        size_t len = str_utf8_seq_len(p + i, n - i);
+        if (len == 0) {
+            fputs(replacement, out);
+            i++;
+        } else if (len == 3 && p[i] == 0xef && p[i + 1] == 0xbf && (p[i + 2] == 0xbe || p[i + 2] == 0xbf)) {
+            fputs(replacement, out); /* U+FFFE, U+FFFF: not XML characters */
+            i += 3;
+        } else {
+            fwrite(p + i, 1, len, out);
+            i += len;
+        }
+    }
+}
+
+char *plot_token_label(const char *token, size_t index)
+{
+    size_t n = strlen(token);
+    /* Worst case every byte becomes \xNN, plus "_" and the index. */
+    size_t cap = 4 * n + 2 + 3 * sizeof(size_t);
+    char *out = malloc(cap);
+    if (!out)
+        return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)token[i];
+        if (c == '\n')
+            k += (size_t)snprintf(out + k, cap - k, "\\n");
+        else if (c == '\t')
+            k += (size_t)snprintf(out + k, cap - k, "\\t");
+        else if (c == '\r')
+            k += (size_t)snprintf(out + k, cap - k, "\\r");
+        else if (c < 0x20 || c == 0x7f)
+            k += (size_t)snprintf(out + k, cap - k, "\\x%02x", c);
+        else
+            out[k++] = (char)c;
+    }
+    snprintf(out + k, cap - k, "_%zu", index);
+    return out;
+}
+
+/* ---- text and numbers ----------------------------------------------------- */
+
+/* Width estimate: code points x 0.6 em, wide enough for Helvetica/Arial
+ * digits and most letters (no font metrics without a font library). */
+static double text_width(const char *s, double fs)
+{
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)s; p && *p; p++)
+        n += (*p & 0xc0) != 0x80;
+    return (double)n * 0.6 * fs;
+}
+
+static void put_text(FILE *out, double x, double y, const char *attrs, const char *s)
+{
+    fprintf(out, "<text x=\"%.1f\" y=\"%.1f\"%s%s>", x, y, attrs ? " " : "", attrs ? attrs : "");
+    plot_xml_escape(out, s);
+    fputs("</text>\n", out);
+}
+
+/* 1, 2 or 5 times a power of ten, about range / target. */
+static double nice_step(double range, double target)
+{
+    double raw = range / target;
+    double mag = pow(10.0, floor(log10(raw)));
+    double norm = raw / mag;
+    return (norm < 1.5 ? 1.0 : norm < 3.0 ? 2.0 : norm < 7.0 ? 5.0 : 10.0) * mag;
+}
+
+/* A tick value with as many decimals as its step needs ("-0" shown as "0"). */
+static void format_tick(double v, double step, char *buf, size_t size)
+{
+    int dec = (int)ceil(-log10(step) - 1e-9);
+    if (dec < 0)
+        dec = 0;
+    if (fabs(v) < step * 1e-6) {
+        snprintf(buf, size, "0");
+        return;
+    }
+    if (step < 1e-3 || step >= 1e6) {
+        snprintf(buf, size, "%.1e", v); /* one style for every tick of an axis */
+        return;
+    }
+    snprintf(buf, size, "%.*f", dec, v);
+    /* "1.0" -> "1", "0.50" -> "0.5", as plotly labels its axes */
+    if (strchr(buf, '.')) {
+        size_t n = strlen(buf);
+        while (n > 0 && buf[n - 1] == '0')
+            buf[--n] = '\0';
+        if (n > 0 && buf[n - 1] == '.')
+            buf[--n] = '\0';
+    }
+}
+
+static void format_value(double v, char *buf, size_t size)
+{
+    if (isnan(v))
+        snprintf(buf, size, "NaN (no value)");
+    else
+        snprintf(buf, size, "%.9g", v);
+}
+
+/* x title under the tick labels, y title rotated along the left edge. */
+static void put_axis_titles(FILE *out, double x0, double y0, double pw, double ph, double xlab_h, const char *x_name,
+                            const char *y_name)
+{
+    char attrs[160];
+    snprintf(attrs, sizeof attrs, "font-size=\"%.0f\" fill=\"#222\" text-anchor=\"middle\"", AXIS_FS);
+    put_text(out, x0 + pw / 2, y0 + ph + xlab_h + AXIS_FS, attrs, x_name ? x_name : "");
+    double cx = AXIS_FS, cy = y0 + ph / 2;
+    snprintf(attrs, sizeof attrs,
+             "font-size=\"%.0f\" fill=\"#222\" text-anchor=\"middle\" transform=\"rotate(-90 %.1f %.1f)\"", AXIS_FS,
+             cx, cy);
+    put_text(out, cx, cy, attrs, y_name ? y_name : "");
+}
+
+/* ---- figure frame ---------------------------------------------------------- */
+
+static double header_height(const char *title, const char *subtitle, double title_fs, double sub_fs)
+{
+    return (title ? title_fs + 8 : 0) + (subtitle ? sub_fs + 6 : 0);
+}
+
+static double header_width(const char *title, const char *subtitle, double title_fs, double sub_fs)
+{
+    double a = title ? text_width(title, title_fs) : 0, b = subtitle ? text_width(subtitle, sub_fs) : 0;
+    return a > b ? a : b;
+}
+
+/* Title and subtitle at (x, y) top-left; returns the height used. */
+static double put_header(FILE *out, double x, double y, const char *title, const char *subtitle, double title_fs,
+                         double sub_fs)
+{
+    double h = 0;
+    char attrs[96];
+    if (title) {
+        snprintf(attrs, sizeof attrs, "font-size=\"%.0f\" font-weight=\"bold\" fill=\"#222\"", title_fs);
+        put_text(out, x, y + title_fs, attrs, title);
+        h += title_fs + 8;
+    }
+    if (subtitle) {
+        snprintf(attrs, sizeof attrs, "font-size=\"%.0f\" fill=\"#555\"", sub_fs);
+        put_text(out, x, y + h + sub_fs, attrs, subtitle);
+        h += sub_fs + 6;
+    }
+    return h;
+}
+
+static void put_prologue(FILE *out, const plot_figure *fig, double width, double height)
+{
+    fprintf(out,
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" version=\"1.1\" width=\"%.0f\" height=\"%.0f\" "
+            "viewBox=\"0 0 %.0f %.0f\" font-family=\"%s\">\n",
+            width, height, width, height, FONT_FAMILY);
+    if (fig->title) {
+        fputs("<title>", out);
+        plot_xml_escape(out, fig->title);
+        fputs("</title>\n", out);
+    }
+    fputs("<metadata>\n<provenance xmlns=\"urn:patchsweep:provenance\">\n", out);
+    for (size_t i = 0; i < fig->n_meta; i++) {
+        fputs("<entry key=\"", out);
+        plot_xml_escape(out, fig->meta[i][0]);
+        fputs("\">", out);
+        plot_xml_escape(out, fig->meta[i][1] ? fig->meta[i][1] : "");
+        fputs("</entry>\n", out);
+    }
+    fputs("</provenance>\n</metadata>\n", out);
+    /* A white page: a browser or a PNG export must not show the cells on
+     * a transparent or dark background. */
+    fputs("<rect x=\"0\" y=\"0\" width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n", out);
+}
+
+static ps_status finish(FILE *out, const char *out_name)
+{
+    fputs("</svg>\n", out);
+    errno = 0;
+    /* stdio keeps the first failure in the error flag; fflush reports a
+     * failure of the last buffer (ENOSPC) with its errno */
+    if (fflush(out) != 0 || ferror(out))
+        return err_set(PS_ERR_IO, "%s: write failed%s%s", out_name, errno ? ": " : "", errno ? strerror(errno) : "");
+    return PS_OK;
+}
+
+/* ---- heatmaps --------------------------------------------------------------- */
+
+typedef struct {
+    double head_h;          /* panel title + subtitle */
+    double plot_x, plot_y;  /* plot area, relative to the panel */
+    int cw, ch;             /* cell size */
+    bool rotate;            /* x tick labels at -45 degrees */
+    double xlab_h;          /* room for the x tick labels */
+    double cb_x, cb_h;      /* colour bar */
+    bool has_nan;
+    double width, height;
+} hm_layout;
+
+#define CB_W 16.0
+
+static int clampi(double v, int lo, int hi)
+{
+    int i = (int)floor(v);
+    return i < lo ? lo : i > hi ? hi : i;
+}
+
+static hm_layout heatmap_layout(const plot_heatmap *p)
+{
+    hm_layout l = {0};
+    l.head_h = header_height(p->title, p->subtitle, 14, 12);
+    l.cw = clampi(720.0 / (double)p->n_cols, 14, 48);
+    l.ch = clampi(360.0 / (double)p->n_rows, 14, 40);
+    double row_w = 0, col_w = 0, need_left = 0;
+    for (size_t i = 0; i < p->n_rows; i++) {
+        double w = text_width(p->row_labels[i], TICK_FS);
+        row_w = w > row_w ? w : row_w;
+    }
+    for (size_t j = 0; j < p->n_cols; j++) {
+        double w = text_width(p->col_labels[j], TICK_FS);
+        col_w = w > col_w ? w : col_w;
+    }
+    l.rotate = col_w > l.cw - 4;
+    double left = AXIS_FS + 8 + row_w + 8;
+    if (l.rotate) {
+        /* Rotated labels hang down and to the left of their column. */
+        for (size_t j = 0; j < p->n_cols; j++) {
+            double reach = text_width(p->col_labels[j], TICK_FS) * COS45 - ((double)j + 0.5) * l.cw + 8;
+            need_left = reach > need_left ? reach : need_left;
+        }
+        l.xlab_h = col_w * COS45 + TICK_FS + 10;
+    } else {
+        l.xlab_h = TICK_FS + 10;
+    }
+    l.plot_x = left > need_left ? left : need_left;
+    l.plot_y = l.head_h + 8;
+    double plot_w = (double)p->n_cols * l.cw, plot_h = (double)p->n_rows * l.ch;
+    for (size_t i = 0; i < p->n_rows * p->n_cols && !l.has_nan; i++)
+        l.has_nan = isnan(p->values[i]);
+    l.cb_x = l.plot_x + plot_w + 24;
+    l.cb_h = plot_h > 140 ? plot_h : 140;
+    double cb_right = l.cb_x + CB_W + 6 + 6 * 0.6 * TICK_FS;
+    if (l.has_nan) {
+        double nan_right = l.cb_x + 16 + text_width("no value", TICK_FS);
+        cb_right = nan_right > cb_right ? nan_right : cb_right;
+    }
+    double head_w = header_width(p->title, p->subtitle, 14, 12);
+    l.width = cb_right > head_w ? cb_right : head_w;
+    double bottom_plot = l.plot_y + plot_h + l.xlab_h + AXIS_FS + 8;
+    double bottom_cb = l.plot_y + l.cb_h + (l.has_nan ? 30 : 0) + 8;
+    l.height = bottom_plot > bottom_cb ? bottom_plot : bottom_cb;
+    return l;
+}
+
+double plot_heatmap_zmax(const plot_heatmap *panels, size_t n)
+{
+    double z = 0;
+    for (size_t k = 0; k < n; k++)
+        for (size_t i = 0; i < panels[k].n_rows * panels[k].n_cols; i++) {
+            double a = fabs((double)panels[k].values[i]);
+            if (isfinite(a) && a > z)
+                z = a;
+        }
+    return z > 0 ? z : 1.0;
+}
+
+static void put_cell_title(FILE *out, const plot_heatmap *p, size_t i, size_t j)
+{
+    size_t idx = i * p->n_cols + j;
+    char v[64];
+    format_value(p->values[idx], v, sizeof v);
+    fputs("<title>", out);
+    plot_xml_escape(out, p->hover_name ? p->hover_name : "");
+    fputs(" [", out);
+    plot_xml_escape(out, p->y_name ? p->y_name : "row");
+    fputc(' ', out);
+    plot_xml_escape(out, p->row_labels[i]);
+    fputs(", ", out);
+    plot_xml_escape(out, p->x_name ? p->x_name : "column");
+    fputc(' ', out);
+    plot_xml_escape(out, p->col_labels[j]);
+    fprintf(out, "] = %s", v);
+    if (p->n_used && p->lo && p->hi && p->n_used[idx] > 0)
+        fprintf(out, " (mean of %zu, min %.9g, max %.9g)", p->n_used[idx], (double)p->lo[idx], (double)p->hi[idx]);
+    fputs("</title>", out);
+}
+
+static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, double ox, double oy, double zmax)
+{
+    fprintf(out, "<g class=\"panel heatmap\" transform=\"translate(%.1f,%.1f)\">\n", ox, oy);
+    put_header(out, 0, 0, p->title, p->subtitle, 14, 12);
+    const double x0 = l->plot_x, y0 = l->plot_y;
+    const double pw = (double)p->n_cols * l->cw, ph = (double)p->n_rows * l->ch;
+    fputs("<g class=\"cells\" shape-rendering=\"crispEdges\">\n", out);
+    for (size_t i = 0; i < p->n_rows; i++)
+        for (size_t j = 0; j < p->n_cols; j++) {
+            float v = p->values[i * p->n_cols + j];
+            char fill[16];
+            if (isnan(v))
+                snprintf(fill, sizeof fill, "url(#ps-nan)");
+            else
+                plot_rgb_hex(plot_rdbu(v, zmax), fill);
+            fprintf(out, "<rect class=\"%s\" x=\"%.0f\" y=\"%.0f\" width=\"%d\" height=\"%d\" fill=\"%s\">",
+                    isnan(v) ? "cell nan" : "cell", x0 + (double)j * l->cw, y0 + (double)i * l->ch, l->cw, l->ch,
+                    fill);
+            put_cell_title(out, p, i, j);
+            fputs("</rect>\n", out);
+        }
+    fputs("</g>\n", out);
+    fprintf(out, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\" "
+                 "stroke-width=\"1\"/>\n",
+            x0, y0, pw, ph);
+    /* y tick labels (rows), right-aligned against the plot area */
+    fprintf(out, "<g class=\"yticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"end\">\n", TICK_FS);
+    for (size_t i = 0; i < p->n_rows; i++)
+        put_text(out, x0 - 6, y0 + ((double)i + 0.5) * l->ch, "dy=\"0.35em\"", p->row_labels[i]);
+    fputs("</g>\n", out);
+    /* x tick labels (columns) */
+    fprintf(out, "<g class=\"xticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"%s\">\n", TICK_FS,
+            l->rotate ? "end" : "middle");
+    for (size_t j = 0; j < p->n_cols; j++) {
+        double cx = x0 + ((double)j + 0.5) * l->cw, ty = y0 + ph + 6;
+        if (l->rotate) {
+            char attrs[96];
+            snprintf(attrs, sizeof attrs, "dy=\"0.7em\" transform=\"rotate(-45 %.1f %.1f)\"", cx, ty);
+            put_text(out, cx, ty, attrs, p->col_labels[j]);
+        } else {
+            put_text(out, cx, ty, "dy=\"0.8em\"", p->col_labels[j]);
+        }
+    }
+    fputs("</g>\n", out);
+    put_axis_titles(out, x0, y0, pw, ph, l->xlab_h, p->x_name, p->y_name);
+    /* colour bar: high (blue) at the top, as plotly draws it */
+    const double cbx = l->cb_x, cby = y0, cbh = l->cb_h;
+    fprintf(out, "<g class=\"colorbar\">\n<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" "
+                 "fill=\"url(#ps-rdbu)\" stroke=\"#444\" stroke-width=\"0.5\">",
+            cbx, cby, CB_W, cbh);
+    fprintf(out, "<title>RdBu colour scale from %.9g (red) through 0 (white) to %.9g (blue)</title></rect>\n", -zmax,
+            zmax);
+    double step = nice_step(2 * zmax, 4);
+    fprintf(out, "<g font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);
+    for (long k = (long)ceil(-zmax / step - 1e-9); (double)k * step <= zmax * (1 + 1e-9); k++) {
+        double v = (double)k * step, ty = cby + cbh * (1.0 - (v + zmax) / (2 * zmax));
+        char lab[32];
+        format_tick(v, step, lab, sizeof lab);
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", cbx + CB_W, ty,
+                cbx + CB_W + 4, ty);
+        put_text(out, cbx + CB_W + 6, ty, "class=\"cbtick\" dy=\"0.35em\"", lab);
+    }
+    fputs("</g>\n", out);
+    if (l->has_nan) {
+        double sy = cby + cbh + 12;
+        fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" fill=\"url(#ps-nan)\" "
+                     "stroke=\"#444\" stroke-width=\"0.5\"/>\n",
+                cbx, sy);
+        char a2[64];
+        snprintf(a2, sizeof a2, "font-size=\"%.0f\" fill=\"#222\" dy=\"0.35em\"", TICK_FS);
+        put_text(out, cbx + 16, sy + 6, a2, "no value");
+    }
+    fputs("</g>\n</g>\n", out);
+}
+
+static void put_heatmap_defs(FILE *out)
+{
+    fputs("<defs>\n<linearGradient id=\"ps-rdbu\" x1=\"0\" y1=\"1\" x2=\"0\" y2=\"0\">\n", out);
+    for (size_t i = 0; i < PLOT_RDBU_STOPS; i++) {
+        char hex[8];
+        plot_rgb_hex(plot_rdbu_stops[i], hex);
+        fprintf(out, "<stop offset=\"%g\" stop-color=\"%s\"/>\n", (double)i / (PLOT_RDBU_STOPS - 1), hex);
+    }
+    char bg[8];
+    plot_rgb_hex(plot_nan_rgb, bg);
+    fprintf(out,
+            "</linearGradient>\n"
+            "<pattern id=\"ps-nan\" patternUnits=\"userSpaceOnUse\" width=\"6\" height=\"6\">"
+            "<rect width=\"6\" height=\"6\" fill=\"%s\"/>"
+            "<path d=\"M-1,1 l2,-2 M0,6 l6,-6 M5,7 l2,-2\" stroke=\"#737373\" stroke-width=\"1\"/></pattern>\n"
+            "</defs>\n",
+            bg);
+}
+
+ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
+                              size_t n, double zmax)
+{
+    if (!(zmax > 0) || !isfinite(zmax))
+        return err_set(PS_ERR_INVALID, "%s: the colour range must be a positive number, not %g", out_name, zmax);
+    for (size_t k = 0; k < n; k++)
+        if (panels[k].n_rows == 0 || panels[k].n_cols == 0)
+            return err_set(PS_ERR_INVALID, "%s: panel %zu has no cells", out_name, k);
+    hm_layout *ls = malloc((n ? n : 1) * sizeof *ls);
+    if (!ls)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
+    double head_h = header_height(fig->title, fig->subtitle, 18, 13);
+    double width = header_width(fig->title, fig->subtitle, 18, 13), height = MARGIN + head_h + 10;
+    for (size_t k = 0; k < n; k++) {
+        ls[k] = heatmap_layout(&panels[k]);
+        width = ls[k].width > width ? ls[k].width : width;
+        height += ls[k].height + 16;
+    }
+    width += 2 * MARGIN;
+    height += MARGIN;
+    put_prologue(out, fig, width, height);
+    put_heatmap_defs(out);
+    double y = MARGIN + put_header(out, MARGIN, MARGIN, fig->title, fig->subtitle, 18, 13) + 10;
+    for (size_t k = 0; k < n; k++) {
+        put_heatmap(out, &panels[k], &ls[k], MARGIN, y, zmax);
+        y += ls[k].height + 16;
+    }
+    free(ls);
+    return finish(out, out_name);
+}
+
+/* ---- line plots --------------------------------------------------------------- */
+
+typedef struct {
+    double head_h, plot_x, plot_y, plot_w, plot_h;
+    double y_lo, y_hi, y_step;
+    bool rotate;
+    double xlab_h, legend_x, width, height;
+} ln_layout;
+
+#define LN_PLOT_H 260.0
+
+static void series_range(const plot_lines *p, double *lo, double *hi)
+{
+    *lo = INFINITY;
+    *hi = -INFINITY;
+    for (size_t s = 0; s < p->n_series; s++)
+        for (size_t i = 0; i < p->n_x; i++) {
+            const double *arrs[3] = {p->series[s].y, p->series[s].band_lo, p->series[s].band_hi};
+            for (size_t a = 0; a < 3; a++)
+                if (arrs[a] && isfinite(arrs[a][i])) {
+                    *lo = arrs[a][i] < *lo ? arrs[a][i] : *lo;
+                    *hi = arrs[a][i] > *hi ? arrs[a][i] : *hi;
+                }
+        }
+}
+
+static ln_layout lines_layout(const plot_lines *p)
+{
+    ln_layout l = {0};
+    double lo, hi;
+    series_range(p, &lo, &hi);
+    if (!(lo <= hi)) {
+        lo = 0;
+        hi = 1;
+    }
+    lo = lo < 0 ? lo : 0;
+    if (hi <= lo)
+        hi = lo + 1;
+    l.y_step = nice_step(hi - lo, 5);
+    l.y_hi = ceil(hi / l.y_step - 1e-9) * l.y_step;
+    l.y_lo = floor(lo / l.y_step + 1e-9) * l.y_step;
+    if (p->y_cap > 0 && hi <= p->y_cap && l.y_hi > p->y_cap)
+        l.y_hi = p->y_cap;
+    l.head_h = header_height(p->title, p->subtitle, 14, 12);
+    double ytick_w = 0;
+    for (long k = 0;; k++) {
+        double v = l.y_lo + (double)k * l.y_step;
+        if (v > l.y_hi * (1 + 1e-9) + 1e-300)
+            break;
+        char lab[32];
+        format_tick(v, l.y_step, lab, sizeof lab);
+        double w = text_width(lab, TICK_FS);
+        ytick_w = w > ytick_w ? w : ytick_w;
+    }
+    l.plot_x = AXIS_FS + 8 + ytick_w + 8;
+    l.plot_y = l.head_h + 8;
+    double slot = p->n_x * 44.0;
+    l.plot_w = slot < 360 ? 360 : slot > 900 ? 900 : slot;
+    l.plot_h = LN_PLOT_H;
+    double col_w = 0, spacing = l.plot_w / (double)(p->n_x > 1 ? p->n_x - 1 : 1);
+    for (size_t i = 0; i < p->n_x; i++) {
+        double w = text_width(p->x_labels[i], TICK_FS);
+        col_w = w > col_w ? w : col_w;
+    }
+    l.rotate = col_w > spacing - 4;
+    if (l.rotate) {
+        l.xlab_h = col_w * COS45 + TICK_FS + 10;
+        double reach = text_width(p->x_labels[0], TICK_FS) * COS45 + 8;
+        l.plot_x = reach > l.plot_x ? reach : l.plot_x;
+    } else {
+        l.xlab_h = TICK_FS + 10;
+    }
+    l.legend_x = l.plot_x + l.plot_w + 24;
+    double leg_w = 0;
+    size_t shown = p->n_series < MAX_LEGEND ? p->n_series : MAX_LEGEND;
+    for (size_t s = 0; s < shown; s++) {
+        double w = text_width(p->series[s].label ? p->series[s].label : "", TICK_FS);
+        leg_w = w > leg_w ? w : leg_w;
+    }
+    double more = text_width("... and 100000 more", TICK_FS);
+    if (p->n_series > MAX_LEGEND && more > leg_w)
+        leg_w = more;
+    double right = l.legend_x + 30 + leg_w, head_w = header_width(p->title, p->subtitle, 14, 12);
+    l.width = right > head_w ? right : head_w;
+    double legend_h = l.plot_y + 18.0 * (double)(shown + (p->n_series > shown)) + 8;
+    double plot_bottom = l.plot_y + l.plot_h + l.xlab_h + AXIS_FS + 8;
+    l.height = plot_bottom > legend_h ? plot_bottom : legend_h;
+    return l;
+}
+
+static double ln_x(const ln_layout *l, const plot_lines *p, size_t i)
+{
+    return l->plot_x + (p->n_x > 1 ? (double)i * l->plot_w / (double)(p->n_x - 1) : l->plot_w / 2);
+}
+
+static double ln_y(const ln_layout *l, double v)
+{
+    return l->plot_y + l->plot_h * (1.0 - (v - l->y_lo) / (l->y_hi - l->y_lo));
+}
+
+/* The band of a series as closed polygons, one per run of finite bounds. */
+static void put_band(FILE *out, const ln_layout *l, const plot_lines *p, const plot_series *s, const char *color)
+{
+    size_t i = 0;
+    while (i < p->n_x) {
+        while (i < p->n_x && !(isfinite(s->band_lo[i]) && isfinite(s->band_hi[i])))
+            i++;
+        size_t a = i;
+        while (i < p->n_x && isfinite(s->band_lo[i]) && isfinite(s->band_hi[i]))
+            i++;
+        if (i == a)
+            continue;
+        fprintf(out, "<path class=\"band\" fill=\"%s\" fill-opacity=\"0.2\" stroke=\"none\" d=\"", color);
+        for (size_t k = a; k < i; k++)
+            fprintf(out, "%s%.2f,%.2f ", k == a ? "M" : "L", ln_x(l, p, k), ln_y(l, s->band_hi[k]));
+        for (size_t k = i; k-- > a;)
+            fprintf(out, "L%.2f,%.2f ", ln_x(l, p, k), ln_y(l, s->band_lo[k]));
+        fputs("Z\"/>\n", out);
+    }
+}
+
+static void put_series(FILE *out, const ln_layout *l, const plot_lines *p, const plot_series *s, const char *color)
+{
+    size_t i = 0;
+    while (i < p->n_x) {
+        while (i < p->n_x && !isfinite(s->y[i]))
+            i++;
+        size_t a = i;
+        while (i < p->n_x && isfinite(s->y[i]))
+            i++;
+        if (i - a < 2)
+            continue;
+        fprintf(out, "<polyline class=\"line\" fill=\"none\" stroke=\"%s\" stroke-width=\"2\" points=\"", color);
+        for (size_t k = a; k < i; k++)
+            fprintf(out, "%.2f,%.2f ", ln_x(l, p, k), ln_y(l, s->y[k]));
+        fputs("\"/>\n", out);
+    }
+    for (size_t k = 0; k < p->n_x; k++) {
+        if (!isfinite(s->y[k]))
+            continue;
+        fprintf(out, "<circle class=\"point\" cx=\"%.2f\" cy=\"%.2f\" r=\"3\" fill=\"%s\"><title>", ln_x(l, p, k),
+                ln_y(l, s->y[k]), color);
+        plot_xml_escape(out, s->label ? s->label : "");
+        fputs(" [", out);
+        plot_xml_escape(out, p->x_name ? p->x_name : "x");
+        fputc(' ', out);
+        plot_xml_escape(out, p->x_labels[k]);
+        fputs("] ", out);
+        plot_xml_escape(out, p->y_name ? p->y_name : "y");
+        fprintf(out, " = %.9g", s->y[k]);
+        if (s->band_lo && s->band_hi && isfinite(s->band_lo[k]) && isfinite(s->band_hi[k]))
+            fprintf(out, " (min %.9g, max %.9g)", s->band_lo[k], s->band_hi[k]);
+        fputs("</title></circle>\n", out);
+    }
+}
+
+static void put_lines(FILE *out, const plot_lines *p, const ln_layout *l, double ox, double oy)
+{
+    fprintf(out, "<g class=\"panel lines\" transform=\"translate(%.1f,%.1f)\">\n", ox, oy);
+    put_header(out, 0, 0, p->title, p->subtitle, 14, 12);
+    const double x0 = l->plot_x, y0 = l->plot_y, pw = l->plot_w, ph = l->plot_h;
+    /* grid and y ticks */
+    fprintf(out, "<g class=\"yticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"end\">\n", TICK_FS);
+    for (long k = 0;; k++) {
+        double v = l->y_lo + (double)k * l->y_step;
+        if (v > l->y_hi * (1 + 1e-9) + 1e-300)
+            break;
+        double y = ln_y(l, v);
+        char lab[32];
+        format_tick(v, l->y_step, lab, sizeof lab);
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e5e5e5\"/>\n", x0, y, x0 + pw, y);
+        put_text(out, x0 - 6, y, "dy=\"0.35em\"", lab);
+    }
+    fputs("</g>\n", out);
+    fprintf(out, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n", x0, y0,
+            pw, ph);
+    fprintf(out, "<g class=\"xticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"%s\">\n", TICK_FS,
+            l->rotate ? "end" : "middle");
+    for (size_t i = 0; i < p->n_x; i++) {
+        double cx = ln_x(l, p, i), ty = y0 + ph + 6;
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", cx, y0 + ph, cx,
+                y0 + ph + 4);
+        if (l->rotate) {
+            char attrs[96];
+            snprintf(attrs, sizeof attrs, "dy=\"0.7em\" transform=\"rotate(-45 %.1f %.1f)\"", cx, ty);
+            put_text(out, cx, ty, attrs, p->x_labels[i]);
+        } else {
+            put_text(out, cx, ty, "dy=\"0.8em\"", p->x_labels[i]);
+        }
+    }
+    fputs("</g>\n", out);
+    put_axis_titles(out, x0, y0, pw, ph, l->xlab_h, p->x_name, p->y_name);
+    /* bands first, so every line stays visible on top of them */
+    for (size_t s = 0; s < p->n_series; s++)
+        if (p->series[s].band_lo && p->series[s].band_hi)
+            put_band(out, l, p, &p->series[s], line_colors[s % N_LINE_COLORS]);
+    for (size_t s = 0; s < p->n_series; s++)
+        put_series(out, l, p, &p->series[s], line_colors[s % N_LINE_COLORS]);
+    /* legend */
+    fprintf(out, "<g class=\"legend\" font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);
+    size_t shown = p->n_series < MAX_LEGEND ? p->n_series : MAX_LEGEND;
+    for (size_t s = 0; s < shown; s++) {
+        double y = y0 + 9 + 18.0 * (double)s;
+        const char *color = line_colors[s % N_LINE_COLORS];
+        if (p->series[s].band_lo && p->series[s].band_hi)
+            fprintf(out, "<rect x=\"%.1f\" y=\"%.1f\" width=\"22\" height=\"10\" fill=\"%s\" fill-opacity=\"0.2\"/>\n",
+                    l->legend_x, y - 5, color);
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n",
+                l->legend_x, y, l->legend_x + 22, y, color);
+        put_text(out, l->legend_x + 28, y, "dy=\"0.35em\"", p->series[s].label ? p->series[s].label : "");
+    }
+    if (p->n_series > shown) {
+        char more[64];
+        snprintf(more, sizeof more, "... and %zu more", p->n_series - shown);
+        put_text(out, l->legend_x, y0 + 9 + 18.0 * (double)shown, "dy=\"0.35em\" fill=\"#555\"", more);
+    }
+    fputs("</g>\n</g>\n", out);
+}
+
+ps_status plot_write_lines(FILE *out, const char *out_name, const plot_figure *fig, const plot_lines *panels,
+                           size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        if (panels[k].n_x == 0)
+            return err_set(PS_ERR_INVALID, "%s: line panel %zu has no points", out_name, k);
+    ln_layout *ls = malloc((n ? n : 1) * sizeof *ls);
+    if (!ls)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
+    double head_h = header_height(fig->title, fig->subtitle, 18, 13);
+    double width = header_width(fig->title, fig->subtitle, 18, 13), height = MARGIN + head_h + 10;
+    for (size_t k = 0; k < n; k++) {
+        ls[k] = lines_layout(&panels[k]);
+        width = ls[k].width > width ? ls[k].width : width;
+        height += ls[k].height + 16;
+    }
+    width += 2 * MARGIN;
+    height += MARGIN;
+    put_prologue(out, fig, width, height);
+    double y = MARGIN + put_header(out, MARGIN, MARGIN, fig->title, fig->subtitle, 18, 13) + 10;
+    for (size_t k = 0; k < n; k++) {
+        put_lines(out, &panels[k], &ls[k], MARGIN, y);
+        y += ls[k].height + 16;
+    }
+    free(ls);
+    return finish(out, out_name);
+}
