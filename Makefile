@@ -58,10 +58,11 @@ TOOL_BIN := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRC))
 DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libnetcdf-dev netcdf-bin \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
-            libxml2-utils \
-            python3 python3-torch python3-numpy python3-xarray python3-netcdf4
+            libxml2-utils chromium \
+            python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
+            slurmctld slurmd slurm-client munge
 
-.PHONY: all deps tokenizer demo test unit integration clean distclean bench
+.PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium
 all: $(BIN) build/patchsweep
 
 # build/patchsweep always points at the release binary (what users run).
@@ -120,12 +121,68 @@ $(TOKDIR)/.verified: tests/tokenizer.sha256
 	      rm -rf $(dir $(TOKDIR)); exit 1; }
 	@touch $@
 
+# --- the demo -----------------------------------------------------------
+# The main job on the embedded model with 2 MPI ranks (1 BLAS thread each),
+# recomputed every time (--overwrite); then the capitals job with its logit
+# lens, the figures, and results/index.html showing them all.
+MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe
+PS := build/rel/patchsweep
+DEMO_FIGURES := ioi-tiny.svg ioi-tiny-heads.svg ioi-tiny-resid-by-length.svg capitals-tiny.svg capitals-tiny-lens.svg
+demo: deps
+	$(MAKE) tokenizer
+	$(MAKE) all
+	@mkdir -p results
+	$(MPIRUN) -np 2 $(PS) sweep jobs/ioi-tiny/job.ini --overwrite
+	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny/job.ini --overwrite
+	$(PS) plot results/ioi-tiny.nc --var all --prompt 0 -o results/ioi-tiny.svg
+	$(PS) plot results/ioi-tiny.nc --var z_all_pos_normalized --mean -o results/ioi-tiny-heads.svg
+	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized --mean --by-length -o results/ioi-tiny-resid-by-length.svg
+	$(PS) plot results/capitals-tiny.nc --var all --prompt 0 -o results/capitals-tiny.svg
+	$(PS) plot results/capitals-tiny-lens.nc --mean -o results/capitals-tiny-lens.svg
+	@{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>patchsweep demo</title></head><body>'; \
+	   echo '<h1>patchsweep demo: the embedded model</h1><p>Made by <code>make demo</code>; data in results/*.nc.</p>'; \
+	   for f in $(DEMO_FIGURES); do echo "<h2>$$f</h2><img src=\"$$f\" style=\"max-width:100%\">"; done; \
+	   echo '</body></html>'; } > results/index.html
+	@echo "demo: results/ioi-tiny.nc, results/capitals-tiny.nc, figures in results/index.html" >&2
+
+# --- benchmarks (numbers, not tests) --------------------------------------
+# A random GPT-2-small-shaped model (12 layers, d 768, 12 heads, vocabulary
+# 50257), the worksheet's IOI pair: naive vs fast engine in one process.
+BENCH_MODEL := build/bench/gpt2-small-random
+bench: all tokenizer
+	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
+	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
+	@mkdir -p results
+	build/rel/patchsweep bench --model $(BENCH_MODEL) --save results/bench.json
+
+# --- real GPT-2 checkpoints (needs internet access; none on the build machines)
+HF_HUB := https://huggingface.co
+define hf_download
+	@command -v curl >/dev/null || { echo "curl is missing (apt-get install curl)" >&2; exit 1; }
+	@mkdir -p $(2)
+	@for f in config.json model.safetensors vocab.json merges.txt; do \
+	    [ -f $(2)/$$f ] && continue; \
+	    curl -fsSL --retry 2 -o $(2)/$$f.partial $(HF_HUB)/$(1)/resolve/main/$$f && mv $(2)/$$f.partial $(2)/$$f || \
+	    { rm -f $(2)/$$f.partial; echo "could not download $(1)/$$f from the Hugging Face hub (no internet access?): see README, Models" >&2; exit 1; }; \
+	done; echo "$(2): $(1) ready" >&2
+endef
+download-gpt2:
+	$(call hf_download,gpt2,models/gpt2)
+download-gpt2-medium:
+	$(call hf_download,gpt2-medium,models/gpt2-medium)
+
 # --- tests --------------------------------------------------------------
 unit: $(UNIT_BIN)
 	@fail=0; for t in $(UNIT_BIN); do $$t || fail=1; done; exit $$fail
 
+# Under the sanitizers, leaks inside Open MPI itself are suppressed (see
+# tests/lsan-mpi.supp); full unwinding on malloc lets the suppressions see
+# the library frames.
+# PS_QUICK=1 asks the slowest integration tests for fewer models and cases:
+# the sanitizer run looks for memory errors, the release run for numbers.
+SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 LSAN_OPTIONS=suppressions=$(abspath tests/lsan-mpi.supp):fast_unwind_on_malloc=0)
 integration: $(BIN) $(TOOL_BIN) tokenizer
-	@PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
+	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
 
 test: deps
 	$(MAKE) tokenizer
@@ -134,6 +191,14 @@ test: deps
 	$(MAKE) integration
 	$(MAKE) SANITIZE=1 unit
 	$(MAKE) SANITIZE=1 integration
+
+# The Slurm job scripts (slurm/) end to end on a one-node Slurm cluster that
+# the test starts and stops itself (slurm/local-cluster.sh; root, and the
+# packages of make deps).  Also one of the integration tests.
+.PHONY: test-slurm
+test-slurm: $(BIN) tokenizer
+	@$(SAN_ENV) PS_ROOT=$(CURDIR) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
+	    /usr/bin/python3 tests/integration/test_slurm.py
 
 clean:
 	rm -rf build/rel build/san build/patchsweep

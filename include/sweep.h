@@ -23,6 +23,11 @@
  * Values do not depend on the number of ranks: a cell's value is computed
  * the same way whatever else shares its sgemm calls (tested bit for bit).
  *
+ * The job's optional [lens] section: once the patching results are complete,
+ * rank 0 also writes the logit-lens file of the same prompts (each clean
+ * prompt decoded at its last token; ncout_lens_write_dataset).  Sliced runs
+ * leave it to `patchsweep lens --dataset` (one lens file per job).
+ *
  * Stopping: when *stop becomes non-zero (a signal handler sets it), the
  * current chunk is finished and journaled, the file is written with the
  * prompts done so far (global attribute complete = "false"), and
@@ -78,6 +83,8 @@ typedef struct {
     bool complete;           /* every prompt done or skipped: the file is final */
     bool interrupted;        /* stopped by *stop before the end */
     bool was_complete;       /* the output was already complete: nothing run */
+    bool lens_written;       /* the job's [lens] file was written */
+    bool lens_skipped_slice; /* [lens] not run: a sliced run */
     double seconds;
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];

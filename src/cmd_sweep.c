@@ -177,15 +177,17 @@ int cmd_sweep(int argc, char **argv)
         return cli_usage("sweep", "exactly one JOB.ini argument is required");
     const char *job_path = argv[optind];
 
-    comm *c = NULL;
-    if (comm_init(&c, &argc, &argv) != PS_OK)
-        return cli_fail();
-    const bool root = comm_rank(c) == 0;
+    /* Before MPI_Init, which can take seconds: a signal during start-up
+     * must already mean "stop after the current chunk", not "die". */
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
+    comm *c = NULL;
+    if (comm_init(&c, &argc, &argv) != PS_OK)
+        return cli_fail();
+    const bool root = comm_rank(c) == 0;
 
     job j = {0};
     model m = {0};
@@ -220,6 +222,11 @@ int cmd_sweep(int argc, char **argv)
             printf("%s is already the complete result of this job (--overwrite recomputes it)\n", res.output);
         else
             print_summary(&j, &res);
+        if (res.lens_written)
+            printf("%s: logit lens of the same prompts ([lens] section)\n", j.lens_output);
+        if (res.lens_skipped_slice)
+            fprintf(stderr, "sweep: [lens] is not run in sliced runs: use 'patchsweep lens --dataset %s -o %s'\n",
+                    j.dataset, j.lens_output);
         if (res.interrupted)
             fprintf(stderr, "sweep: stopped by a signal after %zu of %zu prompts; rerun the same command to resume\n",
                     res.prompts_done + res.prompts_skipped, res.prompts_total);

@@ -10,9 +10,12 @@
 
 #include "cli.h"
 #include "cmd_dataset.h"
+#include "cmd_lens.h"
+#include "cmd_merge.h"
 #include "cmd_model.h"
 #include "cmd_patch.h"
 #include "cmd_sweep.h"
+#include "cmd_plot.h"
 #include "prov.h"
 
 typedef struct {
@@ -25,12 +28,15 @@ static const command commands[] = {
     {"tokenize", cmd_tokenize, "token ids and strings of a text"},
     {"run", cmd_run, "next-token prediction of a prompt"},
     {"cache", cmd_cache, "every activation of a prompt as NetCDF (run_with_cache)"},
+    {"lens", cmd_lens, "early decoding (logit lens) of every layer"}, {"decompose", cmd_decompose, "a block decoded without attn_out/mlp_out; logit attribution"},
     {"patch", cmd_patch, "activation patching of one prompt pair"},
     {"sweep", cmd_sweep, "activation patching over a dataset, MPI-parallel (job file)"},
+    {"merge", cmd_merge, "the parts of a sliced sweep (array jobs) as one results file"},
     {"bench", cmd_bench, "naive vs fast patching engine, beside the sgemm peak"},
     {"info", cmd_info, "model config, size, hash; BLAS kernel"},
     {"make-dataset", cmd_make_dataset, "IOI / capitals prompt pairs as JSONL"},
     {"evaluate", cmd_evaluate, "task accuracy and logit differences on a dataset"},
+    {"plot", cmd_plot, "SVG heatmaps / lens curves of a result file"},
 };
 
 static void print_help(FILE *out)

@@ -132,19 +132,23 @@ static double logsumexp(const float *logits, size_t V)
     return mx + log(s);
 }
 
-static double metric_from_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
-                                 const float *clean_logprobs, patch_metric metric)
+/* The metric of one logits row; lse = logsumexp(logits), or NAN to have it
+ * computed here when the metric needs it (logit_diff never does). */
+static double metric_with_lse(const float *logits, size_t V, int32_t answer, int32_t wrong,
+                              const float *clean_logprobs, patch_metric metric, double lse)
 {
+    if (metric != PATCH_LOGIT_DIFF && isnan(lse))
+        lse = logsumexp(logits, V);
     switch (metric) {
     case PATCH_LOGIT_DIFF:
         return (double)logits[answer] - (double)logits[wrong];
     case PATCH_PROB:
-        return exp((double)logits[answer] - logsumexp(logits, V));
+        return exp((double)logits[answer] - lse);
     case PATCH_LOGPROB:
-        return (double)logits[answer] - logsumexp(logits, V);
+        return (double)logits[answer] - lse;
     case PATCH_KL: {
         /* KL(clean || patched) = sum_i p_c(i) (log p_c(i) - log p(i)) */
-        double lse = logsumexp(logits, V), kl = 0.0;
+        double kl = 0.0;
         for (size_t i = 0; i < V; i++) {
             double lc = clean_logprobs[i];
             kl += exp(lc) * (lc - ((double)logits[i] - lse));
@@ -155,6 +159,12 @@ static double metric_from_logits(const float *logits, size_t V, int32_t answer, 
         break;
     }
     return NAN;
+}
+
+static double metric_from_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
+                                 const float *clean_logprobs, patch_metric metric)
+{
+    return metric_with_lse(logits, V, answer, wrong, clean_logprobs, metric, NAN);
 }
 
 double patch_normalize(const patch_pair *p, patch_metric metric, double patched)
@@ -185,15 +195,17 @@ ps_status patch_pair_init(patch_pair *p, const model *m, const int32_t *clean, c
         patch_pair_free(p);
         return err_set(PS_ERR_NOMEM, "out of memory");
     }
-    double lse = logsumexp(p->clean.logits, V);
+    /* one logsumexp per run serves every metric */
+    const double lse_clean = logsumexp(p->clean.logits, V), lse_corrupted = logsumexp(p->corrupted.logits, V);
     for (size_t i = 0; i < V; i++)
-        p->clean_logprobs[i] = (float)((double)p->clean.logits[i] - lse);
+        p->clean_logprobs[i] = (float)((double)p->clean.logits[i] - lse_clean);
     p->T = T;
     p->answer = answer;
     p->wrong = wrong;
     for (int k = 0; k < PATCH_METRIC_COUNT; k++) {
-        p->clean_metric[k] = metric_from_logits(p->clean.logits, V, answer, wrong, p->clean_logprobs, k);
-        p->corrupted_metric[k] = metric_from_logits(p->corrupted.logits, V, answer, wrong, p->clean_logprobs, k);
+        p->clean_metric[k] = metric_with_lse(p->clean.logits, V, answer, wrong, p->clean_logprobs, k, lse_clean);
+        p->corrupted_metric[k] =
+            metric_with_lse(p->corrupted.logits, V, answer, wrong, p->clean_logprobs, k, lse_corrupted);
     }
     return PS_OK;
 }

@@ -11,6 +11,7 @@
 #include "dataset.h"
 #include "journal.h"
 #include "ncout.h"
+#include "ncout_lens.h"
 #include "sha256.h"
 
 /* ---- journal records ------------------------------------------------------
@@ -615,8 +616,11 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         }
         if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)))
             goto chunk_out;
-        if (hdr.n_pairs == 0)
+        if (hdr.n_pairs == 0) {
+            free(pairs);
+            free(index);
             break;
+        }
         if (!root) {
             buf = malloc(hdr.bytes);
             pairs = calloc(hdr.n_pairs, sizeof *pairs);
@@ -676,6 +680,14 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         res->prompts_total = p.n;
         if (st == PS_OK && res->complete)
             journal_close(&jr, true);
+        if (st == PS_OK && res->complete && j->lens) {
+            size_t n;
+            if (o->n_slices)
+                res->lens_skipped_slice = true;
+            else if ((st = ncout_lens_write_dataset(j->lens_output, m, tok, j->dataset, p.first, p.n, j->bos,
+                                                    j->lens_top_k, &n)) == PS_OK)
+                res->lens_written = true;
+        }
     }
     st = comm_agree(c, st);
 out:

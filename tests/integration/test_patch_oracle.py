@@ -28,6 +28,9 @@ CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 CORRUPTED = "After John and Mary went to the store, John gave a bottle of milk to"
 ANSWER, WRONG = " John", " Mary"
 ALL = "resid_pre,resid_mid,attn_out,mlp_out,z,head_all_pos_every"
+# PS_QUICK (set for the sanitizer build, where the engines run ~10x slower):
+# one model and two metrics; the release build runs everything.
+QUICK = os.environ.get("PS_QUICK") == "1"
 MODELS = {
     "f32": ["--layers", "2", "--heads", "4", "--d-model", "32", "--std", "0.3"],
     "bf16": ["--layers", "3", "--heads", "3", "--d-model", "48", "--dtype", "bf16", "--prefix",
@@ -88,7 +91,7 @@ def oracle_grid(m, comp, base, source, a, w, shape):
     return out
 
 
-for label, args in MODELS.items():
+for label, args in (list(MODELS.items())[:1] if QUICK else MODELS.items()):
     d = os.path.join(TMP, label)
     subprocess.run([sys.executable, os.path.join(ROOT, "tests/tools/make_model.py"), *args,
                     "--n-positions", "32", "--seed", "7", "-o", d], check=True)
@@ -119,7 +122,7 @@ for label, args in MODELS.items():
             check(f"{label} {direction} naive == oracle: {comp} {list(c.shape)}", err.max() <= 1e-4,
                   f"max rel err {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}")
     # 2. fast == naive, every metric and direction
-    for metric in ("logit_diff", "prob", "logprob", "kl"):
+    for metric in (("logit_diff", "kl") if QUICK else ("logit_diff", "prob", "logprob", "kl")):
         for direction in ("denoise", "noise"):
             naive = patch_json(d, "--engine", "naive", "--components", ALL, "--metric", metric, "--direction", direction)
             fast = patch_json(d, "--engine", "fast", "--components", ALL, "--metric", metric, "--direction", direction)
