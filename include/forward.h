@@ -113,6 +113,10 @@ void forward_layernorm(float *out, const float *x, const float *w, const float *
 void forward_matmul(float *out, const float *x, const float *W, size_t ldw, const float *bias,
                     size_t rows, size_t k, size_t n);
 
+/* log(sum_i exp(x_i)) over n values, in double after subtracting the max
+ * (the normalizer of a logits row: log p_i = x_i - logsumexp). */
+double forward_logsumexp(const float *x, size_t n);
+
 /* gelu_new(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place over n values. */
 void forward_gelu(float *x, size_t n);
 

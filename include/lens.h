@@ -71,7 +71,6 @@ ps_status lens_gather_rows(const forward_cache *c, size_t position, float *rows)
 void lens_decode(const model *m, const float *rows, size_t n, float *normed, float *logits);
 
 /* log sum_v exp(logits[v]), in double, shifted by the maximum. */
-double lens_logsumexp(const float *logits, size_t V);
 
 typedef struct {
     float logit;

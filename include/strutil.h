@@ -16,8 +16,10 @@ bool str_utf8_valid(const char *s, size_t len);
  * NUL bytes become U+FFFD too, so the result is a C string. NULL on OOM. */
 char *str_utf8_sanitize(const char *s, size_t len);
 
-/* Length in bytes of the valid UTF-8 sequence at s (1..4), or 0 if s does
- * not start one (n = bytes available). */
-size_t str_utf8_seq_len(const unsigned char *s, size_t n);
+/* Length in bytes of the well-formed UTF-8 sequence at s[0..n) (1..4), or 0
+ * if s does not start one; then *bad (if not NULL) is the length of its
+ * maximal invalid subpart: the longest prefix that could still begin a
+ * well-formed sequence, at least 1 (what one U+FFFD replaces). */
+size_t str_utf8_seq_len(const unsigned char *s, size_t n, size_t *bad);
 
 #endif

@@ -11,6 +11,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "jsonutil.h"
+
 #define GENERATED_PATH "<generated>"
 
 /* Fewer usable names than this and the IOI prompts would repeat the same few
@@ -269,21 +271,6 @@ static void quote_text(const char *s, char *buf, size_t size)
     buf[k] = '\0';
 }
 
-static const char *json_type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "an unknown JSON value";
-}
-
 static void dataset_init(dataset *d)
 {
     d->items = NULL;
@@ -313,7 +300,7 @@ static ps_status item_bind(dataset_item *it, const char *where)
             return err_set(PS_ERR_FORMAT, "%s: field '%s' is missing", where, fields[k]);
         if (!json_is_string(v))
             return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, not a string", where, fields[k],
-                           json_type_name(v));
+                           jsonutil_kind(v));
         vals[k] = json_string_value(v);
     }
     it->clean = vals[0];
@@ -424,7 +411,7 @@ ps_status dataset_read_jsonl(dataset *d, const char *path)
         }
         if (!json_is_object(obj)) {
             st = err_set(PS_ERR_FORMAT, "%s: expected a JSON object, got %s", where,
-                         json_type_name(obj));
+                         jsonutil_kind(obj));
             json_decref(obj);
             break;
         }

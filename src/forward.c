@@ -48,6 +48,17 @@ void forward_matmul(float *out, const float *x, const float *W, size_t ldw, cons
                 (int)k, W, (int)ldw, beta, out, (int)n);
 }
 
+double forward_logsumexp(const float *x, size_t n)
+{
+    float mx = -INFINITY;
+    for (size_t i = 0; i < n; i++)
+        mx = fmaxf(mx, x[i]);
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += exp((double)x[i] - mx);
+    return mx + log(s);
+}
+
 void forward_gelu(float *x, size_t n)
 {
     const float c = 0.7978845608028654f; /* sqrt(2/pi) */

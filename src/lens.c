@@ -57,17 +57,6 @@ void lens_decode(const model *m, const float *rows, size_t n, float *normed, flo
                 (int)d, 0.0f, logits, (int)V);
 }
 
-double lens_logsumexp(const float *logits, size_t V)
-{
-    float mx = -INFINITY;
-    for (size_t i = 0; i < V; i++)
-        mx = fmaxf(mx, logits[i]);
-    double z = 0.0;
-    for (size_t i = 0; i < V; i++)
-        z += exp((double)logits[i] - mx);
-    return mx + log(z);
-}
-
 void lens_answer_stats(const float *logits, size_t V, double lse, int32_t answer, lens_answer *out)
 {
     const float la = logits[answer];
@@ -180,7 +169,7 @@ ps_status lens_view_decode(lens_view *v, const model *m, int32_t answer)
     lens_decode(m, v->rows, v->n_rows, v->normed, v->logits);
     for (size_t r = 0; r < v->n_rows; r++) {
         const float *l = v->logits + r * v->V;
-        v->lse[r] = lens_logsumexp(l, v->V);
+        v->lse[r] = forward_logsumexp(l, v->V);
         lens_top_k(l, v->V, v->k, v->top_id + r * v->k);
         for (size_t j = 0; j < v->k; j++)
             v->top_prob[r * v->k + j] = exp((double)l[v->top_id[r * v->k + j]] - v->lse[r]);

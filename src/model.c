@@ -17,25 +17,11 @@
 
 #include "fsutil.h"
 #include "sha256.h"
+#include "jsonutil.h"
 
 #define PREFIX "transformer."
 
 /* ---- config.json ------------------------------------------------------- */
-
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "?";
-}
 
 /* A positive integer field no larger than `cap`.  `v` is the field's value
  * (present and not null). */
@@ -43,7 +29,7 @@ static ps_status cfg_size(const char *path, const char *key, const json_t *v, si
 {
     if (!json_is_integer(v))
         return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, expected a positive integer", path,
-                       key, json_kind(v));
+                       key, jsonutil_kind(v));
     json_int_t x = json_integer_value(v);
     if (x <= 0)
         return err_set(PS_ERR_INVALID, "%s: field '%s' is %lld, must be positive", path, key,
@@ -66,7 +52,7 @@ static ps_status cfg_required(const char *path, json_t *root, const char *key, s
 static ps_status config_from_json(model_config *c, const char *path, json_t *root)
 {
     if (!json_is_object(root))
-        return err_set(PS_ERR_FORMAT, "%s: top level is %s, expected an object", path, json_kind(root));
+        return err_set(PS_ERR_FORMAT, "%s: top level is %s, expected an object", path, jsonutil_kind(root));
     ps_status st;
     if ((st = cfg_required(path, root, "n_layer", MODEL_MAX_N_LAYER, &c->n_layer)) != PS_OK ||
         (st = cfg_required(path, root, "n_head", MODEL_MAX_N_HEAD, &c->n_head)) != PS_OK ||
@@ -103,7 +89,7 @@ static ps_status config_from_json(model_config *c, const char *path, json_t *roo
     if (v) {
         if (!json_is_number(v))
             return err_set(PS_ERR_FORMAT, "%s: field 'layer_norm_epsilon' is %s, expected a number",
-                           path, json_kind(v));
+                           path, jsonutil_kind(v));
         double eps = json_number_value(v);
         /* (0, 1]: LayerNorm divides by sqrt(var + eps); a zero eps divides by
          * zero on constant rows, and one above 1 swamps the variance. */
@@ -116,7 +102,7 @@ static ps_status config_from_json(model_config *c, const char *path, json_t *roo
     if (v) {
         if (!json_is_string(v))
             return err_set(PS_ERR_FORMAT, "%s: field 'activation_function' is %s, expected a string",
-                           path, json_kind(v));
+                           path, jsonutil_kind(v));
         /* Both names are the tanh approximation of GELU GPT-2 was trained with. */
         const char *act = json_string_value(v);
         if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0)

@@ -120,17 +120,6 @@ ps_status patch_grid_cells(patch_component c, const model_config *cfg, uint32_t 
 
 /* ---- metrics ------------------------------------------------------------- */
 
-/* log-sum-exp of a logits row, in double. */
-static double logsumexp(const float *logits, size_t V)
-{
-    float mx = -INFINITY;
-    for (size_t i = 0; i < V; i++)
-        mx = fmaxf(mx, logits[i]);
-    double s = 0.0;
-    for (size_t i = 0; i < V; i++)
-        s += exp((double)logits[i] - mx);
-    return mx + log(s);
-}
 
 /* The metric of one logits row; lse = logsumexp(logits), or NAN to have it
  * computed here when the metric needs it (logit_diff never does). */
@@ -138,7 +127,7 @@ static double metric_with_lse(const float *logits, size_t V, int32_t answer, int
                               const float *clean_logprobs, patch_metric metric, double lse)
 {
     if (metric != PATCH_LOGIT_DIFF && isnan(lse))
-        lse = logsumexp(logits, V);
+        lse = forward_logsumexp(logits, V);
     switch (metric) {
     case PATCH_LOGIT_DIFF:
         return (double)logits[answer] - (double)logits[wrong];
@@ -196,7 +185,7 @@ ps_status patch_pair_init(patch_pair *p, const model *m, const int32_t *clean, c
         return err_set(PS_ERR_NOMEM, "out of memory");
     }
     /* one logsumexp per run serves every metric */
-    const double lse_clean = logsumexp(p->clean.logits, V), lse_corrupted = logsumexp(p->corrupted.logits, V);
+    const double lse_clean = forward_logsumexp(p->clean.logits, V), lse_corrupted = forward_logsumexp(p->corrupted.logits, V);
     for (size_t i = 0; i < V; i++)
         p->clean_logprobs[i] = (float)((double)p->clean.logits[i] - lse_clean);
     p->T = T;

@@ -78,7 +78,7 @@ void plot_xml_escape(FILE *out, const char *s)
             i++;
             continue;
         }
-        size_t len = str_utf8_seq_len(p + i, n - i);
+        size_t len = str_utf8_seq_len(p + i, n - i, NULL);
         if (len == 0) {
             fputs(replacement, out);
             i++;

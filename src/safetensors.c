@@ -18,6 +18,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "jsonutil.h"
+
 /* The format needs 3 levels: root object > tensor object > shape array (or
  * root > "__metadata__" object).  Anything deeper is refused by a linear scan
  * before jansson's recursive parser sees it (jansson's own limit is 2048). */
@@ -177,32 +179,17 @@ static ps_status check_json_depth(const char *name, const char *s, size_t n)
     return PS_OK;
 }
 
-static const char *json_type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "?";
-}
-
 static ps_status parse_metadata(const char *name, json_t *meta)
 {
     if (!json_is_object(meta))
         return err_set(PS_ERR_FORMAT, "%s: \"__metadata__\" is %s, expected an object of strings",
-                       name, json_type_name(meta));
+                       name, jsonutil_kind(meta));
     const char *k;
     json_t *v;
     json_object_foreach(meta, k, v) {
         if (!json_is_string(v))
             return err_set(PS_ERR_FORMAT, "%s: \"__metadata__\" key '%s' is %s, expected a string",
-                           name, k, json_type_name(v));
+                           name, k, jsonutil_kind(v));
     }
     return PS_OK;
 }
@@ -214,7 +201,7 @@ static ps_status array_size_at(const char *name, const char *tname, const char *
     const json_t *v = json_array_get(arr, i);
     if (!json_is_integer(v))
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': %s[%zu] is %s, expected a non-negative integer",
-                       name, tname, what, i, json_type_name(v));
+                       name, tname, what, i, jsonutil_kind(v));
     json_int_t x = json_integer_value(v);
     if (x < 0)
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': %s[%zu] = %lld is negative",
@@ -245,7 +232,7 @@ static ps_status parse_tensor(const char *name, const char *tname, json_t *obj,
 {
     if (!json_is_object(obj))
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s' is %s, expected an object", name, tname,
-                       json_type_name(obj));
+                       jsonutil_kind(obj));
     /* Exactly the three keys: an unknown key means a format we do not know,
      * so it is refused rather than ignored. */
     const char *k;
@@ -263,14 +250,14 @@ static ps_status parse_tensor(const char *name, const char *tname, json_t *obj,
 
     if (!json_is_string(jd))
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': dtype is %s, expected a string", name,
-                       tname, json_type_name(jd));
+                       tname, jsonutil_kind(jd));
     if (!dtype_from_name(json_string_value(jd), &t->dtype))
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': unknown dtype '%s'", name, tname,
                        json_string_value(jd));
 
     if (!json_is_array(js))
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': shape is %s, expected an array", name,
-                       tname, json_type_name(js));
+                       tname, jsonutil_kind(js));
     size_t ndim = json_array_size(js);
     if (ndim > ST_MAX_DIMS)
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': shape has %zu dimensions, over the limit of %d",
@@ -306,7 +293,7 @@ static ps_status parse_tensor(const char *name, const char *tname, json_t *obj,
     if (!json_is_array(jo) || json_array_size(jo) != 2)
         return err_set(PS_ERR_FORMAT, "%s: tensor '%s': data_offsets must be an array [begin, end]",
                        name, tname);
-    size_t begin, end;
+    size_t begin = 0, end = 0;
     ps_status st = array_size_at(name, tname, "data_offsets", jo, 0, &begin);
     if (st == PS_OK)
         st = array_size_at(name, tname, "data_offsets", jo, 1, &end);
@@ -428,7 +415,7 @@ static ps_status parse_header(st_file *f, const char *name, const uint8_t *buf, 
                        jerr.text, jerr.position);
     if (!json_is_object(root)) {
         st = err_set(PS_ERR_FORMAT, "%s: header is %s, expected an object", name,
-                     json_type_name(root));
+                     jsonutil_kind(root));
         json_decref(root);
         return st;
     }

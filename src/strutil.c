@@ -3,74 +3,64 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Well-formed UTF-8 byte sequences, Unicode 15 table 3-7. */
-size_t str_utf8_seq_len(const unsigned char *s, size_t n)
+/* Unicode 15 Table 3-7 (well-formed byte sequences).  One U+FFFD per
+ * maximal invalid subpart is the Unicode / WHATWG replacement rule that
+ * node's Buffer.toString('utf8') and Python's decode(errors="replace") use. */
+size_t str_utf8_seq_len(const unsigned char *s, size_t n, size_t *bad)
 {
+    size_t scratch;
+    if (!bad)
+        bad = &scratch;
+    *bad = 1;
     if (n == 0)
         return 0;
-    unsigned c = s[0];
-    if (c < 0x80)
+    unsigned char b0 = s[0];
+    size_t need;
+    unsigned char lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+    if (b0 < 0x80)
         return 1;
-    size_t len;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF)
-        len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        if (c == 0xE0) lo = 0xA0;
-        if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        if (c == 0xF0) lo = 0x90;
-        if (c == 0xF4) hi = 0x8F;
-    } else
-        return 0;
-    if (n < len || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < len; i++)
-        if (s[i] < 0x80 || s[i] > 0xBF)
+    if (b0 >= 0xC2 && b0 <= 0xDF) {
+        need = 1;
+    } else if (b0 == 0xE0) {
+        need = 2;
+        lo = 0xA0; /* no overlong 3-byte forms */
+    } else if (b0 == 0xED) {
+        need = 2;
+        hi = 0x9F; /* no UTF-16 surrogates */
+    } else if (b0 >= 0xE1 && b0 <= 0xEF) {
+        need = 2;
+    } else if (b0 == 0xF0) {
+        need = 3;
+        lo = 0x90; /* no overlong 4-byte forms */
+    } else if (b0 >= 0xF1 && b0 <= 0xF3) {
+        need = 3;
+    } else if (b0 == 0xF4) {
+        need = 3;
+        hi = 0x8F; /* nothing above U+10FFFF */
+    } else {
+        return 0; /* 80..C1, F5..FF never start a sequence */
+    }
+    for (size_t k = 1; k <= need; k++) {
+        if (k >= n || s[k] < lo || s[k] > hi) {
+            *bad = k;
             return 0;
-    return len;
+        }
+        lo = 0x80;
+        hi = 0xBF;
+    }
+    return need + 1;
 }
 
 bool str_utf8_valid(const char *s, size_t len)
 {
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; i < len;) {
-        size_t k = str_utf8_seq_len(u + i, len - i);
+        size_t k = str_utf8_seq_len(u + i, len - i, NULL);
         if (k == 0)
             return false;
         i += k;
     }
     return true;
-}
-
-/* Length of the maximal subpart of an ill-formed sequence at s: the longest
- * prefix of a well-formed sequence (at least 1 byte). */
-static size_t maximal_subpart(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    size_t len;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF)
-        len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        if (c == 0xE0) lo = 0xA0;
-        if (c == 0xED) hi = 0x9F;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        if (c == 0xF0) lo = 0x90;
-        if (c == 0xF4) hi = 0x8F;
-    } else
-        return 1;
-    size_t i = 1;
-    if (i < n && i < len && s[i] >= lo && s[i] <= hi) {
-        i++;
-        while (i < n && i < len && s[i] >= 0x80 && s[i] <= 0xBF)
-            i++;
-    }
-    return i;
 }
 
 char *str_utf8_sanitize(const char *s, size_t len)
@@ -81,7 +71,7 @@ char *str_utf8_sanitize(const char *s, size_t len)
     const unsigned char *u = (const unsigned char *)s;
     size_t o = 0;
     for (size_t i = 0; i < len;) {
-        size_t k = u[i] ? str_utf8_seq_len(u + i, len - i) : 0;
+        size_t bad = 1, k = u[i] ? str_utf8_seq_len(u + i, len - i, &bad) : 0;
         if (k) {
             memcpy(out + o, u + i, k);
             o += k;
@@ -89,7 +79,7 @@ char *str_utf8_sanitize(const char *s, size_t len)
         } else {
             memcpy(out + o, "\xEF\xBF\xBD", 3);
             o += 3;
-            i += u[i] ? maximal_subpart(u + i, len - i) : 1;
+            i += bad;
         }
     }
     out[o] = '\0';

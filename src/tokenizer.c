@@ -24,6 +24,7 @@
 #include <pcre2.h>
 
 #include "fsutil.h"
+#include "strutil.h"
 
 /* GPT-2's files are 1.0 MB and 0.46 MB; 64 MiB leaves room for vocabularies
  * of a few hundred thousand tokens while refusing absurd inputs. */
@@ -78,53 +79,6 @@ struct tokenizer {
 /* ------------------------------------------------------------------ */
 /* UTF-8                                                               */
 
-/*
- * Length of the well-formed UTF-8 sequence at s[0..n) (Unicode Table 3-7),
- * or 0 with *bad = length of its maximal invalid subpart: the longest prefix
- * that could still start a well-formed sequence, at least 1 byte.  One
- * U+FFFD per maximal subpart is the Unicode / WHATWG replacement rule that
- * node's Buffer.toString('utf8') and Python's decode(errors="replace") use.
- */
-static size_t utf8_seq_len(const unsigned char *s, size_t n, size_t *bad)
-{
-    unsigned char b0 = s[0];
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xBF;  /* allowed range of the second byte */
-    if (b0 < 0x80)
-        return 1;
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-        need = 1;
-    } else if (b0 == 0xE0) {
-        need = 2;
-        lo = 0xA0;                       /* no overlong 3-byte forms */
-    } else if (b0 == 0xED) {
-        need = 2;
-        hi = 0x9F;                       /* no UTF-16 surrogates */
-    } else if (b0 >= 0xE1 && b0 <= 0xEF) {
-        need = 2;
-    } else if (b0 == 0xF0) {
-        need = 3;
-        lo = 0x90;                       /* no overlong 4-byte forms */
-    } else if (b0 >= 0xF1 && b0 <= 0xF3) {
-        need = 3;
-    } else if (b0 == 0xF4) {
-        need = 3;
-        hi = 0x8F;                       /* nothing above U+10FFFF */
-    } else {
-        *bad = 1;                        /* 80..C1, F5..FF never start a sequence */
-        return 0;
-    }
-    for (size_t k = 1; k <= need; k++) {
-        if (k >= n || s[k] < lo || s[k] > hi) {
-            *bad = k;
-            return 0;
-        }
-        lo = 0x80;
-        hi = 0xBF;
-    }
-    return need + 1;
-}
-
 /* Code point of the well-formed sequence s[0..len). */
 static uint32_t utf8_decode(const unsigned char *s, size_t len)
 {
@@ -161,7 +115,7 @@ static ps_status utf8_sanitize(const char *text, size_t len, const char **out, s
     *out_len = len;
     *owned = NULL;
     while (i < len) {
-        size_t bad = 0, k = s[i] < 0x80 ? 1 : utf8_seq_len(s + i, len - i, &bad);
+        size_t bad = 0, k = s[i] < 0x80 ? 1 : str_utf8_seq_len(s + i, len - i, &bad);
         if (k) {
             new_len += k;
             i += k;
@@ -180,7 +134,7 @@ static ps_status utf8_sanitize(const char *text, size_t len, const char **out, s
     size_t o = 0;
     i = 0;
     while (i < len) {
-        size_t bad = 0, k = utf8_seq_len(s + i, len - i, &bad);
+        size_t bad = 0, k = str_utf8_seq_len(s + i, len - i, &bad);
         if (k) {
             memcpy(buf + o, s + i, k);
             o += k;
@@ -384,7 +338,7 @@ static ps_status tokenizer_build_bytes(tokenizer *t, const vocab_tmp *v, const c
         if (len == 0)
             return err_set(PS_ERR_FORMAT, "%s: token id %zu is the empty string", path, id);
         for (size_t i = 0; i < len;) {
-            size_t bad = 0, k = utf8_seq_len(s + i, len - i, &bad);
+            size_t bad = 0, k = str_utf8_seq_len(s + i, len - i, &bad);
             uint32_t cp = k ? utf8_decode(s + i, k) : UINT32_MAX;
             if (cp >= TOK_BYTE_CP_LIMIT || byte_of_cp[cp] < 0) {
                 int shown = (int)(len < TOK_SHOW_MAX ? len : TOK_SHOW_MAX);
@@ -1082,7 +1036,7 @@ static void show_append(char *msg, size_t cap, size_t *o, const char *p, size_t 
     const unsigned char *s = (const unsigned char *)p;
     size_t lim = n < max ? n : max;
     for (size_t i = 0; i < lim && *o + 8 < cap;) {
-        size_t bad = 0, k = utf8_seq_len(s + i, n - i, &bad);
+        size_t bad = 0, k = str_utf8_seq_len(s + i, n - i, &bad);
         if (k > 1) {
             if (*o + k + 1 >= cap)
                 break;
