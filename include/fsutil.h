@@ -20,6 +20,11 @@ char *fs_join(const char *dir, const char *name);
 /* True if `path` names an existing regular file. */
 bool fs_is_file(const char *path);
 
+/* An output path may be new or a regular file: every writer renames
+ * NAME.partial over it, which would replace a device (/dev/null), a
+ * directory's entry or a symlink.  PS_ERR_IO naming the path otherwise. */
+ps_status fs_check_output(const char *path);
+
 /* Directory part of `path` ("." if none), malloc'd. */
 char *fs_dirname(const char *path);
 

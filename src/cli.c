@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fsutil.h"
 #include "strutil.h"
 
 int cli_fail(void)
@@ -136,13 +137,15 @@ void cli_print_json(json_t *j)
 
 ps_status cli_write_atomic(const char *path, ps_status (*write)(FILE *out, void *user), void *user)
 {
+    ps_status st = fs_check_output(path);
+    if (st)
+        return st;
     size_t n = strlen(path);
     char *tmp = malloc(n + sizeof ".partial");
     if (!tmp)
         return err_set(PS_ERR_NOMEM, "out of memory");
     memcpy(tmp, path, n);
     memcpy(tmp + n, ".partial", sizeof ".partial");
-    ps_status st = PS_OK;
     FILE *out = fopen(tmp, "w");
     if (!out) {
         st = err_set(PS_ERR_IO, "%s: cannot create: %s", path, strerror(errno));

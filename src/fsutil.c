@@ -77,3 +77,11 @@ char *fs_dirname(const char *path)
     s[n] = '\0';
     return s;
 }
+
+ps_status fs_check_output(const char *path)
+{
+    struct stat sb;
+    if (lstat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
+        return err_set(PS_ERR_IO, "%s: exists and is not a regular file; refusing to replace it", path);
+    return PS_OK;
+}

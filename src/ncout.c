@@ -22,10 +22,12 @@ ps_status ncout_check(int nc_status, const char *path, const char *what)
 
 ps_status ncout_check_writable(const char *path)
 {
+    ps_status st = fs_check_output(path);
+    if (st)
+        return st;
     char *dir = fs_dirname(path);
     if (!dir)
         return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
-    ps_status st = PS_OK;
     if (access(dir, F_OK) != 0)
         st = err_set(PS_ERR_IO, "%s: output directory '%s' does not exist", path, dir);
     else if (access(dir, W_OK) != 0)

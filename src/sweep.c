@@ -515,15 +515,18 @@ static ps_status root_setup(const job *j, model *m, const tokenizer *tok, const 
     snprintf(jpath, sizeof jpath, "%s.journal", output);
     /* A complete result file of this very job and no journal: nothing to do. */
     if (!o->overwrite && access(jpath, F_OK) != 0 && access(output, F_OK) == 0) {
-        char *a = NULL, *b = NULL, *cc = NULL, *done = NULL;
+        char *a = NULL, *b = NULL, *cc = NULL, *done = NULL, *sl = NULL, want_slice[64] = "all";
+        if (o->n_slices)
+            snprintf(want_slice, sizeof want_slice, "%zu/%zu", o->slice, o->n_slices);
         bool same = ncout_read_attr(output, "job_sha256", &a) == PS_OK && !strcmp(a, j->sha256) &&
                     ncout_read_attr(output, "model_sha256", &b) == PS_OK && !strcmp(b, m->sha256) &&
                     ncout_read_attr(output, "dataset_sha256", &cc) == PS_OK && !strcmp(cc, dataset_sha) &&
+                    ncout_read_attr(output, "slice", &sl) == PS_OK && !strcmp(sl, want_slice) &&
                     ncout_read_attr(output, "complete", &done) == PS_OK && !strcmp(done, "true");
-        free(a), free(b), free(cc), free(done);
+        free(a), free(b), free(cc), free(done), free(sl);
         if (!same)
             return err_set(PS_ERR_INVALID,
-                           "%s exists and is not the complete result of this job, model and dataset "
+                           "%s exists and is not the complete result of this job, model, dataset and slice "
                            "(use --overwrite to replace it)", output);
         res->was_complete = res->complete = true;
         return PS_OK;

@@ -166,6 +166,8 @@ RUNS = [
     ("output dir missing", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", out_missing_dir], "does not exist", 1),
     ("unknown hook", ["cache", "--model", GOOD, "--prompt", "Hi", "--hooks", "blocks.7.*", "-o",
                       os.path.join(TMP, "x.nc")], "matches no hook", 1),
+    ("output is a device", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", "/dev/null"], "not a regular file", 1),
+    ("output is a directory", ["make-dataset", "ioi", "--n", "2", "-o", TMP], "not a regular file", 1),
     ("bad option value", ["run", "--model", GOOD, "--prompt", "Hi", "--top-k", "zero"], "--top-k", 2),
     ("unknown command", ["frobnicate"], "unknown command", 2),
 ]
@@ -179,6 +181,7 @@ for name, args, frag, code in RUNS:
     if code == 1:
         ok = ok and len(r.stderr.strip().splitlines()) == 1
     check(name, ok, f"exit {r.returncode}, stderr {r.stderr!r}")
+check("/dev/null is still a device", os.path.exists("/dev/null") and not os.path.isfile("/dev/null"))
 check("no output file left behind", not os.path.exists(out_missing_dir)
       and not os.path.exists(os.path.join(TMP, "x.nc")) and not os.path.exists(os.path.join(TMP, "x.nc.partial")))
 
