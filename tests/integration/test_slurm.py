@@ -1,0 +1,325 @@
+"""The Slurm job scripts end to end on a real one-node Slurm cluster
+(slurm/local-cluster.sh: munged, slurmctld and slurmd started here, stopped
+at the end, also on failure):
+  - slurm/patchsweep.sbatch refuses to run outside Slurm (exit 2, one line);
+  - a 2-task job (srun --mpi=pmix) writes the file `mpirun -np 2` writes,
+    bit for bit;
+  - the warning signal path: `scancel --signal=USR1 --batch` (what
+    --signal=B:USR1@120 sends before the time limit) stops the sweep after
+    the chunk in flight, the script requeues the job, the second run resumes
+    and completes to identical values;
+  - scancel (SIGTERM to the shell and the steps): the job ends cancelled, not
+    requeued, the file says complete = "false"; the same submission again
+    resumes and completes to identical values;
+  - slurm/patchsweep-array.sbatch with 3 array tasks (ranks started by the
+    mpirun fallback) and `patchsweep merge` of the parts equal the unsliced
+    run bit for bit;
+  - the cluster stops with no daemon left.
+Needs root and Debian's slurmctld, slurmd, slurm-client and munge (make deps).
+PS_QUICK (the sanitizer build): the 2-task job and the array only."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import netCDF4
+import numpy as np
+
+ROOT = os.environ.get("PS_ROOT") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("PS_BIN") or os.path.join(ROOT, "build", "rel", "patchsweep")
+QUICK = os.environ.get("PS_QUICK") == "1"
+CLUSTER = os.path.join(ROOT, "slurm", "local-cluster.sh")
+SBATCH = os.path.join(ROOT, "slurm", "patchsweep.sbatch")
+ARRAY = os.path.join(ROOT, "slurm", "patchsweep-array.sbatch")
+T0 = time.time()
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
+
+
+def finish():
+    print(f"slurm: {passed} passed, {failed} failed ({time.time() - T0:.0f} s)")
+    sys.exit(1 if failed else 0)
+
+
+if os.geteuid() != 0:
+    print("slurm: needs root to start munged, slurmctld and slurmd")
+    failed += 1
+    finish()
+missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
+           if not shutil.which(c)]
+if missing:
+    print(f"slurm: missing {' '.join(missing)}: make deps (apt-get install slurmctld slurmd slurm-client munge)")
+    failed += 1
+    finish()
+
+TMP = tempfile.mkdtemp(prefix="ps-slurm-")
+os.chmod(TMP, 0o755)  # munged runs as user munge and keeps its socket in TMP/cluster
+# A private copy of the binary: a rebuild while jobs start ranks must not bite.
+shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
+BIN = os.path.join(TMP, "patchsweep")
+
+
+def free_port_pair():
+    """Two consecutive free TCP ports (slurmctld, slurmd): a cluster of a user
+    or of a concurrent test run keeps its own."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 65000:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of TCP ports")
+
+
+# The cluster's state lives in TMP; only SLURM_CONF points the clients at it.
+# Inherited SLURM_* variables (a test run inside a Slurm job) would confuse
+# sbatch and the scripts' outside-Slurm check.
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("SBATCH_")
+       and not k.startswith("SRUN_")}
+ENV.update(PATCHSWEEP_SLURM_DIR=os.path.join(TMP, "cluster"), PATCHSWEEP_SLURM_PORT=str(free_port_pair()),
+           SLURM_CONF=os.path.join(TMP, "cluster", "etc", "slurm.conf"), PATCHSWEEP_BIN=BIN,
+           OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+
+
+def sh(args, timeout=120, **kw):
+    return subprocess.run(args, capture_output=True, text=True, env=kw.pop("env", ENV), cwd=kw.pop("cwd", TMP),
+                          timeout=timeout, **kw)
+
+
+def stop_cluster():
+    return sh([CLUSTER, "stop"], timeout=120)
+
+
+def on_signal(sig, frame):
+    stop_cluster()
+    shutil.rmtree(TMP, ignore_errors=True)
+    sys.exit(128 + sig)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+
+def nc_values(path):
+    """Every variable's raw values (no masking: fill values and NaN payloads
+    compared as bits), strings as lists."""
+    out = {}
+    with netCDF4.Dataset(path) as ds:
+        ds.set_auto_mask(False)
+        for name, var in ds.variables.items():
+            v = var[:]
+            out[name] = [str(x) for x in np.ravel(v)] if v.dtype.kind in "OUS" else (v.dtype.str, v.shape, v.tobytes())
+        attrs = {a: ds.getncattr(a) for a in ds.ncattrs()}
+    return out, attrs
+
+
+def same_values(a, b):
+    va, vb = nc_values(a)[0], nc_values(b)[0]
+    diff = sorted(k for k in va.keys() | vb.keys() if va.get(k) != vb.get(k))
+    return not diff, diff
+
+
+def submit(args):
+    r = sh(["sbatch", "--parsable"] + args)
+    if r.returncode != 0:
+        raise RuntimeError("sbatch failed: " + r.stderr.strip())
+    return r.stdout.strip().split(";")[0]
+
+
+def job_records(jid):
+    """scontrol show job: one dict per job record (an array job has one per task)."""
+    r = sh(["scontrol", "show", "job", jid])
+    recs = []
+    for block in r.stdout.split("\n\n"):
+        fields = dict(re.findall(r"(\w+)=(\S*)", block))
+        if "JobId" in fields:
+            recs.append(fields)
+    return recs
+
+
+def wait_job(jid, timeout):
+    """Until squeue no longer lists the job (no accounting here: squeue and
+    scontrol show job are what there is); its scontrol records."""
+    end = time.time() + timeout
+    while time.time() < end:
+        r = sh(["squeue", "-h", "-j", jid, "-o", "%T"])
+        if r.returncode == 0 and not r.stdout.strip():
+            return job_records(jid)
+        time.sleep(0.3)
+    return None
+
+
+def wait_log(path, pattern, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path) and re.search(pattern, open(path, errors="replace").read()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def log_of(name):
+    path = os.path.join(TMP, name)
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+
+def mpirun_ref(job, out):
+    r = sh(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", job, "--output", out], timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"reference run of {job} failed: {r.stderr[-500:]}")
+
+
+def write_job(name, components="resid_pre,attn_out,mlp_out,z_all_pos,z", engine="fast", chunk=3):
+    path = os.path.join(TMP, name + ".ini")
+    with open(path, "w") as f:
+        f.write(f"; {name}\n[model]\ndir = model\n[data]\ndataset = ioi.jsonl\n"
+                f"[patch]\ncomponents = {components}\nengine = {engine}\n"
+                f"[run]\noutput = {name}.nc\nchunk_prompts = {chunk}\nprogress_seconds = 0.1\n")
+    return name + ".ini"
+
+
+try:
+    subprocess.run(["/usr/bin/python3", f"{ROOT}/tests/tools/make_model.py", "--layers", "3", "--heads", "4",
+                    "--d-model", "32", "--std", "0.3", "-o", os.path.join(TMP, "model")], check=True,
+                   capture_output=True)
+    subprocess.run([BIN, "make-dataset", "ioi", "--n", "24", "--seed", "11", "-o", os.path.join(TMP, "ioi.jsonl")],
+                   check=True, capture_output=True)
+    job = write_job("main")
+    # naive engine, one prompt per chunk: slow enough to be stopped mid-run
+    slow = write_job("slow", components="resid_pre,z_all_pos", engine="naive", chunk=1)
+
+    # --- outside Slurm ----------------------------------------------------
+    for script in (SBATCH, ARRAY):
+        r = sh(["bash", script, job])
+        lines = r.stderr.strip().splitlines()
+        check(f"{os.path.basename(script)} outside Slurm: exit 2, one line", r.returncode == 2 and len(lines) == 1
+              and "SLURM_JOB_ID" in lines[0] and not r.stdout, f"{r.returncode} {r.stdout!r} {r.stderr!r}")
+
+    # --- the cluster ------------------------------------------------------
+    t = time.time()
+    r = sh([CLUSTER, "start"], timeout=120)
+    check("local cluster starts", r.returncode == 0 and "up" in r.stdout, r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError("no cluster: " + log_of("cluster/log/slurmctld.log")[-800:] +
+                           log_of("cluster/log/slurmd.log")[-800:])
+    r = sh([CLUSTER, "start"], timeout=60)
+    check("start again: already running", r.returncode == 0 and "already running" in r.stdout, r.stdout + r.stderr)
+    print(f"     (cluster up in {time.time() - t:.1f} s)", flush=True)
+
+    mpirun_ref(job, "ref.nc")
+
+    # --- a 2-task job ---------------------------------------------------------
+    jid = submit(["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, job, "--output", "sb.nc"])
+    recs = wait_job(jid, 120)
+    log = log_of(f"patchsweep-{jid}.out")
+    check("2-task job completes", recs and recs[0].get("JobState") == "COMPLETED"
+          and recs[0].get("ExitCode") == "0:0", (recs, log[-1500:]))
+    check("2-task job: srun --mpi=pmix, 2 ranks, 1 BLAS thread each", "srun --mpi=pmix --ntasks=2 --cpus-per-task=1"
+          in log and "2 ranks (Open MPI" in log and "1 threads per rank" in log, log[-1500:])
+    ok, diff = same_values(os.path.join(TMP, "ref.nc"), os.path.join(TMP, "sb.nc")) \
+        if os.path.exists(os.path.join(TMP, "sb.nc")) else (False, "no sb.nc")
+    check("2-task job's file equals mpirun -np 2's bit for bit", ok, diff)
+
+    if not QUICK:
+        mpirun_ref(slow, "slow-ref.nc")
+
+        # --- the warning signal: stop, requeue, resume ------------------------
+        jid = submit(["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, slow, "--output", "rq.nc"])
+        logname = os.path.join(TMP, f"patchsweep-{jid}.out")
+        started = wait_log(logname, r"chunk 2/", 120)
+        r = sh(["scancel", "--signal=USR1", "--batch", jid])
+        check("warning signal sent mid-run", started and r.returncode == 0, r.stderr + log_of(logname)[-800:])
+        recs = wait_job(jid, 150)
+        log = log_of(logname)
+        check("requeued job completes", recs and recs[0].get("JobState") == "COMPLETED"
+              and recs[0].get("ExitCode") == "0:0" and recs[0].get("Restarts") == "1", (recs, log[-2000:]))
+        m = re.search(r"stopped by a signal after (\d+) of 24 prompts", log)
+        check("first run stopped after the chunk in flight, requeued", m and 0 < int(m.group(1)) < 24
+              and "requeueing job" in log and "run 2 on" in log, log[-2000:])
+        check("second run resumed", re.search(r"24 of 24 prompts done \(\d+ from an earlier run\)", log) is not None,
+              log[-1500:])
+        ok, diff = same_values(os.path.join(TMP, "slow-ref.nc"), os.path.join(TMP, "rq.nc")) \
+            if os.path.exists(os.path.join(TMP, "rq.nc")) else (False, "no rq.nc")
+        check("requeued job's file equals the uninterrupted run's bit for bit", ok, diff)
+        check("journal removed", not os.path.exists(os.path.join(TMP, "rq.nc.journal")))
+
+        # --- scancel: no requeue; submitting again resumes ----------------------
+        args = ["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, slow, "--output", "cx.nc"]
+        jid = submit(args)
+        logname = os.path.join(TMP, f"patchsweep-{jid}.out")
+        started = wait_log(logname, r"chunk 2/", 120)
+        sh(["scancel", jid])
+        recs = wait_job(jid, 120)
+        log = log_of(logname)
+        check("scancel: job cancelled, not requeued", started and recs and recs[0].get("JobState") == "CANCELLED"
+              and recs[0].get("Restarts") == "0" and "requeueing" not in log, (recs, log[-1500:]))
+        cx = os.path.join(TMP, "cx.nc")
+        attrs = nc_values(cx)[1] if os.path.exists(cx) else {}
+        check("scancel: file marked incomplete, journal kept", attrs.get("complete") == "false"
+              and os.path.exists(cx + ".journal"), (attrs.get("complete"), log[-1500:]))
+        jid = submit(args)
+        recs = wait_job(jid, 150)
+        log = log_of(f"patchsweep-{jid}.out")
+        check("resubmitted job resumes and completes", recs and recs[0].get("JobState") == "COMPLETED"
+              and "from an earlier run" in log, (recs, log[-1500:]))
+        ok, diff = same_values(os.path.join(TMP, "slow-ref.nc"), cx) if os.path.exists(cx) else (False, "no cx.nc")
+        check("resumed job's file equals the uninterrupted run's bit for bit", ok, diff)
+
+    # --- array job and merge ---------------------------------------------------
+    # 3 tasks of 2 ranks on 1 CPU each (--overcommit), ranks started by the
+    # mpirun fallback; parts named after the job's output: main.parts/.
+    env = dict(ENV, PATCHSWEEP_LAUNCHER="mpirun")
+    r = sh(["sbatch", "--parsable", "--array=0-2", "--ntasks=2", "--cpus-per-task=1", "--overcommit", "--time=5",
+            ARRAY, job], env=env)
+    jid = r.stdout.strip().split(";")[0]
+    recs = wait_job(jid, 150) if r.returncode == 0 else None
+    logs = "".join(log_of(f"patchsweep-array-{jid}_{i}.out") for i in range(3))
+    check("array: 3 tasks complete", recs and len(recs) == 3 and all(x.get("JobState") == "COMPLETED"
+                                                                      and x.get("ExitCode") == "0:0" for x in recs),
+          (r.stderr, recs, logs[-2000:]))
+    check("array: mpirun fallback, slices 1/3..3/3", all(f"--slice {k}/3 --output ./main.parts/part-{k}-of-3.nc"
+                                                         in logs for k in (1, 2, 3)) and "mpirun -np 2" in logs,
+          logs[-2000:])
+    parts = [os.path.join(TMP, "main.parts", f"part-{k}-of-3.nc") for k in (3, 1, 2)]
+    r = sh([BIN, "merge"] + parts + ["-o", "merged.nc"])
+    check("merge of the parts", r.returncode == 0 and "24 prompts" in r.stdout, r.stdout + r.stderr)
+    merged = os.path.join(TMP, "merged.nc")
+    ok, diff = same_values(os.path.join(TMP, "ref.nc"), merged) if os.path.exists(merged) else (False, "no file")
+    check("merged file equals the unsliced run bit for bit", ok, diff)
+    if os.path.exists(merged):
+        a = nc_values(merged)[1]
+        check("merged attributes", a.get("slice") == "all" and a.get("complete") == "true"
+              and a.get("merged_from", "").split("\n") == sorted(parts) and "merge" in a.get("command_line", ""),
+              {k: a.get(k) for k in ("slice", "complete", "merged_from", "command_line")})
+except Exception as e:  # a broken step fails the test; the cluster still stops
+    check("test ran to the end", False, f"{type(e).__name__}: {e}")
+finally:
+    t = time.time()
+    r = stop_cluster()
+    check("local cluster stops", r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr)
+    print(f"     (cluster stopped in {time.time() - t:.1f} s)", flush=True)
+    r = sh([CLUSTER, "status"])
+    check("no daemon left", r.returncode == 3 and "munged down, slurmctld down, slurmd down" in r.stdout,
+          r.stdout + r.stderr)
+    if not failed:
+        shutil.rmtree(TMP, ignore_errors=True)
+    else:
+        print(f"     (files kept in {TMP})")
+finish()
