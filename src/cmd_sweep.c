@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -127,6 +128,29 @@ static void print_summary(const job *j, const sweep_result *r)
         printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
 }
 
+/* Every rank's peak resident memory, printed by rank 0 (sizing --mem: pages
+ * of the memory-mapped F32 weights count in every rank's figure but are one
+ * copy per node). */
+static void report_rss(comm *c)
+{
+    struct rusage ru;
+    double mine = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0; /* KiB -> MiB */
+    const size_t n = comm_size(c);
+    double *all = comm_rank(c) == 0 ? calloc(n, sizeof *all) : NULL;
+    size_t *counts = comm_rank(c) == 0 ? calloc(n, sizeof *counts) : NULL;
+    for (size_t r = 0; counts && r < n; r++)
+        counts[r] = sizeof(double);
+    if ((comm_rank(c) != 0 || (all && counts)) && comm_gatherv(c, &mine, sizeof mine, all, counts) == PS_OK &&
+        comm_rank(c) == 0) {
+        fprintf(stderr, "sweep: peak RSS per rank (MiB):");
+        for (size_t r = 0; r < n; r++)
+            fprintf(stderr, " %.0f", all[r]);
+        fputc('\n', stderr);
+    }
+    free(all);
+    free(counts);
+}
+
 enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE };
 
 /* "K/N" with 1 <= K <= N */
@@ -233,6 +257,8 @@ int cmd_sweep(int argc, char **argv)
     }
     if (st == PS_OK && res.interrupted)
         rc = SWEEP_EXIT_INTERRUPTED;
+    if (st == PS_OK)
+        report_rss(c);
 out:
     if (st) {
         if (root)

@@ -186,10 +186,11 @@ def mpirun_ref(job, out):
         raise RuntimeError(f"reference run of {job} failed: {r.stderr[-500:]}")
 
 
-def write_job(name, components="resid_pre,attn_out,mlp_out,z_all_pos,z", engine="fast", chunk=3):
+def write_job(name, components="resid_pre,attn_out,mlp_out,z_all_pos,z", engine="fast", chunk=3, model="model",
+              dataset="ioi.jsonl"):
     path = os.path.join(TMP, name + ".ini")
     with open(path, "w") as f:
-        f.write(f"; {name}\n[model]\ndir = model\n[data]\ndataset = ioi.jsonl\n"
+        f.write(f"; {name}\n[model]\ndir = {model}\n[data]\ndataset = {dataset}\n"
                 f"[patch]\ncomponents = {components}\nengine = {engine}\n"
                 f"[run]\noutput = {name}.nc\nchunk_prompts = {chunk}\nprogress_seconds = 0.1\n")
     return name + ".ini"
@@ -202,8 +203,17 @@ try:
     subprocess.run([BIN, "make-dataset", "ioi", "--n", "24", "--seed", "11", "-o", os.path.join(TMP, "ioi.jsonl")],
                    check=True, capture_output=True)
     job = write_job("main")
-    # naive engine, one prompt per chunk: slow enough to be stopped mid-run
-    slow = write_job("slow", components="resid_pre,z_all_pos", engine="naive", chunk=1)
+    # The job the tests interrupt must outlast the signal's way through Slurm
+    # (scancel -> slurmd -> batch shell -> ranks) on an idle machine too:
+    # the naive engine, one prompt per chunk, a wider model and 48 prompts
+    # take several seconds; the signal goes out once chunk 2 is logged.
+    subprocess.run(["/usr/bin/python3", f"{ROOT}/tests/tools/make_model.py", "--layers", "4", "--heads", "4",
+                    "--d-model", "64", "--n-positions", "64", "--std", "0.3", "-o", os.path.join(TMP, "model-slow")],
+                   check=True, capture_output=True)
+    subprocess.run([BIN, "make-dataset", "ioi", "--n", "48", "--seed", "12", "-o", os.path.join(TMP, "ioi48.jsonl")],
+                   check=True, capture_output=True)
+    slow = write_job("slow", components="resid_pre,z_all_pos", engine="naive", chunk=1, model="model-slow",
+                     dataset="ioi48.jsonl")
 
     # --- outside Slurm ----------------------------------------------------
     for script in (SBATCH, ARRAY):
@@ -250,10 +260,10 @@ try:
         log = log_of(logname)
         check("requeued job completes", recs and recs[0].get("JobState") == "COMPLETED"
               and recs[0].get("ExitCode") == "0:0" and recs[0].get("Restarts") == "1", (recs, log[-2000:]))
-        m = re.search(r"stopped by a signal after (\d+) of 24 prompts", log)
-        check("first run stopped after the chunk in flight, requeued", m and 0 < int(m.group(1)) < 24
+        m = re.search(r"stopped by a signal after (\d+) of 48 prompts", log)
+        check("first run stopped after the chunk in flight, requeued", m and 0 < int(m.group(1)) < 48
               and "requeueing job" in log and "run 2 on" in log, log[-2000:])
-        check("second run resumed", re.search(r"24 of 24 prompts done \(\d+ from an earlier run\)", log) is not None,
+        check("second run resumed", re.search(r"48 of 48 prompts done \(\d+ from an earlier run\)", log) is not None,
               log[-1500:])
         ok, diff = same_values(os.path.join(TMP, "slow-ref.nc"), os.path.join(TMP, "rq.nc")) \
             if os.path.exists(os.path.join(TMP, "rq.nc")) else (False, "no rq.nc")
