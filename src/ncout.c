@@ -82,6 +82,10 @@ ps_status ncout_create(ncout_file *f, const char *path)
     }
     memcpy(f->tmp_path, path, n);
     memcpy(f->tmp_path + n, ".partial", sizeof ".partial");
+    /* A .partial left by a writer that was killed is garbage; unlinking it
+     * (rather than clobbering it in place) gives the new file its own inode,
+     * so an HDF5 lock still held by a dying process cannot refuse us. */
+    unlink(f->tmp_path);
     int ncid;
     int rc = nc_create(f->tmp_path, NC_NETCDF4 | NC_CLOBBER, &ncid);
     if (rc != NC_NOERR) {

@@ -142,6 +142,14 @@ for k, frac in enumerate((0.4, 0.7) if QUICK else (0.15, 0.4, 0.7, 0.95)):
         time.sleep(max(0.05, frac * t_full * (3 if ranks else 1)))
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
+        # mpirun is reaped first; its ranks may still be dying: wait for the group
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
     j = out + ".journal"
     if k == 1 and os.path.exists(j):
         # a torn record: the tail of a record cut off mid-write
