@@ -328,15 +328,25 @@ typedef struct {
     uint64_t bytes;    /* of the packed pairs that follow */
 } chunk_header;
 
+typedef struct {
+    size_t cost, index;
+} cell_cost;
+
+/* Longest first; equal costs in cell order, so every rank sorts alike. */
+static int cmp_cell_cost(const void *a, const void *b)
+{
+    const cell_cost *x = a, *y = b;
+    if (x->cost != y->cost)
+        return x->cost > y->cost ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
 /* Deal cells to ranks, longest first to the least loaded (lowest rank on
  * ties): the same plan on every rank from the same pairs. owner[i] = rank. */
 static ps_status assign_cells(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n,
                               patch_direction dir, size_t ranks, uint32_t *owner)
 {
-    typedef struct {
-        size_t cost, index;
-    } item;
-    item *items = malloc((n ? n : 1) * sizeof *items);
+    cell_cost *items = malloc((n ? n : 1) * sizeof *items);
     size_t *load = calloc(ranks, sizeof *load);
     if (!items || !load) {
         free(items), free(load);
@@ -344,17 +354,8 @@ static ps_status assign_cells(const model *m, const patch_pair *pairs, const pat
     }
     /* +1: a skipped cell still costs a little (its plan and its slot) */
     for (size_t i = 0; i < n; i++)
-        items[i] = (item){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
-    /* insertion into a max-heap would do; a stable sort by cost is simpler */
-    for (size_t i = 1; i < n; i++) {
-        item x = items[i];
-        size_t k = i;
-        while (k > 0 && items[k - 1].cost < x.cost) {
-            items[k] = items[k - 1];
-            k--;
-        }
-        items[k] = x;
-    }
+        items[i] = (cell_cost){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
+    qsort(items, n, sizeof *items, cmp_cell_cost);
     for (size_t i = 0; i < n; i++) {
         size_t best = 0;
         for (size_t r = 1; r < ranks; r++)
