@@ -166,12 +166,16 @@ def wait_job(jid, timeout):
     return None
 
 
-def wait_log(path, pattern, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if os.path.exists(path) and re.search(pattern, open(path, errors="replace").read()):
+def wait_journal(output, timeout):
+    """True once the sweep writing `output` has journaled a chunk: the
+    journal is fdatasync'ed per chunk, while srun may hold back the ranks'
+    progress lines, so the log can lag behind the work."""
+    path = os.path.join(TMP, output + ".journal")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path) and os.path.getsize(path) > 600:
             return True
-        time.sleep(0.1)
+        time.sleep(0.05)
     return False
 
 
@@ -206,7 +210,7 @@ try:
     # The job the tests interrupt must outlast the signal's way through Slurm
     # (scancel -> slurmd -> batch shell -> ranks) on an idle machine too:
     # the naive engine, one prompt per chunk, a wider model and 48 prompts
-    # take several seconds; the signal goes out once chunk 2 is logged.
+    # take several seconds; the signal goes out once a chunk is journaled.
     subprocess.run(["/usr/bin/python3", f"{ROOT}/tests/tools/make_model.py", "--layers", "4", "--heads", "4",
                     "--d-model", "64", "--n-positions", "64", "--std", "0.3", "-o", os.path.join(TMP, "model-slow")],
                    check=True, capture_output=True)
@@ -253,7 +257,7 @@ try:
         # --- the warning signal: stop, requeue, resume ------------------------
         jid = submit(["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, slow, "--output", "rq.nc"])
         logname = os.path.join(TMP, f"patchsweep-{jid}.out")
-        started = wait_log(logname, r"chunk 2/", 120)
+        started = wait_journal("rq.nc", 120)
         r = sh(["scancel", "--signal=USR1", "--batch", jid])
         check("warning signal sent mid-run", started and r.returncode == 0, r.stderr + log_of(logname)[-800:])
         recs = wait_job(jid, 150)
@@ -274,7 +278,7 @@ try:
         args = ["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, slow, "--output", "cx.nc"]
         jid = submit(args)
         logname = os.path.join(TMP, f"patchsweep-{jid}.out")
-        started = wait_log(logname, r"chunk 2/", 120)
+        started = wait_journal("cx.nc", 120)
         sh(["scancel", jid])
         recs = wait_job(jid, 120)
         log = log_of(logname)
