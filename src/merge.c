@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "fsutil.h"
 #include "ncout.h"
 #include "prov.h"
 
@@ -685,15 +686,14 @@ static ps_status copy_fixed_var(ncout_file *f, const part *src, const var_plan *
 
 /* ---- the merge -------------------------------------------------------------- */
 
+/* Before any work: the output may be new or a regular file (fs_check_output,
+ * as every writer), and must not be one of the parts it replaces. */
 static ps_status check_output(const char *output, const part *parts, size_t n_parts)
 {
     struct stat so, sp;
-    if (stat(output, &so) != 0)
-        return PS_OK;
-    /* The merged file replaces the output by a rename, which would replace
-     * a device such as /dev/null, not write to it. */
-    if (!S_ISREG(so.st_mode))
-        return err_set(PS_ERR_INVALID, "%s: exists and is not a regular file", output);
+    ps_status st = fs_check_output(output);
+    if (st || stat(output, &so) != 0)
+        return st;
     for (size_t i = 0; i < n_parts; i++)
         if (stat(parts[i].path, &sp) == 0 && sp.st_dev == so.st_dev && sp.st_ino == so.st_ino)
             return err_set(PS_ERR_INVALID, "%s: the output is one of the parts (%s)", output, parts[i].path);
