@@ -344,12 +344,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t i = 0; i < nmax; i++)
         idx[i] = (int)i;
-    size_t start = 0, cnt;
-    st = ncout_check(nc_put_vara_int(f->ncid, v_layer, &start, (cnt = r->n_layer, &cnt), idx), f->tmp_path, "layer");
+    /* each coordinate variable spans its whole dimension: idx[0..len) */
+    st = ncout_check(nc_put_var_int(f->ncid, v_layer, idx), f->tmp_path, "layer");
     if (!st)
-        st = ncout_check(nc_put_vara_int(f->ncid, v_pos, &start, (cnt = max_T, &cnt), idx), f->tmp_path, "position");
+        st = ncout_check(nc_put_var_int(f->ncid, v_pos, idx), f->tmp_path, "position");
     if (!st)
-        st = ncout_check(nc_put_vara_int(f->ncid, v_head, &start, (cnt = r->n_head, &cnt), idx), f->tmp_path, "head");
+        st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, "head");
     free(idx);
     return st;
 }
