@@ -109,15 +109,8 @@ ps_status forward_run_from(const model *m, forward_cache *c, size_t layer0, size
 void forward_layernorm(float *out, const float *x, const float *w, const float *b,
                        size_t rows, size_t d, float eps);
 
-/* out[rows, n] = x[rows, k] @ W[k, n] (+ bias[n]); W row-major with row stride ldw >= n. */
-void forward_matmul(float *out, const float *x, const float *W, size_t ldw, const float *bias,
-                    size_t rows, size_t k, size_t n);
-
 /* log(sum_i exp(x_i)) over n values, in double after subtracting the max
  * (the normalizer of a logits row: log p_i = x_i - logsumexp). */
 double forward_logsumexp(const float *x, size_t n);
-
-/* gelu_new(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in place over n values. */
-void forward_gelu(float *x, size_t n);
 
 #endif

@@ -32,6 +32,7 @@
 #include <stddef.h>
 
 #include "err.h"
+#include "gemm.h"
 #include "safetensors.h"
 
 /* config.json is tiny; anything bigger is not a GPT-2 config. */
@@ -71,6 +72,9 @@ typedef struct {
     const float *fc_b;                  /* [m] */
     const float *mlp_proj_w;            /* [m, d] */
     const float *mlp_proj_b;            /* [d] */
+    /* The four matrices again, packed for gemm_run (model_pack_weights):
+     * q, k, v are the three column blocks of attn_w, each [d, d]. */
+    gemm_weight q_w, k_w, v_w, attn_proj_p, fc_p, mlp_proj_p;
 } model_block;
 
 typedef struct {
@@ -91,6 +95,8 @@ typedef struct {
     st_file st;              /* the mmap'd checkpoint */
     float *arena;            /* owned: converted tensors */
     size_t arena_floats;
+    float *packed;           /* owned: the blocks' packed matrices (gemm.h) */
+    size_t packed_floats;
 } model;
 
 /* Parse and validate config.json (`path` names the file for messages).
@@ -107,6 +113,11 @@ ps_status model_config_parse(model_config *cfg, const char *path, const char *js
  * presence and shape against the config, and set up the pointers.
  * On error *m is left freed (model_free is safe). */
 ps_status model_load(model *m, const char *dir);
+
+/* Pack every block's matrices for gemm_run into m->packed (model_load does
+ * it; models built in memory, as the unit tests', call it themselves).
+ * Costs the matrices' size once more in float32: 85M floats for GPT-2 small. */
+ps_status model_pack_weights(model *m);
 
 /* Compute m->sha256 of the safetensors file, hashing the mmap (portable C,
  * roughly 150-250 MB/s: seconds per GB; the file is read once). */

@@ -7,6 +7,7 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "gemm.h"
 #include "ncout.h"
 #include "patch.h"
 #include "prov.h"
@@ -20,10 +21,11 @@ typedef struct {
     bool components_given;
     patch_opts po;
     size_t reps;
+    bool fast_only;
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
-       OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE };
+       OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -39,6 +41,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"output", required_argument, 0, 'o'},
                                          {"reps", required_argument, 0, OPT_REPS},
                                          {"save", required_argument, 0, OPT_SAVE},
+                                         {"fast-only", no_argument, 0, OPT_FAST_ONLY},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -48,7 +51,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
         /* options of the other command are usage errors, not silently ignored */
-        const char *foreign = is_patch ? (ch == OPT_REPS ? "--reps" : ch == OPT_SAVE ? "--save" : NULL)
+        const char *foreign = is_patch ? (ch == OPT_REPS            ? "--reps"
+                                          : ch == OPT_SAVE          ? "--save"
+                                          : ch == OPT_FAST_ONLY     ? "--fast-only"
+                                                                    : NULL)
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
@@ -60,6 +66,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_WRONG: a->wrong = optarg; break;
         case 'o': a->output = optarg; break;
         case OPT_SAVE: a->save = optarg; break;
+        case OPT_FAST_ONLY: a->fast_only = true; break;
         case OPT_COMPONENTS:
             if (patch_components_parse(optarg, a->on) != PS_OK)
                 return cli_usage(cmd, "%s", err_msg());
@@ -300,12 +307,14 @@ out:
 
 static const char *bench_help =
     "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK]\n"
-    "                        [--components LIST] [--metric M] [--reps N] [--json] [--save FILE.json]\n"
+    "                        [--components LIST] [--metric M] [--reps N] [--fast-only] [--json]\n"
+    "                        [--save FILE.json]\n"
     "  Times the naive and the fast patching engine side by side in this process\n"
     "  on one prompt pair (default: the worksheet's IOI pair), beside the sgemm\n"
     "  peak measured in the same run.  Fast: median of N runs (default 5);\n"
     "  naive: one run.  Useful GFLOP/s = the FLOPs the fast engine's plan needs\n"
     "  (recomputed rows and blocks of the cells that change anything) / time.\n"
+    "  --fast-only       skip the naive engine (long prompts: it costs layers x T forwards)\n"
     "  --save FILE.json  also write the JSON report there (with provenance)\n";
 
 static ps_status write_json(FILE *out, void *user)
@@ -349,8 +358,9 @@ int cmd_bench(int argc, char **argv)
     int threads = openblas_get_num_threads();
     json_t *rows = json_array();
     if (!a.common.json) {
-        printf("BLAS: OpenBLAS core %s, %d threads; sgemm peak (1024 x %zu x %zu): %.1f GFLOP/s\n", core, threads, d,
-               4 * d, peak);
+        printf("BLAS: OpenBLAS core %s, %d threads; sgemm peak (1024 x %zu x %zu): %.1f GFLOP/s; "
+               "patchsweep gemm kernel %s\n",
+               core, threads, d, 4 * d, peak, gemm_isa_name(gemm_isa_get()));
         printf("model: %zu layers, d_model %zu, %zu heads, vocab %zu; prompt pair of %zu tokens; metric %s\n",
                m.cfg.n_layer, d, m.cfg.n_head, m.cfg.vocab_size, na, patch_metric_name(po.metric));
         printf("%-16s %6s %9s %9s %7s %10s %10s %9s %9s %7s\n", "component", "cells", "naive_s", "fast_s", "ratio",
@@ -366,10 +376,12 @@ int cmd_bench(int argc, char **argv)
         double *v = malloc(n * sizeof *v), *times = malloc(reps * sizeof *times), useful = 0.0;
         for (size_t i = 0; i < n; i++)
             useful += bench_cell_flops(&m, &pair, &cells[i], &po);
-        po.engine = PATCH_ENGINE_NAIVE;
-        double t0 = bench_now();
-        st = patch_eval(&m, &pair, 1, cells, n, &po, v);
-        double naive_s = bench_now() - t0;
+        double t0 = bench_now(), naive_s = NAN;
+        if (!a.fast_only) {
+            po.engine = PATCH_ENGINE_NAIVE;
+            st = patch_eval(&m, &pair, 1, cells, n, &po, v);
+            naive_s = bench_now() - t0;
+        }
         po.engine = PATCH_ENGINE_FAST;
         for (size_t r = 0; r < reps && st == PS_OK; r++) {
             t0 = bench_now();
@@ -385,10 +397,13 @@ int cmd_bench(int argc, char **argv)
                 }
             double fast_s = times[reps / 2], gf = useful / fast_s / 1e9;
             const char *cn = patch_component_name((patch_component)c);
-            json_array_append_new(rows, json_pack("{s:s,s:i,s:f,s:f,s:f,s:f,s:f,s:f}", "component", cn, "cells", (int)n,
-                                                  "naive_seconds", naive_s, "fast_seconds", fast_s, "ratio",
-                                                  naive_s / fast_s, "useful_gflop", useful / 1e9, "useful_gflops",
-                                                  gf, "percent_of_peak", 100.0 * gf / peak));
+            /* naive_seconds and ratio are null with --fast-only */
+            json_t *row = json_pack("{s:s,s:i,s:f,s:f,s:f,s:f}", "component", cn, "cells", (int)n, "fast_seconds",
+                                    fast_s, "useful_gflop", useful / 1e9, "useful_gflops", gf, "percent_of_peak",
+                                    100.0 * gf / peak);
+            json_object_set_new(row, "naive_seconds", a.fast_only ? json_null() : json_real(naive_s));
+            json_object_set_new(row, "ratio", a.fast_only ? json_null() : json_real(naive_s / fast_s));
+            json_array_append_new(rows, row);
             if (!a.common.json)
                 printf("%-16s %6zu %9.3f %9.4f %6.1fx %10.1f %10.1f %9.2f %9.1f %6.1f%%\n", cn, n, naive_s, fast_s,
                        naive_s / fast_s, (double)n / naive_s, (double)n / fast_s, useful / 1e9, gf,
@@ -404,10 +419,10 @@ int cmd_bench(int argc, char **argv)
             json_decref(rows);
             goto out;
         }
-        json_t *report = json_pack("{s:s,s:s,s:s,s:s,s:{s:s,s:i,s:f},s:{s:i,s:i,s:i,s:i},s:i,s:s,s:o}",
+        json_t *report = json_pack("{s:s,s:s,s:s,s:s,s:{s:s,s:i,s:f,s:s},s:{s:i,s:i,s:i,s:i},s:i,s:s,s:o}",
                                    "patchsweep_version", prov_version(), "command_line", prov_command_line(),
                                    "model", m.dir, "model_sha256", m.sha256, "blas", "core", core, "threads",
-                                   threads, "sgemm_peak_gflops", peak, "model_shape", "n_layer", (int)m.cfg.n_layer,
+                                   threads, "sgemm_peak_gflops", peak, "gemm_kernel", gemm_isa_name(gemm_isa_get()), "model_shape", "n_layer", (int)m.cfg.n_layer,
                                    "n_embd", (int)d, "n_head", (int)m.cfg.n_head, "vocab_size",
                                    (int)m.cfg.vocab_size, "tokens", (int)na, "metric", patch_metric_name(po.metric),
                                    "components", rows);

@@ -1,5 +1,7 @@
 #include "forward.h"
 
+#include "gemm.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
@@ -32,22 +34,6 @@ void forward_layernorm(float *out, const float *x, const float *w, const float *
     }
 }
 
-void forward_matmul(float *out, const float *x, const float *W, size_t ldw, const float *bias,
-                    size_t rows, size_t k, size_t n)
-{
-    if (rows == 0)
-        return;
-    float beta = 0.0f;
-    if (bias) {
-        for (size_t r = 0; r < rows; r++)
-            memcpy(out + r * n, bias, n * sizeof *out);
-        beta = 1.0f;
-    }
-    /* out[rows, n] = x[rows, k] @ W[k, n] + beta * out (Conv1D layout kept as stored) */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)n, (int)k, 1.0f, x,
-                (int)k, W, (int)ldw, beta, out, (int)n);
-}
-
 double forward_logsumexp(const float *x, size_t n)
 {
     float mx = -INFINITY;
@@ -57,15 +43,6 @@ double forward_logsumexp(const float *x, size_t n)
     for (size_t i = 0; i < n; i++)
         s += exp((double)x[i] - mx);
     return mx + log(s);
-}
-
-void forward_gelu(float *x, size_t n)
-{
-    const float c = 0.7978845608028654f; /* sqrt(2/pi) */
-    for (size_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v)));
-    }
 }
 
 /* Causal attention pattern for query rows [row0, T):
@@ -276,9 +253,9 @@ static ps_status block_forward(const model *mdl, forward_cache *c, size_t l, siz
     forward_layernorm(ly->ln1 + o, ly->resid_pre + o, b->ln_1_w, b->ln_1_b, n, d, cfg->ln_eps);
     /* q | k | v = ln1 @ c_attn.weight[:, 0:d | d:2d | 2d:3d] + bias: three
      * GEMMs on column blocks of the [d, 3d] weight give contiguous [T, H, dh]. */
-    forward_matmul(ly->q + o, ly->ln1 + o, b->attn_w, 3 * d, b->attn_b, n, d, d);
-    forward_matmul(ly->k + o, ly->ln1 + o, b->attn_w + d, 3 * d, b->attn_b + d, n, d, d);
-    forward_matmul(ly->v + o, ly->ln1 + o, b->attn_w + 2 * d, 3 * d, b->attn_b + 2 * d, n, d, d);
+    gemm_run(ly->q + o, ly->ln1 + o, n, &b->q_w, b->attn_b, GEMM_PLAIN);
+    gemm_run(ly->k + o, ly->ln1 + o, n, &b->k_w, b->attn_b + d, GEMM_PLAIN);
+    gemm_run(ly->v + o, ly->ln1 + o, n, &b->v_w, b->attn_b + 2 * d, GEMM_PLAIN);
     FIRE(HOOK_Q, l);
     FIRE(HOOK_K, l);
     FIRE(HOOK_V, l);
@@ -286,17 +263,17 @@ static ps_status block_forward(const model *mdl, forward_cache *c, size_t l, siz
     FIRE(HOOK_PATTERN, l);
     attention_z_rows(ly->z, ly->pattern, ly->v, T, row0, cfg->n_head, cfg->d_head);
     FIRE(HOOK_Z, l);
-    forward_matmul(ly->attn_out + o, ly->z + o, b->attn_proj_w, d, b->attn_proj_b, n, d, d);
+    gemm_run(ly->attn_out + o, ly->z + o, n, &b->attn_proj_p, b->attn_proj_b, GEMM_PLAIN);
     FIRE(HOOK_ATTN_OUT, l);
     add_rows(ly->resid_mid + o, ly->resid_pre + o, ly->attn_out + o, n * d);
     FIRE(HOOK_RESID_MID, l);
     forward_layernorm(ly->ln2 + o, ly->resid_mid + o, b->ln_2_w, b->ln_2_b, n, d, cfg->ln_eps);
-    forward_matmul(ly->mlp_pre + om, ly->ln2 + o, b->fc_w, m, b->fc_b, n, d, m);
+    gemm_run(ly->mlp_pre + om, ly->ln2 + o, n, &b->fc_p, b->fc_b, GEMM_PLAIN);
     FIRE(HOOK_MLP_PRE, l);
     memcpy(ly->mlp_post + om, ly->mlp_pre + om, n * m * sizeof(float));
-    forward_gelu(ly->mlp_post + om, n * m);
+    gemm_gelu(ly->mlp_post + om, n * m);
     FIRE(HOOK_MLP_POST, l);
-    forward_matmul(ly->mlp_out + o, ly->mlp_post + om, b->mlp_proj_w, d, b->mlp_proj_b, n, m, d);
+    gemm_run(ly->mlp_out + o, ly->mlp_post + om, n, &b->mlp_proj_p, b->mlp_proj_b, GEMM_PLAIN);
     FIRE(HOOK_MLP_OUT, l);
     add_rows(ly->resid_post + o, ly->resid_mid + o, ly->mlp_out + o, n * d);
     FIRE(HOOK_RESID_POST, l);

@@ -432,10 +432,40 @@ static ps_status load_into(model *m, const char *dir)
     return st;
 }
 
+ps_status model_pack_weights(model *m)
+{
+    const size_t d = m->cfg.n_embd, mm = m->cfg.n_inner;
+    const size_t per = 4 * gemm_packed_floats(d, d) + gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d);
+    if (m->cfg.n_layer > SIZE_MAX / sizeof(float) / (per ? per : 1))
+        return err_set(PS_ERR_NOMEM, "packed weights of %zu blocks overflow size_t", m->cfg.n_layer);
+    free(m->packed);
+    m->packed_floats = m->cfg.n_layer * per;
+    /* 64-byte aligned: a panel row is two cache lines (GEMM_NR floats). */
+    size_t bytes = (m->packed_floats * sizeof(float) + 63) / 64 * 64;
+    m->packed = aligned_alloc(64, bytes ? bytes : 64);
+    if (!m->packed)
+        return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the packed weights", bytes);
+    float *p = m->packed;
+    for (size_t l = 0; l < m->cfg.n_layer; l++) {
+        model_block *b = &m->blocks[l];
+        gemm_weight *dst[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
+        const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
+        const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
+        for (size_t i = 0; i < 6; i++) {
+            gemm_pack(p, src[i], ld[i], ks[i], ns[i]);
+            *dst[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = p};
+            p += gemm_packed_floats(ks[i], ns[i]);
+        }
+    }
+    return PS_OK;
+}
+
 ps_status model_load(model *m, const char *dir)
 {
     memset(m, 0, sizeof *m);
     ps_status st = load_into(m, dir);
+    if (st == PS_OK)
+        st = model_pack_weights(m);
     if (st != PS_OK)
         model_free(m);
     return st;
@@ -453,6 +483,7 @@ void model_free(model *m)
 {
     st_close(&m->st);
     free(m->arena);
+    free(m->packed);
     free(m->blocks);
     free(m->dir);
     free(m->config_json);

@@ -1,5 +1,8 @@
 #include "patch.h"
 
+#include "gemm.h"
+#include "pool.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
@@ -520,16 +523,18 @@ static void attention_job(float *z, const float *q, size_t qa, size_t qb, size_t
 typedef struct {
     size_t rows;
     float *x, *a, *q, *k, *v, *z, *h; /* [rows, d] each, h [rows, m] */
-    float *scratch;                   /* [n_positions] */
+    float *scratch;                   /* [threads, n_positions]: attention rows per thread */
+    size_t threads;
 } fast_buffers;
 
 static ps_status buffers_init(fast_buffers *b, const model_config *cfg, size_t rows)
 {
-    const size_t d = cfg->n_embd, m = cfg->n_inner;
-    float *all = malloc((6 * rows * d + rows * m + cfg->n_positions) * sizeof(float) + sizeof(float));
+    const size_t d = cfg->n_embd, m = cfg->n_inner, nt = pool_threads();
+    float *all = malloc((6 * rows * d + rows * m + nt * cfg->n_positions) * sizeof(float) + sizeof(float));
     if (!all)
         return err_set(PS_ERR_NOMEM, "cannot allocate the fast engine's buffers for %zu rows", rows);
     b->rows = rows;
+    b->threads = nt;
     b->x = all;
     b->a = b->x + rows * d;
     b->q = b->a + rows * d;
@@ -549,15 +554,74 @@ static void add_into(float *x, const float *y, size_t n)
         x[i] += y[i];
 }
 
+/* The row-wise steps between the matrix products run on the pool's threads
+ * too: with one thread they would be the serial fraction that caps the
+ * engine's speed-up (Amdahl).  Rows are independent, so any split gives
+ * the same bits. */
+typedef struct {
+    float *out;
+    const float *x, *w, *bias;
+    size_t rows, d;
+    float eps;
+} ln_task;
+
+static void ln_worker(void *arg, size_t tid, size_t nt)
+{
+    const ln_task *t = arg;
+    const size_t r0 = t->rows * tid / nt, r1 = t->rows * (tid + 1) / nt;
+    forward_layernorm(t->out + r0 * t->d, t->x + r0 * t->d, t->w, t->bias, r1 - r0, t->d, t->eps);
+}
+
+/* Rows per thread below which a row-wise step stays on one thread. */
+#define PAR_MIN_ROWS 8
+
+static void layernorm_rows(float *out, const float *x, const float *w, const float *bias, size_t rows,
+                           const model_config *cfg)
+{
+    ln_task t = {out, x, w, bias, rows, cfg->n_embd, cfg->ln_eps};
+    pool_run(rows / PAR_MIN_ROWS + 1, ln_worker, &t);
+}
+
+/* Attention of the active jobs: job j's query rows [qa_j, T_j) for every
+ * head (attention_job), jobs dealt round-robin to the threads. */
+typedef struct {
+    const fast_job *jobs;
+    size_t n_jobs;
+    fast_buffers *b;
+    const model_config *cfg;
+    size_t layer;
+    bool last_row_only; /* last block: one query row per job, stacked at j*d */
+} attn_task;
+
+static void attn_worker(void *arg, size_t tid, size_t nt)
+{
+    const attn_task *t = arg;
+    const size_t d = t->cfg->n_embd;
+    float *scratch = t->b->scratch + tid * t->cfg->n_positions;
+    for (size_t j = tid; j < t->n_jobs; j += nt) {
+        const fast_job *jb = &t->jobs[j];
+        const forward_layer *bl = &jb->base->layers[t->layer];
+        const size_t o = jb->off * d, q = t->last_row_only ? j * d : o;
+        attention_job(t->b->z + q, t->b->q + q, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, jb->row0, bl->k,
+                      bl->v, t->b->k + o, t->b->v + o, t->cfg->n_head, t->cfg->d_head, scratch);
+    }
+}
+
+static void attention_jobs(const fast_job *jobs, size_t n_jobs, fast_buffers *b, const model_config *cfg,
+                           size_t layer, bool last_row_only)
+{
+    attn_task t = {jobs, n_jobs, b, cfg, layer, last_row_only};
+    pool_run(n_jobs < b->threads ? n_jobs : b->threads, attn_worker, &t);
+}
+
 /* x[rows] += MLP(ln_2(x[rows])) of block l; a, h are scratch. */
 static void mlp_rows(const model *m, size_t l, float *x, float *a, float *h, float *out, size_t rows)
 {
     const model_block *b = &m->blocks[l];
-    const size_t d = m->cfg.n_embd, mm = m->cfg.n_inner;
-    forward_layernorm(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps);
-    forward_matmul(h, a, b->fc_w, mm, b->fc_b, rows, d, mm);
-    forward_gelu(h, rows * mm);
-    forward_matmul(out, h, b->mlp_proj_w, d, b->mlp_proj_b, rows, mm, d);
+    const size_t d = m->cfg.n_embd;
+    layernorm_rows(a, x, b->ln_2_w, b->ln_2_b, rows, &m->cfg);
+    gemm_run(h, a, rows, &b->fc_p, b->fc_b, GEMM_GELU);
+    gemm_run(out, h, rows, &b->mlp_proj_p, b->mlp_proj_b, GEMM_PLAIN);
     add_into(x, out, rows * d);
 }
 
@@ -630,7 +694,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                            const patch_opts *opts, fast_buffers *b, double *values)
 {
     const model_config *cfg = &m->cfg;
-    const size_t d = cfg->n_embd, L = cfg->n_layer, H = cfg->n_head, dh = cfg->d_head, V = cfg->vocab_size;
+    const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size;
     size_t rows = 0;
     for (size_t j = 0; j < nj; j++) {
         jobs[j].off = rows;
@@ -688,7 +752,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             continue;
         /* attn_out of the E_Z rows (q holds it), one sgemm for the layer */
         const model_block *blk = &m->blocks[l];
-        forward_matmul(b->q, b->z, blk->attn_proj_w, d, blk->attn_proj_b, r, d, d);
+        gemm_run(b->q, b->z, r, &blk->attn_proj_p, blk->attn_proj_b, GEMM_PLAIN);
         r = 0;
         for (size_t j = 0; j < nj; j++) {
             const fast_job *jb = &jobs[j];
@@ -725,19 +789,13 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             continue;
         const model_block *blk = &m->blocks[l];
         const bool last = l + 1 == L;
-        forward_layernorm(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, d, cfg->ln_eps);
-        forward_matmul(b->k, b->a, blk->attn_w + d, 3 * d, blk->attn_b + d, arows, d, d);
-        forward_matmul(b->v, b->a, blk->attn_w + 2 * d, 3 * d, blk->attn_b + 2 * d, arows, d, d);
+        layernorm_rows(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, cfg);
+        gemm_run(b->k, b->a, arows, &blk->k_w, blk->attn_b + d, GEMM_PLAIN);
+        gemm_run(b->v, b->a, arows, &blk->v_w, blk->attn_b + 2 * d, GEMM_PLAIN);
         if (!last) {
-            forward_matmul(b->q, b->a, blk->attn_w, 3 * d, blk->attn_b, arows, d, d);
-            for (size_t j = 0; j < active; j++) {
-                const fast_job *jb = &jobs[j];
-                const forward_layer *bl = &jb->base->layers[l];
-                const size_t o = jb->off * d;
-                attention_job(b->z + o, b->q + o, jb->row0, jb->T, jb->row0, bl->k, bl->v, b->k + o, b->v + o, H,
-                              dh, b->scratch);
-            }
-            forward_matmul(b->q, b->z, blk->attn_proj_w, d, blk->attn_proj_b, arows, d, d);
+            gemm_run(b->q, b->a, arows, &blk->q_w, blk->attn_b, GEMM_PLAIN);
+            attention_jobs(jobs, active, b, cfg, l, false);
+            gemm_run(b->q, b->z, arows, &blk->attn_proj_p, blk->attn_proj_b, GEMM_PLAIN);
             add_into(b->x, b->q, arows * d);
             mlp_rows(m, l, b->x, b->a, b->h, b->q, arows);
         } else {
@@ -748,16 +806,10 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                 const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
                 memcpy(b->z + j * d, b->a + lr * d, d * sizeof(float));
             }
-            forward_matmul(b->q, b->z, blk->attn_w, 3 * d, blk->attn_b, active, d, d);
-            for (size_t j = 0; j < active; j++) {
-                const fast_job *jb = &jobs[j];
-                const forward_layer *bl = &jb->base->layers[l];
-                const size_t o = jb->off * d;
-                attention_job(b->z + j * d, b->q + j * d, jb->T - 1, jb->T, jb->row0, bl->k, bl->v, b->k + o,
-                              b->v + o, H, dh, b->scratch);
-            }
+            gemm_run(b->q, b->z, active, &blk->q_w, blk->attn_b, GEMM_PLAIN);
+            attention_jobs(jobs, active, b, cfg, l, true);
             /* k now holds attn_out of the last rows, a their residual */
-            forward_matmul(b->k, b->z, blk->attn_proj_w, d, blk->attn_proj_b, active, d, d);
+            gemm_run(b->k, b->z, active, &blk->attn_proj_p, blk->attn_proj_b, GEMM_PLAIN);
             for (size_t j = 0; j < active; j++) {
                 const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
                 for (size_t e = 0; e < d; e++)

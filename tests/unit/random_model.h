@@ -72,11 +72,14 @@ static void random_model_init(random_model *tm, size_t L, size_t H, size_t d, si
     tm->m.ln_f_w = random_model_fill(&p, d, 0.1f, 1);
     tm->m.ln_f_b = random_model_fill(&p, d, 0.1f, 0);
     tm->m.unembed = tm->m.wte;
+    if (model_pack_weights(&tm->m) != PS_OK)
+        abort();
 }
 
 static void random_model_free(random_model *tm)
 {
     free(tm->store);
+    free(tm->m.packed);
     free(tm->m.blocks);
 }
 

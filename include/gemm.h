@@ -1,0 +1,66 @@
+/*
+ * gemm: out[rows, n] = x[rows, k] @ W[k, n] + bias[n] for the transformer's
+ * weight matrices, with W packed once when the model is loaded.
+ *
+ * Why not cblas_sgemm: a BLAS call packs both operands into its own
+ * layout on every call.  The patching engine multiplies 20-400 rows by a
+ * weight matrix of up to 768 x 3072 (GPT-2 small) or 1600 x 6400 (xl), so
+ * repacking W costs as much as the product itself (measured: OpenBLAS
+ * SkylakeX at 28 rows reaches 26% of its 1024-row rate).  Here W is stored
+ * as column panels of GEMM_NR floats,
+ *     packed[p][kk][j] = W[kk, p*GEMM_NR + j]   (zero where p*NR + j >= n),
+ * so the inner kernel streams one panel sequentially and every row block
+ * of x reuses it from cache (BLIS's B-panel, kept for the model's lifetime).
+ *
+ * Every output element is one accumulation in k order (fused multiply-add
+ * on AVX2/AVX-512), then + bias: a row's result does not depend on the
+ * other rows in the call, on the thread count or on the row blocking, so
+ * stacking cells differently (other chunking, other rank counts) gives
+ * bitwise-identical values on a given instruction set.
+ *
+ * Threads: the panels are split among pool_threads() workers (pool.h).
+ */
+#ifndef PS_GEMM_H
+#define PS_GEMM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define GEMM_NR 32
+
+/* A packed weight matrix (not owning: data lives in the model's arena). */
+typedef struct {
+    size_t k, n;
+    const float *data; /* [ceil(n / GEMM_NR)][k][GEMM_NR] */
+} gemm_weight;
+
+/* Floats of the packed form of a [k, n] matrix. */
+size_t gemm_packed_floats(size_t k, size_t n);
+
+/* Pack W ([k, n], row stride ldw >= n) into dst (gemm_packed_floats(k, n)). */
+void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n);
+
+typedef enum {
+    GEMM_PLAIN, /* out = x W + b */
+    GEMM_GELU   /* out = gelu_new(x W + b), applied per panel while it is in cache */
+} gemm_epilogue;
+
+/* out[rows, w->n] (row stride w->n) = epilogue(x[rows, w->k] @ W + bias);
+ * bias may be NULL.  out must not alias x. */
+void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, const float *bias,
+              gemm_epilogue ep);
+
+/* gelu_new(v) = 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3),
+ * computed as v / (1 + exp(-2u)) (the same function: 1 + tanh(u) =
+ * 2 / (1 + exp(-2u))) with a vectorizable exp; relative error < 1e-6. */
+void gemm_gelu(float *x, size_t n);
+
+/* Kernel variants: chosen once from the CPU (the widest it supports);
+ * tests force each supported one to compare them. */
+typedef enum { GEMM_ISA_C, GEMM_ISA_AVX2, GEMM_ISA_AVX512, GEMM_ISA_COUNT } gemm_isa;
+bool gemm_isa_supported(gemm_isa isa);
+gemm_isa gemm_isa_get(void);
+void gemm_isa_set(gemm_isa isa); /* ignored if not supported */
+const char *gemm_isa_name(gemm_isa isa);
+
+#endif

@@ -1,0 +1,300 @@
+#include "gemm.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#include "pool.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GEMM_X86 1
+#define TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define ALWAYS_INLINE __attribute__((always_inline)) inline
+#endif
+
+/* Panels per thread visited together: their k x GEMM_NR floats (a group)
+ * stay in L2 while every row block passes over them. */
+#define PANEL_GROUP_BYTES ((size_t)512 * 1024)
+/* Below this many multiply-adds a call runs on one thread: waking the
+ * workers would cost more than it saves. */
+#define GEMM_MIN_PARALLEL_MACS ((size_t)1 << 18)
+
+size_t gemm_packed_floats(size_t k, size_t n) { return (n + GEMM_NR - 1) / GEMM_NR * k * GEMM_NR; }
+
+void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n)
+{
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        float *d = dst + p * k * GEMM_NR;
+        for (size_t kk = 0; kk < k; kk++) {
+            memcpy(d + kk * GEMM_NR, W + kk * ldw + c0, nc * sizeof *d);
+            memset(d + kk * GEMM_NR + nc, 0, (GEMM_NR - nc) * sizeof *d);
+        }
+    }
+}
+
+/* ---- gelu ----------------------------------------------------------------- */
+
+/* exp(x) for x in [-87, 88] (clamped), Cephes' expf: x = n ln2 + r with
+ * |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n through the exponent
+ * bits.  Branch-free so that the loops below vectorize; about 1 ulp. */
+static inline float exp_clamped(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Cloned per instruction set (glibc ifunc): the loop vectorizes at the
+ * widest width the CPU has.  Only correctly rounded IEEE operations (no
+ * contraction into FMA: ISO C mode), so every clone and the scalar tail
+ * give the same bits for the same input.  Vectorizing the clamps needs
+ * -fno-trapping-math for this file (Makefile): we never read FP flags. */
+#if defined(GEMM_X86)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void gemm_gelu(float *x, size_t n)
+{
+    const float c2 = -2.0f * 0.7978845608028654f; /* -2 sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        const float v = x[i];
+        x[i] = v / (1.0f + exp_clamped(c2 * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* ---- micro-kernels ---------------------------------------------------------
+ * A tile is mr rows (mr <= the kernel's MR) of x times one panel:
+ *   c[r, j] = sum_kk a[r*lda + kk] * b[kk*GEMM_NR + j] (+ bias[j]),  j < nc.
+ * Each ISA's tile function dispatches mr to a specialisation with mr known
+ * at compile time, so the accumulators live in registers. */
+
+typedef void (*tile_fn)(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c, size_t ldc,
+                        size_t nc, const float *bias);
+
+enum { MR_C = 4, MR_AVX2 = 6, MR_AVX512 = 12 };
+
+static void tile_c(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c, size_t ldc, size_t nc,
+                   const float *bias)
+{
+    float acc[MR_C][GEMM_NR] = {{0}};
+    for (size_t kk = 0; kk < k; kk++)
+        for (size_t r = 0; r < mr; r++) {
+            const float av = a[r * lda + kk];
+            for (size_t j = 0; j < GEMM_NR; j++)
+                acc[r][j] += av * b[kk * GEMM_NR + j];
+        }
+    for (size_t r = 0; r < mr; r++)
+        for (size_t j = 0; j < nc; j++)
+            c[r * ldc + j] = acc[r][j] + (bias ? bias[j] : 0.0f);
+}
+
+#ifdef GEMM_X86
+/* AVX2: 6 rows x 16 columns (12 ymm accumulators), called for both
+ * halves of a panel. */
+TARGET_AVX2 static ALWAYS_INLINE void tile16_avx2(const size_t mr, const float *a, size_t lda, const float *b,
+                                                   size_t k, float *c, size_t ldc, size_t nc, const float *bias)
+{
+    __m256 c0[MR_AVX2], c1[MR_AVX2];
+    for (size_t r = 0; r < mr; r++)
+        c0[r] = c1[r] = _mm256_setzero_ps();
+    for (size_t kk = 0; kk < k; kk++) {
+        const __m256 b0 = _mm256_loadu_ps(b + kk * GEMM_NR), b1 = _mm256_loadu_ps(b + kk * GEMM_NR + 8);
+        for (size_t r = 0; r < mr; r++) {
+            const __m256 av = _mm256_broadcast_ss(a + r * lda + kk);
+            c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+        }
+    }
+    float tmp[16];
+    for (size_t r = 0; r < mr; r++) {
+        _mm256_storeu_ps(tmp, c0[r]);
+        _mm256_storeu_ps(tmp + 8, c1[r]);
+        for (size_t j = 0; j < nc; j++)
+            c[r * ldc + j] = tmp[j] + (bias ? bias[j] : 0.0f);
+    }
+}
+
+TARGET_AVX2 static void tile_avx2(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c,
+                                  size_t ldc, size_t nc, const float *bias)
+{
+    for (size_t half = 0; half < 2 && half * 16 < nc; half++) {
+        const size_t off = half * 16, n16 = nc - off < 16 ? nc - off : 16;
+        const float *bh = b + off, *biash = bias ? bias + off : NULL;
+        float *ch = c + off;
+        switch (mr) {
+#define CASE(R)                                                                                                        \
+    case R: tile16_avx2(R, a, lda, bh, k, ch, ldc, n16, biash); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
+#undef CASE
+        default: break;
+        }
+    }
+}
+
+/* AVX-512: 12 rows x 32 columns (24 zmm accumulators, 2 for the panel
+ * row, 1 broadcast); masked stores for a last panel narrower than 32. */
+TARGET_AVX512 static ALWAYS_INLINE void tile32_avx512(const size_t mr, const float *a, size_t lda, const float *b,
+                                                       size_t k, float *c, size_t ldc, size_t nc, const float *bias)
+{
+    __m512 c0[MR_AVX512], c1[MR_AVX512];
+    for (size_t r = 0; r < mr; r++)
+        c0[r] = c1[r] = _mm512_setzero_ps();
+    for (size_t kk = 0; kk < k; kk++) {
+        const __m512 b0 = _mm512_loadu_ps(b + kk * GEMM_NR), b1 = _mm512_loadu_ps(b + kk * GEMM_NR + 16);
+        for (size_t r = 0; r < mr; r++) {
+            const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
+            c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+        }
+    }
+    const __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
+    const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc > 16 ? (__mmask16)((1u << (nc - 16)) - 1) : 0;
+    const __m512 bias0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 bias1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    for (size_t r = 0; r < mr; r++) {
+        _mm512_mask_storeu_ps(c + r * ldc, m0, _mm512_add_ps(c0[r], bias0));
+        _mm512_mask_storeu_ps(c + r * ldc + 16, m1, _mm512_add_ps(c1[r], bias1));
+    }
+}
+
+TARGET_AVX512 static void tile_avx512(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c,
+                                      size_t ldc, size_t nc, const float *bias)
+{
+    switch (mr) {
+#define CASE(R)                                                                                                        \
+    case R: tile32_avx512(R, a, lda, b, k, c, ldc, nc, bias); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
+#undef CASE
+    default: break;
+    }
+}
+#endif
+
+/* ---- dispatch ---------------------------------------------------------------- */
+
+static const struct {
+    const char *name;
+    size_t mr;
+    tile_fn tile;
+} isa_table[GEMM_ISA_COUNT] = {
+    [GEMM_ISA_C] = {"c", MR_C, tile_c},
+#ifdef GEMM_X86
+    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, tile_avx2},
+    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, tile_avx512},
+#else
+    [GEMM_ISA_AVX2] = {"avx2", MR_C, NULL},
+    [GEMM_ISA_AVX512] = {"avx512", MR_C, NULL},
+#endif
+};
+
+bool gemm_isa_supported(gemm_isa isa)
+{
+    switch (isa) {
+    case GEMM_ISA_C: return true;
+#ifdef GEMM_X86
+    /* libgcc's cpu model also checks that the OS saves the AVX/AVX-512 state (xgetbv). */
+    case GEMM_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case GEMM_ISA_AVX512:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    default: return false;
+    }
+}
+
+static int active_isa = -1;
+
+gemm_isa gemm_isa_get(void)
+{
+    if (active_isa < 0) {
+        active_isa = GEMM_ISA_C;
+        for (int i = GEMM_ISA_COUNT - 1; i > GEMM_ISA_C; i--)
+            if (gemm_isa_supported((gemm_isa)i)) {
+                active_isa = i;
+                break;
+            }
+    }
+    return (gemm_isa)active_isa;
+}
+
+void gemm_isa_set(gemm_isa isa)
+{
+    if (isa < GEMM_ISA_COUNT && gemm_isa_supported(isa))
+        active_isa = (int)isa;
+}
+
+const char *gemm_isa_name(gemm_isa isa) { return isa < GEMM_ISA_COUNT ? isa_table[isa].name : "?"; }
+
+/* ---- driver ------------------------------------------------------------------ */
+
+typedef struct {
+    float *out;
+    const float *x;
+    size_t rows;
+    const gemm_weight *w;
+    const float *bias;
+    gemm_epilogue ep;
+    size_t mr;
+    tile_fn tile;
+} gemm_task;
+
+/* Thread tid's share: panels [np*tid/nt, np*(tid+1)/nt) for every row.
+ * Per group of panels, each row block (mr rows of x, reused from L1/L2 across
+ * the group) passes over the group's panels (reused from L2 across row blocks). */
+static void gemm_worker(void *arg, size_t tid, size_t nt)
+{
+    const gemm_task *t = arg;
+    const size_t k = t->w->k, n = t->w->n, np = (n + GEMM_NR - 1) / GEMM_NR;
+    const size_t p0 = np * tid / nt, p1 = np * (tid + 1) / nt;
+    size_t group = PANEL_GROUP_BYTES / (k * GEMM_NR * sizeof(float));
+    group = group < 1 ? 1 : group;
+    for (size_t pg = p0; pg < p1; pg += group) {
+        const size_t pe = pg + group < p1 ? pg + group : p1;
+        for (size_t i = 0; i < t->rows; i += t->mr) {
+            const size_t mr = t->rows - i < t->mr ? t->rows - i : t->mr;
+            for (size_t p = pg; p < pe; p++) {
+                const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+                t->tile(mr, t->x + i * k, k, t->w->data + p * k * GEMM_NR, k, t->out + i * n + c0, n, nc,
+                        t->bias ? t->bias + c0 : NULL);
+            }
+        }
+        if (t->ep == GEMM_GELU) {
+            const size_t c0 = pg * GEMM_NR, c1 = pe * GEMM_NR < n ? pe * GEMM_NR : n;
+            for (size_t i = 0; i < t->rows; i++)
+                gemm_gelu(t->out + i * n + c0, c1 - c0);
+        }
+    }
+}
+
+void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, const float *bias, gemm_epilogue ep)
+{
+    if (rows == 0 || w->n == 0)
+        return;
+    const gemm_isa isa = gemm_isa_get();
+    gemm_task t = {out, x, rows, w, bias, ep, isa_table[isa].mr, isa_table[isa].tile};
+    if (w->k == 0) { /* an empty sum: bias (or 0) */
+        for (size_t i = 0; i < rows; i++)
+            for (size_t j = 0; j < w->n; j++)
+                out[i * w->n + j] = bias ? bias[j] : 0.0f;
+        if (ep == GEMM_GELU)
+            gemm_gelu(out, rows * w->n);
+        return;
+    }
+    const size_t np = (w->n + GEMM_NR - 1) / GEMM_NR;
+    const bool small = rows * w->k * w->n < GEMM_MIN_PARALLEL_MACS;
+    pool_run(small ? 1 : np, gemm_worker, &t);
+}

@@ -1,0 +1,223 @@
+#!/usr/bin/python3
+"""bench_report: `make bench`, every number side by side in one run on this
+machine, printed as tables and saved as results/bench.json.
+
+  1. engines: patchsweep's fast and naive patching engines on a random
+     GPT-2-small-shaped model and the worksheet's IOI pair (`patchsweep
+     bench`: seconds per grid, useful GFLOP/s beside the sgemm peak measured
+     in the same process), at 2 and at 1 thread;
+  2. baseline: the worksheet's TransformerLens-style loop in PyTorch
+     (tests/tools/bench_torch.py, one forward per cell) on the same model and
+     pair at 1 and 2 threads, its grid checked against patchsweep's;
+  3. sweep scaling: the demo job's settings over 512 IOI pairs on the
+     embedded model, 1 rank x 2 threads vs 2 ranks x 1 thread, with every
+     rank's peak RSS;
+  4. cost growth: fast-engine seconds per prompt as the prompt grows
+     16 -> 64 -> 256 tokens, and sweep seconds per prompt as the dataset
+     grows 10 -> 100 -> 1000 prompts.
+
+Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
+Times are wall-clock seconds on a machine that should otherwise be idle.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
+CORRUPTED = "After John and Mary went to the store, John gave a bottle of milk to"
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def run(cmd, env=None, **kw):
+    e = dict(os.environ)
+    e.update(env or {})
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"bench_report: {' '.join(cmd)} failed (exit {r.returncode}):\n{r.stderr.strip()}")
+    return r
+
+
+def threads_env(n):
+    return {"OPENBLAS_NUM_THREADS": str(n)}
+
+
+def token_ids(ps, model, text, bos=True):
+    cmd = [ps, "tokenize", "--model", model, "--json"] + ([] if bos else ["--no-bos"]) + [text]
+    return json.loads(run(cmd).stdout)["ids"]
+
+
+def ps_bench(ps, model, threads, components, reps, extra=()):
+    cmd = [ps, "bench", "--model", model, "--components", components, "--reps", str(reps), "--json", *extra]
+    return json.loads(run(cmd, threads_env(threads)).stdout)
+
+
+def torch_loop(model, clean, corrupted, answer, wrong, threads, reps):
+    cmd = ["/usr/bin/python3", os.path.join(HERE, "bench_torch.py"), model,
+           "--clean-ids", ",".join(map(str, clean)), "--corrupted-ids", ",".join(map(str, corrupted)),
+           "--answer", str(answer), "--wrong", str(wrong), "--threads", str(threads), "--reps", str(reps), "--json"]
+    return json.loads(run(cmd, threads_env(threads)).stdout)
+
+
+def write_job(d, model, dataset, output):
+    path = os.path.join(d, "job.ini")
+    with open(path, "w") as f:
+        f.write(f"; make bench (tests/tools/bench_report.py)\n[model]\ndir = {model}\n[data]\ndataset = {dataset}\n"
+                f"[patch]\ncomponents = resid_pre,attn_out,mlp_out,z_all_pos\n[run]\noutput = {output}\n"
+                "progress_seconds = 1000\n")
+    return path
+
+
+def sweep(ps, job, ranks, threads):
+    """Wall seconds of one sweep (start-up included), the cells it computed,
+    and the peak RSS per rank (MiB) it reports."""
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), ps, "sweep", job, "--overwrite", "--threads", str(threads)]
+    t0 = time.perf_counter()
+    r = run(cmd, MPI_ENV)
+    secs = time.perf_counter() - t0
+    cells = int(re.search(r"prompts done; (\d+) cells", r.stderr).group(1))
+    m = re.search(r"peak RSS per rank \(MiB\): ([\d ]+)", r.stderr)
+    rss = [int(x) for x in m.group(1).split()] if m else []
+    return secs, cells, rss
+
+
+def filler_prompt(n_tokens_before):
+    """The IOI sentence after a neutral context of about n words (the
+    difference sits near the end, as in a long-context IOI prompt)."""
+    context = " ".join(["The weather was calm and the streets were quiet."] * (n_tokens_before // 11 + 1))
+    words = context.split(" ")
+    return " ".join(words[:max(0, n_tokens_before)])
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ps", required=True)
+    ap.add_argument("--model", required=True, help="GPT-2-small-shaped model directory")
+    ap.add_argument("--embedded", required=True, help="the embedded model (sweeps)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args(argv)
+    ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
+    report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
+              "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model()}}
+
+    # 1. engines at 2 and 1 threads
+    print("== 1. patching engines (patchsweep bench), GPT-2-small-shaped random model, IOI pair ==", flush=True)
+    eng = {}
+    for th in (2, 1):
+        comps = "resid_pre,attn_out,mlp_out,z_all_pos" if th == 2 else "resid_pre"
+        eng[th] = ps_bench(ps, model, th, comps, 5)
+        b = eng[th]["blas"]
+        print(f"-- {th} thread(s): OpenBLAS {b['core']}, sgemm peak {b['sgemm_peak_gflops']:.1f} GFLOP/s, "
+              f"gemm kernel {b.get('gemm_kernel', '?')}")
+        print(f"{'component':<12} {'cells':>6} {'naive s':>9} {'fast s':>9} {'ratio':>7} {'useful GF/s':>12} {'% peak':>7}")
+        for c in eng[th]["components"]:
+            print(f"{c['component']:<12} {c['cells']:>6} {c['naive_seconds']:>9.3f} {c['fast_seconds']:>9.4f} "
+                  f"{c['ratio']:>6.1f}x {c['useful_gflops']:>12.1f} {c['percent_of_peak']:>6.1f}%")
+    report["engines"] = {f"{th}_threads": eng[th] for th in eng}
+
+    # 2. PyTorch baseline on the same pair
+    print("\n== 2. the worksheet's loop in PyTorch (one forward per cell) vs patchsweep, resid_pre grid ==", flush=True)
+    clean, corrupted = token_ids(ps, model, CLEAN), token_ids(ps, model, CORRUPTED)
+    (answer,), (wrong,) = token_ids(ps, model, " John", False), token_ids(ps, model, " Mary", False)
+    ref = json.loads(run([ps, "patch", "--model", model, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer",
+                          " John", "--wrong", " Mary", "--json"]).stdout)["components"]["resid_pre"]["values"]
+    base = {}
+    print(f"{'threads':>7} {'torch s':>9} {'naive s':>9} {'fast s':>9} {'fast vs torch':>14} {'naive vs torch':>15} "
+          f"{'max |grid diff|':>16}")
+    for th in (1, 2):
+        t = torch_loop(model, clean, corrupted, answer, wrong, th, max(1, a.reps - 1))
+        diff = max(abs(x - y) for rx, ry in zip(t["grid"], ref) for x, y in zip(rx, ry))
+        e = next(c for c in eng[th]["components"] if c["component"] == "resid_pre")
+        base[th] = {"torch_seconds": t["seconds"], "torch_version": t["torch_version"], "cells": t["cells"],
+                    "naive_seconds": e["naive_seconds"], "fast_seconds": e["fast_seconds"],
+                    "fast_speedup_vs_torch": t["seconds"] / e["fast_seconds"],
+                    "naive_speedup_vs_torch": t["seconds"] / e["naive_seconds"],
+                    "max_abs_grid_difference": diff}
+        print(f"{th:>7} {t['seconds']:>9.3f} {e['naive_seconds']:>9.3f} {e['fast_seconds']:>9.4f} "
+              f"{base[th]['fast_speedup_vs_torch']:>13.1f}x {base[th]['naive_speedup_vs_torch']:>14.2f}x {diff:>16.2e}")
+    report["pytorch_baseline"] = {f"{th}_threads": base[th] for th in base}
+
+    # 3. sweep scaling on the embedded model
+    print("\n== 3. sweep scaling: demo job settings, 512 IOI pairs, embedded model ==", flush=True)
+    work = os.path.join(ROOT, "build", "bench", "sweep")
+    os.makedirs(work, exist_ok=True)
+    data512 = os.path.join(work, "ioi-512.jsonl")
+    if not os.path.exists(data512):
+        run([ps, "make-dataset", "ioi", "--n", "512", "--seed", "9301", "-o", data512])
+    job = write_job(work, os.path.abspath(a.embedded), data512, os.path.join(work, "out.nc"))
+    layouts = {(1, 2): [], (2, 1): []}
+    rss, cells = {}, 0
+    for _ in range(a.reps):  # interleaved, so drift hits both layouts alike
+        for (r, th) in layouts:
+            s, cells, rss[(r, th)] = sweep(ps, job, r, th)
+            layouts[(r, th)].append(s)
+    med = {k: statistics.median(v) for k, v in layouts.items()}
+    eff = med[(1, 2)] / med[(2, 1)]
+    print(f"{'ranks x threads':<16} {'seconds':>8} {'cells/s':>9} {'efficiency':>11}  peak RSS per rank (MiB)")
+    for (r, th), s in med.items():
+        e = f"{100 * med[(1, 2)] / s:.0f}%" if r > 1 else "-"
+        print(f"{r} x {th:<12} {s:>8.2f} {cells / s:>9.0f} {e:>11}  {' '.join(map(str, rss[(r, th)]))}")
+    report["sweep_scaling"] = {"cells": cells, "prompts": 512, "reps": a.reps,
+                               "layouts": [{"ranks": r, "threads": th, "median_seconds": med[(r, th)],
+                                            "peak_rss_mib": rss[(r, th)]} for (r, th) in med],
+                               "parallel_efficiency_1_to_2_ranks": eff}
+
+    # 4. cost growth
+    print("\n== 4. cost growth ==", flush=True)
+    growth = []
+    print(f"{'prompt tokens':>13} {'cells':>7} {'fast s/prompt':>14}   (GPT-2-small-shaped, 4 components, 2 threads)")
+    for n in (16, 64, 256):
+        ctx = filler_prompt(n - 17) if n > 17 else ""
+        cl, co = (ctx + " " + CLEAN).strip(), (ctx + " " + CORRUPTED).strip()
+        T = len(token_ids(ps, model, cl))
+        r = ps_bench(ps, model, 2, "resid_pre,attn_out,mlp_out,z_all_pos", 3,
+                     ["--fast-only", "--clean", cl, "--corrupted", co])
+        secs = sum(c["fast_seconds"] for c in r["components"])
+        cc = sum(c["cells"] for c in r["components"])
+        growth.append({"tokens": T, "cells": cc, "fast_seconds": secs})
+        print(f"{T:>13} {cc:>7} {secs:>14.3f}")
+    sizes = []
+    print(f"{'dataset prompts':>15} {'seconds':>8} {'s/prompt':>9}   (embedded model, 1 rank x 2 threads, start-up included)")
+    with tempfile.TemporaryDirectory(prefix="ps-bench-") as d:
+        for n in (10, 100, 1000):
+            data = os.path.join(d, f"ioi-{n}.jsonl")
+            run([ps, "make-dataset", "ioi", "--n", str(n), "--seed", "9302", "-o", data])
+            j = write_job(d, os.path.abspath(a.embedded), data, os.path.join(d, f"out-{n}.nc"))
+            s, c, _ = sweep(ps, j, 1, 2)
+            sizes.append({"prompts": n, "cells": c, "seconds": s, "seconds_per_prompt": s / n})
+            print(f"{n:>15} {s:>8.2f} {s / n:>9.4f}")
+    report["cost_growth"] = {"prompt_length": growth, "dataset_size": sizes}
+
+    report["provenance"] = {k: eng[2][k] for k in ("patchsweep_version", "model", "model_sha256") if k in eng[2]}
+    report["provenance"]["command_line"] = " ".join([os.path.basename(sys.argv[0])] + argv)
+    report["provenance"]["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = a.out + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, a.out)
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

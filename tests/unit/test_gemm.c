@@ -1,0 +1,190 @@
+/* Unit tests of the packed matrix product (gemm.h) and its thread pool: every
+ * kernel this CPU supports against a double-precision reference over ragged
+ * sizes, and the invariances the engines rely on: a row's result does not
+ * depend on the other rows of the call or on the thread count. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gemm.h"
+#include "pool.h"
+
+static uint64_t rng = 7;
+static float uniform(void)
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((double)(rng >> 40) / (double)(1ull << 24) * 2.0 - 1.0);
+}
+
+typedef struct {
+    size_t rows, k, n, ldw;
+    float *x, *W, *bias, *packed, *out;
+    double *ref; /* [rows, n] in double, with bias */
+} problem;
+
+static void problem_init(problem *p, size_t rows, size_t k, size_t n, size_t ldw)
+{
+    *p = (problem){.rows = rows, .k = k, .n = n, .ldw = ldw};
+    p->x = malloc((rows * k + 1) * sizeof(float));
+    p->W = malloc((k * ldw + 1) * sizeof(float));
+    p->bias = malloc((n + 1) * sizeof(float));
+    p->packed = malloc((gemm_packed_floats(k, n) + 1) * sizeof(float));
+    p->out = malloc((rows * n + 1) * sizeof(float));
+    p->ref = malloc((rows * n + 1) * sizeof(double));
+    for (size_t i = 0; i < rows * k; i++)
+        p->x[i] = uniform();
+    for (size_t i = 0; i < k * ldw; i++)
+        p->W[i] = uniform();
+    for (size_t i = 0; i < n; i++)
+        p->bias[i] = uniform();
+    gemm_pack(p->packed, p->W, ldw, k, n);
+    for (size_t r = 0; r < rows; r++)
+        for (size_t j = 0; j < n; j++) {
+            double s = p->bias[j];
+            for (size_t kk = 0; kk < k; kk++)
+                s += (double)p->x[r * k + kk] * p->W[kk * ldw + j];
+            p->ref[r * n + j] = s;
+        }
+}
+
+static void problem_free(problem *p)
+{
+    free(p->x), free(p->W), free(p->bias), free(p->packed), free(p->out), free(p->ref);
+}
+
+static double gelu_ref(double v) { return 0.5 * v * (1 + tanh(sqrt(2 / M_PI) * (v + 0.044715 * v * v * v))); }
+
+/* Every supported ISA, ragged rows/k/n (partial row blocks and panels),
+ * a row stride wider than n: within float rounding of the double product. */
+static void test_kernels_match_double(void **state)
+{
+    (void)state;
+    const size_t rows[] = {1, 5, 12, 13, 30}, ks[] = {1, 7, 64, 129}, ns[] = {1, 16, 17, 32, 45, 96};
+    int checked = 0;
+    for (int isa = 0; isa < GEMM_ISA_COUNT; isa++) {
+        if (!gemm_isa_supported((gemm_isa)isa))
+            continue;
+        gemm_isa_set((gemm_isa)isa);
+        assert_int_equal(gemm_isa_get(), isa);
+        for (size_t a = 0; a < sizeof rows / sizeof *rows; a++)
+            for (size_t b = 0; b < sizeof ks / sizeof *ks; b++)
+                for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
+                    problem p;
+                    problem_init(&p, rows[a], ks[b], ns[c], ns[c] + 3);
+                    gemm_weight w = {p.k, p.n, p.packed};
+                    gemm_run(p.out, p.x, p.rows, &w, p.bias, GEMM_PLAIN);
+                    for (size_t i = 0; i < p.rows * p.n; i++)
+                        assert_true(fabs(p.out[i] - p.ref[i]) <= 1e-5 * (double)p.k);
+                    gemm_run(p.out, p.x, p.rows, &w, NULL, GEMM_GELU);
+                    for (size_t i = 0; i < p.rows * p.n; i++) {
+                        double want = gelu_ref(p.ref[i] - p.bias[i % p.n]);
+                        assert_true(fabs(p.out[i] - want) <= 1e-5 * (double)p.k);
+                    }
+                    problem_free(&p);
+                    checked++;
+                }
+    }
+    assert_true(checked >= 120); /* at least the C kernel's 120 shapes */
+    /* back to the widest supported kernel */
+    for (int isa = GEMM_ISA_COUNT - 1; isa >= 0; isa--)
+        if (gemm_isa_supported((gemm_isa)isa)) {
+            gemm_isa_set((gemm_isa)isa);
+            break;
+        }
+}
+
+/* Row r of a 37-row product equals the same row computed alone, bit for
+ * bit, with 1 and with 2 threads (big enough to be split among threads). */
+static void test_rows_independent_of_batch_and_threads(void **state)
+{
+    (void)state;
+    problem p;
+    problem_init(&p, 37, 200, 300, 300);
+    gemm_weight w = {p.k, p.n, p.packed};
+    float *single = malloc(p.n * sizeof *single), *two = malloc(p.rows * p.n * sizeof *two);
+    pool_set_threads(1);
+    gemm_run(p.out, p.x, p.rows, &w, p.bias, GEMM_PLAIN);
+    pool_set_threads(2);
+    gemm_run(two, p.x, p.rows, &w, p.bias, GEMM_PLAIN);
+    assert_memory_equal(p.out, two, p.rows * p.n * sizeof(float));
+    for (size_t r = 0; r < p.rows; r += 6) {
+        gemm_run(single, p.x + r * p.k, 1, &w, p.bias, GEMM_PLAIN);
+        assert_memory_equal(single, p.out + r * p.n, p.n * sizeof(float));
+    }
+    free(single);
+    free(two);
+    problem_free(&p);
+    pool_set_threads(0);
+    pool_shutdown();
+}
+
+/* gelu over [-12, 12] and at the extremes: relative error < 1e-6 where the
+ * value is not tiny, absolute < 1e-6 near zero, finite far out (gelu(-1e30)
+ * is 0 to within 1e-6: v / (1 + e^88)). */
+static void test_gelu_accuracy(void **state)
+{
+    (void)state;
+    enum { N = 24001 };
+    float *x = malloc(N * sizeof *x);
+    for (int i = 0; i < N; i++)
+        x[i] = -12.0f + 24.0f * (float)i / (float)(N - 1);
+    float *y = malloc(N * sizeof *y);
+    memcpy(y, x, N * sizeof *x);
+    gemm_gelu(y, N);
+    double worst = 0;
+    for (int i = 0; i < N; i++) {
+        double want = gelu_ref(x[i]), err = fabs(y[i] - want);
+        worst = fmax(worst, fabs(want) > 1e-3 ? err / fabs(want) : err);
+    }
+    assert_true(worst < 1e-6);
+    float big[] = {-1e30f, -100.0f, 100.0f, 1e30f, 0.0f};
+    gemm_gelu(big, 5);
+    assert_true(fabsf(big[0]) < 1e-6f && fabsf(big[1]) < 1e-30f && big[4] == 0.0f);
+    assert_true(big[2] == 100.0f && big[3] == 1e30f);
+    free(x);
+    free(y);
+}
+
+/* pool_run gives every tid exactly once, also after a shutdown. */
+static void count_tid(void *arg, size_t tid, size_t nt)
+{
+    int *seen = arg;
+    assert_true(tid < nt);
+    __atomic_fetch_add(&seen[tid], 1, __ATOMIC_SEQ_CST);
+}
+
+static void test_pool_runs_each_tid_once(void **state)
+{
+    (void)state;
+    pool_set_threads(3);
+    for (int round = 0; round < 2; round++) {
+        for (int rep = 0; rep < 100; rep++) {
+            int seen[3] = {0};
+            pool_run(3, count_tid, seen);
+            assert_int_equal(seen[0] + seen[1] + seen[2], 3);
+            assert_true(seen[0] == 1 && seen[1] == 1 && seen[2] == 1);
+        }
+        pool_shutdown();
+    }
+    int one[1] = {0};
+    pool_run(1, count_tid, one);
+    assert_int_equal(one[0], 1);
+    pool_set_threads(0);
+    pool_shutdown();
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kernels_match_double),
+        cmocka_unit_test(test_rows_independent_of_batch_and_threads),
+        cmocka_unit_test(test_gelu_accuracy),
+        cmocka_unit_test(test_pool_runs_each_tid_once),
+    };
+    return cmocka_run_group_tests_name("gemm", tests, NULL, NULL);
+}
