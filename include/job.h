@@ -33,6 +33,7 @@
  * | `[run]`   | `chunk_prompts`  | `0`         | prompt pairs per work chunk, 1..100000; 0 = chosen automatically |
  * | `[run]`   | `threads`        | `0`         | BLAS threads per MPI rank, 1..1024; 0 = automatic |
  * | `[run]`   | `progress_seconds` | `10`      | seconds between progress lines when stderr is not a terminal; a decimal number > 0 |
+ * | `[run]`   | `distribute`     | `auto`      | how a chunk is shared among ranks: `prompts` (each rank runs the clean/corrupted forwards of its own prompts and all their cells: no cache broadcast), `cells` (rank 0 runs every prompt and broadcasts the caches; cells dealt to all ranks), `auto` (prompts when the chunk has at least 4 prompts per rank) |
  * | `[lens]`  | `enabled`        | `false`     | also write the logit lens of every prompt (the section is optional) |
  * | `[lens]`  | `top_k`          | `10`        | tokens kept per layer and position, 1..1000 |
  * | `[lens]`  | `output`         | none        | the lens file, must end in `.nc`; required when `enabled = true`; must differ from `[run] output` |
@@ -87,6 +88,9 @@
 #define JOB_THREADS_MAX ((size_t)1024)
 #define JOB_LENS_TOP_K_MAX ((size_t)1000)
 
+/* How a sweep shares a chunk among ranks (sweep.h). */
+typedef enum { JOB_DISTRIBUTE_AUTO, JOB_DISTRIBUTE_PROMPTS, JOB_DISTRIBUTE_CELLS } job_distribute;
+
 typedef struct {
     char *path;            /* the job file as given */
     char *text;            /* its exact bytes (NUL-terminated), for provenance and resume checks */
@@ -109,6 +113,7 @@ typedef struct {
     size_t chunk_prompts;  /* chunk_prompts (0 = auto), else 1..JOB_CHUNK_PROMPTS_MAX */
     size_t threads;        /* threads (0 = auto), else 1..JOB_THREADS_MAX */
     double progress_seconds; /* progress_seconds (10), finite and > 0 */
+    job_distribute distribute; /* distribute (auto) */
     /* [lens] */
     bool lens;             /* enabled (false) */
     size_t lens_top_k;     /* top_k (10), 1..JOB_LENS_TOP_K_MAX */

@@ -8,20 +8,30 @@
  *   rank 0: read + tokenize + validate the whole dataset up front (equal
  *           token lengths, single-token answers, length <= n_positions);
  *           open the journal (results of earlier runs of the same job)
- *   per chunk of prompts not done yet:
- *     rank 0: run the clean and corrupted forwards, pack the caches' core
- *             (patch_pair_pack), broadcast them with the chunk header
+ *   per chunk of prompts not done yet, one of two distributions ([run]
+ *   distribute; auto picks "prompts" when the chunk has >= 4 prompts per rank):
+ *   prompts (the default at scale):
+ *     rank 0: broadcasts the chunk's token ids (a few hundred bytes a prompt)
+ *     all:    prompts are dealt to ranks by expected cost (cells x rows from
+ *             the first differing token, longest first to the least loaded
+ *             rank); each rank runs the clean and corrupted forwards of its
+ *             own prompts and evaluates all their cells
+ *     rank 0: gathers [clean metric, corrupted metric, values] per prompt
+ *   cells (few prompts per rank):
+ *     rank 0: runs the clean and corrupted forwards, packs the caches' core
+ *             (patch_pair_pack), broadcasts them with the chunk header
  *     all:    the chunk's cells (prompt x component x layer x position/head)
- *             are dealt to ranks by their cost (longest first to the least
- *             loaded rank: the same deterministic plan on every rank); each
- *             rank evaluates its cells with the fast (or naive) engine
- *     rank 0: gathers the values, appends one journal record per prompt,
- *             fdatasyncs, reports progress
+ *             are dealt to ranks by their cost (the same deterministic plan
+ *             on every rank); each rank evaluates its cells
+ *     rank 0: gathers the values
+ *   then rank 0 appends one journal record per prompt, fdatasyncs, reports
+ *   progress.
  *   rank 0: builds the NetCDF file from the journal (.partial + rename);
  *           when every prompt is done the journal is deleted.
  *
- * Values do not depend on the number of ranks: a cell's value is computed
- * the same way whatever else shares its sgemm calls (tested bit for bit).
+ * Values do not depend on the number of ranks or the distribution: a cell's
+ * value is computed the same way whatever else shares its matrix products
+ * (gemm.h; tested bit for bit).
  *
  * The job's optional [lens] section: once the patching results are complete,
  * rank 0 also writes the logit-lens file of the same prompts (each clean

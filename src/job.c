@@ -31,6 +31,7 @@ typedef enum {
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
     KEY_RUN_PROGRESS_SECONDS,
+    KEY_RUN_DISTRIBUTE,
     KEY_LENS_ENABLED,
     KEY_LENS_TOP_K,
     KEY_LENS_OUTPUT,
@@ -54,6 +55,7 @@ static const struct {
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
     [KEY_RUN_PROGRESS_SECONDS] = {"run", "progress_seconds"},
+    [KEY_RUN_DISTRIBUTE] = {"run", "distribute"},
     [KEY_LENS_ENABLED] = {"lens", "enabled"},
     [KEY_LENS_TOP_K] = {"lens", "top_k"},
     [KEY_LENS_OUTPUT] = {"lens", "output"},
@@ -338,6 +340,19 @@ static ps_status parse_engine(const char *v, patch_engine *out)
     return PS_OK;
 }
 
+static ps_status parse_distribute(const char *v, job_distribute *out)
+{
+    if (!strcmp(v, "auto"))
+        *out = JOB_DISTRIBUTE_AUTO;
+    else if (!strcmp(v, "prompts"))
+        *out = JOB_DISTRIBUTE_PROMPTS;
+    else if (!strcmp(v, "cells"))
+        *out = JOB_DISTRIBUTE_CELLS;
+    else
+        return err_set(PS_ERR_INVALID, "unknown distribution '%s' (auto, prompts or cells)", v);
+    return PS_OK;
+}
+
 static ps_status parse_path(const parse_state *s, const char *v, bool want_nc, char **out)
 {
     if (want_nc) {
@@ -370,6 +385,7 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_RUN_OUTPUT: return parse_path(s, v, true, &j->output);
     case KEY_RUN_CHUNK_PROMPTS: return parse_size(v, 1, JOB_CHUNK_PROMPTS_MAX, true, &j->chunk_prompts);
     case KEY_RUN_THREADS: return parse_size(v, 1, JOB_THREADS_MAX, true, &j->threads);
+    case KEY_RUN_DISTRIBUTE: return parse_distribute(v, &j->distribute);
     case KEY_RUN_PROGRESS_SECONDS: return parse_seconds(v, &j->progress_seconds);
     case KEY_LENS_ENABLED: return parse_bool(v, &j->lens);
     case KEY_LENS_TOP_K: return parse_size(v, 1, JOB_LENS_TOP_K_MAX, false, &j->lens_top_k);

@@ -324,8 +324,9 @@ out:
 
 /* What rank 0 broadcasts before each chunk. */
 typedef struct {
-    uint64_t n_pairs;  /* 0: no more chunks */
-    uint64_t bytes;    /* of the packed pairs that follow */
+    uint64_t n_pairs;   /* 0: no more chunks */
+    uint64_t bytes;     /* of the packed pairs (cells) or token lists (prompts) that follow */
+    uint64_t by_prompt; /* 1: each rank runs whole prompts; 0: rank 0's caches, cells dealt out */
 } chunk_header;
 
 typedef struct {
@@ -341,20 +342,13 @@ static int cmp_cell_cost(const void *a, const void *b)
     return (x->index > y->index) - (x->index < y->index);
 }
 
-/* Deal cells to ranks, longest first to the least loaded (lowest rank on
- * ties): the same plan on every rank from the same pairs. owner[i] = rank. */
-static ps_status assign_cells(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n,
-                              patch_direction dir, size_t ranks, uint32_t *owner)
+/* Deal items to ranks, longest first to the least loaded (lowest rank on
+ * ties): the same plan on every rank from the same costs. owner[index] = rank. */
+static ps_status deal_longest_first(cell_cost *items, size_t n, size_t ranks, uint32_t *owner)
 {
-    cell_cost *items = malloc((n ? n : 1) * sizeof *items);
     size_t *load = calloc(ranks, sizeof *load);
-    if (!items || !load) {
-        free(items), free(load);
+    if (!load)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    }
-    /* +1: a skipped cell still costs a little (its plan and its slot) */
-    for (size_t i = 0; i < n; i++)
-        items[i] = (cell_cost){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
     qsort(items, n, sizeof *items, cmp_cell_cost);
     for (size_t i = 0; i < n; i++) {
         size_t best = 0;
@@ -364,8 +358,56 @@ static ps_status assign_cells(const model *m, const patch_pair *pairs, const pat
         load[best] += items[i].cost;
         owner[items[i].index] = (uint32_t)best;
     }
-    free(items);
     free(load);
+    return PS_OK;
+}
+
+/* Cells to ranks by the fast engine's cost model. */
+static ps_status assign_cells(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n,
+                              patch_direction dir, size_t ranks, uint32_t *owner)
+{
+    cell_cost *items = malloc((n ? n : 1) * sizeof *items);
+    if (!items)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    /* +1: a skipped cell still costs a little (its plan and its slot) */
+    for (size_t i = 0; i < n; i++)
+        items[i] = (cell_cost){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
+    ps_status st = deal_longest_first(items, n, ranks, owner);
+    free(items);
+    return st;
+}
+
+/* Every cell of the selected components of pairs [0, n_pairs), in pair,
+ * component and grid order; *n_out cells, malloc'd. */
+static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_pair *pairs, size_t n_pairs,
+                             patch_cell **out, size_t *n_out)
+{
+    size_t n = 0;
+    for (size_t p = 0; p < n_pairs; p++)
+        n += prompt_cells(j->components, cfg, pairs[p].T);
+    patch_cell *cells = malloc((n ? n : 1) * sizeof *cells);
+    if (!cells)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    ps_status st = PS_OK;
+    size_t k = 0;
+    for (size_t p = 0; p < n_pairs && st == PS_OK; p++)
+        for (int comp = 0; comp < PATCH_COMPONENT_COUNT && st == PS_OK; comp++) {
+            if (!j->components[comp])
+                continue;
+            patch_cell *g;
+            size_t ng;
+            if ((st = patch_grid_cells((patch_component)comp, cfg, (uint32_t)p, pairs[p].T, &g, &ng)))
+                break;
+            memcpy(cells + k, g, ng * sizeof *g);
+            k += ng;
+            free(g);
+        }
+    if (st) {
+        free(cells);
+        return st;
+    }
+    *out = cells;
+    *n_out = n;
     return PS_OK;
 }
 
@@ -376,30 +418,13 @@ static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pa
 {
     const size_t ranks = comm_size(c), me = comm_rank(c);
     size_t n = 0;
-    for (size_t p = 0; p < n_pairs; p++)
-        n += prompt_cells(j->components, &m->cfg, pairs[p].T);
-    patch_cell *cells = malloc((n ? n : 1) * sizeof *cells);
+    patch_cell *cells = NULL;
+    ps_status st = chunk_cells(j, &m->cfg, pairs, n_pairs, &cells, &n);
     uint32_t *owner = malloc((n ? n : 1) * sizeof *owner);
     size_t *counts = calloc(ranks, sizeof *counts);
     double *mine = NULL, *gathered = NULL, *values = NULL;
-    ps_status st = PS_OK;
-    if (!cells || !owner || !counts) {
+    if (st == PS_OK && (!owner || !counts))
         st = err_set(PS_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    size_t k = 0;
-    for (size_t p = 0; p < n_pairs && st == PS_OK; p++)
-        for (int comp = 0; comp < PATCH_COMPONENT_COUNT && st == PS_OK; comp++) {
-            if (!j->components[comp])
-                continue;
-            patch_cell *g;
-            size_t ng;
-            if ((st = patch_grid_cells((patch_component)comp, &m->cfg, (uint32_t)p, pairs[p].T, &g, &ng)))
-                break;
-            memcpy(cells + k, g, ng * sizeof *g);
-            k += ng;
-            free(g);
-        }
     if (st || (st = assign_cells(m, pairs, cells, n, j->direction, ranks, owner)))
         goto out;
     /* this rank's cells, in cell order */
@@ -448,21 +473,169 @@ out:
     return st;
 }
 
-/* One journal record of a finished prompt. */
-static ps_status journal_prompt(journal *jr, const job *j, const model_config *cfg, size_t prompt,
-                                const patch_pair *p, const double *values)
+/* ---- distribution by prompt ------------------------------------------------
+ * Rank 0 broadcasts only the chunk's token ids; each rank runs the clean and
+ * corrupted forwards of the prompts dealt to it and every cell of them, and
+ * sends back per prompt [clean metric, corrupted metric, cell values...].
+ * Nothing of size O(layers x T x d) crosses the network, and rank 0 does not
+ * run every prompt's forwards while the others wait (the cells mode's serial
+ * part); the price is balance by whole prompts, hence >= 4 per rank (auto).
+ * Every value is computed by the same code on the same inputs as in the
+ * cells mode, so both modes give the same bits. */
+
+/* One prompt pair in the token broadcast: a head, then clean[T], corrupted[T]. */
+typedef struct {
+    uint32_t T;
+    int32_t answer, wrong;
+} tok_head;
+
+typedef struct {
+    tok_head h;
+    const int32_t *clean, *corrupted;
+} tok_view;
+
+static size_t tok_bytes(size_t T) { return sizeof(tok_head) + 2 * T * sizeof(int32_t); }
+
+static void tok_pack(const dataset_tokens *tk, unsigned char *w)
 {
-    const size_t T = p->T, nv = prompt_cells(j->components, cfg, T);
+    tok_head h = {(uint32_t)tk->n_tokens, tk->answer_id, tk->wrong_id};
+    memcpy(w, &h, sizeof h);
+    memcpy(w + sizeof h, tk->clean_ids, tk->n_tokens * sizeof(int32_t));
+    memcpy(w + sizeof h + tk->n_tokens * sizeof(int32_t), tk->corrupted_ids, tk->n_tokens * sizeof(int32_t));
+}
+
+/* Views into a received token list (the buffer outlives them). The ids are
+ * read through memcpy'd heads; the arrays are int32-aligned as packed. */
+static ps_status tok_unpack(const unsigned char *buf, size_t bytes, size_t n_pairs, tok_view *v)
+{
+    size_t off = 0;
+    for (size_t k = 0; k < n_pairs; k++) {
+        if (bytes - off < sizeof(tok_head))
+            return err_set(PS_ERR_INVALID, "chunk token list truncated");
+        memcpy(&v[k].h, buf + off, sizeof v[k].h);
+        if (bytes - off < tok_bytes(v[k].h.T))
+            return err_set(PS_ERR_INVALID, "chunk token list truncated");
+        v[k].clean = (const int32_t *)(const void *)(buf + off + sizeof(tok_head));
+        v[k].corrupted = v[k].clean + v[k].h.T;
+        off += tok_bytes(v[k].h.T);
+    }
+    return PS_OK;
+}
+
+/* A prompt's expected cost before its forwards exist: its cells times the
+ * rows from the first differing token (the fast engine recomputes rows from
+ * there; positions before it are free). */
+static size_t prompt_cost(const job *j, const model_config *cfg, const tok_view *v)
+{
+    size_t first = 0;
+    while (first < v->h.T && v->clean[first] == v->corrupted[first])
+        first++;
+    return prompt_cells(j->components, cfg, v->h.T) * (v->h.T - first + 1) + 1;
+}
+
+/* Evaluate one chunk by prompt on every rank.  On rank 0, *out holds per
+ * prompt, in chunk order, [clean metric, corrupted metric, values...]. */
+static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const unsigned char *buf, size_t bytes,
+                                   size_t n_pairs, double **out, size_t *n_cells_out)
+{
+    const size_t ranks = comm_size(c), me = comm_rank(c);
+    tok_view *v = calloc(n_pairs ? n_pairs : 1, sizeof *v);
+    cell_cost *items = malloc((n_pairs ? n_pairs : 1) * sizeof *items);
+    uint32_t *owner = malloc((n_pairs ? n_pairs : 1) * sizeof *owner);
+    size_t *counts = calloc(ranks, sizeof *counts), *base = calloc(ranks, sizeof *base);
+    patch_pair *pairs = calloc(n_pairs ? n_pairs : 1, sizeof *pairs);
+    patch_cell *cells = NULL;
+    double *vals = NULL, *mine = NULL, *gathered = NULL;
+    size_t n_mine = 0, n_cells = 0, n_total = 0;
+    ps_status st = PS_OK;
+    if (!v || !items || !owner || !counts || !base || !pairs) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto agree;
+    }
+    if ((st = tok_unpack(buf, bytes, n_pairs, v)))
+        goto agree;
+    for (size_t k = 0; k < n_pairs; k++)
+        items[k] = (cell_cost){prompt_cost(j, &m->cfg, &v[k]), k};
+    if ((st = deal_longest_first(items, n_pairs, ranks, owner)))
+        goto agree;
+    for (size_t k = 0; k < n_pairs; k++) {
+        const size_t nv = 2 + prompt_cells(j->components, &m->cfg, v[k].h.T);
+        counts[owner[k]] += nv * sizeof(double);
+        n_total += nv;
+    }
+    /* this rank's prompts, in chunk order */
+    for (size_t k = 0; k < n_pairs && st == PS_OK; k++)
+        if (owner[k] == me) {
+            st = patch_pair_init(&pairs[n_mine], m, v[k].clean, v[k].corrupted, v[k].h.T, v[k].h.answer,
+                                 v[k].h.wrong);
+            n_mine += st == PS_OK;
+        }
+    if (st || (st = chunk_cells(j, &m->cfg, pairs, n_mine, &cells, &n_cells)))
+        goto agree;
+    vals = malloc((n_cells ? n_cells : 1) * sizeof *vals);
+    mine = malloc((counts[me] ? counts[me] : 1));
+    if (!vals || !mine) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto agree;
+    }
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine};
+    if ((st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
+        goto agree;
+    for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
+        const size_t nv = prompt_cells(j->components, &m->cfg, pairs[i].T);
+        mine[w++] = pairs[i].clean_metric[j->metric];
+        mine[w++] = pairs[i].corrupted_metric[j->metric];
+        memcpy(mine + w, vals + r, nv * sizeof *mine);
+        w += nv, r += nv;
+    }
+    if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+agree:
+    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, counts ? counts[me] : 0, gathered, counts)))
+        goto out;
+    if (me == 0) {
+        /* rank r's prompts arrive in chunk order: walk the owners again */
+        double *ordered = malloc((n_total ? n_total : 1) * sizeof *ordered);
+        if (!ordered) {
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t r = 1; r < ranks; r++)
+            base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
+        for (size_t k = 0, w = 0; k < n_pairs; k++) {
+            const size_t nv = 2 + prompt_cells(j->components, &m->cfg, v[k].h.T);
+            memcpy(ordered + w, gathered + base[owner[k]], nv * sizeof *ordered);
+            base[owner[k]] += nv;
+            w += nv;
+        }
+        *out = ordered;
+    }
+    *n_cells_out = n_total - 2 * n_pairs;
+out:
+    for (size_t i = 0; pairs && i < n_mine; i++)
+        patch_pair_free(&pairs[i]);
+    free(v), free(items), free(owner), free(counts), free(base), free(pairs), free(cells), free(vals), free(mine),
+        free(gathered);
+    return st;
+}
+
+/* One journal record of a finished prompt: its tokens, the unpatched
+ * metrics and the values of its cells. */
+static ps_status journal_prompt(journal *jr, const job *j, const model_config *cfg, size_t prompt,
+                                const dataset_tokens *tk, double clean_metric, double corrupted_metric,
+                                const double *values)
+{
+    const size_t T = tk->n_tokens, nv = prompt_cells(j->components, cfg, T);
     const size_t bytes = sizeof(rec_head) + 2 * T * sizeof(int32_t) + nv * sizeof(double);
     unsigned char *buf = malloc(bytes);
     if (!buf)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    rec_head h = {.prompt = prompt, .kind = REC_DONE, .T = (int32_t)T, .answer = p->answer, .wrong = p->wrong,
-                  .clean_metric = p->clean_metric[j->metric], .corrupted_metric = p->corrupted_metric[j->metric]};
+    rec_head h = {.prompt = prompt, .kind = REC_DONE, .T = (int32_t)T, .answer = tk->answer_id,
+                  .wrong = tk->wrong_id, .clean_metric = clean_metric, .corrupted_metric = corrupted_metric};
     unsigned char *w = buf;
     memcpy(w, &h, sizeof h), w += sizeof h;
-    memcpy(w, p->clean.tokens, T * sizeof(int32_t)), w += T * sizeof(int32_t);
-    memcpy(w, p->corrupted.tokens, T * sizeof(int32_t)), w += T * sizeof(int32_t);
+    memcpy(w, tk->clean_ids, T * sizeof(int32_t)), w += T * sizeof(int32_t);
+    memcpy(w, tk->corrupted_ids, T * sizeof(int32_t)), w += T * sizeof(int32_t);
     memcpy(w, values, nv * sizeof(double));
     ps_status st = journal_append(jr, buf, bytes);
     free(buf);
@@ -571,6 +744,9 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     if (root) {
         res->prompts_total = pr.prompts_total = p.n;
         chunk = chunk_size(j, &m->cfg, p.max_T);
+        /* by prompt, that many per rank: each holds only its own caches */
+        if (!j->chunk_prompts && j->distribute != JOB_DISTRIBUTE_CELLS)
+            chunk *= comm_size(c);
         for (size_t i = 0; i < p.n; i++) {
             if (p.state[i]) {
                 pr.prompts_done++;
@@ -587,78 +763,102 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     for (;;) {
         chunk_header hdr = {0};
         unsigned char *buf = NULL;
-        patch_pair *pairs = NULL;
-        size_t *index = NULL, n_pairs = 0;
+        patch_pair *pairs = NULL; /* cells mode: [n_alloc], zeroed until run */
+        size_t *index = NULL, n_pairs = 0, n_alloc = 0;
         if (root && !(o->stop && *o->stop)) {
-            /* run the next prompts not done yet, pack them */
+            /* the next prompts not done yet */
             index = malloc(chunk * sizeof *index);
-            pairs = calloc(chunk, sizeof *pairs);
-            if (!index || !pairs)
+            if (!index)
                 st = err_set(PS_ERR_NOMEM, "out of memory");
-            size_t bytes = 0;
             while (st == PS_OK && n_pairs < chunk && next < p.n) {
                 size_t i = next++;
-                if (p.state[i])
-                    continue;
-                dataset_tokens *tk = &p.tk[i];
-                if ((st = patch_pair_init(&pairs[n_pairs], m, tk->clean_ids, tk->corrupted_ids, tk->n_tokens,
-                                          tk->answer_id, tk->wrong_id)))
-                    break;
-                index[n_pairs++] = i;
-                bytes += patch_pair_packed_bytes(&m->cfg, tk->n_tokens);
+                if (!p.state[i])
+                    index[n_pairs++] = i;
             }
-            if (st == PS_OK && n_pairs) {
-                buf = malloc(bytes);
-                if (!buf)
+            const bool by_prompt = j->distribute == JOB_DISTRIBUTE_PROMPTS ||
+                                   (j->distribute == JOB_DISTRIBUTE_AUTO && n_pairs >= 4 * comm_size(c));
+            size_t bytes = 0;
+            if (by_prompt) {
+                /* their token ids */
+                for (size_t k = 0; k < n_pairs; k++)
+                    bytes += tok_bytes(p.tk[index[k]].n_tokens);
+                if (st == PS_OK && n_pairs && !(buf = malloc(bytes)))
+                    st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's tokens", bytes);
+                for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
+                    tok_pack(&p.tk[index[k]], buf + off);
+                    off += tok_bytes(p.tk[index[k]].n_tokens);
+                }
+            } else {
+                /* run them here and pack their caches */
+                if (st == PS_OK && !(pairs = calloc(chunk, sizeof *pairs)))
+                    st = err_set(PS_ERR_NOMEM, "out of memory");
+                n_alloc = pairs ? chunk : 0;
+                for (size_t k = 0; st == PS_OK && k < n_pairs; k++) {
+                    const dataset_tokens *tk = &p.tk[index[k]];
+                    st = patch_pair_init(&pairs[k], m, tk->clean_ids, tk->corrupted_ids, tk->n_tokens, tk->answer_id,
+                                         tk->wrong_id);
+                    bytes += patch_pair_packed_bytes(&m->cfg, tk->n_tokens);
+                }
+                if (st == PS_OK && n_pairs && !(buf = malloc(bytes)))
                     st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's caches", bytes);
                 for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
                     patch_pair_pack(&pairs[k], buf + off);
                     off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
                 }
             }
-            hdr = (chunk_header){st == PS_OK ? n_pairs : 0, bytes};
+            hdr = (chunk_header){st == PS_OK ? n_pairs : 0, bytes, by_prompt};
         }
         if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)))
             goto chunk_out;
-        if (hdr.n_pairs == 0) {
-            free(pairs);
-            free(index);
-            break;
-        }
+        if (hdr.n_pairs == 0)
+            goto chunk_out;
         if (!root) {
             buf = malloc(hdr.bytes);
-            pairs = calloc(hdr.n_pairs, sizeof *pairs);
-            if (!buf || !pairs)
-                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk's caches",
+            if (!hdr.by_prompt && (pairs = calloc(hdr.n_pairs, sizeof *pairs)))
+                n_alloc = hdr.n_pairs;
+            if (!buf || (!hdr.by_prompt && !pairs))
+                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk",
                              (unsigned long long)hdr.bytes);
         }
         if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
             goto chunk_out;
-        if (!root) {
-            n_pairs = hdr.n_pairs;
-            for (size_t k = 0, off = 0; k < n_pairs && st == PS_OK; k++) {
-                st = patch_pair_unpack(&pairs[k], &m->cfg, buf + off);
-                off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+        double *values = NULL; /* root: per prompt [clean, corrupted, cells...] or per cell */
+        size_t n_cells = 0;
+        if (hdr.by_prompt) {
+            st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, &values, &n_cells);
+        } else {
+            if (!root) {
+                n_pairs = hdr.n_pairs;
+                for (size_t k = 0, off = 0; k < n_pairs && st == PS_OK; k++) {
+                    st = patch_pair_unpack(&pairs[k], &m->cfg, buf + off);
+                    off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+                }
             }
+            if ((st = comm_agree(c, st)) == PS_OK)
+                st = run_chunk(j, m, c, pairs, hdr.n_pairs, &values, &n_cells);
         }
         free(buf);
         buf = NULL;
-        if ((st = comm_agree(c, st)))
-            goto chunk_out;
-        double *values = NULL;
-        size_t n_cells = 0;
-        if ((st = run_chunk(j, m, c, pairs, n_pairs, &values, &n_cells)))
+        if (st)
             goto chunk_out;
         if (root) {
-            size_t off = 0;
-            for (size_t k = 0; k < n_pairs && st == PS_OK; k++) {
-                st = journal_prompt(&jr, j, &m->cfg, index[k], &pairs[k], values + off);
-                off += prompt_cells(j->components, &m->cfg, pairs[k].T);
+            for (size_t k = 0, off = 0; k < hdr.n_pairs && st == PS_OK; k++) {
+                const dataset_tokens *tk = &p.tk[index[k]];
+                const size_t nv = prompt_cells(j->components, &m->cfg, tk->n_tokens);
+                if (hdr.by_prompt) {
+                    st = journal_prompt(&jr, j, &m->cfg, index[k], tk, values[off], values[off + 1],
+                                        values + off + 2);
+                    off += 2 + nv;
+                } else {
+                    st = journal_prompt(&jr, j, &m->cfg, index[k], tk, pairs[k].clean_metric[j->metric],
+                                        pairs[k].corrupted_metric[j->metric], values + off);
+                    off += nv;
+                }
                 p.state[index[k]] = REC_DONE;
             }
             if (st == PS_OK)
                 st = journal_sync(&jr);
-            pr.prompts_done += n_pairs;
+            pr.prompts_done += hdr.n_pairs;
             pr.cells_done += n_cells;
             pr.chunk++;
             pr.seconds = bench_now() - t0;
@@ -670,12 +870,14 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         st = comm_agree(c, st);
     chunk_out:
         free(buf);
-        for (size_t k = 0; pairs && k < n_pairs; k++)
+        for (size_t k = 0; k < n_alloc; k++)
             patch_pair_free(&pairs[k]);
         free(pairs);
         free(index);
         if (st)
             goto out;
+        if (hdr.n_pairs == 0)
+            break;
     }
     res->seconds = bench_now() - t0;
     if (root) {
