@@ -95,7 +95,9 @@ typedef struct {
     bool was_complete;       /* the output was already complete: nothing run */
     bool lens_written;       /* the job's [lens] file was written */
     bool lens_skipped_slice; /* [lens] not run: a sliced run */
-    double seconds;
+    double seconds;          /* the chunks: forwards, cells, gathers, journal */
+    double write_seconds;    /* rank 0 building the NetCDF file from the journal */
+    size_t write_bytes;      /* size of that file */
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];
     char output[4096];

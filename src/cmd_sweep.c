@@ -92,7 +92,10 @@ static void print_summary(const job *j, const sweep_result *r)
         printf(", %zu skipped", r->prompts_skipped);
     if (r->prompts_resumed)
         printf(" (%zu from an earlier run)", r->prompts_resumed);
-    printf("; %zu cells in %.1f s\n", r->cells_computed, r->seconds);
+    printf("; %zu cells in %.1f s", r->cells_computed, r->seconds);
+    if (r->write_bytes)
+        printf("; file %.1f MB written in %.2f s", (double)r->write_bytes / 1e6, r->write_seconds);
+    putchar('\n');
     printf("%s: clean %.4f, corrupted %.4f (means over prompts)", patch_metric_name(j->metric), r->mean_clean_metric,
            r->mean_corrupted_metric);
     if (!isnan(r->accuracy))

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bench.h"
@@ -882,7 +883,11 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     res->seconds = bench_now() - t0;
     if (root) {
         res->interrupted = o->stop && *o->stop && pr.prompts_done < p.n;
+        const double tw = bench_now();
         st = finalize(j, m, tok, &p, &jr, output, o, dataset_sha, res);
+        res->write_seconds = bench_now() - tw;
+        struct stat sb;
+        res->write_bytes = st == PS_OK && stat(output, &sb) == 0 ? (size_t)sb.st_size : 0;
         res->prompts_total = p.n;
         if (st == PS_OK && res->complete)
             journal_close(&jr, true);

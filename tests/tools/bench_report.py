@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 CORRUPTED = "After John and Mary went to the store, John gave a bottle of milk to"
+DEMO = "resid_pre,attn_out,mlp_out,z_all_pos"  # the demo job's components
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
@@ -75,16 +76,20 @@ def write_job(d, model, dataset, output):
     return path
 
 
-def sweep(ps, job, ranks, threads):
+def sweep(ps, job, ranks, threads, info=None):
     """Wall seconds of one sweep (start-up included), the cells it computed,
-    and the peak RSS per rank (MiB) it reports."""
+    and the peak RSS per rank (MiB) it reports; info gets the file write."""
     cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), ps, "sweep", job, "--overwrite", "--threads", str(threads)]
     t0 = time.perf_counter()
     r = run(cmd, MPI_ENV)
     secs = time.perf_counter() - t0
-    cells = int(re.search(r"prompts done; (\d+) cells", r.stderr).group(1))
-    m = re.search(r"peak RSS per rank \(MiB\): ([\d ]+)", r.stderr)
+    out = r.stdout + r.stderr
+    cells = int(re.search(r"prompts done; (\d+) cells", out).group(1))
+    m = re.search(r"peak RSS per rank \(MiB\): ([\d ]+)", out)
     rss = [int(x) for x in m.group(1).split()] if m else []
+    w = re.search(r"file ([\d.]+) MB written in ([\d.]+) s", out)
+    if info is not None and w:
+        info.update(file_mb=float(w.group(1)), write_seconds=float(w.group(2)))
     return secs, cells, rss
 
 
@@ -112,8 +117,7 @@ def main(argv):
     print("== 1. patching engines (patchsweep bench), GPT-2-small-shaped random model, IOI pair ==", flush=True)
     eng = {}
     for th in (2, 1):
-        comps = "resid_pre,attn_out,mlp_out,z_all_pos" if th == 2 else "resid_pre"
-        eng[th] = ps_bench(ps, model, th, comps, 5)
+        eng[th] = ps_bench(ps, model, th, "resid_pre", 5) if th == 1 else ps_bench(ps, model, th, DEMO, 5)
         b = eng[th]["blas"]
         print(f"-- {th} thread(s): OpenBLAS {b['core']}, sgemm peak {b['sgemm_peak_gflops']:.1f} GFLOP/s, "
               f"gemm kernel {b.get('gemm_kernel', '?')}")
@@ -122,13 +126,18 @@ def main(argv):
             print(f"{c['component']:<12} {c['cells']:>6} {c['naive_seconds']:>9.3f} {c['fast_seconds']:>9.4f} "
                   f"{c['ratio']:>6.1f}x {c['useful_gflops']:>12.1f} {c['percent_of_peak']:>6.1f}%")
     report["engines"] = {f"{th}_threads": eng[th] for th in eng}
+    # one core's fast engine over the demo's four grids: the scaling model's unit of work
+    one = ps_bench(ps, model, 1, DEMO, 3, ["--fast-only"])
+    report["engines"]["1_thread_demo_components_fast"] = one
 
     # 2. PyTorch baseline on the same pair
     print("\n== 2. the worksheet's loop in PyTorch (one forward per cell) vs patchsweep, resid_pre grid ==", flush=True)
     clean, corrupted = token_ids(ps, model, CLEAN), token_ids(ps, model, CORRUPTED)
     (answer,), (wrong,) = token_ids(ps, model, " John", False), token_ids(ps, model, " Mary", False)
-    ref = json.loads(run([ps, "patch", "--model", model, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer",
-                          " John", "--wrong", " Mary", "--json"]).stdout)["components"]["resid_pre"]["values"]
+    grid = json.loads(run([ps, "patch", "--model", model, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer",
+                           " John", "--wrong", " Mary", "--json"]).stdout)["components"]["resid_pre"]
+    n_pos = grid["shape"][1]  # values: the [layer, position] grid, row-major
+    ref = [grid["values"][i:i + n_pos] for i in range(0, len(grid["values"]), n_pos)]
     base = {}
     print(f"{'threads':>7} {'torch s':>9} {'naive s':>9} {'fast s':>9} {'fast vs torch':>14} {'naive vs torch':>15} "
           f"{'max |grid diff|':>16}")
@@ -191,10 +200,14 @@ def main(argv):
             data = os.path.join(d, f"ioi-{n}.jsonl")
             run([ps, "make-dataset", "ioi", "--n", str(n), "--seed", "9302", "-o", data])
             j = write_job(d, os.path.abspath(a.embedded), data, os.path.join(d, f"out-{n}.nc"))
-            s, c, _ = sweep(ps, j, 1, 2)
-            sizes.append({"prompts": n, "cells": c, "seconds": s, "seconds_per_prompt": s / n})
+            info = {}
+            s, c, _ = sweep(ps, j, 1, 2, info)
+            sizes.append({"prompts": n, "cells": c, "seconds": s, "seconds_per_prompt": s / n, **info})
             print(f"{n:>15} {s:>8.2f} {s / n:>9.4f}")
     report["cost_growth"] = {"prompt_length": growth, "dataset_size": sizes}
+
+    # 5. the scaling model, from the numbers above
+    report["scaling_model"] = scaling_model(one, eng[2], sizes[-1])
 
     report["provenance"] = {k: eng[2][k] for k in ("patchsweep_version", "model", "model_sha256") if k in eng[2]}
     report["provenance"]["command_line"] = " ".join([os.path.basename(sys.argv[0])] + argv)
@@ -206,6 +219,88 @@ def main(argv):
     os.replace(tmp, a.out)
     print(f"\nwrote {a.out}")
     return 0
+
+
+# ---- the scaling model (README, "Scaling to thousands of ranks") ------------
+GPT2 = {"gpt2-small": dict(L=12, H=12, d=768, V=50257), "gpt2-xl": dict(L=48, H=25, d=1600, V=50257)}
+N_PROMPTS, T_IOI, P0 = 100_000, 16, 10  # 1e5 IOI prompts of 16 tokens, first difference at token 10
+NET_GBPS = 10.0                         # assumed root link for the gather (InfiniBand EDR ~ 12 GB/s)
+RANKS = (1, 64, 512, 4096)
+
+
+def block_flops(c, row0, T):
+    """One block over rows [row0, T) (as src/bench.c): ln/QKV/proj/MLP per
+    row plus causal attention 4 d (i+1) for row i."""
+    d, m = c["d"], 4 * c["d"]
+    return (T - row0) * (8 * d * d + 4 * d * m) + sum(4 * d * (i + 1) for i in range(row0, T))
+
+
+def prompt_flops(c, T=T_IOI, p0=P0):
+    """Useful FLOPs of the demo's four grids for one prompt pair whose tokens
+    first differ at p0 (as bench_cell_flops: skipped cells are free; the last
+    block runs only the last row past K and V)."""
+    L, H, d = c["L"], c["H"], c["d"]
+    m = 4 * d
+
+    def suffix(block0, row0, partial):
+        f = partial
+        for l in range(block0, L):
+            f += block_flops(c, row0, T) if l + 1 < L else (T - row0) * 4 * d * d + 4 * d * d + 4 * d * m + 4 * d * T
+        return f + 4 * d
+    total = 0
+    for layer in range(L):
+        for p in range(p0, T):
+            total += suffix(layer, p, 0)                       # resid_pre
+            total += suffix(layer + 1, p, 4 * d * m)           # attn_out: MLP of the changed row
+            total += suffix(layer + 1, p, 0)                   # mlp_out
+        total += H * suffix(layer + 1, p0, (T - p0) * (2 * d * d + 4 * d * m))  # z_all_pos
+    return total
+
+
+def scaling_model(one_thread, two_threads, big_sweep):
+    """Predicted efficiency of a by-prompt sweep of N_PROMPTS on R one-core
+    ranks: T(R) = ceil(N/R) t_prompt (compute, whole prompts per rank)
+                + N g / B (gather of g bytes per prompt into rank 0)
+                + N g / W (rank 0 writes journal + NetCDF at the measured W).
+    t_prompt for GPT-2 small is measured (one core, demo components); for xl
+    it is scaled by the FLOP ratio (same GFLOP/s: conservative, wider
+    matrices run faster)."""
+    comps = {c["component"]: c for c in one_thread["components"]}
+    small = GPT2["gpt2-small"]
+    sec_small = sum(c["fast_seconds"] for c in comps.values())
+    measured_T = one_thread["tokens"]
+    # rate in useful FLOP/s of one core on the measured prompt
+    rate = sum(c["useful_gflop"] for c in comps.values()) * 1e9 / sec_small
+    write_mbps = big_sweep["file_mb"] / max(big_sweep["write_seconds"], 1e-9) if "file_mb" in big_sweep else 200.0
+    out = {"assumptions": {"prompts": N_PROMPTS, "tokens": T_IOI, "first_difference": P0, "net_GB_per_s": NET_GBPS,
+                           "root_write_MB_per_s": write_mbps, "one_core_useful_gflops": rate / 1e9,
+                           "measured_prompt_tokens": measured_T},
+           "models": {}}
+    print(f"\n== 5. scaling model: {N_PROMPTS} IOI prompts ({T_IOI} tokens), demo components, one core per rank ==")
+    print(f"   one core: {rate / 1e9:.1f} useful GFLOP/s (measured); rank 0 writes {write_mbps:.0f} MB/s (measured); "
+          f"gather link {NET_GBPS} GB/s (assumed)")
+    print(f"{'model':<11} {'cells/prompt':>12} {'s/prompt':>9} {'gather B/prompt':>15} {'cells-mode bcast/prompt':>24}"
+          + "".join(f" {'eff@' + str(r):>9}" for r in RANKS[1:]))
+    for name, c in GPT2.items():
+        L, H, d = c["L"], c["H"], c["d"]
+        cells = 3 * L * T_IOI + L * H
+        t_prompt = prompt_flops(c) / rate
+        g = (2 + cells) * 8
+        # patch_pair_packed_bytes: two caches' core (src/patch.c core_floats_for) + the clean log-probs
+        core = 3 * T_IOI * d + L * (9 * T_IOI * d + H * T_IOI * T_IOI)
+        bcast = 8 + 8 + 2 * 4 * 8 + 2 * 4 * T_IOI + 4 * c["V"] + 2 * 4 * core
+        effs = {}
+        for R in RANKS:
+            compute = -(-N_PROMPTS // R) * t_prompt
+            serial = N_PROMPTS * g / (NET_GBPS * 1e9) + N_PROMPTS * g / (write_mbps * 1e6)
+            effs[R] = N_PROMPTS * t_prompt / (R * (compute + serial))
+        first = "rank 0's write of the results" if effs[4096] < 0.9 else "none below 4096 ranks"
+        out["models"][name] = {"cells_per_prompt": cells, "seconds_per_prompt_one_core": t_prompt,
+                               "gather_bytes_per_prompt": g, "cells_mode_broadcast_bytes_per_prompt": bcast,
+                               "efficiency": {str(r): effs[r] for r in RANKS}, "first_bottleneck": first}
+        print(f"{name:<11} {cells:>12} {t_prompt:>9.3f} {g:>15} {bcast / 1e6:>21.1f} MB"
+              + "".join(f" {100 * effs[r]:>8.0f}%" for r in RANKS[1:]))
+    return out
 
 
 def cpu_model():
