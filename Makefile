@@ -54,11 +54,12 @@ UNIT_BIN := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
 TOOL_SRC := $(wildcard tests/tools/*.c)
 TOOL_BIN := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRC))
 
-# Debian packages: build, runtime and test dependencies.
+# Debian packages: build, runtime and test dependencies (qemu-user: the BLAS
+# test runs patchsweep on an emulated CPU that OpenBLAS 0.3.21 does not know).
 DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libnetcdf-dev netcdf-bin \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
-            libxml2-utils chromium \
+            libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
             slurmctld slurmd slurm-client munge
 
@@ -148,13 +149,16 @@ demo: deps
 # --- benchmarks (numbers, not tests) --------------------------------------
 # A random GPT-2-small-shaped model (12 layers, d 768, 12 heads, vocabulary
 # 50257), the worksheet's IOI pair: naive vs fast engine in one process;
-# then the sweep on 1 rank x 2 threads vs 2 ranks x 1 thread.
+# then both engines with OpenBLAS's generic Prescott kernels beside the
+# kernels patchsweep runs by default (results/bench_blas.json); then the
+# sweep on 1 rank x 2 threads vs 2 ranks x 1 thread.
 BENCH_MODEL := build/bench/gpt2-small-random
 bench: all tokenizer
 	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
 	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
 	@mkdir -p results
 	build/rel/patchsweep bench --model $(BENCH_MODEL) --save results/bench.json
+	/usr/bin/python3 tests/tools/bench_blas.py $(abspath build/rel/patchsweep) $(BENCH_MODEL) results/bench_blas.json
 	tests/tools/bench_sweep.sh $(abspath build/rel/patchsweep)
 
 # --- real GPT-2 checkpoints (needs internet access; none on the build machines)
