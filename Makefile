@@ -59,11 +59,12 @@ TOOL_BIN := $(patsubst tests/tools/%.c,$(BUILD)/tests/%,$(TOOL_SRC))
 # the flag changes no result (unlike -ffast-math).
 $(BUILD)/obj/gemm.o: CFLAGS += -fno-trapping-math
 
-# Debian packages: build, runtime and test dependencies.
+# Debian packages: build, runtime and test dependencies (qemu-user: the BLAS
+# test runs patchsweep on an emulated CPU that OpenBLAS 0.3.21 does not know).
 DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libnetcdf-dev netcdf-bin \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
-            libxml2-utils chromium \
+            libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
             slurmctld slurmd slurm-client munge
 
@@ -151,16 +152,20 @@ demo: deps
 	@echo "demo: results/ioi-tiny.nc, results/capitals-tiny.nc, figures in results/index.html" >&2
 
 # --- benchmarks (numbers, not tests) --------------------------------------
-# A random GPT-2-small-shaped model (12 layers, d 768, 12 heads, vocabulary
-# 50257), the worksheet's IOI pair: naive vs fast engine in one process;
-# then the sweep on 1 rank x 2 threads vs 2 ranks x 1 thread.
+# tests/tools/bench_report.py, all in one run, printed and saved as
+# results/bench.json: on a random GPT-2-small-shaped model (12 layers, d 768,
+# 12 heads, vocabulary 50257) and the worksheet's IOI pair, the naive and
+# fast engines beside an sgemm peak and the worksheet's PyTorch loop at 1 and
+# 2 threads; the sweep on 1 rank x 2 threads vs 2 ranks x 1 thread; cost
+# growth with prompt length and dataset size; the scaling model; OpenBLAS's
+# generic kernels vs the selected ones (results/bench_blas.json).
 BENCH_MODEL := build/bench/gpt2-small-random
 bench: all tokenizer
 	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
 	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
 	@mkdir -p results
-	build/rel/patchsweep bench --model $(BENCH_MODEL) --save results/bench.json
-	tests/tools/bench_sweep.sh $(abspath build/rel/patchsweep)
+	/usr/bin/python3 tests/tools/bench_report.py --ps build/rel/patchsweep --model $(BENCH_MODEL) \
+	    --embedded jobs/ioi-tiny/model --out results/bench.json
 
 # --- real GPT-2 checkpoints (needs internet access; none on the build machines)
 HF_HUB := https://huggingface.co

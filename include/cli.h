@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "blas.h"
 #include "err.h"
 #include "model.h"
 #include "tokenizer.h"
@@ -76,5 +77,36 @@ void cli_print_json(json_t *j);
 /* Write through PATH.partial + rename so a failed run leaves no file that
  * looks complete.  write(out, user) returns a status. */
 ps_status cli_write_atomic(const char *path, ps_status (*write)(FILE *out, void *user), void *user);
+
+/* Options of every command, taken out of argv by main() before the command
+ * parses the rest (BLAS kernels must be chosen before the first BLAS call):
+ *   --blas-core NAME (or --blas-core=NAME)  run OpenBLAS's NAME kernels
+ *   --no-blas-autoselect                    keep OpenBLAS's own choice
+ * Recognised anywhere after the program name, up to a "--" word. */
+typedef struct {
+    const char *core;   /* NULL: not given */
+    bool no_autoselect;
+} cli_blas_opts;
+
+/* Parse those options; *out_argv becomes a malloc'd copy of argv without
+ * them (NULL-terminated, *out_argc words; argv itself is untouched, for a
+ * re-execution).  Returns CLI_CONTINUE, or CLI_EXIT_USAGE after printing one
+ * line. */
+int cli_blas_options(int argc, char **argv, cli_blas_opts *o, int *out_argc, char ***out_argv);
+
+/* The BLAS set-up of this process, filled by main() at start-up. */
+blas_report *cli_blas(void);
+
+/* Run `threads` BLAS threads (openblas_set_num_threads; `why` names the
+ * rule, blas_threads_choose) and record them in the report and the
+ * provenance; per_rank adds "per rank" to the provenance line (sweeps). */
+void cli_blas_set_threads(size_t threads, const char *why, bool per_rank);
+
+/* The default thread count of this process (blas_threads_choose) with
+ * `requested` (0: none) and `local_ranks` ranks on this node. */
+size_t cli_blas_threads_default(size_t requested, size_t local_ranks, const char **why);
+
+/* The report as a JSON object (info, bench). */
+json_t *cli_blas_json(void);
 
 #endif

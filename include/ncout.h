@@ -8,7 +8,9 @@
  *
  * Provenance (global attributes of every file): patchsweep_version,
  * command_line, created (UTC ISO 8601), model_path, model_sha256,
- * model_config (config.json text), model_dtype, Conventions.
+ * model_config (config.json text), model_dtype, Conventions; and once the
+ * CLI has recorded its BLAS set-up (prov_set_blas): blas (one line: OpenBLAS
+ * version, core and why, self-check, threads), blas_core, blas_threads.
  */
 #ifndef PS_NCOUT_H
 #define PS_NCOUT_H

@@ -74,7 +74,6 @@ typedef struct {
                                     parts of the dataset (array jobs); 0/0: all of it */
     volatile sig_atomic_t *stop; /* may be NULL */
     size_t ranks_for_provenance; /* recorded in the file */
-    const char *blas_for_provenance;
     void (*progress)(void *user, const sweep_progress *p); /* rank 0, after each chunk */
     void *progress_user;
 } sweep_opts;

@@ -1,11 +1,13 @@
 #include "cli.h"
 
+#include <cblas.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fsutil.h"
+#include "prov.h"
 #include "strutil.h"
 
 int cli_fail(void)
@@ -160,4 +162,107 @@ ps_status cli_write_atomic(const char *path, ps_status (*write)(FILE *out, void 
     }
     free(tmp);
     return st;
+}
+
+/* ---- BLAS ------------------------------------------------------------------ */
+
+static bool core_name_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n >= BLAS_CORE_MAX)
+        return false;
+    for (const char *p = s; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_'))
+            return false;
+    return true;
+}
+
+int cli_blas_options(int argc, char **argv, cli_blas_opts *o, int *out_argc, char ***out_argv)
+{
+    *o = (cli_blas_opts){0};
+    *out_argv = NULL;
+    char **kept = malloc(((size_t)argc + 1) * sizeof *kept);
+    if (!kept) {
+        fprintf(stderr, "patchsweep: out of memory\n");
+        return CLI_EXIT_FAIL;
+    }
+    int n = 0;
+    bool rest = false; /* after "--": operands only */
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (i == 0 || rest) {
+            kept[n++] = argv[i];
+            continue;
+        }
+        if (!strcmp(a, "--")) {
+            rest = true;
+            kept[n++] = argv[i];
+        } else if (!strcmp(a, "--no-blas-autoselect")) {
+            o->no_autoselect = true;
+        } else if (!strcmp(a, "--blas-core") || !strncmp(a, "--blas-core=", 12)) {
+            const char *v = a[11] == '=' ? a + 12 : (i + 1 < argc ? argv[++i] : NULL);
+            if (!v || !core_name_ok(v)) {
+                free(kept);
+                fprintf(stderr,
+                        "patchsweep: --blas-core takes an OpenBLAS core name such as SkylakeX, Haswell or Prescott, "
+                        "not %s%s%s\n",
+                        v ? "'" : "nothing", v ? v : "", v ? "'" : "");
+                return CLI_EXIT_USAGE;
+            }
+            o->core = v;
+        } else {
+            kept[n++] = argv[i];
+        }
+    }
+    kept[n] = NULL;
+    *out_argc = n;
+    *out_argv = kept;
+    return CLI_CONTINUE;
+}
+
+static blas_report blas_state;
+
+blas_report *cli_blas(void) { return &blas_state; }
+
+void cli_blas_set_threads(size_t threads, const char *why, bool per_rank)
+{
+    openblas_set_num_threads(threads > 4096 ? 4096 : (int)threads);
+    /* OpenBLAS caps the count at its build's MAX_THREADS: report what runs */
+    int now = openblas_get_num_threads();
+    blas_state.threads = now > 0 ? (size_t)now : threads;
+    blas_state.threads_why = why;
+    char line[512];
+    blas_describe(&blas_state, line, sizeof line);
+    if (per_rank)
+        strncat(line, " per rank", sizeof line - strlen(line) - 1);
+    prov_set_blas(line, blas_state.core, blas_state.threads);
+}
+
+size_t cli_blas_threads_default(size_t requested, size_t local_ranks, const char **why)
+{
+    const char *env = getenv("OPENBLAS_NUM_THREADS");
+    if (!env || !*env)
+        env = getenv("OMP_NUM_THREADS");
+    blas_threads_in in = {.requested = requested,
+                          .env_threads = env,
+                          .slurm_cpus_per_task = getenv("SLURM_CPUS_PER_TASK"),
+                          .affinity_cpus = blas_affinity_cpus(),
+                          .local_ranks = local_ranks};
+    return blas_threads_choose(&in, why);
+}
+
+json_t *cli_blas_json(void)
+{
+    const blas_report *r = &blas_state;
+    const blas_cpu *c = &r->cpu;
+    char features[256];
+    blas_cpu_describe(c, features, sizeof features);
+    const char *best = blas_cpu_best_core(c);
+    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s?,s:s?,s:s,s:f,s:b,s:i,s:s,s:{s:s,s:i,s:i,s:s,s:s?}}", "library",
+                     "OpenBLAS", "version", r->version, "threading", r->threading, "core", r->core, "source",
+                     blas_source_name(r->source), "openblas_choice", r->openblas_choice[0] ? r->openblas_choice : NULL,
+                     "rejected", r->rejected[0] ? r->rejected : NULL, "selfcheck", blas_check_name(r->check),
+                     "selfcheck_worst", r->check_worst, "reexecuted", r->reexecuted, "threads", (int)r->threads,
+                     "threads_rule", r->threads_why ? r->threads_why : "", "cpu", "vendor", c->vendor, "family",
+                     (int)c->family, "model", (int)c->model, "description", features, "best_core", best);
 }

@@ -1,6 +1,5 @@
 #include "cmd_model.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,7 +236,8 @@ int cmd_cache(int argc, char **argv)
 static const char *info_help =
     "usage: patchsweep info --model DIR [--json]\n"
     "  The model's config, parameter count, weight dtype, file sha256, tokenizer,\n"
-    "  and the BLAS kernel and threads this process uses.\n";
+    "  and the BLAS kernels (OpenBLAS core, why it was chosen, self-check) and\n"
+    "  threads this process uses, with the CPU's vector extensions.\n";
 
 int cmd_info(int argc, char **argv)
 {
@@ -258,16 +258,14 @@ int cmd_info(int argc, char **argv)
         goto out;
     }
     const model_config *c = &m.cfg;
-    const char *core = openblas_get_corename();
-    int threads = openblas_get_num_threads();
     if (o.json) {
         cli_print_json(json_pack(
-            "{s:s,s:s,s:{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f},s:I,s:s,s:b,s:i,s:{s:s,s:i}}", "model", m.dir, "sha256",
-            m.sha256, "config", "n_layer", (int)c->n_layer, "n_head", (int)c->n_head, "n_embd", (int)c->n_embd,
-            "d_head", (int)c->d_head, "n_inner", (int)c->n_inner, "n_positions", (int)c->n_positions, "vocab_size",
+            "{s:s,s:s,s:{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f},s:I,s:s,s:b,s:i,s:o}", "model", m.dir, "sha256", m.sha256,
+            "config", "n_layer", (int)c->n_layer, "n_head", (int)c->n_head, "n_embd", (int)c->n_embd, "d_head",
+            (int)c->d_head, "n_inner", (int)c->n_inner, "n_positions", (int)c->n_positions, "vocab_size",
             (int)c->vocab_size, "layer_norm_epsilon", (double)c->ln_eps, "n_params", (json_int_t)m.n_params, "dtype",
-            m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", (int)tokenizer_vocab_size(tok), "blas", "core",
-            core, "threads", threads));
+            m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", (int)tokenizer_vocab_size(tok), "blas",
+            cli_blas_json()));
     } else {
         printf("model        %s\n", m.dir);
         printf("sha256       %s\n", m.sha256);
@@ -277,7 +275,13 @@ int cmd_info(int argc, char **argv)
                tokenizer_vocab_size(tok), (double)c->ln_eps);
         printf("parameters   %zu (%.1f M)\ndtype        %s\nunembedding  %s\n", m.n_params, m.n_params / 1e6,
                m.weights_dtype, m.tied ? "tied to wte" : "lm_head.weight");
-        printf("blas         OpenBLAS core %s, %d threads\n", core, threads);
+        const blas_report *b = cli_blas();
+        char line[512];
+        blas_describe(b, line, sizeof line);
+        printf("blas         %s\n", line);
+        blas_cpu_describe(&b->cpu, line, sizeof line);
+        const char *best = blas_cpu_best_core(&b->cpu);
+        printf("cpu          %s; best core %s\n", line, best ? best : "(none above generic)");
     }
 out:
     tokenizer_free(tok);

@@ -1,6 +1,5 @@
 #include "cmd_patch.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -354,13 +353,10 @@ int cmd_bench(int argc, char **argv)
     const size_t na = pair.T;
     const size_t d = m.cfg.n_embd;
     double peak = bench_sgemm_gflops(1024, d, 4 * d, 7);
-    const char *core = openblas_get_corename();
-    int threads = openblas_get_num_threads();
     json_t *rows = json_array();
     if (!a.common.json) {
-        printf("BLAS: OpenBLAS core %s, %d threads; sgemm peak (1024 x %zu x %zu): %.1f GFLOP/s; "
-               "patchsweep gemm kernel %s\n",
-               core, threads, d, 4 * d, peak, gemm_isa_name(gemm_isa_get()));
+        printf("BLAS: %s; sgemm peak (1024 x %zu x %zu): %.1f GFLOP/s; patchsweep gemm kernel %s\n", prov_blas(), d,
+               4 * d, peak, gemm_isa_name(gemm_isa_get()));
         printf("model: %zu layers, d_model %zu, %zu heads, vocab %zu; prompt pair of %zu tokens; metric %s\n",
                m.cfg.n_layer, d, m.cfg.n_head, m.cfg.vocab_size, na, patch_metric_name(po.metric));
         printf("%-16s %6s %9s %9s %7s %10s %10s %9s %9s %7s\n", "component", "cells", "naive_s", "fast_s", "ratio",
@@ -419,13 +415,16 @@ int cmd_bench(int argc, char **argv)
             json_decref(rows);
             goto out;
         }
-        json_t *report = json_pack("{s:s,s:s,s:s,s:s,s:{s:s,s:i,s:f,s:s},s:{s:i,s:i,s:i,s:i},s:i,s:s,s:o}",
+        /* "blas": cli_blas_json() (core, threads, why, self-check) plus the peak */
+        json_t *blas = cli_blas_json();
+        json_object_set_new(blas, "sgemm_peak_gflops", json_real(peak));
+        json_object_set_new(blas, "gemm_kernel", json_string(gemm_isa_name(gemm_isa_get())));
+        json_t *report = json_pack("{s:s,s:s,s:s,s:s,s:o,s:{s:i,s:i,s:i,s:i},s:i,s:s,s:o}",
                                    "patchsweep_version", prov_version(), "command_line", prov_command_line(),
-                                   "model", m.dir, "model_sha256", m.sha256, "blas", "core", core, "threads",
-                                   threads, "sgemm_peak_gflops", peak, "gemm_kernel", gemm_isa_name(gemm_isa_get()), "model_shape", "n_layer", (int)m.cfg.n_layer,
-                                   "n_embd", (int)d, "n_head", (int)m.cfg.n_head, "vocab_size",
-                                   (int)m.cfg.vocab_size, "tokens", (int)na, "metric", patch_metric_name(po.metric),
-                                   "components", rows);
+                                   "model", m.dir, "model_sha256", m.sha256, "blas", blas, "model_shape",
+                                   "n_layer", (int)m.cfg.n_layer, "n_embd", (int)d, "n_head", (int)m.cfg.n_head,
+                                   "vocab_size", (int)m.cfg.vocab_size, "tokens", (int)na, "metric",
+                                   patch_metric_name(po.metric), "components", rows);
         if (a.save && (st = cli_write_atomic(a.save, write_json, report)) == PS_OK)
             fprintf(stderr, "wrote %s\n", a.save);
         if (st == PS_OK && a.common.json)

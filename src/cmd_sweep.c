@@ -1,6 +1,5 @@
 #include "cmd_sweep.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -11,6 +10,7 @@
 #include "cli.h"
 #include "comm.h"
 #include "job.h"
+#include "prov.h"
 #include "sweep.h"
 
 static const char *sweep_help =
@@ -24,7 +24,8 @@ static const char *sweep_help =
     "  --slice K/N      only slice K (1..N) of N equal contiguous parts of the dataset\n"
     "                   (array jobs; stitch the parts with 'patchsweep merge')\n"
     "  --threads N      BLAS threads per rank (default: the job's, else\n"
-    "                   $SLURM_CPUS_PER_TASK, else cores / ranks on the node)\n"
+    "                   $OPENBLAS_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the\n"
+    "                   rank's CPUs (affinity mask) / ranks on the node)\n"
     "  Exit status: 0 complete, 1 failed, 2 usage error, 3 stopped by SIGTERM/\n"
     "  SIGINT/SIGUSR1 after the chunk in flight (rerun to resume).\n";
 
@@ -68,21 +69,15 @@ static void progress(void *user, const sweep_progress *p)
     fflush(stderr);
 }
 
-/* BLAS threads per rank: the option, the job, Slurm's CPUs per task, or the
- * node's cores shared among its ranks; never more ranks x threads than cores. */
-static size_t blas_threads(size_t opt, const job *j, comm *c)
+/* BLAS threads per rank: the option, the job, then the default of
+ * blas_threads_choose (the user's OPENBLAS_NUM_THREADS, Slurm's CPUs per
+ * task, else the rank's CPUs shared among the node's ranks, now that MPI
+ * knows how many there are). */
+static void set_blas_threads(size_t opt, const job *j, comm *c)
 {
-    if (opt)
-        return opt;
-    if (j->threads)
-        return j->threads;
-    const char *s = getenv("SLURM_CPUS_PER_TASK");
-    size_t n;
-    if (s && cli_parse_size(s, 1, 4096, &n))
-        return n;
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    n = cores > 0 ? (size_t)cores / comm_local_size(c) : 1;
-    return n ? n : 1;
+    const char *why;
+    size_t n = cli_blas_threads_default(opt ? opt : j->threads, comm_local_size(c), &why);
+    cli_blas_set_threads(n, why, true);
 }
 
 static void print_summary(const job *j, const sweep_result *r)
@@ -224,10 +219,7 @@ int cmd_sweep(int argc, char **argv)
     ps_status st = job_load(&j, job_path);
     if ((st = comm_agree(c, st)))
         goto out;
-    size_t nt = blas_threads(threads, &j, c);
-    openblas_set_num_threads((int)nt);
-    char blas[128];
-    snprintf(blas, sizeof blas, "OpenBLAS %s, %zu threads per rank", openblas_get_corename(), nt);
+    set_blas_threads(threads, &j, c);
     /* Every rank loads the model (mmap: ranks on a node share the pages);
      * the tokenizer is rank 0's. */
     st = model_load(&m, j.model_dir);
@@ -237,11 +229,11 @@ int cmd_sweep(int argc, char **argv)
         goto out;
     if (root)
         fprintf(stderr, "sweep: %s on %s; %zu rank%s (%s), %s\n", job_path, j.model_dir, comm_size(c),
-                comm_size(c) > 1 ? "s" : "", comm_library(), blas);
+                comm_size(c) > 1 ? "s" : "", comm_library(), prov_blas());
     progress_state ps = {.tty = isatty(STDERR_FILENO), .every = j.progress_seconds, .last = -1e30};
     sweep_opts so = {.output = output, .overwrite = overwrite, .slice = slice, .n_slices = n_slices,
                      .stop = &stop_requested,
-                     .ranks_for_provenance = comm_size(c), .blas_for_provenance = blas,
+                     .ranks_for_provenance = comm_size(c),
                      .progress = progress, .progress_user = &ps};
     st = sweep_run(&j, &m, tok, c, &so, &res);
     if (st == PS_OK && root) {

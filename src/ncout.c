@@ -131,6 +131,21 @@ ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value)
     return ncout_check(nc_put_att_text(f->ncid, NC_GLOBAL, name, strlen(value), value), f->tmp_path, name);
 }
 
+/* The kernels and threads the numbers were computed with (written once the
+ * CLI has recorded them: every command that writes a file has). */
+static ps_status put_blas_provenance(ncout_file *f)
+{
+    if (!prov_blas()[0])
+        return PS_OK;
+    char threads[32];
+    snprintf(threads, sizeof threads, "%zu", prov_blas_threads());
+    ps_status st;
+    if ((st = ncout_put_attr(f, "blas", prov_blas())) || (st = ncout_put_attr(f, "blas_core", prov_blas_core())) ||
+        (st = ncout_put_attr(f, "blas_threads", threads)))
+        return st;
+    return PS_OK;
+}
+
 ps_status ncout_put_provenance(ncout_file *f, model *m)
 {
     ps_status st;
@@ -149,7 +164,7 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
         (st = ncout_put_attr(f, "model_path", abs_dir ? abs_dir : m->dir)) ||
         (st = ncout_put_attr(f, "model_sha256", m->sha256)) ||
         (st = ncout_put_attr(f, "model_config", m->config_json)) ||
-        (st = ncout_put_attr(f, "model_dtype", m->weights_dtype))) {
+        (st = ncout_put_attr(f, "model_dtype", m->weights_dtype)) || (st = put_blas_provenance(f))) {
         free(abs_dir);
         return st;
     }

@@ -13,6 +13,8 @@
 #endif
 
 static char *command_line;
+static char blas_text[256], blas_core[256];
+static size_t blas_threads;
 
 /* Quote an argument for a POSIX shell only when it needs it, so the recorded
  * line can be pasted back to rerun the job. */
@@ -64,3 +66,14 @@ void prov_init(int argc, char *const argv[])
 const char *prov_command_line(void) { return command_line ? command_line : ""; }
 
 const char *prov_version(void) { return PS_VERSION " (git " PS_GIT_REV ")"; }
+
+void prov_set_blas(const char *description, const char *core, size_t threads)
+{
+    snprintf(blas_text, sizeof blas_text, "%s", description ? description : "");
+    snprintf(blas_core, sizeof blas_core, "%s", core ? core : "");
+    blas_threads = threads;
+}
+
+const char *prov_blas(void) { return blas_text; }
+const char *prov_blas_core(void) { return blas_core; }
+size_t prov_blas_threads(void) { return blas_threads; }

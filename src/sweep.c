@@ -278,7 +278,6 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
         (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
         (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
         (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
-        (st = ncout_put_attr(&f, "blas", o->blas_for_provenance ? o->blas_for_provenance : "")) ||
         (st = summary_init(res, j, &m->cfg, p->max_T, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;

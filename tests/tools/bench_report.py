@@ -14,7 +14,11 @@ machine, printed as tables and saved as results/bench.json.
      rank's peak RSS;
   4. cost growth: fast-engine seconds per prompt as the prompt grows
      16 -> 64 -> 256 tokens, and sweep seconds per prompt as the dataset
-     grows 10 -> 100 -> 1000 prompts.
+     grows 10 -> 100 -> 1000 prompts;
+  5. the scaling model (README): predicted efficiency at 64, 512 and 4096
+     ranks for GPT-2 small and xl on 1e5 IOI prompts, from the numbers above;
+  6. OpenBLAS's generic kernels against the selected ones
+     (tests/tools/bench_blas.py, also saved as results/bench_blas.json).
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -208,6 +212,16 @@ def main(argv):
 
     # 5. the scaling model, from the numbers above
     report["scaling_model"] = scaling_model(one, eng[2], sizes[-1])
+
+    # 6. OpenBLAS's generic kernels vs the selected ones (issue 11): naive and
+    #    fast engines, and the sgemm peak (tests/tools/bench_blas.py)
+    print("\n== 6. OpenBLAS kernels: generic (Prescott) vs selected ==", flush=True)
+    blas_json = os.path.join(os.path.dirname(os.path.abspath(a.out)), "bench_blas.json")
+    r = run(["/usr/bin/python3", os.path.join(HERE, "bench_blas.py"), ps, model, blas_json])
+    print(r.stdout, end="")
+    with open(blas_json) as f:
+        b = json.load(f)
+    report["blas_kernels"] = {k: b[k] for k in ("generic", "selected", "sgemm_peak_gflops", "components")}
 
     report["provenance"] = {k: eng[2][k] for k in ("patchsweep_version", "model", "model_sha256") if k in eng[2]}
     report["provenance"]["command_line"] = " ".join([os.path.basename(sys.argv[0])] + argv)
