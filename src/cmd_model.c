@@ -5,6 +5,8 @@
 #include <string.h>
 
 #include "cli.h"
+#include "gemm.h"
+#include "pool.h"
 #include "forward.h"
 #include "hooks.h"
 #include "ncout.h"
@@ -259,13 +261,17 @@ int cmd_info(int argc, char **argv)
     }
     const model_config *c = &m.cfg;
     if (o.json) {
-        cli_print_json(json_pack(
+        json_t *info = json_pack(
             "{s:s,s:s,s:{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f},s:I,s:s,s:b,s:i,s:o}", "model", m.dir, "sha256", m.sha256,
             "config", "n_layer", (int)c->n_layer, "n_head", (int)c->n_head, "n_embd", (int)c->n_embd, "d_head",
             (int)c->d_head, "n_inner", (int)c->n_inner, "n_positions", (int)c->n_positions, "vocab_size",
             (int)c->vocab_size, "layer_norm_epsilon", (double)c->ln_eps, "n_params", (json_int_t)m.n_params, "dtype",
             m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", (int)tokenizer_vocab_size(tok), "blas",
-            cli_blas_json()));
+            cli_blas_json());
+        /* the kernel of the transformer's own matrix products (gemm.h), threads from the BLAS setting */
+        json_object_set_new(info, "gemm_kernel", json_string(gemm_isa_name(gemm_isa_get())));
+        json_object_set_new(info, "gemm_threads", json_integer((json_int_t)pool_threads()));
+        cli_print_json(info);
     } else {
         printf("model        %s\n", m.dir);
         printf("sha256       %s\n", m.sha256);
@@ -282,6 +288,8 @@ int cmd_info(int argc, char **argv)
         blas_cpu_describe(&b->cpu, line, sizeof line);
         const char *best = blas_cpu_best_core(&b->cpu);
         printf("cpu          %s; best core %s\n", line, best ? best : "(none above generic)");
+        printf("gemm         patchsweep %s kernels, %zu threads (the transformer's matrix products)\n",
+               gemm_isa_name(gemm_isa_get()), pool_threads());
     }
 out:
     tokenizer_free(tok);

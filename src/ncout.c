@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "fsutil.h"
+#include "gemm.h"
 #include "prov.h"
 #include "strutil.h"
 
@@ -141,7 +142,8 @@ static ps_status put_blas_provenance(ncout_file *f)
     snprintf(threads, sizeof threads, "%zu", prov_blas_threads());
     ps_status st;
     if ((st = ncout_put_attr(f, "blas", prov_blas())) || (st = ncout_put_attr(f, "blas_core", prov_blas_core())) ||
-        (st = ncout_put_attr(f, "blas_threads", threads)))
+        (st = ncout_put_attr(f, "blas_threads", threads)) ||
+        (st = ncout_put_attr(f, "gemm_kernel", gemm_isa_name(gemm_isa_get()))))
         return st;
     return PS_OK;
 }
