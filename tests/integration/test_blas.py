@@ -188,6 +188,11 @@ for engine in ("fast", "naive"):
         identical = identical and np.array_equal(x, y, equal_nan=True)
     check(f"patch --engine {engine}: Prescott within 1e-4 of {b['core']} (max |diff| {worst:.2e}), "
           f"{len(a['components'])} components", worst < 1e-4, worst)
+    # The transformer's own products run on patchsweep's gemm kernels whatever
+    # the OpenBLAS core; OpenBLAS computes the full-vocabulary logits (the
+    # unpatched metrics, and every naive forward's last row), so the
+    # switch shows there.
+    identical = identical and a["clean_metric"] == g["clean_metric"] and a["corrupted_metric"] == g["corrupted_metric"]
     check(f"patch --engine {engine}: the kernels differ (results not bit-identical)", not identical)
 for cmd in (["run", "--model", MODEL, "--prompt", "The capital of France is", "--top-k", "20", "--json"],
             ["lens", "--model", MODEL, "--prompt", CLEAN, "--answer", " John", "--json"]):
