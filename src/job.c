@@ -30,6 +30,7 @@ typedef enum {
     KEY_RUN_OUTPUT,
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
+    KEY_RUN_WORK_MIB,
     KEY_RUN_PROGRESS_SECONDS,
     KEY_LENS_ENABLED,
     KEY_LENS_TOP_K,
@@ -53,6 +54,7 @@ static const struct {
     [KEY_RUN_OUTPUT] = {"run", "output"},
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
+    [KEY_RUN_WORK_MIB] = {"run", "work_mib"},
     [KEY_RUN_PROGRESS_SECONDS] = {"run", "progress_seconds"},
     [KEY_LENS_ENABLED] = {"lens", "enabled"},
     [KEY_LENS_TOP_K] = {"lens", "top_k"},
@@ -370,6 +372,7 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_RUN_OUTPUT: return parse_path(s, v, true, &j->output);
     case KEY_RUN_CHUNK_PROMPTS: return parse_size(v, 1, JOB_CHUNK_PROMPTS_MAX, true, &j->chunk_prompts);
     case KEY_RUN_THREADS: return parse_size(v, 1, JOB_THREADS_MAX, true, &j->threads);
+    case KEY_RUN_WORK_MIB: return parse_size(v, 1, JOB_WORK_MIB_MAX, true, &j->work_mib);
     case KEY_RUN_PROGRESS_SECONDS: return parse_seconds(v, &j->progress_seconds);
     case KEY_LENS_ENABLED: return parse_bool(v, &j->lens);
     case KEY_LENS_TOP_K: return parse_size(v, 1, JOB_LENS_TOP_K_MAX, false, &j->lens_top_k);

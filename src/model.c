@@ -321,12 +321,14 @@ static ps_status check_finite(const char *path, const char *name, const float *w
     return PS_OK;
 }
 
-/* Point every slot at float32 data: in place, or converted into one arena
- * sized by a first pass (one allocation, no fragmentation). */
-static ps_status bind_weights(model *m, const st_tensor **slots, size_t n_slots, const float **w)
+/* Parameters of the model (tied counted once) and floats of the arena (the
+ * tensors not used in place), from the headers alone; also the dtype. */
+static ps_status count_weights(model *m, const st_tensor **slots, size_t n_slots, size_t *arena_floats)
 {
     const char *path = m->st.path;
     size_t total = 0, n_params = 0;
+    st_dtype first = ST_DTYPE_COUNT;
+    bool mixed = false;
     for (size_t s = 0; s < n_slots; s++) {
         const st_tensor *t = slots[s];
         if (!t)
@@ -336,46 +338,53 @@ static ps_status bind_weights(model *m, const st_tensor **slots, size_t n_slots,
         n_params += t->n_elements;
         if (!usable_in_place(t))
             total += t->n_elements; /* <= n_params, so no overflow */
+        if (first == ST_DTYPE_COUNT)
+            first = t->dtype;
+        mixed |= t->dtype != first;
     }
     if (total > SIZE_MAX / sizeof(float))
         return err_set(PS_ERR_NOMEM, "%s: %zu converted weights overflow size_t bytes", path, total);
-    if (total > 0) {
-        m->arena = malloc(total * sizeof(float));
-        if (!m->arena)
-            return err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted weights",
-                           path, total * sizeof(float));
-        m->arena_floats = total;
-    }
+    m->n_params = n_params;
+    snprintf(m->weights_dtype, sizeof m->weights_dtype, "%s", mixed ? "mixed" : st_dtype_name(first));
+    *arena_floats = total;
+    return PS_OK;
+}
+
+/* Point every slot at float32 data: in place, or at its place in the arena
+ * (converted tensors packed in slot order).  `fill`: also convert into the
+ * arena and check every weight (model_load, or the writer of a shared
+ * arena); a reader of a shared arena only computes the pointers. */
+static ps_status bind_weights(const model *m, const st_tensor **slots, size_t n_slots, const float **w, bool fill)
+{
+    const char *path = m->st.path;
     size_t used = 0;
-    st_dtype first = ST_DTYPE_COUNT;
-    bool mixed = false;
     for (size_t s = 0; s < n_slots; s++) {
         const st_tensor *t = slots[s];
         if (!t)
             continue;
-        if (first == ST_DTYPE_COUNT)
-            first = t->dtype;
-        mixed |= t->dtype != first;
         if (usable_in_place(t)) {
             w[s] = t->data;
         } else {
             float *dst = m->arena + used;
-            ps_status st = st_to_f32(t->dtype, t->data, t->n_elements, dst);
-            if (st != PS_OK)
-                return err_wrap(st, "%s: tensor '%s'", path, t->name);
             used += t->n_elements;
             w[s] = dst;
+            if (fill) {
+                ps_status st = st_to_f32(t->dtype, t->data, t->n_elements, dst);
+                if (st != PS_OK)
+                    return err_wrap(st, "%s: tensor '%s'", path, t->name);
+            }
         }
-        ps_status st = check_finite(path, t->name, w[s], t->n_elements);
+        ps_status st = fill ? check_finite(path, t->name, w[s], t->n_elements) : PS_OK;
         if (st != PS_OK)
             return st;
     }
-    m->n_params = n_params;
-    snprintf(m->weights_dtype, sizeof m->weights_dtype, "%s", mixed ? "mixed" : st_dtype_name(first));
     return PS_OK;
 }
 
-static ps_status load_into(model *m, const char *dir)
+/* config.json, the mmap and the tensor table checked against the config:
+ * everything but the weights' values.  slots/w: calloc'd [*n_slots]. */
+static ps_status open_checkpoint(model *m, const char *dir, const st_tensor ***slots, const float ***w,
+                                 size_t *n_slots)
 {
     m->dir = strdup(dir);
     char *cfg_path = fs_join(dir, "config.json");
@@ -396,50 +405,87 @@ static ps_status load_into(model *m, const char *dir)
         return st;
 
     /* n_layer <= 2^10, so the slot count cannot overflow. */
-    size_t n_slots = N_GLOBAL_SLOTS + m->cfg.n_layer * N_BLOCK_SLOTS;
-    const st_tensor **slots = calloc(n_slots, sizeof *slots);
-    const float **w = calloc(n_slots, sizeof *w);
+    *n_slots = N_GLOBAL_SLOTS + m->cfg.n_layer * N_BLOCK_SLOTS;
+    *slots = calloc(*n_slots, sizeof **slots);
+    *w = calloc(*n_slots, sizeof **w);
     m->blocks = calloc(m->cfg.n_layer, sizeof *m->blocks);
-    if (!slots || !w || !m->blocks)
-        st = err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->st.path, m->cfg.n_layer);
-    if (st == PS_OK)
-        st = assign_slots(m, slots);
-    if (st == PS_OK)
-        st = check_slots(m, slots, n_slots);
-    if (st == PS_OK)
-        st = bind_weights(m, slots, n_slots, w);
-    if (st == PS_OK) {
-        m->wte = w[SLOT_WTE];
-        m->wpe = w[SLOT_WPE];
-        m->ln_f_w = w[SLOT_LN_F_W];
-        m->ln_f_b = w[SLOT_LN_F_B];
-        m->tied = w[SLOT_LM_HEAD] == NULL;
-        m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
-        for (size_t l = 0; l < m->cfg.n_layer; l++) {
-            const float **b = w + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS;
-            m->blocks[l] = (model_block){
-                .ln_1_w = b[B_LN_1_W], .ln_1_b = b[B_LN_1_B],
-                .attn_w = b[B_ATTN_W], .attn_b = b[B_ATTN_B],
-                .attn_proj_w = b[B_ATTN_PROJ_W], .attn_proj_b = b[B_ATTN_PROJ_B],
-                .ln_2_w = b[B_LN_2_W], .ln_2_b = b[B_LN_2_B],
-                .fc_w = b[B_FC_W], .fc_b = b[B_FC_B],
-                .mlp_proj_w = b[B_MLP_PROJ_W], .mlp_proj_b = b[B_MLP_PROJ_B],
-            };
-        }
+    if (!*slots || !*w || !m->blocks)
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->st.path, m->cfg.n_layer);
+    if ((st = assign_slots(m, *slots)) != PS_OK)
+        return st;
+    return check_slots(m, *slots, *n_slots);
+}
+
+static void set_pointers(model *m, const float **w)
+{
+    m->wte = w[SLOT_WTE];
+    m->wpe = w[SLOT_WPE];
+    m->ln_f_w = w[SLOT_LN_F_W];
+    m->ln_f_b = w[SLOT_LN_F_B];
+    m->tied = w[SLOT_LM_HEAD] == NULL;
+    m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
+    for (size_t l = 0; l < m->cfg.n_layer; l++) {
+        const float **b = w + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS;
+        m->blocks[l] = (model_block){
+            .ln_1_w = b[B_LN_1_W], .ln_1_b = b[B_LN_1_B],
+            .attn_w = b[B_ATTN_W], .attn_b = b[B_ATTN_B],
+            .attn_proj_w = b[B_ATTN_PROJ_W], .attn_proj_b = b[B_ATTN_PROJ_B],
+            .ln_2_w = b[B_LN_2_W], .ln_2_b = b[B_LN_2_B],
+            .fc_w = b[B_FC_W], .fc_b = b[B_FC_B],
+            .mlp_proj_w = b[B_MLP_PROJ_W], .mlp_proj_b = b[B_MLP_PROJ_B],
+        };
     }
+}
+
+static ps_status load_into(model *m, const char *dir, const model_alloc *a)
+{
+    const st_tensor **slots = NULL;
+    const float **w = NULL;
+    size_t n_slots = 0, total = 0;
+    ps_status st = open_checkpoint(m, dir, &slots, &w, &n_slots);
+    if (st == PS_OK)
+        st = count_weights(m, slots, n_slots, &total);
+    bool fill = true;
+    if (a) {
+        /* Called whatever st is: the other processes may be waiting in it. */
+        void *ptr = NULL;
+        bool writer = false;
+        st = a->alloc(a->user, st, total * sizeof(float), &ptr, &writer);
+        if (st == PS_OK) {
+            m->arena = ptr;
+            m->arena_floats = total;
+            m->arena_shared = true;
+            m->alloc = *a;
+            fill = writer;
+        }
+    } else if (st == PS_OK && total > 0) {
+        m->arena = malloc(total * sizeof(float));
+        if (!m->arena)
+            st = err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted weights", m->st.path,
+                         total * sizeof(float));
+        m->arena_floats = total;
+    }
+    if (st == PS_OK)
+        st = bind_weights(m, slots, n_slots, w, fill);
+    if (a)
+        st = a->publish(a->user, st);
+    if (st == PS_OK)
+        set_pointers(m, w);
     free(slots);
     free(w);
     return st;
 }
 
-ps_status model_load(model *m, const char *dir)
+ps_status model_load_shared(model *m, const char *dir, const model_alloc *a)
 {
     memset(m, 0, sizeof *m);
-    ps_status st = load_into(m, dir);
+    ps_status st = load_into(m, dir, a);
     if (st != PS_OK)
         model_free(m);
     return st;
 }
+
+ps_status model_load(model *m, const char *dir) { return model_load_shared(m, dir, NULL); }
 
 ps_status model_hash(model *m)
 {
@@ -452,7 +498,10 @@ ps_status model_hash(model *m)
 void model_free(model *m)
 {
     st_close(&m->st);
-    free(m->arena);
+    if (m->arena_shared)
+        m->alloc.release(m->alloc.user, m->arena);
+    else
+        free(m->arena);
     free(m->blocks);
     free(m->dir);
     free(m->config_json);
