@@ -44,4 +44,33 @@ ps_status comm_gatherv(comm *c, const void *send, size_t send_bytes, void *recv,
  * message, so root can print the one line. */
 ps_status comm_agree(comm *c, ps_status st);
 
+/* Agree on a status as comm_agree, among the ranks of this node only. */
+ps_status comm_node_agree(comm *c, ps_status st);
+
+/* Memory shared by the ranks of one node (one copy per node, e.g. the
+ * model's converted weights): MPI_Win_allocate_shared over the node's ranks
+ * with all `bytes` on node rank 0 and none on the others, which map node
+ * rank 0's segment (MPI_Win_shared_query).  Collective over the node's
+ * ranks, each passing the same `bytes` (checked: a rank whose bytes differ
+ * from node rank 0's fails, and with it every rank of the node).  *ptr: the
+ * memory, the same on every rank of the node (NULL when bytes is 0); *shm:
+ * the handle for comm_shared_publish and comm_shared_free.  Open MPI backs
+ * it with a file in /dev/shm (osc_sm_backing_directory), which needs room
+ * for it: node rank 0 checks that first (PS_ERR_NOMEM on every rank).
+ * Every failure is returned on every rank of the node, except
+ * PS_ERR_INTERNAL: MPI_Win_allocate_shared itself failed on this rank and
+ * the node's other ranks may be waiting inside it; only comm_abort ends
+ * that.  Serial build: malloc. */
+typedef struct comm_shared comm_shared;
+ps_status comm_shared_alloc(comm *c, size_t bytes, comm_shared **shm, void **ptr);
+
+/* Collective over the node's ranks: the stores any of them made to the
+ * shared memory before the call are visible to all of them after it
+ * (MPI_Win_sync, barrier, MPI_Win_sync); returns comm_node_agree(st).
+ * NULL shm (no memory was allocated): comm_node_agree(st) alone. */
+ps_status comm_shared_publish(comm *c, comm_shared *shm, ps_status st);
+
+/* Collective over the node's ranks: free the memory (NULL: nothing). */
+void comm_shared_free(comm *c, comm_shared *shm);
+
 #endif

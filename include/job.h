@@ -32,6 +32,7 @@
  * | `[run]`   | `output`         | required    | the results file; must end in `.nc` (written as `NAME.partial`, renamed when complete) |
  * | `[run]`   | `chunk_prompts`  | `0`         | prompt pairs per work chunk, 1..100000; 0 = chosen automatically |
  * | `[run]`   | `threads`        | `0`         | BLAS threads per MPI rank, 1..1024; 0 = automatic |
+ * | `[run]`   | `work_mib`       | `0`         | working memory per rank in MiB (the chunk's activation caches and the fast engine's stacked rows), 1..1048576; 0 = automatic: 1/16 of the model's F32 weights, at least 32 MiB (sweep.h) |
  * | `[run]`   | `progress_seconds` | `10`      | seconds between progress lines when stderr is not a terminal; a decimal number > 0 |
  * | `[run]`   | `distribute`     | `auto`      | how a chunk is shared among ranks: `prompts` (each rank runs the clean/corrupted forwards of its own prompts and all their cells: no cache broadcast), `cells` (rank 0 runs every prompt and broadcasts the caches; cells dealt to all ranks), `auto` (prompts when the chunk has at least 4 prompts per rank) |
  * | `[lens]`  | `enabled`        | `false`     | also write the logit lens of every prompt (the section is optional) |
@@ -86,6 +87,7 @@
 #define JOB_MAX_BYTES ((size_t)1 << 20)        /* job_load refuses larger files */
 #define JOB_CHUNK_PROMPTS_MAX ((size_t)100000)
 #define JOB_THREADS_MAX ((size_t)1024)
+#define JOB_WORK_MIB_MAX ((size_t)1 << 20)
 #define JOB_LENS_TOP_K_MAX ((size_t)1000)
 
 /* How a sweep shares a chunk among ranks (sweep.h). */
@@ -112,6 +114,7 @@ typedef struct {
     char *output;          /* output: resolved path, ends in .nc */
     size_t chunk_prompts;  /* chunk_prompts (0 = auto), else 1..JOB_CHUNK_PROMPTS_MAX */
     size_t threads;        /* threads (0 = auto), else 1..JOB_THREADS_MAX */
+    size_t work_mib;       /* work_mib (0 = auto), else 1..JOB_WORK_MIB_MAX */
     double progress_seconds; /* progress_seconds (10), finite and > 0 */
     job_distribute distribute; /* distribute (auto) */
     /* [lens] */

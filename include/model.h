@@ -19,11 +19,18 @@
  * Memory (llm.c): F32 tensors whose data is 4-byte aligned are used in place
  * from the read-only mmap, so ranks on one node share the page cache; every
  * other tensor (F16, BF16, F64, or misaligned F32) is converted into one
- * float32 arena owned by the model.
+ * float32 arena, followed by every block's four matrices packed for the
+ * matrix kernels (gemm.h: packed once, read by every product; for F32
+ * checkpoints the mmap'd originals are then only read while packing).
+ * model_load mallocs the arena (one copy per process);
+ * model_load_shared takes it from a model_alloc, so that the processes of a
+ * node can share one copy that only one of them converts (the sweep's ranks:
+ * see model_alloc and comm_shared_alloc).
  *
  * Every weight is checked once at load: model_load refuses a NaN or an
  * infinity in any tensor it uses (in place or converted), naming the tensor
  * and the element, since one non-finite weight poisons every activation.
+ * With a model_alloc, the writing process checks for all of them.
  */
 #ifndef PS_MODEL_H
 #define PS_MODEL_H
@@ -77,6 +84,31 @@ typedef struct {
     gemm_weight q_w, k_w, v_w, attn_proj_p, fc_p, mlp_proj_p;
 } model_block;
 
+/* Where model_load_shared puts the converted arena: memory that several
+ * processes share, of which exactly one (the writer) converts and checks the
+ * weights while the others (readers) only compute their pointers into it.
+ *
+ * The calls may be collective among the sharing processes (an MPI window):
+ * on every process model_load_shared calls alloc once and then publish once,
+ * in that order, whatever happened before (an earlier failure travels in
+ * `st`), so no process waits for one that gave up; release is called once,
+ * by model_free, exactly when alloc returned PS_OK. */
+typedef struct {
+    /* Agree on `st` with the other processes and return the first failure
+     * (PS_OK if none, with that process's message); when all are PS_OK,
+     * allocate `bytes` (the same on every process: same checkpoint) and set
+     * *ptr to the shared memory (NULL allowed when bytes is 0) and
+     * *is_writer on exactly one process. */
+    ps_status (*alloc)(void *user, ps_status st, size_t bytes, void **ptr, bool *is_writer);
+    /* Called once the writer has converted and checked every weight (`st`:
+     * its outcome; PS_OK on the readers): make the writer's stores visible
+     * to all and return the writer's status (and message) on every process. */
+    ps_status (*publish)(void *user, ps_status st);
+    /* Free what alloc returned. */
+    void (*release)(void *user, void *ptr);
+    void *user;
+} model_alloc;
+
 typedef struct {
     model_config cfg;
     const float *wte;        /* [V, d] */
@@ -93,10 +125,16 @@ typedef struct {
     char sha256[65];         /* of model.safetensors, filled by model_hash() */
 
     st_file st;              /* the mmap'd checkpoint */
-    float *arena;            /* owned: converted tensors */
-    size_t arena_floats;
-    float *packed;           /* owned: the blocks' packed matrices (gemm.h) */
+    float *arena;            /* converted tensors (arena_floats), then from the next 64-byte
+                              * boundary the packed matrices: malloc'd, or from `alloc`
+                              * when arena_shared */
+    size_t arena_floats;     /* the converted tensors' floats */
+    bool arena_shared;       /* arena came from alloc.alloc (model_load_shared) */
+    model_alloc alloc;       /* model_load_shared's allocator (release on model_free) */
+    float *packed;           /* the blocks' packed matrices (gemm.h): in the arena (model_load),
+                              * or model_pack_weights' own copy (packed_owned) */
     size_t packed_floats;
+    bool packed_owned;
 } model;
 
 /* Parse and validate config.json (`path` names the file for messages).
@@ -114,10 +152,19 @@ ps_status model_config_parse(model_config *cfg, const char *path, const char *js
  * On error *m is left freed (model_free is safe). */
 ps_status model_load(model *m, const char *dir);
 
-/* Pack every block's matrices for gemm_run into m->packed (model_load does
- * it; models built in memory, as the unit tests', call it themselves).
- * Costs the matrices' size once more in float32: 85M floats for GPT-2 small. */
+/* Pack every block's matrices for gemm_run into a copy of its own,
+ * m->packed: for models built in memory (the unit tests').  model_load packs
+ * them into the arena itself, after the converted tensors, so that they are
+ * one copy per node too.  Costs the matrices' size once more in float32:
+ * 85M floats (340 MB) for GPT-2 small. */
 ps_status model_pack_weights(model *m);
+
+/* model_load with the converted arena from `a` (see model_alloc): the same
+ * checks and pointers; on the writer the same work as model_load, on a
+ * reader no conversion and no pass over the weights (the writer checked
+ * them; a reader reports the writer's error).  Every process must call it
+ * with the same directory.  NULL `a`: model_load.  On error *m is freed. */
+ps_status model_load_shared(model *m, const char *dir, const model_alloc *a);
 
 /* Compute m->sha256 of the safetensors file, hashing the mmap (portable C,
  * roughly 150-250 MB/s: seconds per GB; the file is read once). */

@@ -19,15 +19,22 @@
  *     rank 0: gathers [clean metric, corrupted metric, values] per prompt
  *   cells (few prompts per rank):
  *     rank 0: runs the clean and corrupted forwards, packs the caches' core
- *             (patch_pair_pack), broadcasts them with the chunk header
+ *             (patch_pair_pack) and broadcasts it pair by pair after the
+ *             chunk header (a rank holds one packed pair at a time)
  *     all:    the chunk's cells (prompt x component x layer x position/head)
  *             are dealt to ranks by their cost (the same deterministic plan
  *             on every rank); each rank evaluates its cells
  *     rank 0: gathers the values
  *   then rank 0 appends one journal record per prompt, fdatasyncs, reports
  *   progress.
+ *   all:    every rank's memory figures to rank 0 (memory_per_rank, in the
+ *           file's provenance)
  *   rank 0: builds the NetCDF file from the journal (.partial + rename);
  *           when every prompt is done the journal is deleted.
+ *
+ * Memory: the model's weights are one copy per node (see model_alloc); each
+ * rank's working memory (the caches of the prompts it holds, the fast
+ * engine's rows) is planned from one budget, sweep_work.
  *
  * Values do not depend on the number of ranks or the distribution: a cell's
  * value is computed the same way whatever else shares its matrix products
@@ -54,6 +61,7 @@
 #include "comm.h"
 #include "err.h"
 #include "job.h"
+#include "memstat.h"
 #include "model.h"
 #include "patch.h"
 #include "tokenizer.h"
@@ -86,6 +94,15 @@ typedef struct {
     bool by_head;
 } sweep_summary;
 
+/* A rank's working memory (sweep.c explains the budget): the chunk's caches
+ * and the fast engine's stacked rows. */
+typedef struct {
+    size_t budget_bytes;     /* per rank: [run] work_mib, else max(24 MiB, F32 weights / 16) */
+    size_t pair_bytes;       /* caches of the longest pair on a rank that receives them */
+    size_t chunk;            /* prompt pairs per chunk: [run] chunk_prompts, else budget / 2 / pair_bytes, 1..64 */
+    size_t fast_rows;        /* the fast engine's max_rows: the rest of the budget, 256..2048 */
+} sweep_work;
+
 typedef struct {
     size_t prompts_total, prompts_done, prompts_skipped, prompts_resumed;
     size_t cells_computed;
@@ -99,10 +116,26 @@ typedef struct {
     size_t write_bytes;      /* size of that file */
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];
+    sweep_work work;         /* rank 0 (fast_rows on every rank) */
     char output[4096];
 } sweep_result;
 
 ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o, sweep_result *res);
+
+/* One rank's memory (memstat.h), with where it ran. */
+typedef struct {
+    size_t rank, node_rank;  /* comm_rank, comm_local_rank */
+    long pid;                /* getpid, to find the process in top or /proc */
+    char host[64];           /* gethostname, truncated */
+    memstat mem;             /* zeros when the rank could not read its figures */
+} sweep_rank_memory;
+
+/* Collective: every rank's figures now, on rank 0 into all[comm_size(c)]
+ * (`all` is not used on the other ranks and may be NULL there). */
+ps_status sweep_memory_gather(comm *c, sweep_rank_memory *all);
+
+/* One line (no newline) per rank: "rank=R pid=P host=H node_rank=L " + memstat_format. */
+void sweep_memory_format(const sweep_rank_memory *r, char *buf, size_t cap);
 
 void sweep_result_free(sweep_result *res);
 

@@ -1,10 +1,10 @@
 #include "cmd_sweep.h"
 
+#include <malloc.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -126,27 +126,68 @@ static void print_summary(const job *j, const sweep_result *r)
         printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
 }
 
-/* Every rank's peak resident memory, printed by rank 0 (sizing --mem: pages
- * of the memory-mapped F32 weights count in every rank's figure but are one
- * copy per node). */
-static void report_rss(comm *c)
+/* Every rank's memory at the end, printed by rank 0: the peak RSS line that
+ * scripts and people read, then one line per rank with the parts of its
+ * resident set (README: resource sizing explains them). */
+static void report_memory(comm *c)
 {
-    struct rusage ru;
-    double mine = getrusage(RUSAGE_SELF, &ru) == 0 ? (double)ru.ru_maxrss / 1024.0 : 0.0; /* KiB -> MiB */
     const size_t n = comm_size(c);
-    double *all = comm_rank(c) == 0 ? calloc(n, sizeof *all) : NULL;
-    size_t *counts = comm_rank(c) == 0 ? calloc(n, sizeof *counts) : NULL;
-    for (size_t r = 0; counts && r < n; r++)
-        counts[r] = sizeof(double);
-    if ((comm_rank(c) != 0 || (all && counts)) && comm_gatherv(c, &mine, sizeof mine, all, counts) == PS_OK &&
-        comm_rank(c) == 0) {
-        fprintf(stderr, "sweep: peak RSS per rank (MiB):");
-        for (size_t r = 0; r < n; r++)
-            fprintf(stderr, " %.0f", all[r]);
-        fputc('\n', stderr);
+    sweep_rank_memory *all = comm_rank(c) == 0 ? calloc(n, sizeof *all) : NULL;
+    if (comm_agree(c, comm_rank(c) == 0 && !all ? PS_ERR_NOMEM : PS_OK) != PS_OK ||
+        sweep_memory_gather(c, all) != PS_OK || comm_rank(c) != 0) {
+        free(all);
+        return;
+    }
+    fprintf(stderr, "sweep: peak RSS per rank (MiB):");
+    for (size_t r = 0; r < n; r++)
+        fprintf(stderr, " %.0f", (double)all[r].mem.hwm_kib / 1024.0);
+    fputc('\n', stderr);
+    for (size_t r = 0; r < n; r++) {
+        char line[400];
+        sweep_memory_format(&all[r], line, sizeof line);
+        fprintf(stderr, "sweep: memory %s\n", line);
     }
     free(all);
-    free(counts);
+}
+
+/* The model's converted weights in memory shared by the node's ranks
+ * (model_alloc over comm_shared_alloc): node rank 0 converts, the others
+ * wait in publish and read the same pages. */
+typedef struct {
+    comm *c;
+    const char *dir;   /* the model's, for messages */
+    comm_shared *shm;
+} node_weights;
+
+static ps_status node_weights_alloc(void *user, ps_status st, size_t bytes, void **ptr, bool *is_writer)
+{
+    node_weights *nw = user;
+    if ((st = comm_node_agree(nw->c, st)))
+        return st;
+    *is_writer = comm_local_rank(nw->c) == 0;
+    st = comm_shared_alloc(nw->c, bytes, &nw->shm, ptr);
+    if (st)
+        err_wrap(st, "%s: cannot share the converted weights among the node's ranks", nw->dir);
+    if (st == PS_ERR_INTERNAL) {
+        /* MPI failed where the node's other ranks may wait forever */
+        cli_fail();
+        comm_abort(nw->c, CLI_EXIT_FAIL);
+    }
+    return st;
+}
+
+static ps_status node_weights_publish(void *user, ps_status st)
+{
+    node_weights *nw = user;
+    return comm_shared_publish(nw->c, nw->shm, st);
+}
+
+static void node_weights_release(void *user, void *ptr)
+{
+    node_weights *nw = user;
+    (void)ptr;
+    comm_shared_free(nw->c, nw->shm);
+    nw->shm = NULL;
 }
 
 enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE };
@@ -199,6 +240,13 @@ int cmd_sweep(int argc, char **argv)
         return cli_usage("sweep", "exactly one JOB.ini argument is required");
     const char *job_path = argv[optind];
 
+    /* A fixed mmap threshold (glibc's default one grows after the first
+     * large free, after which caches of a few MB come from the heap): every
+     * large block is its own mapping, so a calloc'd cache costs only the
+     * pages written (a received pair's core, about half) and every free
+     * returns its pages, which keeps each rank's working memory within its
+     * budget (sweep.h, sweep_work). */
+    mallopt(M_MMAP_THRESHOLD, 256 << 10);
     /* Before MPI_Init, which can take seconds: a signal during start-up
      * must already mean "stop after the current chunk", not "die". */
     struct sigaction sa = {.sa_handler = on_signal};
@@ -213,6 +261,9 @@ int cmd_sweep(int argc, char **argv)
 
     job j = {0};
     model m = {0};
+    node_weights nw = {.c = c};
+    const model_alloc weights_alloc = {.alloc = node_weights_alloc, .publish = node_weights_publish,
+                                       .release = node_weights_release, .user = &nw};
     tokenizer *tok = NULL;
     sweep_result res = {0};
     int rc = 0;
@@ -220,9 +271,12 @@ int cmd_sweep(int argc, char **argv)
     if ((st = comm_agree(c, st)))
         goto out;
     set_blas_threads(threads, &j, c);
-    /* Every rank loads the model (mmap: ranks on a node share the pages);
-     * the tokenizer is rank 0's. */
-    st = model_load(&m, j.model_dir);
+    /* Every rank loads the model: F32 tensors in place from the mmap (the
+     * node's ranks share the page cache), the others converted, and every
+     * block's matrices packed, once per node into shared memory; the
+     * tokenizer is rank 0's. */
+    nw.dir = j.model_dir;
+    st = model_load_shared(&m, j.model_dir, &weights_alloc);
     if (st == PS_OK && root)
         st = tokenizer_load_for_model(&tok, j.model_dir, j.tokenizer_dir);
     if ((st = comm_agree(c, st)))
@@ -246,6 +300,12 @@ int cmd_sweep(int argc, char **argv)
         if (res.lens_skipped_slice)
             fprintf(stderr, "sweep: [lens] is not run in sliced runs: use 'patchsweep lens --dataset %s -o %s'\n",
                     j.dataset, j.lens_output);
+        if (!res.was_complete)
+            fprintf(stderr,
+                    "sweep: working memory per rank %.0f MiB ([run] work_mib): %zu prompt pair%s a chunk "
+                    "(caches up to %.1f MiB a pair), %zu rows in the fast engine\n",
+                    (double)res.work.budget_bytes / 1048576.0, res.work.chunk, res.work.chunk > 1 ? "s" : "",
+                    (double)res.work.pair_bytes / 1048576.0, res.work.fast_rows);
         if (res.interrupted)
             fprintf(stderr, "sweep: stopped by a signal after %zu of %zu prompts; rerun the same command to resume\n",
                     res.prompts_done + res.prompts_skipped, res.prompts_total);
@@ -253,7 +313,7 @@ int cmd_sweep(int argc, char **argv)
     if (st == PS_OK && res.interrupted)
         rc = SWEEP_EXIT_INTERRUPTED;
     if (st == PS_OK)
-        report_rss(c);
+        report_memory(c);
 out:
     if (st) {
         if (root)

@@ -2,10 +2,13 @@
 #include "comm.h"
 
 #include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 
 struct comm {
     MPI_Comm world, node;
@@ -121,27 +124,158 @@ ps_status comm_gatherv(comm *c, const void *send, size_t send_bytes, void *recv,
     return st;
 }
 
-ps_status comm_agree(comm *c, ps_status st)
+/* The lowest failing rank of `group` (where this process is `me` of `n`)
+ * gives its status and message to every member; ranks named by world rank. */
+static ps_status agree_on(comm *c, MPI_Comm group, int me, int n, ps_status st)
 {
     /* The lowest failing rank: MIN over (rank if failed else size). */
-    int mine = st == PS_OK ? c->size : c->rank, first;
-    ps_status rc = check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, c->world), "Allreduce");
+    int mine = st == PS_OK ? n : me, first;
+    ps_status rc = check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, group), "Allreduce");
     if (rc)
         return rc;
-    if (first == c->size)
+    if (first == n)
         return PS_OK;
     /* That rank's status and message to everyone. */
     struct {
-        int status;
+        int status, world_rank;
         char msg[1000];
-    } m = {(int)st, ""};
-    if (c->rank == first)
+    } m = {(int)st, c->rank, ""};
+    if (me == first)
         snprintf(m.msg, sizeof m.msg, "%s", err_msg());
-    if ((rc = check(MPI_Bcast(&m, sizeof m, MPI_BYTE, first, c->world), "Bcast")))
+    if ((rc = check(MPI_Bcast(&m, sizeof m, MPI_BYTE, first, group), "Bcast")))
         return rc;
-    if (first == 0 || c->rank == first)
+    if (m.world_rank == 0 || me == first)
         err_set((ps_status)m.status, "%s", m.msg);
     else
-        err_set((ps_status)m.status, "rank %d: %s", first, m.msg);
+        err_set((ps_status)m.status, "rank %d: %s", m.world_rank, m.msg);
     return (ps_status)m.status;
+}
+
+ps_status comm_agree(comm *c, ps_status st) { return agree_on(c, c->world, c->rank, c->size, st); }
+
+ps_status comm_node_agree(comm *c, ps_status st) { return agree_on(c, c->node, c->local_rank, c->local_size, st); }
+
+struct comm_shared {
+    MPI_Win win;
+};
+
+/* Where Open MPI puts a shared window's backing file: its MCA variable
+ * osc_sm_backing_directory (default /dev/shm), read through MPI_T; "" when
+ * the MPI library has no such variable. */
+static void backing_directory(char *dir, size_t cap)
+{
+    dir[0] = '\0';
+    int provided, index, count = 0;
+    if (MPI_T_init_thread(MPI_THREAD_SINGLE, &provided) != MPI_SUCCESS)
+        return;
+    MPI_T_cvar_handle h;
+    if (MPI_T_cvar_get_index("osc_sm_backing_directory", &index) == MPI_SUCCESS &&
+        MPI_T_cvar_handle_alloc(index, NULL, &h, &count) == MPI_SUCCESS) {
+        char *buf = count > 0 ? calloc((size_t)count + 1, 1) : NULL;
+        if (buf && MPI_T_cvar_read(h, buf) == MPI_SUCCESS)
+            snprintf(dir, cap, "%s", buf);
+        free(buf);
+        MPI_T_cvar_handle_free(&h);
+    }
+    MPI_T_finalize();
+}
+
+/* Node rank 0, before the window: does its backing file fit?  Open MPI
+ * fails the allocation on node rank 0 alone when it does not, leaving the
+ * others waiting inside MPI_Win_allocate_shared, so this is checked first,
+ * where every rank of the node can learn of it. */
+static ps_status check_room(size_t bytes)
+{
+    char dir[4096];
+    backing_directory(dir, sizeof dir);
+    struct statvfs vfs;
+    if (!dir[0] || statvfs(dir, &vfs) != 0)
+        return PS_OK; /* unknown: let MPI try */
+    double avail = (double)vfs.f_bavail * (double)vfs.f_frsize;
+    if (avail < (double)bytes)
+        return err_set(PS_ERR_NOMEM,
+                       "%s has %.0f MiB free but the node's shared memory needs %.0f MiB (Open MPI's "
+                       "osc_sm_backing_directory: give it more room, e.g. docker run --shm-size, or set "
+                       "OMPI_MCA_osc_sm_backing_directory to a local directory that has it)",
+                       dir, avail / 1048576.0, (double)bytes / 1048576.0);
+    return PS_OK;
+}
+
+ps_status comm_shared_alloc(comm *c, size_t bytes, comm_shared **shm, void **ptr)
+{
+    *shm = NULL;
+    *ptr = NULL;
+    /* Same size everywhere first: a rank that loaded another checkpoint (a
+     * file replaced under a running job) must not read past node rank 0's. */
+    unsigned long long want = bytes;
+    ps_status st = check(MPI_Bcast(&want, 1, MPI_UNSIGNED_LONG_LONG, 0, c->node), "Bcast");
+    if (st == PS_OK && want != bytes)
+        st = err_set(PS_ERR_INVALID, "shared memory of %zu bytes requested here but %llu on the node's first rank",
+                     bytes, want);
+    if (st == PS_OK && bytes > (size_t)PTRDIFF_MAX)
+        st = err_set(PS_ERR_NOMEM, "shared memory of %zu bytes is over MPI's limit", bytes);
+    /* (a node of one rank: Open MPI mallocs the window) */
+    if (st == PS_OK && c->local_rank == 0 && c->local_size > 1 && bytes > 0)
+        st = check_room(bytes);
+    comm_shared *s = st == PS_OK ? calloc(1, sizeof *s) : NULL;
+    if (st == PS_OK && !s)
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    if ((st = comm_node_agree(c, st))) {
+        free(s);
+        return st;
+    }
+    void *base = NULL;
+    st = check(MPI_Win_allocate_shared(c->local_rank == 0 ? (MPI_Aint)bytes : 0, 1, MPI_INFO_NULL, c->node, &base,
+                                       &s->win),
+               "Win_allocate_shared");
+    if (st) {
+        /* Not collective: the other ranks of the node may be inside it. */
+        free(s);
+        return err_wrap(PS_ERR_INTERNAL, "%zu bytes of node-shared memory (the node's other ranks may be "
+                        "waiting for it: end the job)", bytes);
+    }
+    MPI_Win_set_errhandler(s->win, MPI_ERRORS_RETURN);
+    MPI_Aint size = 0;
+    int disp_unit = 0;
+    st = check(MPI_Win_shared_query(s->win, 0, &size, &disp_unit, &base), "Win_shared_query");
+    if (st == PS_OK && (size_t)size < bytes)
+        st = err_set(PS_ERR_INTERNAL, "MPI shared window of %zu bytes is only %zu bytes long", bytes, (size_t)size);
+    /* One passive-target epoch for the window's life: MPI_Win_sync (in
+     * comm_shared_publish) is only defined inside one. */
+    if (st == PS_OK)
+        st = check(MPI_Win_lock_all(MPI_MODE_NOCHECK, s->win), "Win_lock_all");
+    bool locked = st == PS_OK;
+    if ((st = comm_node_agree(c, st))) {
+        if (locked)
+            MPI_Win_unlock_all(s->win);
+        MPI_Win_free(&s->win);
+        free(s);
+        /* agreed: every rank of the node returns it, none is left waiting */
+        return st == PS_ERR_INTERNAL ? err_wrap(PS_ERR_INVALID, "node-shared memory") : st;
+    }
+    *shm = s;
+    *ptr = bytes ? base : NULL;
+    return PS_OK;
+}
+
+ps_status comm_shared_publish(comm *c, comm_shared *shm, ps_status st)
+{
+    /* MPI's "unified" shared window: sync, process synchronization, sync
+     * (MPI 4.0 section 12.7, example 12.21). */
+    if (!shm)
+        return comm_node_agree(c, st);
+    ps_status rc = check(MPI_Win_sync(shm->win), "Win_sync");
+    st = comm_node_agree(c, st ? st : rc);
+    rc = check(MPI_Win_sync(shm->win), "Win_sync");
+    return st ? st : comm_node_agree(c, rc);
+}
+
+void comm_shared_free(comm *c, comm_shared *shm)
+{
+    (void)c;
+    if (!shm)
+        return;
+    MPI_Win_unlock_all(shm->win);
+    MPI_Win_free(&shm->win);
+    free(shm);
 }

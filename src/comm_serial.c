@@ -48,3 +48,43 @@ ps_status comm_agree(comm *c, ps_status st)
     (void)c;
     return st;
 }
+
+ps_status comm_node_agree(comm *c, ps_status st)
+{
+    (void)c;
+    return st;
+}
+
+struct comm_shared {
+    void *mem;
+};
+
+ps_status comm_shared_alloc(comm *c, size_t bytes, comm_shared **shm, void **ptr)
+{
+    (void)c;
+    *ptr = NULL;
+    *shm = calloc(1, sizeof **shm);
+    if (!*shm)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    if (bytes && !((*shm)->mem = malloc(bytes))) {
+        free(*shm);
+        *shm = NULL;
+        return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes of shared memory", bytes);
+    }
+    *ptr = (*shm)->mem;
+    return PS_OK;
+}
+
+ps_status comm_shared_publish(comm *c, comm_shared *shm, ps_status st)
+{
+    (void)c, (void)shm;
+    return st;
+}
+
+void comm_shared_free(comm *c, comm_shared *shm)
+{
+    (void)c;
+    if (shm)
+        free(shm->mem);
+    free(shm);
+}

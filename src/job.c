@@ -30,6 +30,7 @@ typedef enum {
     KEY_RUN_OUTPUT,
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
+    KEY_RUN_WORK_MIB,
     KEY_RUN_PROGRESS_SECONDS,
     KEY_RUN_DISTRIBUTE,
     KEY_LENS_ENABLED,
@@ -54,6 +55,7 @@ static const struct {
     [KEY_RUN_OUTPUT] = {"run", "output"},
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
+    [KEY_RUN_WORK_MIB] = {"run", "work_mib"},
     [KEY_RUN_PROGRESS_SECONDS] = {"run", "progress_seconds"},
     [KEY_RUN_DISTRIBUTE] = {"run", "distribute"},
     [KEY_LENS_ENABLED] = {"lens", "enabled"},
@@ -386,6 +388,7 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_RUN_CHUNK_PROMPTS: return parse_size(v, 1, JOB_CHUNK_PROMPTS_MAX, true, &j->chunk_prompts);
     case KEY_RUN_THREADS: return parse_size(v, 1, JOB_THREADS_MAX, true, &j->threads);
     case KEY_RUN_DISTRIBUTE: return parse_distribute(v, &j->distribute);
+    case KEY_RUN_WORK_MIB: return parse_size(v, 1, JOB_WORK_MIB_MAX, true, &j->work_mib);
     case KEY_RUN_PROGRESS_SECONDS: return parse_seconds(v, &j->progress_seconds);
     case KEY_LENS_ENABLED: return parse_bool(v, &j->lens);
     case KEY_LENS_TOP_K: return parse_size(v, 1, JOB_LENS_TOP_K_MAX, false, &j->lens_top_k);

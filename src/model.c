@@ -321,12 +321,14 @@ static ps_status check_finite(const char *path, const char *name, const float *w
     return PS_OK;
 }
 
-/* Point every slot at float32 data: in place, or converted into one arena
- * sized by a first pass (one allocation, no fragmentation). */
-static ps_status bind_weights(model *m, const st_tensor **slots, size_t n_slots, const float **w)
+/* Parameters of the model (tied counted once) and floats of the arena (the
+ * tensors not used in place), from the headers alone; also the dtype. */
+static ps_status count_weights(model *m, const st_tensor **slots, size_t n_slots, size_t *arena_floats)
 {
     const char *path = m->st.path;
     size_t total = 0, n_params = 0;
+    st_dtype first = ST_DTYPE_COUNT;
+    bool mixed = false;
     for (size_t s = 0; s < n_slots; s++) {
         const st_tensor *t = slots[s];
         if (!t)
@@ -336,46 +338,53 @@ static ps_status bind_weights(model *m, const st_tensor **slots, size_t n_slots,
         n_params += t->n_elements;
         if (!usable_in_place(t))
             total += t->n_elements; /* <= n_params, so no overflow */
+        if (first == ST_DTYPE_COUNT)
+            first = t->dtype;
+        mixed |= t->dtype != first;
     }
     if (total > SIZE_MAX / sizeof(float))
         return err_set(PS_ERR_NOMEM, "%s: %zu converted weights overflow size_t bytes", path, total);
-    if (total > 0) {
-        m->arena = malloc(total * sizeof(float));
-        if (!m->arena)
-            return err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted weights",
-                           path, total * sizeof(float));
-        m->arena_floats = total;
-    }
+    m->n_params = n_params;
+    snprintf(m->weights_dtype, sizeof m->weights_dtype, "%s", mixed ? "mixed" : st_dtype_name(first));
+    *arena_floats = total;
+    return PS_OK;
+}
+
+/* Point every slot at float32 data: in place, or at its place in the arena
+ * (converted tensors packed in slot order).  `fill`: also convert into the
+ * arena and check every weight (model_load, or the writer of a shared
+ * arena); a reader of a shared arena only computes the pointers. */
+static ps_status bind_weights(const model *m, const st_tensor **slots, size_t n_slots, const float **w, bool fill)
+{
+    const char *path = m->st.path;
     size_t used = 0;
-    st_dtype first = ST_DTYPE_COUNT;
-    bool mixed = false;
     for (size_t s = 0; s < n_slots; s++) {
         const st_tensor *t = slots[s];
         if (!t)
             continue;
-        if (first == ST_DTYPE_COUNT)
-            first = t->dtype;
-        mixed |= t->dtype != first;
         if (usable_in_place(t)) {
             w[s] = t->data;
         } else {
             float *dst = m->arena + used;
-            ps_status st = st_to_f32(t->dtype, t->data, t->n_elements, dst);
-            if (st != PS_OK)
-                return err_wrap(st, "%s: tensor '%s'", path, t->name);
             used += t->n_elements;
             w[s] = dst;
+            if (fill) {
+                ps_status st = st_to_f32(t->dtype, t->data, t->n_elements, dst);
+                if (st != PS_OK)
+                    return err_wrap(st, "%s: tensor '%s'", path, t->name);
+            }
         }
-        ps_status st = check_finite(path, t->name, w[s], t->n_elements);
+        ps_status st = fill ? check_finite(path, t->name, w[s], t->n_elements) : PS_OK;
         if (st != PS_OK)
             return st;
     }
-    m->n_params = n_params;
-    snprintf(m->weights_dtype, sizeof m->weights_dtype, "%s", mixed ? "mixed" : st_dtype_name(first));
     return PS_OK;
 }
 
-static ps_status load_into(model *m, const char *dir)
+/* config.json, the mmap and the tensor table checked against the config:
+ * everything but the weights' values.  slots/w: calloc'd [*n_slots]. */
+static ps_status open_checkpoint(model *m, const char *dir, const st_tensor ***slots, const float ***w,
+                                 size_t *n_slots)
 {
     m->dir = strdup(dir);
     char *cfg_path = fs_join(dir, "config.json");
@@ -396,80 +405,141 @@ static ps_status load_into(model *m, const char *dir)
         return st;
 
     /* n_layer <= 2^10, so the slot count cannot overflow. */
-    size_t n_slots = N_GLOBAL_SLOTS + m->cfg.n_layer * N_BLOCK_SLOTS;
-    const st_tensor **slots = calloc(n_slots, sizeof *slots);
-    const float **w = calloc(n_slots, sizeof *w);
+    *n_slots = N_GLOBAL_SLOTS + m->cfg.n_layer * N_BLOCK_SLOTS;
+    *slots = calloc(*n_slots, sizeof **slots);
+    *w = calloc(*n_slots, sizeof **w);
     m->blocks = calloc(m->cfg.n_layer, sizeof *m->blocks);
-    if (!slots || !w || !m->blocks)
-        st = err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->st.path, m->cfg.n_layer);
-    if (st == PS_OK)
-        st = assign_slots(m, slots);
-    if (st == PS_OK)
-        st = check_slots(m, slots, n_slots);
-    if (st == PS_OK)
-        st = bind_weights(m, slots, n_slots, w);
-    if (st == PS_OK) {
-        m->wte = w[SLOT_WTE];
-        m->wpe = w[SLOT_WPE];
-        m->ln_f_w = w[SLOT_LN_F_W];
-        m->ln_f_b = w[SLOT_LN_F_B];
-        m->tied = w[SLOT_LM_HEAD] == NULL;
-        m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
-        for (size_t l = 0; l < m->cfg.n_layer; l++) {
-            const float **b = w + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS;
-            m->blocks[l] = (model_block){
-                .ln_1_w = b[B_LN_1_W], .ln_1_b = b[B_LN_1_B],
-                .attn_w = b[B_ATTN_W], .attn_b = b[B_ATTN_B],
-                .attn_proj_w = b[B_ATTN_PROJ_W], .attn_proj_b = b[B_ATTN_PROJ_B],
-                .ln_2_w = b[B_LN_2_W], .ln_2_b = b[B_LN_2_B],
-                .fc_w = b[B_FC_W], .fc_b = b[B_FC_B],
-                .mlp_proj_w = b[B_MLP_PROJ_W], .mlp_proj_b = b[B_MLP_PROJ_B],
-            };
+    if (!*slots || !*w || !m->blocks)
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->st.path, m->cfg.n_layer);
+    if ((st = assign_slots(m, *slots)) != PS_OK)
+        return st;
+    return check_slots(m, *slots, *n_slots);
+}
+
+static void set_pointers(model *m, const float **w)
+{
+    m->wte = w[SLOT_WTE];
+    m->wpe = w[SLOT_WPE];
+    m->ln_f_w = w[SLOT_LN_F_W];
+    m->ln_f_b = w[SLOT_LN_F_B];
+    m->tied = w[SLOT_LM_HEAD] == NULL;
+    m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
+    for (size_t l = 0; l < m->cfg.n_layer; l++) {
+        const float **b = w + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS;
+        m->blocks[l] = (model_block){
+            .ln_1_w = b[B_LN_1_W], .ln_1_b = b[B_LN_1_B],
+            .attn_w = b[B_ATTN_W], .attn_b = b[B_ATTN_B],
+            .attn_proj_w = b[B_ATTN_PROJ_W], .attn_proj_b = b[B_ATTN_PROJ_B],
+            .ln_2_w = b[B_LN_2_W], .ln_2_b = b[B_LN_2_B],
+            .fc_w = b[B_FC_W], .fc_b = b[B_FC_B],
+            .mlp_proj_w = b[B_MLP_PROJ_W], .mlp_proj_b = b[B_MLP_PROJ_B],
+        };
+    }
+}
+
+/* Floats of every block's packed matrices (model_pack_weights' layout). */
+static size_t packed_floats_of(const model_config *c)
+{
+    const size_t d = c->n_embd, mm = c->n_inner;
+    /* d <= 2^16, m <= 2^18, n_layer <= 2^10 (MODEL_MAX_*): no overflow */
+    return c->n_layer * (4 * gemm_packed_floats(d, d) + gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d));
+}
+
+/* Point every block's gemm_weight at its place in dst and, if `fill`, pack
+ * the matrices there (q, k, v: the three column blocks of attn_w). */
+static void pack_into(model *m, float *dst, bool fill)
+{
+    const size_t d = m->cfg.n_embd, mm = m->cfg.n_inner;
+    for (size_t l = 0; l < m->cfg.n_layer; l++) {
+        model_block *b = &m->blocks[l];
+        gemm_weight *out[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
+        const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
+        const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
+        for (size_t i = 0; i < 6; i++) {
+            if (fill)
+                gemm_pack(dst, src[i], ld[i], ks[i], ns[i]);
+            *out[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
+            dst += gemm_packed_floats(ks[i], ns[i]);
         }
     }
+}
+
+ps_status model_pack_weights(model *m)
+{
+    if (m->packed_owned)
+        free(m->packed);
+    m->packed_floats = packed_floats_of(&m->cfg);
+    size_t bytes = (m->packed_floats * sizeof(float) + 63) / 64 * 64;
+    m->packed = aligned_alloc(64, bytes ? bytes : 64);
+    m->packed_owned = m->packed != NULL;
+    if (!m->packed)
+        return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the packed weights", bytes);
+    pack_into(m, m->packed, true);
+    return PS_OK;
+}
+
+static ps_status load_into(model *m, const char *dir, const model_alloc *a)
+{
+    const st_tensor **slots = NULL;
+    const float **w = NULL;
+    size_t n_slots = 0, total = 0, packed = 0;
+    ps_status st = open_checkpoint(m, dir, &slots, &w, &n_slots);
+    if (st == PS_OK)
+        st = count_weights(m, slots, n_slots, &total);
+    /* the arena: converted tensors, then (from a 64-byte boundary) the packed matrices */
+    const size_t packed_off = (total + 15) / 16 * 16;
+    if (st == PS_OK) {
+        packed = packed_floats_of(&m->cfg);
+        if (packed > SIZE_MAX / sizeof(float) - packed_off)
+            st = err_set(PS_ERR_NOMEM, "%s: the packed weights overflow size_t bytes", m->st.path);
+    }
+    const size_t floats = st == PS_OK ? packed_off + packed : 0;
+    bool fill = true;
+    if (a) {
+        /* Called whatever st is: the other processes may be waiting in it. */
+        void *ptr = NULL;
+        bool writer = false;
+        st = a->alloc(a->user, st, floats * sizeof(float), &ptr, &writer);
+        if (st == PS_OK) {
+            m->arena = ptr;
+            m->arena_floats = total;
+            m->arena_shared = true;
+            m->alloc = *a;
+            fill = writer;
+        }
+    } else if (st == PS_OK) {
+        m->arena = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64 + 64);
+        if (!m->arena)
+            st = err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted and packed weights",
+                         m->st.path, floats * sizeof(float));
+        m->arena_floats = total;
+    }
+    if (st == PS_OK)
+        st = bind_weights(m, slots, n_slots, w, fill);
+    if (st == PS_OK) {
+        /* the writer packs before publishing; readers only take the pointers */
+        set_pointers(m, w);
+        m->packed = m->arena + packed_off;
+        m->packed_floats = packed;
+        pack_into(m, m->packed, fill);
+    }
+    if (a)
+        st = a->publish(a->user, st);
     free(slots);
     free(w);
     return st;
 }
 
-ps_status model_pack_weights(model *m)
-{
-    const size_t d = m->cfg.n_embd, mm = m->cfg.n_inner;
-    const size_t per = 4 * gemm_packed_floats(d, d) + gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d);
-    if (m->cfg.n_layer > SIZE_MAX / sizeof(float) / (per ? per : 1))
-        return err_set(PS_ERR_NOMEM, "packed weights of %zu blocks overflow size_t", m->cfg.n_layer);
-    free(m->packed);
-    m->packed_floats = m->cfg.n_layer * per;
-    /* 64-byte aligned: a panel row is two cache lines (GEMM_NR floats). */
-    size_t bytes = (m->packed_floats * sizeof(float) + 63) / 64 * 64;
-    m->packed = aligned_alloc(64, bytes ? bytes : 64);
-    if (!m->packed)
-        return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the packed weights", bytes);
-    float *p = m->packed;
-    for (size_t l = 0; l < m->cfg.n_layer; l++) {
-        model_block *b = &m->blocks[l];
-        gemm_weight *dst[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
-        const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
-        const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
-        for (size_t i = 0; i < 6; i++) {
-            gemm_pack(p, src[i], ld[i], ks[i], ns[i]);
-            *dst[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = p};
-            p += gemm_packed_floats(ks[i], ns[i]);
-        }
-    }
-    return PS_OK;
-}
-
-ps_status model_load(model *m, const char *dir)
+ps_status model_load_shared(model *m, const char *dir, const model_alloc *a)
 {
     memset(m, 0, sizeof *m);
-    ps_status st = load_into(m, dir);
-    if (st == PS_OK)
-        st = model_pack_weights(m);
+    ps_status st = load_into(m, dir, a);
     if (st != PS_OK)
         model_free(m);
     return st;
 }
+
+ps_status model_load(model *m, const char *dir) { return model_load_shared(m, dir, NULL); }
 
 ps_status model_hash(model *m)
 {
@@ -482,8 +552,12 @@ ps_status model_hash(model *m)
 void model_free(model *m)
 {
     st_close(&m->st);
-    free(m->arena);
-    free(m->packed);
+    if (m->arena_shared)
+        m->alloc.release(m->alloc.user, m->arena);
+    else
+        free(m->arena);
+    if (m->packed_owned)
+        free(m->packed);
     free(m->blocks);
     free(m->dir);
     free(m->config_json);

@@ -259,7 +259,8 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
 }
 
 static ps_status finalize(const job *j, model *m, const tokenizer *tok, const plan *p, journal *jr,
-                          const char *output, const sweep_opts *o, const char *dataset_sha, sweep_result *res)
+                          const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
+                          sweep_result *res)
 {
     ncout_file f;
     ncout_results r;
@@ -278,6 +279,7 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
         (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
         (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
         (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
+        (st = ncout_put_attr(&f, "memory_per_rank", memory)) ||
         (st = summary_init(res, j, &m->cfg, p->max_T, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;
@@ -322,11 +324,15 @@ out:
 
 /* ---- the distributed loop ------------------------------------------------ */
 
-/* What rank 0 broadcasts before each chunk. */
+/* What rank 0 broadcasts before each chunk.  By prompt, the token lists
+ * follow (`bytes`); by cell, the packed size of each pair (uint64_t[n_pairs])
+ * and the pairs one by one, so that a rank holds one packed pair at a time
+ * besides the unpacked ones. */
 typedef struct {
     uint64_t n_pairs;   /* 0: no more chunks */
-    uint64_t bytes;     /* of the packed pairs (cells) or token lists (prompts) that follow */
     uint64_t by_prompt; /* 1: each rank runs whole prompts; 0: rank 0's caches, cells dealt out */
+    uint64_t bytes;     /* by prompt: of the token lists */
+    uint64_t max_bytes; /* by cell: the largest packed pair */
 } chunk_header;
 
 typedef struct {
@@ -414,7 +420,7 @@ static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_
 /* Evaluate one chunk's cells on every rank; on rank 0, values[i] for every
  * cell of the chunk (cells in pair, component, grid order). */
 static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pair *pairs, size_t n_pairs,
-                           double **values_out, size_t *n_cells_out)
+                           size_t fast_rows, double **values_out, size_t *n_cells_out)
 {
     const size_t ranks = comm_size(c), me = comm_rank(c);
     size_t n = 0;
@@ -439,7 +445,7 @@ static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pa
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine};
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
     st = patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
     if ((st = comm_agree(c, st)))
         goto out;
@@ -536,7 +542,7 @@ static size_t prompt_cost(const job *j, const model_config *cfg, const tok_view 
 /* Evaluate one chunk by prompt on every rank.  On rank 0, *out holds per
  * prompt, in chunk order, [clean metric, corrupted metric, values...]. */
 static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const unsigned char *buf, size_t bytes,
-                                   size_t n_pairs, double **out, size_t *n_cells_out)
+                                   size_t n_pairs, size_t fast_rows, double **out, size_t *n_cells_out)
 {
     const size_t ranks = comm_size(c), me = comm_rank(c);
     tok_view *v = calloc(n_pairs ? n_pairs : 1, sizeof *v);
@@ -578,7 +584,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto agree;
     }
-    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine};
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
     if ((st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
@@ -656,20 +662,37 @@ static ps_status journal_skipped(journal *jr, size_t prompt, const char *reason)
     return st;
 }
 
-/* Prompts per chunk: the job's, or as many as keep rank 0's chunk (the
- * prompts' caches plus their packed copies) near 512 MB, 1..64. */
-static size_t chunk_size(const job *j, const model_config *cfg, size_t max_T)
+/* ---- working memory --------------------------------------------------------
+ * Beside the weights (one copy per node, see model_alloc), a rank's memory is
+ * mostly its working memory: the chunk's caches (on the ranks that receive
+ * them, each pair's core as broadcast, patch_pair_packed_bytes; rank 0 holds
+ * the full caches, about twice that) and the fast engine's stacked rows
+ * (x, a, q, k, v, z [d] and h [m] floats per row: patch.c's fast_buffers).
+ * Both come out of one budget per rank, the job's work_mib or else 1/16 of
+ * the model's F32 weights (at least 24 MiB), so that an extra rank costs a
+ * node about a tenth of the model's F32 size (README: resource sizing).  The
+ * caches get at most half of it, but always one pair; the rows get the rest,
+ * within [256, 2048] rows (2048 is the engine's default: fewer rows mean
+ * smaller sgemm calls, which run slower). */
+#define WORK_FRACTION 16
+#define WORK_MIN_BYTES ((size_t)24 << 20)
+#define WORK_CHUNK_MAX 64
+#define FAST_ROWS_MIN 256
+#define FAST_ROWS_MAX 2048
+
+static size_t clamp_size(size_t x, size_t lo, size_t hi) { return x < lo ? lo : x > hi ? hi : x; }
+
+static void plan_work(const job *j, const model *m, size_t max_T, sweep_work *w)
 {
-    if (j->chunk_prompts)
-        return j->chunk_prompts;
-    forward_cache probe = {0};
-    size_t per = 2 * patch_pair_packed_bytes(cfg, max_T);
-    if (forward_cache_init(&probe, cfg, max_T, FORWARD_LOGITS_LAST) == PS_OK) {
-        per += 2 * probe.arena_floats * sizeof(float);
-        forward_cache_free(&probe);
-    }
-    size_t n = ((size_t)512 << 20) / (per ? per : 1);
-    return n < 1 ? 1 : n > 64 ? 64 : n;
+    const model_config *cfg = &m->cfg;
+    size_t share = m->n_params / WORK_FRACTION * sizeof(float);
+    w->budget_bytes = j->work_mib ? j->work_mib << 20 : share > WORK_MIN_BYTES ? share : WORK_MIN_BYTES;
+    w->pair_bytes = patch_pair_packed_bytes(cfg, max_T);
+    w->chunk = j->chunk_prompts ? j->chunk_prompts : clamp_size(w->budget_bytes / 2 / w->pair_bytes, 1, WORK_CHUNK_MAX);
+    size_t caches = w->chunk > SIZE_MAX / w->pair_bytes ? SIZE_MAX : w->chunk * w->pair_bytes;
+    size_t row = (6 * cfg->n_embd + cfg->n_inner) * sizeof(float);
+    w->fast_rows = clamp_size(caches < w->budget_bytes ? (w->budget_bytes - caches) / row : 0, FAST_ROWS_MIN,
+                              FAST_ROWS_MAX);
 }
 
 /* Rank 0's side of the set-up: plan, identity, journal; what is done. */
@@ -721,6 +744,66 @@ static ps_status root_setup(const job *j, model *m, const tokenizer *tok, const 
     return st ? st : journal_sync(jr);
 }
 
+/* ---- memory per rank ------------------------------------------------------- */
+
+ps_status sweep_memory_gather(comm *c, sweep_rank_memory *all)
+{
+    sweep_rank_memory mine = {.rank = comm_rank(c), .node_rank = comm_local_rank(c), .pid = (long)getpid()};
+    if (gethostname(mine.host, sizeof mine.host) != 0)
+        snprintf(mine.host, sizeof mine.host, "?");
+    mine.host[sizeof mine.host - 1] = '\0';
+    if (memstat_read(&mine.mem) != PS_OK)
+        memset(&mine.mem, 0, sizeof mine.mem);
+    const size_t n = comm_size(c);
+    size_t *counts = comm_rank(c) == 0 ? malloc(n * sizeof *counts) : NULL;
+    ps_status st = comm_rank(c) == 0 && !counts ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
+    for (size_t r = 0; counts && r < n; r++)
+        counts[r] = sizeof mine;
+    if ((st = comm_agree(c, st)) == PS_OK)
+        st = comm_gatherv(c, &mine, sizeof mine, all, counts);
+    free(counts);
+    return st;
+}
+
+void sweep_memory_format(const sweep_rank_memory *r, char *buf, size_t cap)
+{
+    char mem[256];
+    memstat_format(&r->mem, mem, sizeof mem);
+    snprintf(buf, cap, "rank=%zu pid=%ld host=%s node_rank=%zu %s", r->rank, r->pid, r->host, r->node_rank, mem);
+}
+
+/* Collective: on rank 0, *text = one sweep_memory_format line per rank
+ * (malloc'd); NULL elsewhere. */
+static ps_status memory_text(comm *c, char **text)
+{
+    *text = NULL;
+    const size_t n = comm_size(c);
+    const bool root = comm_rank(c) == 0;
+    sweep_rank_memory *all = root ? calloc(n, sizeof *all) : NULL;
+    ps_status st = root && !all ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
+    if ((st = comm_agree(c, st)) || (st = sweep_memory_gather(c, all)) || !root) {
+        free(all);
+        return st;
+    }
+    const size_t line = 400;
+    char *t = malloc(n * line + 1);
+    if (!t) {
+        free(all);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    size_t k = 0;
+    t[0] = '\0';
+    for (size_t r = 0; r < n; r++) {
+        sweep_memory_format(&all[r], t + k, line);
+        k += strlen(t + k);
+        if (r + 1 < n)
+            t[k++] = '\n', t[k] = '\0';
+    }
+    free(all);
+    *text = t;
+    return PS_OK;
+}
+
 ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o, sweep_result *res)
 {
     memset(res, 0, sizeof *res);
@@ -735,15 +818,19 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         st = root_setup(j, m, tok, o, output, &p, &jr, dataset_sha, res);
     if ((st = comm_agree(c, st)))
         goto out;
-    uint64_t nothing_to_do = res->was_complete;
-    if ((st = comm_bcast(c, &nothing_to_do, sizeof nothing_to_do)) || nothing_to_do)
+    /* rank 0 knows the longest prompt, so it plans the working memory */
+    if (root && !res->was_complete)
+        plan_work(j, m, p.max_T, &res->work);
+    uint64_t start[2] = {res->was_complete, res->work.fast_rows};
+    if ((st = comm_bcast(c, start, sizeof start)) || start[0])
         goto out;
+    res->work.fast_rows = start[1];
 
     size_t chunk = 1, n_chunks = 0, todo = 0;
     sweep_progress pr = {0};
     if (root) {
         res->prompts_total = pr.prompts_total = p.n;
-        chunk = chunk_size(j, &m->cfg, p.max_T);
+        chunk = res->work.chunk;
         /* by prompt, that many per rank: each holds only its own caches */
         if (!j->chunk_prompts && j->distribute != JOB_DISTRIBUTE_CELLS)
             chunk *= comm_size(c);
@@ -763,7 +850,8 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     for (;;) {
         chunk_header hdr = {0};
         unsigned char *buf = NULL;
-        patch_pair *pairs = NULL; /* cells mode: [n_alloc], zeroed until run */
+        uint64_t *sizes = NULL;   /* by cell: packed size of each pair */
+        patch_pair *pairs = NULL; /* by cell: [n_alloc], zeroed until run */
         size_t *index = NULL, n_pairs = 0, n_alloc = 0;
         if (root && !(o->stop && *o->stop)) {
             /* the next prompts not done yet */
@@ -775,67 +863,75 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
                 if (!p.state[i])
                     index[n_pairs++] = i;
             }
-            const bool by_prompt = j->distribute == JOB_DISTRIBUTE_PROMPTS ||
-                                   (j->distribute == JOB_DISTRIBUTE_AUTO && n_pairs >= 4 * comm_size(c));
-            size_t bytes = 0;
-            if (by_prompt) {
+            hdr.by_prompt = j->distribute == JOB_DISTRIBUTE_PROMPTS ||
+                            (j->distribute == JOB_DISTRIBUTE_AUTO && n_pairs >= 4 * comm_size(c));
+            if (hdr.by_prompt) {
                 /* their token ids */
                 for (size_t k = 0; k < n_pairs; k++)
-                    bytes += tok_bytes(p.tk[index[k]].n_tokens);
-                if (st == PS_OK && n_pairs && !(buf = malloc(bytes)))
-                    st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's tokens", bytes);
+                    hdr.bytes += tok_bytes(p.tk[index[k]].n_tokens);
+                if (st == PS_OK && n_pairs && !(buf = malloc(hdr.bytes)))
+                    st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's tokens",
+                                 (size_t)hdr.bytes);
                 for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
                     tok_pack(&p.tk[index[k]], buf + off);
                     off += tok_bytes(p.tk[index[k]].n_tokens);
                 }
             } else {
-                /* run them here and pack their caches */
-                if (st == PS_OK && !(pairs = calloc(chunk, sizeof *pairs)))
+                /* run them here */
+                pairs = calloc(chunk, sizeof *pairs);
+                sizes = malloc(chunk * sizeof *sizes);
+                if (st == PS_OK && (!pairs || !sizes))
                     st = err_set(PS_ERR_NOMEM, "out of memory");
                 n_alloc = pairs ? chunk : 0;
                 for (size_t k = 0; st == PS_OK && k < n_pairs; k++) {
                     const dataset_tokens *tk = &p.tk[index[k]];
                     st = patch_pair_init(&pairs[k], m, tk->clean_ids, tk->corrupted_ids, tk->n_tokens, tk->answer_id,
                                          tk->wrong_id);
-                    bytes += patch_pair_packed_bytes(&m->cfg, tk->n_tokens);
-                }
-                if (st == PS_OK && n_pairs && !(buf = malloc(bytes)))
-                    st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's caches", bytes);
-                for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
-                    patch_pair_pack(&pairs[k], buf + off);
-                    off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+                    sizes[k] = patch_pair_packed_bytes(&m->cfg, tk->n_tokens);
+                    if (sizes[k] > hdr.max_bytes)
+                        hdr.max_bytes = sizes[k];
                 }
             }
-            hdr = (chunk_header){st == PS_OK ? n_pairs : 0, bytes, by_prompt};
+            hdr.n_pairs = st == PS_OK ? n_pairs : 0;
         }
-        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)))
-            goto chunk_out;
-        if (hdr.n_pairs == 0)
-            goto chunk_out;
-        if (!root) {
-            buf = malloc(hdr.bytes);
-            if (!hdr.by_prompt && (pairs = calloc(hdr.n_pairs, sizeof *pairs)))
-                n_alloc = hdr.n_pairs;
-            if (!buf || (!hdr.by_prompt && !pairs))
-                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk",
-                             (unsigned long long)hdr.bytes);
-        }
-        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
+        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)) || hdr.n_pairs == 0)
             goto chunk_out;
         double *values = NULL; /* root: per prompt [clean, corrupted, cells...] or per cell */
         size_t n_cells = 0;
         if (hdr.by_prompt) {
-            st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, &values, &n_cells);
+            if (!root && !(buf = malloc(hdr.bytes)))
+                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk's tokens",
+                             (unsigned long long)hdr.bytes);
+            if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
+                goto chunk_out;
+            st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, res->work.fast_rows, &values, &n_cells);
         } else {
             if (!root) {
                 n_pairs = hdr.n_pairs;
-                for (size_t k = 0, off = 0; k < n_pairs && st == PS_OK; k++) {
-                    st = patch_pair_unpack(&pairs[k], &m->cfg, buf + off);
-                    off += patch_pair_packed_bytes(&m->cfg, pairs[k].T);
+                if ((pairs = calloc(n_pairs, sizeof *pairs)))
+                    n_alloc = n_pairs;
+                sizes = malloc(n_pairs * sizeof *sizes);
+            }
+            buf = malloc(hdr.max_bytes);
+            if (!buf || !pairs || !sizes)
+                st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for a pair's caches",
+                             (unsigned long long)hdr.max_bytes);
+            if ((st = comm_agree(c, st)) || (st = comm_bcast(c, sizes, n_pairs * sizeof *sizes)))
+                goto chunk_out;
+            /* A rank whose unpacking failed still takes part in every bcast. */
+            for (size_t k = 0; k < n_pairs; k++) {
+                if (root)
+                    patch_pair_pack(&pairs[k], buf);
+                ps_status bst = comm_bcast(c, buf, sizes[k]);
+                if (bst) {
+                    st = bst;
+                    goto chunk_out;
                 }
+                if (!root && st == PS_OK)
+                    st = patch_pair_unpack(&pairs[k], &m->cfg, buf);
             }
             if ((st = comm_agree(c, st)) == PS_OK)
-                st = run_chunk(j, m, c, pairs, hdr.n_pairs, &values, &n_cells);
+                st = run_chunk(j, m, c, pairs, n_pairs, res->work.fast_rows, &values, &n_cells);
         }
         free(buf);
         buf = NULL;
@@ -870,6 +966,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         st = comm_agree(c, st);
     chunk_out:
         free(buf);
+        free(sizes);
         for (size_t k = 0; k < n_alloc; k++)
             patch_pair_free(&pairs[k]);
         free(pairs);
@@ -880,10 +977,16 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
             break;
     }
     res->seconds = bench_now() - t0;
+    /* Provenance: what each rank needed for the patching (before rank 0
+     * builds the file). */
+    char *memory = NULL;
+    if ((st = memory_text(c, &memory)))
+        goto out;
     if (root) {
         res->interrupted = o->stop && *o->stop && pr.prompts_done < p.n;
         const double tw = bench_now();
-        st = finalize(j, m, tok, &p, &jr, output, o, dataset_sha, res);
+        st = finalize(j, m, tok, &p, &jr, output, o, dataset_sha, memory, res);
+        free(memory);
         res->write_seconds = bench_now() - tw;
         struct stat sb;
         res->write_bytes = st == PS_OK && stat(output, &sb) == 0 ? (size_t)sb.st_size : 0;

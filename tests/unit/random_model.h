@@ -79,7 +79,8 @@ static void random_model_init(random_model *tm, size_t L, size_t H, size_t d, si
 static void random_model_free(random_model *tm)
 {
     free(tm->store);
-    free(tm->m.packed);
+    if (tm->m.packed_owned)
+        free(tm->m.packed);
     free(tm->m.blocks);
 }
 

@@ -127,6 +127,7 @@ static void test_full_job(void **state)
         "output = results/ioi.nc\n"
         "chunk_prompts = 64\n"
         "threads = 4\n"
+        "work_mib = 96\n"
         "progress_seconds = 2.5\n"
         "[lens]\n"
         "enabled = true\n"
@@ -166,6 +167,7 @@ static void test_full_job(void **state)
     free(want);
     assert_int_equal(j.chunk_prompts, 64);
     assert_int_equal(j.threads, 4);
+    assert_int_equal(j.work_mib, 96);
     assert_true(j.progress_seconds == 2.5);
 
     assert_true(j.lens);
@@ -197,6 +199,7 @@ static void test_minimal_defaults(void **state)
     assert_int_equal(j.engine, PATCH_ENGINE_FAST);
     assert_int_equal(j.chunk_prompts, 0);
     assert_int_equal(j.threads, 0);
+    assert_int_equal(j.work_mib, 0);
     assert_true(j.progress_seconds == 10.0);
     assert_false(j.lens);
     assert_int_equal(j.lens_top_k, 10);
@@ -272,11 +275,12 @@ static void test_syntax_accepted(void **state)
     assert_int_equal(j.lens_top_k, 1000);
     job_free(&j);
 
-    assert_int_equal(job_parse(&j, "j", MINIMAL "chunk_prompts = 100000\nthreads = 1024\nprogress_seconds = .5e1\n"
+    assert_int_equal(job_parse(&j, "j", MINIMAL "chunk_prompts = 100000\nthreads = 1024\nwork_mib = 1048576\nprogress_seconds = .5e1\n"
                                         "[data]\nmax_prompts = 18446744073709551615\n"),
                      PS_OK);
     assert_int_equal(j.chunk_prompts, 100000);
     assert_int_equal(j.threads, 1024);
+    assert_int_equal(j.work_mib, 1048576);
     assert_true(j.progress_seconds == 5.0);
     assert_true(j.max_prompts == SIZE_MAX);
     job_free(&j);
@@ -340,6 +344,8 @@ static void test_bad_integer(void **state)
     expect_error(MINIMAL "chunk_prompts = 100001\n", PS_ERR_INVALID, 7,
                  "[run] chunk_prompts: 100001 is out of range (0 for automatic, or 1..100000)");
     expect_error(MINIMAL "threads = 1025\n", PS_ERR_INVALID, 7, "[run] threads: 1025 is out of range");
+    expect_error(MINIMAL "work_mib = 1048577\n", PS_ERR_INVALID, 7,
+                 "[run] work_mib: 1048577 is out of range (0 for automatic, or 1..1048576)");
     expect_error(MINIMAL "[lens]\ntop_k = 0\n", PS_ERR_INVALID, 8, "[lens] top_k: 0 is out of range (1..1000)");
 }
 

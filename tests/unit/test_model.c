@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -594,9 +595,10 @@ static void test_load_f32_in_place(void **state)
     assert_string_equal(m.weights_dtype, "F32");
     assert_string_equal(m.dir, dir);
     assert_non_null(strstr(m.config_json, "\"n_embd\": 8"));
-    /* Every F32 tensor is 4-byte aligned here, so all of them live in the mmap. */
-    assert_null(m.arena);
+    /* Every F32 tensor is 4-byte aligned here, so all of them live in the
+     * mmap; the arena holds only the packed matrices. */
     assert_int_equal(m.arena_floats, 0);
+    assert_true(m.packed == m.arena && m.packed_floats > 0 && !m.packed_owned);
     for (size_t i = 0; all_pointers(&m, i); i++)
         assert_true(in_map(&m, all_pointers(&m, i)));
     model_free(&m);
@@ -897,6 +899,213 @@ static void test_model_hash(void **state)
     ASSERT_ERROR(model_hash(&m), PS_ERR_INVALID, "no model loaded");
 }
 
+/* ---- model_load_shared ------------------------------------------------------- */
+
+/* The processes of a node sharing one arena, played in one process: the
+ * first load writes (is_writer), later ones read the same pages; publish
+ * hands the writer's status to the readers, as comm_shared_publish does. */
+typedef struct {
+    void *mem;
+    size_t bytes, map_bytes;
+    bool next_writer;
+    ps_status other_failed;   /* alloc reports another process's failure */
+    ps_status writer_status;
+    char writer_msg[512];
+    int n_alloc, n_publish, n_release;
+    ps_status alloc_saw;      /* the st that model_load_shared passed to alloc */
+} fake_node;
+
+static ps_status fake_alloc(void *user, ps_status st, size_t bytes, void **ptr, bool *is_writer)
+{
+    fake_node *f = user;
+    f->n_alloc++;
+    f->alloc_saw = st;
+    if (st)
+        return st;
+    if (f->other_failed)
+        return err_set(f->other_failed, "rank 1: another process failed");
+    if (!f->mem) {
+        f->bytes = bytes;
+        f->map_bytes = bytes ? bytes : 1;
+        f->mem = mmap(NULL, f->map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        assert_true(f->mem != MAP_FAILED);
+    }
+    assert_int_equal(bytes, f->bytes);
+    *ptr = bytes ? f->mem : NULL;
+    *is_writer = f->next_writer;
+    return PS_OK;
+}
+
+static ps_status fake_publish(void *user, ps_status st)
+{
+    fake_node *f = user;
+    f->n_publish++;
+    if (f->next_writer) {
+        f->writer_status = st;
+        snprintf(f->writer_msg, sizeof f->writer_msg, "%s", st ? err_msg() : "");
+        return st;
+    }
+    if (st == PS_OK && f->writer_status)
+        return err_set(f->writer_status, "rank 0: %s", f->writer_msg);
+    return st;
+}
+
+static void fake_release(void *user, void *ptr)
+{
+    fake_node *f = user;
+    assert_true(ptr == (f->bytes ? f->mem : NULL));
+    f->n_release++;
+}
+
+static model_alloc fake_alloc_of(fake_node *f)
+{
+    return (model_alloc){.alloc = fake_alloc, .publish = fake_publish, .release = fake_release, .user = f};
+}
+
+static void fake_node_free(fake_node *f)
+{
+    if (f->mem)
+        munmap(f->mem, f->map_bytes);
+}
+
+/* A writer converts into the shared arena; a reader, with the pages made
+ * read-only (it must not write them), gets the same pointers and values. */
+static void test_load_shared_bf16(void **state)
+{
+    (void)state;
+    gen g = tiny();
+    g.dtype = ST_BF16;
+    g.untied = true;
+    const char *dir = gen_model("shared_bf16", &g);
+    fake_node f = {.next_writer = true};
+    model_alloc a = fake_alloc_of(&f);
+    model w, r;
+    assert_int_equal(model_load_shared(&w, dir, &a), PS_OK);
+    assert_int_equal(f.n_alloc, 1);
+    assert_int_equal(f.n_publish, 1);
+    /* the converted tensors, then (64-byte aligned) the packed matrices */
+    assert_int_equal(w.arena_floats, expected_params(&g));
+    assert_true(w.packed >= w.arena + w.arena_floats && w.packed - w.arena < (ptrdiff_t)w.arena_floats + 16);
+    assert_int_equal(f.bytes, (size_t)(w.packed - w.arena + (ptrdiff_t)w.packed_floats) * sizeof(float));
+    assert_ptr_equal(w.arena, f.mem);
+    assert_true(w.arena_shared);
+    check_model(&w, &g);
+    for (size_t i = 0; all_pointers(&w, i); i++)
+        assert_true(in_arena(&w, all_pointers(&w, i)));
+
+    assert_int_equal(mprotect(f.mem, f.map_bytes, PROT_READ), 0);
+    f.next_writer = false;
+    assert_int_equal(model_load_shared(&r, dir, &a), PS_OK);
+    assert_int_equal(f.n_alloc, 2);
+    assert_int_equal(f.n_publish, 2);
+    check_model(&r, &g);
+    for (size_t i = 0; all_pointers(&w, i); i++)
+        assert_ptr_equal(all_pointers(&r, i), all_pointers(&w, i));
+    assert_string_equal(r.weights_dtype, "BF16");
+    assert_int_equal(r.n_params, w.n_params);
+    model_free(&r);
+    assert_int_equal(f.n_release, 1);
+    model_free(&w);
+    assert_int_equal(f.n_release, 2);
+    model_free(&w); /* twice is safe: released once */
+    assert_int_equal(f.n_release, 2);
+    fake_node_free(&f);
+}
+
+/* F32 in place: only the packed matrices are shared (the calls happen,
+ * they may be collective), and the weights themselves stay in the mmap. */
+static void test_load_shared_f32(void **state)
+{
+    (void)state;
+    gen g = tiny();
+    const char *dir = gen_model("shared_f32", &g);
+    fake_node f = {.next_writer = false};
+    model_alloc a = fake_alloc_of(&f);
+    model m;
+    assert_int_equal(model_load_shared(&m, dir, &a), PS_OK);
+    assert_int_equal(f.n_alloc, 1);
+    assert_int_equal(f.n_publish, 1);
+    assert_int_equal(f.bytes, (m.packed_floats + (m.packed - m.arena)) * sizeof(float));
+    assert_int_equal(m.arena_floats, 0);
+    assert_true(m.packed == m.arena && m.packed_floats > 0);
+    check_model(&m, &g);
+    for (size_t i = 0; all_pointers(&m, i); i++)
+        assert_true(in_map(&m, all_pointers(&m, i)));
+    model_free(&m);
+    assert_int_equal(f.n_release, 1);
+    fake_node_free(&f);
+}
+
+/* The writer's NaN fails the writer and, through publish, every reader;
+ * a reader makes no pass over the weights of its own. */
+static void test_load_shared_nan(void **state)
+{
+    (void)state;
+    gen g = tiny();
+    g.dtype = ST_F16;
+    g.poison = "h.1.mlp.c_fc.bias";
+    g.poison_value = NAN;
+    const char *dir = gen_model("shared_nan", &g);
+    fake_node f = {.next_writer = true};
+    model_alloc a = fake_alloc_of(&f);
+    model m;
+    ASSERT_ERROR(model_load_shared(&m, dir, &a), PS_ERR_INVALID,
+                 "shared_nan/model.safetensors: tensor 'h.1.mlp.c_fc.bias' element 1 is NaN");
+    assert_int_equal(f.n_publish, 1);
+    assert_int_equal(f.n_release, 1); /* freed on the way out */
+    assert_null(m.arena);
+    f.next_writer = false;
+    ASSERT_ERROR(model_load_shared(&m, dir, &a), PS_ERR_INVALID, "rank 0: /", "shared_nan/model.safetensors",
+                 "element 1 is NaN");
+    assert_int_equal(f.n_publish, 2);
+    assert_int_equal(f.n_release, 2);
+    /* A reader trusts the writer's check: told that the writer passed, it
+     * takes the arena as it is (here with the writer's converted NaN). */
+    f.writer_status = PS_OK;
+    assert_int_equal(model_load_shared(&m, dir, &a), PS_OK);
+    assert_true(isnan(m.blocks[1].fc_b[1]));
+    model_free(&m);
+    fake_node_free(&f);
+}
+
+/* A failure before the allocation still makes both calls, with the status,
+ * so that the other processes are not left waiting; nothing to release. */
+static void test_load_shared_early_failure(void **state)
+{
+    (void)state;
+    gen g = tiny();
+    g.reshape = "wpe.weight";
+    const char *dir = gen_model("shared_shape", &g);
+    fake_node f = {.next_writer = true};
+    model_alloc a = fake_alloc_of(&f);
+    model m;
+    ASSERT_ERROR(model_load_shared(&m, dir, &a), PS_ERR_INVALID, "shared_shape/model.safetensors: tensor 'wpe.weight'");
+    assert_int_equal(f.alloc_saw, PS_ERR_INVALID);
+    assert_int_equal(f.n_alloc, 1);
+    assert_int_equal(f.n_publish, 1);
+    assert_int_equal(f.n_release, 0);
+
+    char missing[PATH_MAX + 32];
+    snprintf(missing, sizeof missing, "%s/no_such_model", tmpdir);
+    ASSERT_ERROR(model_load_shared(&m, missing, &a), PS_ERR_IO, "no_such_model/config.json");
+    assert_int_equal(f.n_alloc, 2);
+    assert_int_equal(f.n_publish, 2);
+    assert_int_equal(f.n_release, 0);
+
+    /* Another process failed: its error, on a good checkpoint. */
+    g = tiny();
+    g.dtype = ST_BF16;
+    f.other_failed = PS_ERR_NOMEM;
+    ASSERT_ERROR(model_load_shared(&m, gen_model("shared_other", &g), &a), PS_ERR_NOMEM,
+                 "rank 1: another process failed");
+    assert_int_equal(f.alloc_saw, PS_OK);
+    assert_int_equal(f.n_alloc, 3);
+    assert_int_equal(f.n_publish, 3);
+    assert_int_equal(f.n_release, 0);
+    assert_null(m.arena);
+    fake_node_free(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -928,6 +1137,10 @@ int main(void)
         cmocka_unit_test(test_load_missing_files),
         cmocka_unit_test(test_load_config_mismatch),
         cmocka_unit_test(test_model_hash),
+        cmocka_unit_test(test_load_shared_bf16),
+        cmocka_unit_test(test_load_shared_f32),
+        cmocka_unit_test(test_load_shared_nan),
+        cmocka_unit_test(test_load_shared_early_failure),
     };
     return cmocka_run_group_tests_name("model", tests, setup_dir, teardown_dir);
 }
