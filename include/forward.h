@@ -63,6 +63,7 @@ typedef struct {
     float *logits;          /* [T, V] for ALL, [1, V] (last row) for LAST, NULL for NONE */
     float *arena;           /* owned: every array above */
     size_t arena_floats;
+    bool trimmed;           /* forward_cache_trim: the core alone */
     size_t core_floats;     /* arena prefix the patching engines read: embeddings,
                                per block everything but ln1, ln2, mlp_pre, mlp_post;
                                ln_final.  Sized for `capacity` tokens. */
@@ -85,6 +86,12 @@ typedef struct {
 ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t capacity,
                              forward_logits logits_mode);
 void forward_cache_free(forward_cache *c);
+
+/* Keep only the core (core_floats): ln1, ln2, mlp_pre, mlp_post and the
+ * logits become NULL and their memory is returned.  What a patch_pair keeps
+ * once its metrics are known (the engines read the core alone); a trimmed
+ * cache can be read and freed, not run again (forward_run refuses it). */
+void forward_cache_trim(forward_cache *c);
 
 /* Copy every activation of src's T rows into dst (same config/capacity). */
 void forward_cache_copy(forward_cache *dst, const forward_cache *src);

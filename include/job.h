@@ -34,7 +34,7 @@
  * | `[run]`   | `threads`        | `0`         | BLAS threads per MPI rank, 1..1024; 0 = automatic |
  * | `[run]`   | `work_mib`       | `0`         | working memory per rank in MiB (the chunk's activation caches and the fast engine's stacked rows), 1..1048576; 0 = automatic: 1/16 of the model's F32 weights, at least 32 MiB (sweep.h) |
  * | `[run]`   | `progress_seconds` | `10`      | seconds between progress lines when stderr is not a terminal; a decimal number > 0 |
- * | `[run]`   | `distribute`     | `auto`      | how a chunk is shared among ranks: `prompts` (each rank runs the clean/corrupted forwards of its own prompts and all their cells: no cache broadcast), `cells` (rank 0 runs every prompt and broadcasts the caches; cells dealt to all ranks), `auto` (prompts when the chunk has at least 4 prompts per rank) |
+ * | `[run]`   | `distribute`     | `auto`      | how a chunk is shared among ranks: `prompts` (each rank runs the clean/corrupted forwards of its own prompts and all their cells: no cache broadcast), `cells` (rank 0 runs every prompt and broadcasts the caches; cells dealt to all ranks), `auto` (prompts when the chunk has more pairs than a rank's working memory holds, or at least 4 per rank) |
  * | `[lens]`  | `enabled`        | `false`     | also write the logit lens of every prompt (the section is optional) |
  * | `[lens]`  | `top_k`          | `10`        | tokens kept per layer and position, 1..1000 |
  * | `[lens]`  | `output`         | none        | the lens file, must end in `.nc`; required when `enabled = true`; must differ from `[run] output` |

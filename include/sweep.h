@@ -9,7 +9,8 @@
  *           token lengths, single-token answers, length <= n_positions);
  *           open the journal (results of earlier runs of the same job)
  *   per chunk of prompts not done yet, one of two distributions ([run]
- *   distribute; auto picks "prompts" when the chunk has >= 4 prompts per rank):
+ *   distribute; auto picks "prompts" when the chunk has more pairs than a rank's
+ *   working memory holds (sweep_work.chunk), or >= 4 per rank):
  *   prompts (the default at scale):
  *     rank 0: broadcasts the chunk's token ids (a few hundred bytes a prompt)
  *     all:    prompts are dealt to ranks by expected cost (cells x rows from

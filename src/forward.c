@@ -177,6 +177,46 @@ void forward_cache_free(forward_cache *c)
     memset(c, 0, sizeof *c);
 }
 
+void forward_cache_trim(forward_cache *c)
+{
+    if (!c->arena || c->trimmed)
+        return;
+    const size_t L = c->cfg.n_layer, n = 3 + 10 * L;
+    /* The core's pointers as offsets, so that they survive a moving realloc. */
+    float ***field = malloc(n * sizeof *field);
+    size_t *off = malloc(n * sizeof *off);
+    if (!field || !off) {
+        free(field), free(off);
+        return; /* keep everything: trimming is an economy, not a need */
+    }
+    size_t k = 0;
+    field[k++] = &c->embed, field[k++] = &c->pos_embed, field[k++] = &c->ln_final;
+    for (size_t l = 0; l < L; l++) {
+        forward_layer *ly = &c->layers[l];
+        float **p[] = {&ly->resid_pre, &ly->q, &ly->k, &ly->v, &ly->pattern, &ly->z, &ly->attn_out,
+                       &ly->resid_mid, &ly->mlp_out, &ly->resid_post};
+        for (size_t i = 0; i < 10; i++)
+            field[k++] = p[i];
+    }
+    for (size_t i = 0; i < n; i++)
+        off[i] = (size_t)(*field[i] - c->arena);
+    float *a = realloc(c->arena, c->core_floats * sizeof *a);
+    if (a) {
+        c->arena = a;
+        c->arena_floats = c->core_floats;
+        for (size_t i = 0; i < n; i++)
+            *field[i] = a + off[i];
+        for (size_t l = 0; l < L; l++) {
+            forward_layer *ly = &c->layers[l];
+            ly->ln1 = ly->ln2 = ly->mlp_pre = ly->mlp_post = NULL;
+        }
+        c->logits = NULL;
+        c->trimmed = true;
+    }
+    free(field);
+    free(off);
+}
+
 void forward_cache_copy(forward_cache *dst, const forward_cache *src)
 {
     memcpy(dst->arena, src->arena, src->arena_floats * sizeof *src->arena);
@@ -311,6 +351,8 @@ ps_status forward_run_from(const model *m, forward_cache *c, size_t layer0, size
                            const forward_hooks *hooks)
 {
     const size_t L = m->cfg.n_layer, d = m->cfg.n_embd, T = c->T;
+    if (c->trimmed)
+        return err_set(PS_ERR_INVALID, "forward_run_from: the cache was trimmed to its core");
     if (layer0 > L || row0 >= T)
         return err_set(PS_ERR_RANGE, "suffix run from block %zu row %zu outside %zu blocks x %zu rows",
                        layer0, row0, L, T);
@@ -329,6 +371,8 @@ ps_status forward_run(const model *m, forward_cache *c, const int32_t *tokens, s
                       const forward_hooks *hooks)
 {
     const size_t d = m->cfg.n_embd;
+    if (c->trimmed)
+        return err_set(PS_ERR_INVALID, "forward_run: the cache was trimmed to its core");
     if (T == 0 || T > c->capacity)
         return err_set(PS_ERR_RANGE, "a run of %zu tokens does not fit (1..%zu)", T, c->capacity);
     for (size_t t = 0; t < T; t++)

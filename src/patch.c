@@ -199,6 +199,10 @@ ps_status patch_pair_init(patch_pair *p, const model *m, const int32_t *clean, c
         p->corrupted_metric[k] =
             metric_with_lse(p->corrupted.logits, V, answer, wrong, p->clean_logprobs, k, lse_corrupted);
     }
+    /* The engines read the caches' core alone: return the rest (LayerNorm
+     * outputs, the MLP hidden layer: about half of a cache) now. */
+    forward_cache_trim(&p->clean);
+    forward_cache_trim(&p->corrupted);
     return PS_OK;
 }
 

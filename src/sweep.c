@@ -830,8 +830,9 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     sweep_progress pr = {0};
     if (root) {
         res->prompts_total = pr.prompts_total = p.n;
+        /* By prompt, the budget's pairs per rank: each holds only its own
+         * caches.  (By cell every rank holds the whole chunk's.) */
         chunk = res->work.chunk;
-        /* by prompt, that many per rank: each holds only its own caches */
         if (!j->chunk_prompts && j->distribute != JOB_DISTRIBUTE_CELLS)
             chunk *= comm_size(c);
         for (size_t i = 0; i < p.n; i++) {
@@ -863,8 +864,11 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
                 if (!p.state[i])
                     index[n_pairs++] = i;
             }
+            /* auto: by prompt when by cell every rank would hold more pairs
+             * than its budget allows, or when there are 4 or more a rank */
             hdr.by_prompt = j->distribute == JOB_DISTRIBUTE_PROMPTS ||
-                            (j->distribute == JOB_DISTRIBUTE_AUTO && n_pairs >= 4 * comm_size(c));
+                            (j->distribute == JOB_DISTRIBUTE_AUTO &&
+                             (n_pairs > res->work.chunk || n_pairs >= 4 * comm_size(c)));
             if (hdr.by_prompt) {
                 /* their token ids */
                 for (size_t k = 0; k < n_pairs; k++)
