@@ -159,7 +159,9 @@ def parse_ranks(text):
 
 
 data = os.path.join(TMP, "ioi.jsonl")
-subprocess.run([BIN, "make-dataset", "ioi", "--n", "2", "--seed", "7", "-o", data], check=True, capture_output=True)
+# 4 pairs: with 4 ranks each gets one (the sweep distributes whole prompts
+# when a rank's working memory holds one pair), so every rank computes.
+subprocess.run([BIN, "make-dataset", "ioi", "--n", "4", "--seed", "7", "-o", data], check=True, capture_output=True)
 if QUICK:
     print("PS_QUICK: a small model, bounds not checked (ASan's shadow memory distorts RSS)")
 
@@ -210,7 +212,7 @@ for dtype in ("f32", "bf16"):
                 continue
             check(f"{dtype}, {n} ranks: rank {r['rank']} was sampled", sampled > 0, peak)
             if dtype == "bf16":
-                # it read the blocks' converted weights from the node's shared
+                # it read the blocks' (packed) weights from the node's shared
                 # window (RssShmem), not from a copy of its own
                 check(f"{dtype}, {n} ranks: rank {r['rank']} reads the shared window",
                       r["shmem"] * 1024 >= 0.5 * blocks_bytes, (r, blocks_bytes))
