@@ -87,7 +87,7 @@ size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, si
 typedef struct {
     size_t T;
     int32_t answer, wrong;
-    forward_cache clean, corrupted;  /* every activation, logits of the last row */
+    forward_cache clean, corrupted;  /* the core activations (trimmed: no ln1/ln2/MLP hidden, no logits) */
     double clean_metric[PATCH_METRIC_COUNT];
     double corrupted_metric[PATCH_METRIC_COUNT];
     float *clean_logprobs;           /* [V] log softmax of the clean last row (for kl) */

@@ -162,11 +162,12 @@ int cmd_evaluate(int argc, char **argv)
         sum_clean += c;
         sum_corr += p.corrupted_metric[PATCH_LOGIT_DIFF];
         correct += c > 0;
-        /* top-1: no logit strictly greater than the answer's */
-        const float la = p.clean.logits[p.answer];
+        /* top-1: no token strictly more likely than the answer (the pair
+         * keeps the clean log-probabilities, not the logits) */
+        const float la = p.clean_logprobs[p.answer];
         size_t greater = 0;
         for (size_t v = 0; v < m.cfg.vocab_size; v++)
-            greater += p.clean.logits[v] > la;
+            greater += p.clean_logprobs[v] > la;
         top1 += greater == 0;
         patch_pair_free(&p);
     }
