@@ -21,7 +21,7 @@
 #include "err.h"
 
 /* How long an idle worker polls for the next task before sleeping. */
-#define POOL_SPIN_NS 200000L
+#define POOL_SPIN_NS 1000000L
 
 /* Hard cap on the threads of one process (a rank rarely has more cores). */
 #define POOL_MAX_THREADS 256

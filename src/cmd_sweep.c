@@ -250,6 +250,10 @@ int cmd_sweep(int argc, char **argv)
      * fresh mappings each one costs page faults and zeroing (256 KiB made
      * rank 0's file write 10x slower: 35 s for 512 prompts). */
     mallopt(M_MMAP_THRESHOLD, 4 << 20);
+    /* Setting the mmap threshold also fixes the trim threshold at 128 KiB:
+     * every free at the top of the heap would return its pages and the next
+     * allocation fault them in again (HDF5's buffers, for each record). */
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
     /* Before MPI_Init, which can take seconds: a signal during start-up
      * must already mean "stop after the current chunk", not "die". */
     struct sigaction sa = {.sa_handler = on_signal};

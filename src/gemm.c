@@ -18,7 +18,7 @@
 #define PANEL_GROUP_BYTES ((size_t)512 * 1024)
 /* Below this many multiply-adds a call runs on one thread: waking the
  * workers would cost more than it saves. */
-#define GEMM_MIN_PARALLEL_MACS ((size_t)1 << 18)
+#define GEMM_MIN_PARALLEL_MACS ((size_t)1 << 22)
 
 size_t gemm_packed_floats(size_t k, size_t n) { return (n + GEMM_NR - 1) / GEMM_NR * k * GEMM_NR; }
 
