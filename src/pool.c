@@ -95,8 +95,10 @@ static size_t ensure_workers(size_t want)
 void pool_run(size_t n, void (*fn)(void *arg, size_t tid, size_t nt), void *arg)
 {
     size_t nt = n < pool_threads() ? n : pool_threads();
-    if (nt > 1)
-        nt = nt < ensure_workers(nt) ? nt : ensure_workers(nt);
+    if (nt > 1) {
+        const size_t avail = ensure_workers(nt);
+        nt = nt < avail ? nt : avail;
+    }
     if (nt <= 1) {
         fn(arg, 0, 1);
         return;
