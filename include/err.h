@@ -22,7 +22,10 @@ typedef enum {
 } ps_status;
 
 /* Record `fmt` (printf-style) as this thread's last error and return `st`,
- * so callers can write `return err_set(PS_ERR_FORMAT, "%s: ...", path);`. */
+ * so callers can write `return err_set(PS_ERR_FORMAT, "%s: ...", path);`.
+ * The message is kept on one line of valid UTF-8: line feeds and carriage
+ * returns become \n and \r, other control characters (but tab) and bytes
+ * of invalid UTF-8 \xHH; at most 1023 bytes. */
 ps_status err_set(ps_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Prefix the current message with "prefix: " (adds context on the way up). */

@@ -127,11 +127,16 @@ typedef struct {
  * it with job_parse.  On failure *j is zeroed. */
 ps_status job_load(job *j, const char *path);
 
+/* The bytes buf[0..len) of a job file (need not be NUL-terminated): refused
+ * over JOB_MAX_BYTES or holding a NUL byte, else parsed with job_parse.
+ * What job_load does once it has read the file; the fuzz target's entry
+ * point.  On failure *j is zeroed. */
+ps_status job_parse_mem(job *j, const char *path, const char *buf, size_t len);
+
 /* Parse `text` as a job file.  `path` names the file in error messages and
  * is the base of relative paths (its directory; "." when it has none).  Pure:
- * touches no file, so it is also the fuzzing entry point.  On success *j owns
- * copies of everything; on failure *j is zeroed and err_msg() holds the one
- * error line. */
+ * touches no file.  On success *j owns copies of everything; on failure *j
+ * is zeroed and err_msg() holds the one error line. */
 ps_status job_parse(job *j, const char *path, const char *text);
 
 /* Free what *j owns and zero it (safe on a zeroed job, and twice). */

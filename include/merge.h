@@ -4,7 +4,8 @@
  *
  * Checks, each failure one line naming the files (err.h):
  *   - every part is a readable NetCDF results file with the dimension
- *     `prompt` (unlimited), the variables prompt_index, done and skipped,
+ *     `prompt` (unlimited, at most DATASET_MAX_ITEMS long), the variables
+ *     prompt_index, done and skipped,
  *     and the global attributes complete = "true" and slice = "K/N";
  *   - the parts come from one job, model and dataset: job_sha256,
  *     model_sha256, dataset_sha256, metric, direction and engine are equal,

@@ -42,6 +42,13 @@ typedef struct {
 /* Open read-only.  A file NetCDF does not recognise is PS_ERR_FORMAT
  * ("not a NetCDF file"); a missing or unreadable one PS_ERR_IO. */
 ps_status ncin_open(ncin_file *f, const char *path);
+
+/* Open the image buf[0..size) of a NetCDF file (classic, 64-bit offset or
+ * NetCDF-4) read-only, with nc_open_mem; `name` stands for the file in
+ * messages.  buf must stay valid and unchanged until ncin_close.  The fuzz
+ * target's entry point; messages and statuses as ncin_open's. */
+ps_status ncin_open_mem(ncin_file *f, const char *name, const void *buf, size_t size);
+
 void ncin_close(ncin_file *f);
 
 /* Length of dimension `name`; PS_ERR_FORMAT naming it when absent. */

@@ -11,7 +11,8 @@
  *
  * Validation, in the spirit of ggml's gguf.cpp (every check is an error
  * naming the file and the tensor):
- *   - N <= ST_MAX_HEADER_BYTES and 8 + N <= file size;
+ *   - N <= ST_MAX_HEADER_BYTES and 8 + N <= file size; at most
+ *     ST_MAX_HEADER_VALUES JSON values and keys;
  *   - the header is valid UTF-8 JSON, an object of objects, with the exact
  *     key types above; nesting deeper than the format needs is refused;
  *   - known dtype; 0 <= ndim <= ST_MAX_DIMS; every dim a non-negative integer;
@@ -30,8 +31,12 @@
 
 #include "err.h"
 
-/* HF's own reader refuses headers over 100 MB; we do the same. */
+/* HF's own reader refuses headers over 100 MB; we do the same.  jansson
+ * spends 30-110 bytes per JSON value, so the values are capped too (a
+ * tensor entry counts about 10 plus its dimensions; GPT-2 XL has 580): at most
+ * about 1 GiB for the parsed header.  Over either: PS_ERR_NOMEM. */
 #define ST_MAX_HEADER_BYTES ((size_t)100 * 1000 * 1000)
+#define ST_MAX_HEADER_VALUES ((size_t)8 << 20)
 #define ST_MAX_DIMS 8
 
 typedef enum {

@@ -7,6 +7,8 @@
 #include <string.h>
 
 #include "cli.h"
+#include "dataset.h"
+#include "model.h"
 #include "ncin.h"
 #include "plot.h"
 #include "prov.h"
@@ -140,6 +142,30 @@ static char *format_ranges(pool *pl, const size_t *idx, size_t n, size_t max_cha
         i = j + 1;
     }
     return s;
+}
+
+/* ---- dimensions ------------------------------------------------------------ */
+
+/* Length of dimension `name`, refused over `cap`: lengths come from the
+ * file's header, not from data it holds (a classic file of 600 bytes can
+ * claim 2^31 prompts), and plot allocates per prompt, layer, position and
+ * head.  The caps are what a sweep can write: a dataset's records, a
+ * model's layers (+1: a lens file's embedding row), positions and heads. */
+static ps_status dim_len_capped(const ncin_file *f, const char *name, size_t *len)
+{
+    static const struct {
+        const char *name;
+        size_t cap;
+    } caps[] = {{"prompt", DATASET_MAX_ITEMS},
+                {"layer", MODEL_MAX_N_LAYER + 1},
+                {"position", MODEL_MAX_N_POSITIONS},
+                {"head", MODEL_MAX_N_HEAD}};
+    ps_status st = ncin_dim_len(f, name, len);
+    for (size_t i = 0; st == PS_OK && i < sizeof caps / sizeof caps[0]; i++)
+        if (!strcmp(name, caps[i].name) && *len > caps[i].cap)
+            st = err_set(PS_ERR_NOMEM, "%s: dimension '%s' of length %zu is over the limit of %zu", f->path, name,
+                         *len, caps[i].cap);
+    return st;
 }
 
 /* ---- provenance ------------------------------------------------------------ */
@@ -708,8 +734,8 @@ static ps_status plot_results(const ncin_file *f, pool *pl, const plot_args *a, 
     ps_status st;
     grid_var *gv;
     size_t n_vars;
-    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = ncin_dim_len(f, "prompt", &c.n_prompt)) ||
-        (st = ncin_dim_len(f, "layer", &c.n_layer)))
+    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = dim_len_capped(f, "prompt", &c.n_prompt)) ||
+        (st = dim_len_capped(f, "layer", &c.n_layer)))
         return st;
     bool position_wise = false, any_head = false;
     for (size_t i = 0; i < n_vars; i++) {
@@ -722,9 +748,9 @@ static ps_status plot_results(const ncin_file *f, pool *pl, const plot_args *a, 
         return err_set(PS_ERR_FORMAT, "%s: the layer dimension is empty", f->path);
     /* prompt lengths are checked against the position dimension even when
      * only head components are plotted */
-    if ((position_wise || ncin_has_var(f, "length")) && (st = ncin_dim_len(f, "position", &c.n_pos)))
+    if ((position_wise || ncin_has_var(f, "length")) && (st = dim_len_capped(f, "position", &c.n_pos)))
         return st;
-    if (any_head && (st = ncin_dim_len(f, "head", &c.n_head)))
+    if (any_head && (st = dim_len_capped(f, "head", &c.n_head)))
         return st;
     if ((position_wise && c.n_pos == 0) || (any_head && c.n_head == 0))
         return err_set(PS_ERR_FORMAT, "%s: the %s dimension is empty", f->path, c.n_pos == 0 ? "position" : "head");
@@ -829,7 +855,7 @@ static ps_status plot_lens(const ncin_file *f, pool *pl, const plot_args *a, con
                        f->path);
     size_t n_prompt, n_layer;
     ps_status st;
-    if ((st = ncin_dim_len(f, "prompt", &n_prompt)) || (st = ncin_dim_len(f, "layer", &n_layer)))
+    if ((st = dim_len_capped(f, "prompt", &n_prompt)) || (st = dim_len_capped(f, "layer", &n_layer)))
         return st;
     if (n_prompt == 0 || n_layer == 0)
         return err_set(PS_ERR_FORMAT, "%s: the %s dimension is empty", f->path, n_prompt ? "layer" : "prompt");
@@ -854,9 +880,9 @@ static ps_status plot_lens(const ncin_file *f, pool *pl, const plot_args *a, con
             st = PS_ERR_NOMEM;
     }
     ncin_names_free(names, n_names);
-    err_clear();
     if (st)
         return st;
+    err_clear();
     if (a->vars && strcmp(a->vars, "all")) {
         char *list = pool_printf(pl, "%s", a->vars);
         if (!list)

@@ -353,6 +353,31 @@ static bool is_blank(const char *s, size_t n)
     return true;
 }
 
+/* Upper bound on the JSON values and keys of line[0..n): every one but the
+ * first of each container follows a ',' (a key's value a ':'), and the first
+ * follows the '[' or '{' that opens it.  Brackets and separators inside
+ * strings do not count; invalid JSON that this scan misreads is refused by
+ * jansson afterwards. */
+static size_t count_json_values(const char *s, size_t n)
+{
+    size_t count = 1;
+    bool in_string = false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (in_string) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == ',' || c == ':' || c == '[' || c == '{') {
+            count++;
+        }
+    }
+    return count;
+}
+
 ps_status dataset_read_jsonl(dataset *d, const char *path)
 {
     dataset_init(d);
@@ -364,29 +389,43 @@ ps_status dataset_read_jsonl(dataset *d, const char *path)
         fclose(f);
         return err_set(PS_ERR_IO, "%s: is a directory, not a JSONL file", path);
     }
+    ps_status st = dataset_read_jsonl_stream(d, f, path);
+    fclose(f);
+    return st;
+}
+
+/* "path:line" into buf, for messages: formatted only when needed, since a
+ * file of blank lines would otherwise spend its time here. */
+static const char *where_at(char *buf, size_t cap, const char *path, size_t line)
+{
+    snprintf(buf, cap, "%s:%zu", path, line);
+    return buf;
+}
+
+ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *path)
+{
+    dataset_init(d);
     /* One fixed buffer of the line cap (+1 to detect overflow): a file
      * without newlines cannot make us allocate more than that. */
     char *buf = malloc(DATASET_MAX_LINE_BYTES + 1);
     d->path = strdup(path);
     if (!buf || !d->path) {
         free(buf);
-        fclose(f);
         dataset_free(d);
         return err_set(PS_ERR_NOMEM, "%s: cannot allocate the line buffer", path);
     }
     ps_status st = PS_OK;
-    size_t cap = 0, line = 0;
+    size_t cap = 0, line = 0, total_bytes = 0, total_values = 0;
     bool eof = false;
     char where[1200];
     while (!eof && st == PS_OK) {
         size_t len = 0;
         int c;
         line++;
-        snprintf(where, sizeof where, "%s:%zu", path, line);
         while ((c = getc_unlocked(f)) != EOF && c != '\n') {
             if (len == DATASET_MAX_LINE_BYTES) {
-                st = err_set(PS_ERR_NOMEM, "%s: line is longer than the limit of %zu bytes", where,
-                             DATASET_MAX_LINE_BYTES);
+                st = err_set(PS_ERR_NOMEM, "%s: line is longer than the limit of %zu bytes",
+                             where_at(where, sizeof where, path, line), DATASET_MAX_LINE_BYTES);
                 break;
             }
             buf[len++] = (char)c;
@@ -395,13 +434,30 @@ ps_status dataset_read_jsonl(dataset *d, const char *path)
             break;
         if (c == EOF) {
             if (ferror(f)) {
-                st = err_set(PS_ERR_IO, "%s: read failed: %s", where, strerror(errno));
+                st = err_set(PS_ERR_IO, "%s: read failed: %s", where_at(where, sizeof where, path, line),
+                             strerror(errno));
                 break;
             }
             eof = true;
         }
+        /* Both totals bound the memory the records take: jansson spends
+         * 30-110 bytes per value, so a file of tiny values would cost up
+         * to 16 times its size. */
+        total_bytes += len + !eof;
+        if (total_bytes > DATASET_MAX_BYTES) {
+            st = err_set(PS_ERR_NOMEM, "%s: the file is larger than the limit of %zu bytes",
+                         where_at(where, sizeof where, path, line), DATASET_MAX_BYTES);
+            break;
+        }
         if (is_blank(buf, len))
             continue;
+        where_at(where, sizeof where, path, line);
+        total_values += count_json_values(buf, len);
+        if (total_values > DATASET_MAX_VALUES) {
+            st = err_set(PS_ERR_NOMEM, "%s: more than %zu JSON values and keys in the file, the limit of a dataset",
+                         where, DATASET_MAX_VALUES);
+            break;
+        }
         json_error_t jerr;
         json_t *obj = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
         if (!obj) {
@@ -418,7 +474,6 @@ ps_status dataset_read_jsonl(dataset *d, const char *path)
         st = dataset_push(d, &cap, obj, line, where);
     }
     free(buf);
-    fclose(f);
     if (st == PS_OK && d->n == 0)
         st = err_set(PS_ERR_INVALID, "%s: no records (the file is empty or blank)", path);
     if (st != PS_OK)

@@ -60,22 +60,28 @@ static inline float exp_clamped(float x)
     return p * scale;
 }
 
-/* Cloned per instruction set (glibc ifunc): the loop vectorizes at the
- * widest width the CPU has.  Only correctly rounded IEEE operations (no
- * contraction into FMA: ISO C mode), so every clone and the scalar tail
- * give the same bits for the same input.  Vectorizing the clamps needs
- * -fno-trapping-math for this file (Makefile): we never read FP flags. */
-#if defined(GEMM_X86)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+/* gelu(v) = 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)),  u = sqrt(2/pi)(v + 0.044715 v^3).
+ * One body compiled once per instruction set (below) so that the loop
+ * vectorizes at the widest width the CPU has; the copy is chosen with the
+ * kernels (gemm_isa_get), not by an ifunc, so tests can force each one.
+ * Only correctly rounded IEEE operations (no contraction into FMA: ISO C
+ * mode), so every copy and the scalar tail give the same bits for the same
+ * input.  Vectorizing the clamps needs -fno-trapping-math for this file
+ * (Makefile): we never read FP flags. */
+#define GELU_BODY(x, n)                                                                                               \
+    do {                                                                                                              \
+        const float c2 = -2.0f * 0.7978845608028654f; /* -2 sqrt(2/pi) */                                            \
+        for (size_t i = 0; i < (n); i++) {                                                                            \
+            const float v = (x)[i];                                                                                   \
+            (x)[i] = v / (1.0f + exp_clamped(c2 * (v + 0.044715f * v * v * v)));                                      \
+        }                                                                                                             \
+    } while (0)
+
+static void gelu_c(float *x, size_t n) { GELU_BODY(x, n); }
+#ifdef GEMM_X86
+TARGET_AVX2 static void gelu_avx2(float *x, size_t n) { GELU_BODY(x, n); }
+TARGET_AVX512 static void gelu_avx512(float *x, size_t n) { GELU_BODY(x, n); }
 #endif
-void gemm_gelu(float *x, size_t n)
-{
-    const float c2 = -2.0f * 0.7978845608028654f; /* -2 sqrt(2/pi) */
-    for (size_t i = 0; i < n; i++) {
-        const float v = x[i];
-        x[i] = v / (1.0f + exp_clamped(c2 * (v + 0.044715f * v * v * v)));
-    }
-}
 
 /* ---- micro-kernels ---------------------------------------------------------
  * A tile is mr rows (mr <= the kernel's MR) of x times one panel:
@@ -191,14 +197,15 @@ static const struct {
     const char *name;
     size_t mr;
     tile_fn tile;
+    void (*gelu)(float *x, size_t n);
 } isa_table[GEMM_ISA_COUNT] = {
-    [GEMM_ISA_C] = {"c", MR_C, tile_c},
+    [GEMM_ISA_C] = {"c", MR_C, tile_c, gelu_c},
 #ifdef GEMM_X86
-    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, tile_avx2},
-    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, tile_avx512},
+    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, tile_avx2, gelu_avx2},
+    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, tile_avx512, gelu_avx512},
 #else
-    [GEMM_ISA_AVX2] = {"avx2", MR_C, NULL},
-    [GEMM_ISA_AVX512] = {"avx512", MR_C, NULL},
+    [GEMM_ISA_AVX2] = {"avx2", MR_C, NULL, NULL},
+    [GEMM_ISA_AVX512] = {"avx512", MR_C, NULL, NULL},
 #endif
 };
 
@@ -236,6 +243,8 @@ void gemm_isa_set(gemm_isa isa)
     if (isa < GEMM_ISA_COUNT && gemm_isa_supported(isa))
         active_isa = (int)isa;
 }
+
+void gemm_gelu(float *x, size_t n) { isa_table[gemm_isa_get()].gelu(x, n); }
 
 const char *gemm_isa_name(gemm_isa isa) { return isa < GEMM_ISA_COUNT ? isa_table[isa].name : "?"; }
 

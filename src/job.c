@@ -547,6 +547,29 @@ ps_status job_parse(job *j, const char *path, const char *text)
     return st;
 }
 
+ps_status job_parse_mem(job *j, const char *path, const char *buf, size_t len)
+{
+    memset(j, 0, sizeof *j);
+    if (len > JOB_MAX_BYTES)
+        return err_set(PS_ERR_NOMEM, "%s: file is %zu bytes, over the limit of %zu bytes", path, len,
+                       JOB_MAX_BYTES);
+    const char *nul = memchr(buf, '\0', len);
+    if (nul) {
+        size_t line = 1;
+        for (const char *p = buf; p < nul; p++)
+            line += *p == '\n';
+        return err_set(PS_ERR_FORMAT, "%s:%zu: NUL byte", path, line);
+    }
+    char *text = malloc(len + 1);
+    if (!text)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+    memcpy(text, buf, len);
+    text[len] = '\0';
+    ps_status st = job_parse(j, path, text);
+    free(text);
+    return st;
+}
+
 ps_status job_load(job *j, const char *path)
 {
     memset(j, 0, sizeof *j);
@@ -555,15 +578,7 @@ ps_status job_load(job *j, const char *path)
     ps_status st = fs_read_file(path, JOB_MAX_BYTES, &text, &len);
     if (st != PS_OK)
         return st;
-    const char *nul = memchr(text, '\0', len);
-    if (nul) {
-        size_t line = 1;
-        for (const char *p = text; p < nul; p++)
-            line += *p == '\n';
-        free(text);
-        return err_set(PS_ERR_FORMAT, "%s:%zu: NUL byte", path, line);
-    }
-    st = job_parse(j, path, text);
+    st = job_parse_mem(j, path, text, len);
     free(text);
     return st;
 }

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "dataset.h"
 #include "fsutil.h"
 #include "ncout.h"
 #include "prov.h"
@@ -167,6 +168,12 @@ static ps_status part_open(part *p, const char *path)
     p->n = p->dims[p->prompt_dim].len;
     if (p->n == 0)
         return err_set(PS_ERR_INVALID, "%s: holds no prompts", path);
+    /* The length comes from the file's header, not from data it holds: a
+     * few bytes can claim billions of prompts, for which the arrays below
+     * would be allocated.  No sweep writes more than a dataset holds. */
+    if (p->n > DATASET_MAX_ITEMS)
+        return err_set(PS_ERR_NOMEM, "%s: %zu prompts, over the limit of %zu (the records of a dataset)", path, p->n,
+                       DATASET_MAX_ITEMS);
 
     char *complete = NULL, *slice = NULL;
     ps_status st = require_text_att(p, "complete", &complete);

@@ -2,6 +2,7 @@
 
 #include <math.h>
 #include <netcdf.h>
+#include <netcdf_mem.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,16 +20,11 @@ static ps_status nc_fail(int rc, const ncin_file *f, const char *what)
     return err_set(rc > 0 ? PS_ERR_IO : PS_ERR_FORMAT, "%s: %s: %s", f->path, what, nc_strerror(rc));
 }
 
-ps_status ncin_open(ncin_file *f, const char *path)
+/* Finish an open: nc_open's (or nc_open_mem's) status `rc` -> *f or the
+ * message.  f->path is set. */
+static ps_status open_done(ncin_file *f, int rc, int ncid)
 {
-    f->ncid = -1;
-    struct stat sb;
-    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
-        return err_set(PS_ERR_IO, "%s: is a directory, not a NetCDF file", path);
-    f->path = strdup(path);
-    if (!f->path)
-        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
-    int ncid, rc = nc_open(path, NC_NOWRITE, &ncid);
+    const char *path = f->path;
     if (rc == NC_NOERR) {
         f->ncid = ncid;
         return PS_OK;
@@ -43,6 +39,32 @@ ps_status ncin_open(ncin_file *f, const char *path)
     free(f->path);
     f->path = NULL;
     return st;
+}
+
+ps_status ncin_open(ncin_file *f, const char *path)
+{
+    f->ncid = -1;
+    f->path = NULL;
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return err_set(PS_ERR_IO, "%s: is a directory, not a NetCDF file", path);
+    f->path = strdup(path);
+    if (!f->path)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+    int ncid = -1, rc = nc_open(path, NC_NOWRITE, &ncid);
+    return open_done(f, rc, ncid);
+}
+
+ps_status ncin_open_mem(ncin_file *f, const char *name, const void *buf, size_t size)
+{
+    f->ncid = -1;
+    f->path = strdup(name);
+    if (!f->path)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", name);
+    /* NetCDF takes a non-const pointer but opens NC_NOWRITE images read-only
+     * (HDF5's file-image driver copies nothing back). */
+    int ncid = -1, rc = nc_open_mem(name, NC_NOWRITE, size, (void *)buf, &ncid);
+    return open_done(f, rc, ncid);
 }
 
 void ncin_close(ncin_file *f)

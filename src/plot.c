@@ -1,6 +1,7 @@
 #include "plot.h"
 
 #include <errno.h>
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -137,10 +138,18 @@ static void put_text(FILE *out, double x, double y, const char *attrs, const cha
     fputs("</text>\n", out);
 }
 
-/* 1, 2 or 5 times a power of ten, about range / target. */
+/* 1, 2 or 5 times a power of ten, about range / target; always a normal,
+ * finite number.  Values from a damaged file can make the range subnormal
+ * (1e-310: log10 and pow lose it, the step could be 0) or overflow to inf;
+ * the step is then clamped to [DBL_MIN, DBL_MAX / 10] and the axis is
+ * merely coarse or fine, never an infinite loop or an undefined cast. */
 static double nice_step(double range, double target)
 {
     double raw = range / target;
+    if (!(raw >= DBL_MIN))
+        return DBL_MIN;
+    if (!(raw <= DBL_MAX / 10))
+        return DBL_MAX / 10;
     double mag = pow(10.0, floor(log10(raw)));
     double norm = raw / mag;
     return (norm < 1.5 ? 1.0 : norm < 3.0 ? 2.0 : norm < 7.0 ? 5.0 : 10.0) * mag;
@@ -149,6 +158,10 @@ static double nice_step(double range, double target)
 /* A tick value with as many decimals as its step needs ("-0" shown as "0"). */
 static void format_tick(double v, double step, char *buf, size_t size)
 {
+    if (!(step >= DBL_MIN) || !isfinite(step)) {
+        snprintf(buf, size, "%.1e", v);
+        return;
+    }
     int dec = (int)ceil(-log10(step) - 1e-9);
     if (dec < 0)
         dec = 0;
@@ -415,10 +428,14 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
             cbx, cby, CB_W, cbh);
     fprintf(out, "<title>RdBu colour scale from %.9g (red) through 0 (white) to %.9g (blue)</title></rect>\n", -zmax,
             zmax);
-    double step = nice_step(2 * zmax, 4);
+    double step = nice_step(zmax, 2); /* (2 zmax) / 4 without overflow */
     fprintf(out, "<g font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);
-    for (long k = (long)ceil(-zmax / step - 1e-9); (double)k * step <= zmax * (1 + 1e-9); k++) {
-        double v = (double)k * step, ty = cby + cbh * (1.0 - (v + zmax) / (2 * zmax));
+    /* ticks k * step for k = -n..n within [-zmax, zmax], counted (see
+     * ln_last_tick): zmax * (1 + 1e-9) would overflow for the largest zmax */
+    const double n_ticks = floor(zmax / step + 1e-9);
+    const long kmax = n_ticks >= 0 && n_ticks <= 1000 ? (long)n_ticks : 0;
+    for (long k = -kmax; k <= kmax; k++) {
+        double v = (double)k * step, ty = cby + cbh * (1.0 - (v / zmax + 1) / 2);
         char lab[32];
         format_tick(v, step, lab, sizeof lab);
         fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#444\"/>\n", cbx + CB_W, ty,
@@ -514,6 +531,16 @@ static void series_range(const plot_lines *p, double *lo, double *hi)
         }
 }
 
+/* Index of the last y tick: y_lo + k * y_step for k = 0..n stays within
+ * y_hi.  Counted, not found by stepping until y_hi is passed: with values
+ * near the smallest doubles (subnormal, ~1e-310) any absolute slack in that
+ * test is a billion steps. */
+static long ln_last_tick(const ln_layout *l)
+{
+    double n = floor((l->y_hi - l->y_lo) / l->y_step + 1e-6);
+    return n >= 0 && n <= 1000 ? (long)n : 0;
+}
+
 static ln_layout lines_layout(const plot_lines *p)
 {
     ln_layout l = {0};
@@ -526,17 +553,17 @@ static ln_layout lines_layout(const plot_lines *p)
     lo = lo < 0 ? lo : 0;
     if (hi <= lo)
         hi = lo + 1;
-    l.y_step = nice_step(hi - lo, 5);
+    l.y_step = nice_step(hi / 2 - lo / 2, 2.5); /* (hi - lo) / 5 without overflow */
     l.y_hi = ceil(hi / l.y_step - 1e-9) * l.y_step;
     l.y_lo = floor(lo / l.y_step + 1e-9) * l.y_step;
     if (p->y_cap > 0 && hi <= p->y_cap && l.y_hi > p->y_cap)
         l.y_hi = p->y_cap;
+    if (!(l.y_hi > l.y_lo)) /* values under the clamped step (subnormal) */
+        l.y_hi = l.y_lo + l.y_step;
     l.head_h = header_height(p->title, p->subtitle, 14, 12);
     double ytick_w = 0;
-    for (long k = 0;; k++) {
+    for (long k = 0, n = ln_last_tick(&l); k <= n; k++) {
         double v = l.y_lo + (double)k * l.y_step;
-        if (v > l.y_hi * (1 + 1e-9) + 1e-300)
-            break;
         char lab[32];
         format_tick(v, l.y_step, lab, sizeof lab);
         double w = text_width(lab, TICK_FS);
@@ -651,10 +678,8 @@ static void put_lines(FILE *out, const plot_lines *p, const ln_layout *l, double
     const double x0 = l->plot_x, y0 = l->plot_y, pw = l->plot_w, ph = l->plot_h;
     /* grid and y ticks */
     fprintf(out, "<g class=\"yticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"end\">\n", TICK_FS);
-    for (long k = 0;; k++) {
+    for (long k = 0, n = ln_last_tick(l); k <= n; k++) {
         double v = l->y_lo + (double)k * l->y_step;
-        if (v > l->y_hi * (1 + 1e-9) + 1e-300)
-            break;
         double y = ln_y(l, v);
         char lab[32];
         format_tick(v, l->y_step, lab, sizeof lab);

@@ -149,12 +149,15 @@ ps_status st_to_f32(st_dtype t, const void *src, size_t n, float *dst)
 
 /* ---- header parsing ------------------------------------------------------ */
 
-/* Refuse nesting deeper than the format needs, in one pass over the raw
- * bytes; brackets inside strings (with \" escapes) do not count.  Invalid
- * JSON that this scan misreads is still refused by jansson afterwards. */
-static ps_status check_json_depth(const char *name, const char *s, size_t n)
+/* Refuse nesting deeper than the format needs, and more JSON values than
+ * ST_MAX_HEADER_VALUES, in one pass over the raw bytes: every value or key
+ * but the first of a container follows a ',' (a key's value a ':'), the
+ * first the '[' or '{' that opens it, so counting those bounds the values.
+ * Brackets and separators inside strings (with \" escapes) do not count.
+ * Invalid JSON that this scan misreads is still refused by jansson. */
+static ps_status check_json_shape(const char *name, const char *s, size_t n)
 {
-    size_t depth = 0;
+    size_t depth = 0, values = 1;
     bool in_string = false;
     for (size_t i = 0; i < n; i++) {
         char c = s[i];
@@ -166,6 +169,7 @@ static ps_status check_json_depth(const char *name, const char *s, size_t n)
         } else if (c == '"') {
             in_string = true;
         } else if (c == '{' || c == '[') {
+            values++;
             if (++depth > ST_MAX_JSON_DEPTH)
                 return err_set(PS_ERR_FORMAT,
                                "%s: header JSON nests deeper than %d levels at header byte %zu "
@@ -174,6 +178,11 @@ static ps_status check_json_depth(const char *name, const char *s, size_t n)
         } else if (c == '}' || c == ']') {
             if (depth > 0)
                 depth--;
+        } else if (c == ',' || c == ':') {
+            if (++values > ST_MAX_HEADER_VALUES)
+                return err_set(PS_ERR_NOMEM,
+                               "%s: header JSON holds more than %zu values and keys (at header byte %zu), "
+                               "over the limit", name, ST_MAX_HEADER_VALUES, i);
         }
     }
     return PS_OK;
@@ -404,7 +413,7 @@ static ps_status parse_header(st_file *f, const char *name, const uint8_t *buf, 
     f->header_bytes = hn;
     const char *hdr = (const char *)buf + 8;
 
-    ps_status st = check_json_depth(name, hdr, hn);
+    ps_status st = check_json_shape(name, hdr, hn);
     if (st != PS_OK)
         return st;
     /* jansson validates UTF-8 and allows the trailing spaces HF pads with. */

@@ -1,8 +1,16 @@
-"""Bad input at the CLI: one row per case, each a malformed model directory,
-prompt or output path.  Every case must exit with the expected status, print
-exactly one line on stderr that names the file and contains the expected
-fragment, print nothing that looks like a result, and leave no output file.
-Runs under the release and the ASan/UBSan build alike (PS_BIN)."""
+"""Bad input at the CLI: tables with one row per case, each a malformed model
+directory, config, prompt, dataset, job file, output path or earlier result,
+with the expected fragment of the message and the exit status.  Every case
+must exit with that status, print exactly one line on stderr that starts with
+"patchsweep: ", names the file and contains the fragment, print nothing on
+stdout, and leave no output file.  Runs under the release and the ASan/UBSan
+build alike (PS_BIN).
+
+The read-only directory is made truly read-only even for root, who writes
+into a chmod 0555 directory anyway: a tmpfs mounted read-only (or, where
+mounting is not allowed, chattr +i); neither possible is a failure, not a
+skip."""
+import atexit
 import json
 import os
 import shutil
@@ -10,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 
 BIN = os.environ["PS_BIN"]
 ROOT = os.environ["PS_ROOT"]
@@ -103,29 +112,111 @@ def overlap(h, data):
     return data
 
 
-def nan_weight(h, data):
-    beg = h["ln_f.weight"]["data_offsets"][0]
-    return data[:beg] + struct.pack("<f", float("nan")) + data[beg + 4:]
+def reversed_offsets(h, data):
+    beg, end = h["ln_f.bias"]["data_offsets"]
+    h["ln_f.bias"]["data_offsets"] = [end, beg]
+    return data
 
+
+def gap(h, data):
+    """ln_f.bias moved 8 bytes further: a hole before it, the file longer."""
+    name = "ln_f.bias"
+    beg, end = h[name]["data_offsets"]
+    for k, v in h.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= end:
+            v["data_offsets"] = [v["data_offsets"][0] + 8, v["data_offsets"][1] + 8]
+    h[name]["data_offsets"] = [beg + 8, end + 8]
+    return data[:beg] + bytes(8) + data[beg:]
+
+
+def set_weight(value):
+    def fn(h, data):
+        beg = h["ln_f.weight"]["data_offsets"][0]
+        return data[:beg] + struct.pack("<f", value) + data[beg + 4:]
+    return fn
+
+
+def header_length(n, blob=b"{}"):
+    """An 8-byte header length n in front of blob (whatever n says)."""
+    def f(d):
+        open(st_path(d), "wb").write(struct.pack("<Q", n) + blob)
+    return f
+
+
+def write_file(name, content):
+    def f(d):
+        open(os.path.join(d, name), "wb").write(content)
+    return f
+
+
+BOMB = 100000  # nesting levels of the JSON bombs (jansson stops at 2048)
 
 CASES = [
     # (name, mutate or None, extra args, expected fragment, file named in the message, exit)
     ("missing dir", None, ["--model", os.path.join(TMP, "nope")], "cannot open", "config.json", 1),
-    ("empty safetensors", truncate(0), [], "", "model.safetensors", 1),
-    ("truncated safetensors", truncate(-100), [], "", "model.safetensors", 1),
-    ("header past end", raw_header(b'{"a":1}'[:4]), [], "", "model.safetensors", 1),
-    ("header not json", raw_header(b"this is not json"), [], "", "model.safetensors", 1),
-    ("offsets out of bounds", header_edit(set_field("ln_f.bias", "data_offsets", [0, 10**9])), [], "", "model.safetensors", 1),
-    ("offsets overlap", header_edit(overlap), [], "", "model.safetensors", 1),
-    ("shape/dtype size mismatch", header_edit(set_field("ln_f.bias", "shape", [9])), [], "", "model.safetensors", 1),
-    ("unknown dtype", header_edit(set_field("ln_f.bias", "dtype", "F128")), [], "F128", "model.safetensors", 1),
+    ("empty safetensors", truncate(0), [], "empty file", "model.safetensors", 1),
+    ("safetensors shorter than its length field", write_file("model.safetensors", b"\x08\x00\x00"),
+     [], "too short for the 8-byte header length", "model.safetensors", 1),
+    ("truncated safetensors", truncate(-100), [], "past the end of the file", "model.safetensors", 1),
+    ("header length > file", header_length(1000), [], "runs past the end of the file", "model.safetensors", 1),
+    ("huge header length", header_length(2**63 + 5), [], "over the limit of 100000000 bytes", "model.safetensors", 1),
+    ("header not json", raw_header(b"this is not json"), [], "header is not valid JSON", "model.safetensors", 1),
+    ("non-UTF-8 header", raw_header(b'{"\xff\xfe": {}}'), [], "unable to decode byte 0xff", "model.safetensors", 1),
+    ("header not an object", raw_header(b"[1, 2]"), [], "header is an array, expected an object",
+     "model.safetensors", 1),
+    ("nested JSON bomb in the header", raw_header(b"[" * BOMB + b"]" * BOMB), [], "nests deeper than 3 levels",
+     "model.safetensors", 1),
+    ("JSON bomb of many values in the header", raw_header(b"[" + b"0," * (9 << 20) + b"0]"), [],
+     "more than 8388608 values and keys", "model.safetensors", 1),
+    ("duplicate tensor name", raw_header(b'{"a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}, '
+                                         b'"a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}'),
+     [], "duplicate object key", "model.safetensors", 1),
+    ("negative shape", header_edit(set_field("ln_f.bias", "shape", [-8])), [], "shape[0] = -8 is negative",
+     "model.safetensors", 1),
+    ("overflowing shape", header_edit(set_field("ln_f.bias", "shape", [2**62, 2**62])), [],
+     "more bytes than fit in size_t", "model.safetensors", 1),
+    ("shape beyond 64 bits", header_edit(set_field("ln_f.bias", "shape", [2**64])), [], "too big integer",
+     "model.safetensors", 1),
+    ("too many dimensions", header_edit(set_field("ln_f.bias", "shape", [1] * 9)), [], "over the limit of 8",
+     "model.safetensors", 1),
+    ("negative offset", header_edit(set_field("ln_f.bias", "data_offsets", [-32, 0])), [], "is negative",
+     "model.safetensors", 1),
+    ("offsets out of bounds", header_edit(set_field("ln_f.bias", "data_offsets", [0, 10**9])), [],
+     "hold 1000000000 bytes but F32 [8] needs 32", "model.safetensors", 1),
+    ("offsets past the end", header_edit(set_field("ln_f.bias", "data_offsets", [10**9, 10**9 + 32])), [],
+     "past the end of the file", "model.safetensors", 1),
+    ("offsets overlap", header_edit(overlap), [], "overlaps tensor", "model.safetensors", 1),
+    ("offsets out of order (end before begin)", header_edit(reversed_offsets), [], "begin after they end",
+     "model.safetensors", 1),
+    ("offsets leave a gap", header_edit(gap), [], "belong to no tensor", "model.safetensors", 1),
+    ("shape/dtype size mismatch", header_edit(set_field("ln_f.bias", "shape", [9])), [],
+     "hold 32 bytes but F32 [9] needs 36", "model.safetensors", 1),
+    ("dtype/size mismatch", header_edit(set_field("ln_f.bias", "dtype", "F16")), [],
+     "hold 32 bytes but F16 [8] needs 16", "model.safetensors", 1),
+    ("unknown dtype", header_edit(set_field("ln_f.bias", "dtype", "F128")), [], "unknown dtype 'F128'",
+     "model.safetensors", 1),
+    ("integer dtype for a weight", header_edit(set_field("ln_f.bias", "dtype", "I32")), [], "ln_f.bias",
+     "model.safetensors", 1),
     ("missing tensor", header_edit(drop("ln_f.bias")), [], "ln_f.bias", "model.safetensors", 1),
-    ("wrong tensor shape", header_edit(set_field("ln_f.bias", "shape", [2, 4])), [], "ln_f.bias", "model.safetensors", 1),
-    ("NaN weight", header_edit(nan_weight), [], "ln_f.weight", "model.safetensors", 1),
-    ("config missing field", cfg_edit(n_head=None), [], "n_head", "config.json", 1),
-    ("config bad activation", cfg_edit(activation_function="relu"), [], "relu", "config.json", 1),
-    ("n_embd not divisible by n_head", cfg_edit(n_head=3), [], "n_head", "config.json", 1),
-    ("config not json", lambda d: open(os.path.join(d, "config.json"), "w").write("{"), [], "", "config.json", 1),
+    ("wrong tensor shape", header_edit(set_field("ln_f.bias", "shape", [2, 4])), [], "ln_f.bias",
+     "model.safetensors", 1),
+    # NaN and infinite weights are refused, not warned about: one poisons every activation.
+    ("NaN weight", header_edit(set_weight(float("nan"))), [], "tensor 'ln_f.weight' element 0 is NaN",
+     "model.safetensors", 1),
+    ("infinite weight", header_edit(set_weight(float("-inf"))), [], "element 0 is -inf", "model.safetensors", 1),
+    ("config missing field", cfg_edit(n_head=None), [], "missing field 'n_head'", "config.json", 1),
+    ("config field of the wrong type", cfg_edit(n_layer="1"), [], "'n_layer' is a string", "config.json", 1),
+    ("config bad activation", cfg_edit(activation_function="relu"), [], "'relu' is not supported",
+     "config.json", 1),
+    ("n_embd not divisible by n_head", cfg_edit(n_head=3), [], "n_embd 8 is not divisible by n_head 3",
+     "config.json", 1),
+    ("config size over its cap", cfg_edit(n_layer=10**9), [], "over the limit of 1024", "config.json", 1),
+    ("config not json", write_file("config.json", b"{"), [], "not valid JSON", "config.json", 1),
+    ("config JSON bomb", write_file("config.json", b"[" * BOMB + b"]" * BOMB), [], "maximum parsing depth",
+     "config.json", 1),
+    ("config file over 1 MiB", write_file("config.json", b"{" + b" " * (1 << 20) + b"}"), [],
+     "over the limit of 1048576 bytes", "config.json", 1),
+    ("config empty", write_file("config.json", b""), [], "not valid JSON", "config.json", 1),
 ]
 
 
@@ -155,15 +246,50 @@ for name, mutate, extra, frag, fname, code in CASES:
           and lines[0].startswith("patchsweep: ") and r.stdout == "")
     check(name, ok, f"exit {r.returncode}, stderr {r.stderr!r}, stdout {r.stdout[:80]!r}")
 
-# Prompts and output paths (the good model).
-out_missing_dir = os.path.join(TMP, "no", "such", "dir", "out.nc")
+# A truly read-only directory (see the docstring); `undo_ro` restores it.
 ro_dir = os.path.join(TMP, "readonly")
 os.mkdir(ro_dir)
-os.chmod(ro_dir, 0o555)
+undo_ro = None
+if os.geteuid() != 0:
+    os.chmod(ro_dir, 0o555)
+    how = "chmod 0555"
+    undo_ro = lambda: os.chmod(ro_dir, 0o755)
+else:
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", ro_dir], capture_output=True, text=True)
+    if m.returncode == 0:
+        how = "a read-only tmpfs"
+        undo_ro = lambda: subprocess.run(["umount", ro_dir], check=False)
+    else:
+        c = subprocess.run(["chattr", "+i", ro_dir], capture_output=True, text=True)
+        how = "chattr +i" if c.returncode == 0 else None
+        undo_ro = (lambda: subprocess.run(["chattr", "-i", ro_dir], check=False)) if how else None
+        if not how:
+            how_error = f"mount: {m.stderr.strip()}; chattr: {c.stderr.strip()}"
+atexit.register(lambda: undo_ro and undo_ro())
+try:
+    open(os.path.join(ro_dir, "probe"), "w").close()
+    really_ro = False
+except OSError:
+    really_ro = True
+check(f"the read-only directory is read-only ({how})", how is not None and really_ro,
+      how_error if how is None else "a file could be created in it")
+
+# Prompts and output paths (the good model).
+out_missing_dir = os.path.join(TMP, "no", "such", "dir", "out.nc")
 RUNS = [
-    ("prompt longer than n_positions", ["run", "--model", GOOD, "--prompt", "word " * 40], "16 positions", 1),
-    ("empty prompt without bos", ["run", "--model", GOOD, "--prompt", "", "--no-bos"], "empty", 1),
-    ("output dir missing", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", out_missing_dir], "does not exist", 1),
+    # (name, args, expected fragment, exit)
+    ("prompt longer than n_positions", ["run", "--model", GOOD, "--prompt", "word " * 40],
+     "a run of 42 tokens does not fit the model's 16 positions", 1),
+    ("prompt of 100 KB", ["run", "--model", GOOD, "--prompt", "word " * 20000],
+     "does not fit the model's 16 positions", 1),
+    ("empty prompt without bos", ["run", "--model", GOOD, "--prompt", "", "--no-bos"], "the prompt is empty", 1),
+    ("output dir missing", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", out_missing_dir],
+     "output directory '" + os.path.dirname(out_missing_dir) + "' does not exist", 1),
+    ("output dir read-only", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", os.path.join(ro_dir, "o.nc")],
+     "is not writable", 1),
+    ("dataset output in a read-only dir", ["make-dataset", "ioi", "--n", "2", "-o", os.path.join(ro_dir, "d.jsonl")],
+     {"a read-only tmpfs": "Read-only file system",
+      "chattr +i": "Operation not permitted"}.get(how, "Permission denied"), 1),
     ("unknown hook", ["cache", "--model", GOOD, "--prompt", "Hi", "--hooks", "blocks.7.*", "-o",
                       os.path.join(TMP, "x.nc")], "matches no hook", 1),
     ("output is a device", ["cache", "--model", GOOD, "--prompt", "Hi", "-o", "/dev/null"], "not a regular file", 1),
@@ -171,19 +297,217 @@ RUNS = [
     ("bad option value", ["run", "--model", GOOD, "--prompt", "Hi", "--top-k", "zero"], "--top-k", 2),
     ("unknown command", ["frobnicate"], "unknown command", 2),
 ]
-if os.geteuid() != 0:  # root writes into read-only directories anyway
-    RUNS.append(("output dir read-only", ["cache", "--model", GOOD, "--prompt", "Hi", "-o",
-                                          os.path.join(ro_dir, "o.nc")], "not writable", 1))
 for name, args, frag, code in RUNS:
     r = run(args)
     first = r.stderr.strip().splitlines()[:1]
     ok = r.returncode == code and first and frag in first[0] and r.stdout == ""
     if code == 1:
-        ok = ok and len(r.stderr.strip().splitlines()) == 1
+        ok = ok and len(r.stderr.strip().splitlines()) == 1 and first[0].startswith("patchsweep: ")
     check(name, ok, f"exit {r.returncode}, stderr {r.stderr!r}")
 check("/dev/null is still a device", os.path.exists("/dev/null") and not os.path.isfile("/dev/null"))
 check("no output file left behind", not os.path.exists(out_missing_dir)
-      and not os.path.exists(os.path.join(TMP, "x.nc")) and not os.path.exists(os.path.join(TMP, "x.nc.partial")))
+      and not os.path.exists(os.path.join(TMP, "x.nc")) and not os.path.exists(os.path.join(TMP, "x.nc.partial"))
+      and os.listdir(ro_dir) == [])
+
+# Datasets, job files and earlier results: each row's setup(d) writes its
+# files into a fresh directory d and returns the command's arguments.
+def jsonl(*records, raw=None):
+    def setup(d):
+        p = os.path.join(d, "data.jsonl")
+        with open(p, "wb") as f:
+            f.write(raw if raw is not None else b"".join(json.dumps(r).encode() + b"\n" for r in records))
+        return ["evaluate", "--model", GOOD, "--dataset", p]
+    return setup
+
+
+def pair(**kv):
+    r = {"clean": "The cat sat", "corrupted": "The dog sat", "answer": " on", "wrong": " in"}
+    for k, v in kv.items():
+        if v is None:
+            r.pop(k)
+        else:
+            r[k] = v
+    return r
+
+
+def values_bomb(d):
+    """40 lines of 500,000 values each: over the 16 Mi values of a dataset."""
+    p = os.path.join(d, "data.jsonl")
+    line = b'{"clean": "a", "corrupted": "b", "answer": " x", "wrong": " y", "v": [' + b"0," * 500000 + b"0]}\n"
+    with open(p, "wb") as f:
+        for _ in range(40):
+            f.write(line)
+    return ["evaluate", "--model", GOOD, "--dataset", p]
+
+
+def dataset_over_256mib(d):
+    """257 MiB of blank lines through a FIFO (nothing on disk)."""
+    p = os.path.join(d, "data.jsonl")
+    os.mkfifo(p)
+
+    def feed():
+        try:
+            with open(p, "wb") as f:
+                chunk = b"\n" * (1 << 20)
+                for _ in range(257):
+                    f.write(chunk)
+        except BrokenPipeError:
+            pass
+    threading.Thread(target=feed, daemon=True).start()
+    return ["evaluate", "--model", GOOD, "--dataset", p]
+
+
+JOB = ("[model]\ndir = {model}\n[data]\ndataset = data.jsonl\n[patch]\ncomponents = {components}\n"
+       "[run]\noutput = out.nc\n")
+
+
+def job(text=None, raw=None, dataset=(pair(),), components="resid_pre", extra=()):
+    def setup(d):
+        with open(os.path.join(d, "data.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in dataset)
+        p = os.path.join(d, "job.ini")
+        with open(p, "wb") as f:
+            f.write(raw if raw is not None else
+                    (text if text is not None else JOB).format(model=GOOD, components=components).encode())
+        return ["sweep", p] + list(extra)
+    return setup
+
+
+def other_jobs_result(d):
+    """A complete result of job A, then job B (other components) asked to
+    write to the same file."""
+    a = job(components="resid_pre")(d)
+    r = run(a)
+    if r.returncode != 0:
+        raise RuntimeError(f"job A failed: {r.stderr}")
+    os.rename(os.path.join(d, "job.ini"), os.path.join(d, "a.ini"))
+    return job(components="attn_out")(d)
+
+
+def foreign_journal(magic=b"PSJRNL01"):
+    """out.nc.journal of another job (or not a journal at all)."""
+    def setup(d):
+        args = job()(d)
+        with open(os.path.join(d, "out.nc.journal"), "wb") as f:
+            f.write((magic + b"0" * 64 + b"\0" + b"1" * 64 + b"\0" + b"2" * 64).ljust(512, b"\0"))
+        return args
+    return setup
+
+
+def plot_of(content):
+    def setup(d):
+        p = os.path.join(d, "in.nc")
+        open(p, "wb").write(content)
+        return ["plot", p, "-o", os.path.join(d, "out.svg")]
+    return setup
+
+
+def claims_2e31_prompts(command):
+    """A 600-byte classic NetCDF file whose header says its record dimension
+    `prompt` holds 2^31 - 1 prompts (numrecs, bytes 4-7): plot and merge
+    must refuse it before allocating per prompt."""
+    def setup(d):
+        cdl = os.path.join(d, "f.cdl")
+        p = os.path.join(d, "in.nc")
+        with open(cdl, "w") as f:
+            f.write("netcdf f {\ndimensions:\n prompt = UNLIMITED ; layer = 2 ; head = 2 ;\nvariables:\n"
+                    " float z_all_pos_normalized(prompt, layer, head) ;\n double clean_metric(prompt) ;\n"
+                    " int prompt_index(prompt) ;\n byte done(prompt) ;\n byte skipped(prompt) ;\n"
+                    "data:\n z_all_pos_normalized = 1, 2, 3, 4 ;\n clean_metric = 1 ;\n prompt_index = 0 ;\n"
+                    " done = 1 ;\n skipped = 0 ;\n}\n")
+        subprocess.run(["ncgen", "-k", "classic", "-o", p, cdl], check=True)
+        raw = bytearray(open(p, "rb").read())
+        raw[4:8] = struct.pack(">I", 2**31 - 1)
+        open(p, "wb").write(raw)
+        os.unlink(cdl)
+        if command == "plot":
+            return ["plot", p, "--mean", "-o", os.path.join(d, "out.svg")]
+        return ["merge", p, "-o", os.path.join(d, "merged.nc")]
+    return setup
+
+
+def merge_complete_result(d):
+    args = job()(d)
+    r = run(args)
+    if r.returncode != 0:
+        raise RuntimeError(f"the sweep failed: {r.stderr}")
+    return ["merge", os.path.join(d, "out.nc"), "-o", os.path.join(d, "merged.nc")]
+
+
+FILES = [
+    # (name, setup, expected fragment, file named in the message, exit)
+    ("JSONL empty file", jsonl(raw=b""), "no records", "data.jsonl", 1),
+    ("JSONL missing field", jsonl(pair(wrong=None)), ":1: field 'wrong' is missing", "data.jsonl", 1),
+    ("JSONL wrong type", jsonl(pair(), pair(answer=7)), ":2: field 'answer' is an integer, not a string",
+     "data.jsonl", 1),
+    ("JSONL a 10 MB line", jsonl(pair(clean="a" * (10 << 20))), ":1: line is longer than the limit of 1048576 bytes",
+     "data.jsonl", 1),
+    ("JSONL not JSON", jsonl(raw=b"{clean: 1}\n"), ":1: invalid JSON", "data.jsonl", 1),
+    ("JSONL not an object", jsonl(raw=b'["clean", "corrupted"]\n'), "expected a JSON object, got an array",
+     "data.jsonl", 1),
+    ("JSONL duplicated key", jsonl(raw=b'{"clean": "a", "clean": "b"}\n'), "duplicate object key", "data.jsonl", 1),
+    ("JSONL nested JSON bomb", jsonl(raw=b'{"clean": ' + b"[" * BOMB + b"]" * BOMB + b"}\n"),
+     "maximum parsing depth reached", "data.jsonl", 1),
+    ("JSONL too many values", values_bomb, "more than 16777216 JSON values and keys", "data.jsonl", 1),
+    ("JSONL over 256 MiB", dataset_over_256mib, "larger than the limit of 268435456 bytes", "data.jsonl", 1),
+    ("JSONL empty prompt", jsonl(pair(clean="", corrupted="")), "clean prompt is empty", "data.jsonl", 1),
+    ("JSONL prompts of unequal length", jsonl(pair(corrupted="The big dog sat")), "differ in token length",
+     "data.jsonl", 1),
+    ("JSONL multi-token answer", jsonl(pair(answer=" onomatopoeia")), "tokens, not one", "data.jsonl", 1),
+    ("JSONL prompt longer than n_positions", jsonl(pair(clean="word " * 30, corrupted="bird " * 30)),
+     "longer than the limit of 16", "data.jsonl", 1),
+    ("job.ini duplicated key", job(JOB + "[model]\ndir = other\n"),
+     ":10: duplicated key [model] dir (first set on line 2)",
+     "job.ini", 1),
+    ("job.ini unknown section", job(JOB + "[extra]\nkey = 1\n"), ":9: unknown section [extra]", "job.ini", 1),
+    ("job.ini unknown key", job(JOB + "chunk = 2\n"), ":9: unknown key 'chunk' in [run]", "job.ini", 1),
+    ("job.ini missing required key", job("[model]\ndir = m\n[data]\ndataset = d.jsonl\n"), "[run] output is required",
+     "job.ini", 1),
+    ("job.ini empty", job(raw=b""), "[model] dir is required", "job.ini", 1),
+    ("job.ini bad value", job(JOB + "chunk_prompts = 0x10\n"), "'0x10' is not a non-negative decimal integer",
+     "job.ini", 1),
+    ("job.ini output not .nc", job(JOB.replace("out.nc", "out.txt")), "'out.txt' does not end in .nc", "job.ini", 1),
+    ("job.ini NUL byte", job(raw=b"[model]\ndir = m\0\n"), ":2: NUL byte", "job.ini", 1),
+    ("job.ini invalid UTF-8", job(raw=b"[model]\ndir = \xff\n"), ":2: invalid UTF-8", "job.ini", 1),
+    ("job.ini line over 198 bytes", job(raw=b"[model]\ndir = " + b"m" * 300 + b"\n"),
+     "over the INI parser's limit of 198 bytes", "job.ini", 1),
+    ("job.ini over 1 MiB", job(raw=b"; " + b"x" * (1 << 20) + b"\n"), "over the limit of 1048576 bytes", "job.ini", 1),
+    ("job.ini missing", lambda d: ["sweep", os.path.join(d, "nope.ini")], "cannot open", "nope.ini", 1),
+    ("job output in a read-only dir", job(JOB.replace("out.nc", os.path.join(ro_dir, "out.nc"))), "is not writable",
+     "out.nc", 1),
+    ("resume: result file from another job", other_jobs_result,
+     "exists and is not the complete result of this job", "out.nc", 1),
+    ("resume: journal from another job", foreign_journal(), "come from a different job file", "out.nc.journal", 1),
+    ("resume: journal that is not a journal", foreign_journal(b"NOTAJRNL"), "not a patchsweep journal",
+     "out.nc.journal", 1),
+    ("plot of an empty file", plot_of(b""), "not a NetCDF file", "in.nc", 1),
+    ("plot of a file that is not NetCDF", plot_of(b"CDF\x01" + b"\xff" * 100), "in.nc", "in.nc", 1),
+    ("plot of a file claiming 2^31 prompts", claims_2e31_prompts("plot"),
+     "dimension 'prompt' of length 2147483647 is over the limit of 1000000", "in.nc", 1),
+    ("merge of a complete unsliced result", merge_complete_result, "slice = \"all\"", "out.nc", 1),
+    ("merge of a part claiming 2^31 prompts", claims_2e31_prompts("merge"),
+     "2147483647 prompts, over the limit of 1000000", "in.nc", 1),
+]
+for i, (name, setup, frag, fname, code) in enumerate(FILES):
+    d = os.path.join(TMP, f"files-{i}")
+    os.mkdir(d)
+    try:
+        args = setup(d)
+    except Exception as e:  # a setup that fails is a failed row, not a crash of the table
+        check(name, False, f"setup failed: {e}")
+        continue
+    before = set(os.listdir(d))
+    r = run(args)
+    # sweep's banner ("sweep: JOB on MODEL; N ranks ...") may come first
+    lines = [l for l in r.stderr.strip().splitlines() if not (args[0] == "sweep" and l.startswith("sweep: "))]
+    left = sorted(set(os.listdir(d)) - before)
+    ok = (r.returncode == code and len(lines) == 1 and lines[0].startswith("patchsweep: ") and frag in lines[0]
+          and fname in lines[0] and r.stdout == "" and not left)
+    check(name, ok, f"exit {r.returncode}, stderr {r.stderr[:300]!r}, stdout {r.stdout[:80]!r}, new files {left}")
+check("nothing written into the read-only directory", os.listdir(ro_dir) == [])
+if undo_ro:
+    undo_ro()
+    undo_ro = None
 
 # The tokenizer fetch refuses files whose sha256 does not match.
 pkg = os.path.join(TMP, "tok", "package")

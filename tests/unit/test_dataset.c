@@ -343,6 +343,59 @@ static void test_read_errors(void **state)
     assert_non_null(strstr(err_msg(), "/nonexistent/x.jsonl"));
 }
 
+/* The stream reader (what the file reader runs; the fuzz target's entry
+ * point) and the limits that bound its memory: the values of a file and its
+ * size, both counted across lines. */
+static void test_read_stream_limits(void **state)
+{
+    (void)state;
+    const char rec[] = "{\"clean\":\"a b\",\"corrupted\":\"a c\",\"answer\":\" x\",\"wrong\":\" y\"}\n";
+    dataset d;
+    FILE *f = fmemopen((void *)rec, sizeof rec - 1, "r");
+    assert_non_null(f);
+    assert_int_equal(dataset_read_jsonl_stream(&d, f, "mem.jsonl"), PS_OK);
+    fclose(f);
+    assert_int_equal(d.n, 1);
+    assert_string_equal(d.path, "mem.jsonl");
+    assert_string_equal(d.items[0].wrong, " y");
+    dataset_free(&d);
+
+    /* Lines of 500,000 values each: well under the line cap, the file's
+     * count passes DATASET_MAX_VALUES on line 34 (33 * 500,007 > 16 Mi). */
+    const char head[] = "{\"clean\":\"a\",\"corrupted\":\"b\",\"answer\":\" x\",\"wrong\":\" y\",\"v\":[";
+    size_t per_line = 500000, line_len = sizeof head - 1 + 2 * per_line + 2, n_lines = 40;
+    char *text = malloc(line_len * n_lines);
+    assert_non_null(text);
+    for (size_t l = 0; l < n_lines; l++) {
+        char *p = text + l * line_len;
+        memcpy(p, head, sizeof head - 1);
+        p += sizeof head - 1;
+        for (size_t i = 0; i < per_line; i++, p += 2)
+            memcpy(p, i + 1 < per_line ? "0," : "0]", 2);
+        memcpy(p, "}\n", 2);
+    }
+    f = fmemopen(text, line_len * n_lines, "r");
+    assert_non_null(f);
+    assert_int_equal(dataset_read_jsonl_stream(&d, f, "values.jsonl"), PS_ERR_NOMEM);
+    fclose(f);
+    assert_int_equal(d.n, 0);
+    assert_non_null(strstr(err_msg(), "values.jsonl:34: more than 16777216 JSON values and keys"));
+    free(text);
+
+    /* DATASET_MAX_BYTES + 1 bytes of blank lines: the size cap, not a
+     * record cap, stops it (no allocation grows with it). */
+    size_t big = DATASET_MAX_BYTES + 1;
+    char *blank = malloc(big);
+    assert_non_null(blank);
+    memset(blank, '\n', big);
+    f = fmemopen(blank, big, "r");
+    assert_non_null(f);
+    assert_int_equal(dataset_read_jsonl_stream(&d, f, "big.jsonl"), PS_ERR_NOMEM);
+    fclose(f);
+    assert_non_null(strstr(err_msg(), "the file is larger than the limit of 268435456 bytes"));
+    free(blank);
+}
+
 static void test_read_blank_lines_and_extra_fields(void **state)
 {
     (void)state;
@@ -468,6 +521,7 @@ int main(void)
         cmocka_unit_test(test_capitals_valid),
         cmocka_unit_test(test_generators_reject_zero),
         cmocka_unit_test(test_read_errors),
+        cmocka_unit_test(test_read_stream_limits),
         cmocka_unit_test(test_read_blank_lines_and_extra_fields),
         cmocka_unit_test(test_tokenize_errors),
         cmocka_unit_test(test_round_trip),

@@ -477,6 +477,38 @@ static void test_file_errors(void **state)
     free(text);
 }
 
+/* job_parse_mem: what job_load does with the bytes it read. */
+static void test_parse_mem(void **state)
+{
+    (void)state;
+    static const char text[] = "[model]\ndir = m\n[data]\ndataset = d.jsonl\n[run]\noutput = o.nc\n";
+    job j;
+    /* not NUL-terminated: only len bytes count */
+    char buf[sizeof text + 8];
+    memcpy(buf, text, sizeof text - 1);
+    memset(buf + sizeof text - 1, 'x', 8);
+    assert_int_equal(job_parse_mem(&j, "jobs/a/job.ini", buf, sizeof text - 1), PS_OK);
+    assert_string_equal(j.text, text);
+    assert_string_equal(j.output, "jobs/a/o.nc");
+    job_free(&j);
+
+    static const char with_nul[] = "[model]\ndir = m\n\0\n";
+    assert_int_equal(job_parse_mem(&j, "n.ini", with_nul, sizeof with_nul - 1), PS_ERR_FORMAT);
+    assert_string_equal(err_msg(), "n.ini:3: NUL byte");
+    assert_zeroed(&j);
+
+    char *big = malloc(JOB_MAX_BYTES + 1);
+    assert_non_null(big);
+    memset(big, '\n', JOB_MAX_BYTES + 1);
+    assert_int_equal(job_parse_mem(&j, "big.ini", big, JOB_MAX_BYTES + 1), PS_ERR_NOMEM);
+    assert_non_null(strstr(err_msg(), "big.ini: file is 1048577 bytes, over the limit of 1048576 bytes"));
+    assert_zeroed(&j);
+    free(big);
+
+    assert_int_equal(job_parse_mem(&j, "empty.ini", "", 0), PS_ERR_INVALID);
+    assert_string_equal(err_msg(), "empty.ini: [model] dir is required");
+}
+
 /* Random edits of a valid job: every outcome is either a job or one error
  * line naming the file; ASan/UBSan watch the rest. */
 static void test_mutations(void **state)
@@ -560,6 +592,7 @@ int main(void)
         cmocka_unit_test(test_long_line),
         cmocka_unit_test(test_bad_bytes),
         cmocka_unit_test(test_file_errors),
+        cmocka_unit_test(test_parse_mem),
         cmocka_unit_test(test_mutations),
     };
     return cmocka_run_group_tests_name("job", tests, group_setup, group_teardown);

@@ -107,6 +107,39 @@ static void test_open_refusals(void **state)
     assert_non_null(strstr(err_msg(), "missing.nc: cannot open"));
 }
 
+/* ncin_open_mem reads the same file from memory (the fuzz target's entry
+ * point) and refuses what ncin_open refuses, naming the given name. */
+static void test_open_mem(void **state)
+{
+    (void)state;
+    FILE *in = fopen(path, "rb");
+    assert_non_null(in);
+    char *buf = malloc(1 << 20);
+    assert_non_null(buf);
+    size_t n = fread(buf, 1, 1 << 20, in);
+    fclose(in);
+    assert_true(n > 0 && n < (1 << 20));
+    ncin_file f;
+    assert_int_equal(ncin_open_mem(&f, "mem.nc", buf, n), PS_OK);
+    size_t len = 0;
+    assert_int_equal(ncin_dim_len(&f, "position", &len), PS_OK);
+    assert_int_equal(len, 3);
+    char *title = NULL;
+    assert_int_equal(ncin_get_text_att(&f, NULL, "title", &title), PS_OK);
+    assert_string_equal(title, "hello");
+    free(title);
+    assert_int_equal(ncin_dim_len(&f, "head", &len), PS_ERR_FORMAT);
+    assert_string_equal(err_msg(), "mem.nc: no dimension 'head'");
+    ncin_close(&f);
+
+    static const char junk[] = "this is not a NetCDF file\n";
+    assert_int_equal(ncin_open_mem(&f, "junk.nc", junk, sizeof junk - 1), PS_ERR_FORMAT);
+    assert_non_null(strstr(err_msg(), "junk.nc: not a NetCDF file"));
+    assert_int_equal(f.ncid, -1);
+    assert_null(f.path);
+    free(buf);
+}
+
 static void test_fill_values_become_nan(void **state)
 {
     (void)state;
@@ -219,6 +252,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open_refusals),
+        cmocka_unit_test(test_open_mem),
         cmocka_unit_test(test_fill_values_become_nan),
         cmocka_unit_test(test_ranges_types_and_dims),
         cmocka_unit_test(test_strings_and_attributes),

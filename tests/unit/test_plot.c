@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -256,6 +257,44 @@ static void test_lines_svg(void **state)
     free(svg);
 }
 
+/* Values near the smallest doubles (a damaged file) still give a few
+ * ticks, not a loop over 1e-300 / 5e-311 of them; huge ones and ranges
+ * that overflow neither (UBSan checks the casts in the sanitizer pass). */
+static void test_lines_extreme_values(void **state)
+{
+    (void)state;
+    const char *x[] = {"embed", "0"};
+    const double tiny[] = {2.5e-310, 1e-311}, huge[] = {1e300, -1e300}, widest[] = {DBL_MAX, -DBL_MAX},
+                 least[] = {5e-324, 0};
+    const double *cases[] = {tiny, huge, widest, least};
+    for (size_t c = 0; c < 4; c++) {
+        plot_series s = {.label = "p", .y = cases[c]};
+        plot_lines p = {.x_name = "Layer", .y_name = "y", .n_x = 2, .x_labels = x, .series = &s, .n_series = 1};
+        plot_figure fig = {0};
+        membuf m;
+        mem_open(&m);
+        assert_int_equal(plot_write_lines(m.out, "x.svg", &fig, &p, 1), PS_OK);
+        char *svg = mem_close(&m);
+        size_t ticks = 0;
+        for (const char *q = strstr(svg, "class=\"yticks\""); q && (q = strstr(q, "stroke=\"#e5e5e5\"")); q++)
+            ticks++;
+        assert_true(ticks >= 1 && ticks <= 12);
+        free(svg);
+    }
+    /* a colour bar of the smallest and largest ranges */
+    const char *rows[] = {"0"}, *cols[] = {"0"};
+    const float one[] = {1e-45f};
+    plot_heatmap h = {.n_rows = 1, .n_cols = 1, .row_labels = rows, .col_labels = cols, .values = one};
+    plot_figure fig = {0};
+    const double zmaxes[] = {5e-324, DBL_MAX};
+    for (size_t z = 0; z < 2; z++) {
+        membuf m;
+        mem_open(&m);
+        assert_int_equal(plot_write_heatmaps(m.out, "h.svg", &fig, &h, 1, zmaxes[z]), PS_OK);
+        free(mem_close(&m));
+    }
+}
+
 static void test_write_error_names_output(void **state)
 {
     (void)state;
@@ -282,6 +321,7 @@ int main(void)
         cmocka_unit_test(test_heatmap_svg),
         cmocka_unit_test(test_heatmap_mean_hover_and_bad_range),
         cmocka_unit_test(test_lines_svg),
+        cmocka_unit_test(test_lines_extreme_values),
         cmocka_unit_test(test_write_error_names_output),
     };
     return cmocka_run_group_tests_name("plot", tests, NULL, NULL);

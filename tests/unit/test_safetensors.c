@@ -24,6 +24,7 @@
 #include "err.h"
 #include "safetensors.h"
 #include "sha256.h"
+#include "strutil.h"
 
 static char tmpdir[PATH_MAX];
 
@@ -628,6 +629,39 @@ static void test_deeply_nested(void **state)
     free(hdr);
 }
 
+/* A flat header of many values: a few bytes each, but 30-110 bytes each
+ * once parsed, so their number is capped (ST_MAX_HEADER_VALUES). */
+static void test_too_many_values(void **state)
+{
+    (void)state;
+    size_t n = ST_MAX_HEADER_VALUES + 1;
+    char *hdr = malloc(2 * n + 2);
+    assert_non_null(hdr);
+    hdr[0] = '[';
+    for (size_t i = 0; i < n; i++)
+        memcpy(hdr + 1 + 2 * i, i + 1 < n ? "0," : "0]", 2);
+    hdr[2 * n + 1] = '\0';
+    const char *p = write_st("values.safetensors", hdr, NULL, 0);
+    st_file f;
+    ASSERT_ERROR(st_open(&f, p), PS_ERR_NOMEM, "values.safetensors", "more than 8388608 values and keys");
+    free(hdr);
+}
+
+/* Messages quote tensor names from the file; they stay one line of valid
+ * UTF-8 whatever the names hold (err.h). */
+static void test_messages_stay_one_line(void **state)
+{
+    (void)state;
+    const char *p = write_st("nl.safetensors",
+                             "{\"a\\nb\\u0001\":{\"dtype\":\"X\",\"shape\":[1],\"data_offsets\":[0,1]}}", zeros, 1);
+    st_file f;
+    ASSERT_ERROR(st_open(&f, p), PS_ERR_FORMAT, "nl.safetensors", "tensor 'a\\nb\\x01': unknown dtype 'X'");
+    assert_null(strchr(err_msg(), '\n'));
+    p = write_st("bytes.safetensors", "{\"w\xff\xfe\":1}", NULL, 0);
+    ASSERT_ERROR(st_open(&f, p), PS_ERR_FORMAT, "bytes.safetensors", "unable to decode byte 0xff");
+    assert_true(str_utf8_valid(err_msg(), strlen(err_msg())));
+}
+
 static void test_duplicate_names(void **state)
 {
     (void)state;
@@ -927,6 +961,8 @@ int main(void)
         cmocka_unit_test(test_header_not_object),
         cmocka_unit_test(test_header_not_utf8),
         cmocka_unit_test(test_header_nul_padding),
+        cmocka_unit_test(test_too_many_values),
+        cmocka_unit_test(test_messages_stay_one_line),
         cmocka_unit_test(test_deeply_nested),
         cmocka_unit_test(test_duplicate_names),
         cmocka_unit_test(test_unknown_dtype),
