@@ -19,6 +19,14 @@
  * bitwise-identical values on a given instruction set.
  *
  * Threads: the panels are split among pool_threads() workers (pool.h).
+ *
+ * gemm_unembed is the one product with an unpacked operand: the
+ * vocabulary product with the [V, d] unembedding (tied to the token
+ * embedding), done by OpenBLAS on each pool thread's slice of the
+ * vocabulary.  OpenBLAS itself runs single-threaded (the CLI sets it): its
+ * own workers spin with sched_yield after every call, and beside the pool's
+ * workers they took a fifth of the CPU and made a 2-thread sweep on a small
+ * model slower than a 1-thread one.
  */
 #ifndef PS_GEMM_H
 #define PS_GEMM_H
@@ -49,6 +57,12 @@ typedef enum {
  * bias may be NULL.  out must not alias x. */
 void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, const float *bias,
               gemm_epilogue ep);
+
+/* out[rows, V] (row stride V) = x[rows, d] @ U[V, d]^T: the logits.
+ * OpenBLAS's sgemm (sgemv for one row) per slice of the vocabulary, one
+ * slice per pool thread; slicing the columns does not change any output's
+ * k-order, so the values do not depend on the thread count. */
+void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_t V, size_t d);
 
 /* gelu_new(v) = 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3),
  * computed as v / (1 + exp(-2u)) (the same function: 1 + tanh(u) =

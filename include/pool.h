@@ -26,9 +26,10 @@
 /* Hard cap on the threads of one process (a rank rarely has more cores). */
 #define POOL_MAX_THREADS 256
 
-/* Threads used by pool_run; 0 (the default) follows OpenBLAS's thread
- * count, which the CLI sets from the cores of the rank (at least 1, at
- * most POOL_MAX_THREADS). */
+/* Threads used by pool_run: the CLI sets it from the cores of the rank
+ * (and runs OpenBLAS itself on one thread, see gemm.h); 0 (the default,
+ * for programs that never set it) follows OpenBLAS's thread count.  At
+ * least 1, at most POOL_MAX_THREADS. */
 void pool_set_threads(size_t n);
 size_t pool_threads(void);
 

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "fsutil.h"
+#include "pool.h"
 #include "prov.h"
 #include "strutil.h"
 
@@ -226,10 +227,12 @@ blas_report *cli_blas(void) { return &blas_state; }
 
 void cli_blas_set_threads(size_t threads, const char *why, bool per_rank)
 {
-    openblas_set_num_threads(threads > 4096 ? 4096 : (int)threads);
-    /* OpenBLAS caps the count at its build's MAX_THREADS: report what runs */
-    int now = openblas_get_num_threads();
-    blas_state.threads = now > 0 ? (size_t)now : threads;
+    /* One set of threads per process, the pool's: OpenBLAS runs on each
+     * pool thread's share of a product (gemm_unembed), single-threaded,
+     * so that its spinning workers never compete with the pool's. */
+    pool_set_threads(threads);
+    openblas_set_num_threads(1);
+    blas_state.threads = pool_threads();
     blas_state.threads_why = why;
     char line[512];
     blas_describe(&blas_state, line, sizeof line);

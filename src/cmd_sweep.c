@@ -7,9 +7,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "blas.h"
 #include "cli.h"
 #include "comm.h"
 #include "job.h"
+#include "pool.h"
 #include "prov.h"
 #include "sweep.h"
 
@@ -291,6 +293,17 @@ int cmd_sweep(int argc, char **argv)
     if (root)
         fprintf(stderr, "sweep: %s on %s; %zu rank%s (%s), %s\n", job_path, j.model_dir, comm_size(c),
                 comm_size(c) > 1 ? "s" : "", comm_library(), prov_blas());
+    /* More threads than CPUs the rank may run on: they take turns on one
+     * core and a spinning worker slows the others (measured: 2 threads
+     * bound to one core made a sweep 2.7x slower than unbound).  The usual
+     * cause is mpirun binding each rank to one core. */
+    const size_t cpus = blas_affinity_cpus();
+    if (root && cpus > 0 && pool_threads() > cpus)
+        fprintf(stderr,
+                "sweep: warning: %zu threads per rank, but rank 0 may run on %zu CPU%s only (its affinity; mpirun binds "
+                "each rank to one core by default): give each rank its CPUs with mpirun --map-by slot:PE=%zu or "
+                "--bind-to none, or srun --cpus-per-task=%zu\n",
+                pool_threads(), cpus, cpus > 1 ? "s" : "", pool_threads(), pool_threads());
     progress_state ps = {.tty = isatty(STDERR_FILENO), .every = j.progress_seconds, .last = -1e30};
     sweep_opts so = {.output = output, .overwrite = overwrite, .slice = slice, .n_slices = n_slices,
                      .stop = &stop_requested,

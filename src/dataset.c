@@ -7,6 +7,7 @@
 #include "dataset.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -353,29 +354,12 @@ static bool is_blank(const char *s, size_t n)
     return true;
 }
 
-/* Upper bound on the JSON values and keys of line[0..n): every one but the
- * first of each container follows a ',' (a key's value a ':'), and the first
- * follows the '[' or '{' that opens it.  Brackets and separators inside
- * strings do not count; invalid JSON that this scan misreads is refused by
- * jansson afterwards. */
+/* Upper bound on the JSON values and keys of line[0..n) (jsonutil). */
 static size_t count_json_values(const char *s, size_t n)
 {
-    size_t count = 1;
-    bool in_string = false;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (in_string) {
-            if (c == '\\')
-                i++;
-            else if (c == '"')
-                in_string = false;
-        } else if (c == '"') {
-            in_string = true;
-        } else if (c == ',' || c == ':' || c == '[' || c == '{') {
-            count++;
-        }
-    }
-    return count;
+    size_t values, at;
+    jsonutil_scan_shape(s, n, SIZE_MAX, SIZE_MAX, &values, &at);
+    return values;
 }
 
 ps_status dataset_read_jsonl(dataset *d, const char *path)

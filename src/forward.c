@@ -2,7 +2,6 @@
 
 #include "gemm.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -333,16 +332,7 @@ static ps_status head_forward(const model *mdl, forward_cache *c, size_t row0, c
     /* logits[r, :] = ln_final[r, :] @ unembed^T, unembed [V, d] */
     size_t r0 = c->logits_mode == FORWARD_LOGITS_ALL ? row0 : T - 1;
     float *out = c->logits_mode == FORWARD_LOGITS_ALL ? c->logits + r0 * V : c->logits;
-    if (T - r0 == 1) {
-        /* One row (next-token prediction, every naive patching cell): a
-         * matrix-vector product reads the [V, d] unembedding once, where
-         * sgemm would first pack a copy of all of it. */
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)V, (int)d, 1.0f, mdl->unembed, (int)d, c->ln_final + r0 * d, 1,
-                    0.0f, out, 1);
-    } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(T - r0), (int)V, (int)d, 1.0f,
-                    c->ln_final + r0 * d, (int)d, mdl->unembed, (int)d, 0.0f, out, (int)V);
-    }
+    gemm_unembed(out, c->ln_final + r0 * d, T - r0, mdl->unembed, V, d);
     FIRE(HOOK_LOGITS, 0);
     return PS_OK;
 }

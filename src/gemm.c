@@ -1,5 +1,6 @@
 #include "gemm.h"
 
+#include <cblas.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -306,4 +307,39 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
     const size_t np = (w->n + GEMM_NR - 1) / GEMM_NR;
     const bool small = rows * w->k * w->n < GEMM_MIN_PARALLEL_MACS;
     pool_run(small ? 1 : np, gemm_worker, &t);
+}
+
+/* ---- the vocabulary product -------------------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *x, *U;
+    size_t rows, V, d;
+} unembed_task;
+
+/* Slices of whole 64-column blocks, so that each thread's sgemm keeps
+ * OpenBLAS's blocking; the last slice takes the remainder. */
+static void unembed_worker(void *arg, size_t tid, size_t nt)
+{
+    const unembed_task *t = arg;
+    const size_t blocks = (t->V + 63) / 64;
+    const size_t v0 = blocks * tid / nt * 64, v1e = blocks * (tid + 1) / nt * 64, v1 = v1e < t->V ? v1e : t->V;
+    if (v1 <= v0)
+        return;
+    const float *u = t->U + v0 * t->d;
+    if (t->rows == 1)
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)(v1 - v0), (int)t->d, 1.0f, u, (int)t->d, t->x, 1, 0.0f,
+                    t->out + v0, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)t->rows, (int)(v1 - v0), (int)t->d, 1.0f, t->x,
+                    (int)t->d, u, (int)t->d, 0.0f, t->out + v0, (int)t->V);
+}
+
+void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_t V, size_t d)
+{
+    if (rows == 0 || V == 0)
+        return;
+    unembed_task t = {out, x, U, rows, V, d};
+    const bool small = rows * V * d < GEMM_MIN_PARALLEL_MACS;
+    pool_run(small ? 1 : (V + 63) / 64, unembed_worker, &t);
 }

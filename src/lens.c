@@ -1,11 +1,12 @@
 #include "lens.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "gemm.h"
 
 size_t lens_n_rows(const model_config *cfg)
 {
@@ -53,8 +54,7 @@ void lens_decode(const model *m, const float *rows, size_t n, float *normed, flo
         return;
     forward_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
     /* logits[n, V] = normed[n, d] @ unembed[V, d]^T, as the forward pass's head */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)V, (int)d, 1.0f, normed, (int)d, m->unembed,
-                (int)d, 0.0f, logits, (int)V);
+    gemm_unembed(logits, normed, n, m->unembed, V, d);
 }
 
 void lens_answer_stats(const float *logits, size_t V, double lse, int32_t answer, lens_answer *out)

@@ -383,25 +383,46 @@ static ps_status put_string(ncout_results *r, int var, const size_t *start, cons
     return st;
 }
 
-/* Every string cell of a prompt gets written: HDF5 (as netCDF-C 4.9 uses it)
+/* A prompt's row of token strings, [prompt, 0..max_T), in one call (one
+ * call per string costs HDF5 a dataset access each, and was most of the
+ * write time): the first T from the tokenizer, sanitized to UTF-8, the
+ * rest "".  Every string cell gets written: HDF5 (as netCDF-C 4.9 uses it)
  * fails to read a variable-length string that was never written, fill
- * value or not.  Token strings from position `from` on, and with
- * whole_prompt also answer, wrong and skip_reason, become "". */
-static ps_status put_empty_strings(ncout_results *r, size_t prompt, size_t from, bool whole_prompt)
+ * value or not. */
+static ps_status put_token_strings(ncout_results *r, int var, size_t prompt, const int32_t *ids, size_t T,
+                                   const tokenizer *tok, const char *what)
 {
+    char **row = calloc(r->max_T, sizeof *row);
+    if (!row)
+        return err_set(PS_ERR_NOMEM, "out of memory");
     ps_status st = PS_OK;
-    size_t one = 1;
-    if (whole_prompt)
-        if ((st = put_string(r, r->v_answer, &prompt, &one, "", 0, "answer")) ||
-            (st = put_string(r, r->v_wrong, &prompt, &one, "", 0, "wrong")) ||
-            (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")))
-            return st;
-    for (size_t t = from; t < r->max_T && st == PS_OK; t++) {
-        size_t s2[2] = {prompt, t}, c2[2] = {1, 1};
-        if ((st = put_string(r, r->v_clean_tok, s2, c2, "", 0, "clean_token")) == PS_OK)
-            st = put_string(r, r->v_corrupted_tok, s2, c2, "", 0, "corrupted_token");
+    for (size_t t = 0; t < r->max_T && st == PS_OK; t++) {
+        size_t blen = 0;
+        const char *b = t < T ? tokenizer_token_bytes(tok, ids[t], &blen) : NULL;
+        if (!(row[t] = str_utf8_sanitize(b ? b : "", b ? blen : 0)))
+            st = err_set(PS_ERR_NOMEM, "out of memory");
     }
+    size_t start[2] = {prompt, 0}, count[2] = {1, r->max_T};
+    if (st == PS_OK)
+        st = ncout_check(nc_put_vara_string(r->f->ncid, var, start, count, (const char **)row), r->f->tmp_path,
+                         what);
+    for (size_t t = 0; t < r->max_T; t++)
+        free(row[t]);
+    free(row);
     return st;
+}
+
+/* A prompt without results: every string "" (see put_token_strings). */
+static ps_status put_empty_strings(ncout_results *r, size_t prompt)
+{
+    size_t one = 1;
+    ps_status st;
+    if ((st = put_string(r, r->v_answer, &prompt, &one, "", 0, "answer")) ||
+        (st = put_string(r, r->v_wrong, &prompt, &one, "", 0, "wrong")) ||
+        (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")) ||
+        (st = put_token_strings(r, r->v_clean_tok, prompt, NULL, 0, NULL, "clean_token")))
+        return st;
+    return put_token_strings(r, r->v_corrupted_tok, prompt, NULL, 0, NULL, "corrupted_token");
 }
 
 static ps_status put_flags(ncout_results *r, size_t prompt, signed char done, signed char skipped)
@@ -418,14 +439,14 @@ static ps_status put_flags(ncout_results *r, size_t prompt, signed char done, si
 
 ps_status ncout_results_put_pending(ncout_results *r, size_t prompt)
 {
-    ps_status st = put_empty_strings(r, prompt, 0, true);
+    ps_status st = put_empty_strings(r, prompt);
     return st ? st : put_flags(r, prompt, 0, 0);
 }
 
 ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char *reason)
 {
     size_t one = 1;
-    ps_status st = put_empty_strings(r, prompt, 0, true);
+    ps_status st = put_empty_strings(r, prompt);
     if (st == PS_OK)
         st = put_string(r, r->v_skip_reason, &prompt, &one, reason, strlen(reason), "skip_reason");
     return st ? st : put_flags(r, prompt, 0, 1);
@@ -453,7 +474,8 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
         (st = put_string(r, r->v_answer, &prompt, &one, p->answer, strlen(p->answer), "answer")) ||
         (st = put_string(r, r->v_wrong, &prompt, &one, p->wrong, strlen(p->wrong), "wrong")) ||
         (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")) ||
-        (st = put_empty_strings(r, prompt, T, false)))
+        (st = put_token_strings(r, r->v_clean_tok, prompt, p->clean_tokens, T, tok, "clean_token")) ||
+        (st = put_token_strings(r, r->v_corrupted_tok, prompt, p->corrupted_tokens, T, tok, "corrupted_token")))
         return st;
     size_t start2[2] = {prompt, 0}, count2[2] = {1, T};
     if ((st = ncout_check(nc_put_vara_int(ncid, r->v_clean_tok_id, start2, count2, p->clean_tokens), f->tmp_path,
@@ -461,15 +483,6 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
         (st = ncout_check(nc_put_vara_int(ncid, r->v_corrupted_tok_id, start2, count2, p->corrupted_tokens),
                           f->tmp_path, "corrupted_token_id")))
         return st;
-    for (size_t t = 0; t < T; t++) {
-        size_t s2[2] = {prompt, t}, c2[2] = {1, 1}, blen;
-        const char *b = tokenizer_token_bytes(tok, p->clean_tokens[t], &blen);
-        if ((st = put_string(r, r->v_clean_tok, s2, c2, b ? b : "", b ? blen : 0, "clean_token")))
-            return st;
-        b = tokenizer_token_bytes(tok, p->corrupted_tokens[t], &blen);
-        if ((st = put_string(r, r->v_corrupted_tok, s2, c2, b ? b : "", b ? blen : 0, "corrupted_token")))
-            return st;
-    }
     model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
     const double denom = p->clean_metric - p->corrupted_metric;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {

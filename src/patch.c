@@ -3,7 +3,6 @@
 #include "gemm.h"
 #include "pool.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -854,8 +853,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t j = 0; j < nj; j++) {
         const patch_pair *p = jobs[j].pair;
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)V, (int)d, 1.0f, m->unembed, (int)d, b->a + j * d, 1, 0.0f,
-                    logits, 1);
+        gemm_unembed(logits, b->a + j * d, 1, m->unembed, V, d);
         values[jobs[j].cell] =
             metric_from_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, opts->metric);
     }

@@ -150,40 +150,18 @@ ps_status st_to_f32(st_dtype t, const void *src, size_t n, float *dst)
 /* ---- header parsing ------------------------------------------------------ */
 
 /* Refuse nesting deeper than the format needs, and more JSON values than
- * ST_MAX_HEADER_VALUES, in one pass over the raw bytes: every value or key
- * but the first of a container follows a ',' (a key's value a ':'), the
- * first the '[' or '{' that opens it, so counting those bounds the values.
- * Brackets and separators inside strings (with \" escapes) do not count.
- * Invalid JSON that this scan misreads is still refused by jansson. */
+ * ST_MAX_HEADER_VALUES, before jansson allocates for them. */
 static ps_status check_json_shape(const char *name, const char *s, size_t n)
 {
-    size_t depth = 0, values = 1;
-    bool in_string = false;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (in_string) {
-            if (c == '\\')
-                i++;
-            else if (c == '"')
-                in_string = false;
-        } else if (c == '"') {
-            in_string = true;
-        } else if (c == '{' || c == '[') {
-            values++;
-            if (++depth > ST_MAX_JSON_DEPTH)
-                return err_set(PS_ERR_FORMAT,
-                               "%s: header JSON nests deeper than %d levels at header byte %zu "
-                               "(the format needs %d)",
-                               name, ST_MAX_JSON_DEPTH, i, ST_MAX_JSON_DEPTH);
-        } else if (c == '}' || c == ']') {
-            if (depth > 0)
-                depth--;
-        } else if (c == ',' || c == ':') {
-            if (++values > ST_MAX_HEADER_VALUES)
-                return err_set(PS_ERR_NOMEM,
-                               "%s: header JSON holds more than %zu values and keys (at header byte %zu), "
-                               "over the limit", name, ST_MAX_HEADER_VALUES, i);
-        }
+    size_t values, at;
+    switch (jsonutil_scan_shape(s, n, ST_MAX_JSON_DEPTH, ST_MAX_HEADER_VALUES, &values, &at)) {
+    case JSONUTIL_SHAPE_TOO_DEEP:
+        return err_set(PS_ERR_FORMAT, "%s: header JSON nests deeper than %d levels at header byte %zu "
+                       "(the format needs %d)", name, ST_MAX_JSON_DEPTH, at, ST_MAX_JSON_DEPTH);
+    case JSONUTIL_SHAPE_TOO_MANY:
+        return err_set(PS_ERR_NOMEM, "%s: header JSON holds more than %zu values and keys (at header byte %zu), "
+                       "over the limit", name, ST_MAX_HEADER_VALUES, at);
+    case JSONUTIL_SHAPE_OK: break;
     }
     return PS_OK;
 }

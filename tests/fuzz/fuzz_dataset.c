@@ -26,16 +26,7 @@
  * be 5 times its input ("1e300"), which could pass the line limit. */
 #define ROUND_TRIP_MAX ((size_t)128 << 10)
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_tok_load();
-    return 0;
-}
 
 static void check_tokens(const dataset *d)
 {

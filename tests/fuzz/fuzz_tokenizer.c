@@ -20,16 +20,7 @@
 #include "fuzz_tok.h"
 #include "strutil.h"
 
-int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_tok_load();
-    return 0;
-}
 
 static void check_encode(const char *text, size_t len)
 {

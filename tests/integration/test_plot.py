@@ -29,6 +29,8 @@ import zlib
 import netCDF4
 import numpy as np
 
+from checks import check, failed, finish
+
 ROOT = os.environ["PS_ROOT"]
 BUILD = os.environ.get("PS_BUILD", os.path.join(ROOT, "build", "rel"))
 TOKENIZER = os.environ.get("PS_TOKENIZER", "")
@@ -44,15 +46,6 @@ if TOKENIZER:
     ENV["PATCHSWEEP_TOKENIZER"] = TOKENIZER
 SVG = "{http://www.w3.org/2000/svg}"
 PROV = "{urn:patchsweep:provenance}"
-
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)))
 
 
 def run(*args, timeout=600):
@@ -786,7 +779,6 @@ def section_7():
     check("--help", r.returncode == 0 and "usage: patchsweep plot" in r.stdout)
 
 
-
 SECTIONS = [("1", "the seed's heatmap"), ("2", "--var all, head components, z per head"),
             ("3", "NaN and _FillValue cells"), ("4", "means"), ("5", "lens files"),
             ("6", "labels that need escaping"), ("7", "refusals")]
@@ -796,7 +788,6 @@ for number, title in SECTIONS:
     except Exception:  # a crash is a failed check, and the summary line still comes
         check(f"section {number} ({title}) ran to the end", False, traceback.format_exc())
 
-if not failed:
+if not failed():
     shutil.rmtree(TMP, ignore_errors=True)  # kept after a failure, to look at
-print(f"plot: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("plot")

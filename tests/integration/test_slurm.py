@@ -30,6 +30,8 @@ import time
 import netCDF4
 import numpy as np
 
+from checks import check, failed, finish
+
 ROOT = os.environ.get("PS_ROOT") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("PS_BIN") or os.path.join(ROOT, "build", "rel", "patchsweep")
 QUICK = os.environ.get("PS_QUICK") == "1"
@@ -37,31 +39,21 @@ CLUSTER = os.path.join(ROOT, "slurm", "local-cluster.sh")
 SBATCH = os.path.join(ROOT, "slurm", "patchsweep.sbatch")
 ARRAY = os.path.join(ROOT, "slurm", "patchsweep-array.sbatch")
 T0 = time.time()
-passed = failed = 0
 
 
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
-
-
-def finish():
-    print(f"slurm: {passed} passed, {failed} failed ({time.time() - T0:.0f} s)")
-    sys.exit(1 if failed else 0)
+def done():
+    finish("slurm", f" ({time.time() - T0:.0f} s)")
 
 
 if os.geteuid() != 0:
-    print("slurm: needs root to start munged, slurmctld and slurmd")
-    failed += 1
-    finish()
+    check("running as root (munged, slurmctld and slurmd need it)", False, f"uid {os.geteuid()}")
+    done()
 missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
            if not shutil.which(c)]
 if missing:
-    print(f"slurm: missing {' '.join(missing)}: make deps (apt-get install slurmctld slurmd slurm-client munge)")
-    failed += 1
-    finish()
+    check("Slurm installed", False,
+          f"missing {' '.join(missing)}: make deps (apt-get install slurmctld slurmd slurm-client munge)")
+    done()
 
 TMP = tempfile.mkdtemp(prefix="ps-slurm-")
 os.chmod(TMP, 0o755)  # munged runs as user munge and keeps its socket in TMP/cluster
@@ -332,8 +324,8 @@ finally:
     r = sh([CLUSTER, "status"])
     check("no daemon left", r.returncode == 3 and "munged down, slurmctld down, slurmd down" in r.stdout,
           r.stdout + r.stderr)
-    if not failed:
+    if not failed():
         shutil.rmtree(TMP, ignore_errors=True)
     else:
         print(f"     (files kept in {TMP})")
-finish()
+done()

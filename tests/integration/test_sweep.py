@@ -18,6 +18,8 @@ import time
 import numpy as np
 import xarray as xr
 
+from checks import check, finish
+
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 # PS_QUICK (the sanitizer build): 1 and 2 ranks, two SIGKILL points.
@@ -28,14 +30,6 @@ shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
 BIN = os.path.join(TMP, "patchsweep")
 MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1")
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    passed += bool(ok)
-    failed += not ok
-    print(("ok   " if ok else "FAIL ") + name + ("" if ok else ": " + str(detail)), flush=True)
 
 
 def run(args, ranks=0, **kw):
@@ -233,5 +227,4 @@ with xr.open_dataset(f"{TMP}/skip.nc") as ds:
           and ds.attrs["complete"] == "true", r.stderr)
 
 shutil.rmtree(TMP, ignore_errors=True)
-print(f"sweep: {passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+finish("sweep")

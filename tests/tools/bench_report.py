@@ -83,7 +83,11 @@ def write_job(d, model, dataset, output):
 def sweep(ps, job, ranks, threads, info=None):
     """Wall seconds of one sweep (start-up included), the cells it computed,
     and the peak RSS per rank (MiB) it reports; info gets the file write."""
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), ps, "sweep", job, "--overwrite", "--threads", str(threads)]
+    # Each rank gets `threads` cores of its own (PE = processing elements per
+    # rank): by default mpirun binds a rank to one core, and its threads
+    # would take turns on it.
+    cmd = ["mpirun", "--oversubscribe", "--map-by", f"slot:PE={threads}", "-np", str(ranks), ps, "sweep", job,
+           "--overwrite", "--threads", str(threads)]
     t0 = time.perf_counter()
     r = run(cmd, MPI_ENV)
     secs = time.perf_counter() - t0

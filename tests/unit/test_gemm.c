@@ -123,6 +123,48 @@ static void test_rows_independent_of_batch_and_threads(void **state)
     pool_shutdown();
 }
 
+/* The vocabulary product: U [V, d] with V not a multiple of the 64-column
+ * slices, against double within float rounding; 1, 2 and 3 threads give the
+ * same bits (each thread's OpenBLAS call is a column slice, which does not
+ * change any output's sum); one row (sgemv) matches its row of the matrix
+ * product to float rounding. */
+static void test_unembed_slices(void **state)
+{
+    (void)state;
+    enum { V = 1000, D = 256, ROWS = 20 }; /* 5.1M multiply-adds: split among threads */
+    float *U = malloc((size_t)V * D * sizeof *U), *x = malloc((size_t)ROWS * D * sizeof *x);
+    float *out[3], *one = malloc(V * sizeof *one);
+    for (size_t i = 0; i < (size_t)V * D; i++)
+        U[i] = uniform();
+    for (size_t i = 0; i < (size_t)ROWS * D; i++)
+        x[i] = uniform();
+    for (size_t t = 0; t < 3; t++) {
+        out[t] = malloc((size_t)ROWS * V * sizeof(float));
+        pool_set_threads(t + 1);
+        gemm_unembed(out[t], x, ROWS, U, V, D);
+    }
+    assert_memory_equal(out[0], out[1], (size_t)ROWS * V * sizeof(float));
+    assert_memory_equal(out[0], out[2], (size_t)ROWS * V * sizeof(float));
+    for (size_t r = 0; r < ROWS; r++)
+        for (size_t v = 0; v < V; v++) {
+            double s = 0, a = 0;
+            for (size_t e = 0; e < D; e++) {
+                s += (double)x[r * D + e] * U[v * D + e];
+                a += fabs((double)x[r * D + e] * U[v * D + e]);
+            }
+            assert_true(fabs(out[0][r * V + v] - s) <= 1e-6 * a + 1e-30);
+        }
+    pool_set_threads(2);
+    gemm_unembed(one, x + 7 * D, 1, U, V, D);
+    for (size_t v = 0; v < V; v++)
+        assert_true(fabsf(one[v] - out[0][7 * V + v]) <= 1e-4f);
+    for (size_t t = 0; t < 3; t++)
+        free(out[t]);
+    free(one), free(U), free(x);
+    pool_set_threads(0);
+    pool_shutdown();
+}
+
 /* gelu over [-12, 12] and at the extremes: relative error < 1e-6 where the
  * value is not tiny, absolute < 1e-6 near zero, finite far out (gelu(-1e30)
  * is 0 to within 1e-6: v / (1 + e^88)); every instruction set's copy gives
@@ -195,6 +237,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kernels_match_double),
         cmocka_unit_test(test_rows_independent_of_batch_and_threads),
+        cmocka_unit_test(test_unembed_slices),
         cmocka_unit_test(test_gelu_accuracy),
         cmocka_unit_test(test_pool_runs_each_tid_once),
     };

@@ -31,44 +31,8 @@
 #include "safetensors.h"
 #include "sha256.h"
 
-static char tmpdir[PATH_MAX];
-
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
-static int setup_dir(void **state)
-{
-    (void)state;
-    const char *base = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof tmpdir, "%s/ps_test_model.XXXXXX", base && *base ? base : "/tmp");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown_dir(void **state)
-{
-    (void)state;
-    return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static void assert_msg_has(const char *frag)
-{
-    if (!strstr(err_msg(), frag))
-        fail_msg("error message \"%s\" does not contain \"%s\"", err_msg(), frag);
-}
-
-#define ASSERT_ERROR(call, status, ...)                                        \
-    do {                                                                       \
-        err_clear();                                                           \
-        assert_int_equal((call), (status));                                    \
-        const char *frags_[] = {__VA_ARGS__};                                  \
-        for (size_t i_ = 0; i_ < sizeof frags_ / sizeof *frags_; i_++)         \
-            assert_msg_has(frags_[i_]);                                        \
-    } while (0)
+#define TEST_TMPDIR_NAME "ps_test_model"
+#include "test_tmpdir.h"
 
 /* ---- a small GPT-2 checkpoint writer ------------------------------------ */
 

@@ -26,45 +26,8 @@
 #include "sha256.h"
 #include "strutil.h"
 
-static char tmpdir[PATH_MAX];
-
-static int rm_entry(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(p);
-}
-
-static int setup_dir(void **state)
-{
-    (void)state;
-    const char *base = getenv("TMPDIR");
-    snprintf(tmpdir, sizeof tmpdir, "%s/ps_test_st.XXXXXX", base && *base ? base : "/tmp");
-    return mkdtemp(tmpdir) ? 0 : -1;
-}
-
-static int teardown_dir(void **state)
-{
-    (void)state;
-    return nftw(tmpdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-/* Fails with the whole message when `frag` is not in it. */
-static void assert_msg_has(const char *frag)
-{
-    if (!strstr(err_msg(), frag))
-        fail_msg("error message \"%s\" does not contain \"%s\"", err_msg(), frag);
-}
-
-#define ASSERT_ERROR(call, status, ...)                                        \
-    do {                                                                       \
-        err_clear();                                                           \
-        assert_int_equal((call), (status));                                    \
-        const char *frags_[] = {__VA_ARGS__};                                  \
-        for (size_t i_ = 0; i_ < sizeof frags_ / sizeof *frags_; i_++)         \
-            assert_msg_has(frags_[i_]);                                        \
-    } while (0)
+#define TEST_TMPDIR_NAME "ps_test_st"
+#include "test_tmpdir.h"
 
 /* tmpdir/name, static storage (one path in use at a time per test). */
 static const char *tmp_path(const char *name)
