@@ -73,8 +73,29 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
  * pair was invalid and skipped, reason in skip_reason); per prompt and
  * position clean_token_id, corrupted_token_id, clean_token, corrupted_token.
  * Positions past a prompt's length, and every value of a prompt not done,
- * hold _FillValue (NaN once read by xarray).  Global attributes: provenance
+ * hold the fill value: _FillValue for the grids and metrics (NaN once read
+ * by xarray), "" for strings, netCDF's default fill for the integers
+ * (length, answer_id, wrong_id keep their integer type in xarray).  Global attributes: provenance
  * plus metric, direction, engine. */
+/* One per-prompt variable in the staging window (ncout.c). */
+typedef struct {
+    int var;
+    int type;              /* nc_type */
+    size_t nd, shape[3];   /* per-prompt shape */
+    size_t row, esize;     /* elements per prompt, bytes per element */
+    unsigned char fill[8]; /* the variable's fill value (numbers) */
+    void *buf;             /* [cap][row] elements; strings: char *, "" or owned */
+} ncout_staged;
+
+#define NCOUT_STAGED_MAX (16 + 2 * PATCH_COMPONENT_COUNT)
+
+typedef struct {
+    size_t base, cap;         /* window of prompts [base, base + cap) */
+    unsigned char *staged;    /* [cap]: prompt staged */
+    ncout_staged vars[NCOUT_STAGED_MAX];
+    size_t n_vars;
+} ncout_stage;
+
 typedef struct {
     ncout_file *f;
     size_t n_layer, n_head, max_T;
@@ -85,6 +106,7 @@ typedef struct {
     int v_skipped, v_skip_reason, v_prompt_index;
     size_t prompt_offset;   /* prompt_index = prompt_offset + prompt (0 unless sliced) */
     int v_clean_tok_id, v_corrupted_tok_id, v_clean_tok, v_corrupted_tok;
+    ncout_stage stage; /* values not yet written (ncout_results_flush) */
 } ncout_results;
 
 /* What the file records of one prompt besides its grids. */
@@ -100,6 +122,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine);
 
+/* The puts below stage their values for a window of consecutive prompts
+ * and write a window with one call per variable (ncout_results_flush, also
+ * called when a prompt outside the window arrives): call
+ * ncout_results_flush before ncout_commit, and ncout_results_free (owner:
+ * the caller of ncout_results_define) in any case. */
+
 /* Everything of one prompt at index `prompt`: values[c] is the component's
  * grid for this prompt (patch_grid_shape order) for every selected c. */
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
@@ -110,6 +138,12 @@ ps_status ncout_results_put_pending(ncout_results *r, size_t prompt);
 
 /* Mark prompt `prompt` skipped, with the reason (its other values stay fill). */
 ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char *reason);
+
+/* Write what is staged. */
+ps_status ncout_results_flush(ncout_results *r);
+
+/* Free the staging buffers (after define, flush or an error). */
+void ncout_results_free(ncout_results *r);
 
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);

@@ -239,8 +239,11 @@ int cmd_patch(int argc, char **argv)
                                      .corrupted_metric = pair.corrupted_metric[po.metric],
                                      .clean_tokens = pair.clean.tokens, .corrupted_tokens = pair.corrupted.tokens,
                                      .answer = a.answer, .wrong = a.wrong};
-        if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) ||
-            (st = ncout_results_put(&res, 0, &prompt, tok, values)) || (st = ncout_commit(&f)))
+        if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) == PS_OK &&
+            (st = ncout_results_put(&res, 0, &prompt, tok, values)) == PS_OK)
+            st = ncout_results_flush(&res);
+        ncout_results_free(&res);
+        if (st || (st = ncout_commit(&f)))
             goto out;
         fprintf(stderr, "wrote %s\n", a.output);
     }

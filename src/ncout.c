@@ -252,6 +252,9 @@ out:
 
 /* ---- patching results ---------------------------------------------------- */
 
+/* Target bytes of one HDF5 chunk of a per-prompt variable (def_var). */
+#define NCOUT_CHUNK_BYTES ((size_t)64 * 1024)
+
 static ps_status def_var(ncout_results *r, const char *name, nc_type type, int nd, const int *dims, int *id,
                          const char *long_name)
 {
@@ -261,20 +264,32 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
         st = ncout_check(nc_put_att_text(f->ncid, *id, "long_name", strlen(long_name), long_name), f->tmp_path,
                          name);
     /* "" as the declared fill of strings; the writers still write every
-     * string cell (put_empty_strings), which HDF5 needs to read them back. */
+     * string cell (the staging window holds "" where nothing else was put):
+     * HDF5 (as netCDF-C 4.9 uses it) fails to read a variable-length
+     * string that was never written, fill value or not. */
     if (st == PS_OK && type == NC_STRING) {
         const char *empty = "";
         st = ncout_check(nc_def_var_fill(f->ncid, *id, 0, &empty), f->tmp_path, name);
     }
-    /* One prompt per chunk: appends touch only their own chunks. */
+    /* HDF5 chunks of whole prompts, about NCOUT_CHUNK_BYTES each: a chunk
+     * per prompt (8 bytes for a scalar) cost HDF5 a B-tree entry and a
+     * write for every value; whole chunks are written from netCDF's chunk
+     * cache instead, and a reader of one prompt reads one chunk. */
     if (st == PS_OK && nd > 0 && dims[0] == 0 && type != NC_STRING) {
-        size_t chunk[4] = {1, 1, 1, 1};
-        for (int i = 1; i < nd; i++)
+        size_t chunk[4] = {1, 1, 1, 1}, row = 1, elem = 0;
+        for (int i = 1; i < nd; i++) {
             nc_inq_dimlen(f->ncid, dims[i], &chunk[i]);
+            row *= chunk[i] ? chunk[i] : 1;
+        }
+        nc_inq_type(f->ncid, type, NULL, &elem);
+        row *= elem ? elem : 1;
+        chunk[0] = row >= NCOUT_CHUNK_BYTES ? 1 : NCOUT_CHUNK_BYTES / row;
         st = ncout_check(nc_def_var_chunking(f->ncid, *id, NC_CHUNKED, chunk), f->tmp_path, name);
     }
     return st;
 }
+
+static ps_status stage_init(ncout_results *r);
 
 ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t max_T,
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
@@ -327,6 +342,15 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_tok_id, 0, &fill_int), f->tmp_path, "fill")) ||
         (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_tok_id, 0, &fill_int), f->tmp_path, "fill")))
         return st;
+    /* The metrics a prompt not done (or skipped) lacks: their _FillValue as
+     * an attribute, so that readers (xarray) see NaN there, not 9.97e36 in
+     * a mean over prompts.  The integers (length, ids) keep netCDF's
+     * default fill without the attribute: with it xarray would turn them
+     * into floats; `done` says which prompts have them. */
+    const double fill_d = NC_FILL_DOUBLE;
+    if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_metric, 0, &fill_d), f->tmp_path, "fill")) ||
+        (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_metric, 0, &fill_d), f->tmp_path, "fill")))
+        return st;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         r->var_raw[c] = r->var_norm[c] = -1;
         if (!on[c])
@@ -368,147 +392,275 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     if (!st)
         st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, "head");
     free(idx);
+    return st ? st : stage_init(r);
+}
+
+/* ---- the staging window ------------------------------------------------------
+ * Each netCDF call costs some 30 us of HDF5 bookkeeping whatever its size, and
+ * a prompt has ~25 variables: written prompt by prompt the file took 0.9 ms
+ * per prompt, the first bottleneck of a large sweep.  Values are staged for a
+ * window of consecutive prompts instead, each variable's buffer pre-filled
+ * with its fill value (so that writing a whole row stores what an unwritten
+ * cell reads as), and written with one call per variable and run of staged
+ * prompts when a prompt outside the window arrives or at the flush. */
+
+static char empty_string[] = "";
+
+/* Staging memory per file, and the window's bounds in prompts. */
+#define STAGE_BYTES ((size_t)4 << 20)
+#define STAGE_MAX_PROMPTS ((size_t)1024)
+
+static void stage_add(ncout_results *r, int var, nc_type type, size_t nd, const size_t *shape)
+{
+    ncout_stage *g = &r->stage;
+    ncout_staged *v = &g->vars[g->n_vars++];
+    v->var = var;
+    v->type = type;
+    v->nd = nd;
+    v->row = 1;
+    for (size_t i = 0; i < nd; i++) {
+        v->shape[i] = shape[i];
+        v->row *= shape[i];
+    }
+    v->esize = type == NC_STRING ? sizeof(char *) : type == NC_DOUBLE ? 8 : type == NC_BYTE ? 1 : 4;
+    if (type != NC_STRING) {
+        int no_fill = 0;
+        if (nc_inq_var_fill(r->f->ncid, var, &no_fill, v->fill) != NC_NOERR)
+            memset(v->fill, 0, sizeof v->fill);
+    }
+}
+
+static ncout_staged *staged(ncout_results *r, int var)
+{
+    for (size_t i = 0; i < r->stage.n_vars; i++)
+        if (r->stage.vars[i].var == var)
+            return &r->stage.vars[i];
+    return NULL;
+}
+
+/* Slots [from, to) back to the fill values (owned strings freed). */
+static void stage_clear(ncout_results *r, size_t from, size_t to)
+{
+    ncout_stage *g = &r->stage;
+    for (size_t i = 0; i < g->n_vars; i++) {
+        ncout_staged *v = &g->vars[i];
+        if (v->type == NC_STRING) {
+            char **sp = v->buf;
+            for (size_t k = from * v->row; k < to * v->row; k++) {
+                if (sp[k] != empty_string)
+                    free(sp[k]);
+                sp[k] = empty_string;
+            }
+        } else {
+            for (size_t k = from * v->row; k < to * v->row; k++)
+                memcpy((char *)v->buf + k * v->esize, v->fill, v->esize);
+        }
+    }
+    memset(g->staged + from, 0, to - from);
+}
+
+static ps_status stage_init(ncout_results *r)
+{
+    ncout_stage *g = &r->stage;
+    const size_t one = 1, T[1] = {r->max_T};
+    ps_status st = PS_OK;
+    const int scalars[] = {r->v_clean_metric, r->v_corrupted_metric, r->v_length,  r->v_answer_id,
+                           r->v_wrong_id,     r->v_answer,           r->v_wrong,   r->v_done,
+                           r->v_skipped,      r->v_prompt_index,     r->v_skip_reason};
+    for (size_t i = 0; i < sizeof scalars / sizeof *scalars; i++) {
+        nc_type t;
+        nc_inq_vartype(r->f->ncid, scalars[i], &t);
+        stage_add(r, scalars[i], t, 1, &one);
+    }
+    stage_add(r, r->v_clean_tok_id, NC_INT, 1, T);
+    stage_add(r, r->v_corrupted_tok_id, NC_INT, 1, T);
+    stage_add(r, r->v_clean_tok, NC_STRING, 1, T);
+    stage_add(r, r->v_corrupted_tok, NC_STRING, 1, T);
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        if (!r->on[c])
+            continue;
+        size_t shape[3];
+        size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
+        stage_add(r, r->var_raw[c], NC_FLOAT, nd, shape);
+        stage_add(r, r->var_norm[c], NC_FLOAT, nd, shape);
+    }
+    size_t per_prompt = 0;
+    for (size_t i = 0; i < g->n_vars; i++)
+        per_prompt += g->vars[i].row * g->vars[i].esize;
+    g->cap = STAGE_BYTES / per_prompt;
+    g->cap = g->cap < 1 ? 1 : g->cap > STAGE_MAX_PROMPTS ? STAGE_MAX_PROMPTS : g->cap;
+    g->staged = calloc(g->cap, 1);
+    for (size_t i = 0; i < g->n_vars && g->staged; i++) {
+        ncout_staged *v = &g->vars[i];
+        if (!(v->buf = calloc(g->cap * v->row, v->esize)))
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    if (!g->staged)
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    if (st == PS_OK)
+        stage_clear(r, 0, g->cap);
     return st;
 }
 
-static ps_status put_string(ncout_results *r, int var, const size_t *start, const size_t *count, const char *bytes,
-                            size_t len, const char *what)
+ps_status ncout_results_flush(ncout_results *r)
 {
+    ncout_stage *g = &r->stage;
+    ps_status st = PS_OK;
+    for (size_t a = 0; a < g->cap && st == PS_OK;) {
+        if (!g->staged[a]) {
+            a++;
+            continue;
+        }
+        size_t b = a;
+        while (b < g->cap && g->staged[b])
+            b++;
+        /* prompts base+a .. base+b-1, one call per variable */
+        for (size_t i = 0; i < g->n_vars && st == PS_OK; i++) {
+            const ncout_staged *v = &g->vars[i];
+            size_t start[4] = {g->base + a, 0, 0, 0}, count[4] = {b - a, 1, 1, 1};
+            for (size_t k = 0; k < v->nd; k++)
+                count[k + 1] = v->shape[k];
+            char what[NC_MAX_NAME + 1] = "?";
+            nc_inq_varname(r->f->ncid, v->var, what);
+            st = ncout_check(nc_put_vara(r->f->ncid, v->var, start, count, (char *)v->buf + a * v->row * v->esize),
+                             r->f->tmp_path, what);
+        }
+        a = b;
+    }
+    stage_clear(r, 0, g->cap);
+    return st;
+}
+
+void ncout_results_free(ncout_results *r)
+{
+    ncout_stage *g = &r->stage;
+    if (g->staged)
+        stage_clear(r, 0, g->cap);
+    for (size_t i = 0; i < g->n_vars; i++)
+        free(g->vars[i].buf);
+    free(g->staged);
+    memset(g, 0, sizeof *g);
+}
+
+/* The window slot of `prompt`, flushing the window first when the prompt is
+ * outside it. */
+static ps_status stage_slot(ncout_results *r, size_t prompt, size_t *slot)
+{
+    ncout_stage *g = &r->stage;
+    if (prompt < g->base || prompt >= g->base + g->cap) {
+        ps_status st = ncout_results_flush(r);
+        if (st)
+            return st;
+        g->base = prompt;
+    }
+    *slot = prompt - g->base;
+    g->staged[*slot] = 1;
+    return PS_OK;
+}
+
+static void *cell(ncout_results *r, int var, size_t slot)
+{
+    ncout_staged *v = staged(r, var);
+    return (char *)v->buf + slot * v->row * v->esize;
+}
+
+/* Stage a copy of bytes[0..len), sanitized to UTF-8, at element k of the slot. */
+static ps_status stage_string(ncout_results *r, int var, size_t slot, size_t k, const char *bytes, size_t len)
+{
+    char **sp = (char **)cell(r, var, slot) + k;
+    if (len == 0)
+        return PS_OK; /* "" is the fill */
     char *s = str_utf8_sanitize(bytes, len);
     if (!s)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    const char *sp = s;
-    ps_status st = ncout_check(nc_put_vara_string(r->f->ncid, var, start, count, &sp), r->f->tmp_path, what);
-    free(s);
-    return st;
+    if (*sp != empty_string)
+        free(*sp);
+    *sp = s;
+    return PS_OK;
 }
 
-/* A prompt's row of token strings, [prompt, 0..max_T), in one call (one
- * call per string costs HDF5 a dataset access each, and was most of the
- * write time): the first T from the tokenizer, sanitized to UTF-8, the
- * rest "".  Every string cell gets written: HDF5 (as netCDF-C 4.9 uses it)
- * fails to read a variable-length string that was never written, fill
- * value or not. */
-static ps_status put_token_strings(ncout_results *r, int var, size_t prompt, const int32_t *ids, size_t T,
-                                   const tokenizer *tok, const char *what)
+static void stage_flags(ncout_results *r, size_t prompt, size_t slot, signed char done, signed char skipped)
 {
-    char **row = calloc(r->max_T, sizeof *row);
-    if (!row)
-        return err_set(PS_ERR_NOMEM, "out of memory");
-    ps_status st = PS_OK;
-    for (size_t t = 0; t < r->max_T && st == PS_OK; t++) {
-        size_t blen = 0;
-        const char *b = t < T ? tokenizer_token_bytes(tok, ids[t], &blen) : NULL;
-        if (!(row[t] = str_utf8_sanitize(b ? b : "", b ? blen : 0)))
-            st = err_set(PS_ERR_NOMEM, "out of memory");
-    }
-    size_t start[2] = {prompt, 0}, count[2] = {1, r->max_T};
-    if (st == PS_OK)
-        st = ncout_check(nc_put_vara_string(r->f->ncid, var, start, count, (const char **)row), r->f->tmp_path,
-                         what);
-    for (size_t t = 0; t < r->max_T; t++)
-        free(row[t]);
-    free(row);
-    return st;
-}
-
-/* A prompt without results: every string "" (see put_token_strings). */
-static ps_status put_empty_strings(ncout_results *r, size_t prompt)
-{
-    size_t one = 1;
-    ps_status st;
-    if ((st = put_string(r, r->v_answer, &prompt, &one, "", 0, "answer")) ||
-        (st = put_string(r, r->v_wrong, &prompt, &one, "", 0, "wrong")) ||
-        (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")) ||
-        (st = put_token_strings(r, r->v_clean_tok, prompt, NULL, 0, NULL, "clean_token")))
-        return st;
-    return put_token_strings(r, r->v_corrupted_tok, prompt, NULL, 0, NULL, "corrupted_token");
-}
-
-static ps_status put_flags(ncout_results *r, size_t prompt, signed char done, signed char skipped)
-{
-    int index = (int)(r->prompt_offset + prompt);
-    ps_status st = ncout_check(nc_put_var1_int(r->f->ncid, r->v_prompt_index, &prompt, &index), r->f->tmp_path,
-                               "prompt_index");
-    if (st == PS_OK)
-        st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_skipped, &prompt, &skipped), r->f->tmp_path, "skipped");
-    if (st == PS_OK)
-        st = ncout_check(nc_put_var1_schar(r->f->ncid, r->v_done, &prompt, &done), r->f->tmp_path, "done");
-    return st;
+    *(int *)cell(r, r->v_prompt_index, slot) = (int)(r->prompt_offset + prompt);
+    *(signed char *)cell(r, r->v_skipped, slot) = skipped;
+    *(signed char *)cell(r, r->v_done, slot) = done;
 }
 
 ps_status ncout_results_put_pending(ncout_results *r, size_t prompt)
 {
-    ps_status st = put_empty_strings(r, prompt);
-    return st ? st : put_flags(r, prompt, 0, 0);
+    size_t slot;
+    ps_status st = stage_slot(r, prompt, &slot);
+    if (st == PS_OK)
+        stage_flags(r, prompt, slot, 0, 0);
+    return st;
 }
 
 ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char *reason)
 {
-    size_t one = 1;
-    ps_status st = put_empty_strings(r, prompt);
+    size_t slot;
+    ps_status st = stage_slot(r, prompt, &slot);
     if (st == PS_OK)
-        st = put_string(r, r->v_skip_reason, &prompt, &one, reason, strlen(reason), "skip_reason");
-    return st ? st : put_flags(r, prompt, 0, 1);
+        st = stage_string(r, r->v_skip_reason, slot, 0, reason, strlen(reason));
+    if (st == PS_OK)
+        stage_flags(r, prompt, slot, 0, 1);
+    return st;
 }
 
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
                             double *const values[PATCH_COMPONENT_COUNT])
 {
-    ncout_file *f = r->f;
-    const int ncid = f->ncid;
     const size_t T = p->T;
     if (T > r->max_T)
-        return err_set(PS_ERR_RANGE, "%s: prompt %zu has %zu tokens, more than the file's %zu positions", f->path,
+        return err_set(PS_ERR_RANGE, "%s: prompt %zu has %zu tokens, more than the file's %zu positions", r->f->path,
                        prompt, T, r->max_T);
-    ps_status st;
-    size_t one = 1;
-    int len = (int)T;
-    if ((st = ncout_check(nc_put_var1_double(ncid, r->v_clean_metric, &prompt, &p->clean_metric), f->tmp_path,
-                          "clean_metric")) ||
-        (st = ncout_check(nc_put_var1_double(ncid, r->v_corrupted_metric, &prompt, &p->corrupted_metric),
-                          f->tmp_path, "corrupted_metric")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, r->v_length, &prompt, &len), f->tmp_path, "length")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, r->v_answer_id, &prompt, &p->answer_id), f->tmp_path, "answer_id")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, r->v_wrong_id, &prompt, &p->wrong_id), f->tmp_path, "wrong_id")) ||
-        (st = put_string(r, r->v_answer, &prompt, &one, p->answer, strlen(p->answer), "answer")) ||
-        (st = put_string(r, r->v_wrong, &prompt, &one, p->wrong, strlen(p->wrong), "wrong")) ||
-        (st = put_string(r, r->v_skip_reason, &prompt, &one, "", 0, "skip_reason")) ||
-        (st = put_token_strings(r, r->v_clean_tok, prompt, p->clean_tokens, T, tok, "clean_token")) ||
-        (st = put_token_strings(r, r->v_corrupted_tok, prompt, p->corrupted_tokens, T, tok, "corrupted_token")))
+    size_t slot;
+    ps_status st = stage_slot(r, prompt, &slot);
+    if (st)
         return st;
-    size_t start2[2] = {prompt, 0}, count2[2] = {1, T};
-    if ((st = ncout_check(nc_put_vara_int(ncid, r->v_clean_tok_id, start2, count2, p->clean_tokens), f->tmp_path,
-                          "clean_token_id")) ||
-        (st = ncout_check(nc_put_vara_int(ncid, r->v_corrupted_tok_id, start2, count2, p->corrupted_tokens),
-                          f->tmp_path, "corrupted_token_id")))
+    *(double *)cell(r, r->v_clean_metric, slot) = p->clean_metric;
+    *(double *)cell(r, r->v_corrupted_metric, slot) = p->corrupted_metric;
+    *(int *)cell(r, r->v_length, slot) = (int)T;
+    *(int *)cell(r, r->v_answer_id, slot) = p->answer_id;
+    *(int *)cell(r, r->v_wrong_id, slot) = p->wrong_id;
+    memcpy(cell(r, r->v_clean_tok_id, slot), p->clean_tokens, T * sizeof(int32_t));
+    memcpy(cell(r, r->v_corrupted_tok_id, slot), p->corrupted_tokens, T * sizeof(int32_t));
+    if ((st = stage_string(r, r->v_answer, slot, 0, p->answer, strlen(p->answer))) ||
+        (st = stage_string(r, r->v_wrong, slot, 0, p->wrong, strlen(p->wrong))))
+        return st;
+    for (size_t t = 0; t < T && st == PS_OK; t++) {
+        size_t blen = 0;
+        const char *b = tokenizer_token_bytes(tok, p->clean_tokens[t], &blen);
+        st = stage_string(r, r->v_clean_tok, slot, t, b ? b : "", b ? blen : 0);
+        b = tokenizer_token_bytes(tok, p->corrupted_tokens[t], &blen);
+        if (st == PS_OK)
+            st = stage_string(r, r->v_corrupted_tok, slot, t, b ? b : "", b ? blen : 0);
+    }
+    if (st)
         return st;
     model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
     const double denom = p->clean_metric - p->corrupted_metric;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!r->on[c])
             continue;
-        size_t shape[3];
-        size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
-        size_t n = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
-        float *raw = malloc(2 * n * sizeof *raw);
-        if (!raw)
-            return err_set(PS_ERR_NOMEM, "out of memory");
-        float *norm = raw + n;
-        /* normalized = (patched - corrupted) / (clean - corrupted), NaN when
-         * the clean and corrupted runs agree (as patch_normalize) */
-        for (size_t i = 0; i < n; i++) {
-            raw[i] = (float)values[c][i];
-            norm[i] = denom == 0.0 ? NAN : (float)((values[c][i] - p->corrupted_metric) / denom);
-        }
-        size_t start[4] = {prompt, 0, 0, 0}, count[4] = {1, shape[0], shape[1], nd == 3 ? shape[2] : 1};
-        const char *cn = patch_component_name((patch_component)c);
-        st = ncout_check(nc_put_vara_float(ncid, r->var_raw[c], start, count, raw), f->tmp_path, cn);
-        if (!st)
-            st = ncout_check(nc_put_vara_float(ncid, r->var_norm[c], start, count, norm), f->tmp_path, cn);
-        free(raw);
-        if (st)
-            return st;
+        /* The grid for T positions into the window's rows of max_T
+         * positions: position axis (if any) is the second. */
+        size_t shape[3], full[3];
+        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
+        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
+        const size_t inner = nd == 3 ? shape[2] : 1;
+        float *raw = cell(r, r->var_raw[c], slot), *norm = cell(r, r->var_norm[c], slot);
+        for (size_t l = 0; l < shape[0]; l++)
+            for (size_t k = 0; k < shape[1]; k++)
+                for (size_t h = 0; h < inner; h++) {
+                    const double v = values[c][(l * shape[1] + k) * inner + h];
+                    const size_t o = (l * full[1] + k) * inner + h;
+                    raw[o] = (float)v;
+                    /* normalized = (patched - corrupted) / (clean - corrupted),
+                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
+                    norm[o] = denom == 0.0 ? NAN : (float)((v - p->corrupted_metric) / denom);
+                }
     }
-    return put_flags(r, prompt, 1, 0);
+    stage_flags(r, prompt, slot, 1, 0);
+    return PS_OK;
 }

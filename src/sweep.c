@@ -297,7 +297,7 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
     res->complete = res->prompts_done + res->prompts_skipped == p->n;
     char num[32];
     snprintf(num, sizeof num, "%zu", res->prompts_done);
-    if ((st = ncout_put_attr(&f, "complete", res->complete ? "true" : "false")) ||
+    if ((st = ncout_results_flush(&r)) || (st = ncout_put_attr(&f, "complete", res->complete ? "true" : "false")) ||
         (st = ncout_put_attr(&f, "prompts_done", num)))
         goto out;
     st = ncout_commit(&f);
@@ -315,6 +315,7 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
         }
     }
 out:
+    ncout_results_free(&r);
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         free(fx.counts[c]);
     if (st)

@@ -185,6 +185,11 @@ else:
     done = v["done"]
     check("SIGTERM leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
           f"{attrs.get('complete')} {done.sum()}")
+    pend = done == 0
+    check("prompts not done read as NaN in xarray (metrics, grids), done ones as numbers; lengths stay integers",
+          all(np.isnan(v[k][pend]).all() for k in ("clean_metric", "corrupted_metric", "resid_pre", "z_all_pos"))
+          and np.isfinite(v["clean_metric"][~pend]).all() and v["length"].dtype.kind == "i"
+          and (v["length"][~pend] > 0).all(), {k: v[k][pend][:3] for k in ("clean_metric", "length")})
     r = run(["sweep", kjob, "--resume"])
     check("resume after SIGTERM completes with identical values",
           r.returncode == 0 and "from an earlier run" in r.stdout and same(kref, values(out)[0]), r.stdout + r.stderr)
