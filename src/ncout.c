@@ -253,7 +253,7 @@ out:
 /* ---- patching results ---------------------------------------------------- */
 
 /* Target bytes of one HDF5 chunk of a per-prompt variable (def_var). */
-#define NCOUT_CHUNK_BYTES ((size_t)64 * 1024)
+#define NCOUT_CHUNK_BYTES ((size_t)4 * 1024)
 
 static ps_status def_var(ncout_results *r, const char *name, nc_type type, int nd, const int *dims, int *id,
                          const char *long_name)
