@@ -12,7 +12,11 @@
 #include "model.h"
 #include "patch.h"
 
-/* Median GFLOP/s of `reps` sgemm calls [m x k] @ [k x n] (GPT-2-shaped). */
+/* The median of v[0..n) (sorts v); NaN for n = 0. */
+double bench_median(double *v, size_t n);
+
+/* Median GFLOP/s of `reps` sgemm calls [m x k] @ [k x n] (GPT-2-shaped),
+ * after one warm-up call, with OpenBLAS's threads as many as the pool's. */
 double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps);
 
 /* FLOPs the fast engine needs for one cell: the matmuls and attention of

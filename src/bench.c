@@ -1,6 +1,7 @@
 #include "bench.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -18,6 +19,14 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
+}
+
+double bench_median(double *v, size_t n)
+{
+    if (n == 0)
+        return NAN;
+    qsort(v, n, sizeof *v, cmp_double);
+    return v[n / 2];
 }
 
 double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps)
@@ -44,8 +53,7 @@ double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps)
                     0.0f, c, (int)n);
         rate[r] = 2.0 * (double)m * (double)n * (double)k / (bench_now() - t0) / 1e9;
     }
-    qsort(rate, reps, sizeof *rate, cmp_double);
-    double med = rate[reps / 2];
+    double med = bench_median(rate, reps);
     free(a), free(b), free(c), free(rate);
     openblas_set_num_threads(before);
     /* OpenBLAS's idle workers poll (sched_yield) for about 2^28 cycles

@@ -151,4 +151,26 @@ check("nc provenance", all(k in ds.attrs for k in ("patchsweep_version", "comman
       and ds.attrs["metric"] == "logit_diff" and ds.attrs["direction"] == "denoise")
 ds.close()
 
+# 4. `bench`: the numbers `make bench` reports, on a small model (their
+#    values are timings; what is checked is how they fit together)
+d = os.path.join(TMP, "f32")
+r = subprocess.run([BIN, "bench", "--model", d, "--components", "resid_pre,z_all_pos", "--reps", "3", "--json",
+                    "--save", os.path.join(TMP, "bench.json")], capture_output=True, text=True, timeout=600)
+b = json.loads(r.stdout) if r.returncode == 0 else {}
+rows = {c["component"]: c for c in b.get("components", [])}
+check("bench: both components, naive and fast timed, saved with provenance", r.returncode == 0
+      and set(rows) == {"resid_pre", "z_all_pos"} and all(c["naive_seconds"] > 0 and c["fast_seconds"] > 0
+                                                            for c in rows.values())
+      and json.load(open(os.path.join(TMP, "bench.json")))["model_sha256"] == b["model_sha256"], r.stderr)
+if rows:
+    T = b["tokens"]
+    check("bench: cells = layers x positions (resid_pre), layers x heads (z_all_pos)",
+          rows["resid_pre"]["cells"] == 2 * T and rows["z_all_pos"]["cells"] == 2 * 4, rows)
+    check("bench: ratio, GFLOP/s and % of the sgemm rate sampled beside the fast runs agree",
+          all(abs(c["ratio"] - c["naive_seconds"] / c["fast_seconds"]) < 1e-9 * c["ratio"]
+              and abs(c["useful_gflops"] - c["useful_gflop"] / c["fast_seconds"]) < 1e-6 * c["useful_gflops"]
+              and abs(c["percent_of_peak"] - 100 * c["useful_gflops"] / c["sgemm_peak_gflops"]) < 1e-6
+              * c["percent_of_peak"] and c["useful_gflop"] > 0 for c in rows.values())
+          and b["blas"]["sgemm_peak_gflops"] > 0, rows)
+
 finish("patch")
