@@ -25,7 +25,7 @@ static const char *sweep_help =
     "  --overwrite      discard earlier results of this output and start over\n"
     "  --slice K/N      only slice K (1..N) of N equal contiguous parts of the dataset\n"
     "                   (array jobs; stitch the parts with 'patchsweep merge')\n"
-    "  --threads N      BLAS threads per rank (default: the job's, else\n"
+    "  --threads N      threads per rank (default: the job's, else\n"
     "                   $OPENBLAS_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the\n"
     "                   rank's CPUs (affinity mask) / ranks on the node)\n"
     "  Exit status: 0 complete, 1 failed, 2 usage error, 3 stopped by SIGTERM/\n"
@@ -71,10 +71,10 @@ static void progress(void *user, const sweep_progress *p)
     fflush(stderr);
 }
 
-/* BLAS threads per rank: the option, the job, then the default of
- * blas_threads_choose (the user's OPENBLAS_NUM_THREADS, Slurm's CPUs per
- * task, else the rank's CPUs shared among the node's ranks, now that MPI
- * knows how many there are). */
+/* Threads per rank (the pool's; OpenBLAS runs one per pool thread): the
+ * option, the job, then the default of blas_threads_choose (the user's
+ * OPENBLAS_NUM_THREADS, Slurm's CPUs per task, else the rank's CPUs shared
+ * among the node's ranks, now that MPI knows how many there are). */
 static void set_blas_threads(size_t opt, const job *j, comm *c)
 {
     const char *why;
