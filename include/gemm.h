@@ -25,8 +25,8 @@
  * embedding), done by OpenBLAS on each pool thread's slice of the
  * vocabulary.  OpenBLAS itself runs single-threaded (the CLI sets it): its
  * own workers spin with sched_yield after every call, and beside the pool's
- * workers they took a fifth of the CPU and made a 2-thread sweep on a small
- * model slower than a 1-thread one.
+ * workers they took a fifth of a 2-thread sweep's CPU time (perf, demo
+ * model).
  */
 #ifndef PS_GEMM_H
 #define PS_GEMM_H
