@@ -44,16 +44,14 @@ import time
 import numpy as np
 import xarray as xr
 
-from checks import check, finish
+from checks import check, finish, mpi_env, private_binary
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 QUICK = os.environ.get("PS_QUICK") == "1"
 TMP = tempfile.mkdtemp(prefix="ps-memory-")
-shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
-BIN = os.path.join(TMP, "patchsweep")
-MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1")
+BIN = private_binary(BIN, TMP)
+MPI_ENV = mpi_env()
 BOUND = 0.10
 RANKS = (1, 2) if QUICK else (1, 2, 4)
 MIB = 1024.0 * 1024.0

@@ -30,7 +30,7 @@ import time
 import netCDF4
 import numpy as np
 
-from checks import check, failed, finish
+from checks import MPI_VARS, check, failed, finish, private_binary
 
 ROOT = os.environ.get("PS_ROOT") or os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("PS_BIN") or os.path.join(ROOT, "build", "rel", "patchsweep")
@@ -57,9 +57,7 @@ if missing:
 
 TMP = tempfile.mkdtemp(prefix="ps-slurm-")
 os.chmod(TMP, 0o755)  # munged runs as user munge and keeps its socket in TMP/cluster
-# A private copy of the binary: a rebuild while jobs start ranks must not bite.
-shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
-BIN = os.path.join(TMP, "patchsweep")
+BIN = private_binary(BIN, TMP)
 
 
 def free_port_pair():
@@ -86,8 +84,7 @@ def free_port_pair():
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("SBATCH_")
        and not k.startswith("SRUN_")}
 ENV.update(PATCHSWEEP_SLURM_DIR=os.path.join(TMP, "cluster"), PATCHSWEEP_SLURM_PORT=str(free_port_pair()),
-           SLURM_CONF=os.path.join(TMP, "cluster", "etc", "slurm.conf"), PATCHSWEEP_BIN=BIN,
-           OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+           SLURM_CONF=os.path.join(TMP, "cluster", "etc", "slurm.conf"), PATCHSWEEP_BIN=BIN, **MPI_VARS)
 
 
 def sh(args, timeout=120, **kw):

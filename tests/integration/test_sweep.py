@@ -18,18 +18,15 @@ import time
 import numpy as np
 import xarray as xr
 
-from checks import check, finish
+from checks import check, finish, mpi_env, private_binary
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
 # PS_QUICK (the sanitizer build): 1 and 2 ranks, two SIGKILL points.
 QUICK = os.environ.get("PS_QUICK") == "1"
 TMP = tempfile.mkdtemp(prefix="ps-sweep-")
-# A private copy of the binary: a rebuild while mpirun starts ranks must not bite.
-shutil.copy(BIN, os.path.join(TMP, "patchsweep"))
-BIN = os.path.join(TMP, "patchsweep")
-MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1")
+BIN = private_binary(BIN, TMP)
+MPI_ENV = mpi_env()
 
 
 def run(args, ranks=0, **kw):
