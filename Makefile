@@ -93,6 +93,16 @@ $(BUILD)/obj/par/comm_mpi.o: src/par/comm_mpi.c
 $(BIN): $(CLI_OBJ) $(COMM_OBJ) $(LIB)
 	$(CC) $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
 
+# The test build of the binary: the same objects, with tests/fault's
+# fault_point (PS_FAULT=SITE:N:ACTION, include/patchsweep/fault.h) linked
+# ahead of the library's no-op one.
+FAULT_BIN := $(BUILD)/tests/patchsweep-faults
+$(BUILD)/obj/tests/fault_inject.o: tests/fault/fault_inject.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
+$(FAULT_BIN): $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) | $(BUILD)/tests
+	$(CC) $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
+
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
 
@@ -215,7 +225,7 @@ unit: $(UNIT_BIN)
 # integration tests for fewer models and cases: this pass looks for memory
 # errors, the release pass checks the numbers.
 SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 ASAN_OPTIONS=detect_leaks=0)
-integration: $(BIN) $(TOOL_BIN) tokenizer
+integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
 	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
 
 test: deps
@@ -287,4 +297,4 @@ clean:
 distclean:
 	rm -rf build results
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(COMM_OBJ:.o=.d)
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(COMM_OBJ:.o=.d) $(BUILD)/obj/tests/fault_inject.d

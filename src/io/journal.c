@@ -1,4 +1,5 @@
 #include "journal.h"
+#include "fault.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -186,6 +187,7 @@ ps_status journal_sync(journal *j)
 {
     if (fdatasync(j->fd) != 0)
         return err_set(PS_ERR_IO, "%s: fdatasync failed: %s", j->path, strerror(errno));
+    fault_point("journal_sync");
     return PS_OK;
 }
 

@@ -1,4 +1,5 @@
 #include "ncout.h"
+#include "fault.h"
 
 #include <errno.h>
 #include <math.h>
@@ -527,6 +528,7 @@ ps_status ncout_results_flush(ncout_results *r)
                              r->f->tmp_path, what);
         }
         a = b;
+        fault_point("results_window");
     }
     stage_clear(r, 0, g->cap);
     return st;
