@@ -283,6 +283,12 @@ fuzz: $(FUZZ_BIN) tokenizer
 fuzz-smoke: $(FUZZ_BIN) tokenizer
 	@FUZZ_SEEDS_ONLY=1 tests/fuzz/run_fuzz.sh 20 $(FUZZ_TARGETS)
 
+# The layer rule of src/ (README, Source layout): an #include that points
+# the wrong way (say util -> engine) fails.
+.PHONY: check-layers
+check-layers:
+	@/usr/bin/python3 tests/tools/check_layers.py
+
 # The Slurm job scripts (slurm/) end to end on a one-node Slurm cluster that
 # the test starts and stops itself (slurm/local-cluster.sh; root, and the
 # packages of make deps).  Also one of the integration tests.
