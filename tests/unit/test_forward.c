@@ -13,6 +13,7 @@
 
 #include "forward.h"
 #include "gemm.h"
+#include "ops.h"
 #include "random_model.h"
 
 static double max_abs_diff(const float *a, const float *b, size_t n)
@@ -32,7 +33,7 @@ static void test_layernorm_matches_double(void **state)
         x[i] = 100.0f + 5.0f * random_model_uniform(); /* a large mean stresses the variance */
     for (int i = 0; i < D; i++)
         w[i] = 1.0f + 0.1f * random_model_uniform(), b[i] = 0.1f * random_model_uniform();
-    forward_layernorm(out, x, w, b, R, D, 1e-5f);
+    ops_layernorm(out, x, w, b, R, D, 1e-5f);
     for (int r = 0; r < R; r++) {
         double mean = 0, var = 0;
         for (int i = 0; i < D; i++)
