@@ -1,8 +1,8 @@
+/* patch_eval: checks the cells and hands them to an engine (patch_naive.c,
+ * patch_fast.c); and the helpers both engines share (patch_internal.h). */
 #include "patch.h"
 
 #include "patch_internal.h"
-
-#include <string.h>
 
 /* ---- what both engines share ---------------------------------------------- */
 
@@ -48,7 +48,6 @@ patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, si
     default: return (patch_slice){p * d, 1, 0, d};
     }
 }
-
 
 /* ---- dispatch ------------------------------------------------------------ */
 

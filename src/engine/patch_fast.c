@@ -5,7 +5,6 @@
 #include "ops.h"
 #include "pool.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,7 +44,8 @@ static bool plan_job(const model *m, const patch_pair *p, const patch_cell *cell
     const patch_component comp = (patch_component)cell->component;
     const forward_cache *base = patch_base_of(p, dir), *src = patch_source_of(p, dir);
     const size_t L = cell->layer, T = p->T;
-    size_t row0 = first_changed_row(cell, &m->cfg, patch_component_array(base, comp, L), patch_component_array(src, comp, L), T);
+    size_t row0 = first_changed_row(cell, &m->cfg, patch_component_array(base, comp, L),
+                                    patch_component_array(src, comp, L), T);
     if (row0 >= T)
         return false;
     *job = (fast_job){.pair = p, .base = base, .src = src, .layer = L, .row0 = row0, .T = T};
