@@ -110,11 +110,7 @@ ps_status forward_run(const model *m, forward_cache *c, const int32_t *tokens, s
 ps_status forward_run_from(const model *m, forward_cache *c, size_t layer0, size_t row0,
                            const forward_hooks *hooks);
 
-/* Kernels, exposed for the patching engine and unit tests. */
-
-/* out[r, :] = (x[r, :] - mean) / sqrt(var + eps) * w + b, r < rows; x, out [rows, d]. */
-void forward_layernorm(float *out, const float *x, const float *w, const float *b,
-                       size_t rows, size_t d, float eps);
+/* The block's kernels are ops.h's (shared with the patching engines). */
 
 /* log(sum_i exp(x_i)) over n values, in double after subtracting the max
  * (the normalizer of a logits row: log p_i = x_i - logsumexp). */

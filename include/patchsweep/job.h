@@ -82,7 +82,7 @@
 #include <stddef.h>
 
 #include "err.h"
-#include "patch.h"
+#include "patchspec.h"
 
 #define JOB_MAX_BYTES ((size_t)1 << 20)        /* job_load refuses larger files */
 #define JOB_CHUNK_PROMPTS_MAX ((size_t)100000)

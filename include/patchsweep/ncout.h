@@ -22,7 +22,7 @@
 #include "forward.h"
 #include "hooks.h"
 #include "model.h"
-#include "patch.h"
+#include "patchspec.h"
 #include "tokenizer.h"
 
 typedef struct {

@@ -1,37 +1,13 @@
 #include "forward.h"
 
 #include "gemm.h"
+#include "ops.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* ---- kernels ------------------------------------------------------------ */
-
-void forward_layernorm(float *out, const float *x, const float *w, const float *b,
-                       size_t rows, size_t d, float eps)
-{
-    for (size_t r = 0; r < rows; r++) {
-        const float *xr = x + r * d;
-        float *o = out + r * d;
-        /* Two passes in double: the mean first, then the biased variance of
-         * the centred values, so large residual norms lose no precision. */
-        double mean = 0.0;
-        for (size_t i = 0; i < d; i++)
-            mean += xr[i];
-        mean /= (double)d;
-        double var = 0.0;
-        for (size_t i = 0; i < d; i++) {
-            double c = xr[i] - mean;
-            var += c * c;
-        }
-        var /= (double)d;
-        float rstd = (float)(1.0 / sqrt(var + (double)eps));
-        float fmean = (float)mean;
-        for (size_t i = 0; i < d; i++)
-            o[i] = (xr[i] - fmean) * rstd * w[i] + b[i];
-    }
-}
 
 double forward_logsumexp(const float *x, size_t n)
 {
@@ -42,67 +18,6 @@ double forward_logsumexp(const float *x, size_t n)
     for (size_t i = 0; i < n; i++)
         s += exp((double)x[i] - mx);
     return mx + log(s);
-}
-
-/* Causal attention pattern for query rows [row0, T):
- *   pattern[h, i, j] = softmax_{j<=i}(q[i,h,:] . k[j,h,:] / sqrt(dh)), 0 for j > i.
- * Keys of rows < row0 are read as they are (the KV prefix). */
-static void attention_pattern_rows(float *pattern, const float *q, const float *k, size_t T,
-                                   size_t row0, size_t H, size_t dh)
-{
-    const size_t d = H * dh;
-    const float scale = 1.0f / sqrtf((float)dh);
-    for (size_t h = 0; h < H; h++) {
-        for (size_t i = row0; i < T; i++) {
-            float *p = pattern + (h * T + i) * T;
-            const float *qi = q + i * d + h * dh;
-            float mx = -INFINITY;
-            for (size_t j = 0; j <= i; j++) {
-                const float *kj = k + j * d + h * dh;
-                float s = 0.0f;
-                for (size_t e = 0; e < dh; e++)
-                    s += qi[e] * kj[e];
-                s *= scale;
-                p[j] = s;
-                if (s > mx)
-                    mx = s;
-            }
-            double sum = 0.0;
-            for (size_t j = 0; j <= i; j++) {
-                p[j] = expf(p[j] - mx);
-                sum += p[j];
-            }
-            float inv = (float)(1.0 / sum);
-            for (size_t j = 0; j <= i; j++)
-                p[j] *= inv;
-            for (size_t j = i + 1; j < T; j++)
-                p[j] = 0.0f;
-        }
-    }
-}
-
-/* z[i, h, :] = sum_j pattern[h, i, j] v[j, h, :] for rows [row0, T).  The sum
- * runs over all j < T, not j <= i, so a pattern hook that writes above the
- * diagonal is honoured as TransformerLens would. */
-static void attention_z_rows(float *z, const float *pattern, const float *v, size_t T, size_t row0,
-                             size_t H, size_t dh)
-{
-    const size_t d = H * dh;
-    for (size_t i = row0; i < T; i++) {
-        for (size_t h = 0; h < H; h++) {
-            float *zi = z + i * d + h * dh;
-            const float *p = pattern + (h * T + i) * T;
-            memset(zi, 0, dh * sizeof *zi);
-            for (size_t j = 0; j < T; j++) {
-                const float pj = p[j];
-                if (pj == 0.0f)
-                    continue;
-                const float *vj = v + j * d + h * dh;
-                for (size_t e = 0; e < dh; e++)
-                    zi[e] += pj * vj[e];
-            }
-        }
-    }
 }
 
 /* ---- cache -------------------------------------------------------------- */
@@ -271,14 +186,10 @@ static ps_status fire(const forward_hooks *hooks, const forward_cache *c, hook_k
             return st_;                                     \
     } while (0)
 
-static void add_rows(float *out, const float *a, const float *b, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        out[i] = a[i] + b[i];
-}
-
 /* Block l for rows [row0, T): reads ly->resid_pre, writes everything else.
- * Every array is [T, ...] so row r of a [T, w] array starts at r * w. */
+ * Every array is [T, ...] so row r of a [T, w] array starts at r * w.  The
+ * MLP runs unfused (c_fc, then gelu_new on a copy) because mlp_pre and
+ * mlp_post are both hook points. */
 static ps_status block_forward(const model *mdl, forward_cache *c, size_t l, size_t row0,
                                const forward_hooks *hooks)
 {
@@ -289,32 +200,28 @@ static ps_status block_forward(const model *mdl, forward_cache *c, size_t l, siz
     const size_t o = row0 * d, om = row0 * m;
 
     FIRE(HOOK_RESID_PRE, l);
-    forward_layernorm(ly->ln1 + o, ly->resid_pre + o, b->ln_1_w, b->ln_1_b, n, d, cfg->ln_eps);
-    /* q | k | v = ln1 @ c_attn.weight[:, 0:d | d:2d | 2d:3d] + bias: three
-     * GEMMs on column blocks of the [d, 3d] weight give contiguous [T, H, dh]. */
-    gemm_run(ly->q + o, ly->ln1 + o, n, &b->q_w, b->attn_b, GEMM_PLAIN);
-    gemm_run(ly->k + o, ly->ln1 + o, n, &b->k_w, b->attn_b + d, GEMM_PLAIN);
-    gemm_run(ly->v + o, ly->ln1 + o, n, &b->v_w, b->attn_b + 2 * d, GEMM_PLAIN);
+    ops_layernorm(ly->ln1 + o, ly->resid_pre + o, b->ln_1_w, b->ln_1_b, n, d, cfg->ln_eps);
+    ops_qkv(ly->q + o, ly->k + o, ly->v + o, ly->ln1 + o, n, b, d);
     FIRE(HOOK_Q, l);
     FIRE(HOOK_K, l);
     FIRE(HOOK_V, l);
-    attention_pattern_rows(ly->pattern, ly->q, ly->k, T, row0, cfg->n_head, cfg->d_head);
+    ops_attention_pattern(ly->pattern, ly->q, ly->k, T, row0, cfg->n_head, cfg->d_head);
     FIRE(HOOK_PATTERN, l);
-    attention_z_rows(ly->z, ly->pattern, ly->v, T, row0, cfg->n_head, cfg->d_head);
+    ops_attention_z(ly->z, ly->pattern, ly->v, T, row0, cfg->n_head, cfg->d_head);
     FIRE(HOOK_Z, l);
-    gemm_run(ly->attn_out + o, ly->z + o, n, &b->attn_proj_p, b->attn_proj_b, GEMM_PLAIN);
+    ops_attn_proj(ly->attn_out + o, ly->z + o, n, b);
     FIRE(HOOK_ATTN_OUT, l);
-    add_rows(ly->resid_mid + o, ly->resid_pre + o, ly->attn_out + o, n * d);
+    ops_add(ly->resid_mid + o, ly->resid_pre + o, ly->attn_out + o, n * d);
     FIRE(HOOK_RESID_MID, l);
-    forward_layernorm(ly->ln2 + o, ly->resid_mid + o, b->ln_2_w, b->ln_2_b, n, d, cfg->ln_eps);
-    gemm_run(ly->mlp_pre + om, ly->ln2 + o, n, &b->fc_p, b->fc_b, GEMM_PLAIN);
+    ops_layernorm(ly->ln2 + o, ly->resid_mid + o, b->ln_2_w, b->ln_2_b, n, d, cfg->ln_eps);
+    ops_mlp_fc(ly->mlp_pre + om, ly->ln2 + o, n, b, GEMM_PLAIN);
     FIRE(HOOK_MLP_PRE, l);
     memcpy(ly->mlp_post + om, ly->mlp_pre + om, n * m * sizeof(float));
-    gemm_gelu(ly->mlp_post + om, n * m);
+    ops_gelu(ly->mlp_post + om, n * m);
     FIRE(HOOK_MLP_POST, l);
-    gemm_run(ly->mlp_out + o, ly->mlp_post + om, n, &b->mlp_proj_p, b->mlp_proj_b, GEMM_PLAIN);
+    ops_mlp_proj(ly->mlp_out + o, ly->mlp_post + om, n, b);
     FIRE(HOOK_MLP_OUT, l);
-    add_rows(ly->resid_post + o, ly->resid_mid + o, ly->mlp_out + o, n * d);
+    ops_add(ly->resid_post + o, ly->resid_mid + o, ly->mlp_out + o, n * d);
     FIRE(HOOK_RESID_POST, l);
     return PS_OK;
 }
@@ -324,8 +231,7 @@ static ps_status head_forward(const model *mdl, forward_cache *c, size_t row0, c
     const model_config *cfg = &mdl->cfg;
     const size_t T = c->T, d = cfg->n_embd, V = cfg->vocab_size;
     const float *last = c->layers[cfg->n_layer - 1].resid_post;
-    forward_layernorm(c->ln_final + row0 * d, last + row0 * d, mdl->ln_f_w, mdl->ln_f_b, T - row0, d,
-                      cfg->ln_eps);
+    ops_layernorm(c->ln_final + row0 * d, last + row0 * d, mdl->ln_f_w, mdl->ln_f_b, T - row0, d, cfg->ln_eps);
     FIRE(HOOK_LN_FINAL, 0);
     if (c->logits_mode == FORWARD_LOGITS_NONE)
         return PS_OK;
@@ -377,6 +283,6 @@ ps_status forward_run(const model *m, forward_cache *c, const int32_t *tokens, s
     }
     FIRE(HOOK_EMBED, 0);
     FIRE(HOOK_POS_EMBED, 0);
-    add_rows(c->layers[0].resid_pre, c->embed, c->pos_embed, T * d);
+    ops_add(c->layers[0].resid_pre, c->embed, c->pos_embed, T * d);
     return forward_run_from(m, c, 0, 0, hooks);
 }

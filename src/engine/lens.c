@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "gemm.h"
+#include "ops.h"
 
 size_t lens_n_rows(const model_config *cfg)
 {
@@ -52,7 +53,7 @@ void lens_decode(const model *m, const float *rows, size_t n, float *normed, flo
     const size_t d = m->cfg.n_embd, V = m->cfg.vocab_size;
     if (n == 0)
         return;
-    forward_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
+    ops_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
     /* logits[n, V] = normed[n, d] @ unembed[V, d]^T, as the forward pass's head */
     gemm_unembed(logits, normed, n, m->unembed, V, d);
 }

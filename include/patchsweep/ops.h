@@ -1,0 +1,109 @@
+/*
+ * ops: the operations of a GPT-2 block, one function each (llm.c style),
+ * shared by the forward pass (forward.c) and both patching engines, so that
+ * the arithmetic of a row exists in exactly one place.
+ *
+ * Shapes use d = n_embd, m = n_inner, H = n_head, dh = d_head = d / H; a
+ * [rows, d] array has row r at r * d.  q, k, v and z rows are [H, dh]
+ * (head h at h * dh within a row), the layout of hooks.h.
+ *
+ * Bits: every function computes a row (a row and head for attention) in a
+ * fixed order that does not depend on the other rows of the call, the row
+ * blocking or the thread count, so the forward pass and the suffix jobs of
+ * the fast engine give the same bits for the same inputs.
+ */
+#ifndef PS_OPS_H
+#define PS_OPS_H
+
+#include <stddef.h>
+
+#include "gemm.h"
+#include "model.h"
+
+/* LayerNorm of rows, x and out [rows, d], w and b [d]:
+ *   out[r, :] = (x[r, :] - mean_r) / sqrt(var_r + eps) * w + b
+ * mean_r and the biased variance var_r = mean((x[r, :] - mean_r)^2) summed
+ * in double, in index order; out may not alias x. */
+void ops_layernorm(float *out, const float *x, const float *w, const float *b, size_t rows, size_t d,
+                   float eps);
+
+/* ops_layernorm with the rows split among the pool's threads (pool.h);
+ * the same bits as ops_layernorm for any thread count. */
+void ops_layernorm_threaded(float *out, const float *x, const float *w, const float *b, size_t rows,
+                            size_t d, float eps);
+
+/* out[i] = a[i] + b[i], i < n (the residual adds); out may be a. */
+void ops_add(float *out, const float *a, const float *b, size_t n);
+
+/* The QKV projection of rows, x [rows, d]:
+ *   q = x Wq + bq, k = x Wk + bk, v = x Wv + bv   (the column blocks of c_attn)
+ * each [rows, d]; a NULL output is not computed. */
+void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b, size_t d);
+
+/* The attention output projection: out[rows, d] = z[rows, d] W_O + b_O. */
+void ops_attn_proj(float *out, const float *z, size_t rows, const model_block *b);
+
+/* The MLP's input layer: h[rows, m] = x[rows, d] W_fc + b_fc, with
+ * gelu_new applied in the product (GEMM_GELU) or not (GEMM_PLAIN, then
+ * ops_gelu gives the same bits, see gemm.h). */
+void ops_mlp_fc(float *h, const float *x, size_t rows, const model_block *b, gemm_epilogue ep);
+
+/* gelu_new in place over n floats (gemm_gelu). */
+void ops_gelu(float *x, size_t n);
+
+/* The MLP's output layer: out[rows, d] = h[rows, m] W_proj + b_proj. */
+void ops_mlp_proj(float *out, const float *h, size_t rows, const model_block *b);
+
+/* The MLP of rows: out[rows, d] = gelu_new(x W_fc + b_fc) W_proj + b_proj,
+ * x [rows, d] (the ln_2 output); h [rows, m] is scratch (the hidden layer). */
+void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_block *b);
+
+/* ---- causal softmax attention ----------------------------------------------
+ *
+ * Keys and values of one sequence may be stored in two pieces: rows j < split
+ * at prefix + j*d (a cached run, the KV prefix) and rows j >= split at
+ * rows + (j - split)*d (the rows being computed).  A contiguous [T, d] array
+ * is prefix = rows = the array with split = 0.  Pointers passed to the row
+ * functions are already offset to head h (+ h*dh).
+ *
+ * The two row functions below are the one implementation of attention; the
+ * three block forms only loop over rows and heads. */
+
+/* One pattern row, query row i of head h, keys j <= i:
+ *   p[j] = exp(s_j - max s) / sum_{j'<=i} exp(s_j' - max s),
+ *   s_j = (sum_e q[e] k_j[e]) * (1 / sqrt(dh))          for j <= i
+ *   p[j] = 0                                              for i < j < n
+ * s_j summed in float in e order; the normalizer summed in double in j
+ * order, applied as one float multiply by (float)(1 / sum).  p [n], n > i. */
+void ops_attention_softmax_row(float *p, const float *q, const float *k_prefix, const float *k_rows,
+                               size_t split, size_t i, size_t n, size_t d, size_t dh);
+
+/* The weighted sum of one query row and head: z[e] = sum_{j<n} p[j] v_j[e],
+ * e < dh, in j order, terms with p[j] == 0 skipped (so a pattern written
+ * above the diagonal by a hook is honoured, TransformerLens' semantics). */
+void ops_attention_mix_row(float *z, const float *p, const float *v_prefix, const float *v_rows,
+                           size_t split, size_t n, size_t d, size_t dh);
+
+/* The pattern of query rows [row0, T) of one contiguous sequence, all heads:
+ * pattern [H, T, T], row (h, i) = ops_attention_softmax_row over q, k [T, d]
+ * (rows < row0 of k are read as they are: the prefix).  Rows < row0 of the
+ * pattern are not written. */
+void ops_attention_pattern(float *pattern, const float *q, const float *k, size_t T, size_t row0, size_t H,
+                           size_t dh);
+
+/* z rows [row0, T) from a pattern [H, T, T] and v [T, d]: z[i, h, :] =
+ * ops_attention_mix_row over all j < T. */
+void ops_attention_z(float *z, const float *pattern, const float *v, size_t T, size_t row0, size_t H,
+                     size_t dh);
+
+/* Both steps fused, for query rows [row0, row_end) of a sequence whose
+ * keys/values rows < split come from (k_prefix, v_prefix) and rows >= split
+ * from (k_rows, v_rows) (see above; row_end - 1 is the last key read):
+ *   z[i, h, :] = sum_{j<=i} softmax_j(q[i, h, :] . k[j, h, :] / sqrt(dh)) v[j, h, :]
+ * q and z point at query row row0 (row i at (i - row0) * d); the pattern
+ * rows go through scratch [row_end] and are not kept. */
+void ops_attention(float *z, const float *q, size_t row0, size_t row_end, const float *k_prefix,
+                   const float *v_prefix, const float *k_rows, const float *v_rows, size_t split, size_t H,
+                   size_t dh, float *scratch);
+
+#endif

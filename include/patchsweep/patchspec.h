@@ -1,0 +1,124 @@
+/*
+ * patchspec: what an activation-patching run is made of (the worksheet's
+ * section 8.1.3, TransformerLens' `patching` module): components, grids and
+ * cells, metrics, and the prompt pair with its two unpatched runs.  The
+ * engines that evaluate cells are patch.h's; this layer (core) is what io
+ * modules (job files, NetCDF output) may know of patching.
+ *
+ * Terms.  Two prompts of equal token length: clean (the model gets it right)
+ * and corrupted.  Denoising (default, the worksheet): run the corrupted
+ * prompt and overwrite one activation with its value from the clean run.
+ * Noising: run the clean prompt and overwrite with the corrupted value.
+ * The run being patched is the *base*, the run the value comes from the
+ * *source*.  A cell is one (component, layer, position and/or head).
+ *
+ * Components (TransformerLens names, batch axis dropped) and grid shapes:
+ *   resid_pre, resid_mid, attn_out, mlp_out   (layer, position)
+ *   z                                         (layer, position, head)
+ *   z_all_pos, q_all_pos, k_all_pos,
+ *   v_all_pos, pattern_all_pos                (layer, head)
+ * Groups: block_every = resid_pre,attn_out,mlp_out;
+ *         head_all_pos_every = z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos.
+ *
+ * Metrics of the next-token prediction at the last position:
+ *   logit_diff  logit[answer] - logit[wrong]  (default)
+ *   prob        p(answer)
+ *   logprob     log p(answer)
+ *   kl          KL(clean || patched) of the next-token distributions
+ * normalized = (patched - corrupted) / (clean - corrupted), where clean and
+ * corrupted are the metric of the unpatched runs, in both directions (0 = the
+ * corrupted behaviour, 1 = the clean behaviour).
+ */
+#ifndef PS_PATCHSPEC_H
+#define PS_PATCHSPEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "forward.h"
+#include "model.h"
+
+typedef enum {
+    PATCH_RESID_PRE,
+    PATCH_RESID_MID,
+    PATCH_ATTN_OUT,
+    PATCH_MLP_OUT,
+    PATCH_Z,
+    PATCH_Z_ALL_POS,
+    PATCH_Q_ALL_POS,
+    PATCH_K_ALL_POS,
+    PATCH_V_ALL_POS,
+    PATCH_PATTERN_ALL_POS,
+    PATCH_COMPONENT_COUNT
+} patch_component;
+
+typedef enum { PATCH_LOGIT_DIFF, PATCH_PROB, PATCH_LOGPROB, PATCH_KL, PATCH_METRIC_COUNT } patch_metric;
+typedef enum { PATCH_DENOISE, PATCH_NOISE } patch_direction;
+/* Which engine evaluates the cells (patch.h); named here for job files and outputs. */
+typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
+
+const char *patch_component_name(patch_component c);
+/* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */
+bool patch_component_all_pos(patch_component c);
+const char *patch_metric_name(patch_metric m);
+ps_status patch_metric_parse(const char *s, patch_metric *m);
+
+/* Parse a comma-separated list of components and groups into a set
+ * (on[PATCH_COMPONENT_COUNT]); unknown names are an error listing the valid ones. */
+ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT]);
+
+/* Grid of a component for T tokens: (layer, position), (layer, position, head)
+ * or (layer, head).  Returns ndim; dim_names as used in NetCDF. */
+size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[3],
+                        const char *dim_names[3]);
+
+/* One prompt pair with its unpatched runs. */
+typedef struct {
+    size_t T;
+    int32_t answer, wrong;
+    forward_cache clean, corrupted;  /* the core activations (trimmed: no ln1/ln2/MLP hidden, no logits) */
+    double clean_metric[PATCH_METRIC_COUNT];
+    double corrupted_metric[PATCH_METRIC_COUNT];
+    float *clean_logprobs;           /* [V] log softmax of the clean last row (for kl) */
+} patch_pair;
+
+/* Run both prompts (equal length T, checked) and fill the metrics. */
+ps_status patch_pair_init(patch_pair *p, const model *m, const int32_t *clean, const int32_t *corrupted,
+                          size_t T, int32_t answer, int32_t wrong);
+void patch_pair_free(patch_pair *p);
+
+/* A pair as one flat byte image, for broadcasting from the rank that ran
+ * the prompts: T, ids, metrics, tokens, the clean log-probabilities and the
+ * caches' core (forward_cache.core_floats: what both engines read; the
+ * unpacked caches hold zeros elsewhere, logits included). */
+size_t patch_pair_packed_bytes(const model_config *cfg, size_t T);
+void patch_pair_pack(const patch_pair *p, void *buf);
+/* Reads T from the image first: patch_pair_packed_T() gives it to size buffers. */
+size_t patch_pair_packed_T(const void *buf);
+ps_status patch_pair_unpack(patch_pair *p, const model_config *cfg, const void *buf);
+
+/* One cell of one prompt pair. */
+typedef struct {
+    uint32_t pair;      /* index into the pairs array */
+    uint16_t component; /* patch_component */
+    uint16_t layer;
+    uint16_t position;  /* unused for *_all_pos */
+    uint16_t head;      /* z and *_all_pos */
+} patch_cell;
+
+/* Every cell of a component's grid for pair `pair`, in the grid's row-major
+ * order; *cells is malloc'd. */
+ps_status patch_grid_cells(patch_component c, const model_config *cfg, uint32_t pair, size_t T,
+                           patch_cell **cells, size_t *n);
+
+/* The metric of one next-token logits row [V]; clean_logprobs [V] (the clean
+ * run's log-softmax) is read by kl only. */
+double patch_metric_of_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
+                              const float *clean_logprobs, patch_metric metric);
+
+/* (patched - corrupted) / (clean - corrupted); NaN when clean == corrupted. */
+double patch_normalize(const patch_pair *p, patch_metric metric, double patched);
+
+#endif

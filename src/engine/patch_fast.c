@@ -1,0 +1,401 @@
+/* The fast patching engine (patch.h): suffix jobs stacked into large
+ * products; also the plans and costs that describe its work per cell. */
+#include "patch_internal.h"
+
+#include "ops.h"
+#include "pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* How a job enters: at the start of block L with row0 replaced (E_PRE), or
+ * after a partial block L over its changed rows [row0, row_end). */
+typedef enum { E_PRE, E_Z, E_RESID_MID, E_MLP_OUT } entry_kind;
+
+typedef struct {
+    size_t cell;             /* index into cells/values */
+    const patch_pair *pair;
+    const forward_cache *base, *src;
+    entry_kind entry;
+    size_t layer;            /* the patched block L */
+    size_t block0;           /* first block run over the stacked rows (L or L+1) */
+    size_t row0, row_end;    /* changed rows of the entry (row_end = T for E_PRE) */
+    size_t T;
+    size_t off;              /* first row of this job in the stacked buffers */
+} fast_job;
+
+/* First row t in [0, T) at which the slice differs bit for bit, T if none. */
+static size_t first_changed_row(const patch_cell *cell, const model_config *cfg, const float *a, const float *b,
+                                size_t T)
+{
+    patch_slice s = patch_cell_slice(cell, cfg, T);
+    for (size_t i = 0; i < s.count; i++) {
+        size_t o = s.first + i * s.stride;
+        if (memcmp(a + o, b + o, s.len * sizeof *a) != 0)
+            return s.count == 1 ? cell->position : i;
+    }
+    return T;
+}
+
+/* Plan a cell: false if it is skipped (its patch changes nothing the metric
+ * can see); otherwise fill the job. */
+static bool plan_job(const model *m, const patch_pair *p, const patch_cell *cell, patch_direction dir, fast_job *job)
+{
+    const patch_component comp = (patch_component)cell->component;
+    const forward_cache *base = patch_base_of(p, dir), *src = patch_source_of(p, dir);
+    const size_t L = cell->layer, T = p->T;
+    size_t row0 = first_changed_row(cell, &m->cfg, patch_component_array(base, comp, L),
+                                    patch_component_array(src, comp, L), T);
+    if (row0 >= T)
+        return false;
+    *job = (fast_job){.pair = p, .base = base, .src = src, .layer = L, .row0 = row0, .T = T};
+    switch (comp) {
+    case PATCH_RESID_PRE: job->entry = E_PRE; break;
+    case PATCH_RESID_MID:
+    case PATCH_ATTN_OUT: job->entry = E_RESID_MID; break;
+    case PATCH_MLP_OUT: job->entry = E_MLP_OUT; break;
+    default: job->entry = E_Z; break;
+    }
+    job->row_end = (job->entry == E_PRE || patch_component_all_pos(comp)) ? T : row0 + 1;
+    job->block0 = job->entry == E_PRE ? L : L + 1;
+    /* After the last block only the last row reaches the metric. */
+    if (job->block0 == m->cfg.n_layer && job->row_end < T)
+        return false;
+    return true;
+}
+
+patch_plan patch_cell_plan(const model *m, const patch_pair *pairs, const patch_cell *cell, patch_direction dir)
+{
+    fast_job job;
+    if (!plan_job(m, &pairs[cell->pair], cell, dir, &job))
+        return (patch_plan){.skipped = true};
+    return (patch_plan){.block0 = job.block0, .row0 = job.row0, .row_end = job.row_end};
+}
+
+size_t patch_cell_cost(const model *m, const patch_pair *pairs, const patch_cell *cell, patch_direction dir)
+{
+    patch_plan pl = patch_cell_plan(m, pairs, cell, dir);
+    if (pl.skipped)
+        return 0;
+    return (m->cfg.n_layer - cell->layer) * (pairs[cell->pair].T - pl.row0);
+}
+
+/* Stacked working rows of a group of jobs. */
+typedef struct {
+    size_t rows;
+    float *x, *a, *q, *k, *v, *z, *h; /* [rows, d] each, h [rows, m] */
+    float *scratch;                   /* [threads, n_positions]: attention rows per thread */
+    size_t threads;
+} fast_buffers;
+
+static ps_status buffers_init(fast_buffers *b, const model_config *cfg, size_t rows)
+{
+    const size_t d = cfg->n_embd, m = cfg->n_inner, nt = pool_threads();
+    float *all = malloc((6 * rows * d + rows * m + nt * cfg->n_positions) * sizeof(float) + sizeof(float));
+    if (!all)
+        return err_set(PS_ERR_NOMEM, "cannot allocate the fast engine's buffers for %zu rows", rows);
+    b->rows = rows;
+    b->threads = nt;
+    b->x = all;
+    b->a = b->x + rows * d;
+    b->q = b->a + rows * d;
+    b->k = b->q + rows * d;
+    b->v = b->k + rows * d;
+    b->z = b->v + rows * d;
+    b->h = b->z + rows * d;
+    b->scratch = b->h + rows * m;
+    return PS_OK;
+}
+
+static void buffers_free(fast_buffers *b) { free(b->x); }
+
+/* Attention of the active jobs: job j's query rows [qa_j, T_j) for every
+ * head (ops_attention: keys/values of rows < row0 from the base run's cache,
+ * the rest from the job's stacked rows), jobs dealt round-robin to the threads. */
+typedef struct {
+    const fast_job *jobs;
+    size_t n_jobs;
+    fast_buffers *b;
+    const model_config *cfg;
+    size_t layer;
+    bool last_row_only; /* last block: one query row per job, stacked at j*d */
+} attn_task;
+
+static void attn_worker(void *arg, size_t tid, size_t nt)
+{
+    const attn_task *t = arg;
+    const size_t d = t->cfg->n_embd;
+    float *scratch = t->b->scratch + tid * t->cfg->n_positions;
+    for (size_t j = tid; j < t->n_jobs; j += nt) {
+        const fast_job *jb = &t->jobs[j];
+        const forward_layer *bl = &jb->base->layers[t->layer];
+        const size_t o = jb->off * d, q = t->last_row_only ? j * d : o;
+        ops_attention(t->b->z + q, t->b->q + q, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, bl->k, bl->v,
+                      t->b->k + o, t->b->v + o, jb->row0, t->cfg->n_head, t->cfg->d_head, scratch);
+    }
+}
+
+static void attention_jobs(const fast_job *jobs, size_t n_jobs, fast_buffers *b, const model_config *cfg,
+                           size_t layer, bool last_row_only)
+{
+    attn_task t = {jobs, n_jobs, b, cfg, layer, last_row_only};
+    pool_run(n_jobs < b->threads ? n_jobs : b->threads, attn_worker, &t);
+}
+
+/* x[rows] += MLP(ln_2(x[rows])) of block l; a, h are scratch. */
+static void mlp_rows(const model *m, size_t l, float *x, float *a, float *h, float *out, size_t rows)
+{
+    const model_block *b = &m->blocks[l];
+    const size_t d = m->cfg.n_embd;
+    ops_layernorm_threaded(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps);
+    ops_mlp(out, h, a, rows, b);
+    ops_add(x, x, out, rows * d);
+}
+
+/* The patched per-head attention of an E_Z job at its block L, for rows
+ * [row0, T): writes z rows (all heads) into z (stride d, row row0 first). */
+static void entry_attention(const model *m, const patch_cell *cell, const fast_job *job, float *z, float *scratch)
+{
+    const model_config *cfg = &m->cfg;
+    const size_t d = cfg->n_embd, dh = cfg->d_head, T = job->T, h = cell->head, r0 = job->row0;
+    const forward_layer *bl = &job->base->layers[job->layer], *sl = &job->src->layers[job->layer];
+    const patch_component comp = (patch_component)cell->component;
+    /* Start from the base z rows; only head h changes. */
+    memcpy(z, bl->z + r0 * d, (job->row_end - r0) * d * sizeof *z);
+    if (comp == PATCH_Z || comp == PATCH_Z_ALL_POS) {
+        for (size_t i = r0; i < job->row_end; i++)
+            memcpy(z + (i - r0) * d + h * dh, sl->z + i * d + h * dh, dh * sizeof *z);
+        return;
+    }
+    const float *q = comp == PATCH_Q_ALL_POS ? sl->q : bl->q;
+    const float *k = comp == PATCH_K_ALL_POS ? sl->k : bl->k;
+    const float *v = comp == PATCH_V_ALL_POS ? sl->v : bl->v;
+    for (size_t i = r0; i < T; i++) {
+        const float *p = scratch;
+        if (comp == PATCH_PATTERN_ALL_POS)
+            p = sl->pattern + (h * T + i) * T;
+        else /* pattern[h, i, :] from the (patched) q and k of head h */
+            ops_attention_softmax_row(scratch, q + i * d + h * dh, k + h * dh, k + h * dh, 0, i, T, d, dh);
+        /* over all j < T, as the forward pass does with a hooked pattern */
+        ops_attention_mix_row(z + (i - r0) * d + h * dh, p, v + h * dh, v + h * dh, 0, T, d, dh);
+    }
+}
+
+static int cmp_job_block(const void *a, const void *b)
+{
+    const fast_job *x = a, *y = b;
+    if (x->block0 != y->block0)
+        return x->block0 < y->block0 ? -1 : 1;
+    return x->cell < y->cell ? -1 : x->cell > y->cell;
+}
+
+/* Run one group of jobs (sorted by block0) whose rows fit the buffers. */
+static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jobs, size_t nj,
+                           const patch_opts *opts, fast_buffers *b, double *values)
+{
+    const model_config *cfg = &m->cfg;
+    const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size;
+    size_t rows = 0;
+    for (size_t j = 0; j < nj; j++) {
+        jobs[j].off = rows;
+        rows += jobs[j].T - jobs[j].row0;
+    }
+
+    /* 1. Entry: each job's residual rows [row0, T) at the start of block0. */
+    for (size_t j = 0; j < nj; j++) {
+        const fast_job *jb = &jobs[j];
+        const forward_layer *bl = &jb->base->layers[jb->layer], *sl = &jb->src->layers[jb->layer];
+        float *x = b->x + jb->off * d;
+        const size_t n = jb->T - jb->row0, r0 = jb->row0;
+        if (jb->entry == E_PRE) {
+            memcpy(x, bl->resid_pre + r0 * d, n * d * sizeof *x);
+            memcpy(x, sl->resid_pre + r0 * d, d * sizeof *x);
+        } else {
+            /* Unchanged rows keep the base block output; changed rows are
+             * rebuilt below, partial block L batched per layer. */
+            memcpy(x, bl->resid_post + r0 * d, n * d * sizeof *x);
+        }
+    }
+    /* Partial block L, batched over the jobs entering at each layer:
+     * E_Z: z rows -> attn_out = z W_O + b_O; resid_mid = resid_pre + attn_out
+     * E_RESID_MID: resid_mid = base resid_pre + source attn_out, or the
+     *              source resid_mid itself;
+     * E_MLP_OUT: resid_post = base resid_mid + source mlp_out (no MLP)
+     * then resid_post = resid_mid + MLP(resid_mid) for the changed rows. */
+    for (size_t l = 0; l < L; l++) {
+        size_t r = 0;
+        for (size_t j = 0; j < nj; j++) {
+            const fast_job *jb = &jobs[j];
+            if (jb->entry == E_PRE || jb->layer != l)
+                continue;
+            const patch_cell *cell = &cells[jb->cell];
+            const forward_layer *bl = &jb->base->layers[l], *sl = &jb->src->layers[l];
+            const size_t n = jb->row_end - jb->row0, r0 = jb->row0;
+            if (jb->entry == E_MLP_OUT) {
+                float *x = b->x + jb->off * d;
+                for (size_t e = 0; e < d; e++)
+                    x[e] = bl->resid_mid[r0 * d + e] + sl->mlp_out[r0 * d + e];
+                continue;
+            }
+            float *a = b->a + r * d; /* resid_mid rows of this layer's batch */
+            if (jb->entry == E_Z) {
+                entry_attention(m, cell, jb, b->z + r * d, b->scratch);
+            } else if (cell->component == PATCH_ATTN_OUT) {
+                for (size_t e = 0; e < d; e++)
+                    a[e] = bl->resid_pre[r0 * d + e] + sl->attn_out[r0 * d + e];
+            } else {
+                memcpy(a, sl->resid_mid + r0 * d, d * sizeof *a);
+            }
+            r += n;
+        }
+        if (r == 0)
+            continue;
+        /* attn_out of the E_Z rows (q holds it), one sgemm for the layer */
+        const model_block *blk = &m->blocks[l];
+        ops_attn_proj(b->q, b->z, r, blk);
+        r = 0;
+        for (size_t j = 0; j < nj; j++) {
+            const fast_job *jb = &jobs[j];
+            if (jb->entry == E_PRE || jb->entry == E_MLP_OUT || jb->layer != l)
+                continue;
+            const size_t n = jb->row_end - jb->row0, r0 = jb->row0;
+            if (jb->entry == E_Z)
+                for (size_t e = 0; e < n * d; e++)
+                    b->a[r * d + e] = jb->base->layers[l].resid_pre[r0 * d + e] + b->q[r * d + e];
+            r += n;
+        }
+        /* resid_post = resid_mid + MLP(ln_2(resid_mid)) over all r rows */
+        memcpy(b->v, b->a, r * d * sizeof(float));
+        mlp_rows(m, l, b->v, b->k, b->h, b->q, r);
+        r = 0;
+        for (size_t j = 0; j < nj; j++) {
+            const fast_job *jb = &jobs[j];
+            if (jb->entry == E_PRE || jb->entry == E_MLP_OUT || jb->layer != l)
+                continue;
+            const size_t n = jb->row_end - jb->row0;
+            memcpy(b->x + jb->off * d, b->v + r * d, n * d * sizeof(float));
+            r += n;
+        }
+    }
+
+    /* 2. Blocks: at block l the active jobs are the prefix with block0 <= l. */
+    size_t active = 0, arows = 0;
+    for (size_t l = 0; l < L; l++) {
+        while (active < nj && jobs[active].block0 <= l) {
+            arows += jobs[active].T - jobs[active].row0;
+            active++;
+        }
+        if (active == 0)
+            continue;
+        const model_block *blk = &m->blocks[l];
+        const bool last = l + 1 == L;
+        ops_layernorm_threaded(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, d, cfg->ln_eps);
+        ops_qkv(NULL, b->k, b->v, b->a, arows, blk, d);
+        if (!last) {
+            ops_qkv(b->q, NULL, NULL, b->a, arows, blk, d);
+            attention_jobs(jobs, active, b, cfg, l, false);
+            ops_attn_proj(b->q, b->z, arows, blk);
+            ops_add(b->x, b->x, b->q, arows * d);
+            mlp_rows(m, l, b->x, b->a, b->h, b->q, arows);
+        } else {
+            /* Last block: only each job's last row feeds the metric, but its
+             * attention reads every row's key and value (computed above).
+             * Gather the last rows' ln_1 output and residual. */
+            for (size_t j = 0; j < active; j++) {
+                const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
+                memcpy(b->z + j * d, b->a + lr * d, d * sizeof(float));
+            }
+            ops_qkv(b->q, NULL, NULL, b->z, active, blk, d);
+            attention_jobs(jobs, active, b, cfg, l, true);
+            /* k now holds attn_out of the last rows, a their residual */
+            ops_attn_proj(b->k, b->z, active, blk);
+            for (size_t j = 0; j < active; j++) {
+                const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
+                for (size_t e = 0; e < d; e++)
+                    b->a[j * d + e] = b->x[lr * d + e] + b->k[j * d + e];
+            }
+            mlp_rows(m, l, b->a, b->v, b->h, b->q, active);
+            for (size_t j = 0; j < active; j++) {
+                const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
+                memcpy(b->x + lr * d, b->a + j * d, d * sizeof(float));
+            }
+        }
+    }
+
+    /* 3. Metric from each job's last row: ln_f, then either the two unembedding
+     *    rows (logit_diff) or the full vocabulary (the others). */
+    for (size_t j = 0; j < nj; j++) {
+        const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
+        memcpy(b->z + j * d, b->x + lr * d, d * sizeof(float));
+    }
+    ops_layernorm(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps);
+    if (opts->metric == PATCH_LOGIT_DIFF) {
+        for (size_t j = 0; j < nj; j++) {
+            const patch_pair *p = jobs[j].pair;
+            const float *ua = m->unembed + (size_t)p->answer * d, *uw = m->unembed + (size_t)p->wrong * d;
+            const float *xa = b->a + j * d;
+            /* Same float products as the vocabulary matmul, summed in double. */
+            double la = 0.0, lw = 0.0;
+            for (size_t e = 0; e < d; e++) {
+                la += (double)(xa[e] * ua[e]);
+                lw += (double)(xa[e] * uw[e]);
+            }
+            values[jobs[j].cell] = la - lw;
+        }
+        return PS_OK;
+    }
+    float *logits = malloc(V * sizeof *logits);
+    if (!logits)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t j = 0; j < nj; j++) {
+        const patch_pair *p = jobs[j].pair;
+        gemm_unembed(logits, b->a + j * d, 1, m->unembed, V, d);
+        values[jobs[j].cell] =
+            patch_metric_of_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, opts->metric);
+    }
+    free(logits);
+    return PS_OK;
+}
+
+ps_status patch_eval_fast(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n_cells,
+                           const patch_opts *opts, double *values)
+{
+    fast_job *jobs = malloc((n_cells ? n_cells : 1) * sizeof *jobs);
+    if (!jobs)
+        return err_set(PS_ERR_NOMEM, "cannot allocate %zu patching jobs", n_cells);
+    size_t nj = 0;
+    for (size_t i = 0; i < n_cells; i++) {
+        const patch_pair *p = &pairs[cells[i].pair];
+        if (plan_job(m, p, &cells[i], opts->direction, &jobs[nj])) {
+            jobs[nj].cell = i;
+            nj++;
+        } else {
+            values[i] = opts->direction == PATCH_DENOISE ? p->corrupted_metric[opts->metric]
+                                                         : p->clean_metric[opts->metric];
+        }
+    }
+    qsort(jobs, nj, sizeof *jobs, cmp_job_block);
+    /* Groups of consecutive jobs whose rows fit max_rows (a single job larger
+     * than that gets a group of its own). Sorted by block0, so in each group
+     * the jobs active at a block are a prefix. */
+    const size_t max_rows = opts->max_rows ? opts->max_rows : 2048;
+    size_t need = 0;
+    for (size_t j = 0; j < nj; j++)
+        need = need > jobs[j].T ? need : jobs[j].T;
+    fast_buffers b = {0};
+    ps_status st = PS_OK;
+    if (nj > 0)
+        st = buffers_init(&b, &m->cfg, max_rows > need ? max_rows : need);
+    for (size_t g = 0; g < nj && st == PS_OK;) {
+        size_t rows = 0, e = g;
+        while (e < nj && (e == g || rows + (jobs[e].T - jobs[e].row0) <= b.rows)) {
+            rows += jobs[e].T - jobs[e].row0;
+            e++;
+        }
+        st = run_group(m, cells, jobs + g, e - g, opts, &b, values);
+        g = e;
+    }
+    buffers_free(&b);
+    free(jobs);
+    return st;
+}
