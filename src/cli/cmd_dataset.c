@@ -6,6 +6,7 @@
 
 #include "cli.h"
 #include "dataset.h"
+#include "dataset_gen.h"
 #include "patch.h"
 
 /* ---- make-dataset -------------------------------------------------------- */
