@@ -8,7 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "bench.h"
+#include "clock.h"
 #include "dataset.h"
 #include "journal.h"
 #include "ncout.h"
@@ -847,7 +847,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         n_chunks = (todo + chunk - 1) / chunk;
         pr.n_chunks = n_chunks;
     }
-    const double t0 = bench_now();
+    const double t0 = clock_now();
     size_t next = 0; /* rank 0: next prompt index to consider */
     for (;;) {
         chunk_header hdr = {0};
@@ -962,7 +962,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
             pr.prompts_done += hdr.n_pairs;
             pr.cells_done += n_cells;
             pr.chunk++;
-            pr.seconds = bench_now() - t0;
+            pr.seconds = clock_now() - t0;
             res->cells_computed += n_cells;
             if (o->progress)
                 o->progress(o->progress_user, &pr);
@@ -981,7 +981,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         if (hdr.n_pairs == 0)
             break;
     }
-    res->seconds = bench_now() - t0;
+    res->seconds = clock_now() - t0;
     /* Provenance: what each rank needed for the patching (before rank 0
      * builds the file). */
     char *memory = NULL;
@@ -989,10 +989,10 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         goto out;
     if (root) {
         res->interrupted = o->stop && *o->stop && pr.prompts_done < p.n;
-        const double tw = bench_now();
+        const double tw = clock_now();
         st = finalize(j, m, tok, &p, &jr, output, o, dataset_sha, memory, res);
         free(memory);
-        res->write_seconds = bench_now() - tw;
+        res->write_seconds = clock_now() - tw;
         struct stat sb;
         res->write_bytes = st == PS_OK && stat(output, &sb) == 0 ? (size_t)sb.st_size : 0;
         res->prompts_total = p.n;
