@@ -27,7 +27,4 @@ double bench_cell_flops(const model *m, const patch_pair *pairs, const patch_cel
 /* FLOPs of one full forward of T tokens with logits of the last row. */
 double bench_forward_flops(const model_config *c, size_t T);
 
-/* Seconds since an arbitrary point (CLOCK_MONOTONIC). */
-double bench_now(void);
-
 #endif

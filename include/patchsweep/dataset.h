@@ -6,8 +6,7 @@
  * corrupted prompt points to; both must be single GPT-2 tokens, and clean and
  * corrupted must tokenize to the same length (checked by dataset_validate).
  *
- * Generators are deterministic by seed (own PRNG, not libc rand) so a job's
- * dataset can be regenerated bit for bit anywhere.
+ * The generators (IOI, capitals) are in dataset_gen.h.
  */
 #ifndef PS_DATASET_H
 #define PS_DATASET_H
@@ -57,18 +56,6 @@ ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *name);
 ps_status dataset_write_jsonl(const dataset *d, FILE *out, const char *name_for_errors);
 
 void dataset_free(dataset *d);
-
-typedef enum { IOI_CORRUPT_S2, IOI_CORRUPT_ABC } ioi_corruption;
-
-/* Indirect-object identification after Wang et al. 2022: BABA and ABBA orders,
- * >= 10 templates, names that are single GPT-2 tokens with a leading space.
- * s2: the second subject mention is replaced by the indirect object;
- * abc: all three names replaced by fresh ones (a different-names baseline). */
-ps_status dataset_make_ioi(dataset *d, const tokenizer *t, size_t n, uint64_t seed, ioi_corruption c);
-
-/* Few-shot "Q: What is the capital of X?\nA: Y" prompts as in the worksheet,
- * answers single tokens, corrupted = another country of the same token length. */
-ps_status dataset_make_capitals(dataset *d, const tokenizer *t, size_t n, uint64_t seed);
 
 /* Tokenized, validated view of one item (prepends <|endoftext|> when bos). */
 typedef struct {

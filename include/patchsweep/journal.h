@@ -14,6 +14,13 @@
  *   u32 magic 0x31525350 ("PSR1") | u32 n | n payload bytes | 8 bytes of the
  *   payload's sha256.
  * Native byte order: a journal is read back on the machine type that wrote it.
+ *
+ * A sweep's payloads (journal_prompt), one record per prompt:
+ *   u64 prompt | i32 kind (1 done, 2 skipped) | i32 T | i32 answer | i32 wrong
+ *   | f64 clean_metric | f64 corrupted_metric
+ *   | done:    i32 clean[T] | i32 corrupted[T] | f64 values[n_values] (the
+ *              sweep's cells of the prompt, in its order)
+ *   | skipped: the reason, UTF-8, to the end of the record
  */
 #ifndef PS_JOURNAL_H
 #define PS_JOURNAL_H
@@ -60,5 +67,34 @@ ps_status journal_each(journal *j, ps_status (*fn)(void *user, const void *paylo
 
 /* Close (and with remove, delete the file). */
 void journal_close(journal *j, bool remove);
+
+/* ---- a sweep's prompt records ---------------------------------------------- */
+
+typedef enum { JOURNAL_PROMPT_DONE = 1, JOURNAL_PROMPT_SKIPPED = 2 } journal_prompt_kind;
+
+/* One prompt's record.  Appending reads the arrays of a done prompt (T and
+ * n_values long) or the reason of a skipped one; decoding points them into
+ * `mem` (owned: journal_prompt_free). */
+typedef struct {
+    uint64_t prompt;
+    int32_t kind;                        /* journal_prompt_kind; decoding passes others on as read */
+    size_t T;
+    int32_t answer_id, wrong_id;
+    double clean_metric, corrupted_metric;
+    const int32_t *clean_ids, *corrupted_ids; /* [T] */
+    const double *values;                /* [n_values] */
+    size_t n_values;
+    const char *reason;                  /* skipped: NUL-terminated */
+    void *mem;
+} journal_prompt;
+
+/* Append a prompt's record (not yet durable). */
+ps_status journal_append_prompt(journal *j, const journal_prompt *r);
+
+/* Decode a payload (from journal_each).  A done record whose size is not its
+ * 2 x T token ids and whole values is PS_ERR_FORMAT; a record of another kind
+ * decodes its head only (the caller judges the kind). */
+ps_status journal_prompt_decode(journal_prompt *r, const void *payload, size_t n);
+void journal_prompt_free(journal_prompt *r);
 
 #endif

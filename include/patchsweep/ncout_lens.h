@@ -30,6 +30,8 @@
  *   global attributes: the provenance of ncout.h, analysis = "lens",
  *     prepend_bos ("true"/"false"), dataset (the JSONL path), decoded_position = "last".
  * Token strings are the decoded bytes with invalid UTF-8 shown as U+FFFD.
+ * The engine's lens_dataset.h runs the model and writes the file with this
+ * writer.
  * Opens in xarray with no extra code: xr.open_dataset("lens.nc").
  */
 #ifndef PS_NCOUT_LENS_H
@@ -40,7 +42,6 @@
 #include <stdint.h>
 
 #include "err.h"
-#include "lens.h"
 #include "model.h"
 #include "ncout.h"
 #include "tokenizer.h"
@@ -52,21 +53,31 @@ typedef struct {
     int v_answer_id, v_answer, v_length, v_token_id, v_token, v_done;
 } ncout_lens;
 
+/* One decoded layer's statistics of the answer (the engine's lens_answer,
+ * as the file stores them). */
+typedef struct {
+    double prob, logprob, reciprocal_rank;
+    size_t rank;             /* logits strictly greater than the answer's */
+} ncout_lens_answer;
+
+/* One prompt's logit lens as the writer takes it: n_rows layers, top k. */
+typedef struct {
+    size_t n_rows, k;
+    int32_t answer;                 /* the answer's token id; < 0: none (refused) */
+    const ncout_lens_answer *ans;   /* [n_rows] */
+    const int32_t *top_id;          /* [n_rows, k] best first */
+    const double *top_prob;         /* [n_rows, k] */
+} ncout_lens_view;
+
 /* Define the schema in a file made by ncout_create (provenance included) and
- * write the per-layer variables. */
-ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t max_T, size_t k, bool bos,
-                            const char *dataset_path);
+ * write the per-layer variables: layer_label[n_rows] and hook[n_rows] (the
+ * hook name each layer decodes). */
+ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_rows, const char *const *layer_label,
+                            const char *const *hook, size_t max_T, size_t k, bool bos, const char *dataset_path);
 
-/* Everything of one prompt at index `prompt`: v is its decoded lens
- * (lens_run with an answer), tokens[0..T) its ids, answer its text. */
-ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const lens_view *v, const tokenizer *tok,
+/* Everything of one prompt at index `prompt`: v is its decoded lens (with an
+ * answer), tokens[0..T) its ids, answer its text. */
+ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const ncout_lens_view *v, const tokenizer *tok,
                          const int32_t *tokens, size_t T, const char *answer);
-
-/* The lens file of a dataset: items [first, first + count) (count 0: to the
- * end), each clean prompt decoded at its last token with its answer.  Every
- * item is tokenized and validated before any compute; the file appears under
- * its name only when complete.  *n_written = prompts written. */
-ps_status ncout_lens_write_dataset(const char *output, model *m, const tokenizer *tok, const char *dataset_path,
-                                   size_t first, size_t count, bool bos, size_t top_k, size_t *n_written);
 
 #endif

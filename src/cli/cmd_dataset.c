@@ -6,7 +6,8 @@
 
 #include "cli.h"
 #include "dataset.h"
-#include "patch.h"
+#include "dataset_gen.h"
+#include "evaluate.h"
 
 /* ---- make-dataset -------------------------------------------------------- */
 
@@ -146,48 +147,18 @@ int cmd_evaluate(int argc, char **argv)
     if ((rc = cli_load("evaluate", &o, &m, &tok)))
         return rc;
     dataset d = {0};
-    ps_status st = dataset_read_jsonl(&d, path);
-    double sum_clean = 0, sum_corr = 0;
-    size_t correct = 0, top1 = 0;
-    for (size_t i = 0; i < d.n && st == PS_OK; i++) {
-        dataset_tokens tk;
-        if ((st = dataset_tokenize(&d, i, tok, o.bos, m.cfg.n_positions, &tk)))
-            break;
-        patch_pair p;
-        st = patch_pair_init(&p, &m, tk.clean_ids, tk.corrupted_ids, tk.n_tokens, tk.answer_id, tk.wrong_id);
-        dataset_tokens_free(&tk);
-        if (st)
-            break;
-        double c = p.clean_metric[PATCH_LOGIT_DIFF];
-        sum_clean += c;
-        sum_corr += p.corrupted_metric[PATCH_LOGIT_DIFF];
-        correct += c > 0;
-        /* top-1: no token strictly more likely than the answer (the pair
-         * keeps the clean log-probabilities, not the logits) */
-        const float la = p.clean_logprobs[p.answer];
-        size_t greater = 0;
-        for (size_t v = 0; v < m.cfg.vocab_size; v++)
-            greater += p.clean_logprobs[v] > la;
-        top1 += greater == 0;
-        patch_pair_free(&p);
-    }
-    if (st) {
+    evaluate_result r;
+    if (dataset_read_jsonl(&d, path) != PS_OK || evaluate_dataset(&m, tok, &d, o.bos, &r) != PS_OK)
         rc = cli_fail();
-    } else if (d.n == 0) {
-        err_set(PS_ERR_INVALID, "%s: no prompt pairs", path);
-        rc = cli_fail();
-    } else {
-        double n = (double)d.n;
-        if (o.json)
-            cli_print_json(json_pack("{s:s,s:i,s:f,s:f,s:f,s:f}", "dataset", path, "n", (int)d.n, "accuracy",
-                                     correct / n, "mean_clean_logit_diff", sum_clean / n,
-                                     "mean_corrupted_logit_diff", sum_corr / n, "answer_top1", top1 / n));
-        else
-            printf("%s: %zu prompt pairs\naccuracy (logit[answer] > logit[wrong])  %.4f\n"
-                   "mean clean logit diff                   %.4f\nmean corrupted logit diff               %.4f\n"
-                   "answer is top-1 after the clean prompt  %.4f\n",
-                   path, d.n, correct / n, sum_clean / n, sum_corr / n, top1 / n);
-    }
+    else if (o.json)
+        cli_print_json(json_pack("{s:s,s:i,s:f,s:f,s:f,s:f}", "dataset", path, "n", (int)r.n, "accuracy", r.accuracy,
+                                 "mean_clean_logit_diff", r.mean_clean_logit_diff, "mean_corrupted_logit_diff",
+                                 r.mean_corrupted_logit_diff, "answer_top1", r.answer_top1));
+    else
+        printf("%s: %zu prompt pairs\naccuracy (logit[answer] > logit[wrong])  %.4f\n"
+               "mean clean logit diff                   %.4f\nmean corrupted logit diff               %.4f\n"
+               "answer is top-1 after the clean prompt  %.4f\n",
+               path, r.n, r.accuracy, r.mean_clean_logit_diff, r.mean_corrupted_logit_diff, r.answer_top1);
     dataset_free(&d);
     tokenizer_free(tok);
     model_free(&m);

@@ -7,8 +7,8 @@
 #include "dataset.h"
 #include "forward.h"
 #include "lens.h"
+#include "lens_dataset.h"
 #include "ncout.h"
-#include "ncout_lens.h"
 
 enum { OPT_ANSWER = CLI_OPT_FIRST_FREE, OPT_WRONG, OPT_TOP_K, OPT_POSITION, OPT_DATASET, OPT_LAYER, OPT_SUBTRACT,
        OPT_ATTRIBUTION };
@@ -289,7 +289,7 @@ static int lens_dataset(model *m, const tokenizer *tok, const cli_common *o, con
                         size_t top_k)
 {
     size_t n = 0;
-    if (ncout_lens_write_dataset(output, m, tok, path, 0, 0, o->bos, top_k, &n) != PS_OK)
+    if (lens_dataset_write(output, m, tok, path, 0, 0, o->bos, top_k, &n) != PS_OK)
         return cli_fail();
     fprintf(stderr, "wrote %s: %zu prompts x %zu layers, top %zu\n", output, n, lens_n_rows(&m->cfg), top_k);
     return 0;

@@ -6,14 +6,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "pool.h"
-
-double bench_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -48,10 +42,10 @@ double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0f, a, (int)k, b, (int)n, 0.0f,
                 c, (int)n); /* warm-up: thread start, page faults */
     for (size_t r = 0; r < reps; r++) {
-        double t0 = bench_now();
+        double t0 = clock_now();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)m, (int)n, (int)k, 1.0f, a, (int)k, b, (int)n,
                     0.0f, c, (int)n);
-        rate[r] = 2.0 * (double)m * (double)n * (double)k / (bench_now() - t0) / 1e9;
+        rate[r] = 2.0 * (double)m * (double)n * (double)k / (clock_now() - t0) / 1e9;
     }
     double med = bench_median(rate, reps);
     free(a), free(b), free(c), free(rate);

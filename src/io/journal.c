@@ -218,3 +218,87 @@ void journal_close(journal *j, bool remove)
     memset(j, 0, sizeof *j);
     j->fd = -1;
 }
+
+/* ---- a sweep's prompt records (journal.h) ---------------------------------- */
+
+typedef struct {
+    uint64_t prompt;
+    int32_t kind, T, answer, wrong;
+    double clean_metric, corrupted_metric;
+} prompt_head;
+
+ps_status journal_append_prompt(journal *j, const journal_prompt *r)
+{
+    const bool done = r->kind == JOURNAL_PROMPT_DONE;
+    const size_t len = done ? 0 : strlen(r->reason);
+    const size_t bytes = sizeof(prompt_head) +
+                         (done ? 2 * r->T * sizeof(int32_t) + r->n_values * sizeof(double) : len);
+    unsigned char *buf = malloc(bytes);
+    if (!buf)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    prompt_head h = {.prompt = r->prompt, .kind = r->kind};
+    if (done)
+        h = (prompt_head){.prompt = r->prompt, .kind = r->kind, .T = (int32_t)r->T, .answer = r->answer_id,
+                          .wrong = r->wrong_id, .clean_metric = r->clean_metric,
+                          .corrupted_metric = r->corrupted_metric};
+    unsigned char *w = buf;
+    memcpy(w, &h, sizeof h), w += sizeof h;
+    if (done) {
+        memcpy(w, r->clean_ids, r->T * sizeof(int32_t)), w += r->T * sizeof(int32_t);
+        memcpy(w, r->corrupted_ids, r->T * sizeof(int32_t)), w += r->T * sizeof(int32_t);
+        memcpy(w, r->values, r->n_values * sizeof(double));
+    } else {
+        memcpy(w, r->reason, len);
+    }
+    ps_status st = journal_append(j, buf, bytes);
+    free(buf);
+    return st;
+}
+
+ps_status journal_prompt_decode(journal_prompt *r, const void *payload, size_t n)
+{
+    memset(r, 0, sizeof *r);
+    prompt_head h;
+    if (n < sizeof h)
+        return err_set(PS_ERR_FORMAT, "journal record too short (%zu bytes)", n);
+    memcpy(&h, payload, sizeof h);
+    const unsigned char *rest = (const unsigned char *)payload + sizeof h;
+    const size_t rn = n - sizeof h;
+    *r = (journal_prompt){.prompt = h.prompt, .kind = h.kind, .T = h.T > 0 ? (size_t)h.T : 0, .answer_id = h.answer,
+                          .wrong_id = h.wrong, .clean_metric = h.clean_metric,
+                          .corrupted_metric = h.corrupted_metric};
+    if (h.kind == JOURNAL_PROMPT_SKIPPED) {
+        char *reason = malloc(rn + 1);
+        if (!reason)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        memcpy(reason, rest, rn);
+        reason[rn] = '\0';
+        r->reason = reason;
+        r->mem = reason;
+        return PS_OK;
+    }
+    if (h.kind != JOURNAL_PROMPT_DONE)
+        return PS_OK;
+    const size_t ids = 2 * r->T * sizeof(int32_t);
+    if (h.T < 0 || rn < ids || (rn - ids) % sizeof(double) != 0)
+        return err_set(PS_ERR_FORMAT, "journal record for prompt %llu has %zu bytes, not 2 x %d token ids and values",
+                       (unsigned long long)h.prompt, rn, (int)h.T);
+    r->n_values = (rn - ids) / sizeof(double);
+    /* values first: the block is malloc-aligned for doubles */
+    unsigned char *mem = malloc(rn ? rn : 1);
+    if (!mem)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    memcpy(mem, rest + ids, rn - ids);
+    memcpy(mem + (rn - ids), rest, ids);
+    r->mem = mem;
+    r->values = (const double *)(void *)mem;
+    r->clean_ids = (const int32_t *)(void *)(mem + (rn - ids));
+    r->corrupted_ids = r->clean_ids + r->T;
+    return PS_OK;
+}
+
+void journal_prompt_free(journal_prompt *r)
+{
+    free(r->mem);
+    memset(r, 0, sizeof *r);
+}

@@ -1,14 +1,9 @@
 #include "ncout_lens.h"
 
-#include "dataset.h"
-#include "forward.h"
-
 #include <netcdf.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "dataset.h"
-#include "forward.h"
 #include "strutil.h"
 
 static ps_status put_att(ncout_file *f, const char *name, const char *value)
@@ -36,12 +31,12 @@ static ps_status def_var(ncout_file *f, const char *name, nc_type type, int nd, 
     return st;
 }
 
-ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t max_T, size_t k, bool bos,
-                            const char *dataset_path)
+ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_rows, const char *const *layer_label,
+                            const char *const *hook, size_t max_T, size_t k, bool bos, const char *dataset_path)
 {
     memset(w, 0, sizeof *w);
     w->f = f;
-    w->n_rows = lens_n_rows(&m->cfg);
+    w->n_rows = n_rows;
     w->k = k;
     w->max_T = max_T;
     ps_status st;
@@ -84,10 +79,7 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t max_T
         (st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
     for (size_t r = 0; r < w->n_rows && st == PS_OK; r++) {
-        char label[LENS_MAX_LABEL], hook[HOOK_MAX_NAME];
-        lens_row_label(r, label);
-        hook_name(lens_row_hook(r), hook);
-        const char *lp = label, *hp = hook;
+        const char *lp = layer_label[r], *hp = hook[r];
         size_t one = 1;
         st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, "layer_label");
         if (st == PS_OK)
@@ -119,7 +111,7 @@ static void free_strings(char **s, size_t n)
         free(s[i]);
 }
 
-ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const lens_view *v, const tokenizer *tok,
+ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const ncout_lens_view *v, const tokenizer *tok,
                          const int32_t *tokens, size_t T, const char *answer)
 {
     ncout_file *f = w->f;
@@ -128,7 +120,7 @@ ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const lens_view *v, const
     if (v->n_rows != R || v->k != k)
         return err_set(PS_ERR_INVALID, "%s: a lens of %zu layers x top %zu written to a file of %zu x %zu", f->path,
                        v->n_rows, v->k, R, k);
-    if (v->answer == LENS_NO_TOKEN)
+    if (v->answer < 0)
         return err_set(PS_ERR_INVALID, "%s: prompt %zu was decoded without an answer", f->path, prompt);
     if (T > w->max_T)
         return err_set(PS_ERR_RANGE, "%s: prompt %zu has %zu tokens, more than the file's %zu positions", f->path,
@@ -189,61 +181,5 @@ out:
     free(prob);
     free(rank);
     free(strs);
-    return st;
-}
-
-ps_status ncout_lens_write_dataset(const char *output, model *m, const tokenizer *tok, const char *path,
-                                   size_t first, size_t count, bool bos, size_t top_k, size_t *n_written)
-{
-    dataset d = {0};
-    dataset_tokens *tk = NULL;
-    forward_cache c = {0};
-    lens_view v = {0};
-    ncout_file f = {.ncid = -1};
-    ncout_lens w;
-    size_t max_T = 0, n_tok = 0, n = 0;
-    ps_status st;
-    *n_written = 0;
-    if ((st = ncout_create(&f, output)) || (st = dataset_read_jsonl(&d, path)))
-        goto out;
-    if (first >= d.n) {
-        st = err_set(PS_ERR_INVALID, "%s: no items from index %zu on", path, first);
-        goto out;
-    }
-    n = count && first + count < d.n ? count : d.n - first;
-    /* Tokenize (and validate) everything first: a bad item fails the run
-     * before any compute, and the longest prompt sizes the file and cache. */
-    if (!(tk = calloc(n, sizeof *tk))) {
-        st = err_set(PS_ERR_NOMEM, "%s: out of memory for %zu items", path, n);
-        goto out;
-    }
-    for (; n_tok < n; n_tok++) {
-        if ((st = dataset_tokenize(&d, first + n_tok, tok, bos, m->cfg.n_positions, &tk[n_tok])))
-            goto out;
-        max_T = tk[n_tok].n_tokens > max_T ? tk[n_tok].n_tokens : max_T;
-    }
-    if ((st = forward_cache_init(&c, &m->cfg, max_T, FORWARD_LOGITS_NONE)) ||
-        (st = lens_view_init(&v, &m->cfg, lens_n_rows(&m->cfg), top_k)) ||
-        (st = ncout_lens_define(&w, &f, m, max_T, top_k, bos, path)))
-        goto out;
-    for (size_t i = 0; i < n; i++) {
-        const size_t T = tk[i].n_tokens;
-        if ((st = forward_run(m, &c, tk[i].clean_ids, T, NULL)) ||
-            (st = lens_run(&v, m, &c, T - 1, tk[i].answer_id)) ||
-            (st = ncout_lens_put(&w, i, &v, tok, tk[i].clean_ids, T, d.items[first + i].answer)))
-            goto out;
-    }
-    st = ncout_commit(&f);
-    if (st == PS_OK)
-        *n_written = n;
-out:
-    if (st)
-        ncout_abort(&f);
-    for (size_t i = 0; i < n_tok; i++)
-        dataset_tokens_free(&tk[i]);
-    free(tk);
-    lens_view_free(&v);
-    forward_cache_free(&c);
-    dataset_free(&d);
     return st;
 }

@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "dataset.h"
+#include "dataset_gen.h"
 #include "tokenizer.h"
 
 #ifndef PS_TOKENIZER_DIR

@@ -1,0 +1,445 @@
+/*
+ * sweep_dist: one chunk of a sweep on every rank, by cell or by prompt
+ * (sweep.h describes both), and the scheduler that deals cells or prompts to
+ * ranks by their expected cost.
+ */
+#include "sweep_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the scheduler ---------------------------------------------------------- */
+
+/* What rank 0 broadcasts before each chunk.  By prompt, the token lists
+ * follow (`bytes`); by cell, the packed size of each pair (uint64_t[n_pairs])
+ * and the pairs one by one, so that a rank holds one packed pair at a time
+ * besides the unpacked ones. */
+typedef struct {
+    uint64_t n_pairs;   /* 0: no more chunks */
+    uint64_t by_prompt; /* 1: each rank runs whole prompts; 0: rank 0's caches, cells dealt out */
+    uint64_t bytes;     /* by prompt: of the token lists */
+    uint64_t max_bytes; /* by cell: the largest packed pair */
+} chunk_header;
+
+/* Longest first; equal costs in cell order, so every rank sorts alike. */
+static int cmp_cost(const void *a, const void *b)
+{
+    const sweep_cost *x = a, *y = b;
+    if (x->cost != y->cost)
+        return x->cost > y->cost ? -1 : 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+ps_status sweep_deal(sweep_cost *items, size_t n, size_t ranks, uint32_t *owner)
+{
+    size_t *load = calloc(ranks, sizeof *load);
+    if (!load)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    qsort(items, n, sizeof *items, cmp_cost);
+    for (size_t i = 0; i < n; i++) {
+        size_t best = 0;
+        for (size_t r = 1; r < ranks; r++)
+            if (load[r] < load[best])
+                best = r;
+        load[best] += items[i].cost;
+        owner[items[i].index] = (uint32_t)best;
+    }
+    free(load);
+    return PS_OK;
+}
+
+/* Cells to ranks by the fast engine's cost model. */
+static ps_status assign_cells(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n,
+                              patch_direction dir, size_t ranks, uint32_t *owner)
+{
+    sweep_cost *items = malloc((n ? n : 1) * sizeof *items);
+    if (!items)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    /* +1: a skipped cell still costs a little (its plan and its slot) */
+    for (size_t i = 0; i < n; i++)
+        items[i] = (sweep_cost){patch_cell_cost(m, pairs, &cells[i], dir) + 1, i};
+    ps_status st = sweep_deal(items, n, ranks, owner);
+    free(items);
+    return st;
+}
+
+/* Every cell of the selected components of pairs [0, n_pairs), in pair,
+ * component and grid order; *n_out cells, malloc'd. */
+static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_pair *pairs, size_t n_pairs,
+                             patch_cell **out, size_t *n_out)
+{
+    size_t n = 0;
+    for (size_t p = 0; p < n_pairs; p++)
+        n += sweep_prompt_cells(j->components, cfg, pairs[p].T);
+    patch_cell *cells = malloc((n ? n : 1) * sizeof *cells);
+    if (!cells)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    ps_status st = PS_OK;
+    size_t k = 0;
+    for (size_t p = 0; p < n_pairs && st == PS_OK; p++)
+        for (int comp = 0; comp < PATCH_COMPONENT_COUNT && st == PS_OK; comp++) {
+            if (!j->components[comp])
+                continue;
+            patch_cell *g;
+            size_t ng;
+            if ((st = patch_grid_cells((patch_component)comp, cfg, (uint32_t)p, pairs[p].T, &g, &ng)))
+                break;
+            memcpy(cells + k, g, ng * sizeof *g);
+            k += ng;
+            free(g);
+        }
+    if (st) {
+        free(cells);
+        return st;
+    }
+    *out = cells;
+    *n_out = n;
+    return PS_OK;
+}
+
+/* Evaluate one chunk's cells on every rank; on rank 0, values[i] for every
+ * cell of the chunk (cells in pair, component, grid order). */
+static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pair *pairs, size_t n_pairs,
+                           size_t fast_rows, double **values_out, size_t *n_cells_out)
+{
+    const size_t ranks = comm_size(c), me = comm_rank(c);
+    size_t n = 0;
+    patch_cell *cells = NULL;
+    ps_status st = chunk_cells(j, &m->cfg, pairs, n_pairs, &cells, &n);
+    uint32_t *owner = malloc((n ? n : 1) * sizeof *owner);
+    size_t *counts = calloc(ranks, sizeof *counts);
+    double *mine = NULL, *gathered = NULL, *values = NULL;
+    if (st == PS_OK && (!owner || !counts))
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    if (st || (st = assign_cells(m, pairs, cells, n, j->direction, ranks, owner)))
+        goto out;
+    /* this rank's cells, in cell order */
+    size_t n_mine = 0;
+    for (size_t i = 0; i < n; i++) {
+        counts[owner[i]] += sizeof(double);
+        if (owner[i] == me)
+            cells[n_mine++] = cells[i];
+    }
+    mine = malloc((n_mine ? n_mine : 1) * sizeof *mine);
+    if (!mine) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
+    st = patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
+    if ((st = comm_agree(c, st)))
+        goto out;
+    if (me == 0) {
+        gathered = malloc((n ? n : 1) * sizeof *gathered);
+        values = malloc((n ? n : 1) * sizeof *values);
+        if (!gathered || !values)
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, n_mine * sizeof *mine, gathered, counts)))
+        goto out;
+    if (me == 0) {
+        /* rank r's values arrive in its cell order: walk the owners again */
+        size_t *next = calloc(ranks, sizeof *next), *base = calloc(ranks, sizeof *base);
+        if (!next || !base) {
+            free(next), free(base);
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t r = 1; r < ranks; r++)
+            base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
+        for (size_t i = 0; i < n; i++)
+            values[i] = gathered[base[owner[i]] + next[owner[i]]++];
+        free(next), free(base);
+        *values_out = values;
+        values = NULL;
+    }
+    *n_cells_out = n;
+out:
+    free(cells), free(owner), free(counts), free(mine), free(gathered), free(values);
+    return st;
+}
+
+/* ---- distribution by prompt ------------------------------------------------
+ * Rank 0 broadcasts only the chunk's token ids; each rank runs the clean and
+ * corrupted forwards of the prompts dealt to it and every cell of them, and
+ * sends back per prompt [clean metric, corrupted metric, cell values...].
+ * Nothing of size O(layers x T x d) crosses the network, and rank 0 does not
+ * run every prompt's forwards while the others wait (the cells mode's serial
+ * part); the price is balance by whole prompts, hence >= 4 per rank (auto).
+ * Every value is computed by the same code on the same inputs as in the
+ * cells mode, so both modes give the same bits. */
+
+/* One prompt pair in the token broadcast: a head, then clean[T], corrupted[T]. */
+typedef struct {
+    uint32_t T;
+    int32_t answer, wrong;
+} tok_head;
+
+typedef struct {
+    tok_head h;
+    const int32_t *clean, *corrupted;
+} tok_view;
+
+static size_t tok_bytes(size_t T) { return sizeof(tok_head) + 2 * T * sizeof(int32_t); }
+
+static void tok_pack(const dataset_tokens *tk, unsigned char *w)
+{
+    tok_head h = {(uint32_t)tk->n_tokens, tk->answer_id, tk->wrong_id};
+    memcpy(w, &h, sizeof h);
+    memcpy(w + sizeof h, tk->clean_ids, tk->n_tokens * sizeof(int32_t));
+    memcpy(w + sizeof h + tk->n_tokens * sizeof(int32_t), tk->corrupted_ids, tk->n_tokens * sizeof(int32_t));
+}
+
+/* Views into a received token list (the buffer outlives them). The ids are
+ * read through memcpy'd heads; the arrays are int32-aligned as packed. */
+static ps_status tok_unpack(const unsigned char *buf, size_t bytes, size_t n_pairs, tok_view *v)
+{
+    size_t off = 0;
+    for (size_t k = 0; k < n_pairs; k++) {
+        if (bytes - off < sizeof(tok_head))
+            return err_set(PS_ERR_INVALID, "chunk token list truncated");
+        memcpy(&v[k].h, buf + off, sizeof v[k].h);
+        if (bytes - off < tok_bytes(v[k].h.T))
+            return err_set(PS_ERR_INVALID, "chunk token list truncated");
+        v[k].clean = (const int32_t *)(const void *)(buf + off + sizeof(tok_head));
+        v[k].corrupted = v[k].clean + v[k].h.T;
+        off += tok_bytes(v[k].h.T);
+    }
+    return PS_OK;
+}
+
+/* A prompt's expected cost before its forwards exist: its cells times the
+ * rows from the first differing token (the fast engine recomputes rows from
+ * there; positions before it are free). */
+static size_t prompt_cost(const job *j, const model_config *cfg, const tok_view *v)
+{
+    size_t first = 0;
+    while (first < v->h.T && v->clean[first] == v->corrupted[first])
+        first++;
+    return sweep_prompt_cells(j->components, cfg, v->h.T) * (v->h.T - first + 1) + 1;
+}
+
+/* Evaluate one chunk by prompt on every rank.  On rank 0, *out holds per
+ * prompt, in chunk order, [clean metric, corrupted metric, values...]. */
+static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const unsigned char *buf, size_t bytes,
+                                   size_t n_pairs, size_t fast_rows, double **out, size_t *n_cells_out)
+{
+    const size_t ranks = comm_size(c), me = comm_rank(c);
+    tok_view *v = calloc(n_pairs ? n_pairs : 1, sizeof *v);
+    sweep_cost *items = malloc((n_pairs ? n_pairs : 1) * sizeof *items);
+    uint32_t *owner = malloc((n_pairs ? n_pairs : 1) * sizeof *owner);
+    size_t *counts = calloc(ranks, sizeof *counts), *base = calloc(ranks, sizeof *base);
+    patch_pair *pairs = calloc(n_pairs ? n_pairs : 1, sizeof *pairs);
+    patch_cell *cells = NULL;
+    double *vals = NULL, *mine = NULL, *gathered = NULL;
+    size_t n_mine = 0, n_cells = 0, n_total = 0;
+    ps_status st = PS_OK;
+    if (!v || !items || !owner || !counts || !base || !pairs) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto agree;
+    }
+    if ((st = tok_unpack(buf, bytes, n_pairs, v)))
+        goto agree;
+    for (size_t k = 0; k < n_pairs; k++)
+        items[k] = (sweep_cost){prompt_cost(j, &m->cfg, &v[k]), k};
+    if ((st = sweep_deal(items, n_pairs, ranks, owner)))
+        goto agree;
+    for (size_t k = 0; k < n_pairs; k++) {
+        const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+        counts[owner[k]] += nv * sizeof(double);
+        n_total += nv;
+    }
+    /* this rank's prompts, in chunk order */
+    for (size_t k = 0; k < n_pairs && st == PS_OK; k++)
+        if (owner[k] == me) {
+            st = patch_pair_init(&pairs[n_mine], m, v[k].clean, v[k].corrupted, v[k].h.T, v[k].h.answer,
+                                 v[k].h.wrong);
+            n_mine += st == PS_OK;
+        }
+    if (st || (st = chunk_cells(j, &m->cfg, pairs, n_mine, &cells, &n_cells)))
+        goto agree;
+    vals = malloc((n_cells ? n_cells : 1) * sizeof *vals);
+    mine = malloc((counts[me] ? counts[me] : 1));
+    if (!vals || !mine) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+        goto agree;
+    }
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
+    if ((st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
+        goto agree;
+    for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
+        const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
+        mine[w++] = pairs[i].clean_metric[j->metric];
+        mine[w++] = pairs[i].corrupted_metric[j->metric];
+        memcpy(mine + w, vals + r, nv * sizeof *mine);
+        w += nv, r += nv;
+    }
+    if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+agree:
+    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, counts ? counts[me] : 0, gathered, counts)))
+        goto out;
+    if (me == 0) {
+        /* rank r's prompts arrive in chunk order: walk the owners again */
+        double *ordered = malloc((n_total ? n_total : 1) * sizeof *ordered);
+        if (!ordered) {
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        for (size_t r = 1; r < ranks; r++)
+            base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
+        for (size_t k = 0, w = 0; k < n_pairs; k++) {
+            const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+            memcpy(ordered + w, gathered + base[owner[k]], nv * sizeof *ordered);
+            base[owner[k]] += nv;
+            w += nv;
+        }
+        *out = ordered;
+    }
+    *n_cells_out = n_total - 2 * n_pairs;
+out:
+    for (size_t i = 0; pairs && i < n_mine; i++)
+        patch_pair_free(&pairs[i]);
+    free(v), free(items), free(owner), free(counts), free(base), free(pairs), free(cells), free(vals), free(mine),
+        free(gathered);
+    return st;
+}
+
+/* ---- the chunk protocol ------------------------------------------------------ */
+
+bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks)
+{
+    return j->distribute == JOB_DISTRIBUTE_PROMPTS ||
+           (j->distribute == JOB_DISTRIBUTE_AUTO && (n_pairs > work_chunk || n_pairs >= 4 * ranks));
+}
+
+void sweep_chunk_free(sweep_chunk *ch)
+{
+    free(ch->values);
+    memset(ch, 0, sizeof *ch);
+}
+
+/* Rank 0, by cell: per prompt [clean metric, corrupted metric, values...]
+ * from the pairs' metrics and the cells' values (in pair order). */
+static ps_status interleave_metrics(const job *j, const model_config *cfg, const patch_pair *pairs, size_t n_pairs,
+                                    const double *values, double **out)
+{
+    size_t n = 0;
+    for (size_t k = 0; k < n_pairs; k++)
+        n += 2 + sweep_prompt_cells(j->components, cfg, pairs[k].T);
+    double *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t k = 0, w = 0, r = 0; k < n_pairs; k++) {
+        const size_t nv = sweep_prompt_cells(j->components, cfg, pairs[k].T);
+        v[w++] = pairs[k].clean_metric[j->metric];
+        v[w++] = pairs[k].corrupted_metric[j->metric];
+        memcpy(v + w, values + r, nv * sizeof *v);
+        w += nv, r += nv;
+    }
+    *out = v;
+    return PS_OK;
+}
+
+ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, const size_t *index,
+                           size_t n_pairs, size_t work_chunk, size_t fast_rows, sweep_chunk *out)
+{
+    memset(out, 0, sizeof *out);
+    const bool root = comm_rank(c) == 0;
+    chunk_header hdr = {0};
+    unsigned char *buf = NULL;
+    uint64_t *sizes = NULL;   /* by cell: packed size of each pair */
+    patch_pair *pairs = NULL; /* by cell: [n_alloc], zeroed until run */
+    size_t n_alloc = 0;
+    double *values = NULL;    /* root: per prompt (by prompt) or per cell (by cell) */
+    size_t n_cells = 0;
+    ps_status st = PS_OK;
+    if (root) {
+        hdr.by_prompt = sweep_dist_by_prompt(j, n_pairs, work_chunk, comm_size(c));
+        if (hdr.by_prompt) {
+            /* their token ids */
+            for (size_t k = 0; k < n_pairs; k++)
+                hdr.bytes += tok_bytes(tk[index[k]].n_tokens);
+            if (n_pairs && !(buf = malloc(hdr.bytes)))
+                st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's tokens", (size_t)hdr.bytes);
+            for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
+                tok_pack(&tk[index[k]], buf + off);
+                off += tok_bytes(tk[index[k]].n_tokens);
+            }
+        } else {
+            /* run them here */
+            pairs = calloc(n_pairs ? n_pairs : 1, sizeof *pairs);
+            sizes = malloc((n_pairs ? n_pairs : 1) * sizeof *sizes);
+            if (!pairs || !sizes)
+                st = err_set(PS_ERR_NOMEM, "out of memory");
+            n_alloc = pairs ? n_pairs : 0;
+            for (size_t k = 0; st == PS_OK && k < n_pairs; k++) {
+                const dataset_tokens *t = &tk[index[k]];
+                st = patch_pair_init(&pairs[k], m, t->clean_ids, t->corrupted_ids, t->n_tokens, t->answer_id,
+                                     t->wrong_id);
+                sizes[k] = patch_pair_packed_bytes(&m->cfg, t->n_tokens);
+                if (sizes[k] > hdr.max_bytes)
+                    hdr.max_bytes = sizes[k];
+            }
+        }
+        hdr.n_pairs = st == PS_OK ? n_pairs : 0;
+    }
+    if ((st = comm_agree(c, st)) || (st = comm_bcast(c, &hdr, sizeof hdr)) || hdr.n_pairs == 0)
+        goto out;
+    if (hdr.by_prompt) {
+        if (!root && !(buf = malloc(hdr.bytes)))
+            st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for the chunk's tokens",
+                         (unsigned long long)hdr.bytes);
+        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
+            goto out;
+        st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, fast_rows, &values, &n_cells);
+    } else {
+        if (!root) {
+            n_pairs = hdr.n_pairs;
+            if ((pairs = calloc(n_pairs, sizeof *pairs)))
+                n_alloc = n_pairs;
+            sizes = malloc(n_pairs * sizeof *sizes);
+        }
+        buf = malloc(hdr.max_bytes);
+        if (!buf || !pairs || !sizes)
+            st = err_set(PS_ERR_NOMEM, "cannot allocate %llu bytes for a pair's caches",
+                         (unsigned long long)hdr.max_bytes);
+        if ((st = comm_agree(c, st)) || (st = comm_bcast(c, sizes, n_pairs * sizeof *sizes)))
+            goto out;
+        /* A rank whose unpacking failed still takes part in every bcast. */
+        for (size_t k = 0; k < n_pairs; k++) {
+            if (root)
+                patch_pair_pack(&pairs[k], buf);
+            ps_status bst = comm_bcast(c, buf, sizes[k]);
+            if (bst) {
+                st = bst;
+                goto out;
+            }
+            if (!root && st == PS_OK)
+                st = patch_pair_unpack(&pairs[k], &m->cfg, buf);
+        }
+        if ((st = comm_agree(c, st)) == PS_OK)
+            st = run_chunk(j, m, c, pairs, n_pairs, fast_rows, &values, &n_cells);
+        if (st == PS_OK && root) {
+            double *per_prompt = NULL;
+            st = interleave_metrics(j, &m->cfg, pairs, n_pairs, values, &per_prompt);
+            free(values);
+            values = per_prompt;
+        }
+    }
+    if (st == PS_OK) {
+        out->n_pairs = hdr.n_pairs;
+        out->by_prompt = hdr.by_prompt;
+        out->n_cells = n_cells;
+        out->values = values;
+        values = NULL;
+    }
+out:
+    free(values);
+    free(buf);
+    free(sizes);
+    for (size_t k = 0; k < n_alloc; k++)
+        patch_pair_free(&pairs[k]);
+    free(pairs);
+    return st;
+}

@@ -1,0 +1,113 @@
+/*
+ * What the sweep's files share (sweep.h explains the sweep):
+ *   sweep.c         sweep_run, the steps in order
+ *   sweep_plan.c    the dataset plan: which prompts, their tokens, what the
+ *                   journal says is done; the next chunk's prompts
+ *   sweep_dist.c    one chunk on every rank: the two distributions (by cell,
+ *                   by prompt) over comm and the scheduler that deals work
+ *   sweep_memory.c  the working-memory budget and every rank's memory figures
+ *   sweep_write.c   the NetCDF file from the journal, with the summary
+ * The journal's record format is the journal's (journal.h, journal_prompt).
+ */
+#ifndef PS_SWEEP_INTERNAL_H
+#define PS_SWEEP_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "dataset.h"
+#include "journal.h"
+#include "job.h"
+#include "model.h"
+#include "patch.h"
+#include "sweep.h"
+#include "tokenizer.h"
+
+/* ---- sweep_plan.c ---------------------------------------------------------- */
+
+/* Cells of one component's grid for a prompt of T tokens. */
+size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T);
+
+/* Cells of one prompt over the selected components (on[PATCH_COMPONENT_COUNT]). */
+size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T);
+
+/* What rank 0 knows about the dataset. */
+typedef struct {
+    dataset d;
+    size_t first;             /* dataset index of the plan's prompt 0 (slices) */
+    size_t n;                 /* prompts used (max_prompts and the slice applied) */
+    dataset_tokens *tk;       /* [n]; n_tokens == 0 for an invalid item */
+    char **invalid;           /* [n]: reason, or NULL when valid */
+    size_t n_invalid;
+    ps_status invalid_status; /* of the first invalid item */
+    unsigned char *state;     /* [n]: 0 to do, JOURNAL_PROMPT_DONE, JOURNAL_PROMPT_SKIPPED */
+    size_t max_T;
+} sweep_plan;
+
+/* Rank 0's set-up: read, tokenize and validate the dataset (invalid pairs
+ * stop the job unless skip_invalid); then either find `output` already the
+ * complete result of this job (res->was_complete) or open its journal into
+ * *jr, mark what it holds as done and journal the invalid pairs as skipped.
+ * dataset_sha gets the dataset file's sha256. */
+ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, const tokenizer *tok,
+                          const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res);
+void sweep_plan_free(sweep_plan *p);
+
+/* The next prompts not done yet, from *next on: index[0..return) (at most max). */
+size_t sweep_plan_next(const sweep_plan *p, size_t *next, size_t max, size_t *index);
+
+/* ---- sweep_dist.c ---------------------------------------------------------- */
+
+/* An item to deal (a cell or a prompt) and its expected cost. */
+typedef struct {
+    size_t cost, index;
+} sweep_cost;
+
+/* Deal items[0..n) to ranks, longest first to the least loaded (lowest rank
+ * on ties; equal costs in index order): owner[items[i].index] = rank.  The
+ * same plan on every rank from the same costs.  Sorts items. */
+ps_status sweep_deal(sweep_cost *items, size_t n, size_t ranks, uint32_t *owner);
+
+/* Distribution by prompt for a chunk of n_pairs prompts: the job's distribute,
+ * auto choosing it when by cell each rank would hold more pairs than its
+ * working memory allows (work_chunk) or when there are 4 or more a rank. */
+bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks);
+
+/* One chunk's results. */
+typedef struct {
+    size_t n_pairs;  /* prompts of the chunk, every rank; 0: no more chunks */
+    bool by_prompt;  /* the distribution used */
+    double *values;  /* rank 0: per prompt in chunk order, [clean metric,
+                        corrupted metric, values of its cells in component
+                        and grid order] (2 + sweep_prompt_cells each) */
+    size_t n_cells;  /* cells computed */
+} sweep_chunk;
+
+/* Collective: run one chunk on every rank.  Rank 0 passes the chunk's
+ * prompts, tk[index[k]] for k < n_pairs (n_pairs 0 ends the loop on every
+ * rank); the other ranks' tk, index and n_pairs are not used. */
+ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, const size_t *index,
+                           size_t n_pairs, size_t work_chunk, size_t fast_rows, sweep_chunk *out);
+void sweep_chunk_free(sweep_chunk *ch);
+
+/* ---- sweep_memory.c -------------------------------------------------------- */
+
+/* The working-memory budget of a rank (sweep_memory.c explains it). */
+void sweep_work_plan(const job *j, const model *m, size_t max_T, sweep_work *w);
+
+/* Collective: on rank 0, *text = one sweep_memory_format line per rank
+ * (malloc'd); NULL elsewhere. */
+ps_status sweep_memory_text(comm *c, char **text);
+
+/* ---- sweep_write.c --------------------------------------------------------- */
+
+/* Rank 0: the NetCDF file `output` from the journal (prompts not done are
+ * written as pending), with the provenance; fills res's counts, means and
+ * summary. */
+ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_plan *p, journal *jr,
+                      const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
+                      sweep_result *res);
+
+#endif
