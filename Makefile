@@ -88,7 +88,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             clang libclang-rt-dev
 
 .PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
-        fuzz fuzz-smoke fuzz-build
+        fuzz fuzz-smoke fuzz-build install check
 all: $(BIN) build/patchsweep
 
 # build/patchsweep always points at the release binary (what users run).
@@ -146,6 +146,31 @@ build/gen/ps_version.h: FORCE
 	 if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
 .PHONY: FORCE
 FORCE:
+
+# --- install ------------------------------------------------------------
+# make install PREFIX=/usr/local DESTDIR=: the binary, the static library,
+# its headers, a pkg-config file, and the GPT-2 tokenizer files, found by
+# the installed binary beside itself (PREFIX/share/patchsweep/gpt2).  The
+# library is static: a program linking it asks `pkg-config --static --libs
+# patchsweep` for the libraries it needs (Requires.private, Libs.private).
+# The .pc file's prefix is its own place (${pcfiledir}/../..), so the tree
+# can move (DESTDIR, a copied prefix), as the binary finds its share/.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+INST    := $(DESTDIR)$(PREFIX)
+install: $(BIN) $(LIB) tokenizer
+	install -d $(INST)/bin $(INST)/lib/pkgconfig $(INST)/include/patchsweep $(INST)/share/patchsweep/gpt2
+	install -m 755 $(BIN) $(INST)/bin/patchsweep
+	install -m 644 $(LIB) $(INST)/lib/libpatchsweep.a
+	install -m 644 include/patchsweep/*.h $(INST)/include/patchsweep/
+	install -m 644 $(TOKDIR)/encoder.json $(TOKDIR)/vocab.bpe $(INST)/share/patchsweep/gpt2/
+	@{ printf 'prefix=$${pcfiledir}/../..\nexec_prefix=$${prefix}\nlibdir=$${exec_prefix}/lib\nincludedir=$${prefix}/include\n\n'; \
+	   printf 'Name: patchsweep\nDescription: %s\nVersion: %s\n' \
+	       'mechanistic interpretability of transformer LMs: logit lens, activation patching, sweeps' '$(VERSION)'; \
+	   printf 'Requires.private: %s\nCflags: -I$${includedir}/patchsweep\n' '$(PKGS)'; \
+	   printf 'Libs: -L$${libdir} -lpatchsweep\nLibs.private: -lm -lpthread\n'; \
+	 } > $(INST)/lib/pkgconfig/patchsweep.pc
+	@echo "installed in $(INST)" >&2
 
 # --- set-up -------------------------------------------------------------
 # Installs only what is missing; a fresh machine may have no package lists,
