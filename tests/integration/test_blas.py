@@ -38,7 +38,7 @@ import tempfile
 import numpy as np
 import xarray as xr
 
-from checks import check, finish
+from checks import check, finish, skip
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
@@ -266,7 +266,7 @@ if affinity >= 2:
 
 # --- the real fallback, under qemu -----------------------------------------------------
 if ASAN:
-    print("skip the qemu cases: an ASan binary does not run under qemu-user (the release pass runs them)")
+    skip("the qemu cases", "an ASan binary does not run under qemu-user (the release pass runs them)")
 else:
     check("qemu-x86_64 installed (make deps: qemu-user)", QEMU is not None)
     if QEMU:

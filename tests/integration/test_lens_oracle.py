@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from checks import check, finish
+from checks import check, finish, skip
 
 ROOT = os.environ["PS_ROOT"]
 BIN = os.environ["PS_BIN"]
@@ -370,7 +370,7 @@ if os.path.exists(os.path.join(EMBEDDED, "model.safetensors")):
     test_lens("ioi-tiny", EMBEDDED, m, ids, a, [None])
     test_decompose("ioi-tiny", EMBEDDED, m, ids, a, w)
 else:
-    print(f"skip the embedded model: {EMBEDDED} does not exist yet")
+    skip("the embedded model", f"{EMBEDDED} does not exist")
 
 shutil.rmtree(TMP, ignore_errors=True)
 for t in ties:

@@ -29,7 +29,7 @@ import zlib
 import netCDF4
 import numpy as np
 
-from checks import check, failed, finish
+from checks import check, failed, finish, skip
 
 ROOT = os.environ["PS_ROOT"]
 BUILD = os.environ.get("PS_BUILD", os.path.join(ROOT, "build", "rel"))
@@ -571,7 +571,7 @@ def section_4():
 
     # a real multi-prompt file from the sweep of issue 6, when it exists
     if run("sweep", "--help").returncode != 0:
-        print("     (no `patchsweep sweep`: real sweep file skipped)")
+        skip("real sweep file", "no `patchsweep sweep`")
         return
     ds = os.path.join(TMP, "ioi.jsonl")
     job = os.path.join(TMP, "job.ini")
@@ -657,7 +657,7 @@ def section_5():
                   and lp[0]["xlabels"] == [str(s) for s in strings(REAL, "layer_label")], lp[0]["xlabels"] if lp else lp)
             render("real_lens", out)
     else:
-        print("     (no `patchsweep lens` yet: real lens file skipped)")
+        skip("real lens file", "no `patchsweep lens`")
 
 # ---- 6. labels that need escaping ---------------------------------------------------------------
 def section_6():

@@ -1,15 +1,15 @@
 """The MPI sweep job end to end:
   - 1, 2, 3 and 4 ranks give bitwise identical files, distributing cells
     or prompts;
-  - SIGKILL at several moments (and a torn journal record) then a rerun gives
-    the values of an uninterrupted run; SIGTERM stops cleanly (exit 3, a
-    readable file marked incomplete) and the rerun completes it;
+  - SIGKILL at fault points (after journal record N, inside the NetCDF
+    write; and a torn journal record) then a rerun gives the values of an
+    uninterrupted run; SIGTERM stops cleanly (exit 3, a readable file marked
+    incomplete) and the rerun completes it; 1 and 2 ranks;
   - the file follows the results contract and matches `patchsweep patch`;
   - bad job files and datasets fail with one clear line."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -125,70 +125,91 @@ check("--overwrite replaces it", r.returncode == 0 and "resid_pre" in values(f"{
       and "z" not in values(f"{TMP}/r0.nc")[0], r.stderr)
 
 # --- SIGKILL and resume ---------------------------------------------------
-# naive engine: slow enough to be killed mid-run
+# The kills come from the test build of the binary (patchsweep-faults,
+# include/patchsweep/fault.h) at named points, not after a guessed sleep:
+# PS_FAULT=journal_sync:N:kill dies once the journal holds N syncs (the first
+# is at open, then one per chunk: 24 prompts in chunks of 2 make 13), and
+# results_window:1:kill dies inside the NetCDF write, every chunk journaled.
+FAULT_BIN = private_binary(os.path.join(os.environ["PS_BUILD"], "tests", "patchsweep-faults"), TMP)
 kjob = write_job("kill", engine="naive", components="resid_pre,z_all_pos", chunk=2)
 r = run(["sweep", kjob, "--output", f"{TMP}/kref.nc"])
+check("reference run of the kill job", r.returncode == 0, r.stderr[-400:])
 kref, _ = values(f"{TMP}/kref.nc")
-t_full = float(r.stdout.split(" s\n")[0].rsplit(" ", 1)[1]) if r.returncode == 0 else 1.0
 out = f"{TMP}/kill.nc"
-for k, frac in enumerate((0.4, 0.7) if QUICK else (0.15, 0.4, 0.7, 0.95)):
+
+
+def run_fault(fault, ranks, args):
+    """Run the fault binary with PS_FAULT=fault (rank 0 acts on it; under
+    mpirun -x passes it on) and wait for every process of the run."""
+    cmd = ((["mpirun", "--oversubscribe", "-x", "PS_FAULT", "-np", str(ranks)] if ranks else [])
+           + [FAULT_BIN] + args)
+    p = subprocess.Popen(cmd, env=dict(MPI_ENV, PS_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    so, se = p.communicate(timeout=600)
+    # mpirun may be reaped before its ranks are: wait for the group to go
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    return p.returncode, so, se
+
+
+KILLS = ([("journal_sync:4:kill", 2), ("results_window:1:kill", 0)] if QUICK else
+         [("journal_sync:1:kill", 0), ("journal_sync:4:kill", 2), ("journal_sync:8:kill", 0),
+          ("journal_sync:13:kill", 2), ("results_window:1:kill", 0), ("results_window:1:kill", 2)])
+for k, (fault, ranks) in enumerate(KILLS):
     if os.path.exists(out):
         os.remove(out)
-    for ranks in ((0,) if k % 2 == 0 else (2,)):
-        cmd = (["mpirun", "--oversubscribe", "-np", str(ranks)] if ranks else []) + [BIN, "sweep", kjob]
-        p = subprocess.Popen(cmd, env=MPI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        time.sleep(max(0.05, frac * t_full * (3 if ranks else 1)))
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        # mpirun is reaped first; its ranks may still be dying: wait for the group
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                os.killpg(p.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
+    what = f"SIGKILL at {fault.rsplit(':', 1)[0]}{f' ({ranks} ranks)' if ranks else ''}"
+    rc, so, se = run_fault(fault, ranks, ["sweep", kjob])
+    site, n = fault.split(":")[:2]
+    fired = f"fault: {site} #{n}: kill" in se
+    check(f"{what}: the fault fired and killed the run", fired and rc != 0, f"exit {rc}: {se[-400:]}")
     j = out + ".journal"
-    if k == 1 and os.path.exists(j):
-        # a torn record: the tail of a record cut off mid-write
-        size = os.path.getsize(j)
+    if fault == "journal_sync:4:kill":
+        # a torn record: the tail of the last record cut off mid-write
+        size = os.path.getsize(j) if os.path.exists(j) else 0
+        check(f"{what}: a journal with records to tear", size > 600, size)
         if size > 600:
             with open(j, "r+b") as f:
                 f.truncate(size - 5)
-    check(f"after SIGKILL #{k + 1} no file under the final name is partial",
-          not os.path.exists(out) or values(out)[1].get("complete") in ("true", "false"))
+    check(f"{what}: no file under the final name", not os.path.exists(out))
     r = run(["sweep", kjob])
     ok = r.returncode == 0 and os.path.exists(out) and same(kref, values(out)[0])
-    check(f"SIGKILL at {int(frac * 100)}% of the run{' (2 ranks)' if k % 2 else ''}, rerun: identical values", ok,
-          r.stderr[-400:])
-    check(f"journal removed when complete #{k + 1}", not os.path.exists(j))
+    check(f"{what}, rerun: identical values", ok, r.stderr[-400:])
+    # from the first chunk journaled on, the rerun takes prompts from the journal
+    check(f"{what}, rerun: resumes from the journal" if fault != "journal_sync:1:kill" else
+          f"{what}, rerun: nothing to resume", ("from an earlier run" in r.stdout) == (fault != "journal_sync:1:kill"),
+          r.stdout[-400:])
+    check(f"{what}: journal removed when complete", not os.path.exists(j))
 
 # --- SIGTERM ----------------------------------------------------------------
-os.remove(out)
-p = subprocess.Popen([BIN, "sweep", kjob], env=MPI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-# signal once the first chunk is journaled (header 512 bytes + a record)
-deadline = time.time() + 120
-while time.time() < deadline and p.poll() is None and not (
-        os.path.exists(out + ".journal") and os.path.getsize(out + ".journal") > 600):
-    time.sleep(0.02)
-p.send_signal(signal.SIGTERM)
-so, se = p.communicate(timeout=300)
-if p.returncode == 0:
-    check("SIGTERM (the run finished before the signal; skipped)", True)
-else:
-    check("SIGTERM exits with status 3", p.returncode == 3, f"{p.returncode} {se[-300:]}")
+# SIGTERM once the journal holds 3 syncs (open + 2 chunks of 2 prompts): a
+# clean stop after the current chunk.  A run that finishes anyway fails.
+for ranks in (0, 2):
+    os.remove(out)
+    what = f"SIGTERM{f' ({ranks} ranks)' if ranks else ''}"
+    rc, so, se = run_fault("journal_sync:3:term", ranks, ["sweep", kjob])
+    check(f"{what}: the fault fired", "fault: journal_sync #3: term" in se, se[-400:])
+    check(f"{what} exits with status 3", rc == 3, f"{rc} {se[-300:]}")
+    if not os.path.exists(out):
+        check(f"{what} leaves a readable file", False, "no file")
+        continue
     v, attrs = values(out)
     done = v["done"]
-    check("SIGTERM leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
+    check(f"{what} leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
           f"{attrs.get('complete')} {done.sum()}")
     pend = done == 0
-    check("prompts not done read as NaN in xarray (metrics, grids), done ones as numbers; lengths stay integers",
+    check(f"{what}: prompts not done read as NaN in xarray (metrics, grids), done ones as numbers; "
+          "lengths stay integers",
           all(np.isnan(v[k][pend]).all() for k in ("clean_metric", "corrupted_metric", "resid_pre", "z_all_pos"))
           and np.isfinite(v["clean_metric"][~pend]).all() and v["length"].dtype.kind == "i"
           and (v["length"][~pend] > 0).all(), {k: v[k][pend][:3] for k in ("clean_metric", "length")})
     r = run(["sweep", kjob, "--resume"])
-    check("resume after SIGTERM completes with identical values",
+    check(f"resume after {what} completes with identical values",
           r.returncode == 0 and "from an earlier run" in r.stdout and same(kref, values(out)[0]), r.stdout + r.stderr)
 
 # --- bad input --------------------------------------------------------------
