@@ -223,9 +223,7 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
     if ((st = ncout_check(nc_put_var_int(f->ncid, tok_var, c->tokens), f->tmp_path, "token_id")))
         goto out;
     for (size_t t = 0; t < T; t++) {
-        size_t len;
-        const char *bytes = tokenizer_token_bytes(tok, c->tokens[t], &len);
-        char *s = bytes ? str_utf8_sanitize(bytes, len) : strdup("");
+        char *s = tokenizer_token_display(tok, c->tokens[t], "");
         if (!s) {
             st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
             goto out;

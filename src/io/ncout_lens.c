@@ -101,9 +101,7 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t max_T
 static ps_status token_strings(const tokenizer *tok, const int32_t *ids, size_t n, char **out, const char *path)
 {
     for (size_t i = 0; i < n; i++) {
-        size_t len;
-        const char *b = tokenizer_token_bytes(tok, ids[i], &len);
-        out[i] = str_utf8_sanitize(b ? b : "", b ? len : 0);
+        out[i] = tokenizer_token_display(tok, ids[i], "");
         if (!out[i]) {
             for (size_t j = 0; j < i; j++)
                 free(out[j]);
