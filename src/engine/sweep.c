@@ -13,6 +13,7 @@
 #include "journal.h"
 #include "ncout.h"
 #include "ncout_lens.h"
+#include "schema.h"
 #include "sha256.h"
 
 /* ---- journal records ------------------------------------------------------
@@ -270,16 +271,16 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
     finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
     char ranks[32];
     snprintf(ranks, sizeof ranks, "%zu", o->ranks_for_provenance);
-    char slice[64] = "all";
+    char slice[64] = SCHEMA_SLICE_ALL;
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
     st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine);
     r.prompt_offset = p->first;
-    if (st || (st = ncout_put_attr(&f, "slice", slice)) ||
-        (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
-        (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
-        (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
-        (st = ncout_put_attr(&f, "memory_per_rank", memory)) ||
+    if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) || (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_TEXT, j->text)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_SHA256, j->sha256)) || (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) || (st = ncout_put_attr(&f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
         (st = summary_init(res, j, &m->cfg, p->max_T, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;
@@ -297,8 +298,8 @@ static ps_status finalize(const job *j, model *m, const tokenizer *tok, const pl
     res->complete = res->prompts_done + res->prompts_skipped == p->n;
     char num[32];
     snprintf(num, sizeof num, "%zu", res->prompts_done);
-    if ((st = ncout_results_flush(&r)) || (st = ncout_put_attr(&f, "complete", res->complete ? "true" : "false")) ||
-        (st = ncout_put_attr(&f, "prompts_done", num)))
+    if ((st = ncout_results_flush(&r)) || (st = ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, res->complete ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_PROMPTS_DONE, num)))
         goto out;
     st = ncout_commit(&f);
     if (st == PS_OK) {
@@ -713,15 +714,10 @@ static ps_status root_setup(const job *j, model *m, const tokenizer *tok, const 
     snprintf(jpath, sizeof jpath, "%s.journal", output);
     /* A complete result file of this very job and no journal: nothing to do. */
     if (!o->overwrite && access(jpath, F_OK) != 0 && access(output, F_OK) == 0) {
-        char *a = NULL, *b = NULL, *cc = NULL, *done = NULL, *sl = NULL, want_slice[64] = "all";
+        char want_slice[64] = SCHEMA_SLICE_ALL;
         if (o->n_slices)
             snprintf(want_slice, sizeof want_slice, "%zu/%zu", o->slice, o->n_slices);
-        bool same = ncout_read_attr(output, "job_sha256", &a) == PS_OK && !strcmp(a, j->sha256) &&
-                    ncout_read_attr(output, "model_sha256", &b) == PS_OK && !strcmp(b, m->sha256) &&
-                    ncout_read_attr(output, "dataset_sha256", &cc) == PS_OK && !strcmp(cc, dataset_sha) &&
-                    ncout_read_attr(output, "slice", &sl) == PS_OK && !strcmp(sl, want_slice) &&
-                    ncout_read_attr(output, "complete", &done) == PS_OK && !strcmp(done, "true");
-        free(a), free(b), free(cc), free(done), free(sl);
+        bool same = schema_is_complete_run(output, j->sha256, m->sha256, dataset_sha, want_slice);
         if (!same)
             return err_set(PS_ERR_INVALID,
                            "%s exists and is not the complete result of this job, model, dataset and slice "
