@@ -166,7 +166,8 @@
 #define SCHEMA_ENGINE_NAIVE "naive"
 #define SCHEMA_NORMALIZED_FORMULA "(patched - corrupted_metric) / (clean_metric - corrupted_metric)"
 
-/* ---- fill values (schema.c checks them against netCDF's) ---- */
+/* ---- fill values (spelled out so that this header needs no netcdf.h;
+ * tests/unit/test_ncout.c checks them against netCDF's) ---- */
 #define SCHEMA_FILL_GRID 9.9692099683868690e+36f   /* NC_FILL_FLOAT: C, C_normalized */
 #define SCHEMA_FILL_METRIC 9.9692099683868690e+36  /* NC_FILL_DOUBLE: clean/corrupted_metric */
 #define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id */

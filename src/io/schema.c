@@ -1,15 +1,10 @@
 #include "schema.h"
 
-#include <netcdf.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "ncin.h"
-
-/* The header spells netCDF's fill values out so that it needs no netcdf.h. */
-_Static_assert(SCHEMA_FILL_GRID == NC_FILL_FLOAT, "SCHEMA_FILL_GRID is NC_FILL_FLOAT");
-_Static_assert(SCHEMA_FILL_METRIC == NC_FILL_DOUBLE, "SCHEMA_FILL_METRIC is NC_FILL_DOUBLE");
 
 const char *const schema_identity_atts[SCHEMA_N_IDENTITY_ATTS] = {
     SCHEMA_ATT_JOB_SHA256, SCHEMA_ATT_MODEL_SHA256, SCHEMA_ATT_DATASET_SHA256,
