@@ -6,6 +6,8 @@
  * result (sweeps, which append chunk by chunk, use their own `done` marks on
  * top of this; see sweep.h).
  *
+ * The file format (names, types, fill values) is schema.h's contract.
+ *
  * Provenance (global attributes of every file): patchsweep_version,
  * command_line, created (UTC ISO 8601), model_path, model_sha256,
  * model_config (config.json text), model_dtype, Conventions; and once the
@@ -40,10 +42,6 @@ ps_status ncout_create(ncout_file *f, const char *path);
  * writable (checked before hours of work, not after). */
 ps_status ncout_check_writable(const char *path);
 
-/* The text attribute `name` of an existing NetCDF file (malloc'd), or
- * PS_ERR_INVALID if the file has none; PS_ERR_IO/FORMAT if unreadable. */
-ps_status ncout_read_attr(const char *path, const char *name, char **value);
-
 /* Close and atomically rename to the final name. */
 ps_status ncout_commit(ncout_file *f);
 
@@ -62,7 +60,8 @@ ps_status ncout_check(int nc_status, const char *path, const char *what);
 ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const forward_cache *c,
                             const hook_set *hooks, bool bos);
 
-/* Patching results (contract, ../shared/DESIGN.md): dimensions prompt
+/* Patching results (the whole contract, names, types and fill values:
+ * schema.h): dimensions prompt
  * (unlimited), layer, position, head; per selected component C the raw
  * patched metric C(prompt, layer, position) / C(prompt, layer, position,
  * head) / C(prompt, layer, head) and C_normalized likewise; per prompt

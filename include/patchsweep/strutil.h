@@ -16,6 +16,15 @@ bool str_utf8_valid(const char *s, size_t len);
  * NUL bytes become U+FFFD too, so the result is a C string. NULL on OOM. */
 char *str_utf8_sanitize(const char *s, size_t len);
 
+/* The one replacement loop behind str_utf8_sanitize and the tokenizer's
+ * input repair: s[0..len) with every maximal invalid UTF-8 subpart replaced
+ * by U+FFFD, written to out (when not NULL: room for 3 * len + 1 bytes, or
+ * the *out_len of a first call with out = NULL, plus 1) and NUL-terminated;
+ * *out_len (when not NULL) is the repaired length.  keep_nul: NUL bytes are
+ * kept as characters (the tokenizer encodes them), else replaced.  Returns
+ * the number of replacements (0: s was valid). */
+size_t str_utf8_repair(const char *s, size_t len, bool keep_nul, char *out, size_t *out_len);
+
 /* Length in bytes of the well-formed UTF-8 sequence at s[0..n) (1..4), or 0
  * if s does not start one; then *bad (if not NULL) is the length of its
  * maximal invalid subpart: the longest prefix that could still begin a

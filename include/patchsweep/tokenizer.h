@@ -59,6 +59,11 @@ ps_status tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, cha
 /* The decoded bytes of one token (not NUL-terminated), NULL if out of range. */
 const char *tokenizer_token_bytes(const tokenizer *t, int32_t id, size_t *len);
 
+/* One token as display text, malloc'd (NULL on OOM): its bytes with invalid
+ * UTF-8 shown as U+FFFD (str_utf8_sanitize), or a copy of `unknown` when the
+ * id is out of range (the CLI shows "?", the NetCDF writers store ""). */
+char *tokenizer_token_display(const tokenizer *t, int32_t id, const char *unknown);
+
 /* The token id if `text` encodes to exactly one token, else PS_ERR_INVALID
  * with a message that says how many tokens it is and which ones. */
 ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id);

@@ -105,13 +105,6 @@ ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, in
     return PS_OK;
 }
 
-char *cli_token_display(const tokenizer *tok, int32_t id)
-{
-    size_t len;
-    const char *b = tokenizer_token_bytes(tok, id, &len);
-    return b ? str_utf8_sanitize(b, len) : strdup("?");
-}
-
 void cli_print_quoted(FILE *out, const char *s)
 {
     fputc('\'', out);

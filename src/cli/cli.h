@@ -65,9 +65,6 @@ int cli_load(const char *cmd, const cli_common *o, model *m, tokenizer **tok);
 /* Tokenize a prompt, with <|endoftext|> first when bos. */
 ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, int32_t **ids, size_t *n);
 
-/* A token as display text (invalid UTF-8 shown as U+FFFD), malloc'd. */
-char *cli_token_display(const tokenizer *tok, int32_t id);
-
 /* 'text' with \n, \t and ' escaped. */
 void cli_print_quoted(FILE *out, const char *s);
 

@@ -77,7 +77,7 @@ static int prepare(const char *cmd, const model *m, const tokenizer *tok, bool b
  * (what cli_print_quoted prints), malloc'd. */
 static char *quoted_token(const tokenizer *tok, int32_t id)
 {
-    char *s = cli_token_display(tok, id);
+    char *s = tokenizer_token_display(tok, id, "?");
     if (!s)
         return NULL;
     char *q = malloc(2 * strlen(s) + 3), *o = q;
@@ -145,7 +145,7 @@ static json_t *top_json(const lens_view *v, size_t r, const tokenizer *tok)
     json_t *a = json_array();
     for (size_t j = 0; j < v->k; j++) {
         int32_t id = v->top_id[r * v->k + j];
-        char *s = cli_token_display(tok, id);
+        char *s = tokenizer_token_display(tok, id, "?");
         json_array_append_new(a, json_pack("{s:i,s:s,s:f,s:f}", "id", id, "token", s ? s : "?", "prob",
                                            v->top_prob[r * v->k + j], "logit", (double)v->logits[r * v->V + id]));
         free(s);
@@ -165,12 +165,12 @@ static void answer_json(json_t *o, const lens_answer *a)
 /* The prompt and position part of every JSON answer. */
 static json_t *prompt_json(const prompt_run *pr, const tokenizer *tok)
 {
-    char *s = cli_token_display(tok, pr->ids[pr->position]);
+    char *s = tokenizer_token_display(tok, pr->ids[pr->position], "?");
     json_t *o = json_pack("{s:i,s:i,s:i,s:s}", "n_tokens", (int)pr->n, "position", (int)pr->position, "token_id",
                           pr->ids[pr->position], "token", s ? s : "?");
     free(s);
     if (pr->answer != LENS_NO_TOKEN) {
-        s = cli_token_display(tok, pr->answer);
+        s = tokenizer_token_display(tok, pr->answer, "?");
         json_object_set_new(o, "answer", json_string(s ? s : "?"));
         json_object_set_new(o, "answer_id", json_integer(pr->answer));
         free(s);
@@ -469,7 +469,7 @@ static json_t *attribution_json(const lens_attribution *a, const model_config *c
     json_t *o = json_pack("{s:f,s:o,s:f,s:f,s:f}", "scale", a->scale, "parts", parts, "sum", a->sum, "total",
                           a->total, "residual_error", a->total - a->sum);
     if (pr->wrong != LENS_NO_TOKEN) {
-        char *s = cli_token_display(tok, pr->wrong);
+        char *s = tokenizer_token_display(tok, pr->wrong, "?");
         json_object_set_new(o, "wrong", json_string(s ? s : "?"));
         json_object_set_new(o, "wrong_id", json_integer(pr->wrong));
         free(s);

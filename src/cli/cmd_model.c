@@ -42,7 +42,7 @@ int cmd_tokenize(int argc, char **argv)
     }
     json_t *jids = json_array(), *jtoks = json_array();
     for (size_t i = 0; i < n; i++) {
-        char *s = cli_token_display(tok, ids[i]);
+        char *s = tokenizer_token_display(tok, ids[i], "?");
         if (o.json) {
             json_array_append_new(jids, json_integer(ids[i]));
             json_array_append_new(jtoks, json_string(s));
@@ -145,7 +145,7 @@ int cmd_run(int argc, char **argv)
         printf("%zu tokens; next token:\n%4s %6s %9s %9s  %s\n", n, "rank", "id", "prob", "logit", "token");
     for (size_t i = 0; i < k; i++) {
         double p = exp((double)top[i].logit - mx) / z;
-        char *s = cli_token_display(tok, top[i].id);
+        char *s = tokenizer_token_display(tok, top[i].id, "?");
         if (o.json) {
             json_array_append_new(jtop, json_pack("{s:i,s:s,s:f,s:f}", "id", top[i].id, "token", s, "prob", p,
                                                   "logit", (double)top[i].logit));

@@ -162,9 +162,7 @@ static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_c
             continue;
         }
         /* Column labels as the worksheet's: token_index, cut to 9 chars. */
-        size_t len;
-        const char *b = tokenizer_token_bytes(tok, p->corrupted.tokens[j], &len);
-        char *s = b ? str_utf8_sanitize(b, len) : strdup("?");
+        char *s = tokenizer_token_display(tok, p->corrupted.tokens[j], "?");
         char label[64];
         snprintf(label, sizeof label, "%s_%zu", s ? s : "?", j);
         free(s);
@@ -273,7 +271,7 @@ int cmd_patch(int argc, char **argv)
         }
         json_t *toks = json_array();
         for (size_t t = 0; t < nc; t++) {
-            char *s = cli_token_display(tok, pair.corrupted.tokens[t]);
+            char *s = tokenizer_token_display(tok, pair.corrupted.tokens[t], "?");
             json_array_append_new(toks, json_string(s ? s : ""));
             free(s);
         }

@@ -13,6 +13,7 @@
 #include "job.h"
 #include "pool.h"
 #include "prov.h"
+#include "schema.h"
 #include "sweep.h"
 
 static const char *sweep_help =
@@ -194,18 +195,6 @@ static void node_weights_release(void *user, void *ptr)
 
 enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE };
 
-/* "K/N" with 1 <= K <= N */
-static bool parse_slice(const char *s, size_t *k, size_t *n)
-{
-    const char *slash = strchr(s, '/');
-    if (!slash || slash == s || slash - s > 20)
-        return false;
-    char a[24];
-    memcpy(a, s, (size_t)(slash - s));
-    a[slash - s] = '\0';
-    return cli_parse_size(a, 1, 1000000, k) && cli_parse_size(slash + 1, 1, 1000000, n) && *k <= *n;
-}
-
 int cmd_sweep(int argc, char **argv)
 {
     static const struct option opts[] = {{"output", required_argument, 0, 'o'},
@@ -229,7 +218,7 @@ int cmd_sweep(int argc, char **argv)
                 return cli_usage("sweep", "--threads takes a whole number from 1 to 4096, not '%s'", optarg);
             break;
         case OPT_SLICE:
-            if (!parse_slice(optarg, &slice, &n_slices))
+            if (!schema_parse_slice(optarg, SCHEMA_SLICE_MAX, &slice, &n_slices))
                 return cli_usage("sweep", "--slice takes K/N with 1 <= K <= N, not '%s'", optarg);
             break;
         case 'h': fputs(sweep_help, stdout); return 0;

@@ -109,45 +109,18 @@ static size_t utf8_encode_small(uint32_t cp, char buf[2])
 static ps_status utf8_sanitize(const char *text, size_t len, const char **out, size_t *out_len,
                                char **owned)
 {
-    const unsigned char *s = (const unsigned char *)text;
-    size_t i = 0, new_len = 0, n_bad = 0;
+    size_t new_len = 0;
     *out = text;
     *out_len = len;
     *owned = NULL;
-    while (i < len) {
-        size_t bad = 0, k = s[i] < 0x80 ? 1 : str_utf8_seq_len(s + i, len - i, &bad);
-        if (k) {
-            new_len += k;
-            i += k;
-        } else {
-            new_len += 3;
-            i += bad;
-            n_bad++;
-        }
-    }
-    if (n_bad == 0)
+    if (str_utf8_repair(text, len, true, NULL, &new_len) == 0)
         return PS_OK;
     char *buf = malloc(new_len + 1);
     if (!buf)
         return err_set(PS_ERR_NOMEM, "tokenizer: cannot allocate %zu bytes for the UTF-8-repaired text",
                        new_len + 1);
-    size_t o = 0;
-    i = 0;
-    while (i < len) {
-        size_t bad = 0, k = str_utf8_seq_len(s + i, len - i, &bad);
-        if (k) {
-            memcpy(buf + o, s + i, k);
-            o += k;
-            i += k;
-        } else {
-            memcpy(buf + o, "\xEF\xBF\xBD", 3);
-            o += 3;
-            i += bad;
-        }
-    }
-    buf[o] = '\0';
+    str_utf8_repair(text, len, true, buf, out_len);
     *out = buf;
-    *out_len = o;
     *owned = buf;
     return PS_OK;
 }
@@ -1018,6 +991,13 @@ const char *tokenizer_token_bytes(const tokenizer *t, int32_t id, size_t *len)
     if (len)
         *len = t->tok_off[id + 1] - t->tok_off[id];
     return t->tok_bytes + t->tok_off[id];
+}
+
+char *tokenizer_token_display(const tokenizer *t, int32_t id, const char *unknown)
+{
+    size_t len;
+    const char *b = tokenizer_token_bytes(t, id, &len);
+    return b ? str_utf8_sanitize(b, len) : strdup(unknown);
 }
 
 ps_status tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len)

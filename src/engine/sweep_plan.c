@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "ncout.h"
+#include "schema.h"
 #include "sha256.h"
 
 size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T)
@@ -115,20 +116,6 @@ static ps_status mark_record(void *user, const void *payload, size_t n)
     return st;
 }
 
-/* The output is the complete result of this very job, model, dataset and slice. */
-static bool output_is_complete(const char *output, const job *j, const model *m, const char *dataset_sha,
-                               const char *want_slice)
-{
-    char *a = NULL, *b = NULL, *cc = NULL, *done = NULL, *sl = NULL;
-    bool same = ncout_read_attr(output, "job_sha256", &a) == PS_OK && !strcmp(a, j->sha256) &&
-                ncout_read_attr(output, "model_sha256", &b) == PS_OK && !strcmp(b, m->sha256) &&
-                ncout_read_attr(output, "dataset_sha256", &cc) == PS_OK && !strcmp(cc, dataset_sha) &&
-                ncout_read_attr(output, "slice", &sl) == PS_OK && !strcmp(sl, want_slice) &&
-                ncout_read_attr(output, "complete", &done) == PS_OK && !strcmp(done, "true");
-    free(a), free(b), free(cc), free(done), free(sl);
-    return same;
-}
-
 ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, const tokenizer *tok,
                           const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res)
 {
@@ -145,10 +132,10 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, co
     snprintf(jpath, sizeof jpath, "%s.journal", output);
     /* A complete result file of this very job and no journal: nothing to do. */
     if (!o->overwrite && access(jpath, F_OK) != 0 && access(output, F_OK) == 0) {
-        char want_slice[64] = "all";
+        char want_slice[64] = SCHEMA_SLICE_ALL;
         if (o->n_slices)
             snprintf(want_slice, sizeof want_slice, "%zu/%zu", o->slice, o->n_slices);
-        if (!output_is_complete(output, j, m, dataset_sha, want_slice))
+        if (!schema_is_complete_run(output, j->sha256, m->sha256, dataset_sha, want_slice))
             return err_set(PS_ERR_INVALID,
                            "%s exists and is not the complete result of this job, model, dataset and slice "
                            "(use --overwrite to replace it)", output);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "ncout.h"
+#include "schema.h"
 
 typedef struct {
     const sweep_plan *p;
@@ -118,16 +119,19 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_
     finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
     char ranks[32];
     snprintf(ranks, sizeof ranks, "%zu", o->ranks_for_provenance);
-    char slice[64] = "all";
+    char slice[64] = SCHEMA_SLICE_ALL;
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
     st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine);
     r.prompt_offset = p->first;
-    if (st || (st = ncout_put_attr(&f, "slice", slice)) ||
-        (st = ncout_put_attr(&f, "job_path", j->path)) || (st = ncout_put_attr(&f, "job_text", j->text)) ||
-        (st = ncout_put_attr(&f, "job_sha256", j->sha256)) || (st = ncout_put_attr(&f, "dataset_path", j->dataset)) ||
-        (st = ncout_put_attr(&f, "dataset_sha256", dataset_sha)) || (st = ncout_put_attr(&f, "mpi_ranks", ranks)) ||
-        (st = ncout_put_attr(&f, "memory_per_rank", memory)) ||
+    if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_TEXT, j->text)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_SHA256, j->sha256)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
         (st = summary_init(res, j, &m->cfg, p->max_T, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;
@@ -145,8 +149,9 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_
     res->complete = res->prompts_done + res->prompts_skipped == p->n;
     char num[32];
     snprintf(num, sizeof num, "%zu", res->prompts_done);
-    if ((st = ncout_results_flush(&r)) || (st = ncout_put_attr(&f, "complete", res->complete ? "true" : "false")) ||
-        (st = ncout_put_attr(&f, "prompts_done", num)))
+    if ((st = ncout_results_flush(&r)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, res->complete ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_PROMPTS_DONE, num)))
         goto out;
     st = ncout_commit(&f);
     if (st == PS_OK) {

@@ -1,5 +1,6 @@
 #include "merge.h"
 
+#include <math.h>
 #include <netcdf.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -11,8 +12,10 @@
 
 #include "dataset.h"
 #include "fsutil.h"
+#include "ncin.h"
 #include "ncout.h"
 #include "prov.h"
+#include "schema.h"
 
 /* The results schema has at most 4 dimensions per variable (prompt, layer,
  * position, head); a little room for files of later versions. */
@@ -30,7 +33,8 @@ typedef struct {
 
 typedef struct {
     const char *path;
-    int ncid;                    /* -1 when closed */
+    ncin_file in;                /* the reader: attributes, flags */
+    int ncid;                    /* in.ncid, for the raw copies; -1 when closed */
     int ndims;
     dim_info dims[FILE_DIMS_MAX]; /* by dimension id */
     int prompt_dim, position_dim; /* dimension ids; position_dim -1 when absent */
@@ -40,13 +44,10 @@ typedef struct {
     size_t done, skipped;
 } part;
 
-/* The identity of a sweep: parts of one merge must agree on all of these. */
-static const char *const identity_atts[] = {"job_sha256", "model_sha256", "dataset_sha256",
-                                            "metric",     "direction",    "engine"};
 /* Per-run provenance that merge writes anew and keeps as parts_NAME. */
-static const char *const run_atts[] = {"patchsweep_version", "command_line", "created"};
+static const char *const run_atts[] = {SCHEMA_ATT_PATCHSWEEP_VERSION, SCHEMA_ATT_COMMAND_LINE, SCHEMA_ATT_CREATED};
 /* Describe the part alone; the merged file has its own. */
-static const char *const dropped_atts[] = {"slice", "complete", "prompts_done"};
+static const char *const dropped_atts[] = {SCHEMA_ATT_SLICE, SCHEMA_ATT_COMPLETE, SCHEMA_ATT_PROMPTS_DONE};
 
 static bool in_list(const char *name, const char *const *list, size_t n)
 {
@@ -69,38 +70,11 @@ static bool mul_ok(size_t a, size_t b, size_t *out)
     return true;
 }
 
-/* A global text attribute (NC_CHAR, or one NC_STRING), malloc'd; *value =
- * NULL when absent. */
+/* A global text attribute (ncin_get_text_att), malloc'd; *value = NULL when
+ * absent. */
 static ps_status get_text_att(const part *p, const char *name, char **value)
 {
-    *value = NULL;
-    nc_type type;
-    size_t len;
-    if (nc_inq_att(p->ncid, NC_GLOBAL, name, &type, &len) != NC_NOERR)
-        return PS_OK;
-    if (type == NC_CHAR) {
-        char *v = malloc(len + 1);
-        if (!v)
-            return err_set(PS_ERR_NOMEM, "out of memory");
-        int rc = nc_get_att_text(p->ncid, NC_GLOBAL, name, v);
-        if (rc != NC_NOERR) {
-            free(v);
-            return read_fail(rc, p->path, name);
-        }
-        v[len] = '\0';
-        *value = v;
-        return PS_OK;
-    }
-    if (type == NC_STRING && len == 1) {
-        char *s = NULL;
-        int rc = nc_get_att_string(p->ncid, NC_GLOBAL, name, &s);
-        if (rc != NC_NOERR)
-            return read_fail(rc, p->path, name);
-        *value = strdup(s ? s : "");
-        nc_free_string(1, &s);
-        return *value ? PS_OK : err_set(PS_ERR_NOMEM, "out of memory");
-    }
-    return err_set(PS_ERR_FORMAT, "%s: global attribute '%s' is not text", p->path, name);
+    return ncin_get_text_att(&p->in, NULL, name, value);
 }
 
 static ps_status require_text_att(const part *p, const char *name, char **value)
@@ -111,23 +85,6 @@ static ps_status require_text_att(const part *p, const char *name, char **value)
     return st;
 }
 
-/* "K/N" with 1 <= K <= N */
-static bool parse_slice(const char *s, size_t *k, size_t *n)
-{
-    char *end;
-    if (*s < '1' || *s > '9')
-        return false;
-    unsigned long long a = strtoull(s, &end, 10);
-    if (*end != '/' || end[1] < '1' || end[1] > '9')
-        return false;
-    unsigned long long b = strtoull(end + 1, &end, 10);
-    if (*end || a > b || b > SIZE_MAX)
-        return false;
-    *k = (size_t)a;
-    *n = (size_t)b;
-    return true;
-}
-
 /* Open a part and read its dimensions, slice, flags and prompt indices. */
 static ps_status part_open(part *p, const char *path)
 {
@@ -135,14 +92,17 @@ static ps_status part_open(part *p, const char *path)
     p->path = path;
     p->ncid = -1;
     p->prompt_dim = p->position_dim = -1;
-    int rc = nc_open(path, NC_NOWRITE, &p->ncid);
-    if (rc != NC_NOERR) {
-        p->ncid = -1;
-        /* positive statuses are errno values: the file could not be opened */
-        return err_set(rc > 0 ? PS_ERR_IO : PS_ERR_FORMAT, "%s: not a readable NetCDF file: %s", path,
-                       nc_strerror(rc));
+    ps_status st = ncin_open(&p->in, path);
+    if (st) {
+        /* ncin's message without its "PATH: " */
+        char why[512];
+        const char *m = err_msg();
+        size_t n = strlen(path);
+        snprintf(why, sizeof why, "%s", !strncmp(m, path, n) && !strncmp(m + n, ": ", 2) ? m + n + 2 : m);
+        return err_set(st, "%s: not a readable NetCDF file: %s", path, why);
     }
-    int ndims, unlimited;
+    p->ncid = p->in.ncid;
+    int ndims, unlimited, rc;
     if ((rc = nc_inq(p->ncid, &ndims, NULL, NULL, &unlimited)) != NC_NOERR)
         return read_fail(rc, path, "cannot read its structure");
     if (ndims > FILE_DIMS_MAX)
@@ -158,9 +118,9 @@ static ps_status part_open(part *p, const char *path)
     for (int i = 0; i < ndims; i++) {
         if ((rc = nc_inq_dim(p->ncid, i, p->dims[i].name, &p->dims[i].len)) != NC_NOERR)
             return read_fail(rc, path, "dimensions");
-        if (!strcmp(p->dims[i].name, "prompt"))
+        if (!strcmp(p->dims[i].name, SCHEMA_DIM_PROMPT))
             p->prompt_dim = i;
-        else if (!strcmp(p->dims[i].name, "position"))
+        else if (!strcmp(p->dims[i].name, SCHEMA_DIM_POSITION))
             p->position_dim = i;
     }
     if (p->prompt_dim < 0 || p->prompt_dim != unlimited)
@@ -176,16 +136,16 @@ static ps_status part_open(part *p, const char *path)
                        DATASET_MAX_ITEMS);
 
     char *complete = NULL, *slice = NULL;
-    ps_status st = require_text_att(p, "complete", &complete);
-    if (st == PS_OK && strcmp(complete, "true"))
+    st = require_text_att(p, SCHEMA_ATT_COMPLETE, &complete);
+    if (st == PS_OK && strcmp(complete, SCHEMA_TRUE))
         st = err_set(PS_ERR_INVALID,
                      "%s: not complete (complete = \"%s\"): rerun its sweep command to finish it before merging", path,
                      complete);
     if (st == PS_OK)
-        st = require_text_att(p, "slice", &slice);
-    if (st == PS_OK && !strcmp(slice, "all"))
+        st = require_text_att(p, SCHEMA_ATT_SLICE, &slice);
+    if (st == PS_OK && !strcmp(slice, SCHEMA_SLICE_ALL))
         st = err_set(PS_ERR_INVALID, "%s: slice = \"all\": already the whole dataset, not a part of it", path);
-    else if (st == PS_OK && !parse_slice(slice, &p->k, &p->n_slices))
+    else if (st == PS_OK && !schema_parse_slice(slice, SIZE_MAX, &p->k, &p->n_slices))
         st = err_set(PS_ERR_FORMAT, "%s: slice = \"%s\" is not K/N", path, slice);
     free(complete);
     free(slice);
@@ -193,31 +153,39 @@ static ps_status part_open(part *p, const char *path)
         return st;
 
     /* prompt_index: consecutive, so that the part is one interval */
-    int v_index, v_done, v_skipped;
-    if (nc_inq_varid(p->ncid, "prompt_index", &v_index) != NC_NOERR ||
-        nc_inq_varid(p->ncid, "done", &v_done) != NC_NOERR || nc_inq_varid(p->ncid, "skipped", &v_skipped) != NC_NOERR)
-        return err_set(PS_ERR_FORMAT, "%s: no prompt_index, done or skipped variable: not a patchsweep results file",
-                       path);
+    static const char *const flag_names[] = {SCHEMA_VAR_PROMPT_INDEX, SCHEMA_VAR_DONE, SCHEMA_VAR_SKIPPED};
+    static const char *const per_prompt[] = {SCHEMA_DIM_PROMPT};
+    ncin_var flag_vars[3];
+    for (size_t i = 0; i < 3; i++)
+        if (!ncin_has_var(&p->in, flag_names[i]))
+            return err_set(PS_ERR_FORMAT,
+                           "%s: no prompt_index, done or skipped variable: not a patchsweep results file", path);
+    for (size_t i = 0; i < 3 && st == PS_OK; i++)
+        if ((st = ncin_inq_var(&p->in, flag_names[i], &flag_vars[i])) == PS_OK)
+            st = ncin_expect_dims(&p->in, &flag_vars[i], per_prompt, 1);
+    if (st)
+        return st;
     size_t bytes;
-    if (!mul_ok(p->n, sizeof(long long) + 2, &bytes))
+    if (!mul_ok(p->n, 3 * sizeof(double), &bytes))
         return err_set(PS_ERR_NOMEM, "%s: %zu prompts: too many", path, p->n);
-    long long *index = malloc(p->n * sizeof *index);
-    signed char *done = malloc(p->n), *skipped = malloc(p->n);
+    /* read as doubles (exact for every int32 index); a fill value is NaN */
+    double *index = malloc(p->n * sizeof *index), *done = malloc(p->n * sizeof *done),
+           *skipped = malloc(p->n * sizeof *skipped);
     if (!index || !done || !skipped)
         st = err_set(PS_ERR_NOMEM, "%s: out of memory for %zu prompts", path, p->n);
-    size_t start = 0, count = p->n;
-    if (st == PS_OK && (rc = nc_get_vara_longlong(p->ncid, v_index, &start, &count, index)) != NC_NOERR)
-        st = read_fail(rc, path, "prompt_index");
-    if (st == PS_OK && (rc = nc_get_vara_schar(p->ncid, v_done, &start, &count, done)) != NC_NOERR)
-        st = read_fail(rc, path, "done");
-    if (st == PS_OK && (rc = nc_get_vara_schar(p->ncid, v_skipped, &start, &count, skipped)) != NC_NOERR)
-        st = read_fail(rc, path, "skipped");
+    if (st == PS_OK)
+        st = ncin_read_double(&p->in, &flag_vars[0], 0, p->n, index);
+    if (st == PS_OK)
+        st = ncin_read_double(&p->in, &flag_vars[1], 0, p->n, done);
+    if (st == PS_OK)
+        st = ncin_read_double(&p->in, &flag_vars[2], 0, p->n, skipped);
     for (size_t i = 0; st == PS_OK && i < p->n; i++) {
-        if (index[i] < 0 || (i > 0 && index[i] != index[0] + (long long)i))
-            st = err_set(PS_ERR_FORMAT, "%s: prompt %zu has prompt_index %lld: the indices are not consecutive", path,
+        if (!(index[i] >= 0) || index[i] != floor(index[i]) || index[i] >= 0x1p53 ||
+            (i > 0 && index[i] != index[0] + (double)i))
+            st = err_set(PS_ERR_FORMAT, "%s: prompt %zu has prompt_index %.0f: the indices are not consecutive", path,
                          i, index[i]);
         else if (done[i] != 1 && skipped[i] != 1)
-            st = err_set(PS_ERR_INVALID, "%s: prompt_index %lld is neither done nor skipped: the part is not complete",
+            st = err_set(PS_ERR_INVALID, "%s: prompt_index %.0f is neither done nor skipped: the part is not complete",
                          path, index[i]);
         else {
             p->done += done[i] == 1;
@@ -236,12 +204,12 @@ static ps_status part_open(part *p, const char *path)
 static ps_status part_check_against(const part *p, const part *ref)
 {
     ps_status st = PS_OK;
-    for (size_t i = 0; i < sizeof identity_atts / sizeof identity_atts[0] && st == PS_OK; i++) {
+    for (size_t i = 0; i < SCHEMA_N_IDENTITY_ATTS && st == PS_OK; i++) {
         char *a = NULL, *b = NULL;
-        if ((st = require_text_att(ref, identity_atts[i], &a)) == PS_OK &&
-            (st = require_text_att(p, identity_atts[i], &b)) == PS_OK && strcmp(a, b))
+        if ((st = require_text_att(ref, schema_identity_atts[i], &a)) == PS_OK &&
+            (st = require_text_att(p, schema_identity_atts[i], &b)) == PS_OK && strcmp(a, b))
             st = err_set(PS_ERR_INVALID, "%s: %s \"%s\" differs from %s's \"%s\": parts of different runs", p->path,
-                         identity_atts[i], b, ref->path, a);
+                         schema_identity_atts[i], b, ref->path, a);
         free(a);
         free(b);
     }
@@ -388,7 +356,7 @@ static bool att_equal(const part *a, const part *b, const char *name)
 static ps_status put_joined(ncout_file *f, part **sorted, size_t n_parts, const char *name)
 {
     char out_name[NC_MAX_NAME + 1];
-    if ((size_t)snprintf(out_name, sizeof out_name, "parts_%s", name) >= sizeof out_name)
+    if ((size_t)snprintf(out_name, sizeof out_name, SCHEMA_ATT_PARTS_PREFIX "%s", name) >= sizeof out_name)
         return err_set(PS_ERR_FORMAT, "%s: global attribute '%s' differs between the parts and its name is too long "
                        "to keep as parts_%s", sorted[0]->path, name, name);
     char *joined = NULL;
@@ -471,13 +439,13 @@ static ps_status put_global_atts(ncout_file *f, part **sorted, size_t n_parts, s
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     snprintf(num, sizeof num, "%zu", done);
-    const char *const mine[][2] = {{"slice", "all"},
-                                   {"complete", "true"},
-                                   {"prompts_done", num},
-                                   {"merged_from", from},
-                                   {"patchsweep_version", prov_version()},
-                                   {"command_line", prov_command_line()},
-                                   {"created", created}};
+    const char *const mine[][2] = {{SCHEMA_ATT_SLICE, SCHEMA_SLICE_ALL},
+                                   {SCHEMA_ATT_COMPLETE, SCHEMA_TRUE},
+                                   {SCHEMA_ATT_PROMPTS_DONE, num},
+                                   {SCHEMA_ATT_MERGED_FROM, from},
+                                   {SCHEMA_ATT_PATCHSWEEP_VERSION, prov_version()},
+                                   {SCHEMA_ATT_COMMAND_LINE, prov_command_line()},
+                                   {SCHEMA_ATT_CREATED, created}};
     for (size_t i = 0; i < sizeof mine / sizeof mine[0] && st == PS_OK; i++)
         st = ncout_put_attr(f, mine[i][0], mine[i][1]);
     free(from);
@@ -798,7 +766,7 @@ ps_status merge_files(const char *const *paths, size_t n_parts, const char *outp
 out:
     for (size_t i = 0; i < n_parts; i++)
         if (parts[i].ncid >= 0)
-            nc_close(parts[i].ncid);
+            ncin_close(&parts[i].in);
     free(parts);
     free(sorted);
     return st;

@@ -13,6 +13,7 @@
 #include "fsutil.h"
 #include "gemm.h"
 #include "prov.h"
+#include "schema.h"
 #include "strutil.h"
 
 ps_status ncout_check(int nc_status, const char *path, const char *what)
@@ -36,35 +37,6 @@ ps_status ncout_check_writable(const char *path)
         st = err_set(PS_ERR_IO, "%s: output directory '%s' is not writable", path, dir);
     free(dir);
     return st;
-}
-
-ps_status ncout_read_attr(const char *path, const char *name, char **value)
-{
-    *value = NULL;
-    int ncid;
-    int rc = nc_open(path, NC_NOWRITE, &ncid);
-    if (rc != NC_NOERR)
-        return err_set(PS_ERR_FORMAT, "%s: not a readable NetCDF file: %s", path, nc_strerror(rc));
-    size_t len;
-    nc_type type;
-    if (nc_inq_att(ncid, NC_GLOBAL, name, &type, &len) != NC_NOERR || type != NC_CHAR) {
-        nc_close(ncid);
-        return err_set(PS_ERR_INVALID, "%s: no text attribute '%s'", path, name);
-    }
-    char *v = malloc(len + 1);
-    if (!v) {
-        nc_close(ncid);
-        return err_set(PS_ERR_NOMEM, "out of memory");
-    }
-    rc = nc_get_att_text(ncid, NC_GLOBAL, name, v);
-    nc_close(ncid);
-    if (rc != NC_NOERR) {
-        free(v);
-        return err_set(PS_ERR_FORMAT, "%s: attribute '%s': %s", path, name, nc_strerror(rc));
-    }
-    v[len] = '\0';
-    *value = v;
-    return PS_OK;
 }
 
 ps_status ncout_create(ncout_file *f, const char *path)
@@ -142,9 +114,9 @@ static ps_status put_blas_provenance(ncout_file *f)
     char threads[32];
     snprintf(threads, sizeof threads, "%zu", prov_blas_threads());
     ps_status st;
-    if ((st = ncout_put_attr(f, "blas", prov_blas())) || (st = ncout_put_attr(f, "blas_core", prov_blas_core())) ||
-        (st = ncout_put_attr(f, "blas_threads", threads)) ||
-        (st = ncout_put_attr(f, "gemm_kernel", gemm_isa_name(gemm_isa_get()))))
+    if ((st = ncout_put_attr(f, SCHEMA_ATT_BLAS, prov_blas())) || (st = ncout_put_attr(f, SCHEMA_ATT_BLAS_CORE, prov_blas_core())) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_BLAS_THREADS, threads)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_GEMM_KERNEL, gemm_isa_name(gemm_isa_get()))))
         return st;
     return PS_OK;
 }
@@ -160,14 +132,14 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     char *abs_dir = realpath(m->dir, NULL);
-    if ((st = ncout_put_attr(f, "Conventions", "patchsweep-1.0")) ||
-        (st = ncout_put_attr(f, "patchsweep_version", prov_version())) ||
-        (st = ncout_put_attr(f, "command_line", prov_command_line())) ||
-        (st = ncout_put_attr(f, "created", created)) ||
-        (st = ncout_put_attr(f, "model_path", abs_dir ? abs_dir : m->dir)) ||
-        (st = ncout_put_attr(f, "model_sha256", m->sha256)) ||
-        (st = ncout_put_attr(f, "model_config", m->config_json)) ||
-        (st = ncout_put_attr(f, "model_dtype", m->weights_dtype)) || (st = put_blas_provenance(f))) {
+    if ((st = ncout_put_attr(f, SCHEMA_ATT_CONVENTIONS, SCHEMA_CONVENTIONS)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_PATCHSWEEP_VERSION, prov_version())) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_COMMAND_LINE, prov_command_line())) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_CREATED, created)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_PATH, abs_dir ? abs_dir : m->dir)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_SHA256, m->sha256)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_CONFIG, m->config_json)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_DTYPE, m->weights_dtype)) || (st = put_blas_provenance(f))) {
         free(abs_dir);
         return st;
     }
@@ -190,13 +162,13 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
     const size_t T = c->T, n_hooks = hook_count(m->cfg.n_layer);
     if ((st = ncout_put_provenance(f, m)) != PS_OK)
         return st;
-    if ((st = ncout_put_attr(f, "prepend_bos", bos ? "true" : "false")) != PS_OK)
+    if ((st = ncout_put_attr(f, SCHEMA_ATT_PREPEND_BOS, bos ? SCHEMA_TRUE : SCHEMA_FALSE)) != PS_OK)
         return st;
     int pos_dim, tok_var, str_var;
-    if ((st = dim_id(f, "position", T, &pos_dim)) != PS_OK)
+    if ((st = dim_id(f, SCHEMA_DIM_POSITION, T, &pos_dim)) != PS_OK)
         return st;
-    if ((st = ncout_check(nc_def_var(f->ncid, "token_id", NC_INT, 1, &pos_dim, &tok_var), f->tmp_path, "token_id")) ||
-        (st = ncout_check(nc_def_var(f->ncid, "token", NC_STRING, 1, &pos_dim, &str_var), f->tmp_path, "token")))
+    if ((st = ncout_check(nc_def_var(f->ncid, SCHEMA_VAR_TOKEN_ID, NC_INT, 1, &pos_dim, &tok_var), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
+        (st = ncout_check(nc_def_var(f->ncid, SCHEMA_VAR_TOKEN, NC_STRING, 1, &pos_dim, &str_var), f->tmp_path, SCHEMA_VAR_TOKEN)))
         return st;
     int *var_ids = malloc(n_hooks * sizeof *var_ids);
     if (!var_ids)
@@ -220,19 +192,17 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
     }
     if ((st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         goto out;
-    if ((st = ncout_check(nc_put_var_int(f->ncid, tok_var, c->tokens), f->tmp_path, "token_id")))
+    if ((st = ncout_check(nc_put_var_int(f->ncid, tok_var, c->tokens), f->tmp_path, SCHEMA_VAR_TOKEN_ID)))
         goto out;
     for (size_t t = 0; t < T; t++) {
-        size_t len;
-        const char *bytes = tokenizer_token_bytes(tok, c->tokens[t], &len);
-        char *s = bytes ? str_utf8_sanitize(bytes, len) : strdup("");
+        char *s = tokenizer_token_display(tok, c->tokens[t], "");
         if (!s) {
             st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
             goto out;
         }
         size_t start = t, count = 1;
         const char *sp = s;
-        st = ncout_check(nc_put_vara_string(f->ncid, str_var, &start, &count, &sp), f->tmp_path, "token");
+        st = ncout_check(nc_put_vara_string(f->ncid, str_var, &start, &count, &sp), f->tmp_path, SCHEMA_VAR_TOKEN);
         free(s);
         if (st)
             goto out;
@@ -262,7 +232,7 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
     ncout_file *f = r->f;
     ps_status st = ncout_check(nc_def_var(f->ncid, name, type, nd, dims, id), f->tmp_path, name);
     if (st == PS_OK && long_name)
-        st = ncout_check(nc_put_att_text(f->ncid, *id, "long_name", strlen(long_name), long_name), f->tmp_path,
+        st = ncout_check(nc_put_att_text(f->ncid, *id, SCHEMA_ATT_LONG_NAME, strlen(long_name), long_name), f->tmp_path,
                          name);
     /* "" as the declared fill of strings; the writers still write every
      * string cell (the staging window holds "" where nothing else was put):
@@ -304,42 +274,42 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     r->metric = metric;
     memcpy(r->on, on, sizeof r->on);
     ps_status st;
-    if ((st = ncout_put_provenance(f, m)) || (st = ncout_put_attr(f, "metric", patch_metric_name(metric))) ||
-        (st = ncout_put_attr(f, "direction", direction == PATCH_DENOISE ? "denoise" : "noise")) ||
-        (st = ncout_put_attr(f, "engine", engine == PATCH_ENGINE_FAST ? "fast" : "naive")) ||
-        (st = ncout_put_attr(f, "normalized", "(patched - corrupted_metric) / (clean_metric - corrupted_metric)")))
+    if ((st = ncout_put_provenance(f, m)) || (st = ncout_put_attr(f, SCHEMA_ATT_METRIC, patch_metric_name(metric))) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_DIRECTION, direction == PATCH_DENOISE ? SCHEMA_DIRECTION_DENOISE : SCHEMA_DIRECTION_NOISE)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_ENGINE, engine == PATCH_ENGINE_FAST ? SCHEMA_ENGINE_FAST : SCHEMA_ENGINE_NAIVE)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_NORMALIZED, SCHEMA_NORMALIZED_FORMULA)))
         return st;
     int d_prompt, d_layer, d_pos, d_head;
     /* Dimension ids are 0..3 in this order (def_var relies on prompt = 0). */
-    if ((st = ncout_check(nc_def_dim(f->ncid, "prompt", NC_UNLIMITED, &d_prompt), f->tmp_path, "prompt")) ||
-        (st = dim_id(f, "layer", r->n_layer, &d_layer)) || (st = dim_id(f, "position", max_T, &d_pos)) ||
-        (st = dim_id(f, "head", r->n_head, &d_head)))
+    if ((st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_PROMPT, NC_UNLIMITED, &d_prompt), f->tmp_path, SCHEMA_DIM_PROMPT)) ||
+        (st = dim_id(f, SCHEMA_DIM_LAYER, r->n_layer, &d_layer)) || (st = dim_id(f, SCHEMA_DIM_POSITION, max_T, &d_pos)) ||
+        (st = dim_id(f, SCHEMA_DIM_HEAD, r->n_head, &d_head)))
         return st;
     int v_layer, v_pos, v_head;
-    if ((st = def_var(r, "layer", NC_INT, 1, &d_layer, &v_layer, NULL)) ||
-        (st = def_var(r, "position", NC_INT, 1, &d_pos, &v_pos, NULL)) ||
-        (st = def_var(r, "head", NC_INT, 1, &d_head, &v_head, NULL)))
+    if ((st = def_var(r, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, &v_layer, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_POSITION, NC_INT, 1, &d_pos, &v_pos, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_HEAD, NC_INT, 1, &d_head, &v_head, NULL)))
         return st;
     const int pp[2] = {d_prompt, d_pos};
-    if ((st = def_var(r, "clean_metric", NC_DOUBLE, 1, &d_prompt, &r->v_clean_metric, "metric of the clean run")) ||
-        (st = def_var(r, "corrupted_metric", NC_DOUBLE, 1, &d_prompt, &r->v_corrupted_metric,
+    if ((st = def_var(r, SCHEMA_VAR_CLEAN_METRIC, NC_DOUBLE, 1, &d_prompt, &r->v_clean_metric, "metric of the clean run")) ||
+        (st = def_var(r, SCHEMA_VAR_CORRUPTED_METRIC, NC_DOUBLE, 1, &d_prompt, &r->v_corrupted_metric,
                       "metric of the corrupted run")) ||
-        (st = def_var(r, "length", NC_INT, 1, &d_prompt, &r->v_length, "tokens in the prompt")) ||
-        (st = def_var(r, "answer_id", NC_INT, 1, &d_prompt, &r->v_answer_id, NULL)) ||
-        (st = def_var(r, "wrong_id", NC_INT, 1, &d_prompt, &r->v_wrong_id, NULL)) ||
-        (st = def_var(r, "answer", NC_STRING, 1, &d_prompt, &r->v_answer, NULL)) ||
-        (st = def_var(r, "wrong", NC_STRING, 1, &d_prompt, &r->v_wrong, NULL)) ||
-        (st = def_var(r, "done", NC_BYTE, 1, &d_prompt, &r->v_done, "1 when every value of the prompt is written")) ||
-        (st = def_var(r, "skipped", NC_BYTE, 1, &d_prompt, &r->v_skipped, "1 when the prompt pair was invalid and skipped")) ||
-        (st = def_var(r, "prompt_index", NC_INT, 1, &d_prompt, &r->v_prompt_index,
+        (st = def_var(r, SCHEMA_VAR_LENGTH, NC_INT, 1, &d_prompt, &r->v_length, "tokens in the prompt")) ||
+        (st = def_var(r, SCHEMA_VAR_ANSWER_ID, NC_INT, 1, &d_prompt, &r->v_answer_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_WRONG_ID, NC_INT, 1, &d_prompt, &r->v_wrong_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_ANSWER, NC_STRING, 1, &d_prompt, &r->v_answer, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_WRONG, NC_STRING, 1, &d_prompt, &r->v_wrong, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_DONE, NC_BYTE, 1, &d_prompt, &r->v_done, "1 when every value of the prompt is written")) ||
+        (st = def_var(r, SCHEMA_VAR_SKIPPED, NC_BYTE, 1, &d_prompt, &r->v_skipped, "1 when the prompt pair was invalid and skipped")) ||
+        (st = def_var(r, SCHEMA_VAR_PROMPT_INDEX, NC_INT, 1, &d_prompt, &r->v_prompt_index,
                       "0-based index of the prompt pair in the dataset")) ||
-        (st = def_var(r, "skip_reason", NC_STRING, 1, &d_prompt, &r->v_skip_reason, NULL)) ||
-        (st = def_var(r, "clean_token_id", NC_INT, 2, pp, &r->v_clean_tok_id, NULL)) ||
-        (st = def_var(r, "corrupted_token_id", NC_INT, 2, pp, &r->v_corrupted_tok_id, NULL)) ||
-        (st = def_var(r, "clean_token", NC_STRING, 2, pp, &r->v_clean_tok, NULL)) ||
-        (st = def_var(r, "corrupted_token", NC_STRING, 2, pp, &r->v_corrupted_tok, NULL)))
+        (st = def_var(r, SCHEMA_VAR_SKIP_REASON, NC_STRING, 1, &d_prompt, &r->v_skip_reason, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_CLEAN_TOKEN_ID, NC_INT, 2, pp, &r->v_clean_tok_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_CORRUPTED_TOKEN_ID, NC_INT, 2, pp, &r->v_corrupted_tok_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_CLEAN_TOKEN, NC_STRING, 2, pp, &r->v_clean_tok, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_CORRUPTED_TOKEN, NC_STRING, 2, pp, &r->v_corrupted_tok, NULL)))
         return st;
-    int fill_int = -1;
+    int fill_int = SCHEMA_FILL_TOKEN_ID;
     if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_tok_id, 0, &fill_int), f->tmp_path, "fill")) ||
         (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_tok_id, 0, &fill_int), f->tmp_path, "fill")))
         return st;
@@ -348,7 +318,7 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
      * a mean over prompts.  The integers (length, ids) keep netCDF's
      * default fill without the attribute: with it xarray would turn them
      * into floats; `done` says which prompts have them. */
-    const double fill_d = NC_FILL_DOUBLE;
+    const double fill_d = SCHEMA_FILL_METRIC;
     if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_metric, 0, &fill_d), f->tmp_path, "fill")) ||
         (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_metric, 0, &fill_d), f->tmp_path, "fill")))
         return st;
@@ -361,17 +331,17 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         size_t nd = patch_grid_shape((patch_component)c, &m->cfg, max_T, shape, dn);
         int dims[4] = {d_prompt};
         for (size_t k = 0; k < nd; k++)
-            dims[k + 1] = !strcmp(dn[k], "layer") ? d_layer : !strcmp(dn[k], "position") ? d_pos : d_head;
+            dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER) ? d_layer : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos : d_head;
         char name[64], lname[160];
         const char *cn = patch_component_name((patch_component)c);
         snprintf(lname, sizeof lname, "%s after patching %s", patch_metric_name(metric), cn);
         if ((st = def_var(r, cn, NC_FLOAT, (int)nd + 1, dims, &r->var_raw[c], lname)))
             return st;
-        snprintf(name, sizeof name, "%s_normalized", cn);
+        snprintf(name, sizeof name, "%s" SCHEMA_NORMALIZED_SUFFIX, cn);
         snprintf(lname, sizeof lname, "normalized %s after patching %s", patch_metric_name(metric), cn);
         if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, &r->var_norm[c], lname)))
             return st;
-        float fill = NC_FILL_FLOAT;
+        float fill = SCHEMA_FILL_GRID;
         if ((st = ncout_check(nc_def_var_fill(f->ncid, r->var_raw[c], 0, &fill), f->tmp_path, cn)) ||
             (st = ncout_check(nc_def_var_fill(f->ncid, r->var_norm[c], 0, &fill), f->tmp_path, name)))
             return st;
@@ -387,11 +357,11 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     for (size_t i = 0; i < nmax; i++)
         idx[i] = (int)i;
     /* each coordinate variable spans its whole dimension: idx[0..len) */
-    st = ncout_check(nc_put_var_int(f->ncid, v_layer, idx), f->tmp_path, "layer");
+    st = ncout_check(nc_put_var_int(f->ncid, v_layer, idx), f->tmp_path, SCHEMA_VAR_LAYER);
     if (!st)
-        st = ncout_check(nc_put_var_int(f->ncid, v_pos, idx), f->tmp_path, "position");
+        st = ncout_check(nc_put_var_int(f->ncid, v_pos, idx), f->tmp_path, SCHEMA_VAR_POSITION);
     if (!st)
-        st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, "head");
+        st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, SCHEMA_VAR_HEAD);
     free(idx);
     return st ? st : stage_init(r);
 }

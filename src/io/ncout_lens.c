@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "strutil.h"
+#include "schema.h"
 
 static ps_status put_att(ncout_file *f, const char *name, const char *value)
 {
@@ -19,7 +20,7 @@ static ps_status def_var(ncout_file *f, const char *name, nc_type type, int nd, 
 {
     ps_status st = ncout_check(nc_def_var(f->ncid, name, type, nd, dims, id), f->tmp_path, name);
     if (st == PS_OK)
-        st = ncout_check(nc_put_att_text(f->ncid, *id, "long_name", strlen(long_name), long_name), f->tmp_path,
+        st = ncout_check(nc_put_att_text(f->ncid, *id, SCHEMA_ATT_LONG_NAME, strlen(long_name), long_name), f->tmp_path,
                          name);
     if (st == PS_OK && per_prompt && type != NC_STRING) {
         size_t chunk[3] = {1, 1, 1};
@@ -40,50 +41,50 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_row
     w->k = k;
     w->max_T = max_T;
     ps_status st;
-    if ((st = ncout_put_provenance(f, m)) || (st = put_att(f, "analysis", "lens")) ||
-        (st = put_att(f, "prepend_bos", bos ? "true" : "false")) ||
-        (st = put_att(f, "dataset", dataset_path ? dataset_path : "")) ||
-        (st = put_att(f, "decoded_position", "last")))
+    if ((st = ncout_put_provenance(f, m)) || (st = put_att(f, SCHEMA_ATT_ANALYSIS, SCHEMA_ANALYSIS_LENS)) ||
+        (st = put_att(f, SCHEMA_ATT_PREPEND_BOS, bos ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = put_att(f, SCHEMA_ATT_DATASET, dataset_path ? dataset_path : "")) ||
+        (st = put_att(f, SCHEMA_ATT_DECODED_POSITION, "last")))
         return st;
     int d_prompt, d_layer, d_topk, d_pos;
-    if ((st = ncout_check(nc_def_dim(f->ncid, "prompt", NC_UNLIMITED, &d_prompt), f->tmp_path, "prompt")) ||
-        (st = ncout_check(nc_def_dim(f->ncid, "layer", w->n_rows, &d_layer), f->tmp_path, "layer")) ||
-        (st = ncout_check(nc_def_dim(f->ncid, "topk", k, &d_topk), f->tmp_path, "topk")) ||
-        (st = ncout_check(nc_def_dim(f->ncid, "position", max_T, &d_pos), f->tmp_path, "position")))
+    if ((st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_PROMPT, NC_UNLIMITED, &d_prompt), f->tmp_path, SCHEMA_DIM_PROMPT)) ||
+        (st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_LAYER, w->n_rows, &d_layer), f->tmp_path, SCHEMA_DIM_LAYER)) ||
+        (st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_TOPK, k, &d_topk), f->tmp_path, SCHEMA_DIM_TOPK)) ||
+        (st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_POSITION, max_T, &d_pos), f->tmp_path, SCHEMA_DIM_POSITION)))
         return st;
     const int pl[2] = {d_prompt, d_layer}, plk[3] = {d_prompt, d_layer, d_topk}, pp[2] = {d_prompt, d_pos};
     int v_label, v_hook;
-    if ((st = def_var(f, "layer_label", NC_STRING, 1, &d_layer, false,
+    if ((st = def_var(f, SCHEMA_VAR_LAYER_LABEL, NC_STRING, 1, &d_layer, false,
                       "embed = the embedding output, l = the output of block l", &v_label)) ||
-        (st = def_var(f, "hook", NC_STRING, 1, &d_layer, false, "hook point each layer decodes", &v_hook)) ||
-        (st = def_var(f, "prob", NC_DOUBLE, 2, pl, true, "probability of the answer after ln_f and unembedding",
+        (st = def_var(f, SCHEMA_VAR_HOOK, NC_STRING, 1, &d_layer, false, "hook point each layer decodes", &v_hook)) ||
+        (st = def_var(f, SCHEMA_VAR_PROB, NC_DOUBLE, 2, pl, true, "probability of the answer after ln_f and unembedding",
                       &w->v_prob)) ||
-        (st = def_var(f, "logprob", NC_DOUBLE, 2, pl, true, "log probability of the answer", &w->v_logprob)) ||
-        (st = def_var(f, "rank", NC_INT, 2, pl, true, "tokens with a logit strictly greater than the answer's",
+        (st = def_var(f, SCHEMA_VAR_LOGPROB, NC_DOUBLE, 2, pl, true, "log probability of the answer", &w->v_logprob)) ||
+        (st = def_var(f, SCHEMA_VAR_RANK, NC_INT, 2, pl, true, "tokens with a logit strictly greater than the answer's",
                       &w->v_rank)) ||
-        (st = def_var(f, "reciprocal_rank", NC_DOUBLE, 2, pl, true, "1 / (rank + 1)", &w->v_rr)) ||
-        (st = def_var(f, "topk_id", NC_INT, 3, plk, true, "most likely tokens, best first", &w->v_topk_id)) ||
-        (st = def_var(f, "topk_prob", NC_DOUBLE, 3, plk, true, "probabilities of the most likely tokens",
+        (st = def_var(f, SCHEMA_VAR_RECIPROCAL_RANK, NC_DOUBLE, 2, pl, true, "1 / (rank + 1)", &w->v_rr)) ||
+        (st = def_var(f, SCHEMA_VAR_TOPK_ID, NC_INT, 3, plk, true, "most likely tokens, best first", &w->v_topk_id)) ||
+        (st = def_var(f, SCHEMA_VAR_TOPK_PROB, NC_DOUBLE, 3, plk, true, "probabilities of the most likely tokens",
                       &w->v_topk_prob)) ||
-        (st = def_var(f, "topk_token", NC_STRING, 3, plk, true, "text of the most likely tokens", &w->v_topk_token)) ||
-        (st = def_var(f, "answer_id", NC_INT, 1, &d_prompt, true, "token id of the answer", &w->v_answer_id)) ||
-        (st = def_var(f, "answer", NC_STRING, 1, &d_prompt, true, "the answer", &w->v_answer)) ||
-        (st = def_var(f, "length", NC_INT, 1, &d_prompt, true, "tokens in the prompt", &w->v_length)) ||
-        (st = def_var(f, "token_id", NC_INT, 2, pp, true, "token ids of the prompt", &w->v_token_id)) ||
-        (st = def_var(f, "token", NC_STRING, 2, pp, true, "tokens of the prompt", &w->v_token)) ||
-        (st = def_var(f, "done", NC_BYTE, 1, &d_prompt, true, "1 when every value of the prompt is written",
+        (st = def_var(f, SCHEMA_VAR_TOPK_TOKEN, NC_STRING, 3, plk, true, "text of the most likely tokens", &w->v_topk_token)) ||
+        (st = def_var(f, SCHEMA_VAR_ANSWER_ID, NC_INT, 1, &d_prompt, true, "token id of the answer", &w->v_answer_id)) ||
+        (st = def_var(f, SCHEMA_VAR_ANSWER, NC_STRING, 1, &d_prompt, true, "the answer", &w->v_answer)) ||
+        (st = def_var(f, SCHEMA_VAR_LENGTH, NC_INT, 1, &d_prompt, true, "tokens in the prompt", &w->v_length)) ||
+        (st = def_var(f, SCHEMA_VAR_TOKEN_ID, NC_INT, 2, pp, true, "token ids of the prompt", &w->v_token_id)) ||
+        (st = def_var(f, SCHEMA_VAR_TOKEN, NC_STRING, 2, pp, true, "tokens of the prompt", &w->v_token)) ||
+        (st = def_var(f, SCHEMA_VAR_DONE, NC_BYTE, 1, &d_prompt, true, "1 when every value of the prompt is written",
                       &w->v_done)))
         return st;
-    int fill_int = -1;
-    if ((st = ncout_check(nc_def_var_fill(f->ncid, w->v_token_id, 0, &fill_int), f->tmp_path, "token_id")) ||
+    int fill_int = SCHEMA_FILL_TOKEN_ID;
+    if ((st = ncout_check(nc_def_var_fill(f->ncid, w->v_token_id, 0, &fill_int), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
         (st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
     for (size_t r = 0; r < w->n_rows && st == PS_OK; r++) {
         const char *lp = layer_label[r], *hp = hook[r];
         size_t one = 1;
-        st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, "layer_label");
+        st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, SCHEMA_VAR_LAYER_LABEL);
         if (st == PS_OK)
-            st = ncout_check(nc_put_vara_string(f->ncid, v_hook, &r, &one, &hp), f->tmp_path, "hook");
+            st = ncout_check(nc_put_vara_string(f->ncid, v_hook, &r, &one, &hp), f->tmp_path, SCHEMA_VAR_HOOK);
     }
     return st;
 }
@@ -93,9 +94,7 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_row
 static ps_status token_strings(const tokenizer *tok, const int32_t *ids, size_t n, char **out, const char *path)
 {
     for (size_t i = 0; i < n; i++) {
-        size_t len;
-        const char *b = tokenizer_token_bytes(tok, ids[i], &len);
-        out[i] = str_utf8_sanitize(b ? b : "", b ? len : 0);
+        out[i] = tokenizer_token_display(tok, ids[i], "");
         if (!out[i]) {
             for (size_t j = 0; j < i; j++)
                 free(out[j]);
@@ -142,15 +141,15 @@ ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const ncout_lens_view *v,
     }
     size_t s2[2] = {prompt, 0}, c2[2] = {1, R}, s3[3] = {prompt, 0, 0}, c3[3] = {1, R, k}, one = 1;
     int len = (int)T;
-    if ((st = ncout_check(nc_put_vara_double(ncid, w->v_prob, s2, c2, prob), f->tmp_path, "prob")) ||
-        (st = ncout_check(nc_put_vara_double(ncid, w->v_logprob, s2, c2, logprob), f->tmp_path, "logprob")) ||
-        (st = ncout_check(nc_put_vara_double(ncid, w->v_rr, s2, c2, rr), f->tmp_path, "reciprocal_rank")) ||
-        (st = ncout_check(nc_put_vara_int(ncid, w->v_rank, s2, c2, rank), f->tmp_path, "rank")) ||
-        (st = ncout_check(nc_put_vara_int(ncid, w->v_topk_id, s3, c3, v->top_id), f->tmp_path, "topk_id")) ||
+    if ((st = ncout_check(nc_put_vara_double(ncid, w->v_prob, s2, c2, prob), f->tmp_path, SCHEMA_VAR_PROB)) ||
+        (st = ncout_check(nc_put_vara_double(ncid, w->v_logprob, s2, c2, logprob), f->tmp_path, SCHEMA_VAR_LOGPROB)) ||
+        (st = ncout_check(nc_put_vara_double(ncid, w->v_rr, s2, c2, rr), f->tmp_path, SCHEMA_VAR_RECIPROCAL_RANK)) ||
+        (st = ncout_check(nc_put_vara_int(ncid, w->v_rank, s2, c2, rank), f->tmp_path, SCHEMA_VAR_RANK)) ||
+        (st = ncout_check(nc_put_vara_int(ncid, w->v_topk_id, s3, c3, v->top_id), f->tmp_path, SCHEMA_VAR_TOPK_ID)) ||
         (st = ncout_check(nc_put_vara_double(ncid, w->v_topk_prob, s3, c3, v->top_prob), f->tmp_path,
-                          "topk_prob")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, w->v_answer_id, &prompt, &v->answer), f->tmp_path, "answer_id")) ||
-        (st = ncout_check(nc_put_var1_int(ncid, w->v_length, &prompt, &len), f->tmp_path, "length")))
+                          SCHEMA_VAR_TOPK_PROB)) ||
+        (st = ncout_check(nc_put_var1_int(ncid, w->v_answer_id, &prompt, &v->answer), f->tmp_path, SCHEMA_VAR_ANSWER_ID)) ||
+        (st = ncout_check(nc_put_var1_int(ncid, w->v_length, &prompt, &len), f->tmp_path, SCHEMA_VAR_LENGTH)))
         goto out;
     char *ans = str_utf8_sanitize(answer, strlen(answer));
     if (!ans) {
@@ -158,24 +157,24 @@ ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const ncout_lens_view *v,
         goto out;
     }
     const char *ap = ans;
-    st = ncout_check(nc_put_vara_string(ncid, w->v_answer, &prompt, &one, &ap), f->tmp_path, "answer");
+    st = ncout_check(nc_put_vara_string(ncid, w->v_answer, &prompt, &one, &ap), f->tmp_path, SCHEMA_VAR_ANSWER);
     free(ans);
     if (st || (st = token_strings(tok, v->top_id, R * k, strs, f->path)))
         goto out;
     st = ncout_check(nc_put_vara_string(ncid, w->v_topk_token, s3, c3, (const char **)strs), f->tmp_path,
-                     "topk_token");
+                     SCHEMA_VAR_TOPK_TOKEN);
     free_strings(strs, R * k);
     if (st)
         goto out;
     c2[1] = T;
-    if ((st = ncout_check(nc_put_vara_int(ncid, w->v_token_id, s2, c2, tokens), f->tmp_path, "token_id")) ||
+    if ((st = ncout_check(nc_put_vara_int(ncid, w->v_token_id, s2, c2, tokens), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
         (st = token_strings(tok, tokens, T, strs, f->path)))
         goto out;
-    st = ncout_check(nc_put_vara_string(ncid, w->v_token, s2, c2, (const char **)strs), f->tmp_path, "token");
+    st = ncout_check(nc_put_vara_string(ncid, w->v_token, s2, c2, (const char **)strs), f->tmp_path, SCHEMA_VAR_TOKEN);
     free_strings(strs, T);
     if (st == PS_OK) {
         signed char done = 1;
-        st = ncout_check(nc_put_var1_schar(ncid, w->v_done, &prompt, &done), f->tmp_path, "done");
+        st = ncout_check(nc_put_var1_schar(ncid, w->v_done, &prompt, &done), f->tmp_path, SCHEMA_VAR_DONE);
     }
 out:
     free(prob);

@@ -63,25 +63,36 @@ bool str_utf8_valid(const char *s, size_t len)
     return true;
 }
 
-char *str_utf8_sanitize(const char *s, size_t len)
+size_t str_utf8_repair(const char *s, size_t len, bool keep_nul, char *out, size_t *out_len)
 {
-    char *out = malloc(3 * len + 1); /* worst case: every byte -> EF BF BD */
-    if (!out)
-        return NULL;
     const unsigned char *u = (const unsigned char *)s;
-    size_t o = 0;
+    size_t o = 0, n_bad = 0;
     for (size_t i = 0; i < len;) {
-        size_t bad = 1, k = u[i] ? str_utf8_seq_len(u + i, len - i, &bad) : 0;
+        size_t bad = 1, k = u[i] || keep_nul ? str_utf8_seq_len(u + i, len - i, &bad) : 0;
         if (k) {
-            memcpy(out + o, u + i, k);
+            if (out)
+                memcpy(out + o, u + i, k);
             o += k;
             i += k;
         } else {
-            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            if (out)
+                memcpy(out + o, "\xEF\xBF\xBD", 3);
             o += 3;
             i += bad;
+            n_bad++;
         }
     }
-    out[o] = '\0';
+    if (out)
+        out[o] = '\0';
+    if (out_len)
+        *out_len = o;
+    return n_bad;
+}
+
+char *str_utf8_sanitize(const char *s, size_t len)
+{
+    char *out = malloc(3 * len + 1); /* worst case: every byte -> EF BF BD */
+    if (out)
+        str_utf8_repair(s, len, false, out, NULL);
     return out;
 }

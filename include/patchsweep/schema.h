@@ -1,0 +1,194 @@
+/*
+ * schema: the names, types and fill values of the NetCDF-4 files patchsweep
+ * writes, in one place.  Writers (ncout, ncout_lens, sweep, merge) and
+ * readers (ncin's callers: merge, plot, resume) use these names, never
+ * string literals.  This comment is the file format's contract.
+ *
+ * Every file
+ *   Written as PATH.partial and renamed to PATH when complete and closed
+ *   (ncout_create / ncout_commit), so a file under its final name is never
+ *   partial.  Global attributes (provenance, ncout_put_provenance):
+ *   Conventions = "patchsweep-1.0", patchsweep_version, command_line,
+ *   created (UTC ISO 8601), model_path, model_sha256, model_config
+ *   (config.json text), model_dtype; once the CLI has recorded its BLAS
+ *   set-up: blas (one line: OpenBLAS version, core and why, self-check,
+ *   threads), blas_core, blas_threads, gemm_kernel.  All text (NC_CHAR).
+ *
+ * Patching results (`patch -o`, `sweep`, `merge`)
+ *   Dimensions: prompt (unlimited; id 0), layer, position (the longest
+ *   prompt's tokens), head.  Coordinates layer(layer), position(position),
+ *   head(head): NC_INT 0..n-1.
+ *   Per selected component C (patch_component_name): C and C_normalized,
+ *   NC_FLOAT, dimensions (prompt, layer, position), (prompt, layer, head) or
+ *   (prompt, layer, position, head) (patch_grid_shape), _FillValue
+ *   NC_FILL_FLOAT (SCHEMA_FILL_GRID), long_name "<metric> after patching C"
+ *   / "normalized <metric> after patching C".  C_normalized = (C -
+ *   corrupted_metric) / (clean_metric - corrupted_metric), NaN when the two
+ *   agree.
+ *   Per prompt: clean_metric, corrupted_metric (NC_DOUBLE, _FillValue
+ *   NC_FILL_DOUBLE = SCHEMA_FILL_METRIC); length, answer_id, wrong_id
+ *   (NC_INT, netCDF's default fill, no _FillValue attribute: xarray keeps
+ *   them integers); answer, wrong, skip_reason (NC_STRING, fill ""); done,
+ *   skipped (NC_BYTE: done 1 when every value of the prompt is written,
+ *   skipped 1 when the pair was invalid, reason in skip_reason);
+ *   prompt_index (NC_INT: the pair's 0-based index in the whole dataset;
+ *   files of a sliced sweep hold a contiguous part of it).
+ *   Per prompt and position: clean_token_id, corrupted_token_id (NC_INT,
+ *   _FillValue -1 = SCHEMA_FILL_TOKEN_ID), clean_token, corrupted_token
+ *   (NC_STRING display text, invalid UTF-8 shown as U+FFFD, fill "").
+ *   Positions past a prompt's length, and every value of a prompt not done,
+ *   hold the fill value.  Every string cell is written ("" where there is
+ *   nothing): HDF5 cannot read a string cell never written.
+ *   Chunks: whole prompts, about 4 KiB per chunk (strings: netCDF's own).
+ *   Global attributes: provenance, metric, direction ("denoise" | "noise"),
+ *   engine ("fast" | "naive"), normalized (the formula as text).  Sweeps
+ *   add job_path, job_text, job_sha256, dataset_path, dataset_sha256,
+ *   mpi_ranks, memory_per_rank, slice ("all" or "K/N", schema_parse_slice),
+ *   complete ("true" | "false"), prompts_done.  merge adds merged_from and
+ *   parts_NAME for attributes that differ between the parts (merge.h).
+ *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
+ *   dataset_sha256, metric, direction, engine.
+ *
+ * Activation cache (`run --cache`)
+ *   Dimensions from hook_shape (position, d_model, head, d_head, d_mlp,
+ *   vocab, ...); token_id(position) NC_INT, token(position) NC_STRING, and
+ *   one NC_FLOAT variable per selected hook, named by its hook name.
+ *   Global attributes: provenance, prepend_bos.
+ *
+ * Lens files (`lens --dataset`, ncout_lens)
+ *   Global attributes: provenance, analysis = "lens", prepend_bos, dataset,
+ *   decoded_position = "last".  Dimensions: prompt (unlimited), layer (the
+ *   embedding row and one per block), topk, position.
+ *   layer_label(layer), hook(layer): NC_STRING; per prompt and layer prob,
+ *   logprob, reciprocal_rank (NC_DOUBLE), rank (NC_INT);
+ *   topk_id(prompt, layer, topk) NC_INT, topk_prob NC_DOUBLE, topk_token
+ *   NC_STRING; per prompt answer_id, length (NC_INT), answer (NC_STRING),
+ *   done (NC_BYTE); token_id(prompt, position) NC_INT (_FillValue -1),
+ *   token(prompt, position) NC_STRING.  Every variable has a long_name.
+ */
+#ifndef PS_SCHEMA_H
+#define PS_SCHEMA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* ---- dimensions ---- */
+#define SCHEMA_DIM_PROMPT "prompt"
+#define SCHEMA_DIM_LAYER "layer"
+#define SCHEMA_DIM_POSITION "position"
+#define SCHEMA_DIM_HEAD "head"
+#define SCHEMA_DIM_TOPK "topk"
+
+/* ---- variables of the patching results ---- */
+#define SCHEMA_VAR_LAYER "layer"       /* coordinates */
+#define SCHEMA_VAR_POSITION "position"
+#define SCHEMA_VAR_HEAD "head"
+#define SCHEMA_VAR_CLEAN_METRIC "clean_metric"
+#define SCHEMA_VAR_CORRUPTED_METRIC "corrupted_metric"
+#define SCHEMA_VAR_LENGTH "length"
+#define SCHEMA_VAR_ANSWER_ID "answer_id"
+#define SCHEMA_VAR_WRONG_ID "wrong_id"
+#define SCHEMA_VAR_ANSWER "answer"
+#define SCHEMA_VAR_WRONG "wrong"
+#define SCHEMA_VAR_DONE "done"
+#define SCHEMA_VAR_SKIPPED "skipped"
+#define SCHEMA_VAR_PROMPT_INDEX "prompt_index"
+#define SCHEMA_VAR_SKIP_REASON "skip_reason"
+#define SCHEMA_VAR_CLEAN_TOKEN_ID "clean_token_id"
+#define SCHEMA_VAR_CORRUPTED_TOKEN_ID "corrupted_token_id"
+#define SCHEMA_VAR_CLEAN_TOKEN "clean_token"
+#define SCHEMA_VAR_CORRUPTED_TOKEN "corrupted_token"
+/* C_normalized beside each component C */
+#define SCHEMA_NORMALIZED_SUFFIX "_normalized"
+/* plot's default variable */
+#define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
+
+/* ---- variables of the cache and lens files ---- */
+#define SCHEMA_VAR_TOKEN_ID "token_id"
+#define SCHEMA_VAR_TOKEN "token"
+#define SCHEMA_VAR_LAYER_LABEL "layer_label"
+#define SCHEMA_VAR_HOOK "hook"
+#define SCHEMA_VAR_PROB "prob"
+#define SCHEMA_VAR_LOGPROB "logprob"
+#define SCHEMA_VAR_RANK "rank"
+#define SCHEMA_VAR_RECIPROCAL_RANK "reciprocal_rank"
+#define SCHEMA_VAR_TOPK_ID "topk_id"
+#define SCHEMA_VAR_TOPK_PROB "topk_prob"
+#define SCHEMA_VAR_TOPK_TOKEN "topk_token"
+
+/* ---- attributes of variables ---- */
+#define SCHEMA_ATT_LONG_NAME "long_name"
+#define SCHEMA_ATT_FILL_VALUE "_FillValue"
+
+/* ---- global attributes ---- */
+#define SCHEMA_ATT_CONVENTIONS "Conventions"
+#define SCHEMA_ATT_PATCHSWEEP_VERSION "patchsweep_version"
+#define SCHEMA_ATT_COMMAND_LINE "command_line"
+#define SCHEMA_ATT_CREATED "created"
+#define SCHEMA_ATT_MODEL_PATH "model_path"
+#define SCHEMA_ATT_MODEL_SHA256 "model_sha256"
+#define SCHEMA_ATT_MODEL_CONFIG "model_config"
+#define SCHEMA_ATT_MODEL_DTYPE "model_dtype"
+#define SCHEMA_ATT_BLAS "blas"
+#define SCHEMA_ATT_BLAS_CORE "blas_core"
+#define SCHEMA_ATT_BLAS_THREADS "blas_threads"
+#define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
+#define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
+#define SCHEMA_ATT_METRIC "metric"
+#define SCHEMA_ATT_DIRECTION "direction"
+#define SCHEMA_ATT_ENGINE "engine"
+#define SCHEMA_ATT_NORMALIZED "normalized"
+#define SCHEMA_ATT_SLICE "slice"
+#define SCHEMA_ATT_JOB_PATH "job_path"
+#define SCHEMA_ATT_JOB_TEXT "job_text"
+#define SCHEMA_ATT_JOB_SHA256 "job_sha256"
+#define SCHEMA_ATT_DATASET_PATH "dataset_path"
+#define SCHEMA_ATT_DATASET_SHA256 "dataset_sha256"
+#define SCHEMA_ATT_MPI_RANKS "mpi_ranks"
+#define SCHEMA_ATT_MEMORY_PER_RANK "memory_per_rank"
+#define SCHEMA_ATT_COMPLETE "complete"
+#define SCHEMA_ATT_PROMPTS_DONE "prompts_done"
+#define SCHEMA_ATT_MERGED_FROM "merged_from"
+#define SCHEMA_ATT_PARTS_PREFIX "parts_"
+#define SCHEMA_ATT_ANALYSIS "analysis"
+#define SCHEMA_ATT_DATASET "dataset"
+#define SCHEMA_ATT_DECODED_POSITION "decoded_position"
+
+/* ---- attribute values ---- */
+#define SCHEMA_CONVENTIONS "patchsweep-1.0"
+#define SCHEMA_TRUE "true"
+#define SCHEMA_FALSE "false"
+#define SCHEMA_SLICE_ALL "all"
+#define SCHEMA_ANALYSIS_LENS "lens"
+#define SCHEMA_DIRECTION_DENOISE "denoise"
+#define SCHEMA_DIRECTION_NOISE "noise"
+#define SCHEMA_ENGINE_FAST "fast"
+#define SCHEMA_ENGINE_NAIVE "naive"
+#define SCHEMA_NORMALIZED_FORMULA "(patched - corrupted_metric) / (clean_metric - corrupted_metric)"
+
+/* ---- fill values (spelled out so that this header needs no netcdf.h;
+ * tests/unit/test_ncout.c checks them against netCDF's) ---- */
+#define SCHEMA_FILL_GRID 9.9692099683868690e+36f   /* NC_FILL_FLOAT: C, C_normalized */
+#define SCHEMA_FILL_METRIC 9.9692099683868690e+36  /* NC_FILL_DOUBLE: clean/corrupted_metric */
+#define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id */
+
+/* The global attributes that identify a run: the parts of one merge agree
+ * on all of them. */
+extern const char *const schema_identity_atts[];
+#define SCHEMA_N_IDENTITY_ATTS ((size_t)6)
+
+/* The largest N of `sweep --slice K/N`. */
+#define SCHEMA_SLICE_MAX ((size_t)1000000)
+
+/* "K/N" (decimal digits only, no sign or space) with 1 <= K <= N <= max_n: the slice option of
+ * sweep and the slice attribute of a part.  False otherwise ("all" too). */
+bool schema_parse_slice(const char *s, size_t max_n, size_t *k, size_t *n);
+
+/* The resume check: whether `path` is the complete result of this run, i.e.
+ * a readable NetCDF file whose text attributes job_sha256, model_sha256,
+ * dataset_sha256 and slice equal the arguments and complete is "true".
+ * Any failure to read says false. */
+bool schema_is_complete_run(const char *path, const char *job_sha256, const char *model_sha256,
+                            const char *dataset_sha256, const char *slice);
+
+#endif

@@ -1,0 +1,659 @@
+#include "plotfig.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ncin.h"
+#include "prov.h"
+#include "schema.h"
+
+/* ---- provenance ------------------------------------------------------------ */
+
+static ps_status read_provenance(const ncin_file *f, agg_pool *pl, const char *input, provenance *p)
+{
+    p->n = 0;
+    p->pairs[p->n][0] = SCHEMA_ATT_PATCHSWEEP_VERSION;
+    p->pairs[p->n++][1] = prov_version();
+    p->pairs[p->n][0] = SCHEMA_ATT_COMMAND_LINE;
+    p->pairs[p->n++][1] = prov_command_line();
+    p->pairs[p->n][0] = "source_file";
+    p->pairs[p->n++][1] = input;
+    static const char *const from_source[][2] = {{SCHEMA_ATT_MODEL_SHA256, SCHEMA_ATT_MODEL_SHA256},
+                                                {SCHEMA_ATT_PATCHSWEEP_VERSION, "source_patchsweep_version"},
+                                                {SCHEMA_ATT_COMMAND_LINE, "source_command_line"},
+                                                {SCHEMA_ATT_CREATED, "source_created"}};
+    for (size_t i = 0; i < sizeof from_source / sizeof from_source[0]; i++) {
+        char *v;
+        ps_status st = ncin_get_text_att(f, NULL, from_source[i][0], &v);
+        if (st)
+            return st;
+        if (v && !agg_keep(pl, v))
+            return PS_ERR_NOMEM;
+        p->pairs[p->n][0] = from_source[i][1];
+        /* an absent attribute is recorded as empty rather than dropped, so
+         * the entry says the source had none */
+        p->pairs[p->n++][1] = v ? v : "";
+    }
+    return PS_OK;
+}
+
+/* ---- patching results ----------------------------------------------------------- */
+
+typedef enum { GRID_POS, GRID_HEAD, GRID_POS_HEAD } grid_kind;
+
+typedef struct {
+    ncin_var v;
+    grid_kind kind;
+    const char *long_name;
+} grid_var;
+
+typedef struct {
+    plot_heatmap *items;
+    size_t n, cap;
+} panel_list;
+
+static plot_heatmap *panel_add(agg_pool *pl, panel_list *ps)
+{
+    if (ps->n == ps->cap) {
+        size_t cap = ps->cap ? 2 * ps->cap : 8;
+        plot_heatmap *items = agg_calloc(pl, cap, sizeof *items);
+        if (!items)
+            return NULL;
+        if (ps->n)
+            memcpy(items, ps->items, ps->n * sizeof *items);
+        ps->items = items;
+        ps->cap = cap;
+    }
+    plot_heatmap *p = &ps->items[ps->n++];
+    memset(p, 0, sizeof *p);
+    return p;
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+/* v's grid kind from its dimensions; false when it is not a grid. */
+static bool grid_kind_of(const ncin_var *v, grid_kind *kind)
+{
+    static const char *const pos[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION};
+    static const char *const head[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_HEAD};
+    static const char *const pos_head[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION, SCHEMA_DIM_HEAD};
+    if (ncin_dims_are(v, pos, 3))
+        *kind = GRID_POS;
+    else if (ncin_dims_are(v, head, 3))
+        *kind = GRID_HEAD;
+    else if (ncin_dims_are(v, pos_head, 4))
+        *kind = GRID_POS_HEAD;
+    else
+        return false;
+    return true;
+}
+
+static ps_status describe_grid(const ncin_file *f, agg_pool *pl, const char *name, grid_var *g)
+{
+    ps_status st = ncin_inq_var(f, name, &g->v);
+    if (st)
+        return st;
+    if (!grid_kind_of(&g->v, &g->kind)) {
+        char have[512];
+        ncin_describe(&g->v, have, sizeof have);
+        return err_set(PS_ERR_FORMAT,
+                       "%s: wrong dimensions: %s is not a (prompt, layer, position), (prompt, layer, head) or "
+                       "(prompt, layer, position, head) grid",
+                       f->path, have);
+    }
+    char *ln;
+    if ((st = ncin_get_text_att(f, name, SCHEMA_ATT_LONG_NAME, &ln)))
+        return st;
+    g->long_name = ln ? agg_keep(pl, ln) : g->v.name;
+    return g->long_name ? PS_OK : PS_ERR_NOMEM;
+}
+
+/* The variables --var names (see the help text). */
+static ps_status resolve_grid_vars(const ncin_file *f, agg_pool *pl, const char *spec, grid_var **out, size_t *n_out)
+{
+    char **names;
+    size_t n_names;
+    ps_status st = ncin_var_names(f, &names, &n_names);
+    if (st)
+        return st;
+    grid_var *gv = NULL;
+    size_t n = 0;
+    /* The grid variables of the file, listed when --var names another. */
+    size_t cap = n_names + 1;
+    char *avail = agg_calloc(pl, 64 * cap + 1, 1);
+    gv = agg_calloc(pl, cap, sizeof *gv);
+    if (!avail || !gv) {
+        ncin_names_free(names, n_names);
+        return PS_ERR_NOMEM;
+    }
+    size_t alen = 0;
+    for (size_t i = 0; i < n_names; i++) {
+        ncin_var v;
+        grid_kind k;
+        if (ncin_inq_var(f, names[i], &v) == PS_OK && grid_kind_of(&v, &k) && alen + strlen(names[i]) + 3 < 64 * cap)
+            alen += (size_t)sprintf(avail + alen, "%s%s", alen ? ", " : "", names[i]);
+    }
+    err_clear();
+    if (!spec || !strcmp(spec, "all")) {
+        /* chosen by name; describe_grid then refuses wrong dimensions */
+        const char *first = NULL;
+        for (size_t i = 0; i < n_names && st == PS_OK; i++) {
+            if (!ends_with(names[i], SCHEMA_NORMALIZED_SUFFIX))
+                continue;
+            if (spec)
+                st = describe_grid(f, pl, names[i], &gv[n++]);
+            else if (!first)
+                first = names[i];
+        }
+        if (!spec && st == PS_OK && first)
+            st = describe_grid(f, pl, ncin_has_var(f, SCHEMA_VAR_RESID_PRE_NORMALIZED) ? SCHEMA_VAR_RESID_PRE_NORMALIZED : first,
+                               &gv[n++]);
+        if (st == PS_OK && n == 0)
+            st = err_set(PS_ERR_FORMAT, "%s: no *_normalized variable: not a patching result file", f->path);
+    } else {
+        char *list = agg_printf(pl, "%s", spec);
+        if (!list) {
+            ncin_names_free(names, n_names);
+            return PS_ERR_NOMEM;
+        }
+        char *save = NULL;
+        for (char *tok = strtok_r(list, ",", &save); tok && st == PS_OK; tok = strtok_r(NULL, ",", &save)) {
+            if (n == cap) {
+                st = err_set(PS_ERR_INVALID, "%s: too many --var names", f->path);
+                break;
+            }
+            if (!ncin_has_var(f, tok))
+                st = err_set(PS_ERR_INVALID, "%s: unknown variable '%s' (plottable: %s)", f->path, tok,
+                             alen ? avail : "none");
+            else
+                st = describe_grid(f, pl, tok, &gv[n++]);
+        }
+        if (st == PS_OK && n == 0)
+            st = err_set(PS_ERR_INVALID, "%s: --var names no variable", f->path);
+    }
+    ncin_names_free(names, n_names);
+    *out = gv;
+    *n_out = n;
+    return st;
+}
+
+/* Groups of prompts for the means (see the help of --mean). */
+static ps_status token_labels(const ncin_file *f, agg_pool *pl, const ncin_var *tok_var, const agg_group *g, size_t T,
+                              const char ***labels, bool *differs_any)
+{
+    const char **lab = agg_calloc(pl, T, sizeof *lab);
+    char **first = agg_calloc(pl, tok_var->shape[1], sizeof *first);
+    char **other = agg_calloc(pl, tok_var->shape[1], sizeof *other);
+    bool *differs = agg_calloc(pl, T, sizeof *differs);
+    if (!lab || !first || !other || !differs)
+        return PS_ERR_NOMEM;
+    ps_status st = ncin_read_strings(f, tok_var, g->idx[0], 1, first);
+    if (st)
+        return st;
+    for (size_t k = 1; k < g->n && st == PS_OK; k++) {
+        if ((st = ncin_read_strings(f, tok_var, g->idx[k], 1, other)))
+            break;
+        for (size_t t = 0; t < T; t++)
+            differs[t] = differs[t] || strcmp(first[t], other[t]);
+        for (size_t t = 0; t < tok_var->shape[1]; t++)
+            free(other[t]);
+    }
+    *differs_any = false;
+    for (size_t t = 0; t < T && st == PS_OK; t++) {
+        char *marked = differs[t] ? agg_printf(pl, "%s*", first[t]) : first[t];
+        if (!marked || !(lab[t] = agg_keep(pl, plot_token_label(marked, t))))
+            st = PS_ERR_NOMEM;
+        *differs_any = *differs_any || differs[t];
+    }
+    for (size_t t = 0; t < tok_var->shape[1]; t++)
+        free(first[t]);
+    *labels = lab;
+    return st;
+}
+
+static const char **index_labels(agg_pool *pl, size_t n)
+{
+    const char **lab = agg_calloc(pl, n, sizeof *lab);
+    for (size_t i = 0; lab && i < n; i++)
+        if (!(lab[i] = agg_printf(pl, "%zu", i)))
+            return NULL;
+    return lab;
+}
+
+typedef struct {
+    const ncin_file *f;
+    agg_pool *pl;
+    const plotfig_opts *a;
+    size_t n_prompt, n_layer, n_pos, n_head;
+    const ncin_var *tok_var;     /* clean_token or corrupted_token; NULL when no position variable */
+    const char **layer_labels;
+    const char **head_labels;
+} results_ctx;
+
+/* The panels of one variable over one group of prompts (one prompt, or a mean). */
+static ps_status grid_panels(const results_ctx *c, const grid_var *g, const agg_group *grp, bool mean,
+                             panel_list *panels)
+{
+    agg_pool *pl = c->pl;
+    const size_t L = c->n_layer, H = c->n_head, P = c->n_pos;
+    const size_t T = g->kind == GRID_HEAD ? H : grp->length;
+    const size_t n_panels = g->kind == GRID_POS_HEAD ? H : 1;
+    const size_t cells = L * T;
+    size_t stride = 0;
+    ps_status st = ncin_stride(c->f, &g->v, &stride);
+    if (st)
+        return st;
+    /* the indexing below assumes the variable's shape is the file's dimensions */
+    size_t want = g->kind == GRID_POS ? L * P : g->kind == GRID_HEAD ? L * H : L * P * H;
+    if (stride != want)
+        return err_set(PS_ERR_FORMAT, "%s: variable '%s' does not have the file's layer/position/head sizes",
+                       c->f->path, g->v.name);
+    float *slab = agg_calloc(pl, stride, sizeof *slab);
+    agg_accum *acc = agg_calloc(pl, n_panels, sizeof *acc);
+    if (!slab || !acc)
+        return PS_ERR_NOMEM;
+    for (size_t h = 0; h < n_panels; h++)
+        if ((st = agg_accum_init(pl, &acc[h], cells)))
+            return st;
+    for (size_t k = 0; k < grp->n; k++) {
+        if ((st = ncin_read_float(c->f, &g->v, grp->idx[k], 1, slab)))
+            return st;
+        for (size_t h = 0; h < n_panels; h++)
+            for (size_t l = 0; l < L; l++)
+                for (size_t t = 0; t < T; t++) {
+                    float v = g->kind == GRID_POS_HEAD ? slab[(l * P + t) * H + h]
+                              : g->kind == GRID_POS    ? slab[l * P + t]
+                                                       : slab[l * H + t];
+                    agg_accum_add(&acc[h], l * T + t, v);
+                }
+    }
+    const char **col_labels = c->head_labels;
+    bool differs = false;
+    if (g->kind != GRID_HEAD && (st = token_labels(c->f, pl, c->tok_var, grp, T, &col_labels, &differs)))
+        return st;
+    char *who = agg_format_ranges(pl, grp->idx, grp->n, 80);
+    if (!who)
+        return PS_ERR_NOMEM;
+    for (size_t h = 0; h < n_panels; h++) {
+        float *values = agg_calloc(pl, cells, sizeof *values);
+        plot_heatmap *p = panel_add(pl, panels);
+        if (!values || !p)
+            return PS_ERR_NOMEM;
+        for (size_t i = 0; i < cells; i++)
+            values[i] = acc[h].count[i] ? (float)(acc[h].sum[i] / (double)acc[h].count[i]) : NAN;
+        p->values = values;
+        p->n_rows = L;
+        p->n_cols = T;
+        p->row_labels = c->layer_labels;
+        p->col_labels = col_labels;
+        p->y_name = "Layer";
+        p->x_name = g->kind == GRID_HEAD ? "Head" : "Position";
+        if (g->kind == GRID_POS_HEAD) {
+            p->title = agg_printf(pl, "%s, head %zu", g->long_name, h);
+            p->hover_name = agg_printf(pl, "%s head %zu", g->v.name, h);
+        } else {
+            p->title = g->long_name;
+            p->hover_name = g->v.name;
+        }
+        if (mean) {
+            p->n_used = acc[h].count;
+            p->lo = acc[h].lo;
+            p->hi = acc[h].hi;
+            char len_note[48] = "";
+            if (grp->length && g->kind != GRID_HEAD)
+                snprintf(len_note, sizeof len_note, ", length %zu", grp->length);
+            p->subtitle = agg_printf(pl, "mean of %zu prompt%s (%s)%s%s", grp->n, grp->n == 1 ? "" : "s", who,
+                                      len_note,
+                                      differs ? "; labels: first prompt's tokens, * = differs across prompts" : "");
+            if (!p->subtitle)
+                return PS_ERR_NOMEM;
+        }
+        if (!p->title || !p->hover_name)
+            return PS_ERR_NOMEM;
+    }
+    return PS_OK;
+}
+
+static const char *base_name(const char *path)
+{
+    const char *s = strrchr(path, '/');
+    return s ? s + 1 : path;
+}
+
+static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const provenance *prov,
+                              plotfig *out)
+{
+    results_ctx c = {.f = f, .pl = pl, .a = a};
+    ps_status st;
+    grid_var *gv;
+    size_t n_vars;
+    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &c.n_prompt)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &c.n_layer)))
+        return st;
+    bool position_wise = false, any_head = false;
+    for (size_t i = 0; i < n_vars; i++) {
+        position_wise = position_wise || gv[i].kind != GRID_HEAD;
+        any_head = any_head || gv[i].kind != GRID_POS;
+    }
+    if (c.n_prompt == 0)
+        return err_set(PS_ERR_FORMAT, "%s: the file has no prompts", f->path);
+    if (c.n_layer == 0)
+        return err_set(PS_ERR_FORMAT, "%s: the layer dimension is empty", f->path);
+    /* prompt lengths are checked against the position dimension even when
+     * only head components are plotted */
+    if ((position_wise || ncin_has_var(f, SCHEMA_VAR_LENGTH)) && (st = agg_dim_len(f, SCHEMA_DIM_POSITION, &c.n_pos)))
+        return st;
+    if (any_head && (st = agg_dim_len(f, SCHEMA_DIM_HEAD, &c.n_head)))
+        return st;
+    if ((position_wise && c.n_pos == 0) || (any_head && c.n_head == 0))
+        return err_set(PS_ERR_FORMAT, "%s: the %s dimension is empty", f->path, c.n_pos == 0 ? SCHEMA_DIM_POSITION : SCHEMA_DIM_HEAD);
+    ncin_var tok_var;
+    if (position_wise) {
+        const char *tname = a->tokens && !strcmp(a->tokens, "corrupted") ? SCHEMA_VAR_CORRUPTED_TOKEN : SCHEMA_VAR_CLEAN_TOKEN;
+        static const char *const dims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_POSITION};
+        if ((st = ncin_inq_var(f, tname, &tok_var)))
+            return err_set(PS_ERR_FORMAT, "%s: no '%s' variable for the position labels", f->path, tname);
+        if ((st = ncin_expect_dims(f, &tok_var, dims, 2)))
+            return st;
+        c.tok_var = &tok_var;
+    }
+    if (!(c.layer_labels = index_labels(pl, c.n_layer)) || (any_head && !(c.head_labels = index_labels(pl, c.n_head))))
+        return PS_ERR_NOMEM;
+
+    size_t *sel, n_sel;
+    if ((st = agg_select_prompts(f, pl, &a->sel, c.n_prompt, false, &sel, &n_sel)))
+        return st;
+    double *length, *clean_m, *corrupted_m;
+    char **answer, **wrong;
+    if ((st = agg_read_prompt_doubles(f, pl, SCHEMA_VAR_LENGTH, c.n_prompt, &length)) ||
+        (st = agg_read_prompt_doubles(f, pl, SCHEMA_VAR_CLEAN_METRIC, c.n_prompt, &clean_m)) ||
+        (st = agg_read_prompt_doubles(f, pl, SCHEMA_VAR_CORRUPTED_METRIC, c.n_prompt, &corrupted_m)) ||
+        (st = agg_read_prompt_strings(f, pl, SCHEMA_VAR_ANSWER, c.n_prompt, &answer)) ||
+        (st = agg_read_prompt_strings(f, pl, SCHEMA_VAR_WRONG, c.n_prompt, &wrong)))
+        return st;
+    char *metric, *direction;
+    if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
+        (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
+        return st ? st : PS_ERR_NOMEM;
+
+    /* Groups: position components by length; head components, which have
+     * no position axis, over every selected prompt unless split. */
+    agg_group *pos_groups = NULL, *head_groups = NULL;
+    size_t n_pos_groups = 0, n_head_groups = 0;
+    if (position_wise &&
+        (st = agg_group_prompts(f, pl, &a->sel, sel, n_sel, length, c.n_pos, true, &pos_groups, &n_pos_groups)))
+        return st;
+    if (any_head &&
+        (st = agg_group_prompts(f, pl, &a->sel, sel, n_sel, length, c.n_pos, false, &head_groups, &n_head_groups)))
+        return st;
+    const bool mean = a->sel.mean;
+    const agg_group *report = position_wise ? pos_groups : head_groups;
+    size_t n_report = position_wise ? n_pos_groups : n_head_groups;
+    if (mean)
+        for (size_t k = 0; k < n_report; k++) {
+            const char *all = agg_format_ranges(pl, report[k].idx, report[k].n, 0);
+            if (!all)
+                return PS_ERR_NOMEM;
+            if (report[k].length)
+                agg_note(&a->sel, "mean of %zu prompt%s of length %zu: %s", report[k].n,
+                        report[k].n == 1 ? "" : "s", report[k].length, all);
+            else
+                agg_note(&a->sel, "mean of %zu prompt%s: %s", report[k].n, report[k].n == 1 ? "" : "s", all);
+        }
+
+    panel_list panels = {0};
+    for (size_t i = 0; i < n_vars; i++) {
+        const agg_group *gs = gv[i].kind == GRID_HEAD ? head_groups : pos_groups;
+        size_t ng = gv[i].kind == GRID_HEAD ? n_head_groups : n_pos_groups;
+        for (size_t k = 0; k < ng; k++)
+            if ((st = grid_panels(&c, &gv[i], &gs[k], mean, &panels)))
+                return st;
+    }
+
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+    const char *m = metric ? metric : "metric";
+    fig.title = a->title ? a->title
+                         : agg_printf(pl, "Activation patching (%s%s%s): %s", m, direction ? ", " : "",
+                                       direction ? direction : "", base_name(a->input));
+    if (mean) {
+        fig.subtitle = agg_printf(pl, "means over done prompts (%zu of %zu); each panel names its prompts", n_sel,
+                                   c.n_prompt);
+    } else {
+        size_t p = sel[0];
+        char metrics[160] = "";
+        if (clean_m && corrupted_m)
+            snprintf(metrics, sizeof metrics, "; clean %s %.4g, corrupted %.4g", m, clean_m[p], corrupted_m[p]);
+        char *ans = answer && wrong ? agg_printf(pl, ": answer '%s', wrong '%s'", answer[p], wrong[p])
+                                    : agg_printf(pl, "%s", "");
+        fig.subtitle = ans ? agg_printf(pl, "prompt %zu of %zu%s%s", p, c.n_prompt, ans, metrics) : NULL;
+    }
+    if (!fig.title || !fig.subtitle)
+        return PS_ERR_NOMEM;
+    double zmax = a->has_zmax ? a->zmax : plot_heatmap_zmax(panels.items, panels.n);
+    out->fig = fig;
+    out->panels = panels.items;
+    out->n_panels = panels.n;
+    out->zmax = zmax;
+    return PS_OK;
+}
+
+/* ---- lens files ---------------------------------------------------------------------- */
+
+static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const provenance *prov,
+                           plotfig *out)
+{
+    if (a->sel.by_length || a->sel.has_length)
+        return err_set(PS_ERR_INVALID, "%s: a lens file has no positions to group: --by-length and --length "
+                                       "apply to patching results",
+                       f->path);
+    size_t n_prompt, n_layer;
+    ps_status st;
+    if ((st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &n_prompt)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &n_layer)))
+        return st;
+    if (n_prompt == 0 || n_layer == 0)
+        return err_set(PS_ERR_FORMAT, "%s: the %s dimension is empty", f->path, n_prompt ? SCHEMA_DIM_LAYER : SCHEMA_DIM_PROMPT);
+    static const char *const dims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER};
+    /* the variables: --var, or prob and reciprocal_rank */
+    char **names;
+    size_t n_names;
+    if ((st = ncin_var_names(f, &names, &n_names)))
+        return st;
+    const char **vars = agg_calloc(pl, n_names + 1, sizeof *vars);
+    size_t n_vars = 0;
+    if (!vars) {
+        ncin_names_free(names, n_names);
+        return PS_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < n_names && st == PS_OK; i++) {
+        ncin_var v;
+        bool wanted = a->vars && !strcmp(a->vars, "all")
+                          ? ncin_inq_var(f, names[i], &v) == PS_OK && ncin_dims_are(&v, dims, 2) && ncin_is_numeric(&v)
+                          : !a->vars && (!strcmp(names[i], SCHEMA_VAR_PROB) || !strcmp(names[i], SCHEMA_VAR_RECIPROCAL_RANK));
+        if (wanted && !(vars[n_vars++] = agg_printf(pl, "%s", names[i])))
+            st = PS_ERR_NOMEM;
+    }
+    ncin_names_free(names, n_names);
+    if (st)
+        return st;
+    err_clear();
+    if (a->vars && strcmp(a->vars, "all")) {
+        char *list = agg_printf(pl, "%s", a->vars);
+        if (!list)
+            return PS_ERR_NOMEM;
+        for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            if (!ncin_has_var(f, tok))
+                return err_set(PS_ERR_INVALID, "%s: unknown variable '%s' (a lens file: prob, reciprocal_rank)",
+                               f->path, tok);
+            if (n_vars == n_names)
+                return err_set(PS_ERR_INVALID, "%s: too many --var names", f->path);
+            vars[n_vars++] = tok;
+        }
+    }
+    if (n_vars == 0)
+        return err_set(PS_ERR_FORMAT, "%s: a lens file without prob or reciprocal_rank variables", f->path);
+
+    size_t *sel, n_sel;
+    if ((st = agg_select_prompts(f, pl, &a->sel, n_prompt, true, &sel, &n_sel)))
+        return st;
+    char **answer;
+    if ((st = agg_read_prompt_strings(f, pl, SCHEMA_VAR_ANSWER, n_prompt, &answer)))
+        return st;
+    /* x labels: layer_label(layer) ("embed", "0", ...) or the indices */
+    const char **x_labels = NULL;
+    if (ncin_has_var(f, SCHEMA_VAR_LAYER_LABEL)) {
+        ncin_var lv;
+        static const char *const ldims[] = {SCHEMA_DIM_LAYER};
+        char **s = agg_calloc(pl, n_layer, sizeof *s);
+        if (!s)
+            return PS_ERR_NOMEM;
+        if ((st = ncin_inq_var(f, SCHEMA_VAR_LAYER_LABEL, &lv)) || (st = ncin_expect_dims(f, &lv, ldims, 1)) ||
+            (st = ncin_read_strings(f, &lv, 0, n_layer, s)))
+            return st;
+        for (size_t i = 0; i < n_layer; i++)
+            if (!agg_keep(pl, s[i])) {
+                for (size_t j = i + 1; j < n_layer; j++)
+                    free(s[j]);
+                return PS_ERR_NOMEM;
+            }
+        x_labels = (const char **)s;
+    } else if (!(x_labels = index_labels(pl, n_layer))) {
+        return PS_ERR_NOMEM;
+    }
+    const char *who = agg_format_ranges(pl, sel, n_sel, 80);
+    if (!who)
+        return PS_ERR_NOMEM;
+    if (a->sel.mean)
+        agg_note(&a->sel, "mean of %zu prompt%s: %s", n_sel, n_sel == 1 ? "" : "s",
+                agg_format_ranges(pl, sel, n_sel, 0));
+
+    plot_lines *panels = agg_calloc(pl, n_vars, sizeof *panels);
+    if (!panels)
+        return PS_ERR_NOMEM;
+    for (size_t i = 0; i < n_vars; i++) {
+        ncin_var v;
+        size_t stride = 0;
+        if ((st = ncin_inq_var(f, vars[i], &v)) || (st = ncin_expect_dims(f, &v, dims, 2)) ||
+            (st = ncin_stride(f, &v, &stride)))
+            return st;
+        double *all = agg_calloc(pl, n_prompt, stride * sizeof *all);
+        if (!all)
+            return PS_ERR_NOMEM;
+        if ((st = ncin_read_double(f, &v, 0, n_prompt, all)))
+            return st;
+        plot_lines *p = &panels[i];
+        bool is_prob = !strcmp(vars[i], SCHEMA_VAR_PROB), is_rr = !strcmp(vars[i], SCHEMA_VAR_RECIPROCAL_RANK);
+        char *ln = NULL;
+        if ((st = ncin_get_text_att(f, vars[i], SCHEMA_ATT_LONG_NAME, &ln)) || (ln && !agg_keep(pl, ln)))
+            return st ? st : PS_ERR_NOMEM;
+        p->title = is_prob ? "Probability of the answer by layer (logit lens)"
+                   : is_rr ? "Reciprocal rank of the answer by layer (logit lens)"
+                   : ln    ? ln
+                           : vars[i];
+        p->x_name = "Layer";
+        p->y_name = is_prob ? "p(answer)" : is_rr ? "1 / rank of answer" : vars[i];
+        p->n_x = n_layer;
+        p->x_labels = x_labels;
+        p->y_cap = is_prob || is_rr ? 1.0 : 0.0;
+        plot_series *series = agg_calloc(pl, a->sel.mean ? 1 : n_sel, sizeof *series);
+        if (!series)
+            return PS_ERR_NOMEM;
+        p->series = series;
+        if (a->sel.mean) {
+            double *y = agg_calloc(pl, n_layer, sizeof *y), *lo = agg_calloc(pl, n_layer, sizeof *lo),
+                   *hi = agg_calloc(pl, n_layer, sizeof *hi);
+            if (!y || !lo || !hi)
+                return PS_ERR_NOMEM;
+            for (size_t l = 0; l < n_layer; l++) {
+                double sum = 0;
+                size_t cnt = 0;
+                lo[l] = INFINITY;
+                hi[l] = -INFINITY;
+                for (size_t k = 0; k < n_sel; k++) {
+                    double val = all[sel[k] * n_layer + l];
+                    if (isnan(val))
+                        continue;
+                    sum += val;
+                    cnt++;
+                    lo[l] = val < lo[l] ? val : lo[l];
+                    hi[l] = val > hi[l] ? val : hi[l];
+                }
+                y[l] = cnt ? sum / (double)cnt : NAN;
+                if (!cnt)
+                    lo[l] = hi[l] = NAN;
+            }
+            series[0] = (plot_series){.y = y, .band_lo = lo, .band_hi = hi};
+            series[0].label = agg_printf(pl, "mean of %zu prompt%s (band: min-max)", n_sel, n_sel == 1 ? "" : "s");
+            if (!series[0].label)
+                return PS_ERR_NOMEM;
+            p->n_series = 1;
+            p->subtitle = agg_printf(pl, "prompts %s", who);
+        } else {
+            for (size_t k = 0; k < n_sel; k++) {
+                series[k].y = all + sel[k] * n_layer;
+                series[k].label = answer ? agg_printf(pl, "prompt %zu: '%s'", sel[k], answer[sel[k]])
+                                         : agg_printf(pl, "prompt %zu", sel[k]);
+                if (!series[k].label)
+                    return PS_ERR_NOMEM;
+            }
+            p->n_series = n_sel;
+        }
+    }
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+    fig.title = a->title ? a->title : agg_printf(pl, "Logit lens: %s", base_name(a->input));
+    fig.subtitle = a->sel.mean ? agg_printf(pl, "mean over %zu of %zu prompts", n_sel, n_prompt)
+                           : agg_printf(pl, "%zu of %zu prompt%s", n_sel, n_prompt, n_prompt == 1 ? "" : "s");
+    if (!fig.title || !fig.subtitle)
+        return PS_ERR_NOMEM;
+    out->fig = fig;
+    out->lines = panels;
+    out->n_panels = n_vars;
+    return PS_OK;
+}
+
+
+/* ---- the figure ------------------------------------------------------------------------ */
+
+ps_status plotfig_build(const plotfig_opts *o, plotfig *pf)
+{
+    memset(pf, 0, sizeof *pf);
+    ncin_file f;
+    ps_status st = ncin_open(&f, o->input);
+    if (st)
+        return st;
+    agg_pool *pl = &pf->pool;
+    char *analysis = NULL;
+    st = read_provenance(&f, pl, o->input, &pf->prov);
+    if (st == PS_OK)
+        st = ncin_get_text_att(&f, NULL, SCHEMA_ATT_ANALYSIS, &analysis);
+    if (st == PS_OK && analysis && !agg_keep(pl, analysis))
+        st = PS_ERR_NOMEM;
+    bool lens = analysis && !strcmp(analysis, SCHEMA_ANALYSIS_LENS);
+    if (st == PS_OK && lens && o->tokens)
+        st = err_set(PS_ERR_INVALID, "%s: a lens file has no token labels: --tokens applies to patching results",
+                     o->input);
+    if (st == PS_OK)
+        st = lens ? plot_lens(&f, pl, o, &pf->prov, pf) : plot_results(&f, pl, o, &pf->prov, pf);
+    if (st == PS_ERR_NOMEM && !strstr(err_msg(), o->input))
+        err_wrap(st, "%s", o->input);
+    ncin_close(&f);
+    return st;
+}
+
+ps_status plotfig_write(FILE *out, const char *path, const plotfig *pf)
+{
+    return pf->lines ? plot_write_lines(out, path, &pf->fig, pf->lines, pf->n_panels)
+                     : plot_write_heatmaps(out, path, &pf->fig, pf->panels, pf->n_panels, pf->zmax);
+}
+
+void plotfig_free(plotfig *pf)
+{
+    agg_pool_free(&pf->pool);
+    memset(pf, 0, sizeof *pf);
+}
