@@ -136,9 +136,13 @@ u, r = info("--no-blas-autoselect", env=base_env(OPENBLAS_CORETYPE="Nehalem"))
 check("OPENBLAS_CORETYPE with --no-blas-autoselect kept", u and u["core"] == "Nehalem"
       and u["source"] == "OPENBLAS_CORETYPE" and not u["reexecuted"], u)
 u, r = info(env=base_env(OPENBLAS_CORETYPE="NoSuchCore"))
-check("an unknown OPENBLAS_CORETYPE: kept, OpenBLAS's detection runs, one warning",
-      u and u["core"] == b["core"] and u["source"] == "OPENBLAS_CORETYPE"
-      and r.stderr.count("\n") == 1 and "OPENBLAS_CORETYPE=NoSuchCore, but OpenBLAS runs its" in r.stderr,
+# OpenBLAS's detection after an unknown name need not pick the core it picks
+# with nothing set (0.3.21 on a family 6 model 167 CPU: Cooperlake, not
+# SkylakeX): the check is that the kernels it runs suit the CPU and are named.
+check("an unknown OPENBLAS_CORETYPE: kept, OpenBLAS's detection runs, one warning naming its core",
+      u and LEVELS.get(u["core"].lower(), -1) >= cpu_level and u["source"] == "OPENBLAS_CORETYPE"
+      and r.stderr.count("\n") == 1
+      and f"OPENBLAS_CORETYPE=NoSuchCore, but OpenBLAS runs its {u['core']} kernels" in r.stderr,
       (u, r.stderr))
 
 # --- --blas-core -----------------------------------------------------------------------
