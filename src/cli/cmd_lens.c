@@ -207,7 +207,7 @@ static const char *lens_help =
     "  --position P   token position to decode (default: the last)\n"
     "  --json         the table as JSON\n"
     "  --dataset F    decode every item's clean prompt at its last token, with its\n"
-    "                 answer, into the NetCDF file -o OUT.nc (schema: include/ncout_lens.h)\n"
+    "                 answer, into the NetCDF file -o OUT.nc (format: include/patchsweep/schema.h)\n"
     "  --no-bos       do not prepend <|endoftext|>;  --tokenizer DIR  tokenizer files\n";
 
 static void print_lens_table(const lens_view *v, char **tops)

@@ -62,7 +62,7 @@ static void print_help(FILE *out)
 
 static int run_command(int argc, char **argv);
 
-/* ---- BLAS set-up (include/blas.h) -------------------------------------------
+/* ---- BLAS set-up (include/patchsweep/blas.h) -------------------------------------------
  *
  * OpenBLAS reads OPENBLAS_CORETYPE only while the library loads, before
  * main().  To run other kernels than those it picked, the program sets the
