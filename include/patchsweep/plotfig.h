@@ -37,11 +37,11 @@ typedef struct {
 typedef struct {
     const char *pairs[8][2];
     size_t n;
-} provenance;
+} plotfig_provenance;
 
 typedef struct {
     agg_pool pool;          /* everything below lives here */
-    provenance prov;
+    plotfig_provenance prov;
     plot_figure fig;
     const plot_heatmap *panels; /* results: n_panels heatmaps */
     const plot_lines *lines;    /* lens: n_panels line charts */

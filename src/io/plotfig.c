@@ -12,7 +12,7 @@
 
 /* ---- provenance ------------------------------------------------------------ */
 
-static ps_status read_provenance(const ncin_file *f, agg_pool *pl, const char *input, provenance *p)
+static ps_status read_provenance(const ncin_file *f, agg_pool *pl, const char *input, plotfig_provenance *p)
 {
     p->n = 0;
     p->pairs[p->n][0] = SCHEMA_ATT_PATCHSWEEP_VERSION;
@@ -327,7 +327,7 @@ static const char *base_name(const char *path)
     return s ? s + 1 : path;
 }
 
-static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const provenance *prov,
+static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
                               plotfig *out)
 {
     results_ctx c = {.f = f, .pl = pl, .a = a};
@@ -446,7 +446,7 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
 
 /* ---- lens files ---------------------------------------------------------------------- */
 
-static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const provenance *prov,
+static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
                            plotfig *out)
 {
     if (a->sel.by_length || a->sel.has_length)
