@@ -224,7 +224,7 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
         goto out;
     for (size_t t = 0; t < T; t++) {
         size_t len;
-        const char *bytes = tokenizer_token_bytes(tok, c->tokens[t], &len);
+        const char *bytes = tok ? tokenizer_token_bytes(tok, c->tokens[t], &len) : NULL; /* --ids: none */
         char *s = bytes ? str_utf8_sanitize(bytes, len) : strdup("");
         if (!s) {
             st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
