@@ -338,6 +338,7 @@ int cmd_info(int argc, char **argv)
         return cli_usage("info", "--model DIR is required");
     if (model_load(&m, o.model_dir) != PS_OK)
         return cli_fail();
+    rc = 0;
     /* GPT-2's tokenizer (as cli_load); the other families have none yet */
     if (m.cfg.family == MODEL_FAMILY_GPT2) {
         model_free(&m);
