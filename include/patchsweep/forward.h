@@ -15,8 +15,13 @@
  * prefix (a KV cache).  forward_run() is forward_run_from(.., 0, 0) after the
  * embedding.
  *
- * Numerics: float32 storage; LayerNorm statistics in double; biased variance
- * with eps from config; attention scale 1/sqrt(dh); gelu_new (tanh form).
+ * Families (model.h): each is a sequence of ops.h's kernels, walked from the
+ * model's descriptor: LayerNorm or RMSNorm, learned or rotary positions,
+ * grouped-query attention, gelu_new / exact GELU / SiLU-gated MLP,
+ * sequential or parallel residual (x + attn(ln1(x)) + mlp(ln2(x))).
+ *
+ * Numerics: float32 storage; norm statistics in double; biased variance
+ * with eps from config; attention scale model_attn_scale (1/sqrt(dh)).
  */
 #ifndef PS_FORWARD_H
 #define PS_FORWARD_H
@@ -31,10 +36,17 @@
 /* Activations of one block for T tokens (pointers into the cache arena). */
 typedef struct {
     float *resid_pre;   /* [T, d] */
-    float *ln1;         /* [T, d] ln_1(resid_pre) (not a hook point here) */
-    float *q, *k, *v;   /* [T, H, dh] each */
+    float *ln1;         /* [T, d] ln_1(resid_pre) after its weight and bias (not a hook point) */
+    float *q;           /* [T, H, dh] (before the rotary embedding) */
+    float *k, *v;       /* [T, H_kv, dh] each (k before the rotary embedding) */
     float *pattern;     /* [H, T, T], zero above the diagonal */
     float *z;           /* [T, H, dh] */
+    /* Families other than GPT-2 only (NULL for GPT-2): */
+    float *ln1_scale, *ln2_scale;   /* [T] */
+    float *ln1_norm, *ln2_norm;     /* [T, d] x / scale, before weight and bias (hook_normalized) */
+    float *rot_q;                   /* [T, H, dh] q after the rotary embedding (rotary only) */
+    float *rot_k;                   /* [T, H_kv, dh] (rotary only) */
+    float *mlp_pre_linear;          /* [T, m] up(x) (gated MLPs only) */
     float *attn_out;    /* [T, d] */
     float *resid_mid;   /* [T, d] */
     float *ln2;         /* [T, d] */
@@ -59,7 +71,8 @@ typedef struct {
     float *embed;           /* [T, d] wte[tokens] */
     float *pos_embed;       /* [T, d] wpe[0..T) */
     forward_layer *layers;  /* [n_layer], owned */
-    float *ln_final;        /* [T, d] */
+    float *ln_final;        /* [T, d] after ln_f's weight and bias (what the unembedding reads) */
+    float *ln_final_norm;   /* [T, d] x / scale before them: ln_final.hook_normalized */
     float *logits;          /* [T, V] for ALL, [1, V] (last row) for LAST, NULL for NONE */
     float *arena;           /* owned: every array above */
     size_t arena_floats;

@@ -48,6 +48,11 @@ size_t gemm_packed_floats(size_t k, size_t n);
 /* Pack W ([k, n], row stride ldw >= n) into dst (gemm_packed_floats(k, n)). */
 void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n);
 
+/* Pack the transpose of an nn.Linear-style matrix A ([n_rows, k], row
+ * stride lda, one row per output): W[kk, c] = A[rows[c], kk] for c < n
+ * (rows NULL: rows[c] = c), so that x @ W = x @ A[rows]^T.  dst as gemm_pack. */
+void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n);
+
 typedef enum {
     GEMM_PLAIN, /* out = x W + b */
     GEMM_GELU   /* out = gelu_new(x W + b), applied per panel while it is in cache */

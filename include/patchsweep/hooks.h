@@ -3,15 +3,23 @@
  * selections of hook points by glob.
  *
  * Names (contract, TransformerLens' own so results and habits carry over):
- *   hook_embed, hook_pos_embed,
- *   blocks.{L}.hook_resid_pre, blocks.{L}.attn.hook_q|hook_k|hook_v|hook_z
- *   blocks.{L}.attn.hook_pattern, blocks.{L}.hook_attn_out,
- *   blocks.{L}.hook_resid_mid, blocks.{L}.mlp.hook_pre|hook_post,
+ *   hook_embed, hook_pos_embed (learned positions),
+ *   blocks.{L}.hook_resid_pre, blocks.{L}.ln1.hook_scale|hook_normalized,
+ *   blocks.{L}.attn.hook_q|hook_k|hook_v, attn.hook_rot_q|hook_rot_k (rotary),
+ *   blocks.{L}.attn.hook_pattern|hook_z, blocks.{L}.hook_attn_out,
+ *   blocks.{L}.hook_resid_mid (sequential residual),
+ *   blocks.{L}.ln2.hook_scale|hook_normalized,
+ *   blocks.{L}.mlp.hook_pre|hook_pre_linear (gated)|hook_post,
  *   blocks.{L}.hook_mlp_out, blocks.{L}.hook_resid_post,
  *   ln_final.hook_normalized, logits
+ * A model has the hooks of its family (hook_present): GPT-2 has no ln1/ln2
+ * hooks, rotary models no hook_pos_embed, parallel-residual models no
+ * hook_resid_mid.  hook_normalized is x / scale, before the norm's weight
+ * and bias (TransformerLens' LayerNormPre / RMSNormPre).
  * Shapes are TransformerLens' with the batch axis dropped (T tokens):
- *   [T, d] residual-sized, [T, H, dh] for q/k/v/z, [H, T, T] for the pattern
- *   (query, key), [T, m] for the MLP hidden layer, [T, V] for logits.
+ *   [T, d] residual-sized, [T, H, dh] for q/z/rot_q, [T, H_kv, dh] for
+ *   k/v/rot_k, [H, T, T] for the pattern (query, key), [T] for a norm's
+ *   scale, [T, m] for the MLP hidden layer, [T, V] for logits.
  */
 #ifndef PS_HOOKS_H
 #define PS_HOOKS_H
@@ -27,14 +35,21 @@ typedef enum {
     HOOK_POS_EMBED,
     /* per block, in the order the forward pass reaches them */
     HOOK_RESID_PRE,
+    HOOK_LN1_SCALE,       /* not GPT-2 (see hook_present) */
+    HOOK_LN1_NORMALIZED,  /* not GPT-2 */
     HOOK_Q,
     HOOK_K,
     HOOK_V,
+    HOOK_ROT_Q,           /* rotary families */
+    HOOK_ROT_K,           /* rotary families */
     HOOK_PATTERN,
     HOOK_Z,
     HOOK_ATTN_OUT,
-    HOOK_RESID_MID,
+    HOOK_RESID_MID,       /* sequential residual only */
+    HOOK_LN2_SCALE,       /* not GPT-2 */
+    HOOK_LN2_NORMALIZED,  /* not GPT-2 */
     HOOK_MLP_PRE,
+    HOOK_MLP_PRE_LINEAR,  /* gated MLPs */
     HOOK_MLP_POST,
     HOOK_MLP_OUT,
     HOOK_RESID_POST,
@@ -53,6 +68,9 @@ typedef struct {
 } hook_point;
 
 bool hook_kind_in_block(hook_kind k);
+
+/* Whether a model of config c has hook points of kind k. */
+bool hook_present(hook_kind k, const model_config *c);
 
 /* Writes the TransformerLens name ("blocks.3.attn.hook_z") into buf. */
 void hook_name(hook_point hp, char buf[HOOK_MAX_NAME]);
@@ -79,11 +97,12 @@ typedef struct {
     size_t n_on;
 } hook_set;
 
-/* Select every hook whose name matches one of the comma-separated shell
- * globs in `patterns` (fnmatch; "*" selects all).  A pattern that matches no
- * hook is an error (a typo must not silently select nothing). */
-ps_status hook_set_parse(hook_set *s, const char *patterns, size_t n_layer);
-ps_status hook_set_all(hook_set *s, size_t n_layer);
+/* Select every hook of the model (hook_present) whose name matches one of
+ * the comma-separated shell globs in `patterns` (fnmatch; "*" selects all).
+ * A pattern that matches no hook is an error (a typo must not silently
+ * select nothing). */
+ps_status hook_set_parse(hook_set *s, const char *patterns, const model_config *c);
+ps_status hook_set_all(hook_set *s, const model_config *c);
 bool hook_set_has(const hook_set *s, hook_point hp);
 void hook_set_free(hook_set *s);
 

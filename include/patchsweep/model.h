@@ -57,31 +57,92 @@
 #define MODEL_MAX_N_POSITIONS ((size_t)1 << 20)
 #define MODEL_MAX_VOCAB_SIZE  ((size_t)1 << 24)
 
+/* The model families (HF architectures) patchsweep runs.  Mistral is
+ * MODEL_FAMILY_LLAMA (with its sliding window off). */
+typedef enum {
+    MODEL_FAMILY_GPT2,   /* GPT2LMHeadModel */
+    MODEL_FAMILY_NEOX,   /* GPTNeoXForCausalLM (Pythia) */
+    MODEL_FAMILY_LLAMA,  /* LlamaForCausalLM, MistralForCausalLM */
+    MODEL_FAMILY_QWEN2,  /* Qwen2ForCausalLM */
+    MODEL_FAMILY_COUNT
+} model_family;
+
+typedef enum { MODEL_NORM_LAYERNORM, MODEL_NORM_RMSNORM } model_norm;
+typedef enum { MODEL_POS_LEARNED, MODEL_POS_ROTARY } model_pos;
+typedef enum { MODEL_ROPE_SCALING_NONE, MODEL_ROPE_SCALING_LINEAR, MODEL_ROPE_SCALING_LLAMA3 } model_rope_scaling;
+typedef enum {
+    MODEL_ACT_GELU_NEW,   /* tanh-approximated GELU (GPT-2's gelu_new) */
+    MODEL_ACT_GELU_ERF,   /* exact GELU, 0.5 x (1 + erf(x / sqrt 2)) (HF "gelu") */
+    MODEL_ACT_SILU_GATED  /* down(silu(gate(x)) * up(x)) */
+} model_act;
+
 typedef struct {
     size_t n_layer;
-    size_t n_head;
+    size_t n_head;        /* H: query heads */
     size_t n_embd;        /* d */
     size_t n_positions;   /* maximum tokens per prompt */
     size_t vocab_size;    /* V */
     size_t n_inner;       /* MLP width m (config "n_inner", null -> 4d) */
-    size_t d_head;        /* d / n_head */
-    float ln_eps;         /* layer_norm_epsilon */
+    size_t d_head;        /* dh: d / n_head, or config head_dim (Llama, Qwen2) */
+    float ln_eps;         /* layer_norm_epsilon (LayerNorm) or rms_norm_eps (RMSNorm) */
+
+    /* The family descriptor (model_config_parse fills it from config.json;
+     * a zeroed model_config is GPT-2 with learned positions). */
+    model_family family;
+    model_norm norm;
+    model_pos pos;
+    model_act act;
+    size_t n_kv_head;     /* H_kv: key/value heads (H_kv divides H; H for GPT-2/NeoX) */
+    size_t rotary_dim;    /* dims rotated at the start of each head (even, <= dh); 0 when learned */
+    double rope_theta;    /* rotary base */
+    model_rope_scaling rope_scaling;
+    double rope_factor;   /* linear / llama3 factor */
+    double rope_low_freq_factor, rope_high_freq_factor; /* llama3 */
+    double rope_original_max_pos;                       /* llama3: original_max_position_embeddings */
+    bool qkv_bias;        /* q, k, v projections have biases */
+    bool o_bias;          /* attention output projection has a bias */
+    bool mlp_bias;        /* MLP projections have biases */
+    bool parallel_residual; /* x + attn(ln1(x)) + mlp(ln2(x)) (NeoX use_parallel_residual) */
+    bool tie_word_embeddings; /* GPT-2: lm_head optional (tied when absent); others: from config */
+    bool attn_no_scale;   /* GPT-2 scale_attn_weights false: no 1/sqrt(dh) */
+    bool attn_scale_by_layer; /* GPT-2 scale_attn_by_inverse_layer_idx: scores / (layer + 1) */
 } model_config;
 
+/* The name of a family ("gpt2", "gpt_neox", "llama", "qwen2"). */
+const char *model_family_name(model_family f);
+
+/* Query width H * dh and key/value width H_kv * dh of a row. */
+static inline size_t model_q_dim(const model_config *c) { return c->n_head * c->d_head; }
+static inline size_t model_kv_heads(const model_config *c) { return c->n_kv_head ? c->n_kv_head : c->n_head; }
+static inline size_t model_kv_dim(const model_config *c) { return model_kv_heads(c) * c->d_head; }
+
+/* The attention score scale of block `layer`: 1/sqrt(dh) (1 with GPT-2's
+ * scale_attn_weights false), divided by layer + 1 with GPT-2's
+ * scale_attn_by_inverse_layer_idx. */
+float model_attn_scale(const model_config *c, size_t layer);
+
 typedef struct {
-    const float *ln_1_w, *ln_1_b;       /* [d] */
-    const float *attn_w;                /* [d, 3d]: columns q | k | v, head h at h*dh within each */
-    const float *attn_b;                /* [3d] */
-    const float *attn_proj_w;           /* [d, d] */
-    const float *attn_proj_b;           /* [d] */
-    const float *ln_2_w, *ln_2_b;       /* [d] */
-    const float *fc_w;                  /* [d, m] */
-    const float *fc_b;                  /* [m] */
-    const float *mlp_proj_w;            /* [m, d] */
-    const float *mlp_proj_b;            /* [d] */
-    /* The four matrices again, packed for gemm_run (model_pack_weights):
-     * q, k, v are the three column blocks of attn_w, each [d, d]. */
-    gemm_weight q_w, k_w, v_w, attn_proj_p, fc_p, mlp_proj_p;
+    const float *ln_1_w, *ln_1_b;       /* [d]; ln_1_b NULL for RMSNorm */
+    const float *attn_w;                /* GPT-2: [d, 3d] columns q | k | v, head h at h*dh within each;
+                                         * NeoX: query_key_value [3*H*dh, d], rows [H, (q,k,v), dh];
+                                         * NULL for Llama / Qwen2 */
+    const float *attn_b;                /* GPT-2: [3d]; NeoX: [3*H*dh] per head as attn_w; or NULL */
+    const float *q_proj_w, *k_proj_w, *v_proj_w; /* Llama / Qwen2: [H*dh, d], [H_kv*dh, d] x2 */
+    const float *q_b, *k_b, *v_b;       /* [H*dh], [H_kv*dh], [H_kv*dh] or NULL (no bias) */
+    const float *attn_proj_w;           /* GPT-2: [d, d] (Conv1D); others nn.Linear [d, H*dh] */
+    const float *attn_proj_b;           /* [d] or NULL */
+    const float *ln_2_w, *ln_2_b;       /* [d]; ln_2_b NULL for RMSNorm */
+    const float *fc_w;                  /* GPT-2: [d, m]; others: up / dense_h_to_4h [m, d] */
+    const float *fc_b;                  /* [m] or NULL */
+    const float *gate_w;                /* gated MLP: gate_proj [m, d]; NULL otherwise */
+    const float *gate_b;                /* [m] or NULL */
+    const float *mlp_proj_w;            /* GPT-2: [m, d]; others: down / dense_4h_to_h [d, m] */
+    const float *mlp_proj_b;            /* [d] or NULL */
+    /* The matrices again, packed for gemm_run (model_pack_weights) as
+     * x[rows, in] @ W[in, out]: q [d, H*dh], k and v [d, H_kv*dh] (GPT-2:
+     * the three column blocks of attn_w), attn_proj [H*dh, d], fc (up) [d, m],
+     * gate [d, m] (gated MLPs only), mlp_proj [m, d]. */
+    gemm_weight q_w, k_w, v_w, attn_proj_p, fc_p, gate_p, mlp_proj_p;
 } model_block;
 
 /* Where model_load_shared puts the converted arena: memory that several
@@ -112,9 +173,11 @@ typedef struct {
 typedef struct {
     model_config cfg;
     const float *wte;        /* [V, d] */
-    const float *wpe;        /* [n_positions, d] */
+    const float *wpe;        /* [n_positions, d]; NULL with rotary positions */
+    float *rope_cos, *rope_sin; /* rotary: [n_positions, rotary_dim / 2] cos/sin of position * inv_freq
+                              * (owned); NULL with learned positions */
     model_block *blocks;     /* [n_layer], owned */
-    const float *ln_f_w, *ln_f_b; /* [d] */
+    const float *ln_f_w, *ln_f_b; /* [d]; ln_f_b NULL for RMSNorm */
     const float *unembed;    /* [V, d]: lm_head.weight, or wte when tied */
     bool tied;               /* unembed == wte */
 
@@ -122,9 +185,12 @@ typedef struct {
     char *config_json;       /* owned: config.json text, for provenance */
     char weights_dtype[16];  /* "F32", "F16", "BF16", "F64" or "mixed" */
     size_t n_params;         /* parameters of the model (tied counted once) */
-    char sha256[65];         /* of model.safetensors, filled by model_hash() */
+    char sha256[65];         /* of model.safetensors (sharded: of the shards' bytes in index order),
+                              * filled by model_hash() */
 
-    st_file st;              /* the mmap'd checkpoint */
+    st_file *shards;         /* the mmap'd checkpoint: model.safetensors, or the files of
+                              * model.safetensors.index.json in order (owned, [n_shards]) */
+    size_t n_shards;
     float *arena;            /* converted tensors (arena_floats), then from the next 64-byte
                               * boundary the packed matrices: malloc'd, or from `alloc`
                               * when arena_shared */
@@ -138,17 +204,47 @@ typedef struct {
 } model;
 
 /* Parse and validate config.json (`path` names the file for messages).
- * Required: n_layer, n_head, n_embd, vocab_size, n_positions (or the legacy
- * n_ctx when n_positions is absent).  Optional: n_inner (absent or null ->
- * 4*n_embd), layer_norm_epsilon (default 1e-5, must be in (0, 1]),
- * activation_function (default gelu_new).
- * Refuses activation functions other than gelu_new / gelu_pytorch_tanh,
- * n_embd not divisible by n_head, zero sizes, sizes over the MODEL_MAX_*
- * caps, missing fields and fields of the wrong JSON type. */
+ * The family comes from "model_type" (gpt2, gpt_neox, llama, mistral,
+ * qwen2) and "architectures"[0] (GPT2LMHeadModel, GPTNeoXForCausalLM,
+ * LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM); both absent:
+ * GPT-2; disagreeing or unknown: refused.  Each family reads HF's keys:
+ *   GPT-2: n_layer, n_head, n_embd, vocab_size, n_positions (or the legacy
+ *     n_ctx), n_inner (null -> 4*n_embd), layer_norm_epsilon (1e-5),
+ *     activation_function (gelu_new | gelu_pytorch_tanh), scale_attn_weights,
+ *     scale_attn_by_inverse_layer_idx;
+ *   NeoX: num_hidden_layers, hidden_size, num_attention_heads,
+ *     intermediate_size, vocab_size, max_position_embeddings, rotary_pct
+ *     (0.25), rotary_emb_base or rope_theta (10000), use_parallel_residual
+ *     (true), layer_norm_eps (1e-5), hidden_act (gelu | gelu_new),
+ *     attention_bias (true), tie_word_embeddings (false);
+ *   Llama / Mistral / Qwen2: the same sizes plus num_key_value_heads (=
+ *     heads), head_dim (hidden_size / heads), rms_norm_eps (1e-6), rope_theta
+ *     (10000), rope_scaling (null | linear | llama3), hidden_act (silu),
+ *     attention_bias / mlp_bias (false; Qwen2: q/k/v biases always),
+ *     sliding_window / use_sliding_window (off), tie_word_embeddings (false).
+ * A setting that changes the computation and is not supported (another rope
+ * type, a sliding window that is on, another activation, partial rotary on
+ * Llama, ...) is refused with one line naming the key and its value; so are
+ * sizes that are zero, over the MODEL_MAX_* caps, of the wrong JSON type or
+ * missing. */
 ps_status model_config_parse(model_config *cfg, const char *path, const char *json_text, size_t len);
 
-/* Load dir/config.json and dir/model.safetensors, validate every tensor's
- * presence and shape against the config, and set up the pointers.
+/* Load dir/config.json and dir/model.safetensors (or the shards listed by
+ * dir/model.safetensors.index.json, validated: every tensor in exactly one
+ * listed file, each file a plain name inside dir, no tensor of a file left
+ * out of the index), validate every tensor's presence and shape against the
+ * config (the family's HF names, below), and set up the pointers.
+ *   NeoX: gpt_neox.embed_in, gpt_neox.layers.L.{input_layernorm,
+ *     post_attention_layernorm}.{weight,bias},
+ *     attention.query_key_value.{weight [3*H*dh, d] laid out per head
+ *     [H, (q,k,v), dh], bias}, attention.dense, mlp.dense_h_to_4h,
+ *     mlp.dense_4h_to_h, gpt_neox.final_layer_norm, embed_out (untied);
+ *     buffers attention.bias/masked_bias/rotary_emb.inv_freq ignored.
+ *   Llama / Mistral / Qwen2: model.embed_tokens, model.layers.L.{
+ *     input_layernorm, post_attention_layernorm}.weight,
+ *     self_attn.{q,k,v,o}_proj.{weight (nn.Linear [out, in]), bias},
+ *     mlp.{gate,up,down}_proj.{weight, bias}, model.norm.weight, lm_head
+ *     (absent when tied); buffers self_attn.rotary_emb.inv_freq ignored.
  * On error *m is left freed (model_free is safe). */
 ps_status model_load(model *m, const char *dir);
 

@@ -36,9 +36,10 @@ void ops_layernorm_threaded(float *out, const float *x, const float *w, const fl
 void ops_add(float *out, const float *a, const float *b, size_t n);
 
 /* The QKV projection of rows, x [rows, d]:
- *   q = x Wq + bq, k = x Wk + bk, v = x Wv + bv   (the column blocks of c_attn)
- * each [rows, d]; a NULL output is not computed. */
-void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b, size_t d);
+ *   q = x Wq + bq [rows, H*dh], k = x Wk + bk, v = x Wv + bv [rows, H_kv*dh]
+ * (GPT-2: the column blocks of c_attn; biases NULL when the model has none);
+ * a NULL output is not computed. */
+void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b);
 
 /* The attention output projection: out[rows, d] = z[rows, d] W_O + b_O. */
 void ops_attn_proj(float *out, const float *z, size_t rows, const model_block *b);
@@ -51,6 +52,42 @@ void ops_mlp_fc(float *h, const float *x, size_t rows, const model_block *b, gem
 /* gelu_new in place over n floats (gemm_gelu). */
 void ops_gelu(float *x, size_t n);
 
+/* Exact GELU in place over n floats: x = 0.5 x (1 + erf(x / sqrt 2))
+ * (HF's "gelu", GPT-NeoX). */
+void ops_gelu_erf(float *x, size_t n);
+
+/* The gate of a gated MLP: g[rows, m] = x[rows, d] W_gate + b_gate. */
+void ops_mlp_gate(float *g, const float *x, size_t rows, const model_block *b);
+
+/* SiLU-gated product over n floats: out = silu(gate) * lin,
+ * silu(g) = g / (1 + exp(-g)); out may alias gate or lin. */
+void ops_silu_mul(float *out, const float *gate, const float *lin, size_t n);
+
+/* The normalizing step of a LayerNorm, rows of x [rows, d]:
+ *   normalized[r, :] = (x[r, :] - mean_r) / scale_r,  scale_r = sqrt(var_r + eps)
+ * with ops_layernorm's statistics and arithmetic (so ops_norm_affine after
+ * it gives ops_layernorm's bits); scale [rows] may be NULL. */
+void ops_layernorm_normalize(float *normalized, float *scale, const float *x, size_t rows, size_t d, float eps);
+
+/* The normalizing step of an RMSNorm (HF LlamaRMSNorm, float32 math):
+ *   normalized[r, :] = x[r, :] / scale_r,  scale_r = sqrt(mean(x[r, :]^2) + eps)
+ * the mean of squares summed in double; scale [rows] may be NULL. */
+void ops_rmsnorm_normalize(float *normalized, float *scale, const float *x, size_t rows, size_t d, float eps);
+
+/* The affine step of a norm: out[r, :] = normalized[r, :] * w + b (b NULL:
+ * no bias, RMSNorm); out may alias normalized. */
+void ops_norm_affine(float *out, const float *normalized, const float *w, const float *b, size_t rows, size_t d);
+
+/* Rotary position embedding (rotate-half, GPT-NeoX / Llama), rows of x
+ * [rows, n_heads, dh] at absolute positions pos0 + r, on the first `rot`
+ * dims of each head, half = rot / 2, c/s = cos_tab/sin_tab [pos, half]:
+ *   out[i]        = x[i] c[i] - x[i + half] s[i]        i < half
+ *   out[i + half] = x[i + half] c[i] + x[i] s[i]
+ *   out[i]        = x[i]                                 rot <= i < dh
+ * out may not alias x. */
+void ops_rotary(float *out, const float *x, size_t rows, size_t pos0, size_t n_heads, size_t dh, size_t rot,
+                const float *cos_tab, const float *sin_tab);
+
 /* The MLP's output layer: out[rows, d] = h[rows, m] W_proj + b_proj. */
 void ops_mlp_proj(float *out, const float *h, size_t rows, const model_block *b);
 
@@ -62,7 +99,9 @@ void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_bloc
  *
  * Keys and values of one sequence may be stored in two pieces: rows j < split
  * at prefix + j*d (a cached run, the KV prefix) and rows j >= split at
- * rows + (j - split)*d (the rows being computed).  A contiguous [T, d] array
+ * rows + (j - split)*d (the rows being computed); d is the key/value row
+ * width H_kv * dh.  Grouped-query attention: query head h reads key/value
+ * head h / (H / H_kv).  A contiguous [T, d] array
  * is prefix = rows = the array with split = 0.  Pointers passed to the row
  * functions are already offset to head h (+ h*dh).
  *
@@ -71,12 +110,13 @@ void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_bloc
 
 /* One pattern row, query row i of head h, keys j <= i:
  *   p[j] = exp(s_j - max s) / sum_{j'<=i} exp(s_j' - max s),
- *   s_j = (sum_e q[e] k_j[e]) * (1 / sqrt(dh))          for j <= i
+ *   s_j = (sum_e q[e] k_j[e]) * scale                   for j <= i
+ * (scale = model_attn_scale: 1/sqrt(dh) but for GPT-2's options)
  *   p[j] = 0                                              for i < j < n
  * s_j summed in float in e order; the normalizer summed in double in j
  * order, applied as one float multiply by (float)(1 / sum).  p [n], n > i. */
 void ops_attention_softmax_row(float *p, const float *q, const float *k_prefix, const float *k_rows,
-                               size_t split, size_t i, size_t n, size_t d, size_t dh);
+                               size_t split, size_t i, size_t n, size_t d, size_t dh, float scale);
 
 /* The weighted sum of one query row and head: z[e] = sum_{j<n} p[j] v_j[e],
  * e < dh, in j order, terms with p[j] == 0 skipped (so a pattern written
@@ -85,25 +125,25 @@ void ops_attention_mix_row(float *z, const float *p, const float *v_prefix, cons
                            size_t split, size_t n, size_t d, size_t dh);
 
 /* The pattern of query rows [row0, T) of one contiguous sequence, all heads:
- * pattern [H, T, T], row (h, i) = ops_attention_softmax_row over q, k [T, d]
- * (rows < row0 of k are read as they are: the prefix).  Rows < row0 of the
- * pattern are not written. */
+ * pattern [H, T, T], row (h, i) = ops_attention_softmax_row over q [T, H*dh]
+ * and k [T, H_kv*dh] (rows < row0 of k are read as they are: the prefix).
+ * Rows < row0 of the pattern are not written. */
 void ops_attention_pattern(float *pattern, const float *q, const float *k, size_t T, size_t row0, size_t H,
-                           size_t dh);
+                           size_t H_kv, size_t dh, float scale);
 
-/* z rows [row0, T) from a pattern [H, T, T] and v [T, d]: z[i, h, :] =
- * ops_attention_mix_row over all j < T. */
-void ops_attention_z(float *z, const float *pattern, const float *v, size_t T, size_t row0, size_t H,
+/* z rows [row0, T) [T, H*dh] from a pattern [H, T, T] and v [T, H_kv*dh]:
+ * z[i, h, :] = ops_attention_mix_row over all j < T. */
+void ops_attention_z(float *z, const float *pattern, const float *v, size_t T, size_t row0, size_t H, size_t H_kv,
                      size_t dh);
 
 /* Both steps fused, for query rows [row0, row_end) of a sequence whose
  * keys/values rows < split come from (k_prefix, v_prefix) and rows >= split
  * from (k_rows, v_rows) (see above; row_end - 1 is the last key read):
- *   z[i, h, :] = sum_{j<=i} softmax_j(q[i, h, :] . k[j, h, :] / sqrt(dh)) v[j, h, :]
+ *   z[i, h, :] = sum_{j<=i} softmax_j(q[i, h, :] . k[j, g, :] * scale) v[j, g, :],  g = h / (H / H_kv)
  * q and z point at query row row0 (row i at (i - row0) * d); the pattern
  * rows go through scratch [row_end] and are not kept. */
 void ops_attention(float *z, const float *q, size_t row0, size_t row_end, const float *k_prefix,
                    const float *v_prefix, const float *k_rows, const float *v_rows, size_t split, size_t H,
-                   size_t dh, float *scratch);
+                   size_t H_kv, size_t dh, float scale, float *scratch);
 
 #endif

@@ -62,6 +62,13 @@ int cli_load(const char *cmd, const cli_common *o, model *m, tokenizer **tok)
         return cli_usage(cmd, "--model DIR is required");
     if (m && model_load(m, o->model_dir) != PS_OK)
         return cli_fail();
+    if (m && m->cfg.family != MODEL_FAMILY_GPT2) {
+        /* the GPT-2 tokenizer would silently mis-tokenize this model's text */
+        err_set(PS_ERR_INVALID, "%s: the %s family's tokenizer is not supported yet; give token ids (--ids)",
+                o->model_dir, model_family_name(m->cfg.family));
+        model_free(m);
+        return cli_fail();
+    }
     if (tokenizer_load_for_model(tok, o->model_dir, o->tokenizer_dir) != PS_OK) {
         if (m)
             model_free(m);

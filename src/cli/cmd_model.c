@@ -1,6 +1,8 @@
 #include "cmd_model.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,6 +12,65 @@
 #include "forward.h"
 #include "hooks.h"
 #include "ncout.h"
+
+/* ---- token ids as input (--ids) ------------------------------------------- */
+
+/* "50256,1,2" -> ids; a malformed list is a usage error (returns false). */
+static bool parse_ids(const char *s, int32_t **ids, size_t *n)
+{
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *out = malloc(cap * sizeof *out);
+    if (!out)
+        return false;
+    size_t k = 0;
+    const char *p = s;
+    for (;;) {
+        char *end = NULL;
+        if (*p < '0' || *p > '9') {
+            free(out);
+            return false;
+        }
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || v > INT32_MAX) {
+            free(out);
+            return false;
+        }
+        out[k++] = (int32_t)v;
+        if (*end == '\0')
+            break;
+        if (*end != ',') {
+            free(out);
+            return false;
+        }
+        p = end + 1;
+    }
+    *ids = out;
+    *n = k;
+    return true;
+}
+
+/* The model for a run from token ids: no tokenizer is needed (models of the
+ * other families have none yet), and none is loaded (tok = NULL); ids at or
+ * above the vocabulary are refused. */
+static int load_for_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n)
+{
+    *tok = NULL;
+    if (!o->model_dir)
+        return cli_usage(cmd, "--model DIR is required");
+    if (model_load(m, o->model_dir) != PS_OK)
+        return cli_fail();
+    for (size_t i = 0; i < n; i++)
+        if ((size_t)ids[i] >= m->cfg.vocab_size) {
+            err_set(PS_ERR_RANGE, "--ids: token id %d at position %zu is not below the vocabulary size %zu", ids[i], i,
+                    m->cfg.vocab_size);
+            model_free(m);
+            return cli_fail();
+        }
+    return 0;
+}
 
 /* ---- tokenize ------------------------------------------------------------ */
 
@@ -67,9 +128,10 @@ int cmd_tokenize(int argc, char **argv)
 /* ---- run ----------------------------------------------------------------- */
 
 static const char *run_help =
-    "usage: patchsweep run --model DIR --prompt TEXT [--top-k K] [--no-bos] [--json]\n"
+    "usage: patchsweep run --model DIR (--prompt TEXT | --ids ID,ID,...) [--top-k K] [--no-bos] [--json]\n"
     "  One forward pass; the next-token distribution after the prompt: the top K\n"
-    "  tokens with probability and logit (default K = 10).\n";
+    "  tokens with probability and logit (default K = 10).\n"
+    "  --ids   token ids instead of text (no tokenizer needed; no BOS is added)\n";
 
 typedef struct {
     int32_t id;
@@ -84,21 +146,24 @@ static int cmp_scored(const void *a, const void *b)
     return x->id - y->id;
 }
 
-enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS };
+enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS, OPT_IDS };
 
 int cmd_run(int argc, char **argv)
 {
     static const struct option opts[] = {CLI_COMMON_OPTIONS,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"top-k", required_argument, 0, OPT_TOP_K},
+                                         {"ids", required_argument, 0, OPT_IDS},
                                          {0, 0, 0, 0}};
     cli_common o = {.bos = true};
-    const char *prompt = NULL;
+    const char *prompt = NULL, *ids_arg = NULL;
     size_t top_k = 10;
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:p:h", opts, NULL)) != -1) {
         if (ch == 'p')
             prompt = optarg;
+        else if (ch == OPT_IDS)
+            ids_arg = optarg;
         else if (ch == OPT_TOP_K) {
             if (!cli_parse_size(optarg, 1, 1000000, &top_k))
                 return cli_usage("run", "--top-k takes a whole number >= 1, not '%s'", optarg);
@@ -107,17 +172,21 @@ int cmd_run(int argc, char **argv)
     }
     if (optind != argc)
         return cli_usage("run", "unexpected argument '%s'", argv[optind]);
-    if (!prompt)
-        return cli_usage("run", "--prompt TEXT is required");
-    model m;
-    tokenizer *tok;
-    if ((rc = cli_load("run", &o, &m, &tok)))
-        return rc;
+    if (!prompt == !ids_arg)
+        return cli_usage("run", "exactly one of --prompt TEXT and --ids ID,... is required");
     int32_t *ids = NULL;
     size_t n = 0;
+    if (ids_arg && !parse_ids(ids_arg, &ids, &n))
+        return cli_usage("run", "--ids takes comma-separated token ids (whole numbers), not '%s'", ids_arg);
+    model m;
+    tokenizer *tok;
+    if ((rc = ids_arg ? load_for_ids("run", &o, &m, &tok, ids, n) : cli_load("run", &o, &m, &tok))) {
+        free(ids);
+        return rc;
+    }
     forward_cache c = {0};
     scored *top = NULL;
-    if (cli_encode_prompt(tok, prompt, o.bos, &ids, &n) != PS_OK ||
+    if ((!ids_arg && cli_encode_prompt(tok, prompt, o.bos, &ids, &n) != PS_OK) ||
         forward_cache_init(&c, &m.cfg, n, FORWARD_LOGITS_LAST) != PS_OK || forward_run(&m, &c, ids, n, NULL) != PS_OK) {
         rc = cli_fail();
         goto out;
@@ -172,12 +241,15 @@ out:
 /* ---- cache --------------------------------------------------------------- */
 
 static const char *cache_help =
-    "usage: patchsweep cache --model DIR --prompt TEXT [--hooks PATTERN[,PATTERN...]] [--no-bos] -o OUT.nc\n"
+    "usage: patchsweep cache --model DIR (--prompt TEXT | --ids ID,...) [--hooks PATTERN[,PATTERN...]] [--no-bos]\n"
+    "       -o OUT.nc\n"
     "  TransformerLens' run_with_cache as a NetCDF-4 file: one variable per hook\n"
     "  point, named by its hook name (e.g. blocks.3.attn.hook_z(position, head, d_head)),\n"
     "  plus logits(position, vocab), token_id(position), token(position) and provenance.\n"
     "  --hooks   comma-separated shell globs over hook names (default: all), e.g.\n"
-    "            'blocks.*.hook_resid_post,logits'\n";
+    "            'blocks.*.hook_resid_post,logits'\n"
+    "  --ids     token ids instead of text (no tokenizer needed; no BOS is added;\n"
+    "            the token strings are then empty)\n";
 
 int cmd_cache(int argc, char **argv)
 {
@@ -185,9 +257,10 @@ int cmd_cache(int argc, char **argv)
                                          {"prompt", required_argument, 0, 'p'},
                                          {"hooks", required_argument, 0, OPT_HOOKS},
                                          {"output", required_argument, 0, 'o'},
+                                         {"ids", required_argument, 0, OPT_IDS},
                                          {0, 0, 0, 0}};
     cli_common o = {.bos = true};
-    const char *prompt = NULL, *hooks = NULL, *output = NULL;
+    const char *prompt = NULL, *hooks = NULL, *output = NULL, *ids_arg = NULL;
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:p:o:h", opts, NULL)) != -1) {
         if (ch == 'p')
@@ -196,29 +269,35 @@ int cmd_cache(int argc, char **argv)
             hooks = optarg;
         else if (ch == 'o')
             output = optarg;
+        else if (ch == OPT_IDS)
+            ids_arg = optarg;
         else if ((rc = cli_common_opt("cache", cache_help, ch, argv, &o)) != CLI_CONTINUE)
             return rc;
     }
     if (optind != argc)
         return cli_usage("cache", "unexpected argument '%s'", argv[optind]);
-    if (!prompt)
-        return cli_usage("cache", "--prompt TEXT is required");
+    if (!prompt == !ids_arg)
+        return cli_usage("cache", "exactly one of --prompt TEXT and --ids ID,... is required");
     if (!output)
         return cli_usage("cache", "-o OUT.nc is required");
-    model m;
-    tokenizer *tok;
-    if ((rc = cli_load("cache", &o, &m, &tok)))
-        return rc;
     int32_t *ids = NULL;
     size_t n = 0;
+    if (ids_arg && !parse_ids(ids_arg, &ids, &n))
+        return cli_usage("cache", "--ids takes comma-separated token ids (whole numbers), not '%s'", ids_arg);
+    model m;
+    tokenizer *tok;
+    if ((rc = ids_arg ? load_for_ids("cache", &o, &m, &tok, ids, n) : cli_load("cache", &o, &m, &tok))) {
+        free(ids);
+        return rc;
+    }
     forward_cache c = {0};
     hook_set hs = {0};
     ncout_file f = {.ncid = -1};
-    ps_status st = hooks ? hook_set_parse(&hs, hooks, m.cfg.n_layer) : hook_set_all(&hs, m.cfg.n_layer);
+    ps_status st = hooks ? hook_set_parse(&hs, hooks, &m.cfg) : hook_set_all(&hs, &m.cfg);
     bool want_logits = st == PS_OK && hook_set_has(&hs, (hook_point){HOOK_LOGITS, 0});
-    if (st || (st = cli_encode_prompt(tok, prompt, o.bos, &ids, &n)) || (st = ncout_create(&f, output)) ||
+    if (st || (!ids_arg && (st = cli_encode_prompt(tok, prompt, o.bos, &ids, &n))) || (st = ncout_create(&f, output)) ||
         (st = forward_cache_init(&c, &m.cfg, n, want_logits ? FORWARD_LOGITS_ALL : FORWARD_LOGITS_NONE)) ||
-        (st = forward_run(&m, &c, ids, n, NULL)) || (st = ncout_write_cache(&f, &m, tok, &c, &hs, o.bos)) ||
+        (st = forward_run(&m, &c, ids, n, NULL)) || (st = ncout_write_cache(&f, &m, tok, &c, &hs, ids_arg ? false : o.bos)) ||
         (st = ncout_commit(&f))) {
         ncout_abort(&f);
         rc = cli_fail();
@@ -252,9 +331,18 @@ int cmd_info(int argc, char **argv)
     if (optind != argc)
         return cli_usage("info", "unexpected argument '%s'", argv[optind]);
     model m;
-    tokenizer *tok;
-    if ((rc = cli_load("info", &o, &m, &tok)))
-        return rc;
+    tokenizer *tok = NULL;
+    if (!o.model_dir)
+        return cli_usage("info", "--model DIR is required");
+    if (model_load(&m, o.model_dir) != PS_OK)
+        return cli_fail();
+    rc = 0;
+    /* GPT-2's tokenizer (as cli_load); the other families have none yet */
+    if (m.cfg.family == MODEL_FAMILY_GPT2) {
+        model_free(&m);
+        if ((rc = cli_load("info", &o, &m, &tok)))
+            return rc;
+    }
     if (model_hash(&m) != PS_OK) {
         rc = cli_fail();
         goto out;
@@ -266,8 +354,13 @@ int cmd_info(int argc, char **argv)
             "config", "n_layer", (int)c->n_layer, "n_head", (int)c->n_head, "n_embd", (int)c->n_embd, "d_head",
             (int)c->d_head, "n_inner", (int)c->n_inner, "n_positions", (int)c->n_positions, "vocab_size",
             (int)c->vocab_size, "layer_norm_epsilon", (double)c->ln_eps, "n_params", (json_int_t)m.n_params, "dtype",
-            m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", (int)tokenizer_vocab_size(tok), "blas",
+            m.weights_dtype, "tied_unembed", m.tied, "tokenizer_vocab", tok ? (int)tokenizer_vocab_size(tok) : 0, "blas",
             cli_blas_json());
+        json_object_set_new(info, "family", json_string(model_family_name(c->family)));
+        json_object_set_new(info, "n_kv_head", json_integer((json_int_t)c->n_kv_head));
+        json_object_set_new(info, "norm", json_string(c->norm == MODEL_NORM_RMSNORM ? "rmsnorm" : "layernorm"));
+        json_object_set_new(info, "rotary_dim", json_integer((json_int_t)c->rotary_dim));
+        json_object_set_new(info, "parallel_residual", json_boolean(c->parallel_residual));
         /* the kernel of the transformer's own matrix products (gemm.h), threads from the BLAS setting */
         json_object_set_new(info, "gemm_kernel", json_string(gemm_isa_name(gemm_isa_get())));
         json_object_set_new(info, "gemm_threads", json_integer((json_int_t)pool_threads()));
@@ -278,7 +371,17 @@ int cmd_info(int argc, char **argv)
         printf("layers       %zu\nheads        %zu (d_head %zu)\nd_model      %zu\nd_mlp        %zu\n", c->n_layer,
                c->n_head, c->d_head, c->n_embd, c->n_inner);
         printf("positions    %zu\nvocab        %zu (tokenizer %zu)\nln eps       %g\n", c->n_positions, c->vocab_size,
-               tokenizer_vocab_size(tok), (double)c->ln_eps);
+               tok ? tokenizer_vocab_size(tok) : 0, (double)c->ln_eps);
+        if (c->family != MODEL_FAMILY_GPT2) {
+            printf("family       %s\nattention    %zu query / %zu key-value heads%s\n", model_family_name(c->family),
+                   c->n_head, c->n_kv_head, c->n_kv_head < c->n_head ? " (grouped-query)" : "");
+            printf("norm         %s\npositions    rotary on %zu of %zu dims, theta %g%s\nresidual     %s\n",
+                   c->norm == MODEL_NORM_RMSNORM ? "RMSNorm" : "LayerNorm", c->rotary_dim, c->d_head, c->rope_theta,
+                   c->rope_scaling == MODEL_ROPE_SCALING_LLAMA3   ? ", llama3 scaling"
+                   : c->rope_scaling == MODEL_ROPE_SCALING_LINEAR ? ", linear scaling"
+                                                                  : "",
+                   c->parallel_residual ? "parallel" : "sequential");
+        }
         printf("parameters   %zu (%.1f M)\ndtype        %s\nunembedding  %s\n", m.n_params, m.n_params / 1e6,
                m.weights_dtype, m.tied ? "tied to wte" : "lm_head.weight");
         const blas_report *b = cli_blas();

@@ -36,6 +36,25 @@ void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n)
     }
 }
 
+void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n)
+{
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        float *d = dst + p * k * GEMM_NR;
+        for (size_t j = 0; j < GEMM_NR; j++) {
+            const size_t c = p * GEMM_NR + j;
+            if (c >= n) {
+                for (size_t kk = 0; kk < k; kk++)
+                    d[kk * GEMM_NR + j] = 0.0f;
+                continue;
+            }
+            const float *a = A + (rows ? rows[c] : c) * lda;
+            for (size_t kk = 0; kk < k; kk++)
+                d[kk * GEMM_NR + j] = a[kk];
+        }
+    }
+}
+
 /* ---- gelu ----------------------------------------------------------------- */
 
 /* exp(x) for x in [-87, 88] (clamped), Cephes' expf: x = n ln2 + r with

@@ -10,14 +10,21 @@ static const char *const hook_suffix[HOOK_KIND_COUNT] = {
     [HOOK_EMBED] = "hook_embed",
     [HOOK_POS_EMBED] = "hook_pos_embed",
     [HOOK_RESID_PRE] = "hook_resid_pre",
+    [HOOK_LN1_SCALE] = "ln1.hook_scale",
+    [HOOK_LN1_NORMALIZED] = "ln1.hook_normalized",
     [HOOK_Q] = "attn.hook_q",
     [HOOK_K] = "attn.hook_k",
     [HOOK_V] = "attn.hook_v",
+    [HOOK_ROT_Q] = "attn.hook_rot_q",
+    [HOOK_ROT_K] = "attn.hook_rot_k",
     [HOOK_PATTERN] = "attn.hook_pattern",
     [HOOK_Z] = "attn.hook_z",
     [HOOK_ATTN_OUT] = "hook_attn_out",
     [HOOK_RESID_MID] = "hook_resid_mid",
+    [HOOK_LN2_SCALE] = "ln2.hook_scale",
+    [HOOK_LN2_NORMALIZED] = "ln2.hook_normalized",
     [HOOK_MLP_PRE] = "mlp.hook_pre",
+    [HOOK_MLP_PRE_LINEAR] = "mlp.hook_pre_linear",
     [HOOK_MLP_POST] = "mlp.hook_post",
     [HOOK_MLP_OUT] = "hook_mlp_out",
     [HOOK_RESID_POST] = "hook_resid_post",
@@ -30,6 +37,23 @@ static const char *const hook_suffix[HOOK_KIND_COUNT] = {
 #define N_POST_BLOCK 2                             /* ln_final, logits */
 
 bool hook_kind_in_block(hook_kind k) { return k >= HOOK_RESID_PRE && k <= HOOK_RESID_POST; }
+
+bool hook_present(hook_kind k, const model_config *c)
+{
+    const bool gpt2 = c->family == MODEL_FAMILY_GPT2;
+    switch (k) {
+    case HOOK_LN1_SCALE:
+    case HOOK_LN1_NORMALIZED:
+    case HOOK_LN2_SCALE:
+    case HOOK_LN2_NORMALIZED: return !gpt2;
+    case HOOK_POS_EMBED: return c->pos == MODEL_POS_LEARNED;
+    case HOOK_ROT_Q:
+    case HOOK_ROT_K: return c->pos == MODEL_POS_ROTARY;
+    case HOOK_RESID_MID: return !c->parallel_residual;
+    case HOOK_MLP_PRE_LINEAR: return c->act == MODEL_ACT_SILU_GATED;
+    default: return true;
+    }
+}
 
 void hook_name(hook_point hp, char buf[HOOK_MAX_NAME])
 {
@@ -76,12 +100,22 @@ size_t hook_shape(hook_kind k, const model_config *c, size_t T,
     shape[0] = T;
     switch (k) {
     case HOOK_Q:
-    case HOOK_K:
-    case HOOK_V:
+    case HOOK_ROT_Q:
     case HOOK_Z:
         shape[1] = c->n_head, dn[1] = "head";
         shape[2] = c->d_head, dn[2] = "d_head";
         nd = 3;
+        break;
+    case HOOK_K:
+    case HOOK_V:
+    case HOOK_ROT_K:
+        shape[1] = model_kv_heads(c), dn[1] = model_kv_heads(c) == c->n_head ? "head" : "kv_head";
+        shape[2] = c->d_head, dn[2] = "d_head";
+        nd = 3;
+        break;
+    case HOOK_LN1_SCALE:
+    case HOOK_LN2_SCALE:
+        nd = 1;
         break;
     case HOOK_PATTERN:
         shape[0] = c->n_head, dn[0] = "head";
@@ -90,6 +124,7 @@ size_t hook_shape(hook_kind k, const model_config *c, size_t T,
         nd = 3;
         break;
     case HOOK_MLP_PRE:
+    case HOOK_MLP_PRE_LINEAR:
     case HOOK_MLP_POST:
         shape[1] = c->n_inner, dn[1] = "d_mlp";
         break;
@@ -138,20 +173,24 @@ static ps_status hook_set_alloc(hook_set *s, size_t n_layer)
     return PS_OK;
 }
 
-ps_status hook_set_all(hook_set *s, size_t n_layer)
+ps_status hook_set_all(hook_set *s, const model_config *c)
 {
+    const size_t n_layer = c->n_layer;
     ps_status st = hook_set_alloc(s, n_layer);
     if (st)
         return st;
     size_t n = hook_count(n_layer);
     for (size_t i = 0; i < n; i++)
-        s->on[i] = true;
-    s->n_on = n;
+        if (hook_present(hook_at(i, n_layer).kind, c)) {
+            s->on[i] = true;
+            s->n_on++;
+        }
     return PS_OK;
 }
 
-ps_status hook_set_parse(hook_set *s, const char *patterns, size_t n_layer)
+ps_status hook_set_parse(hook_set *s, const char *patterns, const model_config *c)
 {
+    const size_t n_layer = c->n_layer;
     ps_status st = hook_set_alloc(s, n_layer);
     if (st)
         return st;
@@ -168,6 +207,8 @@ ps_status hook_set_parse(hook_set *s, const char *patterns, size_t n_layer)
         size_t matched = 0;
         for (size_t i = 0; i < n; i++) {
             char name[HOOK_MAX_NAME];
+            if (!hook_present(hook_at(i, n_layer).kind, c))
+                continue;
             hook_name(hook_at(i, n_layer), name);
             if (fnmatch(pat, name, 0) == 0) {
                 matched++;

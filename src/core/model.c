@@ -49,10 +49,136 @@ static ps_status cfg_required(const char *path, json_t *root, const char *key, s
     return cfg_size(path, key, v, cap, out);
 }
 
-static ps_status config_from_json(model_config *c, const char *path, json_t *root)
+/* An optional positive integer: absent or null -> *out = dflt. */
+static ps_status cfg_optional(const char *path, json_t *root, const char *key, size_t cap, size_t dflt, size_t *out)
 {
-    if (!json_is_object(root))
-        return err_set(PS_ERR_FORMAT, "%s: top level is %s, expected an object", path, jsonutil_kind(root));
+    const json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) {
+        *out = dflt;
+        return PS_OK;
+    }
+    return cfg_size(path, key, v, cap, out);
+}
+
+/* An optional boolean: absent or null -> dflt. */
+static ps_status cfg_bool(const char *path, json_t *root, const char *key, bool dflt, bool *out)
+{
+    const json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) {
+        *out = dflt;
+        return PS_OK;
+    }
+    if (!json_is_boolean(v))
+        return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, expected true or false", path, key, jsonutil_kind(v));
+    *out = json_is_true(v);
+    return PS_OK;
+}
+
+/* An optional number (integer or real) in (lo, hi]: absent or null -> dflt. */
+static ps_status cfg_number(const char *path, json_t *root, const char *key, double lo, double hi, double dflt,
+                            double *out)
+{
+    const json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) {
+        *out = dflt;
+        return PS_OK;
+    }
+    if (!json_is_number(v))
+        return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, expected a number", path, key, jsonutil_kind(v));
+    double x = json_number_value(v);
+    if (!(x > lo && x <= hi))
+        return err_set(PS_ERR_INVALID, "%s: field '%s' is %g, not in (%g, %g]", path, key, x, lo, hi);
+    *out = x;
+    return PS_OK;
+}
+
+/* An optional string: absent or null -> NULL. */
+static ps_status cfg_string(const char *path, json_t *root, const char *key, const char **out)
+{
+    const json_t *v = json_object_get(root, key);
+    *out = NULL;
+    if (!v || json_is_null(v))
+        return PS_OK;
+    if (!json_is_string(v))
+        return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, expected a string", path, key, jsonutil_kind(v));
+    *out = json_string_value(v);
+    return PS_OK;
+}
+
+/* A norm epsilon in (0, 1]: LayerNorm and RMSNorm divide by sqrt(. + eps);
+ * a zero eps divides by zero on constant rows, one above 1 swamps the
+ * statistics. */
+static ps_status cfg_eps(const char *path, json_t *root, const char *key, double dflt, float *out)
+{
+    const json_t *v = json_object_get(root, key);
+    *out = (float)dflt;
+    if (!v)
+        return PS_OK;
+    if (!json_is_number(v))
+        return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, expected a number", path, key, jsonutil_kind(v));
+    double eps = json_number_value(v);
+    if (!(eps > 0.0 && eps <= 1.0) || (float)eps == 0.0f)
+        return err_set(PS_ERR_INVALID, "%s: %s %g is not in (0, 1]", path, key, eps);
+    *out = (float)eps;
+    return PS_OK;
+}
+
+static const struct {
+    const char *model_type, *architecture;
+    model_family family;
+} family_names[] = {
+    {"gpt2", "GPT2LMHeadModel", MODEL_FAMILY_GPT2},
+    {"gpt_neox", "GPTNeoXForCausalLM", MODEL_FAMILY_NEOX},
+    {"llama", "LlamaForCausalLM", MODEL_FAMILY_LLAMA},
+    {"mistral", "MistralForCausalLM", MODEL_FAMILY_LLAMA},
+    {"qwen2", "Qwen2ForCausalLM", MODEL_FAMILY_QWEN2},
+};
+#define N_FAMILY_NAMES (sizeof family_names / sizeof family_names[0])
+
+const char *model_family_name(model_family f)
+{
+    static const char *const names[MODEL_FAMILY_COUNT] = {"gpt2", "gpt_neox", "llama", "qwen2"};
+    return f < MODEL_FAMILY_COUNT ? names[f] : "?";
+}
+
+/* The family from model_type and architectures[0]; *mistral for Mistral. */
+static ps_status cfg_family(const char *path, json_t *root, model_family *fam, bool *mistral)
+{
+    const char *mt;
+    ps_status st = cfg_string(path, root, "model_type", &mt);
+    if (st != PS_OK)
+        return st;
+    const char *arch = NULL;
+    const json_t *a = json_object_get(root, "architectures");
+    if (a && !json_is_null(a)) {
+        if (!json_is_array(a) || json_array_size(a) != 1 || !json_is_string(json_array_get(a, 0)))
+            return err_set(PS_ERR_FORMAT, "%s: field 'architectures' must be an array of one string", path);
+        arch = json_string_value(json_array_get(a, 0));
+    }
+    size_t i_mt = N_FAMILY_NAMES, i_arch = N_FAMILY_NAMES;
+    for (size_t i = 0; i < N_FAMILY_NAMES; i++) {
+        if (mt && strcmp(mt, family_names[i].model_type) == 0)
+            i_mt = i;
+        if (arch && strcmp(arch, family_names[i].architecture) == 0)
+            i_arch = i;
+    }
+    if (mt && i_mt == N_FAMILY_NAMES)
+        return err_set(PS_ERR_INVALID,
+                       "%s: model_type '%s' is not supported (gpt2, gpt_neox, llama, mistral, qwen2)", path, mt);
+    if (arch && i_arch == N_FAMILY_NAMES)
+        return err_set(PS_ERR_INVALID,
+                       "%s: architectures '%s' is not supported (GPT2LMHeadModel, GPTNeoXForCausalLM, "
+                       "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)", path, arch);
+    if (mt && arch && i_mt != i_arch)
+        return err_set(PS_ERR_INVALID, "%s: architectures '%s' contradicts model_type '%s'", path, arch, mt);
+    size_t i = mt ? i_mt : arch ? i_arch : 0; /* neither: GPT-2, as configs before model_type */
+    *fam = family_names[i].family;
+    *mistral = strcmp(family_names[i].model_type, "mistral") == 0;
+    return PS_OK;
+}
+
+static ps_status config_gpt2(model_config *c, const char *path, json_t *root)
+{
     ps_status st;
     if ((st = cfg_required(path, root, "n_layer", MODEL_MAX_N_LAYER, &c->n_layer)) != PS_OK ||
         (st = cfg_required(path, root, "n_head", MODEL_MAX_N_HEAD, &c->n_head)) != PS_OK ||
@@ -73,44 +199,231 @@ static ps_status config_from_json(model_config *c, const char *path, json_t *roo
     if ((st = cfg_size(path, pos_key, v, MODEL_MAX_N_POSITIONS, &c->n_positions)) != PS_OK)
         return st;
 
-    v = json_object_get(root, "n_inner");
-    if (!v || json_is_null(v))
-        c->n_inner = 4 * c->n_embd; /* <= 2^18 = MODEL_MAX_N_INNER by the n_embd cap */
-    else if ((st = cfg_size(path, "n_inner", v, MODEL_MAX_N_INNER, &c->n_inner)) != PS_OK)
+    /* 4 * n_embd <= 2^18 = MODEL_MAX_N_INNER by the n_embd cap */
+    if ((st = cfg_optional(path, root, "n_inner", MODEL_MAX_N_INNER, 4 * c->n_embd, &c->n_inner)) != PS_OK)
         return st;
 
     if (c->n_embd % c->n_head != 0)
         return err_set(PS_ERR_INVALID, "%s: n_embd %zu is not divisible by n_head %zu", path,
                        c->n_embd, c->n_head);
     c->d_head = c->n_embd / c->n_head;
+    c->n_kv_head = c->n_head;
 
-    c->ln_eps = 1e-5f;
-    v = json_object_get(root, "layer_norm_epsilon");
-    if (v) {
-        if (!json_is_number(v))
-            return err_set(PS_ERR_FORMAT, "%s: field 'layer_norm_epsilon' is %s, expected a number",
-                           path, jsonutil_kind(v));
-        double eps = json_number_value(v);
-        /* (0, 1]: LayerNorm divides by sqrt(var + eps); a zero eps divides by
-         * zero on constant rows, and one above 1 swamps the variance. */
-        if (!(eps > 0.0 && eps <= 1.0) || (float)eps == 0.0f)
-            return err_set(PS_ERR_INVALID, "%s: layer_norm_epsilon %g is not in (0, 1]", path, eps);
-        c->ln_eps = (float)eps;
-    }
+    const char *act;
+    if ((st = cfg_eps(path, root, "layer_norm_epsilon", 1e-5, &c->ln_eps)) != PS_OK ||
+        (st = cfg_string(path, root, "activation_function", &act)) != PS_OK)
+        return st;
+    /* Both names are the tanh approximation of GELU GPT-2 was trained with. */
+    if (act && strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0)
+        return err_set(PS_ERR_INVALID,
+                       "%s: activation_function '%s' is not supported (only gelu_new and "
+                       "gelu_pytorch_tanh, GPT-2's tanh-approximated GELU)", path, act);
+    bool scale = true, by_layer = false;
+    if ((st = cfg_bool(path, root, "scale_attn_weights", true, &scale)) != PS_OK ||
+        (st = cfg_bool(path, root, "scale_attn_by_inverse_layer_idx", false, &by_layer)) != PS_OK)
+        return st;
+    c->attn_no_scale = !scale;
+    c->attn_scale_by_layer = by_layer;
+    c->norm = MODEL_NORM_LAYERNORM;
+    c->pos = MODEL_POS_LEARNED;
+    c->act = MODEL_ACT_GELU_NEW;
+    c->qkv_bias = c->o_bias = c->mlp_bias = true;
+    c->tie_word_embeddings = true; /* lm_head.weight optional: tied to wte when absent */
+    return PS_OK;
+}
 
-    v = json_object_get(root, "activation_function");
-    if (v) {
-        if (!json_is_string(v))
-            return err_set(PS_ERR_FORMAT, "%s: field 'activation_function' is %s, expected a string",
-                           path, jsonutil_kind(v));
-        /* Both names are the tanh approximation of GELU GPT-2 was trained with. */
-        const char *act = json_string_value(v);
-        if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0)
-            return err_set(PS_ERR_INVALID,
-                           "%s: activation_function '%s' is not supported (only gelu_new and "
-                           "gelu_pytorch_tanh, GPT-2's tanh-approximated GELU)", path, act);
+/* The sizes every HF config after GPT-2 names the same way. */
+static ps_status config_hf_sizes(model_config *c, const char *path, json_t *root)
+{
+    ps_status st;
+    if ((st = cfg_required(path, root, "num_hidden_layers", MODEL_MAX_N_LAYER, &c->n_layer)) != PS_OK ||
+        (st = cfg_required(path, root, "num_attention_heads", MODEL_MAX_N_HEAD, &c->n_head)) != PS_OK ||
+        (st = cfg_required(path, root, "hidden_size", MODEL_MAX_N_EMBD, &c->n_embd)) != PS_OK ||
+        (st = cfg_required(path, root, "intermediate_size", MODEL_MAX_N_INNER, &c->n_inner)) != PS_OK ||
+        (st = cfg_required(path, root, "vocab_size", MODEL_MAX_VOCAB_SIZE, &c->vocab_size)) != PS_OK ||
+        (st = cfg_required(path, root, "max_position_embeddings", MODEL_MAX_N_POSITIONS, &c->n_positions)) != PS_OK)
+        return st;
+    return cfg_bool(path, root, "tie_word_embeddings", false, &c->tie_word_embeddings);
+}
+
+static ps_status config_neox(model_config *c, const char *path, json_t *root)
+{
+    ps_status st = config_hf_sizes(c, path, root);
+    if (st != PS_OK)
+        return st;
+    if (c->n_embd % c->n_head != 0)
+        return err_set(PS_ERR_INVALID, "%s: hidden_size %zu is not divisible by num_attention_heads %zu", path,
+                       c->n_embd, c->n_head);
+    c->d_head = c->n_embd / c->n_head;
+    c->n_kv_head = c->n_head;
+    double pct = 0.25, base = 1e4, base2 = 1e4;
+    const char *act;
+    bool parallel = true, bias = true;
+    if ((st = cfg_eps(path, root, "layer_norm_eps", 1e-5, &c->ln_eps)) != PS_OK ||
+        (st = cfg_number(path, root, "rotary_pct", 0.0, 1.0, 0.25, &pct)) != PS_OK ||
+        (st = cfg_number(path, root, "rotary_emb_base", 0.0, 1e300, 10000.0, &base)) != PS_OK ||
+        (st = cfg_number(path, root, "rope_theta", 0.0, 1e300, base, &base2)) != PS_OK ||
+        (st = cfg_bool(path, root, "use_parallel_residual", true, &parallel)) != PS_OK ||
+        (st = cfg_bool(path, root, "attention_bias", true, &bias)) != PS_OK ||
+        (st = cfg_string(path, root, "hidden_act", &act)) != PS_OK)
+        return st;
+    if (base2 != base)
+        return err_set(PS_ERR_INVALID, "%s: rope_theta %g contradicts rotary_emb_base %g", path, base2, base);
+    const json_t *rs = json_object_get(root, "rope_scaling");
+    if (rs && !json_is_null(rs))
+        return err_set(PS_ERR_INVALID, "%s: rope_scaling is not supported for gpt_neox (only null)", path);
+    /* HF: rotary_ndims = int(head_size * rotary_pct) */
+    c->rotary_dim = (size_t)((double)c->d_head * pct);
+    if (c->rotary_dim == 0 || c->rotary_dim % 2 != 0)
+        return err_set(PS_ERR_INVALID, "%s: rotary_pct %g gives %zu rotary dims of %zu; need an even number > 0",
+                       path, pct, c->rotary_dim, c->d_head);
+    if (!act || strcmp(act, "gelu") == 0)
+        c->act = MODEL_ACT_GELU_ERF;
+    else if (strcmp(act, "gelu_new") == 0 || strcmp(act, "gelu_pytorch_tanh") == 0)
+        c->act = MODEL_ACT_GELU_NEW;
+    else
+        return err_set(PS_ERR_INVALID, "%s: hidden_act '%s' is not supported for gpt_neox (gelu, gelu_new)", path,
+                       act);
+    c->norm = MODEL_NORM_LAYERNORM;
+    c->pos = MODEL_POS_ROTARY;
+    c->rope_theta = base;
+    c->rope_scaling = MODEL_ROPE_SCALING_NONE;
+    c->qkv_bias = c->o_bias = bias;
+    c->mlp_bias = true;
+    c->parallel_residual = parallel;
+    return PS_OK;
+}
+
+static ps_status config_rope_scaling(model_config *c, const char *path, json_t *root)
+{
+    json_t *rs = json_object_get(root, "rope_scaling");
+    c->rope_scaling = MODEL_ROPE_SCALING_NONE;
+    if (!rs || json_is_null(rs))
+        return PS_OK;
+    if (!json_is_object(rs))
+        return err_set(PS_ERR_FORMAT, "%s: field 'rope_scaling' is %s, expected an object or null", path,
+                       jsonutil_kind(rs));
+    const char *type, *type2;
+    ps_status st;
+    if ((st = cfg_string(path, rs, "rope_type", &type)) != PS_OK || (st = cfg_string(path, rs, "type", &type2)) != PS_OK)
+        return st;
+    if (!type)
+        type = type2;
+    if (!type)
+        return err_set(PS_ERR_FORMAT, "%s: rope_scaling has no 'rope_type' (nor 'type')", path);
+    if (strcmp(type, "default") == 0)
+        return PS_OK;
+    bool linear = strcmp(type, "linear") == 0, llama3 = strcmp(type, "llama3") == 0;
+    if (!linear && !llama3)
+        return err_set(PS_ERR_INVALID, "%s: rope_scaling rope_type '%s' is not supported (default, linear, llama3)",
+                       path, type);
+    if (!json_object_get(rs, "factor"))
+        return err_set(PS_ERR_FORMAT, "%s: rope_scaling: missing field 'factor'", path);
+    if ((st = cfg_number(path, rs, "factor", 0.0, 1e6, 1.0, &c->rope_factor)) != PS_OK)
+        return st;
+    c->rope_scaling = linear ? MODEL_ROPE_SCALING_LINEAR : MODEL_ROPE_SCALING_LLAMA3;
+    if (llama3) {
+        static const char *const keys[] = {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"};
+        double *dst[] = {&c->rope_low_freq_factor, &c->rope_high_freq_factor, &c->rope_original_max_pos};
+        for (size_t i = 0; i < 3; i++) {
+            if (!json_object_get(rs, keys[i]))
+                return err_set(PS_ERR_FORMAT, "%s: rope_scaling: missing field '%s'", path, keys[i]);
+            if ((st = cfg_number(path, rs, keys[i], 0.0, 1e12, 1.0, dst[i])) != PS_OK)
+                return st;
+        }
+        if (!(c->rope_high_freq_factor > c->rope_low_freq_factor))
+            return err_set(PS_ERR_INVALID, "%s: rope_scaling high_freq_factor %g must exceed low_freq_factor %g", path,
+                           c->rope_high_freq_factor, c->rope_low_freq_factor);
     }
     return PS_OK;
+}
+
+static ps_status config_llama(model_config *c, const char *path, json_t *root, bool mistral)
+{
+    ps_status st = config_hf_sizes(c, path, root);
+    if (st != PS_OK)
+        return st;
+    const char *fam = c->family == MODEL_FAMILY_QWEN2 ? "qwen2" : mistral ? "mistral" : "llama";
+    if ((st = cfg_optional(path, root, "num_key_value_heads", MODEL_MAX_N_HEAD, c->n_head, &c->n_kv_head)) != PS_OK)
+        return st;
+    if (c->n_head % c->n_kv_head != 0)
+        return err_set(PS_ERR_INVALID, "%s: num_attention_heads %zu is not divisible by num_key_value_heads %zu",
+                       path, c->n_head, c->n_kv_head);
+    size_t dflt_dh = c->n_embd / c->n_head;
+    if ((st = cfg_optional(path, root, "head_dim", MODEL_MAX_N_EMBD, dflt_dh, &c->d_head)) != PS_OK)
+        return st;
+    if (c->d_head == 0 || c->n_head * c->d_head > MODEL_MAX_N_INNER)
+        return err_set(PS_ERR_INVALID, "%s: %zu heads of head_dim %zu are not supported", path, c->n_head, c->d_head);
+    double theta = 1e4, partial = 1;
+    const char *act;
+    if ((st = cfg_eps(path, root, "rms_norm_eps", 1e-6, &c->ln_eps)) != PS_OK ||
+        (st = cfg_number(path, root, "rope_theta", 0.0, 1e300, 10000.0, &theta)) != PS_OK ||
+        (st = cfg_number(path, root, "partial_rotary_factor", 0.0, 1.0, 1.0, &partial)) != PS_OK ||
+        (st = cfg_string(path, root, "hidden_act", &act)) != PS_OK || (st = config_rope_scaling(c, path, root)) != PS_OK)
+        return st;
+    if (partial != 1.0)
+        return err_set(PS_ERR_INVALID, "%s: partial_rotary_factor %g is not supported for %s (only 1)", path, partial,
+                       fam);
+    if (c->d_head % 2 != 0)
+        return err_set(PS_ERR_INVALID, "%s: head_dim %zu is odd; rotary needs an even head size", path, c->d_head);
+    if (act && strcmp(act, "silu") != 0)
+        return err_set(PS_ERR_INVALID, "%s: hidden_act '%s' is not supported for %s (only silu)", path, act, fam);
+    bool attn_bias = false, mlp_bias = false;
+    if (c->family == MODEL_FAMILY_QWEN2) {
+        bool sw;
+        if ((st = cfg_bool(path, root, "use_sliding_window", false, &sw)) != PS_OK)
+            return st;
+        if (sw)
+            return err_set(PS_ERR_INVALID, "%s: use_sliding_window true is not supported (sliding-window attention)",
+                           path);
+        c->qkv_bias = true; /* Qwen2: q/k/v biases, none on o_proj or the MLP */
+    } else {
+        size_t window;
+        if ((st = cfg_optional(path, root, "sliding_window", SIZE_MAX, 0, &window)) != PS_OK)
+            return st;
+        /* a window at least as long as any prompt never masks anything */
+        if (window != 0 && window < c->n_positions)
+            return err_set(PS_ERR_INVALID,
+                           "%s: sliding_window %zu is not supported (sliding-window attention; only null or >= "
+                           "max_position_embeddings %zu)", path, window, c->n_positions);
+        if (!mistral && ((st = cfg_bool(path, root, "attention_bias", false, &attn_bias)) != PS_OK ||
+                         (st = cfg_bool(path, root, "mlp_bias", false, &mlp_bias)) != PS_OK))
+            return st;
+        c->qkv_bias = c->o_bias = attn_bias;
+        c->mlp_bias = mlp_bias;
+    }
+    c->norm = MODEL_NORM_RMSNORM;
+    c->pos = MODEL_POS_ROTARY;
+    c->act = MODEL_ACT_SILU_GATED;
+    c->rotary_dim = c->d_head;
+    c->rope_theta = theta;
+    return PS_OK;
+}
+
+static ps_status config_from_json(model_config *c, const char *path, json_t *root)
+{
+    if (!json_is_object(root))
+        return err_set(PS_ERR_FORMAT, "%s: top level is %s, expected an object", path, jsonutil_kind(root));
+    bool mistral = false;
+    ps_status st = cfg_family(path, root, &c->family, &mistral);
+    if (st != PS_OK)
+        return st;
+    switch (c->family) {
+    case MODEL_FAMILY_GPT2: return config_gpt2(c, path, root);
+    case MODEL_FAMILY_NEOX: return config_neox(c, path, root);
+    case MODEL_FAMILY_LLAMA:
+    case MODEL_FAMILY_QWEN2: return config_llama(c, path, root, mistral);
+    case MODEL_FAMILY_COUNT: break;
+    }
+    return err_set(PS_ERR_INVALID, "%s: unknown model family", path);
+}
+
+float model_attn_scale(const model_config *c, size_t layer)
+{
+    float s = c->attn_no_scale ? 1.0f : 1.0f / sqrtf((float)c->d_head);
+    if (c->attn_scale_by_layer)
+        s /= (float)(layer + 1);
+    return s;
 }
 
 ps_status model_config_parse(model_config *cfg, const char *path, const char *json_text, size_t len)
@@ -131,40 +444,100 @@ ps_status model_config_parse(model_config *cfg, const char *path, const char *js
 
 /* ---- tensor slots ------------------------------------------------------- */
 
-enum { SLOT_WTE, SLOT_WPE, SLOT_LN_F_W, SLOT_LN_F_B, SLOT_LM_HEAD, N_GLOBAL_SLOTS };
+enum { SLOT_EMBED, SLOT_POS, SLOT_LN_F_W, SLOT_LN_F_B, SLOT_LM_HEAD, N_GLOBAL_SLOTS };
 
-static const char *const global_names[N_GLOBAL_SLOTS] = {
-    "wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight",
-};
-
-/* Per-layer tensors, in model_block order; layer l's slot k is
- * N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS + k. */
+/* Per-layer tensors of every family; layer l's slot k is
+ * N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS + k.  QKV is a fused q|k|v weight
+ * (GPT-2's Conv1D c_attn, NeoX's per-head query_key_value); UP is GPT-2's
+ * c_fc and NeoX's dense_h_to_4h, DOWN their MLP output projection. */
 enum {
-    B_LN_1_W, B_LN_1_B, B_ATTN_W, B_ATTN_B, B_ATTN_PROJ_W, B_ATTN_PROJ_B,
-    B_LN_2_W, B_LN_2_B, B_FC_W, B_FC_B, B_MLP_PROJ_W, B_MLP_PROJ_B, N_BLOCK_SLOTS
+    B_LN_1_W, B_LN_1_B, B_QKV_W, B_QKV_B, B_Q_W, B_Q_B, B_K_W, B_K_B, B_V_W, B_V_B, B_O_W, B_O_B,
+    B_LN_2_W, B_LN_2_B, B_GATE_W, B_GATE_B, B_UP_W, B_UP_B, B_DOWN_W, B_DOWN_B, N_BLOCK_SLOTS
 };
 
-static const char *const block_names[N_BLOCK_SLOTS] = {
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+/* A family's HF names: globals and blocks without the prefix (NULL: the
+ * family has no such tensor), blocks under "<prefix><layers>{l}.". */
+typedef struct {
+    const char *what;                 /* for messages */
+    const char *prefix;               /* of the base model's tensors */
+    bool prefix_optional;             /* GPT-2: names with or without it */
+    const char *layers;               /* "h." / "layers." */
+    const char *n_layer_key;          /* config key of the layer count, for messages */
+    const char *global[N_GLOBAL_SLOTS];
+    const char *block[N_BLOCK_SLOTS];
+    const char *buffers[4];           /* per-layer buffers ignored (recomputed by the runtime) */
+} family_names_t;
+
+static const family_names_t names_gpt2 = {
+    "GPT-2 GPT2LMHeadModel", "transformer.", true, "h.", "n_layer",
+    {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "lm_head.weight"},
+    {[B_LN_1_W] = "ln_1.weight", [B_LN_1_B] = "ln_1.bias", [B_QKV_W] = "attn.c_attn.weight",
+     [B_QKV_B] = "attn.c_attn.bias", [B_O_W] = "attn.c_proj.weight", [B_O_B] = "attn.c_proj.bias",
+     [B_LN_2_W] = "ln_2.weight", [B_LN_2_B] = "ln_2.bias", [B_UP_W] = "mlp.c_fc.weight", [B_UP_B] = "mlp.c_fc.bias",
+     [B_DOWN_W] = "mlp.c_proj.weight", [B_DOWN_B] = "mlp.c_proj.bias"},
+    {"attn.bias", "attn.masked_bias", NULL, NULL},
 };
+
+static const family_names_t names_neox = {
+    "GPT-NeoX GPTNeoXForCausalLM", "gpt_neox.", false, "layers.", "num_hidden_layers",
+    {"embed_in.weight", NULL, "final_layer_norm.weight", "final_layer_norm.bias", "embed_out.weight"},
+    {[B_LN_1_W] = "input_layernorm.weight", [B_LN_1_B] = "input_layernorm.bias",
+     [B_QKV_W] = "attention.query_key_value.weight", [B_QKV_B] = "attention.query_key_value.bias",
+     [B_O_W] = "attention.dense.weight", [B_O_B] = "attention.dense.bias",
+     [B_LN_2_W] = "post_attention_layernorm.weight", [B_LN_2_B] = "post_attention_layernorm.bias",
+     [B_UP_W] = "mlp.dense_h_to_4h.weight", [B_UP_B] = "mlp.dense_h_to_4h.bias",
+     [B_DOWN_W] = "mlp.dense_4h_to_h.weight", [B_DOWN_B] = "mlp.dense_4h_to_h.bias"},
+    {"attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq", NULL},
+};
+
+#define LLAMA_BLOCK_NAMES                                                                                         \
+    {[B_LN_1_W] = "input_layernorm.weight", [B_Q_W] = "self_attn.q_proj.weight", [B_Q_B] = "self_attn.q_proj.bias", \
+     [B_K_W] = "self_attn.k_proj.weight", [B_K_B] = "self_attn.k_proj.bias", [B_V_W] = "self_attn.v_proj.weight",     \
+     [B_V_B] = "self_attn.v_proj.bias", [B_O_W] = "self_attn.o_proj.weight", [B_O_B] = "self_attn.o_proj.bias",       \
+     [B_LN_2_W] = "post_attention_layernorm.weight", [B_GATE_W] = "mlp.gate_proj.weight",                           \
+     [B_GATE_B] = "mlp.gate_proj.bias", [B_UP_W] = "mlp.up_proj.weight", [B_UP_B] = "mlp.up_proj.bias",              \
+     [B_DOWN_W] = "mlp.down_proj.weight", [B_DOWN_B] = "mlp.down_proj.bias"}
+
+static const family_names_t names_llama = {
+    "Llama LlamaForCausalLM / MistralForCausalLM", "model.", false, "layers.", "num_hidden_layers",
+    {"embed_tokens.weight", NULL, "norm.weight", NULL, "lm_head.weight"},
+    LLAMA_BLOCK_NAMES,
+    {"self_attn.rotary_emb.inv_freq", NULL, NULL, NULL},
+};
+
+static const family_names_t names_qwen2 = {
+    "Qwen2 Qwen2ForCausalLM", "model.", false, "layers.", "num_hidden_layers",
+    {"embed_tokens.weight", NULL, "norm.weight", NULL, "lm_head.weight"},
+    LLAMA_BLOCK_NAMES,
+    {"self_attn.rotary_emb.inv_freq", NULL, NULL, NULL},
+};
+
+static const family_names_t *family_tensor_names(model_family f)
+{
+    switch (f) {
+    case MODEL_FAMILY_NEOX: return &names_neox;
+    case MODEL_FAMILY_LLAMA: return &names_llama;
+    case MODEL_FAMILY_QWEN2: return &names_qwen2;
+    default: return &names_gpt2;
+    }
+}
 
 typedef enum { NAME_SLOT, NAME_IGNORED, NAME_UNKNOWN, NAME_BAD_LAYER } name_kind;
 
 /* Map a name without the prefix to its slot.  Layer numbers are canonical
  * decimals ("h.01." is unknown); a known suffix on a layer >= n_layer is
  * NAME_BAD_LAYER. */
-static name_kind classify(const char *name, size_t n_layer, size_t *slot)
+static name_kind classify(const family_names_t *fn, const char *name, size_t n_layer, size_t *slot)
 {
     for (size_t i = 0; i < N_GLOBAL_SLOTS; i++)
-        if (strcmp(name, global_names[i]) == 0) {
+        if (fn->global[i] && i != SLOT_LM_HEAD && strcmp(name, fn->global[i]) == 0) {
             *slot = i;
             return NAME_SLOT;
         }
-    if (strncmp(name, "h.", 2) != 0)
+    const size_t nl = strlen(fn->layers);
+    if (strncmp(name, fn->layers, nl) != 0)
         return NAME_UNKNOWN;
-    const char *p = name + 2;
+    const char *p = name + nl;
     if (*p < '0' || *p > '9' || (p[0] == '0' && p[1] >= '0' && p[1] <= '9'))
         return NAME_UNKNOWN;
     size_t l = 0;
@@ -179,50 +552,93 @@ static name_kind classify(const char *name, size_t n_layer, size_t *slot)
     p++;
     size_t k = N_BLOCK_SLOTS;
     for (size_t i = 0; i < N_BLOCK_SLOTS; i++)
-        if (strcmp(p, block_names[i]) == 0)
+        if (fn->block[i] && strcmp(p, fn->block[i]) == 0)
             k = i;
-    bool buffer = strcmp(p, "attn.bias") == 0 || strcmp(p, "attn.masked_bias") == 0;
+    bool buffer = false;
+    for (size_t i = 0; i < 4 && fn->buffers[i]; i++)
+        buffer |= strcmp(p, fn->buffers[i]) == 0;
     if (k == N_BLOCK_SLOTS && !buffer)
         return NAME_UNKNOWN;
     if (l >= n_layer)
         return NAME_BAD_LAYER;
     if (buffer)
-        return NAME_IGNORED; /* the causal mask and its fill value, recomputed by the runtime */
+        return NAME_IGNORED; /* causal masks, their fill value, rotary frequencies: recomputed */
     *slot = N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS + k;
     return NAME_SLOT;
 }
 
-/* The name of slot s without prefix, into buf (for messages). */
-static const char *slot_name(char *buf, size_t cap, size_t s)
+/* The name of slot s (for messages): GPT-2's without the prefix, the other
+ * families' in full. */
+static const char *slot_name(const family_names_t *fn, char *buf, size_t cap, size_t s)
 {
-    if (s < N_GLOBAL_SLOTS)
-        snprintf(buf, cap, "%s", global_names[s]);
+    const char *pre = fn->prefix_optional ? "" : fn->prefix;
+    if (s == SLOT_LM_HEAD)
+        snprintf(buf, cap, "%s", fn->global[s]);
+    else if (s < N_GLOBAL_SLOTS)
+        snprintf(buf, cap, "%s%s", pre, fn->global[s]);
     else
-        snprintf(buf, cap, "h.%zu.%s", (s - N_GLOBAL_SLOTS) / N_BLOCK_SLOTS,
-                 block_names[(s - N_GLOBAL_SLOTS) % N_BLOCK_SLOTS]);
+        snprintf(buf, cap, "%s%s%zu.%s", pre, fn->layers, (s - N_GLOBAL_SLOTS) / N_BLOCK_SLOTS,
+                 fn->block[(s - N_GLOBAL_SLOTS) % N_BLOCK_SLOTS]);
     return buf;
 }
 
-/* Expected shape of slot s (HF Conv1D weights are [in, out]). */
-static size_t slot_shape(const model_config *c, size_t s, size_t shape[2])
+typedef enum { EXPECT_ABSENT, EXPECT_REQUIRED, EXPECT_OPTIONAL } slot_expect;
+
+/* Whether slot s is expected, and its shape (GPT-2's Conv1D weights are
+ * [in, out]; every other family's nn.Linear weights [out, in]). */
+static slot_expect slot_shape(const model_config *c, size_t s, size_t shape[2], size_t *ndim)
 {
-    size_t d = c->n_embd, m = c->n_inner;
+    const size_t d = c->n_embd, m = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c);
+    const bool gpt2 = c->family == MODEL_FAMILY_GPT2, gated = c->act == MODEL_ACT_SILU_GATED;
+    const bool ln = c->norm == MODEL_NORM_LAYERNORM;
+    *ndim = 1;
+    shape[0] = d;
     switch (s) {
-    case SLOT_WTE:
-    case SLOT_LM_HEAD: shape[0] = c->vocab_size; shape[1] = d; return 2;
-    case SLOT_WPE: shape[0] = c->n_positions; shape[1] = d; return 2;
-    case SLOT_LN_F_W:
-    case SLOT_LN_F_B: shape[0] = d; return 1;
+    case SLOT_EMBED: shape[0] = c->vocab_size, shape[1] = d, *ndim = 2; return EXPECT_REQUIRED;
+    case SLOT_LM_HEAD:
+        shape[0] = c->vocab_size, shape[1] = d, *ndim = 2;
+        return gpt2 ? EXPECT_OPTIONAL : c->tie_word_embeddings ? EXPECT_ABSENT : EXPECT_REQUIRED;
+    case SLOT_POS:
+        shape[0] = c->n_positions, shape[1] = d, *ndim = 2;
+        return c->pos == MODEL_POS_LEARNED ? EXPECT_REQUIRED : EXPECT_ABSENT;
+    case SLOT_LN_F_W: return EXPECT_REQUIRED;
+    case SLOT_LN_F_B: return ln ? EXPECT_REQUIRED : EXPECT_ABSENT;
     default: break;
     }
+    const bool fused = gpt2 || c->family == MODEL_FAMILY_NEOX;
+    slot_expect e = EXPECT_REQUIRED;
     switch ((s - N_GLOBAL_SLOTS) % N_BLOCK_SLOTS) {
-    case B_ATTN_W: shape[0] = d; shape[1] = 3 * d; return 2;
-    case B_ATTN_B: shape[0] = 3 * d; return 1;
-    case B_ATTN_PROJ_W: shape[0] = d; shape[1] = d; return 2;
-    case B_FC_W: shape[0] = d; shape[1] = m; return 2;
-    case B_FC_B: shape[0] = m; return 1;
-    case B_MLP_PROJ_W: shape[0] = m; shape[1] = d; return 2;
-    default: shape[0] = d; return 1; /* ln_1/ln_2 weight and bias, both c_proj biases */
+    case B_LN_1_W: case B_LN_2_W: return EXPECT_REQUIRED;
+    case B_LN_1_B: case B_LN_2_B: return ln ? EXPECT_REQUIRED : EXPECT_ABSENT;
+    case B_QKV_W:
+        if (gpt2)
+            shape[0] = d, shape[1] = 3 * d;
+        else
+            shape[0] = 3 * qd, shape[1] = d;
+        *ndim = 2;
+        return fused ? EXPECT_REQUIRED : EXPECT_ABSENT;
+    case B_QKV_B: shape[0] = 3 * qd; return fused && c->qkv_bias ? EXPECT_REQUIRED : EXPECT_ABSENT;
+    case B_Q_W: shape[0] = qd, shape[1] = d, *ndim = 2; return fused ? EXPECT_ABSENT : e;
+    case B_K_W:
+    case B_V_W: shape[0] = kvd, shape[1] = d, *ndim = 2; return fused ? EXPECT_ABSENT : e;
+    case B_Q_B: shape[0] = qd; return !fused && c->qkv_bias ? e : EXPECT_ABSENT;
+    case B_K_B:
+    case B_V_B: shape[0] = kvd; return !fused && c->qkv_bias ? e : EXPECT_ABSENT;
+    case B_O_W:
+        shape[0] = gpt2 ? qd : d, shape[1] = gpt2 ? d : qd, *ndim = 2;
+        return e;
+    case B_O_B: return c->o_bias ? e : EXPECT_ABSENT;
+    case B_GATE_W: shape[0] = m, shape[1] = d, *ndim = 2; return gated ? e : EXPECT_ABSENT;
+    case B_GATE_B: shape[0] = m; return gated && c->mlp_bias ? e : EXPECT_ABSENT;
+    case B_UP_W:
+        shape[0] = gpt2 ? d : m, shape[1] = gpt2 ? m : d, *ndim = 2;
+        return e;
+    case B_UP_B: shape[0] = m; return c->mlp_bias ? e : EXPECT_ABSENT;
+    case B_DOWN_W:
+        shape[0] = gpt2 ? m : d, shape[1] = gpt2 ? d : m, *ndim = 2;
+        return e;
+    case B_DOWN_B: return c->mlp_bias ? e : EXPECT_ABSENT;
+    default: return EXPECT_ABSENT;
     }
 }
 
@@ -236,59 +652,79 @@ static const char *format_shape(char *buf, size_t cap, const size_t *shape, size
     return buf;
 }
 
-/* Map every tensor of the file to a slot (slots[s] = tensor or NULL). */
-static ps_status assign_slots(const model *m, const st_tensor **slots)
+/* Every tensor of every shard, with its file's path for messages. */
+typedef struct {
+    const st_tensor *t;
+    const char *path;
+} tensor_ref;
+
+/* Map every tensor of the checkpoint to a slot (slots[s] = tensor or NULL). */
+static ps_status assign_slots(const model *m, const tensor_ref *all, size_t n_all, tensor_ref *slots)
 {
-    const st_file *f = &m->st;
-    for (size_t i = 0; i < f->n_tensors; i++) {
-        const st_tensor *t = &f->tensors[i];
-        const char *base = t->name;
-        bool prefixed = strncmp(base, PREFIX, strlen(PREFIX)) == 0;
+    const family_names_t *fn = family_tensor_names(m->cfg.family);
+    const size_t np = strlen(fn->prefix);
+    for (size_t i = 0; i < n_all; i++) {
+        const st_tensor *t = all[i].t;
+        const char *path = all[i].path, *base = t->name;
+        bool prefixed = strncmp(base, fn->prefix, np) == 0;
         if (prefixed)
-            base += strlen(PREFIX);
+            base += np;
         size_t s = 0;
-        name_kind kind = classify(base, m->cfg.n_layer, &s);
-        /* lm_head sits outside GPT2Model in HF, so it never carries the prefix. */
-        if (kind == NAME_SLOT && s == SLOT_LM_HEAD && prefixed)
+        name_kind kind;
+        /* the LM head sits outside the base model in HF, so it never carries the prefix */
+        if (!prefixed && strcmp(base, fn->global[SLOT_LM_HEAD]) == 0) {
+            kind = NAME_SLOT;
+            s = SLOT_LM_HEAD;
+        } else if (!prefixed && !fn->prefix_optional) {
             kind = NAME_UNKNOWN;
+        } else {
+            kind = classify(fn, base, m->cfg.n_layer, &s);
+        }
         if (kind == NAME_IGNORED)
             continue;
         if (kind == NAME_UNKNOWN)
-            return err_set(PS_ERR_INVALID,
-                           "%s: unknown tensor '%s' (not a GPT-2 GPT2LMHeadModel weight)", f->path,
-                           t->name);
+            return err_set(PS_ERR_INVALID, "%s: unknown tensor '%s' (not a %s weight)", path, t->name, fn->what);
         if (kind == NAME_BAD_LAYER)
             return err_set(PS_ERR_INVALID,
                            "%s: tensor '%s' is for a layer past the last one (config.json has "
-                           "n_layer %zu)", f->path, t->name, m->cfg.n_layer);
-        if (slots[s])
+                           "%s %zu)", path, t->name, fn->n_layer_key, m->cfg.n_layer);
+        size_t shape[2], nd;
+        if (slot_shape(&m->cfg, s, shape, &nd) == EXPECT_ABSENT)
+            return err_set(PS_ERR_INVALID,
+                           "%s: tensor '%s' is not used by this config.json (a bias its attention_bias / "
+                           "mlp_bias leaves out, or an lm_head with tie_word_embeddings true)", path, t->name);
+        if (slots[s].t)
             return err_set(PS_ERR_INVALID, "%s: tensor '%s' is present both as '%s' and as '%s'",
-                           f->path, base, slots[s]->name, t->name);
-        slots[s] = t;
+                           path, base, slots[s].t->name, t->name);
+        slots[s] = all[i];
     }
     return PS_OK;
 }
 
-/* Presence, dtype and shape of every slot (lm_head may be absent). */
-static ps_status check_slots(const model *m, const st_tensor **slots, size_t n_slots)
+/* Presence, dtype and shape of every slot. */
+static ps_status check_slots(const model *m, const tensor_ref *slots, size_t n_slots)
 {
-    const char *path = m->st.path;
-    char nbuf[64], want[64], got[160];
+    const family_names_t *fn = family_tensor_names(m->cfg.family);
+    char nbuf[160], want[64], got[160];
     for (size_t s = 0; s < n_slots; s++) {
-        const st_tensor *t = slots[s];
+        const st_tensor *t = slots[s].t;
+        size_t shape[2], nd;
+        slot_expect e = slot_shape(&m->cfg, s, shape, &nd);
         if (!t) {
-            if (s == SLOT_LM_HEAD)
+            if (e != EXPECT_REQUIRED)
                 continue;
-            return err_set(PS_ERR_INVALID,
-                           "%s: missing tensor '%s' (looked for it with and without '" PREFIX "')",
-                           path, slot_name(nbuf, sizeof nbuf, s));
+            if (fn->prefix_optional)
+                return err_set(PS_ERR_INVALID, "%s: missing tensor '%s' (looked for it with and without '%s')",
+                               m->shards[0].path, slot_name(fn, nbuf, sizeof nbuf, s), fn->prefix);
+            return err_set(PS_ERR_INVALID, "%s: missing tensor '%s'%s", m->shards[0].path,
+                           slot_name(fn, nbuf, sizeof nbuf, s),
+                           s == SLOT_LM_HEAD ? " (config.json has tie_word_embeddings false)" : "");
         }
+        const char *path = slots[s].path;
         if (t->dtype != ST_F32 && t->dtype != ST_F16 && t->dtype != ST_BF16 && t->dtype != ST_F64)
             return err_set(PS_ERR_INVALID,
                            "%s: tensor '%s' has dtype %s; weights must be F32, F16, BF16 or F64",
                            path, t->name, st_dtype_name(t->dtype));
-        size_t shape[2];
-        size_t nd = slot_shape(&m->cfg, s, shape);
         bool ok = t->ndim == nd;
         for (size_t i = 0; ok && i < nd; i++)
             ok = t->shape[i] == shape[i];
@@ -323,14 +759,14 @@ static ps_status check_finite(const char *path, const char *name, const float *w
 
 /* Parameters of the model (tied counted once) and floats of the arena (the
  * tensors not used in place), from the headers alone; also the dtype. */
-static ps_status count_weights(model *m, const st_tensor **slots, size_t n_slots, size_t *arena_floats)
+static ps_status count_weights(model *m, const tensor_ref *slots, size_t n_slots, size_t *arena_floats)
 {
-    const char *path = m->st.path;
+    const char *path = m->shards[0].path;
     size_t total = 0, n_params = 0;
     st_dtype first = ST_DTYPE_COUNT;
     bool mixed = false;
     for (size_t s = 0; s < n_slots; s++) {
-        const st_tensor *t = slots[s];
+        const st_tensor *t = slots[s].t;
         if (!t)
             continue;
         if (n_params > SIZE_MAX - t->n_elements)
@@ -354,12 +790,12 @@ static ps_status count_weights(model *m, const st_tensor **slots, size_t n_slots
  * (converted tensors packed in slot order).  `fill`: also convert into the
  * arena and check every weight (model_load, or the writer of a shared
  * arena); a reader of a shared arena only computes the pointers. */
-static ps_status bind_weights(const model *m, const st_tensor **slots, size_t n_slots, const float **w, bool fill)
+static ps_status bind_weights(const model *m, const tensor_ref *slots, size_t n_slots, const float **w, bool fill)
 {
-    const char *path = m->st.path;
     size_t used = 0;
     for (size_t s = 0; s < n_slots; s++) {
-        const st_tensor *t = slots[s];
+        const st_tensor *t = slots[s].t;
+        const char *path = slots[s].path;
         if (!t)
             continue;
         if (usable_in_place(t)) {
@@ -381,91 +817,351 @@ static ps_status bind_weights(const model *m, const st_tensor **slots, size_t n_
     return PS_OK;
 }
 
-/* config.json, the mmap and the tensor table checked against the config:
+/* ---- sharded checkpoints ------------------------------------------------- */
+
+/* Caps on model.safetensors.index.json (Llama-3-405B: 191 files, ~1300
+ * tensors; these are far above any checkpoint). */
+#define MODEL_MAX_INDEX_BYTES ((size_t)64 << 20)
+#define MODEL_MAX_SHARDS ((size_t)1 << 14)
+#define MODEL_MAX_INDEX_TENSORS ((size_t)1 << 20)
+
+static int cmp_str(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* A shard's file name: a plain name inside the model directory. */
+static bool shard_name_ok(const char *f)
+{
+    size_t n = strlen(f), e = strlen(".safetensors");
+    return n > e && n <= 255 && strchr(f, '/') == NULL && strchr(f, '\\') == NULL && f[0] != '.' &&
+           strcmp(f + n - e, ".safetensors") == 0;
+}
+
+/* Open the files of dir/model.safetensors.index.json (in file-name order)
+ * and check the index against their headers: every tensor of every file
+ * listed once, with that file; every listed tensor present in its file. */
+static ps_status open_shards(model *m, const char *dir, const char *index_path)
+{
+    char *text = NULL;
+    size_t len = 0;
+    ps_status st = fs_read_file(index_path, MODEL_MAX_INDEX_BYTES, &text, &len);
+    if (st != PS_OK)
+        return st;
+    json_error_t jerr;
+    json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
+    free(text);
+    if (!root)
+        return err_set(PS_ERR_FORMAT, "%s: not valid JSON: %s (line %d, column %d)", index_path, jerr.text, jerr.line,
+                       jerr.column);
+    json_t *wm = json_is_object(root) ? json_object_get(root, "weight_map") : NULL;
+    const char **files = NULL;
+    size_t n_files = 0, n_map = 0;
+    if (!wm || !json_is_object(wm)) {
+        st = err_set(PS_ERR_FORMAT, "%s: no 'weight_map' object", index_path);
+        goto out;
+    }
+    n_map = json_object_size(wm);
+    if (n_map == 0 || n_map > MODEL_MAX_INDEX_TENSORS) {
+        st = err_set(n_map ? PS_ERR_NOMEM : PS_ERR_FORMAT, "%s: weight_map has %zu tensors (1..%zu)", index_path,
+                     n_map, MODEL_MAX_INDEX_TENSORS);
+        goto out;
+    }
+    files = malloc(n_map * sizeof *files);
+    if (!files) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory", index_path);
+        goto out;
+    }
+    const char *key;
+    json_t *val;
+    json_object_foreach(wm, key, val)
+    {
+        if (!json_is_string(val) || !shard_name_ok(json_string_value(val))) {
+            st = err_set(PS_ERR_INVALID, "%s: weight_map['%s'] is not a .safetensors file name inside the model "
+                                         "directory", index_path, key);
+            goto out;
+        }
+        files[n_files++] = json_string_value(val);
+    }
+    qsort(files, n_files, sizeof *files, cmp_str);
+    size_t u = 0;
+    for (size_t i = 0; i < n_files; i++)
+        if (u == 0 || strcmp(files[u - 1], files[i]) != 0)
+            files[u++] = files[i];
+    n_files = u;
+    if (n_files > MODEL_MAX_SHARDS) {
+        st = err_set(PS_ERR_NOMEM, "%s: %zu files, over the limit of %zu", index_path, n_files, MODEL_MAX_SHARDS);
+        goto out;
+    }
+    m->shards = calloc(n_files, sizeof *m->shards);
+    if (!m->shards) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory", index_path);
+        goto out;
+    }
+    size_t n_found = 0;
+    for (size_t i = 0; i < n_files && st == PS_OK; i++) {
+        char *p = fs_join(dir, files[i]);
+        st = p ? st_open(&m->shards[i], p) : err_set(PS_ERR_NOMEM, "out of memory");
+        free(p);
+        if (st != PS_OK)
+            break;
+        m->n_shards = i + 1;
+        const st_file *f = &m->shards[i];
+        for (size_t t = 0; t < f->n_tensors; t++) {
+            const json_t *where = json_object_get(wm, f->tensors[t].name);
+            if (!where) {
+                st = err_set(PS_ERR_INVALID, "%s: tensor '%s' is not listed in %s", f->path, f->tensors[t].name,
+                             index_path);
+                break;
+            }
+            if (strcmp(json_string_value(where), files[i]) != 0) {
+                st = err_set(PS_ERR_INVALID, "%s: tensor '%s' is listed in %s under '%s'", f->path, f->tensors[t].name,
+                             index_path, json_string_value(where));
+                break;
+            }
+            n_found++;
+        }
+    }
+    if (st == PS_OK && n_found != n_map) {
+        /* some listed tensor is missing from its file: name it */
+        json_object_foreach(wm, key, val)
+        {
+            const char *fname = json_string_value(val);
+            const st_file *f = bsearch(&fname, files, n_files, sizeof *files, cmp_str)
+                                   ? &m->shards[(const char **)bsearch(&fname, files, n_files, sizeof *files, cmp_str) - files]
+                                   : NULL;
+            if (f && !st_find(f, key)) {
+                st = err_set(PS_ERR_INVALID, "%s: lists tensor '%s' in %s, which has no such tensor", index_path, key,
+                             fname);
+                break;
+            }
+        }
+        if (st == PS_OK)
+            st = err_set(PS_ERR_INVALID, "%s: %zu tensors listed but %zu found", index_path, n_map, n_found);
+    }
+out:
+    free(files);
+    json_decref(root);
+    return st;
+}
+
+/* config.json, the mmap(s) and the tensor table checked against the config:
  * everything but the weights' values.  slots/w: calloc'd [*n_slots]. */
-static ps_status open_checkpoint(model *m, const char *dir, const st_tensor ***slots, const float ***w,
-                                 size_t *n_slots)
+static ps_status open_checkpoint(model *m, const char *dir, tensor_ref **slots, const float ***w, size_t *n_slots)
 {
     m->dir = strdup(dir);
     char *cfg_path = fs_join(dir, "config.json");
     char *st_path = fs_join(dir, "model.safetensors");
+    char *index_path = fs_join(dir, "model.safetensors.index.json");
     ps_status st = PS_OK;
-    if (!m->dir || !cfg_path || !st_path)
+    if (!m->dir || !cfg_path || !st_path || !index_path)
         st = err_set(PS_ERR_NOMEM, "%s: cannot allocate path names", dir);
     size_t cfg_len = 0;
     if (st == PS_OK)
         st = fs_read_file(cfg_path, MODEL_MAX_CONFIG_BYTES, &m->config_json, &cfg_len);
     if (st == PS_OK)
         st = model_config_parse(&m->cfg, cfg_path, m->config_json, cfg_len);
-    if (st == PS_OK)
-        st = st_open(&m->st, st_path);
+    /* HF's order: a single model.safetensors first, then the sharded index */
+    if (st == PS_OK && !fs_is_file(st_path) && fs_is_file(index_path)) {
+        st = open_shards(m, dir, index_path);
+    } else if (st == PS_OK) {
+        m->shards = calloc(1, sizeof *m->shards);
+        st = m->shards ? st_open(&m->shards[0], st_path) : err_set(PS_ERR_NOMEM, "out of memory");
+        m->n_shards = st == PS_OK ? 1 : 0;
+    }
     free(cfg_path);
     free(st_path);
+    free(index_path);
     if (st != PS_OK)
         return st;
 
+    size_t n_all = 0;
+    for (size_t i = 0; i < m->n_shards; i++)
+        n_all += m->shards[i].n_tensors;
+    tensor_ref *all = malloc((n_all ? n_all : 1) * sizeof *all);
     /* n_layer <= 2^10, so the slot count cannot overflow. */
     *n_slots = N_GLOBAL_SLOTS + m->cfg.n_layer * N_BLOCK_SLOTS;
     *slots = calloc(*n_slots, sizeof **slots);
     *w = calloc(*n_slots, sizeof **w);
     m->blocks = calloc(m->cfg.n_layer, sizeof *m->blocks);
-    if (!*slots || !*w || !m->blocks)
-        return err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->st.path, m->cfg.n_layer);
-    if ((st = assign_slots(m, *slots)) != PS_OK)
+    if (!all || !*slots || !*w || !m->blocks) {
+        free(all);
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate tables for %zu layers", m->shards[0].path, m->cfg.n_layer);
+    }
+    n_all = 0;
+    for (size_t i = 0; i < m->n_shards; i++)
+        for (size_t t = 0; t < m->shards[i].n_tensors; t++)
+            all[n_all++] = (tensor_ref){&m->shards[i].tensors[t], m->shards[i].path};
+    st = assign_slots(m, all, n_all, *slots);
+    free(all);
+    if (st != PS_OK)
         return st;
     return check_slots(m, *slots, *n_slots);
 }
 
 static void set_pointers(model *m, const float **w)
 {
-    m->wte = w[SLOT_WTE];
-    m->wpe = w[SLOT_WPE];
+    const size_t d = m->cfg.n_embd;
+    m->wte = w[SLOT_EMBED];
+    m->wpe = w[SLOT_POS];
     m->ln_f_w = w[SLOT_LN_F_W];
     m->ln_f_b = w[SLOT_LN_F_B];
     m->tied = w[SLOT_LM_HEAD] == NULL;
     m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
+    const bool gpt2 = m->cfg.family == MODEL_FAMILY_GPT2;
     for (size_t l = 0; l < m->cfg.n_layer; l++) {
         const float **b = w + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS;
         m->blocks[l] = (model_block){
             .ln_1_w = b[B_LN_1_W], .ln_1_b = b[B_LN_1_B],
-            .attn_w = b[B_ATTN_W], .attn_b = b[B_ATTN_B],
-            .attn_proj_w = b[B_ATTN_PROJ_W], .attn_proj_b = b[B_ATTN_PROJ_B],
+            .attn_w = b[B_QKV_W], .attn_b = b[B_QKV_B],
+            .q_proj_w = b[B_Q_W], .k_proj_w = b[B_K_W], .v_proj_w = b[B_V_W],
+            .q_b = b[B_Q_B], .k_b = b[B_K_B], .v_b = b[B_V_B],
+            .attn_proj_w = b[B_O_W], .attn_proj_b = b[B_O_B],
             .ln_2_w = b[B_LN_2_W], .ln_2_b = b[B_LN_2_B],
-            .fc_w = b[B_FC_W], .fc_b = b[B_FC_B],
-            .mlp_proj_w = b[B_MLP_PROJ_W], .mlp_proj_b = b[B_MLP_PROJ_B],
+            .fc_w = b[B_UP_W], .fc_b = b[B_UP_B],
+            .gate_w = b[B_GATE_W], .gate_b = b[B_GATE_B],
+            .mlp_proj_w = b[B_DOWN_W], .mlp_proj_b = b[B_DOWN_B],
         };
-    }
-}
-
-/* Floats of every block's packed matrices (model_pack_weights' layout). */
-static size_t packed_floats_of(const model_config *c)
-{
-    const size_t d = c->n_embd, mm = c->n_inner;
-    /* d <= 2^16, m <= 2^18, n_layer <= 2^10 (MODEL_MAX_*): no overflow */
-    return c->n_layer * (4 * gemm_packed_floats(d, d) + gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d));
-}
-
-/* Point every block's gemm_weight at its place in dst and, if `fill`, pack
- * the matrices there (q, k, v: the three column blocks of attn_w). */
-static void pack_into(model *m, float *dst, bool fill)
-{
-    const size_t d = m->cfg.n_embd, mm = m->cfg.n_inner;
-    for (size_t l = 0; l < m->cfg.n_layer; l++) {
-        model_block *b = &m->blocks[l];
-        gemm_weight *out[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
-        const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
-        const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
-        for (size_t i = 0; i < 6; i++) {
-            if (fill)
-                gemm_pack(dst, src[i], ld[i], ks[i], ns[i]);
-            *out[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
-            dst += gemm_packed_floats(ks[i], ns[i]);
+        if (gpt2) {
+            model_block *mb = &m->blocks[l];
+            mb->q_b = mb->attn_b, mb->k_b = mb->attn_b + d, mb->v_b = mb->attn_b + 2 * d;
         }
     }
 }
 
+/* Floats of one block's packed matrices and de-interleaved biases
+ * (pack_into's layout). */
+static size_t packed_block_floats(const model_config *c)
+{
+    const size_t d = c->n_embd, mm = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c);
+    /* d <= 2^16, m <= 2^18, H*dh <= 2^18, n_layer <= 2^10 (MODEL_MAX_*): no overflow */
+    size_t f = gemm_packed_floats(d, qd) + 2 * gemm_packed_floats(d, kvd) + gemm_packed_floats(qd, d) +
+               gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d);
+    if (c->act == MODEL_ACT_SILU_GATED)
+        f += gemm_packed_floats(d, mm);
+    if (c->family == MODEL_FAMILY_NEOX && c->qkv_bias)
+        f += (3 * qd + 15) / 16 * 16; /* q | k | v biases out of the per-head layout */
+    return f;
+}
+
+static size_t packed_floats_of(const model_config *c) { return c->n_layer * packed_block_floats(c); }
+
+/* Point every block's gemm_weight at its place in dst and, if `fill`, pack
+ * the matrices there: GPT-2's Conv1D [in, out] matrices as they are (q, k,
+ * v: the three column blocks of attn_w), the other families' nn.Linear
+ * [out, in] ones transposed (NeoX's q, k, v: rows h*3*dh + part*dh + e of
+ * query_key_value, HF's view [H, 3*dh] split in three). */
+static ps_status pack_into(model *m, float *dst, bool fill)
+{
+    const model_config *c = &m->cfg;
+    const size_t d = c->n_embd, mm = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c), dh = c->d_head;
+    const bool gpt2 = c->family == MODEL_FAMILY_GPT2, neox = c->family == MODEL_FAMILY_NEOX;
+    size_t *rows = NULL;
+    if (neox && fill) {
+        rows = malloc(3 * qd * sizeof *rows);
+        if (!rows)
+            return err_set(PS_ERR_NOMEM, "out of memory packing the weights");
+        for (size_t part = 0; part < 3; part++)
+            for (size_t col = 0; col < qd; col++)
+                rows[part * qd + col] = (col / dh) * 3 * dh + part * dh + col % dh;
+    }
+    for (size_t l = 0; l < c->n_layer; l++) {
+        model_block *b = &m->blocks[l];
+        if (gpt2) {
+            gemm_weight *out[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
+            const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
+            const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
+            for (size_t i = 0; i < 6; i++) {
+                if (fill)
+                    gemm_pack(dst, src[i], ld[i], ks[i], ns[i]);
+                *out[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
+                dst += gemm_packed_floats(ks[i], ns[i]);
+            }
+            b->gate_p = (gemm_weight){0};
+            b->q_b = b->attn_b, b->k_b = b->attn_b + d, b->v_b = b->attn_b + 2 * d;
+            continue;
+        }
+        /* x @ A^T for nn.Linear A [n, k] */
+        gemm_weight *outs[7];
+        const float *As[7];
+        const size_t *rs[7];
+        size_t ks[7], ns[7], nm = 0;
+        outs[nm] = &b->q_w, As[nm] = neox ? b->attn_w : b->q_proj_w, rs[nm] = rows, ks[nm] = d, ns[nm++] = qd;
+        outs[nm] = &b->k_w, As[nm] = neox ? b->attn_w : b->k_proj_w, rs[nm] = rows ? rows + qd : NULL, ks[nm] = d,
+        ns[nm++] = kvd;
+        outs[nm] = &b->v_w, As[nm] = neox ? b->attn_w : b->v_proj_w, rs[nm] = rows ? rows + 2 * qd : NULL, ks[nm] = d,
+        ns[nm++] = kvd;
+        outs[nm] = &b->attn_proj_p, As[nm] = b->attn_proj_w, rs[nm] = NULL, ks[nm] = qd, ns[nm++] = d;
+        outs[nm] = &b->fc_p, As[nm] = b->fc_w, rs[nm] = NULL, ks[nm] = d, ns[nm++] = mm;
+        if (c->act == MODEL_ACT_SILU_GATED)
+            outs[nm] = &b->gate_p, As[nm] = b->gate_w, rs[nm] = NULL, ks[nm] = d, ns[nm++] = mm;
+        else
+            b->gate_p = (gemm_weight){0};
+        outs[nm] = &b->mlp_proj_p, As[nm] = b->mlp_proj_w, rs[nm] = NULL, ks[nm] = mm, ns[nm++] = d;
+        for (size_t i = 0; i < nm; i++) {
+            if (fill)
+                gemm_pack_rows(dst, As[i], ks[i], rs[i], ks[i], ns[i]);
+            *outs[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
+            dst += gemm_packed_floats(ks[i], ns[i]);
+        }
+        if (neox && c->qkv_bias) {
+            /* the fused bias [H, 3, dh] as q | k | v */
+            if (fill)
+                for (size_t i = 0; i < 3 * qd; i++)
+                    dst[i] = b->attn_b[rows[i]];
+            b->q_b = dst, b->k_b = dst + qd, b->v_b = dst + 2 * qd;
+            dst += (3 * qd + 15) / 16 * 16;
+        }
+    }
+    free(rows);
+    return PS_OK;
+}
+/* The rotary tables: cos/sin of position * inv_freq[i], i < rotary_dim/2,
+ * inv_freq[i] = theta^(-2i / rotary_dim) rescaled as HF's rope_scaling
+ * (modeling_rope_utils: linear divides by factor; llama3 divides the low
+ * frequencies by factor, keeps the high ones and interpolates between). */
+static ps_status rope_tables(model *m)
+{
+    const model_config *c = &m->cfg;
+    if (c->pos != MODEL_POS_ROTARY)
+        return PS_OK;
+    const size_t half = c->rotary_dim / 2, P = c->n_positions;
+    m->rope_cos = malloc(P * half * sizeof *m->rope_cos);
+    m->rope_sin = malloc(P * half * sizeof *m->rope_sin);
+    double *inv = malloc(half * sizeof *inv);
+    if (!m->rope_cos || !m->rope_sin || !inv) {
+        free(inv);
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate rotary tables for %zu positions", m->dir, P);
+    }
+    for (size_t i = 0; i < half; i++) {
+        double f = 1.0 / pow(c->rope_theta, (double)(2 * i) / (double)c->rotary_dim);
+        if (c->rope_scaling == MODEL_ROPE_SCALING_LINEAR) {
+            f /= c->rope_factor;
+        } else if (c->rope_scaling == MODEL_ROPE_SCALING_LLAMA3) {
+            const double low_wl = c->rope_original_max_pos / c->rope_low_freq_factor;
+            const double high_wl = c->rope_original_max_pos / c->rope_high_freq_factor;
+            const double wl = 2.0 * M_PI / f;
+            if (wl > low_wl) {
+                f /= c->rope_factor;
+            } else if (wl >= high_wl) {
+                double s = (c->rope_original_max_pos / wl - c->rope_low_freq_factor) /
+                           (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                f = (1.0 - s) * f / c->rope_factor + s * f;
+            }
+        }
+        inv[i] = f;
+    }
+    for (size_t p = 0; p < P; p++)
+        for (size_t i = 0; i < half; i++) {
+            double a = (double)p * inv[i];
+            m->rope_cos[p * half + i] = (float)cos(a);
+            m->rope_sin[p * half + i] = (float)sin(a);
+        }
+    free(inv);
+    return PS_OK;
+}
+
 ps_status model_pack_weights(model *m)
 {
+    if (m->cfg.n_kv_head == 0)
+        m->cfg.n_kv_head = m->cfg.n_head; /* models built in memory: GPT-2 */
     if (m->packed_owned)
         free(m->packed);
     m->packed_floats = packed_floats_of(&m->cfg);
@@ -474,24 +1170,25 @@ ps_status model_pack_weights(model *m)
     m->packed_owned = m->packed != NULL;
     if (!m->packed)
         return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the packed weights", bytes);
-    pack_into(m, m->packed, true);
-    return PS_OK;
+    return pack_into(m, m->packed, true);
 }
 
 static ps_status load_into(model *m, const char *dir, const model_alloc *a)
 {
-    const st_tensor **slots = NULL;
+    tensor_ref *slots = NULL;
     const float **w = NULL;
     size_t n_slots = 0, total = 0, packed = 0;
     ps_status st = open_checkpoint(m, dir, &slots, &w, &n_slots);
     if (st == PS_OK)
         st = count_weights(m, slots, n_slots, &total);
+    if (st == PS_OK)
+        st = rope_tables(m);
     /* the arena: converted tensors, then (from a 64-byte boundary) the packed matrices */
     const size_t packed_off = (total + 15) / 16 * 16;
     if (st == PS_OK) {
         packed = packed_floats_of(&m->cfg);
         if (packed > SIZE_MAX / sizeof(float) - packed_off)
-            st = err_set(PS_ERR_NOMEM, "%s: the packed weights overflow size_t bytes", m->st.path);
+            st = err_set(PS_ERR_NOMEM, "%s: the packed weights overflow size_t bytes", m->shards[0].path);
     }
     const size_t floats = st == PS_OK ? packed_off + packed : 0;
     bool fill = true;
@@ -511,7 +1208,7 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
         m->arena = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64 + 64);
         if (!m->arena)
             st = err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted and packed weights",
-                         m->st.path, floats * sizeof(float));
+                         m->shards[0].path, floats * sizeof(float));
         m->arena_floats = total;
     }
     if (st == PS_OK)
@@ -521,7 +1218,7 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
         set_pointers(m, w);
         m->packed = m->arena + packed_off;
         m->packed_floats = packed;
-        pack_into(m, m->packed, fill);
+        st = pack_into(m, m->packed, fill);
     }
     if (a)
         st = a->publish(a->user, st);
@@ -543,21 +1240,33 @@ ps_status model_load(model *m, const char *dir) { return model_load_shared(m, di
 
 ps_status model_hash(model *m)
 {
-    if (!m->st.map)
+    if (m->n_shards == 0 || !m->shards[0].map)
         return err_set(PS_ERR_INVALID, "model_hash: no model loaded");
-    sha256_hex(m->st.map, m->st.map_size, m->sha256);
+    if (m->n_shards == 1) {
+        sha256_hex(m->shards[0].map, m->shards[0].map_size, m->sha256);
+        return PS_OK;
+    }
+    sha256_ctx h;
+    sha256_init(&h);
+    for (size_t i = 0; i < m->n_shards; i++)
+        sha256_update(&h, m->shards[i].map, m->shards[i].map_size);
+    sha256_final_hex(&h, m->sha256);
     return PS_OK;
 }
 
 void model_free(model *m)
 {
-    st_close(&m->st);
+    for (size_t i = 0; i < m->n_shards; i++)
+        st_close(&m->shards[i]);
+    free(m->shards);
     if (m->arena_shared)
         m->alloc.release(m->alloc.user, m->arena);
     else
         free(m->arena);
     if (m->packed_owned)
         free(m->packed);
+    free(m->rope_cos);
+    free(m->rope_sin);
     free(m->blocks);
     free(m->dir);
     free(m->config_json);

@@ -68,17 +68,18 @@ void ops_add(float *out, const float *a, const float *b, size_t n)
         out[i] = a[i] + b[i];
 }
 
-void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b, size_t d)
+void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b)
 {
-    /* Three GEMMs on the column blocks of the [d, 3d] c_attn weight give
-     * contiguous [rows, H, dh] arrays; each output element is one k-order
+    /* Three GEMMs on the packed q, k, v weights (GPT-2: the column blocks
+     * of the [d, 3d] c_attn weight) give contiguous [rows, H, dh] and
+     * [rows, H_kv, dh] arrays; each output element is one k-order
      * accumulation, so computing one, two or three of them is the same. */
     if (q)
-        gemm_run(q, x, rows, &b->q_w, b->attn_b, GEMM_PLAIN);
+        gemm_run(q, x, rows, &b->q_w, b->q_b, GEMM_PLAIN);
     if (k)
-        gemm_run(k, x, rows, &b->k_w, b->attn_b + d, GEMM_PLAIN);
+        gemm_run(k, x, rows, &b->k_w, b->k_b, GEMM_PLAIN);
     if (v)
-        gemm_run(v, x, rows, &b->v_w, b->attn_b + 2 * d, GEMM_PLAIN);
+        gemm_run(v, x, rows, &b->v_w, b->v_b, GEMM_PLAIN);
 }
 
 void ops_attn_proj(float *out, const float *z, size_t rows, const model_block *b)
@@ -92,6 +93,103 @@ void ops_mlp_fc(float *h, const float *x, size_t rows, const model_block *b, gem
 }
 
 void ops_gelu(float *x, size_t n) { gemm_gelu(x, n); }
+
+void ops_gelu_erf(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+}
+
+void ops_mlp_gate(float *g, const float *x, size_t rows, const model_block *b)
+{
+    gemm_run(g, x, rows, &b->gate_p, b->gate_b, GEMM_PLAIN);
+}
+
+void ops_silu_mul(float *out, const float *gate, const float *lin, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = gate[i] / (1.0f + expf(-gate[i])) * lin[i];
+}
+
+/* ---- norms with their hook points ----------------------------------------- */
+
+void ops_layernorm_normalize(float *normalized, float *scale, const float *x, size_t rows, size_t d, float eps)
+{
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = normalized + r * d;
+        /* the statistics exactly as ops_layernorm computes them */
+        double mean = 0.0;
+        for (size_t i = 0; i < d; i++)
+            mean += xr[i];
+        mean /= (double)d;
+        double var = 0.0;
+        for (size_t i = 0; i < d; i++) {
+            double c = xr[i] - mean;
+            var += c * c;
+        }
+        var /= (double)d;
+        float rstd = (float)(1.0 / sqrt(var + (double)eps));
+        float fmean = (float)mean;
+        for (size_t i = 0; i < d; i++)
+            o[i] = (xr[i] - fmean) * rstd;
+        if (scale)
+            scale[r] = (float)sqrt(var + (double)eps);
+    }
+}
+
+void ops_rmsnorm_normalize(float *normalized, float *scale, const float *x, size_t rows, size_t d, float eps)
+{
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * d;
+        float *o = normalized + r * d;
+        double ms = 0.0;
+        for (size_t i = 0; i < d; i++)
+            ms += (double)xr[i] * xr[i];
+        ms /= (double)d;
+        float rstd = (float)(1.0 / sqrt(ms + (double)eps));
+        for (size_t i = 0; i < d; i++)
+            o[i] = xr[i] * rstd;
+        if (scale)
+            scale[r] = (float)sqrt(ms + (double)eps);
+    }
+}
+
+void ops_norm_affine(float *out, const float *normalized, const float *w, const float *b, size_t rows, size_t d)
+{
+    for (size_t r = 0; r < rows; r++) {
+        const float *n = normalized + r * d;
+        float *o = out + r * d;
+        if (b)
+            for (size_t i = 0; i < d; i++)
+                o[i] = n[i] * w[i] + b[i];
+        else
+            for (size_t i = 0; i < d; i++)
+                o[i] = n[i] * w[i];
+    }
+}
+
+/* ---- rotary ----------------------------------------------------------------- */
+
+void ops_rotary(float *out, const float *x, size_t rows, size_t pos0, size_t n_heads, size_t dh, size_t rot,
+                const float *cos_tab, const float *sin_tab)
+{
+    const size_t w = n_heads * dh, half = rot / 2;
+    for (size_t r = 0; r < rows; r++) {
+        const float *c = cos_tab + (pos0 + r) * half, *s = sin_tab + (pos0 + r) * half;
+        for (size_t h = 0; h < n_heads; h++) {
+            const float *xi = x + r * w + h * dh;
+            float *o = out + r * w + h * dh;
+            for (size_t i = 0; i < half; i++) {
+                const float a = xi[i], b = xi[i + half];
+                o[i] = a * c[i] - b * s[i];
+                o[i + half] = b * c[i] + a * s[i];
+            }
+            for (size_t i = rot; i < dh; i++)
+                o[i] = xi[i];
+        }
+    }
+}
 
 void ops_mlp_proj(float *out, const float *h, size_t rows, const model_block *b)
 {
@@ -107,9 +205,8 @@ void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_bloc
 /* ---- attention ---------------------------------------------------------- */
 
 void ops_attention_softmax_row(float *p, const float *q, const float *k_prefix, const float *k_rows,
-                               size_t split, size_t i, size_t n, size_t d, size_t dh)
+                               size_t split, size_t i, size_t n, size_t d, size_t dh, float scale)
 {
-    const float scale = 1.0f / sqrtf((float)dh);
     /* fmaxf rather than a comparison: the same maximum for every finite or
      * NaN score, and exp(s - max) is the same for either sign of a zero max. */
     float mx = -INFINITY;
@@ -152,35 +249,38 @@ void ops_attention_mix_row(float *z, const float *p, const float *v_prefix, cons
 }
 
 void ops_attention_pattern(float *pattern, const float *q, const float *k, size_t T, size_t row0, size_t H,
-                           size_t dh)
+                           size_t H_kv, size_t dh, float scale)
 {
-    const size_t d = H * dh;
-    for (size_t h = 0; h < H; h++)
+    const size_t dq = H * dh, dkv = H_kv * dh, group = H / H_kv;
+    for (size_t h = 0; h < H; h++) {
+        const float *kh = k + (h / group) * dh;
         for (size_t i = row0; i < T; i++)
-            ops_attention_softmax_row(pattern + (h * T + i) * T, q + i * d + h * dh, k + h * dh, k + h * dh, 0,
-                                      i, T, d, dh);
+            ops_attention_softmax_row(pattern + (h * T + i) * T, q + i * dq + h * dh, kh, kh, 0, i, T, dkv, dh, scale);
+    }
 }
 
-void ops_attention_z(float *z, const float *pattern, const float *v, size_t T, size_t row0, size_t H,
+void ops_attention_z(float *z, const float *pattern, const float *v, size_t T, size_t row0, size_t H, size_t H_kv,
                      size_t dh)
 {
-    const size_t d = H * dh;
+    const size_t dq = H * dh, dkv = H_kv * dh, group = H / H_kv;
     for (size_t i = row0; i < T; i++)
-        for (size_t h = 0; h < H; h++)
-            ops_attention_mix_row(z + i * d + h * dh, pattern + (h * T + i) * T, v + h * dh, v + h * dh, 0, T,
-                                  d, dh);
+        for (size_t h = 0; h < H; h++) {
+            const float *vh = v + (h / group) * dh;
+            ops_attention_mix_row(z + i * dq + h * dh, pattern + (h * T + i) * T, vh, vh, 0, T, dkv, dh);
+        }
 }
 
 void ops_attention(float *z, const float *q, size_t row0, size_t row_end, const float *k_prefix,
                    const float *v_prefix, const float *k_rows, const float *v_rows, size_t split, size_t H,
-                   size_t dh, float *scratch)
+                   size_t H_kv, size_t dh, float scale, float *scratch)
 {
-    const size_t d = H * dh;
+    const size_t dq = H * dh, dkv = H_kv * dh, group = H / H_kv;
     for (size_t i = row0; i < row_end; i++)
         for (size_t h = 0; h < H; h++) {
-            const size_t o = h * dh;
-            ops_attention_softmax_row(scratch, q + (i - row0) * d + o, k_prefix + o, k_rows + o, split, i, i + 1,
-                                      d, dh);
-            ops_attention_mix_row(z + (i - row0) * d + o, scratch, v_prefix + o, v_rows + o, split, i + 1, d, dh);
+            const size_t o = h * dh, okv = (h / group) * dh;
+            ops_attention_softmax_row(scratch, q + (i - row0) * dq + o, k_prefix + okv, k_rows + okv, split, i, i + 1,
+                                      dkv, dh, scale);
+            ops_attention_mix_row(z + (i - row0) * dq + o, scratch, v_prefix + okv, v_rows + okv, split, i + 1, dkv,
+                                  dh);
         }
 }

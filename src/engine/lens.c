@@ -29,6 +29,14 @@ void lens_row_label(size_t row, char buf[LENS_MAX_LABEL])
         snprintf(buf, LENS_MAX_LABEL, "%zu", row - 1);
 }
 
+/* Issue 17, in parts: the lens and the decomposition through the other
+ * families' final norm (RMSNorm, no bias) are not there yet. */
+static ps_status lens_refuse_family(const model *m)
+{
+    return err_set(PS_ERR_INVALID, "the logit lens and decompose do not support the %s family yet (GPT-2 only)",
+                   model_family_name(m->cfg.family));
+}
+
 static ps_status check_position(const forward_cache *c, size_t position)
 {
     if (position >= c->T)
@@ -161,6 +169,8 @@ void lens_view_free(lens_view *v)
 
 ps_status lens_view_decode(lens_view *v, const model *m, int32_t answer)
 {
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return lens_refuse_family(m);
     if (m->cfg.n_embd != v->d || m->cfg.vocab_size != v->V)
         return err_set(PS_ERR_INVALID, "lens view of d %zu, vocabulary %zu used with a model of d %zu, vocabulary %zu",
                        v->d, v->V, m->cfg.n_embd, m->cfg.vocab_size);
@@ -182,6 +192,8 @@ ps_status lens_view_decode(lens_view *v, const model *m, int32_t answer)
 
 ps_status lens_run(lens_view *v, const model *m, const forward_cache *c, size_t position, int32_t answer)
 {
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return lens_refuse_family(m);
     if (v->n_rows != lens_n_rows(&m->cfg))
         return err_set(PS_ERR_INVALID, "lens view of %zu rows for a model of %zu layers (needs %zu)", v->n_rows,
                        m->cfg.n_layer, lens_n_rows(&m->cfg));
@@ -222,6 +234,8 @@ static ps_status check_layer(const model_config *cfg, size_t layer)
 ps_status lens_decompose(lens_view *v, const model *m, const forward_cache *c, size_t layer, lens_component comp,
                          size_t position, int32_t answer)
 {
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return lens_refuse_family(m);
     ps_status st;
     if (v->n_rows != 2)
         return err_set(PS_ERR_INVALID, "a decomposition decodes 2 rows, not %zu", v->n_rows);
@@ -272,6 +286,8 @@ static double centred_dot(const float *x, const double *g, size_t d)
 ps_status lens_attribute(lens_attribution *a, const model *m, const forward_cache *c, size_t position,
                          int32_t answer, int32_t wrong)
 {
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return lens_refuse_family(m);
     memset(a, 0, sizeof *a);
     const model_config *cfg = &m->cfg;
     const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size;

@@ -54,6 +54,11 @@ patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, si
 ps_status patch_eval(const model *m, const patch_pair *pairs, size_t n_pairs, const patch_cell *cells,
                      size_t n_cells, const patch_opts *opts, double *values)
 {
+    /* Issue 17, in parts: the grids of the other families (GQA key/value
+     * slices, rotary suffix jobs, parallel residual) are not there yet. */
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return err_set(PS_ERR_INVALID, "activation patching does not support the %s family yet (GPT-2 only; "
+                       "run and cache work)", model_family_name(m->cfg.family));
     for (size_t i = 0; i < n_cells; i++) {
         const patch_cell *c = &cells[i];
         if (c->pair >= n_pairs || c->component >= PATCH_COMPONENT_COUNT || c->layer >= m->cfg.n_layer ||

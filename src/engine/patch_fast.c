@@ -131,7 +131,8 @@ static void attn_worker(void *arg, size_t tid, size_t nt)
         const forward_layer *bl = &jb->base->layers[t->layer];
         const size_t o = jb->off * d, q = t->last_row_only ? j * d : o;
         ops_attention(t->b->z + q, t->b->q + q, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, bl->k, bl->v,
-                      t->b->k + o, t->b->v + o, jb->row0, t->cfg->n_head, t->cfg->d_head, scratch);
+                      t->b->k + o, t->b->v + o, jb->row0, t->cfg->n_head, t->cfg->n_head, t->cfg->d_head,
+                      model_attn_scale(t->cfg, t->layer), scratch);
     }
 }
 
@@ -175,7 +176,8 @@ static void entry_attention(const model *m, const patch_cell *cell, const fast_j
         if (comp == PATCH_PATTERN_ALL_POS)
             p = sl->pattern + (h * T + i) * T;
         else /* pattern[h, i, :] from the (patched) q and k of head h */
-            ops_attention_softmax_row(scratch, q + i * d + h * dh, k + h * dh, k + h * dh, 0, i, T, d, dh);
+            ops_attention_softmax_row(scratch, q + i * d + h * dh, k + h * dh, k + h * dh, 0, i, T, d, dh,
+                                      model_attn_scale(cfg, job->layer));
         /* over all j < T, as the forward pass does with a hooked pattern */
         ops_attention_mix_row(z + (i - r0) * d + h * dh, p, v + h * dh, v + h * dh, 0, T, d, dh);
     }
@@ -290,9 +292,9 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         const model_block *blk = &m->blocks[l];
         const bool last = l + 1 == L;
         ops_layernorm_threaded(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, d, cfg->ln_eps);
-        ops_qkv(NULL, b->k, b->v, b->a, arows, blk, d);
+        ops_qkv(NULL, b->k, b->v, b->a, arows, blk);
         if (!last) {
-            ops_qkv(b->q, NULL, NULL, b->a, arows, blk, d);
+            ops_qkv(b->q, NULL, NULL, b->a, arows, blk);
             attention_jobs(jobs, active, b, cfg, l, false);
             ops_attn_proj(b->q, b->z, arows, blk);
             ops_add(b->x, b->x, b->q, arows * d);
@@ -305,7 +307,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                 const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
                 memcpy(b->z + j * d, b->a + lr * d, d * sizeof(float));
             }
-            ops_qkv(b->q, NULL, NULL, b->z, active, blk, d);
+            ops_qkv(b->q, NULL, NULL, b->z, active, blk);
             attention_jobs(jobs, active, b, cfg, l, true);
             /* k now holds attn_out of the last rows, a their residual */
             ops_attn_proj(b->k, b->z, active, blk);

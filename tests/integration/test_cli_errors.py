@@ -151,6 +151,21 @@ def write_file(name, content):
     return f
 
 
+def family_cfg(model_type, **over):
+    """A whole config.json of another family (16 positions, as the good
+    model), with `over` applied; the GPT-2 weights stay."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "gpt_neox": "GPTNeoXForCausalLM"}[model_type]
+    c = {"architectures": [arch], "model_type": model_type, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "hidden_size": 8, "intermediate_size": 16, "vocab_size": 50257, "max_position_embeddings": 16}
+    if model_type == "gpt_neox":
+        c.update(rotary_pct=0.5, hidden_act="gelu", use_parallel_residual=True)
+    else:
+        c.update(num_key_value_heads=2, rms_norm_eps=1e-6, hidden_act="silu", rope_theta=10000.0)
+    c.update(over)
+    return write_file("config.json", json.dumps(c).encode())
+
+
 BOMB = 100000  # nesting levels of the JSON bombs (jansson stops at 2048)
 
 CASES = [
@@ -219,6 +234,38 @@ CASES = [
     ("config file over 1 MiB", write_file("config.json", b"{" + b" " * (1 << 20) + b"}"), [],
      "over the limit of 1048576 bytes", "config.json", 1),
     ("config empty", write_file("config.json", b""), [], "not valid JSON", "config.json", 1),
+    # model families (issue 17): one row per refused setting
+    ("family: unknown model_type", cfg_edit(model_type="gptj"), [], "model_type 'gptj' is not supported",
+     "config.json", 1),
+    ("family: unknown architecture", cfg_edit(model_type=None, architectures=["GPTJForCausalLM"]), [],
+     "architectures 'GPTJForCausalLM' is not supported", "config.json", 1),
+    ("family: GPT-2 keys labelled GPT-NeoX", cfg_edit(model_type=None, architectures=["GPTNeoXForCausalLM"]), [],
+     "missing field 'num_hidden_layers'", "config.json", 1),
+    ("family: architecture contradicts model_type", cfg_edit(architectures=["LlamaForCausalLM"]), [],
+     "contradicts model_type 'gpt2'", "config.json", 1),
+    ("family: llama rope type yarn", family_cfg("llama", rope_scaling={"rope_type": "yarn", "factor": 2.0}), [],
+     "rope_type 'yarn' is not supported", "config.json", 1),
+    ("family: llama3 scaling without its factors", family_cfg("llama", rope_scaling={"rope_type": "llama3",
+                                                                                      "factor": 8.0}), [],
+     "missing field 'low_freq_factor'", "config.json", 1),
+    ("family: llama activation gelu", family_cfg("llama", hidden_act="gelu"), [],
+     "hidden_act 'gelu' is not supported for llama", "config.json", 1),
+    ("family: llama partial rotary", family_cfg("llama", partial_rotary_factor=0.5), [],
+     "partial_rotary_factor 0.5 is not supported", "config.json", 1),
+    ("family: kv heads not dividing heads", family_cfg("llama", num_key_value_heads=3), [],
+     "not divisible by num_key_value_heads 3", "config.json", 1),
+    ("family: mistral sliding window on", family_cfg("mistral", sliding_window=4), [],
+     "sliding_window 4 is not supported", "config.json", 1),
+    ("family: qwen2 sliding window on", family_cfg("qwen2", use_sliding_window=True), [],
+     "use_sliding_window true is not supported", "config.json", 1),
+    ("family: neox activation relu", family_cfg("gpt_neox", hidden_act="relu"), [],
+     "hidden_act 'relu' is not supported for gpt_neox", "config.json", 1),
+    ("family: neox rope scaling", family_cfg("gpt_neox", rope_scaling={"type": "linear", "factor": 2.0}), [],
+     "rope_scaling is not supported for gpt_neox", "config.json", 1),
+    ("family: neox odd rotary dims", family_cfg("gpt_neox", rotary_pct=0.3), [],
+     "need an even number > 0", "config.json", 1),
+    ("family: GPT-2 weights under a Llama config", family_cfg("llama"), [], "(not a Llama LlamaForCausalLM",
+     "model.safetensors", 1),
 ]
 
 

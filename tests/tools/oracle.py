@@ -7,7 +7,7 @@ TransformerLens hook names, without the batch axis:
 
     hook_embed, hook_pos_embed                      [T, d]
     blocks.{L}.hook_resid_pre                       [T, d]
-    blocks.{L}.ln1.hook_normalized                  [T, d]
+    blocks.{L}.ln1.hook_normalized                  [T, d]  (x / scale, before weight and bias)
     blocks.{L}.attn.hook_q / hook_k / hook_v        [T, H, dh]
     blocks.{L}.attn.hook_pattern                    [H, Tq, Tk]
     blocks.{L}.attn.hook_z                          [T, H, dh]
@@ -15,7 +15,8 @@ TransformerLens hook names, without the batch axis:
     blocks.{L}.ln2.hook_normalized                  [T, d]
     blocks.{L}.mlp.hook_pre, blocks.{L}.mlp.hook_post         [T, m]
     blocks.{L}.hook_mlp_out, blocks.{L}.hook_resid_post       [T, d]
-    ln_final.hook_normalized                        [T, d]  (after weight and bias)
+    ln_final.hook_normalized                        [T, d]  (x / scale, before weight and bias,
+                                                             TransformerLens' meaning)
     logits                                          [T, V]
 
 Hooks follow TransformerLens run_with_hooks semantics: run(ids, hooks={name:
@@ -119,10 +120,14 @@ def load_weights(model_dir, cfg):
     return w
 
 
-def layer_norm(x, w, b, eps):
+def standardize(x, eps):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)       # biased variance
-    return (x - mu) / torch.sqrt(var + eps) * w + b
+    return (x - mu) / torch.sqrt(var + eps)
+
+
+def layer_norm(x, w, b, eps):
+    return standardize(x, eps) * w + b
 
 
 def gelu_new(x):
@@ -159,15 +164,16 @@ class GPT2:
             cache[name] = x
             return x
 
-        def ln(x, prefix):
-            return layer_norm(x, W[prefix + ".weight"], W[prefix + ".bias"], c["eps"])
+        def ln(name, x, prefix):
+            # hook_normalized is x / scale; the weight and bias come after it
+            return hook(name, standardize(x, c["eps"])) * W[prefix + ".weight"] + W[prefix + ".bias"]
 
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         resid = hook("hook_embed", W["wte.weight"][ids]) + hook("hook_pos_embed", W["wpe.weight"][:T])
         for L in range(c["n_layer"]):
             p, n = f"h.{L}.", f"blocks.{L}."
             resid = hook(n + "hook_resid_pre", resid)
-            x = hook(n + "ln1.hook_normalized", ln(resid, p + "ln_1"))
+            x = ln(n + "ln1.hook_normalized", resid, p + "ln_1")
             qkv = x @ W[p + "attn.c_attn.weight"] + W[p + "attn.c_attn.bias"]
             q, k, v = [hook(n + "attn.hook_" + s, t.reshape(T, H, dh))
                        for s, t in zip("qkv", qkv.split(d, dim=-1))]
@@ -178,12 +184,12 @@ class GPT2:
             attn_out = hook(n + "hook_attn_out",
                             z.reshape(T, d) @ W[p + "attn.c_proj.weight"] + W[p + "attn.c_proj.bias"])
             resid = hook(n + "hook_resid_mid", resid + attn_out)
-            x = hook(n + "ln2.hook_normalized", ln(resid, p + "ln_2"))
+            x = ln(n + "ln2.hook_normalized", resid, p + "ln_2")
             pre = hook(n + "mlp.hook_pre", x @ W[p + "mlp.c_fc.weight"] + W[p + "mlp.c_fc.bias"])
             post = hook(n + "mlp.hook_post", gelu_new(pre))
             mlp_out = hook(n + "hook_mlp_out", post @ W[p + "mlp.c_proj.weight"] + W[p + "mlp.c_proj.bias"])
             resid = hook(n + "hook_resid_post", resid + mlp_out)
-        x = hook("ln_final.hook_normalized", ln(resid, "ln_f"))
+        x = ln("ln_final.hook_normalized", resid, "ln_f")
         hook("logits", x @ W["lm_head.weight"].T)
         if hooks:
             raise KeyError(f"no such hook point: {sorted(hooks)}")

@@ -135,7 +135,7 @@ static void test_suffix_run_equals_hooked_full_run(void **state)
     for (size_t layer = 0; layer < 3; layer++) {
         for (size_t row = 0; row < NT; row += 3) {
             hook_set only;
-            assert_int_equal(hook_set_parse(&only, "blocks.*.hook_resid_pre", 3), PS_OK);
+            assert_int_equal(hook_set_parse(&only, "blocks.*.hook_resid_pre", &(model_config){.n_layer = 3}), PS_OK);
             patch_ctx pc = {layer, row, value, 0};
             forward_hooks hooks = {patch_resid_pre, &pc, &only};
             assert_int_equal(forward_run(&tm.m, &hooked, toks, NT, &hooks), PS_OK);
@@ -175,7 +175,7 @@ static void test_hook_overwrite_flows_downstream(void **state)
     forward_cache c;
     assert_int_equal(forward_cache_init(&c, &tm.m.cfg, NT, FORWARD_LOGITS_ALL), PS_OK);
     hook_set only;
-    assert_int_equal(hook_set_parse(&only, "blocks.1.hook_attn_out", 2), PS_OK);
+    assert_int_equal(hook_set_parse(&only, "blocks.1.hook_attn_out", &(model_config){.n_layer = 2}), PS_OK);
     forward_hooks hooks = {zero_attn_out, NULL, &only};
     assert_int_equal(forward_run(&tm.m, &c, toks, NT, &hooks), PS_OK);
     assert_true(max_abs_diff(c.layers[1].resid_mid, c.layers[1].resid_pre, NT * 16) == 0.0);

@@ -296,8 +296,8 @@ static size_t expected_params(const gen *g)
 
 static bool in_map(const model *m, const float *p)
 {
-    const uint8_t *a = m->st.map, *x = (const uint8_t *)p;
-    return x >= a && x < a + m->st.map_size;
+    const uint8_t *a = m->shards[0].map, *x = (const uint8_t *)p;
+    return x >= a && x < a + m->shards[0].map_size;
 }
 
 static bool in_arena(const model *m, const float *p)
@@ -600,14 +600,14 @@ static void test_load_prefix_and_buffers(void **state)
     g.n_inner = 12;
     model m;
     assert_int_equal(model_load(&m, gen_model("prefix", &g)), PS_OK);
-    assert_non_null(st_find(&m.st, "transformer.h.1.attn.bias"));
-    assert_non_null(st_find(&m.st, "lm_head.weight"));
+    assert_non_null(st_find(&m.shards[0], "transformer.h.1.attn.bias"));
+    assert_non_null(st_find(&m.shards[0], "lm_head.weight"));
     check_model(&m, &g);
     model_free(&m);
 
     g.prefix = false;
     assert_int_equal(model_load(&m, gen_model("buffers", &g)), PS_OK);
-    assert_non_null(st_find(&m.st, "h.0.attn.masked_bias"));
+    assert_non_null(st_find(&m.shards[0], "h.0.attn.masked_bias"));
     check_model(&m, &g);
     model_free(&m);
 }
@@ -675,7 +675,7 @@ static void test_load_misaligned_f32(void **state)
     g.misalign = 2; /* data starts at 2 mod 4: no F32 tensor is aligned */
     model m;
     assert_int_equal(model_load(&m, gen_model("misaligned", &g)), PS_OK);
-    assert_int_equal((8 + m.st.header_bytes) % 4, 2);
+    assert_int_equal((8 + m.shards[0].header_bytes) % 4, 2);
     check_model(&m, &g);
     assert_int_equal(m.arena_floats, m.n_params);
     for (size_t i = 0; all_pointers(&m, i); i++)
@@ -710,7 +710,7 @@ static void test_load_missing_tensor(void **state)
     ASSERT_ERROR(model_load(&m, gen_model("missing", &g)), PS_ERR_INVALID,
                  "missing/model.safetensors: missing tensor 'h.1.mlp.c_proj.bias'");
     assert_null(m.blocks);
-    assert_null(m.st.map);
+    assert_null(m.shards);
     model_free(&m);
     g.skip = "wte.weight";
     g.prefix = true;

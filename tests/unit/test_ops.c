@@ -107,7 +107,7 @@ static void test_attention_prefix_matches_double(void **state)
     memcpy(sk, k + ROW0 * D, sizeof sk);
     memcpy(sv, v + ROW0 * D, sizeof sv);
     float z[(T - ROW0) * D], scratch[T];
-    ops_attention(z, q + ROW0 * D, ROW0, T, k, v, sk, sv, ROW0, H, DH, scratch);
+    ops_attention(z, q + ROW0 * D, ROW0, T, k, v, sk, sv, ROW0, H, H, DH, 1.0f / sqrtf((float)DH), scratch);
 
     for (size_t i = ROW0; i < T; i++)
         for (size_t h = 0; h < H; h++) {
@@ -141,9 +141,9 @@ static void test_attention_forms_same_bits(void **state)
     fill(k, T * D, 2.0f, 0.0f);
     fill(v, T * D, 1.0f, 0.0f);
     memset(pattern, 0x7f, sizeof pattern); /* rows < ROW0 must stay untouched */
-    ops_attention_pattern(pattern, q, k, T, ROW0, H, DH);
-    ops_attention_z(z, pattern, v, T, ROW0, H, DH);
-    ops_attention(zf, q + ROW0 * D, ROW0, T, k, v, k + ROW0 * D, v + ROW0 * D, ROW0, H, DH, scratch);
+    ops_attention_pattern(pattern, q, k, T, ROW0, H, H, DH, 1.0f / sqrtf((float)DH));
+    ops_attention_z(z, pattern, v, T, ROW0, H, H, DH);
+    ops_attention(zf, q + ROW0 * D, ROW0, T, k, v, k + ROW0 * D, v + ROW0 * D, ROW0, H, H, DH, 1.0f / sqrtf((float)DH), scratch);
     assert_memory_equal(z + ROW0 * D, zf, sizeof zf);
     for (size_t h = 0; h < H; h++)
         for (size_t i = 0; i < T; i++) {
@@ -164,7 +164,7 @@ static void test_attention_forms_same_bits(void **state)
         }
     /* the last query row alone (the fast engine's last block) */
     float zl[D];
-    ops_attention(zl, q + (T - 1) * D, T - 1, T, k, v, k + ROW0 * D, v + ROW0 * D, ROW0, H, DH, scratch);
+    ops_attention(zl, q + (T - 1) * D, T - 1, T, k, v, k + ROW0 * D, v + ROW0 * D, ROW0, H, H, DH, 1.0f / sqrtf((float)DH), scratch);
     assert_memory_equal(zl, z + (T - 1) * D, sizeof zl);
 }
 
@@ -196,7 +196,7 @@ static void test_projections_and_mlp_match_double(void **state)
         xd[i] = x[i];
 
     /* q | k | v: the column blocks of c_attn */
-    ops_qkv(q, k, v, x, R, b, D);
+    ops_qkv(q, k, v, x, R, b);
     const float *qkv[3] = {q, k, v};
     for (size_t c = 0; c < 3; c++) {
         linear_ref(ref, xd, R, b->attn_w + c * D, 3 * D, b->attn_b + c * D, D, D);
@@ -204,7 +204,7 @@ static void test_projections_and_mlp_match_double(void **state)
             assert_true(fabs(qkv[c][i] - ref[i]) < 1e-5);
     }
     float konly[R * D];
-    ops_qkv(NULL, konly, NULL, x, R, b, D); /* one output alone: the same bits */
+    ops_qkv(NULL, konly, NULL, x, R, b); /* one output alone: the same bits */
     assert_memory_equal(konly, k, sizeof konly);
 
     ops_attn_proj(o, x, R, b);
