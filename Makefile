@@ -362,4 +362,5 @@ clean:
 distclean:
 	rm -rf build results
 
--include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(COMM_OBJ:.o=.d) $(BUILD)/obj/tests/fault_inject.d
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(COMM_OBJ:.o=.d) $(BUILD)/obj/tests/fault_inject.d \
+         $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_DIR)/obj/cli/cmd_plot.d $(FUZZ_DIR)/obj/cli/cli.d
