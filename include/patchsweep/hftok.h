@@ -54,6 +54,9 @@ typedef struct hftok hftok;
 /* Load `json_path`; `config_dir` (may be NULL) holds tokenizer_config.json
  * and generation_config.json when the model has them. */
 ps_status hftok_load(hftok **out, const char *json_path, const char *config_dir);
+/* The same from a tokenizer.json held in memory (no config files); `name`
+ * stands for the file in messages. */
+ps_status hftok_load_mem(hftok **out, const char *name, const char *data, size_t len);
 void hftok_free(hftok *t);
 
 /* Largest id + 1 (model vocabulary and added tokens). */

@@ -2195,6 +2195,11 @@ static ps_status load_model(hftok *t, const json_t *root)
         const json_t *e = json_array_get(merges, r);
         const char *a, *b;
         size_t al, bl;
+        if (r > 0 && json_is_string(e) != json_is_string(json_array_get(merges, 0))) {
+            /* the reference reads every entry in the first one's form */
+            st = err_set(PS_ERR_FORMAT, "%s: model.merges[%zu] mixes \"a b\" strings and [\"a\", \"b\"] pairs", t->path, r);
+            break;
+        }
         if (json_is_string(e)) {
             const char *s = json_string_value(e);
             size_t sl = json_string_length(e);
@@ -2567,24 +2572,19 @@ done:
     return st;
 }
 
-ps_status hftok_load(hftok **out, const char *json_path, const char *config_dir)
+/* Everything but reading the file: root (owned by the caller), name for messages. */
+static ps_status hftok_build(hftok **out, const char *name, json_t *root, const char *config_dir)
 {
-    if (!out || !json_path)
-        return err_set(PS_ERR_INVALID, "hftok_load: NULL argument");
     *out = NULL;
     hftok *t = calloc(1, sizeof *t);
-    if (!t || !(t->path = dup_n(json_path, strlen(json_path)))) {
+    if (!t || !(t->path = dup_n(name, strlen(name)))) {
         free(t);
-        return err_set(PS_ERR_NOMEM, "%s: out of memory", json_path);
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", name);
     }
-    json_t *root = NULL;
-    ps_status st = load_json(json_path, HFTOK_MAX_FILE_BYTES, false, &root);
-    if (st == PS_OK) {
-        const json_t *tr = json_object_get(root, "truncation"), *pd = json_object_get(root, "padding");
-        if ((tr && !json_is_null(tr)) || (pd && !json_is_null(pd)))
-            st = err_set(PS_ERR_INVALID, "%s: %s is not supported", json_path,
-                         tr && !json_is_null(tr) ? "truncation" : "padding");
-    }
+    ps_status st = PS_OK;
+    const json_t *tr = json_object_get(root, "truncation"), *pd = json_object_get(root, "padding");
+    if ((tr && !json_is_null(tr)) || (pd && !json_is_null(pd)))
+        st = err_set(PS_ERR_INVALID, "%s: %s is not supported", name, tr && !json_is_null(tr) ? "truncation" : "padding");
     if (st == PS_OK)
         st = load_model(t, root);
     if (st == PS_OK)
@@ -2599,11 +2599,41 @@ ps_status hftok_load(hftok **out, const char *json_path, const char *config_dir)
         st = build_ids(t);
     if (st == PS_OK)
         st = load_bos(t, root, config_dir);
-    json_decref(root);
     if (st != PS_OK) {
         hftok_free(t);
         return st;
     }
     *out = t;
     return PS_OK;
+}
+
+ps_status hftok_load(hftok **out, const char *json_path, const char *config_dir)
+{
+    if (!out || !json_path)
+        return err_set(PS_ERR_INVALID, "hftok_load: NULL argument");
+    *out = NULL;
+    json_t *root = NULL;
+    ps_status st = load_json(json_path, HFTOK_MAX_FILE_BYTES, false, &root);
+    if (st == PS_OK)
+        st = hftok_build(out, json_path, root, config_dir);
+    json_decref(root);
+    return st;
+}
+
+ps_status hftok_load_mem(hftok **out, const char *name, const char *data, size_t len)
+{
+    if (!out || !name || (!data && len))
+        return err_set(PS_ERR_INVALID, "hftok_load_mem: NULL argument");
+    *out = NULL;
+    if (len > HFTOK_MAX_FILE_BYTES)
+        return err_set(PS_ERR_NOMEM, "%s: %zu bytes (limit %zu)", name, len, HFTOK_MAX_FILE_BYTES);
+    json_error_t je;
+    json_t *root = json_loadb(data ? data : "", len, JSON_REJECT_DUPLICATES, &je);
+    if (!root)
+        return err_set(PS_ERR_FORMAT, "%s: not valid JSON (line %d, column %d): %s", name, je.line, je.column,
+                       je.text);
+    ps_status st = json_is_object(root) ? hftok_build(out, name, root, NULL)
+                                        : err_set(PS_ERR_FORMAT, "%s: expected a JSON object", name);
+    json_decref(root);
+    return st;
 }
