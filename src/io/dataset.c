@@ -324,7 +324,7 @@ static ps_status encode_prompt(const tokenizer *t, const char *s, bool bos, cons
         return err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu token ids", where, m + off);
     }
     if (bos)
-        out[0] = TOKENIZER_EOT;
+        out[0] = tokenizer_bos_id(t);
     if (m)
         memcpy(out + off, ids, m * sizeof *ids);
     free(ids);
@@ -344,6 +344,7 @@ ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool 
     item_where(d, i, where, sizeof where);
     const dataset_item *it = &d->items[i];
     size_t nc = 0, nk = 0;
+    bos = bos && tokenizer_add_bos(t); /* a tokenizer without BOS (Qwen3) gets none */
     ps_status st = encode_prompt(t, it->clean, bos, "clean", where, &out->clean_ids, &nc);
     if (st == PS_OK)
         st = encode_prompt(t, it->corrupted, bos, "corrupted", where, &out->corrupted_ids, &nk);
@@ -352,9 +353,12 @@ ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool 
         st = err_set(PS_ERR_INVALID, "%s: clean and corrupted prompts differ in token length (%zu vs %zu)",
                      where, nc - off, nk - off);
     }
-    if (st == PS_OK && max_tokens > 0 && nc > max_tokens)
-        st = err_set(PS_ERR_INVALID, "%s: prompt is %zu tokens%s, longer than the limit of %zu",
-                     where, nc, bos ? " with <|endoftext|>" : "", max_tokens);
+    if (st == PS_OK && max_tokens > 0 && nc > max_tokens) {
+        size_t bl = 0;
+        const char *bt = bos ? tokenizer_token_bytes(t, tokenizer_bos_id(t), &bl) : NULL;
+        st = err_set(PS_ERR_INVALID, "%s: prompt is %zu tokens%s%.*s, longer than the limit of %zu",
+                     where, nc, bt ? " with " : "", (int)(bl > 64 ? 64 : bl), bt ? bt : "", max_tokens);
+    }
     if (st == PS_OK)
         st = single_token(t, it->answer, "answer", where, &out->answer_id);
     if (st == PS_OK)

@@ -168,6 +168,24 @@ def family_cfg(model_type, **over):
 
 BOMB = 100000  # nesting levels of the JSON bombs (jansson stops at 2048)
 
+
+def tokjson(model=None, **top):
+    """A tokenizer.json in the model directory (it wins over GPT-2's files):
+    a minimal BPE file with `model` or top-level elements replaced."""
+    doc = {"added_tokens": [], "normalizer": None, "pre_tokenizer": None, "post_processor": None, "decoder": None,
+           "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}}
+    if model:
+        doc["model"].update(model)
+    doc.update(top)
+    return write_file("tokenizer.json", json.dumps(doc).encode())
+
+
+def huge_vocab(d):
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        f.write('{"model": {"type": "BPE", "merges": [], "vocab": {')
+        f.write(",".join(f'"{i:x}": {i}' for i in range(2 * 1024 * 1024 + 1)))
+        f.write("}}}")
+
 CASES = [
     # (name, mutate or None, extra args, expected fragment, file named in the message, exit)
     ("missing dir", None, ["--model", os.path.join(TMP, "nope")], "cannot open", "config.json", 1),
@@ -266,6 +284,36 @@ CASES = [
      "need an even number > 0", "config.json", 1),
     ("family: GPT-2 weights under a Llama config", family_cfg("llama"), [], "(not a Llama LlamaForCausalLM",
      "model.safetensors", 1),
+    ("tokenizer.json model WordPiece", tokjson(model={"type": "WordPiece"}), [],
+     "model type WordPiece is not supported", "tokenizer.json", 1),
+    ("tokenizer.json normalizer BertNormalizer", tokjson(normalizer={"type": "BertNormalizer"}), [],
+     "normalizer BertNormalizer is not supported", "tokenizer.json", 1),
+    ("tokenizer.json pre_tokenizer Whitespace", tokjson(pre_tokenizer={"type": "Whitespace"}), [],
+     "pre_tokenizer Whitespace is not supported", "tokenizer.json", 1),
+    ("tokenizer.json merge naming an unknown token", tokjson(model={"merges": ["a zz"]}), [],
+     "names \"zz\", which is not in the vocabulary", "tokenizer.json", 1),
+    ("tokenizer.json duplicate merge", tokjson(model={"merges": ["a b", "a b"]}), [],
+     "repeats merges[0]", "tokenizer.json", 1),
+    ("tokenizer.json duplicate vocab id", tokjson(model={"vocab": {"a": 0, "b": 0, "ab": 2}}), [],
+     "id 0 is used twice", "tokenizer.json", 1),
+    ("tokenizer.json duplicate vocab entry", write_file("tokenizer.json", b'{"model": {"type": "BPE", "merges": [], '
+                                                         b'"vocab": {"a": 0, "a": 1}}}'), [],
+     "duplicate object key", "tokenizer.json", 1),
+    ("tokenizer.json duplicate added token", tokjson(added_tokens=[{"id": 3, "content": "<x>"},
+                                                                   {"id": 4, "content": "<x>"}]), [],
+     "repeats the content", "tokenizer.json", 1),
+    ("tokenizer.json bad regex", tokjson(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(?<=a+)b"},
+                                                        "behavior": "Isolated", "invert": False}), [],
+     "the regex does not compile", "tokenizer.json", 1),
+    ("tokenizer.json unsupported regex construct", tokjson(pre_tokenizer={"type": "Split",
+                                                                          "pattern": {"Regex": "\\w+"},
+                                                                          "behavior": "Isolated", "invert": False}),
+     [], "unsupported regex construct: the escape \\w", "tokenizer.json", 1),
+    ("tokenizer.json huge vocab", huge_vocab, [], "model.vocab has 2097153 tokens", "tokenizer.json", 1),
+    ("tokenizer.json over 64 MiB", write_file("tokenizer.json", b"{" + b" " * (64 << 20) + b"}"), [],
+     "tokenizer.json", "tokenizer.json", 1),
+    ("tokenizer.json JSON bomb", write_file("tokenizer.json", b"[" * BOMB + b"]" * BOMB), [],
+     "maximum parsing depth", "tokenizer.json", 1),
 ]
 
 

@@ -87,10 +87,11 @@ with tempfile.TemporaryDirectory() as tmp:
           "rotary on 4 of 16 dims" in r.stdout, r.stdout + r.stderr)
     # refusals beyond config.json (one line each, exit 1)
     for label, args, want in [
-        ("text prompt on a tokenizer-less family", ["run", "--model", m, "--prompt", "hi"], "tokenizer is not supported"),
+        ("text prompt on a family without its tokenizer.json", ["run", "--model", m, "--prompt", "hi"],
+         "needs its tokenizer.json"),
         ("id at the vocabulary size", ["run", "--model", m, "--ids", "1,97"], "not below the vocabulary size 97"),
         ("malformed --ids", ["cache", "--model", m, "--ids", "1,x", "-o", os.path.join(tmp, "x.nc")], "--ids takes"),
-        ("lens", ["lens", "--model", m, "--prompt", "hi"], "tokenizer is not supported"),
+        ("lens", ["lens", "--model", m, "--prompt", "hi"], "needs its tokenizer.json"),
     ]:
         r = run(args)
         lines = r.stderr.strip().splitlines()
