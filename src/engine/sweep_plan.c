@@ -11,6 +11,7 @@
 
 #include "fault.h"
 #include "fsutil.h"
+#include "ncin.h"
 #include "ncout.h"
 #include "schema.h"
 #include "sha256.h"
@@ -146,6 +147,8 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
         char want_slice[64] = SCHEMA_SLICE_ALL;
         if (o->n_slices)
             snprintf(want_slice, sizeof want_slice, "%zu/%zu", o->slice, o->n_slices);
+        if ((st = ncin_verify(output)))
+            return err_wrap(st, "cannot resume");
         if (!schema_is_complete_run(output, j->sha256, m->sha256, dataset_sha, want_slice))
             return err_set(PS_ERR_INVALID,
                            "%s exists and is not the complete result of this job, model, dataset and slice "
@@ -153,8 +156,10 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
         res->was_complete = res->complete = true;
         return PS_OK;
     }
-    if ((st = journal_open(jr, jpath, &id, o->overwrite)))
+    if ((st = journal_open(jr, jpath, &id, o->overwrite, o->resume_from_damage)))
         return st;
+    res->journal_dropped_at = jr->dropped_at;
+    res->journal_dropped_intact = jr->dropped_intact;
     if ((st = journal_each(jr, mark_record, p)))
         return err_wrap(st, "%s", jpath);
     for (size_t i = 0; i < p->n; i++)

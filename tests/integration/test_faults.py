@@ -108,12 +108,9 @@ def measured(what, rc, secs):
 
 job = write_job("f")
 OUT = os.path.join(TMP, "f.nc")
-rc, so, se, _ = run(["sweep", job])
+rc, so, se, _ = run(["sweep", job, "--output", "ref.nc"])
 check("reference run", rc == 0, se[-400:])
-REF, _ = values(OUT)
-os.rename(OUT, os.path.join(TMP, "ref.nc"))
-if os.path.exists(OUT + ".sha256"):
-    os.rename(OUT + ".sha256", os.path.join(TMP, "ref.nc.sha256"))
+REF, _ = values(os.path.join(TMP, "ref.nc"))
 
 # --- two sweeps, one output ---------------------------------------------------
 # A stops itself (SIGSTOP) once its journal holds the open and 2 chunks: it
@@ -151,6 +148,108 @@ measured("sweep on the stale lock of a killed sweep", rc, secs)
 check("stale lock: taken over, the run resumes and ends identical",
       rc == 0 and "from an earlier run" in so and same(REF, values(OUT)[0]) and not os.path.exists(OUT + ".lock"),
       se[-400:])
+
+# --- damaged files --------------------------------------------------------------
+# A journal of 10 chunks (20 records) left by a kill, then damaged in the
+# middle: a flipped bit in record 5, a zeroed page.  Records are found by
+# their magic "PSR1" after the 512-byte header.
+def record_offsets(path):
+    data = open(path, "rb").read()
+    offs, off = [], 512
+    while off + 8 <= len(data) and data[off:off + 4] == b"PSR1":
+        offs.append(off)
+        off += 16 + int.from_bytes(data[off + 4:off + 8], "little")
+    return offs
+
+
+for how in ("bit flip in record 5", "zeroed page"):
+    clean(OUT)
+    rc, so, se, _ = run(["sweep", job], fault="journal_sync:11:kill")
+    jpath = OUT + ".journal"
+    offs = record_offsets(jpath)
+    check(f"damaged journal ({how}): 20 records journaled before the kill", rc != 0 and len(offs) == 20, len(offs))
+    with open(jpath, "r+b") as f:
+        if how.startswith("bit"):
+            f.seek(offs[4] + 8 + 40)  # a metric of record 5's payload
+            b = f.read(1)
+            f.seek(offs[4] + 8 + 40)
+            f.write(bytes([b[0] ^ 0x04]))
+            first_bad = 5
+        else:
+            f.seek(4096)
+            f.write(bytes(4096))
+            first_bad = 1 + max(i for i, o in enumerate(offs) if o < 4096)
+    size = os.path.getsize(jpath)
+    rc, so, se, secs = run(["sweep", job])
+    lines = [l for l in se.splitlines() if l.startswith("patchsweep:")]
+    measured(f"sweep on a journal with {how}", rc, secs)
+    check(f"damaged journal ({how}): refused with the record, the prompts and what to do",
+          rc == 1 and len(lines) == 1 and f"record {first_bad} (byte" in lines[0] and "prompts" in lines[0]
+          and "--resume-from-damage" in lines[0], se[-600:])
+    check(f"damaged journal ({how}): journal untouched, no result", os.path.getsize(jpath) == size
+          and not os.path.exists(OUT))
+    rc, so, se, secs = run(["sweep", job, "--resume-from-damage"])
+    check(f"damaged journal ({how}): --resume-from-damage recomputes from record {first_bad}: identical values",
+          rc == 0 and f"journal record {first_bad} was damaged" in se and same(REF, values(OUT)[0])
+          and f"({first_bad - 1} from an earlier run)" in so, se[-600:] + so[-300:])
+
+# The journal's header: a flipped bit in the job's hash is damage, not "another job".
+clean(OUT)
+run(["sweep", job], fault="journal_sync:3:kill")
+with open(OUT + ".journal", "r+b") as f:
+    f.seek(20)
+    b = f.read(1)
+    f.seek(20)
+    f.write(bytes([b[0] ^ 1]))
+rc, so, se, _ = run(["sweep", job])
+check("damaged journal header: refused as damaged", rc == 1 and "header is damaged" in se, se[-400:])
+clean(OUT)
+
+# Results files: the whole file's sha256 in NAME.sha256, checked by every reader.
+ref = os.path.join(TMP, "ref.nc")
+check("results file: its sha256 recorded beside it", os.path.exists(ref + ".sha256") and
+      subprocess.run(["sha256sum", "-c", "--quiet", "ref.nc.sha256"], cwd=TMP).returncode == 0)
+for k in (1, 2):
+    rc, so, se, _ = run(["sweep", job, "--slice", f"{k}/2", "--output", f"part{k}.nc"])
+rc, so, se, _ = run(["merge", "part1.nc", "part2.nc", "-o", "merged.nc"])
+check("merge of intact parts", rc == 0, se[-300:])
+rc, so, se, _ = run(["plot", "ref.nc", "--var", "z_all_pos_normalized", "--mean", "-o", "ok.svg"])
+check("plot of an intact file", rc == 0, se[-300:])
+for n in ("part1.nc", "part1.nc.sha256"):
+    shutil.copy(os.path.join(TMP, n), os.path.join(TMP, "orig-" + n))
+shutil.copy(ref, os.path.join(TMP, "orig-f.nc"))
+shutil.copy(ref + ".sha256", os.path.join(TMP, "orig-f.nc.sha256"))
+for how in ("bit flip", "truncated"):
+    # the same damage to a plot's input, a merge part and a complete sweep result
+    for name in ("bad.nc", "part1.nc", "f.nc"):
+        src = os.path.join(TMP, "orig-" + (name if name != "bad.nc" else "f.nc"))
+        dst = os.path.join(TMP, name)
+        shutil.copy(src, dst)
+        shutil.copy(src + ".sha256", dst + ".sha256")
+        with open(dst, "r+b") as f:
+            if how == "bit flip":
+                n = os.path.getsize(dst) // 2
+                f.seek(n)
+                b = f.read(1)
+                f.seek(n)
+                f.write(bytes([b[0] ^ 0x01]))
+            else:
+                f.truncate(os.path.getsize(dst) - 1000)
+    for what, args in (("plot", ["plot", "bad.nc", "--var", "z_all_pos_normalized", "--mean", "-o", "bad.svg"]),
+                       ("merge", ["merge", "part1.nc", "part2.nc", "-o", "m2.nc"]),
+                       ("resume", ["sweep", job])):
+        rc, so, se, _ = run(args)
+        lines = [l for l in se.strip().splitlines() if l.startswith("patchsweep:")]
+        check(f"results file ({how}): {what} refuses it in one line",
+              rc == 1 and len(lines) == 1 and "damaged" in lines[0] and not os.path.exists(os.path.join(TMP, "m2.nc"))
+              and not os.path.exists(os.path.join(TMP, "bad.svg")), se[-400:])
+    # without the sidecar: what netCDF/HDF5 make of it alone (reported, not required)
+    os.remove(os.path.join(TMP, "bad.nc.sha256"))
+    rc, so, se, _ = run(["plot", "bad.nc", "--var", "z_all_pos_normalized", "--mean", "-o", "bad.svg"])
+    print(f"measured: {how} results file without its .sha256: plot exits {rc}: {se.strip()[-200:]!r}", flush=True)
+    for f_ in ("bad.svg", "f.nc", "f.nc.sha256"):
+        if os.path.exists(os.path.join(TMP, f_)):
+            os.remove(os.path.join(TMP, f_))
 
 shutil.rmtree(TMP, ignore_errors=True)
 finish("faults")
