@@ -51,6 +51,12 @@ ps_status ncout_commit(ncout_file *f);
 /* Close and delete the .partial file (after an error). */
 void ncout_abort(ncout_file *f);
 
+/* True once a file's close failed (a full disk, an I/O error): HDF5 1.10.8
+ * then keeps the file in its tables and crashes (SIGSEGV in H5F__close_cb)
+ * when it closes them at exit, so the program must end with _exit after
+ * flushing its own output (main.c does). */
+bool ncout_exit_unsafe(void);
+
 /* Write the provenance attributes (hashes the model if not done yet). */
 ps_status ncout_put_provenance(ncout_file *f, model *m);
 

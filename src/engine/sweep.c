@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "clock.h"
 #include "lens_dataset.h"
@@ -156,8 +157,16 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     if (root && !res->was_complete)
         sweep_work_plan(j, m, p.max_T, &res->work);
     uint64_t start[2] = {res->was_complete, res->work.fast_rows};
-    if ((st = comm_bcast(c, start, sizeof start)) || start[0])
+    if ((st = comm_bcast(c, start, sizeof start)))
         goto out;
+    if (start[0]) {
+        /* complete already; its [lens] file too, unless writing it failed
+         * (a full disk) after the results were in place */
+        if (root && j->lens && !o->n_slices && access(j->lens_output, F_OK) != 0)
+            st = write_lens(j, m, tok, &p, o, res);
+        st = comm_agree(c, st);
+        goto out;
+    }
     res->work.fast_rows = start[1];
     /* 3. every chunk not done yet, journaled */
     if ((st = run_chunks(j, m, c, o, &p, &jr, res, &pr)))

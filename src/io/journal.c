@@ -56,7 +56,8 @@ static ps_status write_all(int fd, const void *buf, size_t n, const char *path)
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
-            return err_set(PS_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            return err_set(PS_ERR_IO, "%s: write failed: %s (the records before are intact: make room, then rerun "
+                           "to resume)", path, w == 0 ? "no progress" : strerror(errno));
         p += w;
         n -= (size_t)w;
     }
@@ -299,7 +300,8 @@ ps_status journal_append(journal *j, const void *payload, size_t n)
 ps_status journal_sync(journal *j)
 {
     if (fdatasync(j->fd) != 0)
-        return err_set(PS_ERR_IO, "%s: fdatasync failed: %s", j->path, strerror(errno));
+        return err_set(PS_ERR_IO, "%s: fdatasync failed: %s (the records synced before are intact: rerun to "
+                       "resume)", j->path, strerror(errno));
     fault_point("journal_sync");
     return PS_OK;
 }

@@ -18,10 +18,21 @@
 #include "sha256.h"
 #include "strutil.h"
 
+/* A nc_close failed: HDF5 keeps the file in its tables and closes it again
+ * at exit, where 1.10.8 crashes after a failed write (ncout_exit_unsafe). */
+static bool close_failed;
+
+bool ncout_exit_unsafe(void) { return close_failed; }
+
 ps_status ncout_check(int nc_status, const char *path, const char *what)
 {
     if (nc_status == NC_NOERR)
         return PS_OK;
+    /* NetCDF says "HDF error" (or "Permission denied" from nc_create) for a
+     * full disk: the system's reason, still in errno, is the one to show. */
+    int e = errno;
+    if (e == ENOSPC || e == EDQUOT || e == EIO || e == EFBIG || e == EROFS)
+        return err_set(PS_ERR_IO, "%s: %s: %s (%s)", path, what, strerror(e), nc_strerror(nc_status));
     return err_set(PS_ERR_IO, "%s: %s: %s", path, what, nc_strerror(nc_status));
 }
 
@@ -123,6 +134,7 @@ ps_status ncout_commit(ncout_file *f)
     char side[4200] = "";
     if (f->ncid >= 0) {
         st = ncout_check(nc_close(f->ncid), f->tmp_path, "cannot close");
+        close_failed = close_failed || st != PS_OK;
         f->ncid = -1;
     }
     if (st == PS_OK)
@@ -150,8 +162,8 @@ ps_status ncout_commit(ncout_file *f)
 
 void ncout_abort(ncout_file *f)
 {
-    if (f->ncid >= 0)
-        nc_close(f->ncid);
+    if (f->ncid >= 0 && nc_close(f->ncid) != NC_NOERR)
+        close_failed = true;
     f->ncid = -1;
     if (f->tmp_path)
         unlink(f->tmp_path);

@@ -149,6 +149,59 @@ check("stale lock: taken over, the run resumes and ends identical",
       rc == 0 and "from an earlier run" in so and same(REF, values(OUT)[0]) and not os.path.exists(OUT + ".lock"),
       se[-400:])
 
+# --- disk full, quota, I/O errors -------------------------------------------------
+# Injected: from the Nth write/fsync of a site on, every call fails with the
+# errno (fault.h).  Each: exit 1, one line with the system's reason, no file
+# under the final name, the journal's finished records kept; the rerun
+# without the fault ends identical to the reference.
+lens_job = write_job("fl", extra="", run_extra="") 
+with open(lens_job, "a") as f:
+    f.write("[lens]\nenabled = true\ntop_k = 3\noutput = fl-lens.nc\n")
+LENS_OUT = os.path.join(TMP, "fl-lens.nc")
+rc, so, se, _ = run(["sweep", lens_job, "--output", "lensref.nc"])
+check("reference run with [lens]", rc == 0 and os.path.exists(LENS_OUT), se[-300:])
+os.rename(LENS_OUT, os.path.join(TMP, "lensref-lens.nc"))
+os.rename(LENS_OUT + ".sha256", os.path.join(TMP, "lensref-lens.nc.sha256"))
+LENS_REF, _ = values(os.path.join(TMP, "lensref-lens.nc"))
+IO_FAULTS = [
+    ("journal append: ENOSPC", "write.journal:5:enospc", "No space left on device"),
+    ("journal append: EIO", "write.journal:9:eio", "Input/output error"),
+    ("journal fsync: EDQUOT", "fsync.journal:3:edquot", "Disk quota exceeded"),
+    ("journal fsync: EIO", "fsync.journal:4:eio", "Input/output error"),
+    ("NetCDF create: ENOSPC", "write.nc:1:enospc", "No space left on device"),
+    ("NetCDF write: EDQUOT", "write.nc:30:edquot", "Disk quota exceeded"),
+    ("NetCDF write: EIO", "write.nc:12:eio", "Input/output error"),
+    ("NetCDF fsync: ENOSPC", "fsync.nc:1:enospc", "No space left on device"),
+    ("lens file write: ENOSPC", "fsync.nc:2:enospc", "No space left on device"),
+]
+for what, fault, frag in IO_FAULTS:
+    lens = what.startswith("lens")
+    j = lens_job if lens else job
+    out = os.path.join(TMP, "fl.nc" if lens else "f.nc")
+    for p_ in (out, LENS_OUT):
+        clean(p_)
+    rc, so, se, secs = run(["sweep", j], fault=fault)
+    measured(f"sweep with {what}", rc, secs)
+    lines = [l for l in se.splitlines() if l.startswith("patchsweep:")]
+    check(f"{what}: exit 1, one line with the reason", rc == 1 and len(lines) == 1 and frag in lines[0]
+          and f"fault: {fault.split(':')[0]}" in se, se[-500:])
+    final = LENS_OUT if lens else out
+    check(f"{what}: nothing under the final name, no .partial", not os.path.exists(final)
+          and not os.path.exists(final + ".partial") and not os.path.exists(final + ".sha256"))
+    rc, so, se, secs = run(["sweep", j])
+    ok = rc == 0 and same(REF, values(out)[0]) and (not lens or same(LENS_REF, values(LENS_OUT)[0]))
+    resumed = lens or "from an earlier run" in so or "already the complete result" in so
+    check(f"{what}: the rerun ends identical{' (lens written)' if lens else ''}", ok and resumed, se[-400:] + so[-300:])
+
+# merge onto a failing disk
+for fault in ("write.nc:20:enospc", "fsync.nc:1:eio"):
+    rc, so, se, secs = run(["merge", "part1.nc", "part2.nc", "-o", "m3.nc"], fault=fault)
+    measured(f"merge with {fault}", rc, secs)
+    check(f"merge with {fault}: exit 1, one line, no output", rc == 1 and
+          len([l for l in se.splitlines() if l.startswith("patchsweep:")]) == 1
+          and not os.path.exists(os.path.join(TMP, "m3.nc")) and not os.path.exists(os.path.join(TMP, "m3.nc.partial")),
+          se[-400:])
+
 # --- damaged files --------------------------------------------------------------
 # A journal of 10 chunks (20 records) left by a kill, then damaged in the
 # middle: a flipped bit in record 5, a zeroed page.  Records are found by
@@ -157,8 +210,11 @@ def record_offsets(path):
     data = open(path, "rb").read()
     offs, off = [], 512
     while off + 8 <= len(data) and data[off:off + 4] == b"PSR1":
+        end = off + 16 + int.from_bytes(data[off + 4:off + 8], "little")
+        if end > len(data):
+            break  # a torn last record
         offs.append(off)
-        off += 16 + int.from_bytes(data[off + 4:off + 8], "little")
+        off = end
     return offs
 
 
@@ -250,6 +306,53 @@ for how in ("bit flip", "truncated"):
     for f_ in ("bad.svg", "f.nc", "f.nc.sha256"):
         if os.path.exists(os.path.join(TMP, f_)):
             os.remove(os.path.join(TMP, f_))
+for n in ("part1.nc", "part1.nc.sha256"):
+    shutil.copy(os.path.join(TMP, "orig-" + n), os.path.join(TMP, n))
+
+# The same on a real full file system: a tmpfs of 64 KiB (the journal fits,
+# the 220 KB results file does not), then of 8 KiB (the journal does not),
+# then grown (`mount -o remount,size=`: space freed) and the sweep rerun.
+SMALL = os.path.join(TMP, "small")
+os.makedirs(SMALL)
+mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", SMALL], capture_output=True, text=True)
+if mounted.returncode != 0:
+    for what in ("results file", "journal", "merge"):
+        skip(f"full tmpfs: {what}", f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+else:
+    try:
+        sjob = write_job("s", out_dir=SMALL)
+        sout = os.path.join(SMALL, "s.nc")
+        for what, size in (("results file", "64k"), ("journal", "8k")):
+            for f_ in os.listdir(SMALL):
+                os.remove(os.path.join(SMALL, f_))
+            subprocess.run(["mount", "-o", f"remount,size={size}", SMALL], check=True)
+            rc, so, se, secs = run(["sweep", sjob])
+            measured(f"sweep on a full tmpfs of {size} ({what} does not fit)", rc, secs)
+            lines = [l for l in se.splitlines() if l.startswith("patchsweep:")]
+            check(f"full tmpfs ({what}): exit 1, one line: no space left",
+                  rc == 1 and len(lines) == 1 and "No space left on device" in lines[0], se[-400:])
+            check(f"full tmpfs ({what}): no file under the final name, no .partial",
+                  not os.path.exists(sout) and not os.path.exists(sout + ".partial"), os.listdir(SMALL))
+            jn = len(record_offsets(sout + ".journal")) if os.path.exists(sout + ".journal") else 0
+            check(f"full tmpfs ({what}): the journal's finished records kept", jn == 24 if what == "results file"
+                  else 0 < jn < 24, jn)
+            subprocess.run(["mount", "-o", "remount,size=4m", SMALL], check=True)
+            rc, so, se, secs = run(["sweep", sjob])
+            check(f"full tmpfs ({what}): rerun after space is freed resumes ({jn} prompts) and ends identical",
+                  rc == 0 and f"({jn} from an earlier run)" in so and same(REF, values(sout)[0]), se[-400:] + so)
+        for f_ in os.listdir(SMALL):
+            os.remove(os.path.join(SMALL, f_))
+        subprocess.run(["mount", "-o", "remount,size=64k", SMALL], check=True)
+        rc, so, se, secs = run(["merge", "part1.nc", "part2.nc", "-o", os.path.join(SMALL, "m.nc")])
+        measured("merge onto a full tmpfs of 64k", rc, secs)
+        check("full tmpfs (merge): exit 1, one line, no output", rc == 1 and "No space left on device" in se
+              and not os.listdir(SMALL), se[-400:] + str(os.listdir(SMALL)))
+        subprocess.run(["mount", "-o", "remount,size=4m", SMALL], check=True)
+        rc, so, se, secs = run(["merge", "part1.nc", "part2.nc", "-o", os.path.join(SMALL, "m.nc")])
+        check("full tmpfs (merge): rerun after space is freed equals the unsliced run",
+              rc == 0 and same({k: v for k, v in REF.items()}, values(os.path.join(SMALL, "m.nc"))[0]), se[-400:])
+    finally:
+        subprocess.run(["umount", SMALL])
 
 shutil.rmtree(TMP, ignore_errors=True)
 finish("faults")
