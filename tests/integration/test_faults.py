@@ -354,5 +354,54 @@ else:
     finally:
         subprocess.run(["umount", SMALL])
 
+# --- a rank dies ---------------------------------------------------------------------
+# mpirun (Open MPI) shares the fate of its ranks: when one dies by a signal,
+# or exits non-zero, it kills the others, which would otherwise wait forever
+# in the chunk's collective.  A rank whose call fails returns the error to
+# every rank through comm_agree: all exit 1 with its one line.  Each run:
+# 2 ranks, the fault at rank R's 3rd chunk (2 chunks journaled), bounded by
+# a 120 s timeout (a hang fails the check), then the rerun resumes.
+def run_bounded(args, ranks, fault, limit=120):
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), "-x", "PS_FAULT", FAULT_BIN] + args
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=dict(MPI_ENV, PS_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, cwd=TMP)
+    try:
+        so, se = p.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        so, se = p.communicate()
+        return None, so, se, time.time() - t0
+    secs = time.time() - t0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    return p.returncode, so, se, secs
+
+
+DEATHS = [("kill", 1, "SIGKILL of rank 1"), ("exit", 1, "rank 1 exits (70) without MPI_Finalize"),
+          ("error", 1, "an error on rank 1"), ("kill", 0, "SIGKILL of rank 0"), ("error", 0, "an error on rank 0")]
+for mode in ("prompts", "cells"):
+    djob = write_job(f"d-{mode}", run_extra=f"distribute = {mode}\n")
+    dout = os.path.join(TMP, f"d-{mode}.nc")
+    for action, rank, what in (DEATHS if not QUICK else DEATHS[::2]):
+        clean(dout)
+        rc, so, se, secs = run_bounded(["sweep", djob], 2, f"chunk_eval:3:{action}@{rank}")
+        measured(f"{what}, distribute = {mode}", rc, secs)
+        check(f"{what} ({mode}): the job ends, non-zero, within the bound",
+              rc is not None and rc != 0 and f"fault: chunk_eval #3: {action}" in se, f"exit {rc}: {se[-500:]}")
+        if action == "error":
+            lines = [l for l in se.splitlines() if l.startswith("patchsweep:")]
+            check(f"{what} ({mode}): exit 1 with the failing rank's line", rc == 1 and len(lines) == 1
+                  and "injected fault at chunk_eval" in lines[0] and (rank == 0 or "rank 1:" in lines[0]), se[-500:])
+        check(f"{what} ({mode}): no file under the final name", not os.path.exists(dout))
+        rc, so, se, secs = run(["sweep", djob], ranks=2)
+        check(f"{what} ({mode}): the rerun resumes (4 prompts) and ends identical",
+              rc == 0 and "(4 from an earlier run)" in so and same(REF, values(dout)[0]), se[-400:] + so[-200:])
+
 shutil.rmtree(TMP, ignore_errors=True)
 finish("faults")
