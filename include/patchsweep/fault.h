@@ -19,6 +19,9 @@
  *                                                holds the process there)
  *   error  fault_point returns true: the caller fails as if its operation
  *          had (PS_ERR_IO "injected fault at SITE")
+ *   parent-term, parent-int, parent-usr1   that signal to the parent process
+ *          (mpirun, for a rank it started): a user's kill or Ctrl-C of mpirun
+ *          at a known point
  * Sites:
  *   journal_sync     a sweep's journal was synced after a chunk's records
  *                    (rank 0; the Nth chunk is on disk; the first sync is

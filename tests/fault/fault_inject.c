@@ -98,6 +98,12 @@ bool fault_point(const char *site)
         raise(SIGSTOP);
     else if (strcmp(s->action, "error") == 0)
         return true;
+    else if (strcmp(s->action, "parent-term") == 0)
+        kill(getppid(), SIGTERM);
+    else if (strcmp(s->action, "parent-int") == 0)
+        kill(getppid(), SIGINT);
+    else if (strcmp(s->action, "parent-usr1") == 0)
+        kill(getppid(), SIGUSR1);
     else {
         fprintf(stderr, "fault: %s: unknown action '%s'\n", site, s->action);
         _exit(71);

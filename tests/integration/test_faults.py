@@ -403,5 +403,25 @@ for mode in ("prompts", "cells"):
         check(f"{what} ({mode}): the rerun resumes (4 prompts) and ends identical",
               rc == 0 and "(4 from an earlier run)" in so and same(REF, values(dout)[0]), se[-400:] + so[-200:])
 
+# --- a signal to mpirun ---------------------------------------------------------------
+# Open MPI's mpirun forwards SIGUSR1 to the ranks (the sweep finishes its
+# chunk and exits 3, so mpirun does), but answers SIGTERM and SIGINT itself:
+# it kills the ranks (SIGTERM, then SIGKILL after odls_base_sigkill_timeout,
+# 1 s) and exits 1 whatever they return; ess_base_forward_signals refuses
+# SIGTERM.  Hence slurm/patchsweep.sbatch passes a SIGTERM on to mpirun as
+# SIGUSR1.  Rank 0 signals mpirun (its parent) once 2 chunks are journaled.
+sjob = write_job("sig")
+sout = os.path.join(TMP, "sig.nc")
+for sig, want in (("usr1", 3), ("term", 1)):
+    clean(sout)
+    rc, so, se, secs = run_bounded(["sweep", sjob], 2, f"journal_sync:3:parent-{sig}@0")
+    measured(f"SIG{sig.upper()} to mpirun -np 2", rc, secs)
+    check(f"SIG{sig.upper()} to mpirun: exit {want}", rc == want, f"exit {rc}: {se[-400:]}")
+    if want == 3:
+        check("SIGUSR1 to mpirun: a readable file marked incomplete",
+              os.path.exists(sout) and values(sout)[1].get("complete") == "false")
+    rc, so, se, secs = run(["sweep", sjob], ranks=2)
+    check(f"SIG{sig.upper()} to mpirun: the rerun ends identical", rc == 0 and same(REF, values(sout)[0]), se[-300:])
+
 shutil.rmtree(TMP, ignore_errors=True)
 finish("faults")
