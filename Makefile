@@ -113,13 +113,14 @@ $(BIN): $(CLI_OBJ) $(COMM_OBJ) $(LIB)
 
 # The test build of the binary: the same objects, with tests/fault's
 # fault_point (PS_FAULT=SITE:N:ACTION, include/patchsweep/fault.h) linked
-# ahead of the library's no-op one.
+# ahead of the library's no-op one, and its write/pwrite/fsync/fdatasync
+# exported (-Wl,-E) so that they stand in for libc's in HDF5 too.
 FAULT_BIN := $(BUILD)/tests/patchsweep-faults
 $(BUILD)/obj/tests/fault_inject.o: tests/fault/fault_inject.c
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) -MMD -MP -c $< -o $@
 $(FAULT_BIN): $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) | $(BUILD)/tests
-	$(CC) $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) $(LDLIBS) $(MPI_LIBS) -o $@
+	$(CC) $(BUILD)/obj/tests/fault_inject.o $(CLI_OBJ) $(COMM_OBJ) $(LIB) $(LDFLAGS) -Wl,-E $(LDLIBS) $(MPI_LIBS) -ldl -o $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB) | $(BUILD)/tests
 	$(CC) $(CFLAGS) $(TEST_CFLAGS) $(PKG_CFLAGS) $< $(LIB) $(LDFLAGS) $(LDLIBS) -lcmocka -o $@

@@ -34,4 +34,24 @@ char *fs_dirname(const char *path);
  * (PREFIX/bin -> PREFIX/share) without a path compiled in. */
 char *fs_exe_dir(void);
 
+/* An exclusive lock owned by this process: an fcntl write lock on the file
+ * `path`, which holds "pid=P host=H since=UTC" of the owner for the
+ * message of the next comer.  fcntl locks end with the process however it
+ * ends (kill -9 included), so a lock file left by a dead owner is stale and
+ * simply taken over; they work across the nodes of a cluster on NFS
+ * (lockd) and Lustre/GPFS mounted with locking (flock/localflock off: then
+ * only within a node).  fd -1 when not held. */
+typedef struct {
+    int fd;
+    char *path;
+} fs_lock;
+
+/* Take the lock at once or fail: PS_ERR_INVALID "`what` is in use by ...
+ * pid P on host H (since T)" when another process holds it; PS_ERR_IO when
+ * the file cannot be created. */
+ps_status fs_lock_take(fs_lock *l, const char *path, const char *what);
+
+/* Release it and remove the file (nothing if not held). */
+void fs_lock_release(fs_lock *l);
+
 #endif

@@ -9,8 +9,17 @@
  * process killed mid-append leaves a torn last record, which the next open
  * detects (length, checksum) and cuts off: every record before it survives.
  *
+ * A record damaged in the middle of the file (a flipped bit, a zeroed page:
+ * intact records follow it) is no torn tail: it is reported with its
+ * number and the prompts around it and the open fails, unless asked to drop
+ * everything from it on (the sweep's --resume-from-damage recomputes them).
+ * Damage in the records after the last intact one cannot be told from a
+ * torn write and is cut off like one (those prompts are recomputed).
+ *
  * Layout: a 512-byte header (magic "PSJRNL01", then the identity below as
- * NUL-padded text fields and a u64), then records
+ * NUL-padded text fields and a u64; its last 8 bytes the first 8 of the
+ * sha256 of the 504 before, all zero in journals of earlier versions), then
+ * records
  *   u32 magic 0x31525350 ("PSR1") | u32 n | n payload bytes | 8 bytes of the
  *   payload's sha256.
  * Native byte order: a journal is read back on the machine type that wrote it.
@@ -49,12 +58,17 @@ typedef struct {
     journal_identity id;
     off_t end;          /* end of the last good record */
     size_t n_records;
+    size_t dropped_at;      /* open with drop_damaged: 1-based number of the damaged record cut off, 0 none */
+    size_t dropped_intact;  /* ...and the intact records after it dropped with it */
 } journal;
 
 /* Open PATH for appending.  A missing file (or overwrite) starts a new
  * journal; an existing one must carry the same identity (else PS_ERR_INVALID
- * naming what differs) and is scanned: a torn or corrupt tail is cut off. */
-ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite);
+ * naming what differs; a damaged header PS_ERR_FORMAT) and is scanned: a
+ * torn tail is cut off.  A damaged record with intact ones after it is
+ * PS_ERR_FORMAT naming it and the prompts around it, unless drop_damaged:
+ * then it and everything after it are cut off (dropped_at, dropped_intact). */
+ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite, bool drop_damaged);
 
 /* Append one record (not yet durable). */
 ps_status journal_append(journal *j, const void *payload, size_t n);

@@ -40,8 +40,17 @@ typedef struct {
 } ncin_var;
 
 /* Open read-only.  A file NetCDF does not recognise is PS_ERR_FORMAT
- * ("not a NetCDF file"); a missing or unreadable one PS_ERR_IO. */
+ * ("not a NetCDF file"); a missing or unreadable one PS_ERR_IO; one that
+ * fails ncin_verify its message, before NetCDF or HDF5 read a byte of it. */
 ps_status ncin_open(ncin_file *f, const char *path);
+
+/* Whether PATH is the file written: patchsweep records the sha256 of every
+ * file it writes, whole (data, attributes, HDF5's metadata), in
+ * PATH.sha256 (`sha256sum -c` format; ncout.h).  PS_ERR_FORMAT "damaged"
+ * when it differs (a flipped bit, a truncation, a zeroed page); PS_OK when
+ * it holds or when there is no PATH.sha256 (a file of an earlier version,
+ * or copied without it: unverified, as NetCDF would read it). */
+ps_status ncin_verify(const char *path);
 
 /* Open the image buf[0..size) of a NetCDF file (classic, 64-bit offset or
  * NetCDF-4) read-only, with nc_open_mem; `name` stands for the file in

@@ -4,7 +4,10 @@
  * Every file is written as PATH.partial and renamed to PATH only when it is
  * complete and closed, so a file under its final name is never a partial
  * result (sweeps, which append chunk by chunk, use their own `done` marks on
- * top of this; see sweep.h).
+ * top of this; see sweep.h).  Before the rename the file is fsync'ed and
+ * its sha256 (of the whole file) written to PATH.sha256 in `sha256sum -c`
+ * format, which every reader checks first (ncin_verify): a file damaged or
+ * truncated later is refused, never read as data.
  *
  * The file format (names, types, fill values) is schema.h's contract.
  *
@@ -42,11 +45,17 @@ ps_status ncout_create(ncout_file *f, const char *path);
  * writable (checked before hours of work, not after). */
 ps_status ncout_check_writable(const char *path);
 
-/* Close and atomically rename to the final name. */
+/* Close, fsync, record PATH.sha256, and atomically rename to the final name. */
 ps_status ncout_commit(ncout_file *f);
 
 /* Close and delete the .partial file (after an error). */
 void ncout_abort(ncout_file *f);
+
+/* True once a file's close failed (a full disk, an I/O error): HDF5 1.10.8
+ * then keeps the file in its tables and crashes (SIGSEGV in H5F__close_cb)
+ * when it closes them at exit, so the program must end with _exit after
+ * flushing its own output (main.c does). */
+bool ncout_exit_unsafe(void);
 
 /* Write the provenance attributes (hashes the model if not done yet). */
 ps_status ncout_put_provenance(ncout_file *f, model *m);

@@ -79,6 +79,8 @@ typedef struct {
 typedef struct {
     const char *output;          /* NULL: the job's [run] output */
     bool overwrite;              /* discard earlier results of this output */
+    bool resume_from_damage;     /* a journal damaged in the middle: recompute from the damaged record on
+                                    (else refused, journal.h) */
     size_t slice, n_slices;      /* run slice `slice` (1-based) of n_slices equal contiguous
                                     parts of the dataset (array jobs); 0/0: all of it */
     volatile sig_atomic_t *stop; /* may be NULL */
@@ -106,6 +108,8 @@ typedef struct {
 
 typedef struct {
     size_t prompts_total, prompts_done, prompts_skipped, prompts_resumed;
+    size_t journal_dropped_at;     /* resume_from_damage: the damaged record (1-based) cut off, 0 none */
+    size_t journal_dropped_intact; /* ...and the intact records after it, recomputed */
     size_t cells_computed;
     bool complete;           /* every prompt done or skipped: the file is final */
     bool interrupted;        /* stopped by *stop before the end */

@@ -24,6 +24,8 @@ static const char *sweep_help =
     "  --resume         continue an interrupted run (also the default when the\n"
     "                   journal OUT.nc.journal of the same job, model and dataset exists)\n"
     "  --overwrite      discard earlier results of this output and start over\n"
+    "  --resume-from-damage  the journal has a damaged record with intact ones after\n"
+    "                   it (refused by default): recompute every prompt from it on\n"
     "  --slice K/N      only slice K (1..N) of N equal contiguous parts of the dataset\n"
     "                   (array jobs; stitch the parts with 'patchsweep merge')\n"
     "  --threads N      threads per rank (default: the job's, else\n"
@@ -193,19 +195,20 @@ static void node_weights_release(void *user, void *ptr)
     nw->shm = NULL;
 }
 
-enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE };
+enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE, OPT_FROM_DAMAGE };
 
 int cmd_sweep(int argc, char **argv)
 {
     static const struct option opts[] = {{"output", required_argument, 0, 'o'},
                                          {"resume", no_argument, 0, OPT_RESUME},
                                          {"overwrite", no_argument, 0, OPT_OVERWRITE},
+                                         {"resume-from-damage", no_argument, 0, OPT_FROM_DAMAGE},
                                          {"threads", required_argument, 0, OPT_THREADS},
                                          {"slice", required_argument, 0, OPT_SLICE},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *output = NULL;
-    bool resume = false, overwrite = false;
+    bool resume = false, overwrite = false, from_damage = false;
     size_t threads = 0, slice = 0, n_slices = 0;
     int ch;
     while ((ch = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
@@ -213,6 +216,7 @@ int cmd_sweep(int argc, char **argv)
         case 'o': output = optarg; break;
         case OPT_RESUME: resume = true; break;
         case OPT_OVERWRITE: overwrite = true; break;
+        case OPT_FROM_DAMAGE: from_damage = true; break;
         case OPT_THREADS:
             if (!cli_parse_size(optarg, 1, 4096, &threads))
                 return cli_usage("sweep", "--threads takes a whole number from 1 to 4096, not '%s'", optarg);
@@ -294,11 +298,16 @@ int cmd_sweep(int argc, char **argv)
                 "--bind-to none, or srun --cpus-per-task=%zu\n",
                 pool_threads(), cpus, cpus > 1 ? "s" : "", pool_threads(), pool_threads());
     progress_state ps = {.tty = isatty(STDERR_FILENO), .every = j.progress_seconds, .last = -1e30};
-    sweep_opts so = {.output = output, .overwrite = overwrite, .slice = slice, .n_slices = n_slices,
+    sweep_opts so = {.output = output, .overwrite = overwrite, .resume_from_damage = from_damage, .slice = slice, .n_slices = n_slices,
                      .stop = &stop_requested,
                      .ranks_for_provenance = comm_size(c),
                      .progress = progress, .progress_user = &ps};
     st = sweep_run(&j, &m, tok, c, &so, &res);
+    if (root && res.journal_dropped_at)
+        fprintf(stderr,
+                "sweep: --resume-from-damage: journal record %zu was damaged; it and the %zu intact record%s after it "
+                "were dropped and their prompts recomputed\n",
+                res.journal_dropped_at, res.journal_dropped_intact, res.journal_dropped_intact == 1 ? "" : "s");
     if (st == PS_OK && root) {
         if (res.was_complete)
             printf("%s is already the complete result of this job (--overwrite recomputes it)\n", res.output);

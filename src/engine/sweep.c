@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "clock.h"
 #include "lens_dataset.h"
@@ -142,21 +143,30 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     snprintf(res->output, sizeof res->output, "%s", output);
     sweep_plan p = {0};
     journal jr = {.fd = -1};
+    fs_lock lock = {.fd = -1};
     char dataset_sha[65] = "";
     char *memory = NULL;
     sweep_progress pr = {0};
     ps_status st = PS_OK;
     /* 1. rank 0: the dataset, the journal, what is done already */
     if (root)
-        st = sweep_plan_open(&p, &jr, j, m, tok, o, output, dataset_sha, res);
+        st = sweep_plan_open(&p, &jr, &lock, j, m, tok, o, output, dataset_sha, res);
     if ((st = comm_agree(c, st)))
         goto out;
     /* 2. rank 0 knows the longest prompt, so it plans the working memory */
     if (root && !res->was_complete)
         sweep_work_plan(j, m, p.max_T, &res->work);
     uint64_t start[2] = {res->was_complete, res->work.fast_rows};
-    if ((st = comm_bcast(c, start, sizeof start)) || start[0])
+    if ((st = comm_bcast(c, start, sizeof start)))
         goto out;
+    if (start[0]) {
+        /* complete already; its [lens] file too, unless writing it failed
+         * (a full disk) after the results were in place */
+        if (root && j->lens && !o->n_slices && access(j->lens_output, F_OK) != 0)
+            st = write_lens(j, m, tok, &p, o, res);
+        st = comm_agree(c, st);
+        goto out;
+    }
     res->work.fast_rows = start[1];
     /* 3. every chunk not done yet, journaled */
     if ((st = run_chunks(j, m, c, o, &p, &jr, res, &pr)))
@@ -173,6 +183,7 @@ out:
     free(memory);
     if (jr.fd >= 0)
         journal_close(&jr, false);
+    fs_lock_release(&lock);
     sweep_plan_free(&p);
     return st;
 }

@@ -8,6 +8,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fault.h"
+
+/* The test build's fault site of every rank's share of a chunk (fault.h). */
+static bool eval_fault(void) { return fault_point("chunk_eval"); }
+
 /* ---- the scheduler ---------------------------------------------------------- */
 
 /* What rank 0 broadcasts before each chunk.  By prompt, the token lists
@@ -126,7 +131,8 @@ static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pa
         goto out;
     }
     patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
-    st = patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
+    st = eval_fault() ? err_set(PS_ERR_IO, "injected fault at chunk_eval")
+                      : patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
     if ((st = comm_agree(c, st)))
         goto out;
     if (me == 0) {
@@ -265,7 +271,9 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         goto agree;
     }
     patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
-    if ((st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
+    if (eval_fault())
+        st = err_set(PS_ERR_IO, "injected fault at chunk_eval");
+    if (st || (st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);

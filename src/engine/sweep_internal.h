@@ -18,6 +18,7 @@
 
 #include "comm.h"
 #include "dataset.h"
+#include "fsutil.h"
 #include "journal.h"
 #include "job.h"
 #include "model.h"
@@ -46,12 +47,13 @@ typedef struct {
     size_t max_T;
 } sweep_plan;
 
-/* Rank 0's set-up: read, tokenize and validate the dataset (invalid pairs
+/* Rank 0's set-up: lock the output (OUTPUT.lock, fsutil.h: a second sweep
+ * on it is refused at once, naming the owner), read, tokenize and validate the dataset (invalid pairs
  * stop the job unless skip_invalid); then either find `output` already the
  * complete result of this job (res->was_complete) or open its journal into
  * *jr, mark what it holds as done and journal the invalid pairs as skipped.
  * dataset_sha gets the dataset file's sha256. */
-ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, const tokenizer *tok,
+ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *j, model *m, const tokenizer *tok,
                           const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res);
 void sweep_plan_free(sweep_plan *p);
 

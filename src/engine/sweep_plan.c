@@ -9,6 +9,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fault.h"
+#include "fsutil.h"
+#include "ncin.h"
 #include "ncout.h"
 #include "schema.h"
 #include "sha256.h"
@@ -116,11 +119,20 @@ static ps_status mark_record(void *user, const void *payload, size_t n)
     return st;
 }
 
-ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, const tokenizer *tok,
+ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *j, model *m, const tokenizer *tok,
                           const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res)
 {
     ps_status st;
-    if ((st = ncout_check_writable(output)) || (st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
+    char lpath[4200];
+    snprintf(lpath, sizeof lpath, "%s.lock", output);
+    /* One sweep per output: the lock before anything of the output is read
+     * or changed (the journal's truncation by --overwrite included), held
+     * until the file is renamed into place. */
+    if ((st = ncout_check_writable(output)) || (st = fs_lock_take(lock, lpath, output)))
+        return st;
+    if (fault_point("sweep_lock"))
+        return err_set(PS_ERR_IO, "injected fault at sweep_lock");
+    if ((st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
         (st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
         return st;
     /* the slice is part of the identity: first and count */
@@ -135,6 +147,8 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, co
         char want_slice[64] = SCHEMA_SLICE_ALL;
         if (o->n_slices)
             snprintf(want_slice, sizeof want_slice, "%zu/%zu", o->slice, o->n_slices);
+        if ((st = ncin_verify(output)))
+            return err_wrap(st, "cannot resume");
         if (!schema_is_complete_run(output, j->sha256, m->sha256, dataset_sha, want_slice))
             return err_set(PS_ERR_INVALID,
                            "%s exists and is not the complete result of this job, model, dataset and slice "
@@ -142,8 +156,10 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, const job *j, model *m, co
         res->was_complete = res->complete = true;
         return PS_OK;
     }
-    if ((st = journal_open(jr, jpath, &id, o->overwrite)))
+    if ((st = journal_open(jr, jpath, &id, o->overwrite, o->resume_from_damage)))
         return st;
+    res->journal_dropped_at = jr->dropped_at;
+    res->journal_dropped_intact = jr->dropped_intact;
     if ((st = journal_each(jr, mark_record, p)))
         return err_wrap(st, "%s", jpath);
     for (size_t i = 0; i < p->n; i++)

@@ -14,6 +14,8 @@
 #define MAGIC "PSJRNL01"
 #define RECORD_MAGIC 0x31525350u
 
+static void checksum(const void *payload, size_t n, unsigned char out[8]);
+
 static void header_encode(unsigned char h[HEADER_BYTES], const journal_identity *id)
 {
     memset(h, 0, HEADER_BYTES);
@@ -22,6 +24,19 @@ static void header_encode(unsigned char h[HEADER_BYTES], const journal_identity 
     memcpy(h + 8 + 65, id->model_sha256, 64);
     memcpy(h + 8 + 130, id->dataset_sha256, 64);
     memcpy(h + 8 + 195, &id->n_prompts, sizeof id->n_prompts);
+    checksum(h, HEADER_BYTES - 8, h + HEADER_BYTES - 8);
+}
+
+/* The header's own checksum holds, or is absent (all zero: a journal of an
+ * earlier version). */
+static bool header_intact(const unsigned char h[HEADER_BYTES])
+{
+    static const unsigned char zero[8];
+    unsigned char want[8];
+    if (memcmp(h + HEADER_BYTES - 8, zero, 8) == 0)
+        return true;
+    checksum(h, HEADER_BYTES - 8, want);
+    return memcmp(h + HEADER_BYTES - 8, want, 8) == 0;
 }
 
 static void header_decode(const unsigned char h[HEADER_BYTES], journal_identity *id)
@@ -41,7 +56,8 @@ static ps_status write_all(int fd, const void *buf, size_t n, const char *path)
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0)
-            return err_set(PS_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+            return err_set(PS_ERR_IO, "%s: write failed: %s (the records before are intact: make room, then rerun "
+                           "to resume)", path, w == 0 ? "no progress" : strerror(errno));
         p += w;
         n -= (size_t)w;
     }
@@ -102,7 +118,72 @@ static bool record_at(int fd, off_t off, off_t file_end, size_t *n, void **paylo
     return true;
 }
 
-ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite)
+/* The next intact record at or after `from` (a record magic whose length
+ * and checksum hold), or -1: where the records resume after damage. */
+static off_t next_intact(int fd, off_t from, off_t file_end)
+{
+    enum { BLOCK = 1 << 20 };
+    static const uint32_t magic = RECORD_MAGIC;
+    unsigned char *buf = malloc(BLOCK);
+    if (!buf)
+        return -1;
+    off_t found = -1;
+    for (off_t base = from; found < 0 && base + 4 <= file_end; base += BLOCK - 3) {
+        size_t want = (size_t)(file_end - base < BLOCK ? file_end - base : BLOCK);
+        if (!read_at(fd, buf, want, base))
+            break;
+        for (size_t k = 0; k + 4 <= want && found < 0; k++) {
+            size_t n;
+            if (memcmp(buf + k, &magic, 4) == 0 && record_at(fd, base + (off_t)k, file_end, &n, NULL))
+                found = base + (off_t)k;
+        }
+        if (want < BLOCK)
+            break;
+    }
+    free(buf);
+    return found;
+}
+
+/* The prompt a sweep's record is about (journal_prompt: its first u64). */
+static bool record_prompt(int fd, off_t off, off_t file_end, uint64_t *prompt)
+{
+    size_t n;
+    void *payload;
+    if (!record_at(fd, off, file_end, &n, &payload))
+        return false;
+    bool ok = n >= sizeof *prompt;
+    if (ok)
+        memcpy(prompt, payload, sizeof *prompt);
+    free(payload);
+    return ok;
+}
+
+/* Damage at `bad` (record number `index`, 0-based): count the intact
+ * records after it.  0 means a torn tail. */
+static size_t intact_after(int fd, off_t bad, off_t file_end, uint64_t *first, uint64_t *last)
+{
+    size_t count = 0;
+    for (off_t off = next_intact(fd, bad + 1, file_end); off >= 0;) {
+        size_t n;
+        uint64_t prompt;
+        if (record_prompt(fd, off, file_end, &prompt)) {
+            if (count == 0 || prompt < *first)
+                *first = prompt;
+            if (count == 0 || prompt > *last)
+                *last = prompt;
+        }
+        count++;
+        if (!record_at(fd, off, file_end, &n, NULL))
+            break;
+        off += 8 + (off_t)n + 8;
+        size_t m;
+        if (!record_at(fd, off, file_end, &m, NULL))
+            off = next_intact(fd, off + 1, file_end);
+    }
+    return count;
+}
+
+ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite, bool drop_damaged)
 {
     memset(j, 0, sizeof *j);
     j->fd = -1;
@@ -139,6 +220,12 @@ ps_status journal_open(journal *j, const char *path, const journal_identity *id,
         journal_close(j, false);
         return err_set(PS_ERR_FORMAT, "%s: not a patchsweep journal (use --overwrite to replace it)", path);
     }
+    if (!header_intact(h)) {
+        journal_close(j, false);
+        return err_set(PS_ERR_FORMAT,
+                       "%s: the journal's header is damaged (its checksum fails), so its records cannot be trusted "
+                       "to belong to this job: --overwrite starts over", path);
+    }
     header_decode(h, &have);
     const char *what = strcmp(have.job_sha256, id->job_sha256)       ? "job file"
                        : strcmp(have.model_sha256, id->model_sha256) ? "model"
@@ -152,9 +239,36 @@ ps_status journal_open(journal *j, const char *path, const journal_identity *id,
     }
     off_t off = HEADER_BYTES;
     size_t n;
-    while (record_at(fd, off, size, &n, NULL)) {
+    uint64_t last_good = 0;
+    bool any_good = false;
+    void *payload;
+    while (record_at(fd, off, size, &n, &payload)) {
+        if (n >= sizeof last_good) {
+            memcpy(&last_good, payload, sizeof last_good); /* journal_prompt's prompt */
+            any_good = true;
+        }
+        free(payload);
         off += 8 + (off_t)n + 8;
         j->n_records++;
+    }
+    uint64_t first_after = 0, last_after = 0;
+    size_t after = off < size ? intact_after(fd, off, size, &first_after, &last_after) : 0;
+    if (after > 0 && !drop_damaged) {
+        char before[64] = "the first";
+        if (any_good)
+            snprintf(before, sizeof before, "prompt %llu", (unsigned long long)last_good);
+        const size_t bad = j->n_records + 1;
+        journal_close(j, false);
+        return err_set(PS_ERR_FORMAT,
+                       "%s: record %zu (byte %lld) is damaged (its checksum fails) and %zu intact record%s follow%s "
+                       "it (prompts %llu to %llu); the damaged part lies after %s: rerun with --resume-from-damage "
+                       "to recompute every prompt from that record on (or --overwrite to start over)",
+                       path, bad, (long long)off, after, after > 1 ? "s" : "", after > 1 ? "" : "s",
+                       (unsigned long long)first_after, (unsigned long long)last_after, before);
+    }
+    if (after > 0) {
+        j->dropped_at = j->n_records + 1;
+        j->dropped_intact = after;
     }
     if (off < size && ftruncate(fd, off) != 0) {
         ps_status st = err_set(PS_ERR_IO, "%s: cannot cut off a torn record: %s", path, strerror(errno));
@@ -186,7 +300,8 @@ ps_status journal_append(journal *j, const void *payload, size_t n)
 ps_status journal_sync(journal *j)
 {
     if (fdatasync(j->fd) != 0)
-        return err_set(PS_ERR_IO, "%s: fdatasync failed: %s", j->path, strerror(errno));
+        return err_set(PS_ERR_IO, "%s: fdatasync failed: %s (the records synced before are intact: rerun to "
+                       "resume)", j->path, strerror(errno));
     fault_point("journal_sync");
     return PS_OK;
 }

@@ -8,7 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "fsutil.h"
+#include "sha256.h"
 #include "strutil.h"
 
 /* Attribute texts beyond this are refused rather than allocated
@@ -41,6 +44,39 @@ static ps_status open_done(ncin_file *f, int rc, int ncid)
     return st;
 }
 
+ps_status ncin_verify(const char *path)
+{
+    char side[4200];
+    snprintf(side, sizeof side, "%s.sha256", path);
+    if (access(side, F_OK) != 0)
+        return PS_OK;
+    char *text = NULL, have[65];
+    size_t len = 0;
+    ps_status st = fs_read_file(side, 4096, &text, &len);
+    if (st)
+        return st;
+    bool hex = len >= 64;
+    for (size_t i = 0; hex && i < 64; i++)
+        hex = strchr("0123456789abcdef", text[i]) != NULL && text[i];
+    if (!hex) {
+        free(text);
+        return err_set(PS_ERR_FORMAT, "%s: not a sha256 line (as `sha256sum` writes it)", side);
+    }
+    if ((st = sha256_file_hex(path, have))) {
+        free(text);
+        return st;
+    }
+    bool same = memcmp(text, have, 64) == 0;
+    free(text);
+    if (same)
+        return PS_OK;
+    struct stat sb;
+    long long size = stat(path, &sb) == 0 ? (long long)sb.st_size : -1;
+    return err_set(PS_ERR_FORMAT,
+                   "%s: damaged: its sha256 is not the one recorded in %s when it was written (changed or truncated "
+                   "since; %lld bytes now): not read; recompute it (or restore it from a copy)", path, side, size);
+}
+
 ps_status ncin_open(ncin_file *f, const char *path)
 {
     f->ncid = -1;
@@ -48,6 +84,9 @@ ps_status ncin_open(ncin_file *f, const char *path)
     struct stat sb;
     if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
         return err_set(PS_ERR_IO, "%s: is a directory, not a NetCDF file", path);
+    ps_status st = ncin_verify(path);
+    if (st)
+        return st;
     f->path = strdup(path);
     if (!f->path)
         return err_set(PS_ERR_NOMEM, "%s: out of memory", path);

@@ -2,6 +2,7 @@
 #include "fault.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <netcdf.h>
 #include <stdio.h>
@@ -14,12 +15,24 @@
 #include "gemm.h"
 #include "prov.h"
 #include "schema.h"
+#include "sha256.h"
 #include "strutil.h"
+
+/* A nc_close failed: HDF5 keeps the file in its tables and closes it again
+ * at exit, where 1.10.8 crashes after a failed write (ncout_exit_unsafe). */
+static bool close_failed;
+
+bool ncout_exit_unsafe(void) { return close_failed; }
 
 ps_status ncout_check(int nc_status, const char *path, const char *what)
 {
     if (nc_status == NC_NOERR)
         return PS_OK;
+    /* NetCDF says "HDF error" (or "Permission denied" from nc_create) for a
+     * full disk: the system's reason, still in errno, is the one to show. */
+    int e = errno;
+    if (e == ENOSPC || e == EDQUOT || e == EIO || e == EFBIG || e == EROFS)
+        return err_set(PS_ERR_IO, "%s: %s: %s (%s)", path, what, strerror(e), nc_strerror(nc_status));
     return err_set(PS_ERR_IO, "%s: %s: %s", path, what, nc_strerror(nc_status));
 }
 
@@ -71,15 +84,74 @@ ps_status ncout_create(ncout_file *f, const char *path)
     return PS_OK;
 }
 
+/* fsync a file (or directory) by name: what is renamed into place must be
+ * on disk first, or a crash could leave the final name on an empty file. */
+static ps_status sync_path(const char *path, bool dir)
+{
+    int fd = open(path, (dir ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return err_set(PS_ERR_IO, "%s: cannot open to sync: %s", path, strerror(errno));
+    int rc = fsync(fd), e = errno;
+    close(fd);
+    /* some file systems cannot sync a directory (EINVAL): nothing to wait for */
+    if (rc != 0 && !(dir && (e == EINVAL || e == EROFS)))
+        return err_set(PS_ERR_IO, "%s: fsync failed: %s", path, strerror(e));
+    return PS_OK;
+}
+
+/* PATH.sha256: the sha256 of the whole file written (ncin_verify checks
+ * it before a reader opens the file), by way of PATH.sha256.tmp. */
+static ps_status write_sidecar(const ncout_file *f, char side[4200])
+{
+    char hex[65], tmp[4300];
+    ps_status st = sha256_file_hex(f->tmp_path, hex);
+    if (st)
+        return st;
+    snprintf(side, 4200, "%s.sha256", f->path);
+    snprintf(tmp, sizeof tmp, "%s.tmp", side);
+    const char *base = strrchr(f->path, '/') ? strrchr(f->path, '/') + 1 : f->path;
+    FILE *out = fopen(tmp, "w");
+    if (!out)
+        return err_set(PS_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    bool ok = fprintf(out, "%s  %s\n", hex, base) > 0 && fflush(out) == 0;
+    int e = errno;
+    if (fclose(out) != 0 && ok) {
+        ok = false;
+        e = errno;
+    }
+    if (!ok)
+        st = err_set(PS_ERR_IO, "%s: cannot write: %s", tmp, strerror(e));
+    else if ((st = sync_path(tmp, false)) == PS_OK && rename(tmp, side) != 0)
+        st = err_set(PS_ERR_IO, "%s: cannot rename to %s: %s", tmp, side, strerror(errno));
+    if (st)
+        unlink(tmp);
+    return st;
+}
+
 ps_status ncout_commit(ncout_file *f)
 {
     ps_status st = PS_OK;
+    char side[4200] = "";
     if (f->ncid >= 0) {
         st = ncout_check(nc_close(f->ncid), f->tmp_path, "cannot close");
+        close_failed = close_failed || st != PS_OK;
         f->ncid = -1;
     }
-    if (st == PS_OK && rename(f->tmp_path, f->path) != 0)
+    if (st == PS_OK)
+        st = sync_path(f->tmp_path, false);
+    if (st == PS_OK)
+        st = write_sidecar(f, side);
+    if (st == PS_OK && rename(f->tmp_path, f->path) != 0) {
         st = err_set(PS_ERR_IO, "%s: cannot rename from %s: %s", f->path, f->tmp_path, strerror(errno));
+        unlink(side);
+    }
+    if (st == PS_OK) {
+        /* the renames durable: best effort, the file is complete either way */
+        char *dir = fs_dirname(f->path);
+        if (dir)
+            sync_path(dir, true);
+        free(dir);
+    }
     if (st != PS_OK)
         unlink(f->tmp_path);
     free(f->path);
@@ -90,8 +162,8 @@ ps_status ncout_commit(ncout_file *f)
 
 void ncout_abort(ncout_file *f)
 {
-    if (f->ncid >= 0)
-        nc_close(f->ncid);
+    if (f->ncid >= 0 && nc_close(f->ncid) != NC_NOERR)
+        close_failed = true;
     f->ncid = -1;
     if (f->tmp_path)
         unlink(f->tmp_path);

@@ -1,10 +1,12 @@
 #include "fsutil.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 ps_status fs_read_file(const char *path, size_t max_bytes, char **data, size_t *len)
@@ -108,4 +110,77 @@ ps_status fs_check_output(const char *path)
     if (lstat(path, &sb) == 0 && !S_ISREG(sb.st_mode))
         return err_set(PS_ERR_IO, "%s: exists and is not a regular file; refusing to replace it", path);
     return PS_OK;
+}
+
+/* ---- locks ------------------------------------------------------------------ */
+
+ps_status fs_lock_take(fs_lock *l, const char *path, const char *what)
+{
+    l->fd = -1;
+    l->path = strdup(path);
+    if (!l->path)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    /* A few rounds at most: a round only repeats when the owner released
+     * (and removed) the file between our open and our lock. */
+    for (int round = 0; round < 100; round++) {
+        int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd < 0) {
+            ps_status st = err_set(PS_ERR_IO, "%s: cannot create the lock file: %s", path, strerror(errno));
+            fs_lock_release(l);
+            return st;
+        }
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+        if (fcntl(fd, F_SETLK, &fl) != 0) {
+            int e = errno;
+            char owner[256] = "";
+            ssize_t n = e == EACCES || e == EAGAIN ? pread(fd, owner, sizeof owner - 1, 0) : -1;
+            close(fd);
+            ps_status st;
+            if (n >= 0) {
+                owner[n] = '\0';
+                owner[strcspn(owner, "\n")] = '\0';
+                st = err_set(PS_ERR_INVALID,
+                             "%s is in use by another run (%s; lock %s): wait for it to end or stop it, or give "
+                             "this run another output", what, owner[0] ? owner : "owner not recorded yet", path);
+            } else {
+                st = err_set(PS_ERR_IO, "%s: cannot lock: %s", path, strerror(e));
+            }
+            fs_lock_release(l);
+            return st;
+        }
+        /* Ours, unless the file we locked was removed by its last owner
+         * after we opened it: then lock the one now under the name. */
+        struct stat a, b;
+        if (fstat(fd, &a) != 0 || stat(path, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
+            close(fd);
+            continue;
+        }
+        char host[256] = "?", since[32] = "?", line[400];
+        gethostname(host, sizeof host - 1);
+        time_t now = time(NULL);
+        struct tm tm;
+        if (gmtime_r(&now, &tm))
+            strftime(since, sizeof since, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        int len = snprintf(line, sizeof line, "pid %ld on host %s since %s\n", (long)getpid(), host, since);
+        /* the text is for messages only: a failure to write it is no failure to lock */
+        if (ftruncate(fd, 0) == 0 && pwrite(fd, line, (size_t)len, 0) < 0)
+            (void)0;
+        l->fd = fd;
+        return PS_OK;
+    }
+    fs_lock_release(l);
+    return err_set(PS_ERR_IO, "%s: the lock file keeps being replaced", path);
+}
+
+void fs_lock_release(fs_lock *l)
+{
+    /* Remove while still locked: a process waiting on this inode sees it
+     * gone (fs_lock_take compares inodes) and locks the next file. */
+    if (l->fd >= 0) {
+        unlink(l->path);
+        close(l->fd);
+    }
+    free(l->path);
+    l->path = NULL;
+    l->fd = -1;
 }
