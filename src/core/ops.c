@@ -202,6 +202,50 @@ void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_bloc
     ops_mlp_proj(out, h, rows, b);
 }
 
+void ops_mlp_act(float *out, float *h, float *g, const float *x, size_t rows, const model_block *b, model_act act)
+{
+    const size_t m = b->fc_p.n;
+    switch (act) {
+    case MODEL_ACT_GELU_NEW: ops_mlp(out, h, x, rows, b); return;
+    case MODEL_ACT_GELU_ERF:
+        ops_mlp_fc(h, x, rows, b, GEMM_PLAIN);
+        ops_gelu_erf(h, rows * m);
+        break;
+    case MODEL_ACT_SILU_GATED:
+        ops_mlp_gate(g, x, rows, b);
+        ops_mlp_fc(h, x, rows, b, GEMM_PLAIN);
+        ops_silu_mul(h, g, h, rows * m);
+        break;
+    }
+    ops_mlp_proj(out, h, rows, b);
+}
+
+typedef struct {
+    float *out;
+    const float *x, *w, *bias;
+    size_t rows, d;
+    float eps;
+} rms_task;
+
+static void rms_worker(void *arg, size_t tid, size_t nt)
+{
+    const rms_task *t = arg;
+    const size_t r0 = t->rows * tid / nt, r1 = t->rows * (tid + 1) / nt;
+    ops_rmsnorm_normalize(t->out + r0 * t->d, NULL, t->x + r0 * t->d, r1 - r0, t->d, t->eps);
+    ops_norm_affine(t->out + r0 * t->d, t->out + r0 * t->d, t->w, t->bias, r1 - r0, t->d);
+}
+
+void ops_norm_threaded(float *out, const float *x, const float *w, const float *b, size_t rows, size_t d, float eps,
+                       model_norm norm)
+{
+    if (norm == MODEL_NORM_LAYERNORM) {
+        ops_layernorm_threaded(out, x, w, b, rows, d, eps);
+        return;
+    }
+    rms_task t = {out, x, w, b, rows, d, eps};
+    pool_run(rows / OPS_PAR_MIN_ROWS + 1, rms_worker, &t);
+}
+
 /* ---- attention ---------------------------------------------------------- */
 
 void ops_attention_softmax_row(float *p, const float *q, const float *k_prefix, const float *k_rows,
