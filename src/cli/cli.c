@@ -269,3 +269,86 @@ json_t *cli_blas_json(void)
                      "threads_rule", r->threads_why ? r->threads_why : "", "cpu", "vendor", c->vendor, "family",
                      (int)c->family, "model", (int)c->model, "description", features, "best_core", best);
 }
+
+/* ---- token ids as input (--ids, issue 17) ---------------------------------- */
+
+/* "50256,1,2" -> ids; a malformed list is a usage error (returns false). */
+bool cli_parse_ids(const char *s, int32_t **ids, size_t *n)
+{
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *out = malloc(cap * sizeof *out);
+    if (!out)
+        return false;
+    size_t k = 0;
+    const char *p = s;
+    for (;;) {
+        char *end = NULL;
+        if (*p < '0' || *p > '9') {
+            free(out);
+            return false;
+        }
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || v > INT32_MAX) {
+            free(out);
+            return false;
+        }
+        out[k++] = (int32_t)v;
+        if (*end == '\0')
+            break;
+        if (*end != ',') {
+            free(out);
+            return false;
+        }
+        p = end + 1;
+    }
+    *ids = out;
+    *n = k;
+    return true;
+}
+
+/* The model for a run from token ids: no tokenizer is needed (models of the
+ * other families have none yet), and none is loaded (tok = NULL); ids at or
+ * above the vocabulary are refused. */
+int cli_load_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n)
+{
+    *tok = NULL;
+    if (!o->model_dir)
+        return cli_usage(cmd, "--model DIR is required");
+    if (model_load(m, o->model_dir) != PS_OK)
+        return cli_fail();
+    for (size_t i = 0; i < n; i++)
+        if ((size_t)ids[i] >= m->cfg.vocab_size) {
+            err_set(PS_ERR_RANGE, "--ids: token id %d at position %zu is not below the vocabulary size %zu", ids[i], i,
+                    m->cfg.vocab_size);
+            model_free(m);
+            return cli_fail();
+        }
+    return 0;
+}
+
+int cli_load_for_dataset(const char *cmd, const cli_common *o, model *m, tokenizer **tok)
+{
+    *tok = NULL;
+    if (!o->model_dir)
+        return cli_usage(cmd, "--model DIR is required");
+    if (model_load(m, o->model_dir) != PS_OK)
+        return cli_fail();
+    if (m->cfg.family != MODEL_FAMILY_GPT2)
+        return 0; /* no tokenizer yet: the items' token ids (dataset.h) */
+    if (tokenizer_load_for_model(tok, o->model_dir, o->tokenizer_dir) != PS_OK) {
+        model_free(m);
+        return cli_fail();
+    }
+    if (tokenizer_vocab_size(*tok) > m->cfg.vocab_size) {
+        err_set(PS_ERR_INVALID, "%s: the tokenizer has %zu tokens but the model's vocab_size is %zu", o->model_dir,
+                tokenizer_vocab_size(*tok), m->cfg.vocab_size);
+        tokenizer_free(*tok);
+        *tok = NULL;
+        model_free(m);
+        return cli_fail();
+    }
+    return 0;
+}

@@ -62,6 +62,19 @@ bool cli_parse_size(const char *s, size_t lo, size_t hi, size_t *out);
  * returns the exit code (nothing stays allocated), else 0. */
 int cli_load(const char *cmd, const cli_common *o, model *m, tokenizer **tok);
 
+/* "50256,1,2" -> malloc'd ids; false for a malformed list (a usage error). */
+bool cli_parse_ids(const char *s, int32_t **ids, size_t *n);
+
+/* The model for a run from token ids (--ids and the like): no tokenizer is
+ * loaded (*tok = NULL: the families other than GPT-2 have none yet); ids at
+ * or above the vocabulary are refused.  As cli_load otherwise. */
+int cli_load_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n);
+
+/* The model for a command reading a dataset (evaluate, lens --dataset):
+ * cli_load for GPT-2; for the other families no tokenizer (*tok = NULL), so
+ * the items' token ids are used (clean_ids, ...: dataset.h). */
+int cli_load_for_dataset(const char *cmd, const cli_common *o, model *m, tokenizer **tok);
+
 /* Tokenize a prompt, with <|endoftext|> first when bos. */
 ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, int32_t **ids, size_t *n);
 

@@ -275,7 +275,11 @@ int cmd_sweep(int argc, char **argv)
      * tokenizer is rank 0's. */
     nw.dir = j.model_dir;
     st = model_load_shared(&m, j.model_dir, &weights_alloc);
-    if (st == PS_OK && root)
+    /* the families other than GPT-2 have no tokenizer yet: the dataset's
+     * token ids (clean_ids, ...) are used, never GPT-2's tokenizer */
+    if (st == PS_OK)
+        st = patch_components_check(j.components, &m.cfg);
+    if (st == PS_OK && root && m.cfg.family == MODEL_FAMILY_GPT2)
         st = tokenizer_load_for_model(&tok, j.model_dir, j.tokenizer_dir);
     if ((st = comm_agree(c, st)))
         goto out;
