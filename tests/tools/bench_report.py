@@ -281,7 +281,7 @@ def families(ps, gpt2_model):
 
 def finish(report, out, argv):
     """Provenance, then the report written atomically."""
-    eng = report["engines"]["2_threads"]
+    eng = report.get("engines", {}).get("2_threads", {})  # absent with --families-only
     report["provenance"] = {k: eng[k] for k in ("patchsweep_version", "model", "model_sha256") if k in eng}
     report["provenance"]["command_line"] = " ".join([os.path.basename(sys.argv[0])] + argv)
     report["provenance"]["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
