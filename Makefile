@@ -90,6 +90,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             clang libclang-rt-dev
 
 .PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
+        download-pythia-160m download-qwen2.5-0.5b download-llama-3.2-1b \
         fuzz fuzz-smoke fuzz-build install check
 all: $(BIN) build/patchsweep
 
@@ -291,6 +292,26 @@ download-gpt2:
 	$(call hf_download,gpt2,models/gpt2)
 download-gpt2-medium:
 	$(call hf_download,gpt2-medium,models/gpt2-medium)
+
+# The other families (issue 17): config.json, the checkpoint and tokenizer.json
+# (for the tokenizer work; patchsweep runs them from token ids today).
+# $(3): the gated note.  HF_TOKEN, when set, is sent as a bearer token.
+define hf_download_family
+	@command -v curl >/dev/null || { echo "curl is missing (apt-get install curl)" >&2; exit 1; }
+	@mkdir -p $(2)
+	@for f in config.json model.safetensors tokenizer.json tokenizer_config.json; do \
+	    [ -f $(2)/$$f ] && continue; \
+	    curl -fsSL --retry 2 $${HF_TOKEN:+-H "Authorization: Bearer $$HF_TOKEN"} -o $(2)/$$f.partial \
+	        $(HF_HUB)/$(1)/resolve/main/$$f && mv $(2)/$$f.partial $(2)/$$f || \
+	    { rm -f $(2)/$$f.partial; echo "could not download $(1)/$$f from the Hugging Face hub (no internet access?$(3)): see README, Model families" >&2; exit 1; }; \
+	done; echo "$(2): $(1) ready" >&2
+endef
+download-pythia-160m:
+	$(call hf_download_family,EleutherAI/pythia-160m,models/pythia-160m,)
+download-qwen2.5-0.5b:
+	$(call hf_download_family,Qwen/Qwen2.5-0.5B,models/qwen2.5-0.5b,)
+download-llama-3.2-1b:
+	$(call hf_download_family,meta-llama/Llama-3.2-1B,models/llama-3.2-1b,; Llama 3.2 is gated: accept its licence on the hub and set HF_TOKEN to an access token)
 
 # --- tests --------------------------------------------------------------
 unit: $(UNIT_BIN)

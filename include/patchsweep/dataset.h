@@ -7,6 +7,15 @@
  * corrupted must tokenize to the same length (checked by dataset_validate).
  *
  * The generators (IOI, capitals) are in dataset_gen.h.
+ *
+ * Token ids as input (issue 17): an item may carry
+ *   "clean_ids": [...], "corrupted_ids": [...], "answer_id": N, "wrong_id": N
+ * (all four or none; make-dataset --ids writes them, with <|endoftext|>
+ * first).  dataset_tokenize takes them as they are (no BOS added) when there
+ * is no tokenizer (the families whose tokenizer is not supported yet) or no
+ * text; with a tokenizer and text the text is tokenized as before.  An item
+ * with ids may leave out the text fields.  Ids are checked against the
+ * vocabulary by the model run (forward_run, patch_pair_init).
  */
 #ifndef PS_DATASET_H
 #define PS_DATASET_H
@@ -64,8 +73,9 @@ typedef struct {
     int32_t answer_id, wrong_id;
 } dataset_tokens;
 
-/* Tokenize item i; errors (unequal lengths, multi-token answers, longer than
- * max_tokens) name "path:line". */
+/* Tokenize item i (t NULL: the item's token ids; see above); errors
+ * (unequal lengths, multi-token answers, longer than max_tokens) name
+ * "path:line". */
 ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
                            size_t max_tokens, dataset_tokens *out);
 void dataset_tokens_free(dataset_tokens *tk);

@@ -45,7 +45,8 @@ typedef struct {
     float *ln1_scale, *ln2_scale;   /* [T] */
     float *ln1_norm, *ln2_norm;     /* [T, d] x / scale, before weight and bias (hook_normalized) */
     float *rot_q;                   /* [T, H, dh] q after the rotary embedding (rotary only) */
-    float *rot_k;                   /* [T, H_kv, dh] (rotary only) */
+    float *rot_k;                   /* [T, H_kv, dh] (rotary only; in the core: the fast
+                                     * engine's key prefix) */
     float *mlp_pre_linear;          /* [T, m] up(x) (gated MLPs only) */
     float *attn_out;    /* [T, d] */
     float *resid_mid;   /* [T, d] */
@@ -78,7 +79,8 @@ typedef struct {
     size_t arena_floats;
     bool trimmed;           /* forward_cache_trim: the core alone */
     size_t core_floats;     /* arena prefix the patching engines read: embeddings,
-                               per block everything but ln1, ln2, mlp_pre, mlp_post;
+                               per block resid_pre, q, k, v, rot_k (rotary only),
+                               pattern, z, attn_out, resid_mid, mlp_out, resid_post;
                                ln_final.  Sized for `capacity` tokens. */
 } forward_cache;
 
@@ -99,6 +101,9 @@ typedef struct {
 ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t capacity,
                              forward_logits logits_mode);
 void forward_cache_free(forward_cache *c);
+
+/* Floats of the core of a T-token cache (forward_cache.core_floats). */
+size_t forward_core_floats(const model_config *cfg, size_t T);
 
 /* Keep only the core (core_floats): ln1, ln2, mlp_pre, mlp_post and the
  * logits become NULL and their memory is returned.  What a patch_pair keeps

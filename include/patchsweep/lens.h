@@ -36,6 +36,15 @@
  * Because centring and the dot product are linear, the parts sum to
  * ln_f(r) . u = logit[answer] - logit[wrong], up to float rounding of the
  * forward pass (the residual error the CLI prints).
+ *
+ * Families (model.h): the final norm is the family's.  RMSNorm (Llama,
+ * Mistral, Qwen2): decoding is x / sqrt(mean(x^2) + eps) * w; the attribution
+ * uses no centring and scale = sqrt(mean(r^2) + eps) of the full final
+ * residual (TransformerLens' apply_ln_to_stack with ln_final.hook_scale),
+ *   part(c) = c / scale . (ln_f.w * u),  part(ln_f.b) = 0 (no bias);
+ * rotary models have no position embedding: part(pos_embed) = 0.  The parts
+ * still sum to logit[answer] - logit[wrong].  GPT-NeoX: LayerNorm as GPT-2,
+ * its parallel residual changes nothing (r is still the sum of the parts).
  */
 #ifndef PS_LENS_H
 #define PS_LENS_H

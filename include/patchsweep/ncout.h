@@ -107,6 +107,7 @@ typedef struct {
 typedef struct {
     ncout_file *f;
     size_t n_layer, n_head, max_T;
+    size_t n_kv_head;   /* key/value heads (grouped-query attention: the kv_head axis) */
     bool on[PATCH_COMPONENT_COUNT];
     patch_metric metric;
     int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];

@@ -88,6 +88,22 @@ void ops_norm_affine(float *out, const float *normalized, const float *w, const 
 void ops_rotary(float *out, const float *x, size_t rows, size_t pos0, size_t n_heads, size_t dh, size_t rot,
                 const float *cos_tab, const float *sin_tab);
 
+/* The norm of a family's rows (model_norm), x and out [rows, d], w [d], b
+ * [d] or NULL, split among the pool's threads: LayerNorm as
+ * ops_layernorm_threaded, RMSNorm as ops_rmsnorm_normalize then
+ * ops_norm_affine per row (the forward pass's bits for any thread count). */
+void ops_norm_threaded(float *out, const float *x, const float *w, const float *b, size_t rows, size_t d, float eps,
+                       model_norm norm);
+
+/* The MLP of rows for any activation (model_act), x [rows, d] (the ln_2
+ * output), out [rows, d]:
+ *   gelu_new   out = gelu_new(x W_fc + b_fc) W_proj + b_proj     (ops_mlp)
+ *   gelu_erf   out = gelu_erf(x W_fc + b_fc) W_proj + b_proj
+ *   silu_gated out = (silu(x W_gate + b_gate) * (x W_up + b_up)) W_down + b_down
+ * h [rows, m] is scratch (the hidden layer), g [rows, m] too (gated only;
+ * NULL otherwise).  The kernels and bits of forward.c's block. */
+void ops_mlp_act(float *out, float *h, float *g, const float *x, size_t rows, const model_block *b, model_act act);
+
 /* The MLP's output layer: out[rows, d] = h[rows, m] W_proj + b_proj. */
 void ops_mlp_proj(float *out, const float *h, size_t rows, const model_block *b);
 

@@ -17,6 +17,10 @@
  *   z                                         (layer, position, head)
  *   z_all_pos, q_all_pos, k_all_pos,
  *   v_all_pos, pattern_all_pos                (layer, head)
+ * With grouped-query attention (H_kv < H key/value heads) k_all_pos and
+ * v_all_pos are (layer, kv_head), one cell per key/value head, as
+ * TransformerLens' get_act_patch_attn_head_{k,v}_all_pos; z, q and pattern
+ * stay per query head.
  * Groups: block_every = resid_pre,attn_out,mlp_out;
  *         head_all_pos_every = z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos.
  *
@@ -62,6 +66,9 @@ typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 const char *patch_component_name(patch_component c);
 /* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */
 bool patch_component_all_pos(patch_component c);
+/* k_all_pos / v_all_pos of a model with fewer key/value heads than query
+ * heads: the grid's head axis is the H_kv key/value heads ("kv_head"). */
+bool patch_component_kv_heads(patch_component c, const model_config *cfg);
 const char *patch_metric_name(patch_metric m);
 ps_status patch_metric_parse(const char *s, patch_metric *m);
 
@@ -69,8 +76,12 @@ ps_status patch_metric_parse(const char *s, patch_metric *m);
  * (on[PATCH_COMPONENT_COUNT]); unknown names are an error listing the valid ones. */
 ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT]);
 
-/* Grid of a component for T tokens: (layer, position), (layer, position, head)
- * or (layer, head).  Returns ndim; dim_names as used in NetCDF. */
+/* Refuse a set of components the model lacks: resid_mid with a parallel
+ * residual (GPT-NeoX use_parallel_residual), one line naming it. */
+ps_status patch_components_check(const bool on[PATCH_COMPONENT_COUNT], const model_config *cfg);
+
+/* Grid of a component for T tokens: (layer, position), (layer, position, head),
+ * (layer, head) or (layer, kv_head).  Returns ndim; dim_names as used in NetCDF. */
 size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[3],
                         const char *dim_names[3]);
 

@@ -77,12 +77,14 @@
 #define SCHEMA_DIM_LAYER "layer"
 #define SCHEMA_DIM_POSITION "position"
 #define SCHEMA_DIM_HEAD "head"
+#define SCHEMA_DIM_KV_HEAD "kv_head"   /* k_all_pos / v_all_pos of grouped-query models */
 #define SCHEMA_DIM_TOPK "topk"
 
 /* ---- variables of the patching results ---- */
 #define SCHEMA_VAR_LAYER "layer"       /* coordinates */
 #define SCHEMA_VAR_POSITION "position"
 #define SCHEMA_VAR_HEAD "head"
+#define SCHEMA_VAR_KV_HEAD "kv_head"
 #define SCHEMA_VAR_CLEAN_METRIC "clean_metric"
 #define SCHEMA_VAR_CORRUPTED_METRIC "corrupted_metric"
 #define SCHEMA_VAR_LENGTH "length"

@@ -56,6 +56,28 @@ bool cli_parse_size(const char *s, size_t lo, size_t hi, size_t *out)
     return true;
 }
 
+ps_status cli_model_tokenizer(const char *model_dir, const char *tokenizer_dir, const model *m, bool required,
+                              tokenizer **tok)
+{
+    *tok = NULL;
+    ps_status st = tokenizer_load_for_model(tok, model_dir, tokenizer_dir);
+    if (st == PS_OK && m && m->cfg.family != MODEL_FAMILY_GPT2 && !tokenizer_is_hf(*tok)) {
+        /* GPT-2's vocab/merges (a fallback) would silently mis-tokenize this
+         * model's text */
+        st = err_set(PS_ERR_INVALID, "%s: a %s model needs its tokenizer.json (none in the model directory%s); "
+                     "or give token ids (--ids)", model_dir, model_family_name(m->cfg.family),
+                     tokenizer_dir ? " nor in --tokenizer" : "");
+    }
+    if (st == PS_OK && m && tokenizer_vocab_size(*tok) > m->cfg.vocab_size)
+        st = err_set(PS_ERR_INVALID, "%s: the tokenizer has %zu tokens but the model's vocab_size is %zu", model_dir,
+                     tokenizer_vocab_size(*tok), m->cfg.vocab_size);
+    if (st != PS_OK) {
+        tokenizer_free(*tok);
+        *tok = NULL;
+    }
+    return required ? st : PS_OK;
+}
+
 int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok)
 {
     *tok = NULL;
@@ -63,25 +85,10 @@ int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok)
         return cli_usage(cmd, "--model DIR is required");
     if (m && model_load(m, o->model_dir) != PS_OK)
         return cli_fail();
-    if (tokenizer_load_for_model(tok, o->model_dir, o->tokenizer_dir) != PS_OK) {
-        if (m)
-            model_free(m);
-        return cli_fail();
-    }
-    if (m && m->cfg.family != MODEL_FAMILY_GPT2 && !tokenizer_is_hf(*tok)) {
-        /* GPT-2's vocab/merges (a fallback) would silently mis-tokenize this
-         * model's text */
-        err_set(PS_ERR_INVALID, "%s: a %s model needs its tokenizer.json (none in the model directory%s); "
-                "or give token ids (--ids)", o->model_dir, model_family_name(m->cfg.family),
-                o->tokenizer_dir ? " nor in --tokenizer" : "");
-        tokenizer_free(*tok);
-        *tok = NULL;
-        model_free(m);
-        return cli_fail();
-    }
     /* --bos / --no-bos over the tokenizer's own BOS default; o->bos then
      * says whether prompts really start with a BOS. */
-    if (o->bos_forced && tokenizer_set_add_bos(*tok, true) != PS_OK) {
+    if (cli_model_tokenizer(o->model_dir, o->tokenizer_dir, m, true, tok) != PS_OK ||
+        (o->bos_forced && tokenizer_set_add_bos(*tok, true) != PS_OK)) {
         tokenizer_free(*tok);
         *tok = NULL;
         if (m)
@@ -89,14 +96,6 @@ int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok)
         return cli_fail();
     }
     o->bos = o->bos && tokenizer_add_bos(*tok);
-    if (m && tokenizer_vocab_size(*tok) > m->cfg.vocab_size) {
-        err_set(PS_ERR_INVALID, "%s: the tokenizer has %zu tokens but the model's vocab_size is %zu", o->model_dir,
-                tokenizer_vocab_size(*tok), m->cfg.vocab_size);
-        tokenizer_free(*tok);
-        *tok = NULL;
-        model_free(m);
-        return cli_fail();
-    }
     return 0;
 }
 
@@ -284,4 +283,85 @@ json_t *cli_blas_json(void)
                      "selfcheck_worst", r->check_worst, "reexecuted", r->reexecuted, "threads", (int)r->threads,
                      "threads_rule", r->threads_why ? r->threads_why : "", "cpu", "vendor", c->vendor, "family",
                      (int)c->family, "model", (int)c->model, "description", features, "best_core", best);
+}
+
+/* ---- token ids as input (--ids, issue 17) ---------------------------------- */
+
+/* "50256,1,2" -> ids; a malformed list is a usage error (returns false). */
+bool cli_parse_ids(const char *s, int32_t **ids, size_t *n)
+{
+    size_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *out = malloc(cap * sizeof *out);
+    if (!out)
+        return false;
+    size_t k = 0;
+    const char *p = s;
+    for (;;) {
+        char *end = NULL;
+        if (*p < '0' || *p > '9') {
+            free(out);
+            return false;
+        }
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (errno || v > INT32_MAX) {
+            free(out);
+            return false;
+        }
+        out[k++] = (int32_t)v;
+        if (*end == '\0')
+            break;
+        if (*end != ',') {
+            free(out);
+            return false;
+        }
+        p = end + 1;
+    }
+    *ids = out;
+    *n = k;
+    return true;
+}
+
+/* The model for a run from token ids: no tokenizer is needed (models of the
+ * other families have none yet), and none is loaded (tok = NULL); ids at or
+ * above the vocabulary are refused. */
+int cli_load_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n)
+{
+    *tok = NULL;
+    if (!o->model_dir)
+        return cli_usage(cmd, "--model DIR is required");
+    if (model_load(m, o->model_dir) != PS_OK)
+        return cli_fail();
+    /* token strings for the output when the model has a tokenizer it can
+     * use; the ids alone otherwise */
+    cli_model_tokenizer(o->model_dir, o->tokenizer_dir, m, false, tok);
+    for (size_t i = 0; i < n; i++)
+        if ((size_t)ids[i] >= m->cfg.vocab_size) {
+            err_set(PS_ERR_RANGE, "--ids: token id %d at position %zu is not below the vocabulary size %zu", ids[i], i,
+                    m->cfg.vocab_size);
+            tokenizer_free(*tok);
+            *tok = NULL;
+            model_free(m);
+            return cli_fail();
+        }
+    return 0;
+}
+
+int cli_load_for_dataset(const char *cmd, const cli_common *o, model *m, tokenizer **tok)
+{
+    *tok = NULL;
+    if (!o->model_dir)
+        return cli_usage(cmd, "--model DIR is required");
+    if (model_load(m, o->model_dir) != PS_OK)
+        return cli_fail();
+    /* GPT-2 always tokenizes (its files are found as for cli_load); the
+     * other families with their tokenizer.json, or else the items' token
+     * ids are used (clean_ids, ...: dataset.h) */
+    if (cli_model_tokenizer(o->model_dir, o->tokenizer_dir, m, m->cfg.family == MODEL_FAMILY_GPT2, tok) != PS_OK) {
+        model_free(m);
+        return cli_fail();
+    }
+    return 0;
 }

@@ -64,6 +64,28 @@ bool cli_parse_size(const char *s, size_t lo, size_t hi, size_t *out);
  * returns the exit code (nothing stays allocated), else 0. */
 int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok);
 
+/* The tokenizer of model m (NULL: any): tokenizer_load_for_model, refused
+ * for a family other than GPT-2 unless it is a tokenizer.json, and refused
+ * when it has more tokens than the model.  required = false: a failure
+ * leaves *tok = NULL and returns PS_OK (ids-only runs). */
+ps_status cli_model_tokenizer(const char *model_dir, const char *tokenizer_dir, const model *m, bool required,
+                              tokenizer **tok);
+
+/* "50256,1,2" -> malloc'd ids; false for a malformed list (a usage error). */
+bool cli_parse_ids(const char *s, int32_t **ids, size_t *n);
+
+/* The model for a run from token ids (--ids and the like): no tokenizer is
+ * needed: the model's own is loaded for token strings when it has one it
+ * can use (cli_model_tokenizer), else *tok = NULL; ids at or above the
+ * vocabulary are refused.  As cli_load otherwise. */
+int cli_load_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n);
+
+/* The model for a command reading a dataset (evaluate, lens --dataset):
+ * cli_load for GPT-2; the other families use their tokenizer.json when they
+ * have one, else *tok = NULL and the items' token ids are used (clean_ids,
+ * ...: dataset.h). */
+int cli_load_for_dataset(const char *cmd, const cli_common *o, model *m, tokenizer **tok);
+
 /* Tokenize a prompt, with the tokenizer's BOS first when bos and the
  * tokenizer adds one (tokenizer_add_bos). */
 ps_status cli_encode_prompt(const tokenizer *tok, const char *text, bool bos, int32_t **ids, size_t *n);

@@ -144,7 +144,7 @@ int cmd_evaluate(int argc, char **argv)
         return cli_usage("evaluate", "--dataset FILE.jsonl is required");
     model m;
     tokenizer *tok;
-    if ((rc = cli_load("evaluate", &o, &m, &tok)))
+    if ((rc = cli_load_for_dataset("evaluate", &o, &m, &tok)))
         return rc;
     dataset d = {0};
     evaluate_result r;

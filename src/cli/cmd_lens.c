@@ -11,7 +11,12 @@
 #include "ncout.h"
 
 enum { OPT_ANSWER = CLI_OPT_FIRST_FREE, OPT_WRONG, OPT_TOP_K, OPT_POSITION, OPT_DATASET, OPT_LAYER, OPT_SUBTRACT,
-       OPT_ATTRIBUTION };
+       OPT_ATTRIBUTION, OPT_IDS, OPT_ANSWER_ID, OPT_WRONG_ID };
+
+/* A prompt given as token ids (--ids, --answer-id, --wrong-id): no tokenizer. */
+typedef struct {
+    const char *ids, *answer_id, *wrong_id;
+} ids_input;
 
 #define DEFAULT_TOP_K 10
 
@@ -45,16 +50,46 @@ static int token_arg(const char *cmd, const tokenizer *tok, const char *opt, con
 /* Tokenize the prompt, resolve --answer, --wrong and --position (default:
  * the last token) and run the forward pass without logits (the lens decodes
  * what it needs).  Returns 0 or the exit status after printing. */
+/* A single --answer-id / --wrong-id below the vocabulary, or LENS_NO_TOKEN. */
+static int id_arg(const char *cmd, const model *m, const char *opt, const char *text, int32_t *id)
+{
+    *id = LENS_NO_TOKEN;
+    if (!text)
+        return 0;
+    int32_t *one = NULL;
+    size_t n = 0;
+    bool ok = cli_parse_ids(text, &one, &n) && n == 1;
+    if (ok)
+        *id = one[0];
+    free(one);
+    if (!ok)
+        return cli_usage(cmd, "%s takes one token id (a whole number), not '%s'", opt, text);
+    if ((size_t)*id >= m->cfg.vocab_size) {
+        err_set(PS_ERR_RANGE, "%s: token id %d is not below the vocabulary size %zu", opt, *id, m->cfg.vocab_size);
+        return cli_fail();
+    }
+    return 0;
+}
+
 static int prepare(const char *cmd, const model *m, const tokenizer *tok, bool bos, const char *prompt,
-                   const char *answer, const char *wrong, const size_t *position, prompt_run *pr)
+                   const char *answer, const char *wrong, const ids_input *in, const size_t *position,
+                   prompt_run *pr)
 {
     memset(pr, 0, sizeof *pr);
     int rc;
-    if ((rc = token_arg(cmd, tok, "--answer", answer, &pr->answer)) ||
-        (rc = token_arg(cmd, tok, "--wrong", wrong, &pr->wrong)))
-        return rc;
-    if (cli_encode_prompt(tok, prompt, bos, &pr->ids, &pr->n) != PS_OK)
-        return cli_fail();
+    if (in->ids) {
+        if ((rc = id_arg(cmd, m, "--answer-id", in->answer_id, &pr->answer)) ||
+            (rc = id_arg(cmd, m, "--wrong-id", in->wrong_id, &pr->wrong)))
+            return rc;
+        if (!cli_parse_ids(in->ids, &pr->ids, &pr->n))
+            return cli_usage(cmd, "--ids takes comma-separated token ids (whole numbers), not '%s'", in->ids);
+    } else {
+        if ((rc = token_arg(cmd, tok, "--answer", answer, &pr->answer)) ||
+            (rc = token_arg(cmd, tok, "--wrong", wrong, &pr->wrong)))
+            return rc;
+        if (cli_encode_prompt(tok, prompt, bos, &pr->ids, &pr->n) != PS_OK)
+            return cli_fail();
+    }
     pr->position = pr->n - 1;
     if (position) {
         if (*position >= pr->n) {
@@ -195,6 +230,7 @@ static void print_prompt_line(const prompt_run *pr, const tokenizer *tok)
 
 static const char *lens_help =
     "usage: patchsweep lens --model DIR --prompt TEXT [--answer TOK] [--top-k K] [--position P] [--json]\n"
+    "       patchsweep lens --model DIR --ids ID,... [--answer-id ID] [--top-k K] [--position P] [--json]\n"
     "       patchsweep lens --model DIR --dataset FILE.jsonl [--top-k K] -o OUT.nc\n"
     "  Early decoding (the logit lens): the final LayerNorm and the unembedding\n"
     "  applied to the residual stream after the embedding (layer 'embed' =\n"
@@ -246,10 +282,10 @@ static void print_lens_table(const lens_view *v, char **tops)
 }
 
 static int lens_one(const model *m, const tokenizer *tok, const cli_common *o, const char *prompt,
-                    const char *answer, const size_t *position, size_t top_k)
+                    const char *answer, const ids_input *in, const size_t *position, size_t top_k)
 {
     prompt_run pr;
-    int rc = prepare("lens", m, tok, o->bos, prompt, answer, NULL, position, &pr);
+    int rc = prepare("lens", m, tok, o->bos, prompt, answer, NULL, in, position, &pr);
     if (rc)
         return rc;
     lens_view v = {0};
@@ -304,9 +340,12 @@ int cmd_lens(int argc, char **argv)
                                          {"position", required_argument, 0, OPT_POSITION},
                                          {"dataset", required_argument, 0, OPT_DATASET},
                                          {"output", required_argument, 0, 'o'},
+                                         {"ids", required_argument, 0, OPT_IDS},
+                                         {"answer-id", required_argument, 0, OPT_ANSWER_ID},
                                          {0, 0, 0, 0}};
     cli_common o = {.bos = true};
     const char *prompt = NULL, *answer = NULL, *dataset_path = NULL, *output = NULL;
+    ids_input in = {0};
     size_t top_k = DEFAULT_TOP_K, position = 0;
     bool has_position = false;
     int ch, rc;
@@ -314,6 +353,8 @@ int cmd_lens(int argc, char **argv)
         switch (ch) {
         case 'p': prompt = optarg; break;
         case OPT_ANSWER: answer = optarg; break;
+        case OPT_IDS: in.ids = optarg; break;
+        case OPT_ANSWER_ID: in.answer_id = optarg; break;
         case OPT_DATASET: dataset_path = optarg; break;
         case 'o': output = optarg; break;
         case OPT_TOP_K:
@@ -332,8 +373,12 @@ int cmd_lens(int argc, char **argv)
     }
     if (optind != argc)
         return cli_usage("lens", "unexpected argument '%s'", argv[optind]);
-    if (!prompt == !dataset_path)
-        return cli_usage("lens", "give --prompt TEXT or --dataset FILE.jsonl (one of them)");
+    if ((prompt != NULL) + (in.ids != NULL) + (dataset_path != NULL) != 1)
+        return cli_usage("lens", "give --prompt TEXT, --ids ID,... or --dataset FILE.jsonl (one of them)");
+    if (in.answer_id && !in.ids)
+        return cli_usage("lens", "--answer-id goes with --ids (--answer with --prompt)");
+    if (in.ids && answer)
+        return cli_usage("lens", "--answer goes with --prompt (--answer-id with --ids)");
     if (dataset_path) {
         if (!output)
             return cli_usage("lens", "--dataset needs -o OUT.nc");
@@ -345,12 +390,14 @@ int cmd_lens(int argc, char **argv)
     }
     model m;
     tokenizer *tok;
-    if ((rc = cli_load("lens", &o, &m, &tok)))
+    if ((rc = in.ids         ? cli_load_ids("lens", &o, &m, &tok, NULL, 0)
+              : dataset_path ? cli_load_for_dataset("lens", &o, &m, &tok)
+                             : cli_load("lens", &o, &m, &tok)))
         return rc;
     if (top_k > m.cfg.vocab_size)
         top_k = m.cfg.vocab_size;
     rc = dataset_path ? lens_dataset(&m, tok, &o, dataset_path, output, top_k)
-                      : lens_one(&m, tok, &o, prompt, answer, has_position ? &position : NULL, top_k);
+                      : lens_one(&m, tok, &o, prompt, answer, &in, has_position ? &position : NULL, top_k);
     tokenizer_free(tok);
     model_free(&m);
     return rc;
@@ -362,6 +409,7 @@ static const char *decompose_help =
     "usage: patchsweep decompose --model DIR --prompt TEXT --layer L --subtract attn_out|mlp_out\n"
     "                            [--answer TOK] [--top-k K] [--position P] [--json]\n"
     "       patchsweep decompose --model DIR --prompt TEXT --attribution --answer TOK [--wrong TOK]\n"
+    "  (or --ids ID,... with --answer-id ID / --wrong-id ID: token ids, no tokenizer)\n"
     "  Residual-stream decomposition (the worksheet's experiment): block L's output\n"
     "  (blocks.L.hook_resid_post) decoded through ln_f and the unembedding as is and\n"
     "  with the component's update at block L subtracted, side by side, with the\n"
@@ -497,9 +545,13 @@ int cmd_decompose(int argc, char **argv)
                                          {"top-k", required_argument, 0, OPT_TOP_K},
                                          {"position", required_argument, 0, OPT_POSITION},
                                          {"attribution", no_argument, 0, OPT_ATTRIBUTION},
+                                         {"ids", required_argument, 0, OPT_IDS},
+                                         {"answer-id", required_argument, 0, OPT_ANSWER_ID},
+                                         {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {0, 0, 0, 0}};
     cli_common o = {.bos = true};
     const char *prompt = NULL, *answer = NULL, *wrong = NULL;
+    ids_input in = {0};
     size_t top_k = DEFAULT_TOP_K, position = 0, layer = 0;
     bool has_position = false, has_layer = false, has_comp = false, attribution = false;
     lens_component comp = LENS_MLP_OUT;
@@ -509,6 +561,9 @@ int cmd_decompose(int argc, char **argv)
         case 'p': prompt = optarg; break;
         case OPT_ANSWER: answer = optarg; break;
         case OPT_WRONG: wrong = optarg; break;
+        case OPT_IDS: in.ids = optarg; break;
+        case OPT_ANSWER_ID: in.answer_id = optarg; break;
+        case OPT_WRONG_ID: in.wrong_id = optarg; break;
         case OPT_ATTRIBUTION: attribution = true; break;
         case OPT_LAYER:
             if (!cli_parse_size(optarg, 0, MODEL_MAX_N_LAYER, &layer))
@@ -536,8 +591,12 @@ int cmd_decompose(int argc, char **argv)
     }
     if (optind != argc)
         return cli_usage("decompose", "unexpected argument '%s'", argv[optind]);
-    if (!prompt)
-        return cli_usage("decompose", "--prompt TEXT is required");
+    if (!prompt == !in.ids)
+        return cli_usage("decompose", "give --prompt TEXT or --ids ID,... (one of them)");
+    if (in.ids ? (answer || wrong) : (in.answer_id || in.wrong_id))
+        return cli_usage("decompose", "--answer/--wrong go with --prompt, --answer-id/--wrong-id with --ids");
+    if (in.ids)
+        answer = in.answer_id, wrong = in.wrong_id; /* for the checks below only */
     if (has_layer != has_comp)
         return cli_usage("decompose", "--layer L and --subtract attn_out|mlp_out go together");
     if (!has_layer && !attribution)
@@ -548,7 +607,7 @@ int cmd_decompose(int argc, char **argv)
         return cli_usage("decompose", "--wrong applies to --attribution");
     model m;
     tokenizer *tok;
-    if ((rc = cli_load("decompose", &o, &m, &tok)))
+    if ((rc = in.ids ? cli_load_ids("decompose", &o, &m, &tok, NULL, 0) : cli_load("decompose", &o, &m, &tok)))
         return rc;
     prompt_run pr = {0};
     lens_view v = {0};
@@ -559,7 +618,7 @@ int cmd_decompose(int argc, char **argv)
                        m.cfg.n_layer, m.cfg.n_layer - 1);
         goto out;
     }
-    if ((rc = prepare("decompose", &m, tok, o.bos, prompt, answer, wrong, has_position ? &position : NULL, &pr)))
+    if ((rc = prepare("decompose", &m, tok, o.bos, prompt, answer, wrong, &in, has_position ? &position : NULL, &pr)))
         goto out;
     if (attribution && pr.wrong == pr.answer) {
         rc = cli_usage("decompose", "--answer and --wrong are the same token (id %d)", pr.answer);

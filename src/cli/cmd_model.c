@@ -15,63 +15,6 @@
 
 /* ---- token ids as input (--ids) ------------------------------------------- */
 
-/* "50256,1,2" -> ids; a malformed list is a usage error (returns false). */
-static bool parse_ids(const char *s, int32_t **ids, size_t *n)
-{
-    size_t cap = 1;
-    for (const char *p = s; *p; p++)
-        cap += *p == ',';
-    int32_t *out = malloc(cap * sizeof *out);
-    if (!out)
-        return false;
-    size_t k = 0;
-    const char *p = s;
-    for (;;) {
-        char *end = NULL;
-        if (*p < '0' || *p > '9') {
-            free(out);
-            return false;
-        }
-        errno = 0;
-        long long v = strtoll(p, &end, 10);
-        if (errno || v > INT32_MAX) {
-            free(out);
-            return false;
-        }
-        out[k++] = (int32_t)v;
-        if (*end == '\0')
-            break;
-        if (*end != ',') {
-            free(out);
-            return false;
-        }
-        p = end + 1;
-    }
-    *ids = out;
-    *n = k;
-    return true;
-}
-
-/* The model for a run from token ids: no tokenizer is needed (models of the
- * other families have none yet), and none is loaded (tok = NULL); ids at or
- * above the vocabulary are refused. */
-static int load_for_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok, const int32_t *ids, size_t n)
-{
-    *tok = NULL;
-    if (!o->model_dir)
-        return cli_usage(cmd, "--model DIR is required");
-    if (model_load(m, o->model_dir) != PS_OK)
-        return cli_fail();
-    for (size_t i = 0; i < n; i++)
-        if ((size_t)ids[i] >= m->cfg.vocab_size) {
-            err_set(PS_ERR_RANGE, "--ids: token id %d at position %zu is not below the vocabulary size %zu", ids[i], i,
-                    m->cfg.vocab_size);
-            model_free(m);
-            return cli_fail();
-        }
-    return 0;
-}
-
 /* ---- tokenize ------------------------------------------------------------ */
 
 static const char *tokenize_help =
@@ -176,11 +119,11 @@ int cmd_run(int argc, char **argv)
         return cli_usage("run", "exactly one of --prompt TEXT and --ids ID,... is required");
     int32_t *ids = NULL;
     size_t n = 0;
-    if (ids_arg && !parse_ids(ids_arg, &ids, &n))
+    if (ids_arg && !cli_parse_ids(ids_arg, &ids, &n))
         return cli_usage("run", "--ids takes comma-separated token ids (whole numbers), not '%s'", ids_arg);
     model m;
     tokenizer *tok;
-    if ((rc = ids_arg ? load_for_ids("run", &o, &m, &tok, ids, n) : cli_load("run", &o, &m, &tok))) {
+    if ((rc = ids_arg ? cli_load_ids("run", &o, &m, &tok, ids, n) : cli_load("run", &o, &m, &tok))) {
         free(ids);
         return rc;
     }
@@ -282,11 +225,11 @@ int cmd_cache(int argc, char **argv)
         return cli_usage("cache", "-o OUT.nc is required");
     int32_t *ids = NULL;
     size_t n = 0;
-    if (ids_arg && !parse_ids(ids_arg, &ids, &n))
+    if (ids_arg && !cli_parse_ids(ids_arg, &ids, &n))
         return cli_usage("cache", "--ids takes comma-separated token ids (whole numbers), not '%s'", ids_arg);
     model m;
     tokenizer *tok;
-    if ((rc = ids_arg ? load_for_ids("cache", &o, &m, &tok, ids, n) : cli_load("cache", &o, &m, &tok))) {
+    if ((rc = ids_arg ? cli_load_ids("cache", &o, &m, &tok, ids, n) : cli_load("cache", &o, &m, &tok))) {
         free(ids);
         return rc;
     }

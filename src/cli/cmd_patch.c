@@ -17,6 +17,7 @@
 typedef struct {
     cli_common common;
     const char *clean, *corrupted, *answer, *wrong, *output, *save;
+    const char *clean_ids, *corrupted_ids, *answer_id, *wrong_id; /* token ids instead of text */
     bool on[PATCH_COMPONENT_COUNT];
     bool components_given;
     patch_opts po;
@@ -25,7 +26,8 @@ typedef struct {
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
-       OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY };
+       OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
+       OPT_ANSWER_ID, OPT_WRONG_ID };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -42,6 +44,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"reps", required_argument, 0, OPT_REPS},
                                          {"save", required_argument, 0, OPT_SAVE},
                                          {"fast-only", no_argument, 0, OPT_FAST_ONLY},
+                                         {"clean-ids", required_argument, 0, OPT_CLEAN_IDS},
+                                         {"corrupted-ids", required_argument, 0, OPT_CORRUPTED_IDS},
+                                         {"answer-id", required_argument, 0, OPT_ANSWER_ID},
+                                         {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -64,6 +70,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_CORRUPTED: a->corrupted = optarg; break;
         case OPT_ANSWER: a->answer = optarg; break;
         case OPT_WRONG: a->wrong = optarg; break;
+        case OPT_CLEAN_IDS: a->clean_ids = optarg; break;
+        case OPT_CORRUPTED_IDS: a->corrupted_ids = optarg; break;
+        case OPT_ANSWER_ID: a->answer_id = optarg; break;
+        case OPT_WRONG_ID: a->wrong_id = optarg; break;
         case 'o': a->output = optarg; break;
         case OPT_SAVE: a->save = optarg; break;
         case OPT_FAST_ONLY: a->fast_only = true; break;
@@ -97,19 +107,99 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     }
     if (optind != argc)
         return cli_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    const bool any_ids = a->clean_ids || a->corrupted_ids || a->answer_id || a->wrong_id;
+    if (any_ids && (a->clean || a->corrupted || a->answer || a->wrong))
+        return cli_usage(cmd, "give the pair as text (--clean, --corrupted, --answer, --wrong) or as token ids "
+                              "(--clean-ids, --corrupted-ids, --answer-id, --wrong-id), not both");
+    if (any_ids && (!a->clean_ids || !a->corrupted_ids || !a->answer_id || !a->wrong_id))
+        return cli_usage(cmd, "--clean-ids, --corrupted-ids, --answer-id and --wrong-id go together");
     return CLI_CONTINUE;
+}
+
+/* A pair given as token ids (--clean-ids etc.). */
+typedef struct {
+    int32_t *clean, *corrupted;
+    size_t nc, nr;
+    int32_t answer, wrong;
+} pair_ids;
+
+static void pair_ids_free(pair_ids *p)
+{
+    free(p->clean);
+    free(p->corrupted);
+    memset(p, 0, sizeof *p);
+}
+
+/* Parse --clean-ids etc. into *p (a usage error prints and returns its code). */
+static int parse_pair_ids(const char *cmd, const patch_args *a, pair_ids *p)
+{
+    memset(p, 0, sizeof *p);
+    if (!cli_parse_ids(a->clean_ids, &p->clean, &p->nc))
+        return cli_usage(cmd, "--clean-ids takes comma-separated token ids (whole numbers), not '%s'", a->clean_ids);
+    if (!cli_parse_ids(a->corrupted_ids, &p->corrupted, &p->nr)) {
+        pair_ids_free(p);
+        return cli_usage(cmd, "--corrupted-ids takes comma-separated token ids (whole numbers), not '%s'",
+                         a->corrupted_ids);
+    }
+    const char *arg[2] = {a->answer_id, a->wrong_id}, *names[2] = {"--answer-id", "--wrong-id"};
+    int32_t *out[2] = {&p->answer, &p->wrong};
+    for (int i = 0; i < 2; i++) {
+        int32_t *one = NULL;
+        size_t n = 0;
+        bool ok = cli_parse_ids(arg[i], &one, &n) && n == 1;
+        if (ok)
+            *out[i] = one[0];
+        free(one);
+        if (!ok) {
+            pair_ids_free(p);
+            return cli_usage(cmd, "%s takes one token id (a whole number), not '%s'", names[i], arg[i]);
+        }
+    }
+    return CLI_CONTINUE;
+}
+
+/* Load the model and its tokenizer; a pair given as token ids needs none:
+ * then *tok is the model's own when it has one (token strings) or NULL, and
+ * *ids holds the pair (every id checked against the
+ * vocabulary). */
+static int load_patch_model(const char *cmd, patch_args *a, model *m, tokenizer **tok, pair_ids *ids)
+{
+    memset(ids, 0, sizeof *ids);
+    if (!a->clean_ids)
+        return cli_load(cmd, &a->common, m, tok);
+    int rc = parse_pair_ids(cmd, a, ids);
+    if (rc != CLI_CONTINUE)
+        return rc;
+    int32_t *all = malloc((ids->nc + ids->nr + 2) * sizeof *all);
+    if (!all) {
+        pair_ids_free(ids);
+        err_set(PS_ERR_NOMEM, "out of memory");
+        return cli_fail();
+    }
+    memcpy(all, ids->clean, ids->nc * sizeof *all);
+    memcpy(all + ids->nc, ids->corrupted, ids->nr * sizeof *all);
+    all[ids->nc + ids->nr] = ids->answer, all[ids->nc + ids->nr + 1] = ids->wrong;
+    rc = cli_load_ids(cmd, &a->common, m, tok, all, ids->nc + ids->nr + 2);
+    free(all);
+    if (rc)
+        pair_ids_free(ids);
+    return rc;
 }
 
 /* Tokenize and validate the pair (equal token lengths, within the model's
  * positions, single-token answers), then run both prompts. */
-static ps_status prepare_pair(const model *m, const tokenizer *tok, const patch_args *a, patch_pair *pair)
+static ps_status prepare_pair(const model *m, const tokenizer *tok, const patch_args *a, const pair_ids *ids,
+                              patch_pair *pair)
 {
-    int32_t *clean = NULL, *corrupted = NULL, answer, wrong;
+    int32_t *clean = NULL, *corrupted = NULL, answer = 0, wrong = 0;
     size_t nc = 0, nr = 0;
-    ps_status st;
-    if ((st = cli_encode_prompt(tok, a->clean, a->common.bos, &clean, &nc)) ||
-        (st = cli_encode_prompt(tok, a->corrupted, a->common.bos, &corrupted, &nr)))
+    ps_status st = PS_OK;
+    if (ids->clean) {
+        nc = ids->nc, nr = ids->nr, answer = ids->answer, wrong = ids->wrong;
+    } else if ((st = cli_encode_prompt(tok, a->clean, a->common.bos, &clean, &nc)) ||
+               (st = cli_encode_prompt(tok, a->corrupted, a->common.bos, &corrupted, &nr))) {
         goto out;
+    }
     if (nc != nr) {
         st = err_set(PS_ERR_INVALID, "clean and corrupted prompts differ in token length (%zu vs %zu tokens)", nc, nr);
         goto out;
@@ -119,9 +209,11 @@ static ps_status prepare_pair(const model *m, const tokenizer *tok, const patch_
                      m->cfg.n_positions);
         goto out;
     }
-    if ((st = tokenizer_single_token(tok, a->answer, &answer)) || (st = tokenizer_single_token(tok, a->wrong, &wrong)))
+    if (!ids->clean &&
+        ((st = tokenizer_single_token(tok, a->answer, &answer)) || (st = tokenizer_single_token(tok, a->wrong, &wrong))))
         goto out;
-    st = patch_pair_init(pair, m, clean, corrupted, nc, answer, wrong);
+    st = patch_pair_init(pair, m, ids->clean ? ids->clean : clean, ids->clean ? ids->corrupted : corrupted, nc, answer,
+                         wrong);
 out:
     free(clean);
     free(corrupted);
@@ -131,7 +223,8 @@ out:
 /* ---- patch --------------------------------------------------------------- */
 
 static const char *patch_help =
-    "usage: patchsweep patch --model DIR --clean TEXT --corrupted TEXT --answer TOK --wrong TOK\n"
+    "usage: patchsweep patch --model DIR (--clean TEXT --corrupted TEXT --answer TOK --wrong TOK |\n"
+    "                        --clean-ids IDS --corrupted-ids IDS --answer-id ID --wrong-id ID)\n"
     "                        [--components LIST] [--metric M] [--direction denoise|noise]\n"
     "                        [--engine fast|naive] [-o OUT.nc] [--json] [--no-bos]\n"
     "  Activation patching of one prompt pair (the worksheet's IOI grid).\n"
@@ -143,6 +236,11 @@ static const char *patch_help =
     "  --direction   denoise (default: run corrupted, patch in clean) or noise\n"
     "  --engine      fast (default: recompute only what a patch changes) or naive\n"
     "                (one full forward per cell, the reference)\n"
+    "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"
+    "                the pair as comma-separated token ids (no tokenizer; no BOS added):\n"
+    "                the way to patch the families whose tokenizer is not supported yet\n"
+    "                (k_all_pos, v_all_pos: one cell per key/value head with grouped-query\n"
+    "                attention; resid_mid does not exist with a parallel residual)\n"
     "  Prints each grid of normalized values, (patched - corrupted) / (clean - corrupted),\n"
     "  layers as rows and tokens as columns; -o writes the NetCDF results file.\n";
 
@@ -195,13 +293,15 @@ int cmd_patch(int argc, char **argv)
     int rc = parse_patch_args("patch", patch_help, argc, argv, &a, true);
     if (rc != CLI_CONTINUE)
         return rc;
-    if (!a.clean || !a.corrupted || !a.answer || !a.wrong)
-        return cli_usage("patch", "--clean, --corrupted, --answer and --wrong are required");
+    if (!a.clean_ids && (!a.clean || !a.corrupted || !a.answer || !a.wrong))
+        return cli_usage("patch", "--clean, --corrupted, --answer and --wrong are required (or --clean-ids, "
+                                  "--corrupted-ids, --answer-id and --wrong-id)");
     bool *on = a.on;
     patch_opts po = a.po;
     tokenizer *tok;
     model m;
-    if ((rc = cli_load("patch", &a.common, &m, &tok)))
+    pair_ids ids;
+    if ((rc = load_patch_model("patch", &a, &m, &tok, &ids)))
         return rc;
     patch_pair pair = {0};
     int32_t answer, wrong;
@@ -210,7 +310,7 @@ int cmd_patch(int argc, char **argv)
     ps_status st = PS_OK;
     if (a.output && (st = ncout_create(&f, a.output)))
         goto out;
-    if ((st = prepare_pair(&m, tok, &a, &pair)))
+    if ((st = patch_components_check(on, &m.cfg)) || (st = prepare_pair(&m, tok, &a, &ids, &pair)))
         goto out;
     answer = pair.answer;
     wrong = pair.wrong;
@@ -237,7 +337,7 @@ int cmd_patch(int argc, char **argv)
                                      .clean_metric = pair.clean_metric[po.metric],
                                      .corrupted_metric = pair.corrupted_metric[po.metric],
                                      .clean_tokens = pair.clean.tokens, .corrupted_tokens = pair.corrupted.tokens,
-                                     .answer = a.answer, .wrong = a.wrong};
+                                     .answer = a.answer ? a.answer : "", .wrong = a.wrong ? a.wrong : ""};
         if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) == PS_OK &&
             (st = ncout_results_put(&res, 0, &prompt, tok, values)) == PS_OK)
             st = ncout_results_flush(&res);
@@ -297,6 +397,7 @@ out:
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         free(values[c]);
     patch_pair_free(&pair);
+    pair_ids_free(&ids);
     tokenizer_free(tok);
     model_free(&m);
     return rc;
@@ -307,7 +408,8 @@ out:
 /* ---- bench --------------------------------------------------------------- */
 
 static const char *bench_help =
-    "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK]\n"
+    "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK |\n"
+    "                        --clean-ids IDS --corrupted-ids IDS --answer-id ID --wrong-id ID]\n"
     "                        [--components LIST] [--metric M] [--reps N] [--fast-only] [--json]\n"
     "                        [--save FILE.json]\n"
     "  Times the naive and the fast patching engine side by side in this process\n"
@@ -331,14 +433,16 @@ int cmd_bench(int argc, char **argv)
     int rc = parse_patch_args("bench", bench_help, argc, argv, &a, false);
     if (rc != CLI_CONTINUE)
         return rc;
-    if (!a.clean)
-        a.clean = "After John and Mary went to the store, Mary gave a bottle of milk to";
-    if (!a.corrupted)
-        a.corrupted = "After John and Mary went to the store, John gave a bottle of milk to";
-    if (!a.answer)
-        a.answer = " John";
-    if (!a.wrong)
-        a.wrong = " Mary";
+    if (!a.clean_ids) {
+        if (!a.clean)
+            a.clean = "After John and Mary went to the store, Mary gave a bottle of milk to";
+        if (!a.corrupted)
+            a.corrupted = "After John and Mary went to the store, John gave a bottle of milk to";
+        if (!a.answer)
+            a.answer = " John";
+        if (!a.wrong)
+            a.wrong = " Mary";
+    }
     if (!a.components_given)
         patch_components_parse("resid_pre,attn_out,mlp_out,z_all_pos", a.on);
     bool *on = a.on;
@@ -346,10 +450,13 @@ int cmd_bench(int argc, char **argv)
     const size_t reps = a.reps;
     model m;
     tokenizer *tok;
-    if ((rc = cli_load("bench", &a.common, &m, &tok)))
+    pair_ids ids;
+    if ((rc = load_patch_model("bench", &a, &m, &tok, &ids)))
         return rc;
     patch_pair pair = {0};
-    ps_status st = prepare_pair(&m, tok, &a, &pair);
+    ps_status st = patch_components_check(on, &m.cfg);
+    if (st == PS_OK)
+        st = prepare_pair(&m, tok, &a, &ids, &pair);
     if (st)
         goto out;
     const size_t na = pair.T;
@@ -447,6 +554,7 @@ out:
     if (st)
         rc = cli_fail();
     patch_pair_free(&pair);
+    pair_ids_free(&ids);
     tokenizer_free(tok);
     model_free(&m);
     return rc;

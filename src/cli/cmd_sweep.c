@@ -279,8 +279,13 @@ int cmd_sweep(int argc, char **argv)
      * tokenizer is rank 0's. */
     nw.dir = j.model_dir;
     st = model_load_shared(&m, j.model_dir, &weights_alloc);
+    /* rank 0's tokenizer: GPT-2's always; another family's tokenizer.json
+     * when it has one, else the dataset's token ids (clean_ids, ...) are
+     * used, never GPT-2's tokenizer (cli_model_tokenizer) */
+    if (st == PS_OK)
+        st = patch_components_check(j.components, &m.cfg);
     if (st == PS_OK && root)
-        st = tokenizer_load_for_model(&tok, j.model_dir, j.tokenizer_dir);
+        st = cli_model_tokenizer(j.model_dir, j.tokenizer_dir, &m, m.cfg.family == MODEL_FAMILY_GPT2, &tok);
     if ((st = comm_agree(c, st)))
         goto out;
     if (root)

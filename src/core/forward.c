@@ -67,6 +67,8 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
         ly->q = TAKE(T * qd);
         ly->k = TAKE(T * kvd);
         ly->v = TAKE(T * kvd);
+        if (rotary)
+            ly->rot_k = TAKE(T * kvd); /* the fast engine's key prefix */
         ly->pattern = TAKE(H * T * T);
         ly->z = TAKE(T * qd);
         ly->attn_out = TAKE(T * d);
@@ -76,6 +78,10 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
     }
     c->ln_final = TAKE(T * d);
     c->core_floats = (size_t)(p - c->arena);
+    if (c->core_floats != forward_core_floats(cfg, T)) {
+        forward_cache_free(c);
+        return err_set(PS_ERR_INVALID, "forward_cache_init: the core's layout disagrees with forward_core_floats");
+    }
     for (size_t l = 0; l < L; l++) {
         forward_layer *ly = &c->layers[l];
         ly->ln1 = TAKE(T * d);
@@ -88,10 +94,8 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
         ly->ln2_scale = TAKE(T);
         ly->ln1_norm = TAKE(T * d);
         ly->ln2_norm = TAKE(T * d);
-        if (rotary) {
+        if (rotary)
             ly->rot_q = TAKE(T * qd);
-            ly->rot_k = TAKE(T * kvd);
-        }
         if (gated)
             ly->mlp_pre_linear = TAKE(T * m);
     }
@@ -99,6 +103,13 @@ ps_status forward_cache_init(forward_cache *c, const model_config *cfg, size_t c
     c->logits = logits_rows ? TAKE(logits_rows * V) : NULL;
 #undef TAKE
     return PS_OK;
+}
+
+size_t forward_core_floats(const model_config *cfg, size_t T)
+{
+    const size_t d = cfg->n_embd, qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    const size_t rot_k = cfg->pos == MODEL_POS_ROTARY ? T * kvd : 0;
+    return 3 * T * d + cfg->n_layer * (5 * T * d + 2 * T * qd + 2 * T * kvd + rot_k + cfg->n_head * T * T);
 }
 
 void forward_cache_free(forward_cache *c)
@@ -113,7 +124,7 @@ void forward_cache_trim(forward_cache *c)
 {
     if (!c->arena || c->trimmed)
         return;
-    const size_t L = c->cfg.n_layer, n = 3 + 10 * L;
+    const size_t L = c->cfg.n_layer, n = 3 + 11 * L;
     /* The core's pointers as offsets, so that they survive a moving realloc. */
     float ***field = malloc(n * sizeof *field);
     size_t *off = malloc(n * sizeof *off);
@@ -129,20 +140,23 @@ void forward_cache_trim(forward_cache *c)
                        &ly->resid_mid, &ly->mlp_out, &ly->resid_post};
         for (size_t i = 0; i < 10; i++)
             field[k++] = p[i];
+        if (ly->rot_k)
+            field[k++] = &ly->rot_k;
     }
-    for (size_t i = 0; i < n; i++)
+    const size_t nf = k;
+    for (size_t i = 0; i < nf; i++)
         off[i] = (size_t)(*field[i] - c->arena);
     float *a = realloc(c->arena, c->core_floats * sizeof *a);
     if (a) {
         c->arena = a;
         c->arena_floats = c->core_floats;
-        for (size_t i = 0; i < n; i++)
+        for (size_t i = 0; i < nf; i++)
             *field[i] = a + off[i];
         for (size_t l = 0; l < L; l++) {
             forward_layer *ly = &c->layers[l];
             ly->ln1 = ly->ln2 = ly->mlp_pre = ly->mlp_post = NULL;
             ly->ln1_scale = ly->ln2_scale = ly->ln1_norm = ly->ln2_norm = NULL;
-            ly->rot_q = ly->rot_k = ly->mlp_pre_linear = NULL;
+            ly->rot_q = ly->mlp_pre_linear = NULL;
         }
         c->ln_final_norm = NULL;
         c->logits = NULL;

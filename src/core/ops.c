@@ -94,10 +94,28 @@ void ops_mlp_fc(float *h, const float *x, size_t rows, const model_block *b, gem
 
 void ops_gelu(float *x, size_t n) { gemm_gelu(x, n); }
 
+/* Element-wise steps on the pool's threads (each element alone: the same
+ * bits for any split). */
+typedef struct {
+    float *out;
+    const float *a, *b;
+    size_t n;
+} elem_task;
+
+/* Elements per thread below which an element-wise step stays on one thread. */
+#define OPS_PAR_MIN_ELEMS 16384
+
+static void gelu_erf_worker(void *arg, size_t tid, size_t nt)
+{
+    const elem_task *t = arg;
+    for (size_t i = t->n * tid / nt, e = t->n * (tid + 1) / nt; i < e; i++)
+        t->out[i] = 0.5f * t->out[i] * (1.0f + erff(t->out[i] * (float)M_SQRT1_2));
+}
+
 void ops_gelu_erf(float *x, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+    elem_task t = {x, NULL, NULL, n};
+    pool_run(n / OPS_PAR_MIN_ELEMS + 1, gelu_erf_worker, &t);
 }
 
 void ops_mlp_gate(float *g, const float *x, size_t rows, const model_block *b)
@@ -105,10 +123,17 @@ void ops_mlp_gate(float *g, const float *x, size_t rows, const model_block *b)
     gemm_run(g, x, rows, &b->gate_p, b->gate_b, GEMM_PLAIN);
 }
 
+static void silu_mul_worker(void *arg, size_t tid, size_t nt)
+{
+    const elem_task *t = arg;
+    for (size_t i = t->n * tid / nt, e = t->n * (tid + 1) / nt; i < e; i++)
+        t->out[i] = t->a[i] / (1.0f + expf(-t->a[i])) * t->b[i];
+}
+
 void ops_silu_mul(float *out, const float *gate, const float *lin, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        out[i] = gate[i] / (1.0f + expf(-gate[i])) * lin[i];
+    elem_task t = {out, gate, lin, n};
+    pool_run(n / OPS_PAR_MIN_ELEMS + 1, silu_mul_worker, &t);
 }
 
 /* ---- norms with their hook points ----------------------------------------- */
@@ -200,6 +225,50 @@ void ops_mlp(float *out, float *h, const float *x, size_t rows, const model_bloc
 {
     ops_mlp_fc(h, x, rows, b, GEMM_GELU);
     ops_mlp_proj(out, h, rows, b);
+}
+
+void ops_mlp_act(float *out, float *h, float *g, const float *x, size_t rows, const model_block *b, model_act act)
+{
+    const size_t m = b->fc_p.n;
+    switch (act) {
+    case MODEL_ACT_GELU_NEW: ops_mlp(out, h, x, rows, b); return;
+    case MODEL_ACT_GELU_ERF:
+        ops_mlp_fc(h, x, rows, b, GEMM_PLAIN);
+        ops_gelu_erf(h, rows * m);
+        break;
+    case MODEL_ACT_SILU_GATED:
+        ops_mlp_gate(g, x, rows, b);
+        ops_mlp_fc(h, x, rows, b, GEMM_PLAIN);
+        ops_silu_mul(h, g, h, rows * m);
+        break;
+    }
+    ops_mlp_proj(out, h, rows, b);
+}
+
+typedef struct {
+    float *out;
+    const float *x, *w, *bias;
+    size_t rows, d;
+    float eps;
+} rms_task;
+
+static void rms_worker(void *arg, size_t tid, size_t nt)
+{
+    const rms_task *t = arg;
+    const size_t r0 = t->rows * tid / nt, r1 = t->rows * (tid + 1) / nt;
+    ops_rmsnorm_normalize(t->out + r0 * t->d, NULL, t->x + r0 * t->d, r1 - r0, t->d, t->eps);
+    ops_norm_affine(t->out + r0 * t->d, t->out + r0 * t->d, t->w, t->bias, r1 - r0, t->d);
+}
+
+void ops_norm_threaded(float *out, const float *x, const float *w, const float *b, size_t rows, size_t d, float eps,
+                       model_norm norm)
+{
+    if (norm == MODEL_NORM_LAYERNORM) {
+        ops_layernorm_threaded(out, x, w, b, rows, d, eps);
+        return;
+    }
+    rms_task t = {out, x, w, b, rows, d, eps};
+    pool_run(rows / OPS_PAR_MIN_ROWS + 1, rms_worker, &t);
 }
 
 /* ---- attention ---------------------------------------------------------- */

@@ -31,6 +31,11 @@ ps_status patch_metric_parse(const char *s, patch_metric *m)
 
 bool patch_component_all_pos(patch_component c) { return c >= PATCH_Z_ALL_POS; }
 
+bool patch_component_kv_heads(patch_component c, const model_config *cfg)
+{
+    return (c == PATCH_K_ALL_POS || c == PATCH_V_ALL_POS) && model_kv_heads(cfg) != cfg->n_head;
+}
+
 ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT])
 {
     memset(on, 0, PATCH_COMPONENT_COUNT * sizeof *on);
@@ -71,6 +76,14 @@ ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT
     return PS_OK;
 }
 
+ps_status patch_components_check(const bool on[PATCH_COMPONENT_COUNT], const model_config *cfg)
+{
+    if (on[PATCH_RESID_MID] && cfg->parallel_residual)
+        return err_set(PS_ERR_INVALID, "component resid_mid does not exist with a parallel residual "
+                       "(use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)); TransformerLens has no hook_resid_mid)");
+    return PS_OK;
+}
+
 size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[3],
                         const char *dim_names[3])
 {
@@ -79,6 +92,8 @@ size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, si
     size_t nd;
     if (c == PATCH_Z) {
         shape[1] = T, shape[2] = cfg->n_head, nd = 3;
+    } else if (patch_component_kv_heads(c, cfg)) {
+        shape[1] = model_kv_heads(cfg), dn[1] = "kv_head", nd = 2;
     } else if (patch_component_all_pos(c)) {
         shape[1] = cfg->n_head, dn[1] = "head", nd = 2;
     } else {
@@ -212,11 +227,7 @@ void patch_pair_free(patch_pair *p)
 /* Image layout: u64 T | i32 answer, wrong | f64 clean_metric[M], corrupted_metric[M]
  * | i32 clean tokens[T], corrupted tokens[T] | f32 clean_logprobs[V]
  * | f32 clean core[C] | f32 corrupted core[C], C = core floats of a T-token cache. */
-static size_t core_floats_for(const model_config *cfg, size_t T)
-{
-    const size_t d = cfg->n_embd;
-    return 3 * T * d + cfg->n_layer * (9 * T * d + cfg->n_head * T * T);
-}
+static size_t core_floats_for(const model_config *cfg, size_t T) { return forward_core_floats(cfg, T); }
 
 size_t patch_pair_packed_bytes(const model_config *cfg, size_t T)
 {

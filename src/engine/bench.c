@@ -57,15 +57,24 @@ double bench_sgemm_gflops(size_t m, size_t k, size_t n, size_t reps)
     return med;
 }
 
+/* The matrix products of a row: QKV 2d(qd + 2 kvd), output projection
+ * 2 qd d, MLP 4dm (6dm gated); GPT-2: 6d^2, 2d^2, 4dm. */
+static double row_flops(const model_config *c)
+{
+    const double d = (double)c->n_embd, m = (double)c->n_inner, qd = (double)model_q_dim(c);
+    const double kvd = (double)model_kv_dim(c);
+    return 2.0 * d * (qd + 2.0 * kvd) + 2.0 * qd * d + (c->act == MODEL_ACT_SILU_GATED ? 6.0 : 4.0) * d * m;
+}
+
 /* One block over `rows` rows whose queries attend to keys [0, i] for row i:
- * ln/QKV 6d^2, attention 4 d (i+1) per row, proj 2d^2, MLP 4dm. */
+ * row_flops per row, attention 4 qd (i+1) per row. */
 static double block_flops(const model_config *c, size_t row0, size_t T)
 {
-    const double d = (double)c->n_embd, m = (double)c->n_inner, rows = (double)(T - row0);
+    const double qd = (double)model_q_dim(c), rows = (double)(T - row0);
     double attn = 0;
     for (size_t i = row0; i < T; i++)
-        attn += 4.0 * d * (double)(i + 1);
-    return rows * (8.0 * d * d + 4.0 * d * m) + attn;
+        attn += 4.0 * qd * (double)(i + 1);
+    return rows * row_flops(c) + attn;
 }
 
 double bench_forward_flops(const model_config *c, size_t T)
@@ -80,18 +89,20 @@ double bench_cell_flops(const model *m, const patch_pair *pairs, const patch_cel
     if (pl.skipped)
         return 0.0;
     const size_t T = pairs[cell->pair].T, L = c->n_layer;
-    const double d = (double)c->n_embd, mm = (double)c->n_inner;
+    const double d = (double)c->n_embd, qd = (double)model_q_dim(c), kvd = (double)model_kv_dim(c);
+    const double mlp = (c->act == MODEL_ACT_SILU_GATED ? 6.0 : 4.0) * d * (double)c->n_inner;
     double f = 0.0;
     if (cell->component != PATCH_RESID_PRE && cell->component != PATCH_MLP_OUT) {
-        /* the partial block: attention output (z components) and MLP of the changed rows */
+        /* the partial block: attention output (z components) and MLP of the
+         * changed rows (none with a parallel residual: its MLP reads resid_pre) */
         double changed = (double)(pl.row_end - pl.row0);
-        f += changed * ((cell->component >= PATCH_Z ? 2.0 * d * d : 0.0) + 4.0 * d * mm);
+        f += changed * ((cell->component >= PATCH_Z ? 2.0 * qd * d : 0.0) + (c->parallel_residual ? 0.0 : mlp));
     }
     for (size_t l = pl.block0; l < L; l++) {
         if (l + 1 < L)
             f += block_flops(c, pl.row0, T);
         else /* last block: K, V of every recomputed row, the rest for the last row only */
-            f += (double)(T - pl.row0) * 4.0 * d * d + 4.0 * d * d + 4.0 * d * mm + 4.0 * d * (double)T;
+            f += (double)(T - pl.row0) * 4.0 * d * kvd + 2.0 * d * qd + 2.0 * qd * d + mlp + 4.0 * qd * (double)T;
     }
     f += o->metric == PATCH_LOGIT_DIFF ? 4.0 * d : 2.0 * d * (double)c->vocab_size;
     return f;

@@ -29,14 +29,6 @@ void lens_row_label(size_t row, char buf[LENS_MAX_LABEL])
         snprintf(buf, LENS_MAX_LABEL, "%zu", row - 1);
 }
 
-/* Issue 17, in parts: the lens and the decomposition through the other
- * families' final norm (RMSNorm, no bias) are not there yet. */
-static ps_status lens_refuse_family(const model *m)
-{
-    return err_set(PS_ERR_INVALID, "the logit lens and decompose do not support the %s family yet (GPT-2 only)",
-                   model_family_name(m->cfg.family));
-}
-
 static ps_status check_position(const forward_cache *c, size_t position)
 {
     if (position >= c->T)
@@ -61,7 +53,12 @@ void lens_decode(const model *m, const float *rows, size_t n, float *normed, flo
     const size_t d = m->cfg.n_embd, V = m->cfg.vocab_size;
     if (n == 0)
         return;
-    ops_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
+    if (m->cfg.norm == MODEL_NORM_RMSNORM) { /* the forward pass's head: x / scale, then the weight */
+        ops_rmsnorm_normalize(normed, NULL, rows, n, d, m->cfg.ln_eps);
+        ops_norm_affine(normed, normed, m->ln_f_w, NULL, n, d);
+    } else {
+        ops_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
+    }
     /* logits[n, V] = normed[n, d] @ unembed[V, d]^T, as the forward pass's head */
     gemm_unembed(logits, normed, n, m->unembed, V, d);
 }
@@ -169,8 +166,6 @@ void lens_view_free(lens_view *v)
 
 ps_status lens_view_decode(lens_view *v, const model *m, int32_t answer)
 {
-    if (m->cfg.family != MODEL_FAMILY_GPT2)
-        return lens_refuse_family(m);
     if (m->cfg.n_embd != v->d || m->cfg.vocab_size != v->V)
         return err_set(PS_ERR_INVALID, "lens view of d %zu, vocabulary %zu used with a model of d %zu, vocabulary %zu",
                        v->d, v->V, m->cfg.n_embd, m->cfg.vocab_size);
@@ -192,8 +187,6 @@ ps_status lens_view_decode(lens_view *v, const model *m, int32_t answer)
 
 ps_status lens_run(lens_view *v, const model *m, const forward_cache *c, size_t position, int32_t answer)
 {
-    if (m->cfg.family != MODEL_FAMILY_GPT2)
-        return lens_refuse_family(m);
     if (v->n_rows != lens_n_rows(&m->cfg))
         return err_set(PS_ERR_INVALID, "lens view of %zu rows for a model of %zu layers (needs %zu)", v->n_rows,
                        m->cfg.n_layer, lens_n_rows(&m->cfg));
@@ -234,8 +227,6 @@ static ps_status check_layer(const model_config *cfg, size_t layer)
 ps_status lens_decompose(lens_view *v, const model *m, const forward_cache *c, size_t layer, lens_component comp,
                          size_t position, int32_t answer)
 {
-    if (m->cfg.family != MODEL_FAMILY_GPT2)
-        return lens_refuse_family(m);
     ps_status st;
     if (v->n_rows != 2)
         return err_set(PS_ERR_INVALID, "a decomposition decodes 2 rows, not %zu", v->n_rows);
@@ -270,11 +261,11 @@ void lens_attribution_label(size_t part, size_t n_layer, char buf[LENS_MAX_LABEL
         snprintf(buf, LENS_MAX_LABEL, "ln_final.b");
 }
 
-/* (x - mean(x)) . g, in double. */
-static double centred_dot(const float *x, const double *g, size_t d)
+/* (x - mean(x)) . g in double; x . g without centring (RMSNorm). */
+static double centred_dot(const float *x, const double *g, size_t d, bool centre)
 {
     double mean = 0.0;
-    for (size_t i = 0; i < d; i++)
+    for (size_t i = 0; i < d && centre; i++)
         mean += x[i];
     mean /= (double)d;
     double s = 0.0;
@@ -286,8 +277,6 @@ static double centred_dot(const float *x, const double *g, size_t d)
 ps_status lens_attribute(lens_attribution *a, const model *m, const forward_cache *c, size_t position,
                          int32_t answer, int32_t wrong)
 {
-    if (m->cfg.family != MODEL_FAMILY_GPT2)
-        return lens_refuse_family(m);
     memset(a, 0, sizeof *a);
     const model_config *cfg = &m->cfg;
     const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size;
@@ -315,10 +304,13 @@ ps_status lens_attribute(lens_attribution *a, const model *m, const forward_cach
         u[i] = (double)ua[i] - (uw ? (double)uw[i] : 0.0);
         g[i] = (double)m->ln_f_w[i] * u[i];
     }
-    /* scale of the full final residual r [d]: sqrt(var(r) + eps), biased variance */
+    /* scale of the full final residual r [d]: sqrt(var(r) + eps), biased
+     * variance (LayerNorm), or sqrt(mean(r^2) + eps) (RMSNorm: no centring,
+     * TransformerLens' apply_ln_to_stack with the cached ln_final scale) */
+    const bool centre = cfg->norm == MODEL_NORM_LAYERNORM;
     const float *r = c->layers[L - 1].resid_post + position * d;
     double mean = 0.0, var = 0.0;
-    for (size_t i = 0; i < d; i++)
+    for (size_t i = 0; i < d && centre; i++)
         mean += r[i];
     mean /= (double)d;
     for (size_t i = 0; i < d; i++)
@@ -326,15 +318,16 @@ ps_status lens_attribute(lens_attribution *a, const model *m, const forward_cach
     var /= (double)d;
     a->scale = sqrt(var + (double)cfg->ln_eps);
     const size_t o = position * d;
-    a->value[0] = centred_dot(c->embed + o, g, d) / a->scale;
-    a->value[1] = centred_dot(c->pos_embed + o, g, d) / a->scale;
+    a->value[0] = centred_dot(c->embed + o, g, d, centre) / a->scale;
+    /* learned positions only; zero with rotary (pos_embed stays zero) */
+    a->value[1] = centred_dot(c->pos_embed + o, g, d, centre) / a->scale;
     for (size_t l = 0; l < L; l++) {
-        a->value[2 + 2 * l] = centred_dot(c->layers[l].attn_out + o, g, d) / a->scale;
-        a->value[3 + 2 * l] = centred_dot(c->layers[l].mlp_out + o, g, d) / a->scale;
+        a->value[2 + 2 * l] = centred_dot(c->layers[l].attn_out + o, g, d, centre) / a->scale;
+        a->value[3 + 2 * l] = centred_dot(c->layers[l].mlp_out + o, g, d, centre) / a->scale;
     }
     double bias = 0.0, total = 0.0;
     for (size_t i = 0; i < d; i++) {
-        bias += (double)m->ln_f_b[i] * u[i];
+        bias += m->ln_f_b ? (double)m->ln_f_b[i] * u[i] : 0.0; /* RMSNorm: no bias, 0 */
         total += (double)c->ln_final[o + i] * u[i];
     }
     a->value[a->n_parts - 1] = bias;

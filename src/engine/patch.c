@@ -38,12 +38,13 @@ const float *patch_component_array(const forward_cache *c, patch_component comp,
 patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, size_t T)
 {
     const size_t d = cfg->n_embd, dh = cfg->d_head, h = cell->head, p = cell->position;
+    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
     switch ((patch_component)cell->component) {
-    case PATCH_Z: return (patch_slice){p * d + h * dh, 1, 0, dh};
+    case PATCH_Z: return (patch_slice){p * qd + h * dh, 1, 0, dh};
     case PATCH_Z_ALL_POS:
-    case PATCH_Q_ALL_POS:
-    case PATCH_K_ALL_POS:
-    case PATCH_V_ALL_POS: return (patch_slice){h * dh, T, d, dh};
+    case PATCH_Q_ALL_POS: return (patch_slice){h * dh, T, qd, dh};
+    case PATCH_K_ALL_POS: /* h is a key/value head */
+    case PATCH_V_ALL_POS: return (patch_slice){h * dh, T, kvd, dh};
     case PATCH_PATTERN_ALL_POS: return (patch_slice){h * T * T, T, T, T};
     default: return (patch_slice){p * d, 1, 0, d};
     }
@@ -54,16 +55,17 @@ patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, si
 ps_status patch_eval(const model *m, const patch_pair *pairs, size_t n_pairs, const patch_cell *cells,
                      size_t n_cells, const patch_opts *opts, double *values)
 {
-    /* Issue 17, in parts: the grids of the other families (GQA key/value
-     * slices, rotary suffix jobs, parallel residual) are not there yet. */
-    if (m->cfg.family != MODEL_FAMILY_GPT2)
-        return err_set(PS_ERR_INVALID, "activation patching does not support the %s family yet (GPT-2 only; "
-                       "run and cache work)", model_family_name(m->cfg.family));
     for (size_t i = 0; i < n_cells; i++) {
         const patch_cell *c = &cells[i];
         if (c->pair >= n_pairs || c->component >= PATCH_COMPONENT_COUNT || c->layer >= m->cfg.n_layer ||
-            c->head >= m->cfg.n_head || c->position >= pairs[c->pair].T)
+            c->head >= (c->component == PATCH_K_ALL_POS || c->component == PATCH_V_ALL_POS ? model_kv_heads(&m->cfg)
+                                                                                             : m->cfg.n_head) ||
+            c->position >= pairs[c->pair].T)
             return err_set(PS_ERR_RANGE, "patching cell %zu is outside its grid", i);
+        if (c->component == PATCH_RESID_MID && m->cfg.parallel_residual) {
+            bool on[PATCH_COMPONENT_COUNT] = {[PATCH_RESID_MID] = true};
+            return patch_components_check(on, &m->cfg);
+        }
     }
     if (opts->engine == PATCH_ENGINE_NAIVE)
         return patch_eval_naive(m, pairs, cells, n_cells, opts, values);

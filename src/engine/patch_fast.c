@@ -80,34 +80,74 @@ size_t patch_cell_cost(const model *m, const patch_pair *pairs, const patch_cell
     return (m->cfg.n_layer - cell->layer) * (pairs[cell->pair].T - pl.row0);
 }
 
-/* Stacked working rows of a group of jobs. */
+/* Stacked working rows of a group of jobs.  Row strides: x, a d; q, qr, z
+ * H*dh; k, kr, v H_kv*dh; every array has room for rows of w = max(d, H*dh)
+ * floats, so that any of them can hold [rows, d] scratch too. */
 typedef struct {
     size_t rows;
-    float *x, *a, *q, *k, *v, *z, *h; /* [rows, d] each, h [rows, m] */
-    float *scratch;                   /* [threads, n_positions]: attention rows per thread */
+    float *x, *a, *q, *k, *v, *z; /* [rows, w] each */
+    float *qr, *kr;                /* rotary: q and k rotated at their positions ([rows, w]) */
+    float *h, *g;                  /* [rows, m]: the MLP's hidden layer, the gate (gated MLPs) */
+    float *scratch;                /* [threads, n_positions]: attention rows per thread */
+    float *rq;                     /* [d_head]: one rotated query row of the entry attention */
     size_t threads;
 } fast_buffers;
 
+static size_t row_width(const model_config *cfg)
+{
+    const size_t d = cfg->n_embd, qd = model_q_dim(cfg);
+    return d > qd ? d : qd;
+}
+
 static ps_status buffers_init(fast_buffers *b, const model_config *cfg, size_t rows)
 {
-    const size_t d = cfg->n_embd, m = cfg->n_inner, nt = pool_threads();
-    float *all = malloc((6 * rows * d + rows * m + nt * cfg->n_positions) * sizeof(float) + sizeof(float));
+    const size_t w = row_width(cfg), m = cfg->n_inner, nt = pool_threads();
+    const bool rotary = cfg->pos == MODEL_POS_ROTARY, gated = cfg->act == MODEL_ACT_SILU_GATED;
+    const size_t n_w = 6 + (rotary ? 2 : 0), n_m = 1 + (gated ? 1 : 0);
+    float *all = malloc((n_w * rows * w + n_m * rows * m + nt * cfg->n_positions + cfg->d_head) * sizeof(float) +
+                        sizeof(float));
     if (!all)
         return err_set(PS_ERR_NOMEM, "cannot allocate the fast engine's buffers for %zu rows", rows);
     b->rows = rows;
     b->threads = nt;
-    b->x = all;
-    b->a = b->x + rows * d;
-    b->q = b->a + rows * d;
-    b->k = b->q + rows * d;
-    b->v = b->k + rows * d;
-    b->z = b->v + rows * d;
-    b->h = b->z + rows * d;
-    b->scratch = b->h + rows * m;
+    float *p = all;
+    b->x = p, p += rows * w;
+    b->a = p, p += rows * w;
+    b->q = p, p += rows * w;
+    b->k = p, p += rows * w;
+    b->v = p, p += rows * w;
+    b->z = p, p += rows * w;
+    b->qr = b->kr = NULL;
+    if (rotary) {
+        b->qr = p, p += rows * w;
+        b->kr = p, p += rows * w;
+    }
+    b->h = p, p += rows * m;
+    b->g = NULL;
+    if (gated)
+        b->g = p, p += rows * m;
+    b->scratch = p, p += nt * cfg->n_positions;
+    b->rq = p;
     return PS_OK;
 }
 
 static void buffers_free(fast_buffers *b) { free(b->x); }
+
+/* The queries and keys the attention reads: q, k as computed, or rotated at
+ * their absolute positions (rotary families; a row's rotation depends on its
+ * position alone, so the base run's rotated keys serve as the prefix). */
+static const float *attn_q(const fast_buffers *b, const model_config *cfg)
+{
+    return cfg->pos == MODEL_POS_ROTARY ? b->qr : b->q;
+}
+static const float *attn_k(const fast_buffers *b, const model_config *cfg)
+{
+    return cfg->pos == MODEL_POS_ROTARY ? b->kr : b->k;
+}
+static const float *prefix_k(const forward_layer *bl, const model_config *cfg)
+{
+    return cfg->pos == MODEL_POS_ROTARY ? bl->rot_k : bl->k;
+}
 
 /* Attention of the active jobs: job j's query rows [qa_j, T_j) for every
  * head (ops_attention: keys/values of rows < row0 from the base run's cache,
@@ -118,21 +158,23 @@ typedef struct {
     fast_buffers *b;
     const model_config *cfg;
     size_t layer;
-    bool last_row_only; /* last block: one query row per job, stacked at j*d */
+    bool last_row_only; /* last block: one query row per job, stacked at j*qd */
 } attn_task;
 
 static void attn_worker(void *arg, size_t tid, size_t nt)
 {
     const attn_task *t = arg;
-    const size_t d = t->cfg->n_embd;
-    float *scratch = t->b->scratch + tid * t->cfg->n_positions;
+    const model_config *cfg = t->cfg;
+    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    float *scratch = t->b->scratch + tid * cfg->n_positions;
+    const float *q = attn_q(t->b, cfg), *k = attn_k(t->b, cfg);
     for (size_t j = tid; j < t->n_jobs; j += nt) {
         const fast_job *jb = &t->jobs[j];
         const forward_layer *bl = &jb->base->layers[t->layer];
-        const size_t o = jb->off * d, q = t->last_row_only ? j * d : o;
-        ops_attention(t->b->z + q, t->b->q + q, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, bl->k, bl->v,
-                      t->b->k + o, t->b->v + o, jb->row0, t->cfg->n_head, t->cfg->n_head, t->cfg->d_head,
-                      model_attn_scale(t->cfg, t->layer), scratch);
+        const size_t oq = t->last_row_only ? j * qd : jb->off * qd, okv = jb->off * kvd;
+        ops_attention(t->b->z + oq, q + oq, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, prefix_k(bl, cfg), bl->v,
+                      k + okv, t->b->v + okv, jb->row0, cfg->n_head, model_kv_heads(cfg), cfg->d_head,
+                      model_attn_scale(cfg, t->layer), scratch);
     }
 }
 
@@ -143,43 +185,96 @@ static void attention_jobs(const fast_job *jobs, size_t n_jobs, fast_buffers *b,
     pool_run(n_jobs < b->threads ? n_jobs : b->threads, attn_worker, &t);
 }
 
-/* x[rows] += MLP(ln_2(x[rows])) of block l; a, h are scratch. */
-static void mlp_rows(const model *m, size_t l, float *x, float *a, float *h, float *out, size_t rows)
+/* Rotary families: rotate the active jobs' key rows [row0, T) (and query
+ * rows, or with last_row_only the one query row per job at T - 1). */
+static void rotate_jobs(const model *m, const fast_job *jobs, size_t n_jobs, fast_buffers *b, bool last_row_only)
+{
+    const model_config *cfg = &m->cfg;
+    if (cfg->pos != MODEL_POS_ROTARY)
+        return;
+    const size_t H = cfg->n_head, Hkv = model_kv_heads(cfg), dh = cfg->d_head, rot = cfg->rotary_dim;
+    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    for (size_t j = 0; j < n_jobs; j++) {
+        const fast_job *jb = &jobs[j];
+        const size_t n = jb->T - jb->row0;
+        ops_rotary(b->kr + jb->off * kvd, b->k + jb->off * kvd, n, jb->row0, Hkv, dh, rot, m->rope_cos, m->rope_sin);
+        if (last_row_only)
+            ops_rotary(b->qr + j * qd, b->q + j * qd, 1, jb->T - 1, H, dh, rot, m->rope_cos, m->rope_sin);
+        else
+            ops_rotary(b->qr + jb->off * qd, b->q + jb->off * qd, n, jb->row0, H, dh, rot, m->rope_cos,
+                       m->rope_sin);
+    }
+}
+
+/* x[rows] += MLP(ln_2(x[rows])) of block l (sequential residual); a, h (and
+ * the gate g) are scratch, out receives mlp_out. */
+static void mlp_rows(const model *m, size_t l, float *x, float *a, float *h, float *g, float *out, size_t rows)
 {
     const model_block *b = &m->blocks[l];
     const size_t d = m->cfg.n_embd;
-    ops_layernorm_threaded(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps);
-    ops_mlp(out, h, a, rows, b);
+    ops_norm_threaded(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps, m->cfg.norm);
+    ops_mlp_act(out, h, g, a, rows, b, m->cfg.act);
     ops_add(x, x, out, rows * d);
 }
 
+/* Parallel residual (GPT-NeoX): x[rows] = (MLP(ln_2(x)) + attn_out) + x, the
+ * order of forward.c's sum; a, h, g scratch, out receives mlp_out. */
+static void parallel_rows(const model *m, size_t l, float *x, const float *attn_out, float *a, float *h, float *g,
+                          float *out, size_t rows)
+{
+    const model_block *b = &m->blocks[l];
+    const size_t d = m->cfg.n_embd;
+    ops_norm_threaded(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps, m->cfg.norm);
+    ops_mlp_act(out, h, g, a, rows, b, m->cfg.act);
+    ops_add(out, out, attn_out, rows * d);
+    ops_add(x, out, x, rows * d);
+}
+
 /* The patched per-head attention of an E_Z job at its block L, for rows
- * [row0, T): writes z rows (all heads) into z (stride d, row row0 first). */
-static void entry_attention(const model *m, const patch_cell *cell, const fast_job *job, float *z, float *scratch)
+ * [row0, row_end): writes z rows (all heads) into z (stride H*dh, row row0
+ * first).  The query heads that change: head h (z, q, pattern), or every
+ * query head reading key/value head h (k, v with grouped-query attention). */
+static void entry_attention(const model *m, const patch_cell *cell, const fast_job *job, float *z, float *scratch,
+                            float *rq)
 {
     const model_config *cfg = &m->cfg;
-    const size_t d = cfg->n_embd, dh = cfg->d_head, T = job->T, h = cell->head, r0 = job->row0;
+    const size_t dh = cfg->d_head, T = job->T, r0 = job->row0, qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    const size_t group = cfg->n_head / model_kv_heads(cfg);
+    const bool rotary = cfg->pos == MODEL_POS_ROTARY;
     const forward_layer *bl = &job->base->layers[job->layer], *sl = &job->src->layers[job->layer];
     const patch_component comp = (patch_component)cell->component;
-    /* Start from the base z rows; only head h changes. */
-    memcpy(z, bl->z + r0 * d, (job->row_end - r0) * d * sizeof *z);
+    /* Start from the base z rows; only the changed heads are recomputed. */
+    memcpy(z, bl->z + r0 * qd, (job->row_end - r0) * qd * sizeof *z);
     if (comp == PATCH_Z || comp == PATCH_Z_ALL_POS) {
+        const size_t h = cell->head;
         for (size_t i = r0; i < job->row_end; i++)
-            memcpy(z + (i - r0) * d + h * dh, sl->z + i * d + h * dh, dh * sizeof *z);
+            memcpy(z + (i - r0) * qd + h * dh, sl->z + i * qd + h * dh, dh * sizeof *z);
         return;
     }
+    const bool kv = comp == PATCH_K_ALL_POS || comp == PATCH_V_ALL_POS;
+    const size_t h0 = kv ? cell->head * group : cell->head, h1 = kv ? h0 + group : h0 + 1;
     const float *q = comp == PATCH_Q_ALL_POS ? sl->q : bl->q;
-    const float *k = comp == PATCH_K_ALL_POS ? sl->k : bl->k;
+    const forward_layer *kl = comp == PATCH_K_ALL_POS ? sl : bl;
+    const float *k = rotary ? kl->rot_k : kl->k;
     const float *v = comp == PATCH_V_ALL_POS ? sl->v : bl->v;
-    for (size_t i = r0; i < T; i++) {
-        const float *p = scratch;
-        if (comp == PATCH_PATTERN_ALL_POS)
-            p = sl->pattern + (h * T + i) * T;
-        else /* pattern[h, i, :] from the (patched) q and k of head h */
-            ops_attention_softmax_row(scratch, q + i * d + h * dh, k + h * dh, k + h * dh, 0, i, T, d, dh,
-                                      model_attn_scale(cfg, job->layer));
-        /* over all j < T, as the forward pass does with a hooked pattern */
-        ops_attention_mix_row(z + (i - r0) * d + h * dh, p, v + h * dh, v + h * dh, 0, T, d, dh);
+    for (size_t h = h0; h < h1; h++) {
+        const size_t g = h / group;
+        for (size_t i = r0; i < T; i++) {
+            const float *p = scratch;
+            if (comp == PATCH_PATTERN_ALL_POS) {
+                p = sl->pattern + (h * T + i) * T;
+            } else { /* pattern[h, i, :] from the (patched) q and k of head h */
+                const float *qi = q + i * qd + h * dh;
+                if (rotary) {
+                    ops_rotary(rq, qi, 1, i, 1, dh, cfg->rotary_dim, m->rope_cos, m->rope_sin);
+                    qi = rq;
+                }
+                ops_attention_softmax_row(scratch, qi, k + g * dh, k + g * dh, 0, i, T, kvd, dh,
+                                          model_attn_scale(cfg, job->layer));
+            }
+            /* over all j < T, as the forward pass does with a hooked pattern */
+            ops_attention_mix_row(z + (i - r0) * qd + h * dh, p, v + g * dh, v + g * dh, 0, T, kvd, dh);
+        }
     }
 }
 
@@ -196,7 +291,8 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                            const patch_opts *opts, fast_buffers *b, double *values)
 {
     const model_config *cfg = &m->cfg;
-    const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size;
+    const size_t d = cfg->n_embd, L = cfg->n_layer, V = cfg->vocab_size, qd = model_q_dim(cfg);
+    const bool par = cfg->parallel_residual;
     size_t rows = 0;
     for (size_t j = 0; j < nj; j++) {
         jobs[j].off = rows;
@@ -223,7 +319,10 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
      * E_RESID_MID: resid_mid = base resid_pre + source attn_out, or the
      *              source resid_mid itself;
      * E_MLP_OUT: resid_post = base resid_mid + source mlp_out (no MLP)
-     * then resid_post = resid_mid + MLP(resid_mid) for the changed rows. */
+     * then resid_post = resid_mid + MLP(resid_mid) for the changed rows.
+     * Parallel residual: the MLP reads resid_pre, which no entry changes, so
+     * resid_post = (mlp_out + attn_out) + resid_pre with the base mlp_out
+     * (E_Z, attn_out) or the base attn_out (E_MLP_OUT), no MLP. */
     for (size_t l = 0; l < L; l++) {
         size_t r = 0;
         for (size_t j = 0; j < nj; j++) {
@@ -233,15 +332,24 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             const patch_cell *cell = &cells[jb->cell];
             const forward_layer *bl = &jb->base->layers[l], *sl = &jb->src->layers[l];
             const size_t n = jb->row_end - jb->row0, r0 = jb->row0;
+            float *x = b->x + jb->off * d;
             if (jb->entry == E_MLP_OUT) {
-                float *x = b->x + jb->off * d;
+                if (par)
+                    for (size_t e = 0; e < d; e++)
+                        x[e] = (sl->mlp_out[r0 * d + e] + bl->attn_out[r0 * d + e]) + bl->resid_pre[r0 * d + e];
+                else
+                    for (size_t e = 0; e < d; e++)
+                        x[e] = bl->resid_mid[r0 * d + e] + sl->mlp_out[r0 * d + e];
+                continue;
+            }
+            if (par && jb->entry == E_RESID_MID) { /* attn_out (no resid_mid with a parallel residual) */
                 for (size_t e = 0; e < d; e++)
-                    x[e] = bl->resid_mid[r0 * d + e] + sl->mlp_out[r0 * d + e];
+                    x[e] = (bl->mlp_out[r0 * d + e] + sl->attn_out[r0 * d + e]) + bl->resid_pre[r0 * d + e];
                 continue;
             }
             float *a = b->a + r * d; /* resid_mid rows of this layer's batch */
             if (jb->entry == E_Z) {
-                entry_attention(m, cell, jb, b->z + r * d, b->scratch);
+                entry_attention(m, cell, jb, b->z + r * qd, b->scratch, b->rq);
             } else if (cell->component == PATCH_ATTN_OUT) {
                 for (size_t e = 0; e < d; e++)
                     a[e] = bl->resid_pre[r0 * d + e] + sl->attn_out[r0 * d + e];
@@ -258,17 +366,23 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         r = 0;
         for (size_t j = 0; j < nj; j++) {
             const fast_job *jb = &jobs[j];
-            if (jb->entry == E_PRE || jb->entry == E_MLP_OUT || jb->layer != l)
+            if (jb->entry == E_PRE || jb->entry == E_MLP_OUT || jb->layer != l || (par && jb->entry != E_Z))
                 continue;
             const size_t n = jb->row_end - jb->row0, r0 = jb->row0;
-            if (jb->entry == E_Z)
+            const forward_layer *bl = &jb->base->layers[l];
+            if (par) /* resid_post = (base mlp_out + attn_out) + base resid_pre */
                 for (size_t e = 0; e < n * d; e++)
-                    b->a[r * d + e] = jb->base->layers[l].resid_pre[r0 * d + e] + b->q[r * d + e];
+                    b->x[jb->off * d + e] = (bl->mlp_out[r0 * d + e] + b->q[r * d + e]) + bl->resid_pre[r0 * d + e];
+            else if (jb->entry == E_Z)
+                for (size_t e = 0; e < n * d; e++)
+                    b->a[r * d + e] = bl->resid_pre[r0 * d + e] + b->q[r * d + e];
             r += n;
         }
+        if (par)
+            continue;
         /* resid_post = resid_mid + MLP(ln_2(resid_mid)) over all r rows */
         memcpy(b->v, b->a, r * d * sizeof(float));
-        mlp_rows(m, l, b->v, b->k, b->h, b->q, r);
+        mlp_rows(m, l, b->v, b->k, b->h, b->g, b->q, r);
         r = 0;
         for (size_t j = 0; j < nj; j++) {
             const fast_job *jb = &jobs[j];
@@ -291,14 +405,19 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             continue;
         const model_block *blk = &m->blocks[l];
         const bool last = l + 1 == L;
-        ops_layernorm_threaded(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, d, cfg->ln_eps);
+        ops_norm_threaded(b->a, b->x, blk->ln_1_w, blk->ln_1_b, arows, d, cfg->ln_eps, cfg->norm);
         ops_qkv(NULL, b->k, b->v, b->a, arows, blk);
         if (!last) {
             ops_qkv(b->q, NULL, NULL, b->a, arows, blk);
+            rotate_jobs(m, jobs, active, b, false);
             attention_jobs(jobs, active, b, cfg, l, false);
             ops_attn_proj(b->q, b->z, arows, blk);
-            ops_add(b->x, b->x, b->q, arows * d);
-            mlp_rows(m, l, b->x, b->a, b->h, b->q, arows);
+            if (par) {
+                parallel_rows(m, l, b->x, b->q, b->a, b->h, b->g, b->k, arows);
+            } else {
+                ops_add(b->x, b->x, b->q, arows * d);
+                mlp_rows(m, l, b->x, b->a, b->h, b->g, b->q, arows);
+            }
         } else {
             /* Last block: only each job's last row feeds the metric, but its
              * attention reads every row's key and value (computed above).
@@ -308,15 +427,22 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                 memcpy(b->z + j * d, b->a + lr * d, d * sizeof(float));
             }
             ops_qkv(b->q, NULL, NULL, b->z, active, blk);
+            rotate_jobs(m, jobs, active, b, true);
             attention_jobs(jobs, active, b, cfg, l, true);
             /* k now holds attn_out of the last rows, a their residual */
             ops_attn_proj(b->k, b->z, active, blk);
             for (size_t j = 0; j < active; j++) {
                 const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
-                for (size_t e = 0; e < d; e++)
-                    b->a[j * d + e] = b->x[lr * d + e] + b->k[j * d + e];
+                if (par)
+                    memcpy(b->a + j * d, b->x + lr * d, d * sizeof(float));
+                else
+                    for (size_t e = 0; e < d; e++)
+                        b->a[j * d + e] = b->x[lr * d + e] + b->k[j * d + e];
             }
-            mlp_rows(m, l, b->a, b->v, b->h, b->q, active);
+            if (par)
+                parallel_rows(m, l, b->a, b->k, b->v, b->h, b->g, b->q, active);
+            else
+                mlp_rows(m, l, b->a, b->v, b->h, b->g, b->q, active);
             for (size_t j = 0; j < active; j++) {
                 const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
                 memcpy(b->x + lr * d, b->a + j * d, d * sizeof(float));
@@ -330,7 +456,10 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         const size_t lr = jobs[j].off + jobs[j].T - 1 - jobs[j].row0;
         memcpy(b->z + j * d, b->x + lr * d, d * sizeof(float));
     }
-    ops_layernorm(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps);
+    if (cfg->norm == MODEL_NORM_LAYERNORM)
+        ops_layernorm(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps);
+    else
+        ops_norm_threaded(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps, cfg->norm);
     if (opts->metric == PATCH_LOGIT_DIFF) {
         for (size_t j = 0; j < nj; j++) {
             const patch_pair *p = jobs[j].pair;

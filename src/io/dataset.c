@@ -70,13 +70,56 @@ void dataset_free(dataset *d)
     dataset_init(d);
 }
 
-/* Point the item's string fields into its object; `where` names it. */
+/* A token id field: a whole number in [0, INT32_MAX]. */
+static bool is_token_id(const json_t *v)
+{
+    return json_is_integer(v) && json_integer_value(v) >= 0 && json_integer_value(v) <= INT32_MAX;
+}
+
+/* The token id fields of an item (clean_ids, corrupted_ids: non-empty
+ * arrays of ids; answer_id, wrong_id: ids), all four or none; *has says
+ * which. */
+static ps_status item_check_ids(const json_t *obj, const char *where, bool *has)
+{
+    static const char *const fields[] = {"clean_ids", "corrupted_ids", "answer_id", "wrong_id"};
+    size_t n_present = 0;
+    for (size_t k = 0; k < 4; k++)
+        n_present += json_object_get(obj, fields[k]) != NULL;
+    *has = n_present == 4;
+    if (n_present == 0)
+        return PS_OK;
+    for (size_t k = 0; k < 4; k++) {
+        json_t *v = json_object_get(obj, fields[k]);
+        if (!v)
+            return err_set(PS_ERR_FORMAT, "%s: field '%s' is missing (clean_ids, corrupted_ids, answer_id and "
+                           "wrong_id go together)", where, fields[k]);
+        if (k >= 2 ? !is_token_id(v) : !json_is_array(v) || json_array_size(v) == 0)
+            return err_set(PS_ERR_FORMAT, "%s: field '%s' is %s, not %s", where, fields[k], jsonutil_kind(v),
+                           k >= 2 ? "a token id" : "a non-empty array of token ids");
+        for (size_t i = 0; k < 2 && i < json_array_size(v); i++)
+            if (!is_token_id(json_array_get(v, i)))
+                return err_set(PS_ERR_FORMAT, "%s: field '%s' element %zu is not a token id (a whole number >= 0)",
+                               where, fields[k], i);
+    }
+    return PS_OK;
+}
+
+/* Point the item's string fields into its object; `where` names it.  An
+ * item with token ids may leave the text fields out ("" then). */
 static ps_status item_bind(dataset_item *it, const char *where)
 {
     static const char *const fields[] = {"clean", "corrupted", "answer", "wrong"};
     const char *vals[4];
+    bool has_ids;
+    ps_status st = item_check_ids(it->obj, where, &has_ids);
+    if (st)
+        return st;
     for (size_t k = 0; k < 4; k++) {
         json_t *v = json_object_get(it->obj, fields[k]);
+        if (!v && has_ids) {
+            vals[k] = "";
+            continue;
+        }
         if (!v)
             return err_set(PS_ERR_FORMAT, "%s: field '%s' is missing", where, fields[k]);
         if (!json_is_string(v))
@@ -333,6 +376,38 @@ static ps_status encode_prompt(const tokenizer *t, const char *s, bool bos, cons
     return PS_OK;
 }
 
+/* An item's token ids as they are (no BOS added: the ids are the whole
+ * prompt), checked like the tokenized text. */
+static ps_status item_ids(const dataset_item *it, const char *where, size_t max_tokens, dataset_tokens *out)
+{
+    const json_t *a = json_object_get(it->obj, "clean_ids"), *b = json_object_get(it->obj, "corrupted_ids");
+    const size_t nc = json_array_size(a), nk = json_array_size(b);
+    if (nc != nk)
+        return err_set(PS_ERR_INVALID, "%s: clean_ids and corrupted_ids differ in length (%zu vs %zu)", where, nc, nk);
+    if (max_tokens > 0 && nc > max_tokens)
+        return err_set(PS_ERR_INVALID, "%s: prompt is %zu tokens, longer than the limit of %zu", where, nc,
+                       max_tokens);
+    out->clean_ids = malloc(nc * sizeof *out->clean_ids);
+    out->corrupted_ids = malloc(nc * sizeof *out->corrupted_ids);
+    if (!out->clean_ids || !out->corrupted_ids) {
+        dataset_tokens_free(out);
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu token ids", where, 2 * nc);
+    }
+    for (size_t t = 0; t < nc; t++) {
+        out->clean_ids[t] = (int32_t)json_integer_value(json_array_get(a, t));
+        out->corrupted_ids[t] = (int32_t)json_integer_value(json_array_get(b, t));
+    }
+    out->answer_id = (int32_t)json_integer_value(json_object_get(it->obj, "answer_id"));
+    out->wrong_id = (int32_t)json_integer_value(json_object_get(it->obj, "wrong_id"));
+    if (out->answer_id == out->wrong_id) {
+        dataset_tokens_free(out);
+        return err_set(PS_ERR_INVALID, "%s: answer_id and wrong_id are the same token (%d)", where,
+                       (int)json_integer_value(json_object_get(it->obj, "answer_id")));
+    }
+    out->n_tokens = nc;
+    return PS_OK;
+}
+
 ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
                            size_t max_tokens, dataset_tokens *out)
 {
@@ -343,6 +418,12 @@ ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool 
     char where[1200];
     item_where(d, i, where, sizeof where);
     const dataset_item *it = &d->items[i];
+    const bool has_text = json_object_get(it->obj, "clean") != NULL;
+    if ((!t || !has_text) && json_object_get(it->obj, "clean_ids"))
+        return item_ids(it, where, max_tokens, out);
+    if (!t)
+        return err_set(PS_ERR_INVALID, "%s: the item has no clean_ids, corrupted_ids, answer_id and wrong_id, and "
+                       "this model's tokenizer is not supported yet (give token ids)", where);
     size_t nc = 0, nk = 0;
     bos = bos && tokenizer_add_bos(t); /* a tokenizer without BOS (Qwen3) gets none */
     ps_status st = encode_prompt(t, it->clean, bos, "clean", where, &out->clean_ids, &nc);

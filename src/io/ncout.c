@@ -342,6 +342,7 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     r->f = f;
     r->n_layer = m->cfg.n_layer;
     r->n_head = m->cfg.n_head;
+    r->n_kv_head = model_kv_heads(&m->cfg);
     r->max_T = max_T;
     r->metric = metric;
     memcpy(r->on, on, sizeof r->on);
@@ -356,6 +357,14 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     if ((st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_PROMPT, NC_UNLIMITED, &d_prompt), f->tmp_path, SCHEMA_DIM_PROMPT)) ||
         (st = dim_id(f, SCHEMA_DIM_LAYER, r->n_layer, &d_layer)) || (st = dim_id(f, SCHEMA_DIM_POSITION, max_T, &d_pos)) ||
         (st = dim_id(f, SCHEMA_DIM_HEAD, r->n_head, &d_head)))
+        return st;
+    /* grouped-query attention: k_all_pos / v_all_pos per key/value head */
+    int d_kv_head = -1, v_kv_head = -1;
+    bool kv = false;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        kv = kv || (on[c] && patch_component_kv_heads((patch_component)c, &m->cfg));
+    if (kv && ((st = dim_id(f, SCHEMA_DIM_KV_HEAD, r->n_kv_head, &d_kv_head)) ||
+               (st = def_var(r, SCHEMA_VAR_KV_HEAD, NC_INT, 1, &d_kv_head, &v_kv_head, NULL))))
         return st;
     int v_layer, v_pos, v_head;
     if ((st = def_var(r, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, &v_layer, NULL)) ||
@@ -403,7 +412,10 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         size_t nd = patch_grid_shape((patch_component)c, &m->cfg, max_T, shape, dn);
         int dims[4] = {d_prompt};
         for (size_t k = 0; k < nd; k++)
-            dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER) ? d_layer : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos : d_head;
+            dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)      ? d_layer
+                          : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos
+                          : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? d_kv_head
+                                                                : d_head;
         char name[64], lname[160];
         const char *cn = patch_component_name((patch_component)c);
         snprintf(lname, sizeof lname, "%s after patching %s", patch_metric_name(metric), cn);
@@ -434,6 +446,8 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         st = ncout_check(nc_put_var_int(f->ncid, v_pos, idx), f->tmp_path, SCHEMA_VAR_POSITION);
     if (!st)
         st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, SCHEMA_VAR_HEAD);
+    if (!st && v_kv_head >= 0)
+        st = ncout_check(nc_put_var_int(f->ncid, v_kv_head, idx), f->tmp_path, SCHEMA_VAR_KV_HEAD);
     free(idx);
     return st ? st : stage_init(r);
 }
@@ -519,7 +533,7 @@ static ps_status stage_init(ncout_results *r)
     stage_add(r, r->v_corrupted_tok_id, NC_INT, 1, T);
     stage_add(r, r->v_clean_tok, NC_STRING, 1, T);
     stage_add(r, r->v_corrupted_tok, NC_STRING, 1, T);
-    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!r->on[c])
             continue;
@@ -682,7 +696,7 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
     }
     if (st)
         return st;
-    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head};
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
     const double denom = p->clean_metric - p->corrupted_metric;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!r->on[c])

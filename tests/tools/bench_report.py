@@ -18,7 +18,12 @@ machine, printed as tables and saved as results/bench.json.
   5. the scaling model (README): predicted efficiency at 64, 512 and 4096
      ranks for GPT-2 small and xl on 1e5 IOI prompts, from the numbers above;
   6. OpenBLAS's generic kernels against the selected ones
-     (tests/tools/bench_blas.py, also saved as results/bench_blas.json).
+     (tests/tools/bench_blas.py, also saved as results/bench_blas.json);
+  7. model families (issue 17): the resid_pre grid, fast vs naive and % of
+     the sgemm peak, on a Llama-shaped (GQA 12/4, d_mlp 2048, V 32000) and a
+     NeoX-shaped (parallel residual, V 50304) random model of GPT-2-small
+     size, the IOI pair as token ids (targets: fast >= 30x naive, >= 60% of
+     the peak).  --families-only runs this section alone.
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -117,10 +122,14 @@ def main(argv):
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-blas", action="store_true", help="skip section 6 (about 9 minutes)")
+    ap.add_argument("--families-only", action="store_true", help="section 7 alone")
     a = ap.parse_args(argv)
     ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
     report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
               "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model()}}
+    if a.families_only:
+        report["families"] = families(ps, model)
+        return finish(report, a.out, argv)
 
     # 1. engines at 2 and 1 threads
     print("== 1. patching engines (patchsweep bench), GPT-2-small-shaped random model, IOI pair ==", flush=True)
@@ -222,6 +231,7 @@ def main(argv):
 
     # 6. OpenBLAS's generic kernels vs the selected ones (issue 11): naive and
     #    fast engines, and the sgemm peak (tests/tools/bench_blas.py)
+    report["families"] = families(ps, model)
     if a.no_blas:
         return finish(report, a.out, argv)
     print("\n== 6. OpenBLAS kernels: generic (Prescott) vs selected ==", flush=True)
@@ -234,9 +244,44 @@ def main(argv):
     return finish(report, a.out, argv)
 
 
+FAMILIES = {  # GPT-2-small size: 12 layers, d 768, 12 heads
+    "llama-shaped": ("llama", dict(L=12, H=12, kv=4, d=768, m=2048, V=32000, npos=1024)),
+    "neox-shaped": ("neox", dict(L=12, H=12, d=768, m=3072, V=50304, npos=1024, parallel=True)),
+}
+
+
+def families(ps, gpt2_model):
+    """Section 7: the resid_pre grid on the families' random models (written
+    once into build/bench/families by oracle_families.write_model)."""
+    sys.path.insert(0, HERE)
+    import oracle_families as of
+    print("\n== 7. model families: resid_pre grid, fast vs naive, % of the sgemm peak (2 threads) ==", flush=True)
+    clean, corrupted = token_ids(ps, gpt2_model, CLEAN), token_ids(ps, gpt2_model, CORRUPTED)
+    (answer,), (wrong,) = token_ids(ps, gpt2_model, " John", False), token_ids(ps, gpt2_model, " Mary", False)
+    clean, corrupted = clean[1:], corrupted[1:]  # no <|endoftext|>: 50256 is outside a 32000 vocabulary
+    out = {}
+    print(f"{'model':<14} {'cells':>6} {'naive s':>9} {'fast s':>9} {'ratio':>7} {'useful GF/s':>12} "
+          f"{'sgemm GF/s':>11} {'% peak':>7}")
+    for name, (fam, opts) in FAMILIES.items():
+        d = os.path.join(ROOT, "build", "bench", "families", name)
+        if not os.path.exists(os.path.join(d, "config.json")):
+            of.write_model(d, fam, seed=17, **opts)
+        ids = lambda v: ",".join(map(str, v))  # noqa: E731
+        r = json.loads(run([ps, "bench", "--model", d, "--clean-ids", ids(clean), "--corrupted-ids", ids(corrupted),
+                            "--answer-id", str(answer), "--wrong-id", str(wrong), "--components", "resid_pre",
+                            "--reps", "5", "--json"], threads_env(2)).stdout)
+        c = r["components"][0]
+        out[name] = {"family": fam, "shape": opts, "tokens": r["tokens"], **c,
+                     "meets_30x": c["ratio"] >= 30, "meets_60_percent": c["percent_of_peak"] >= 60}
+        print(f"{name:<14} {c['cells']:>6} {c['naive_seconds']:>9.3f} {c['fast_seconds']:>9.4f} "
+              f"{c['ratio']:>6.1f}x {c['useful_gflops']:>12.1f} {c['sgemm_peak_gflops']:>11.1f} "
+              f"{c['percent_of_peak']:>6.1f}%", flush=True)
+    return out
+
+
 def finish(report, out, argv):
     """Provenance, then the report written atomically."""
-    eng = report["engines"]["2_threads"]
+    eng = report.get("engines", {}).get("2_threads", {})  # absent with --families-only
     report["provenance"] = {k: eng[k] for k in ("patchsweep_version", "model", "model_sha256") if k in eng}
     report["provenance"]["command_line"] = " ".join([os.path.basename(sys.argv[0])] + argv)
     report["provenance"]["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -217,8 +217,12 @@ class Family:
             self.c = json.load(f)
         self.w = load_weights(model_dir)
 
-    def run(self, ids):
+    def run(self, ids, overrides=None):
+        """Every hook of a run on ids; overrides {hook name: fn(activation) ->
+        activation} replaces a hook's value before the rest of the pass reads
+        it (TransformerLens' run_with_hooks)."""
         c, W = self.c, self.w
+        overrides = overrides or {}
         neox = c["model_type"] == "gpt_neox"
         T = len(ids)
         L, H, d = c["num_hidden_layers"], c["num_attention_heads"], c["hidden_size"]
@@ -235,6 +239,8 @@ class Family:
         cache = {}
 
         def hk(name, x):
+            if name in overrides:
+                x = overrides[name](x.clone())
             cache[name] = x
             return x
 
@@ -305,6 +311,59 @@ class Family:
         head = W["embed_out.weight"] if neox else W.get("lm_head.weight", W[pre + "embed_tokens.weight"])
         hk("logits", x @ head.T)
         return cache
+
+
+# ---- activation patching: the naive loop (TransformerLens' get_act_patch_*) ----
+
+# component -> (hook suffix, grid axes); k/v index the key/value heads
+PATCH_HOOKS = {
+    "resid_pre": ("hook_resid_pre", "pos"), "resid_mid": ("hook_resid_mid", "pos"),
+    "attn_out": ("hook_attn_out", "pos"), "mlp_out": ("hook_mlp_out", "pos"),
+    "z": ("attn.hook_z", "pos_head"), "z_all_pos": ("attn.hook_z", "head"),
+    "q_all_pos": ("attn.hook_q", "head"), "k_all_pos": ("attn.hook_k", "head"),
+    "v_all_pos": ("attn.hook_v", "head"), "pattern_all_pos": ("attn.hook_pattern", "pattern"),
+}
+
+
+def metric_of(logits, answer, wrong, metric, clean_logprobs):
+    lp = torch.log_softmax(logits, dim=-1)
+    if metric == "logit_diff":
+        return float(logits[answer] - logits[wrong])
+    if metric == "prob":
+        return float(lp[answer].exp())
+    if metric == "logprob":
+        return float(lp[answer])
+    return float((clean_logprobs.exp() * (clean_logprobs - lp)).sum())   # kl(clean || patched)
+
+
+def patch_grid(fam, clean, corrupted, answer, wrong, comp, metric="logit_diff", direction="denoise"):
+    """The grid of one component: one float64 run of the base prompt per cell
+    with the source's activation written over the cell's slice."""
+    cc, rc = fam.run(clean), fam.run(corrupted)
+    clean_lp = torch.log_softmax(cc["logits"][-1], dim=-1)
+    base, src = (corrupted, cc) if direction == "denoise" else (clean, rc)
+    suffix, axes = PATCH_HOOKS[comp]
+    L, T = fam.c["num_hidden_layers"], len(clean)
+    probe = src[f"blocks.0.{suffix}"]
+    heads = probe.shape[0] if axes == "pattern" else (probe.shape[1] if probe.dim() == 3 else 0)
+    shape = {"pos": (L, T), "pos_head": (L, T, heads), "head": (L, heads), "pattern": (L, heads)}[axes]
+    out = np.zeros(shape)
+    for idx in np.ndindex(*shape):
+        name = f"blocks.{idx[0]}.{suffix}"
+        s = src[name]
+
+        def setter(x, idx=idx, s=s):
+            if axes == "pos":
+                x[idx[1]] = s[idx[1]]
+            elif axes == "pos_head":
+                x[idx[1], idx[2]] = s[idx[1], idx[2]]
+            elif axes == "head":
+                x[:, idx[1]] = s[:, idx[1]]
+            else:
+                x[idx[1]] = s[idx[1]]
+            return x
+        out[idx] = metric_of(fam.run(base, {name: setter})["logits"][-1], answer, wrong, metric, clean_lp)
+    return out
 
 
 if __name__ == "__main__":
