@@ -7,7 +7,8 @@ within 1e-4 * max(1, max|ref|).  Covers GQA (6 query / 2 kv heads), head_dim
 != hidden/heads, partial rotary (rotary_pct 0.25), llama3 and linear rope
 scaling, parallel and sequential NeoX, biases on and off, tied and untied,
 sharded BF16 and F16.  Plus `run --ids`, `info`, and the refusals that are
-not config rows (text prompts, patching, lens).
+not config rows (text prompts on a model without its tokenizer.json, bad
+ids).  Patching, lens and sweeps of the families: test_families_patch.py.
 
 Environment: PS_BIN, PS_ROOT (see run_integration.sh)."""
 import os
@@ -92,10 +93,13 @@ with tempfile.TemporaryDirectory() as tmp:
         ("id at the vocabulary size", ["run", "--model", m, "--ids", "1,97"], "not below the vocabulary size 97"),
         ("malformed --ids", ["cache", "--model", m, "--ids", "1,x", "-o", os.path.join(tmp, "x.nc")], "--ids takes"),
         ("lens", ["lens", "--model", m, "--prompt", "hi"], "needs its tokenizer.json"),
+        ("GPT-2's tokenizer given to a Llama model", ["run", "--model", m, "--prompt", "hi", "--tokenizer",
+                                                     os.environ["PS_TOKENIZER"]],
+         "needs its tokenizer.json"),
     ]:
         r = run(args)
         lines = r.stderr.strip().splitlines()
-        check(f"refused: {label}", r.returncode in (1, 2) and len(lines) >= 1 and want in r.stderr, r.stderr)
+        check(f"refused: {label}", r.returncode in (1, 2) and len(lines) == 1 and want in r.stderr, r.stderr)
 
 print("max relative error per model: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 finish("test_families")
