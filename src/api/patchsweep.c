@@ -122,8 +122,12 @@ void patchsweep_free(void *p)
     free(p);
 }
 
+static void threads_default(void);
+static pthread_once_t threads_once;
+
 void patchsweep_set_threads(size_t n)
 {
+    pthread_once(&threads_once, threads_default);
     if (lock_compute("patchsweep_set_threads") != PS_OK)
         return;
     pool_set_threads(n ? n : 1);
@@ -190,8 +194,20 @@ static ps_status load_tokenizer(patchsweep_model *pm, const char *dir, const cha
     return PS_OK;
 }
 
+/* The CLI's thread set-up by default: the kernels' pool on as many threads
+ * as OpenBLAS would use, OpenBLAS itself on one (gemm.h), so that results
+ * are the CLI's bit for bit. */
+static void threads_default(void)
+{
+    int n = openblas_get_num_threads();
+    pool_set_threads(n > 0 ? (size_t)n : 1);
+    openblas_set_num_threads(1);
+}
+static pthread_once_t threads_once = PTHREAD_ONCE_INIT;
+
 patchsweep_status patchsweep_model_load(patchsweep_model **out, const char *dir, const char *tokenizer_dir)
 {
+    pthread_once(&threads_once, threads_default);
     if (!out || !dir)
         return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_model_load: NULL argument");
     *out = NULL;
