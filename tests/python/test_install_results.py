@@ -51,3 +51,15 @@ def test_open_results(ps, model, tmp_path):
                                                                        wrong=" Mary", normalize=True).values,
                        atol=1e-6)
     ds.close()
+
+
+def test_worksheet_example(tmp_path):
+    """examples/worksheet.py runs, its hook loop equals the fast engine, and the heatmap is valid SVG."""
+    import xml.etree.ElementTree as ET
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "worksheet.py"), "--out", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    assert "Clean logit difference: 12.392" in out and "strongest head (z, every position): L0.H3" in out
+    diff = float(out.split("max |difference| ")[1].split()[0])
+    assert diff < 1e-5
+    root = ET.parse(tmp_path / "worksheet-patching.svg").getroot()
+    assert len([e for e in root if e.tag.endswith("rect")]) == 4 * 17
