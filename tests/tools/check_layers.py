@@ -6,7 +6,8 @@
     io     -> core, util      job, dataset, journal, results schema, NetCDF, SVG
     par    -> util            comm (MPI in comm_mpi.c alone)
     engine -> io, par, core, util
-    cli    -> everything
+    api    -> engine, io, par, core, util   the C API of libpatchsweep.so (patchsweep.h)
+    cli    -> everything but api
 
 A header's layer: include/patchsweep/NAME.h belongs to the layer of
 src/LAYER/NAME.c (or NAME_*.c); src/LAYER/*.h is private to its folder.
@@ -22,6 +23,7 @@ ALLOWED = {
     "io": {"util", "core", "io"},
     "par": {"util", "par"},
     "engine": {"util", "core", "io", "par", "engine"},
+    "api": {"util", "core", "io", "par", "engine", "api"},
     "cli": {"util", "core", "io", "par", "engine", "cli"},
 }
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
