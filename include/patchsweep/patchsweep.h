@@ -110,6 +110,7 @@ typedef struct {
     int default_prepend_bos;  /* the tokenizer's default (1: prompts start with BOS) */
     const char *dtype;        /* weights as stored: "F32", "F16", "BF16", "F64", "mixed" */
     size_t n_params;
+    int has_tokenizer;        /* 0: the model runs on token ids only (no tokenizer it can use) */
 } patchsweep_model_info;
 
 patchsweep_status patchsweep_model_get_info(const patchsweep_model *m, patchsweep_model_info *info);

@@ -191,6 +191,7 @@ class Model:
             family=info.family.decode(), dtype=info.dtype.decode(), n_params=info.n_params)
         self.bos_token_id = info.bos_token_id if info.bos_token_id >= 0 else None
         self.default_prepend_bos = bool(info.default_prepend_bos)
+        self.has_tokenizer = bool(info.has_tokenizer)
         self.path = str(path)
         buf = ctypes.create_string_buffer(64)
         self.hook_names = []

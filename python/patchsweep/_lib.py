@@ -53,7 +53,7 @@ class ModelInfo(Structure):
                 ("n_key_value_heads", c_size_t), ("d_model", c_size_t), ("d_head", c_size_t),
                 ("d_mlp", c_size_t), ("d_vocab", c_size_t), ("n_ctx", c_size_t), ("family", c_char_p),
                 ("bos_token_id", c_int32), ("default_prepend_bos", c_int), ("dtype", c_char_p),
-                ("n_params", c_size_t)]
+                ("n_params", c_size_t), ("has_tokenizer", c_int)]
 
 
 HOOK_FN = CFUNCTYPE(c_int, c_void_p, c_char_p, POINTER(c_float), c_size_t, POINTER(c_size_t))

@@ -101,7 +101,9 @@ def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, met
         values = (values - xm.value) / (cm.value - xm.value)
     coords = {"layer": np.arange(model.cfg.n_layers)}
     if "position" in dn:
-        ct, rt = model.to_str_tokens(clean), model.to_str_tokens(corrupted)
+        # a model without a tokenizer (token ids only) is labelled by id
+        strs = model.to_str_tokens if model.has_tokenizer else (lambda t: [str(int(i)) for i in t])
+        ct, rt = strs(clean), strs(corrupted)
         coords["position"] = np.arange(len(clean))
         coords["clean_token"] = ("position", ct)
         coords["corrupted_token"] = ("position", rt)

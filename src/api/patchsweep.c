@@ -277,6 +277,7 @@ patchsweep_status patchsweep_model_get_info(const patchsweep_model *pm, patchswe
         .default_prepend_bos = pm->tok ? tokenizer_add_bos(pm->tok) : 0,
         .dtype = pm->m.weights_dtype,
         .n_params = pm->m.n_params,
+        .has_tokenizer = pm->tok != NULL,
     };
     memcpy(info, &v, info->struct_size);
     return PATCHSWEEP_OK;
