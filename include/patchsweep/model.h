@@ -185,8 +185,9 @@ typedef struct {
     char *config_json;       /* owned: config.json text, for provenance */
     char weights_dtype[16];  /* "F32", "F16", "BF16", "F64" or "mixed" */
     size_t n_params;         /* parameters of the model (tied counted once) */
-    char sha256[65];         /* of model.safetensors (sharded: of the shards' bytes in index order),
-                              * filled by model_hash() */
+    char sha256[65];         /* the model's hash, filled by model_hash(): see there */
+    char *shard_sha256;      /* owned, filled by model_hash(): one line per shard, in file-name
+                              * order, "<sha256 of the file>  <file name>\n" (sha256sum's format) */
 
     st_file *shards;         /* the mmap'd checkpoint: model.safetensors, or the files of
                               * model.safetensors.index.json in order (owned, [n_shards]) */
@@ -262,8 +263,17 @@ ps_status model_pack_weights(model *m);
  * with the same directory.  NULL `a`: model_load.  On error *m is freed. */
 ps_status model_load_shared(model *m, const char *dir, const model_alloc *a);
 
-/* Compute m->sha256 of the safetensors file, hashing the mmap (portable C,
- * roughly 150-250 MB/s: seconds per GB; the file is read once). */
+/* Fill m->sha256 and m->shard_sha256.  The model's hash is
+ *   a single model.safetensors: the sha256 of that file;
+ *   a sharded checkpoint: the sha256 of the text m->shard_sha256, i.e. of
+ *     the lines "<sha256 of the shard>  <shard's file name>\n" for every
+ *     shard in file-name (strcmp) order: in the model directory,
+ *     `LC_ALL=C sha256sum $(LC_ALL=C ls model-*.safetensors) | sha256sum`
+ *     (the shards only, not the index or config.json).
+ * Each file's hash comes from hashcache.h: read and hashed (libcrypto) the
+ * first time, then taken from the per-user cache keyed by device, inode,
+ * size and mtime (PATCHSWEEP_HASH_CACHE=off: always hashed).  Commands call
+ * it only where they write a file; a sweep, on rank 0 only. */
 ps_status model_hash(model *m);
 
 void model_free(model *m);

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "fsutil.h"
+#include "hashcache.h"
 #include "sha256.h"
 #include "jsonutil.h"
 
@@ -1242,15 +1243,28 @@ ps_status model_hash(model *m)
 {
     if (m->n_shards == 0 || !m->shards[0].map)
         return err_set(PS_ERR_INVALID, "model_hash: no model loaded");
-    if (m->n_shards == 1) {
-        sha256_hex(m->shards[0].map, m->shards[0].map_size, m->sha256);
-        return PS_OK;
-    }
-    sha256_ctx h;
-    sha256_init(&h);
+    size_t cap = 1;
     for (size_t i = 0; i < m->n_shards; i++)
-        sha256_update(&h, m->shards[i].map, m->shards[i].map_size);
-    sha256_final_hex(&h, m->sha256);
+        cap += 64 + 2 + strlen(m->shards[i].path) + 1;
+    char *text = malloc(cap), hex[65];
+    if (!text)
+        return err_set(PS_ERR_NOMEM, "model_hash: out of memory");
+    size_t len = 0;
+    for (size_t i = 0; i < m->n_shards; i++) {
+        ps_status st = hashcache_file_sha256(m->shards[i].path, hex, NULL);
+        if (st != PS_OK) {
+            free(text);
+            return st;
+        }
+        const char *slash = strrchr(m->shards[i].path, '/');
+        len += (size_t)snprintf(text + len, cap - len, "%s  %s\n", hex, slash ? slash + 1 : m->shards[i].path);
+    }
+    if (m->n_shards == 1)
+        memcpy(m->sha256, hex, sizeof hex);
+    else
+        sha256_hex(text, len, m->sha256);
+    free(m->shard_sha256);
+    m->shard_sha256 = text;
     return PS_OK;
 }
 
@@ -1270,5 +1284,6 @@ void model_free(model *m)
     free(m->blocks);
     free(m->dir);
     free(m->config_json);
+    free(m->shard_sha256);
     memset(m, 0, sizeof *m);
 }
