@@ -198,9 +198,10 @@ typedef struct {
     size_t arena_floats;     /* the converted tensors' floats */
     bool arena_shared;       /* arena came from alloc.alloc (model_load_shared) */
     model_alloc alloc;       /* model_load_shared's allocator (release on model_free) */
-    float *packed;           /* the blocks' packed matrices (gemm.h): in the arena (model_load),
-                              * or model_pack_weights' own copy (packed_owned) */
-    size_t packed_floats;
+    void *packed;            /* the blocks' packed matrices (gemm.h; F32, or F16/BF16 in 2 bytes
+                              * for such checkpoints): in the arena (model_load), or
+                              * model_pack_weights' own copy (packed_owned) */
+    size_t packed_bytes;
     bool packed_owned;
 } model;
 
