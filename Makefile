@@ -89,7 +89,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             slurmctld slurmd slurm-client munge \
             clang libclang-rt-dev
 
-.PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
+.PHONY: all deps tokenizer demo test unit integration clean distclean bench bench-large download-gpt2 download-gpt2-medium \
         fuzz fuzz-smoke fuzz-build install check
 all: $(BIN) build/patchsweep
 
@@ -275,6 +275,19 @@ bench: all tokenizer
 	/usr/bin/python3 tests/tools/bench_report.py --ps build/rel/patchsweep --model $(BENCH_MODEL) \
 	    --embedded jobs/ioi-tiny/model --out results/bench.json
 
+# `make bench-large` (issue 21; not part of make test): a random
+# Llama-3-8B-shaped BF16 checkpoint, sharded like HF's (~16 GB under build/,
+# written once; needs ~17 GB free: df -h build), then load time, the IOI
+# resid_pre grid against the sgemm peak, and a 2-rank sweep's node memory
+# (tests/tools/bench_large.py -> results/bench_large.json).
+BENCH_LARGE_MODEL := build/bench-large/llama3-8b-random
+bench-large: all hf-tokenizers
+	@test -f $(BENCH_LARGE_MODEL)/config.json || { df -h build; \
+	    /usr/bin/python3 tests/tools/make_llama_checkpoint.py -o $(BENCH_LARGE_MODEL) --tokenizer $(HFTOK_DIR)/llama3; }
+	@mkdir -p results
+	/usr/bin/python3 tests/tools/bench_large.py --ps build/rel/patchsweep --model $(BENCH_LARGE_MODEL) \
+	    --out results/bench_large.json
+
 # --- real GPT-2 checkpoints (needs internet access; none on the build machines)
 HF_HUB := https://huggingface.co
 define hf_download
@@ -314,7 +327,7 @@ integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_families.py test_hash.py
+                test_families.py test_hash.py test_llama_writer.py
 check: $(BIN) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
