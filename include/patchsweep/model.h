@@ -17,11 +17,15 @@
  * other unknown tensor is an error (it would mean a different architecture).
  *
  * Memory (llm.c): F32 tensors whose data is 4-byte aligned are used in place
- * from the read-only mmap, so ranks on one node share the page cache; every
- * other tensor (F16, BF16, F64, or misaligned F32) is converted into one
- * float32 arena, followed by every block's four matrices packed for the
- * matrix kernels (gemm.h: packed once, read by every product; for F32
- * checkpoints the mmap'd originals are then only read while packing).
+ * from the read-only mmap, so ranks on one node share the page cache; the
+ * blocks' weight matrices stored as F16 or BF16 are packed in their 2 bytes
+ * (gemm.h: widened in registers, results identical to the F32 path; their
+ * float pointers in model_block are then NULL); every other tensor (F16,
+ * BF16 or F64 embeddings, norms and biases, misaligned F32) is converted
+ * into one float32 arena, followed by every block's matrices packed for the
+ * matrix kernels (packed once, read by every product; the mmap'd originals
+ * are then only read while packing, and the pages of the converted ones are
+ * given back).
  * model_load mallocs the arena (one copy per process);
  * model_load_shared takes it from a model_alloc, so that the processes of a
  * node can share one copy that only one of them converts (the sweep's ranks:
