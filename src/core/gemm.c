@@ -8,6 +8,7 @@
 #include "safetensors.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define GEMM_X86 1
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -348,6 +349,17 @@ static const struct {
 #endif
 };
 
+#ifdef GEMM_X86
+/* F16C (vcvtph2ps for the F16 panels): CPUID leaf 1, ECX bit 29 (clang's
+ * __builtin_cpu_supports does not know "f16c"); the OS's AVX state is
+ * checked with avx2 by the callers. */
+static bool cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 bool gemm_isa_supported(gemm_isa isa)
 {
     switch (isa) {
@@ -355,10 +367,10 @@ bool gemm_isa_supported(gemm_isa isa)
 #ifdef GEMM_X86
     /* libgcc's cpu model also checks that the OS saves the AVX/AVX-512 state (xgetbv). */
     case GEMM_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case GEMM_ISA_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+               cpu_has_f16c();
 #endif
     default: return false;
     }
