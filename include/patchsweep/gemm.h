@@ -33,13 +33,24 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #define GEMM_NR 32
+
+/* The element type of a packed matrix.  F16 and BF16 panels keep the
+ * checkpoint's 2 bytes per weight; the kernels widen each panel row to
+ * float in registers (vcvtph2ps; BF16: the 16 bits shifted left by 16),
+ * which is exact, and then run the F32 kernel's arithmetic unchanged: the
+ * product with 2-byte panels equals bit for bit the F32 product with the
+ * widened weights, on every instruction set. */
+typedef enum { GEMM_F32 = 0, GEMM_F16, GEMM_BF16 } gemm_dtype;
 
 /* A packed weight matrix (not owning: data lives in the model's arena). */
 typedef struct {
     size_t k, n;
-    const float *data; /* [ceil(n / GEMM_NR)][k][GEMM_NR] */
+    const float *data;      /* GEMM_F32: [ceil(n / GEMM_NR)][k][GEMM_NR] */
+    gemm_dtype dtype;       /* 0 (GEMM_F32) unless set */
+    const uint16_t *data16; /* GEMM_F16 / GEMM_BF16: the same layout, 2 bytes per element */
 } gemm_weight;
 
 /* Floats of the packed form of a [k, n] matrix. */
@@ -47,6 +58,17 @@ size_t gemm_packed_floats(size_t k, size_t n);
 
 /* Pack W ([k, n], row stride ldw >= n) into dst (gemm_packed_floats(k, n)). */
 void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n);
+
+/* Bytes of the packed form of a [k, n] matrix of type dt. */
+size_t gemm_packed_bytes(size_t k, size_t n, gemm_dtype dt);
+
+/* gemm_pack and gemm_pack_rows for 2-byte (F16 / BF16) elements, copied
+ * as they are (dst: gemm_packed_floats(k, n) uint16_t; padding 0). */
+void gemm_pack16(uint16_t *dst, const uint16_t *W, size_t ldw, size_t k, size_t n);
+void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t *rows, size_t k, size_t n);
+
+/* One F16 (dt GEMM_F16) or BF16 (GEMM_BF16) value as float, exactly. */
+float gemm_widen(gemm_dtype dt, uint16_t h);
 
 /* Pack the transpose of an nn.Linear-style matrix A ([n_rows, k], row
  * stride lda, one row per output): W[kk, c] = A[rows[c], kk] for c < n

@@ -17,11 +17,15 @@
  * other unknown tensor is an error (it would mean a different architecture).
  *
  * Memory (llm.c): F32 tensors whose data is 4-byte aligned are used in place
- * from the read-only mmap, so ranks on one node share the page cache; every
- * other tensor (F16, BF16, F64, or misaligned F32) is converted into one
- * float32 arena, followed by every block's four matrices packed for the
- * matrix kernels (gemm.h: packed once, read by every product; for F32
- * checkpoints the mmap'd originals are then only read while packing).
+ * from the read-only mmap, so ranks on one node share the page cache; the
+ * blocks' weight matrices stored as F16 or BF16 are packed in their 2 bytes
+ * (gemm.h: widened in registers, results identical to the F32 path; their
+ * float pointers in model_block are then NULL); every other tensor (F16,
+ * BF16 or F64 embeddings, norms and biases, misaligned F32) is converted
+ * into one float32 arena, followed by every block's matrices packed for the
+ * matrix kernels (packed once, read by every product; the mmap'd originals
+ * are then only read while packing, and the pages of the converted ones are
+ * given back).
  * model_load mallocs the arena (one copy per process);
  * model_load_shared takes it from a model_alloc, so that the processes of a
  * node can share one copy that only one of them converts (the sweep's ranks:
@@ -185,8 +189,9 @@ typedef struct {
     char *config_json;       /* owned: config.json text, for provenance */
     char weights_dtype[16];  /* "F32", "F16", "BF16", "F64" or "mixed" */
     size_t n_params;         /* parameters of the model (tied counted once) */
-    char sha256[65];         /* of model.safetensors (sharded: of the shards' bytes in index order),
-                              * filled by model_hash() */
+    char sha256[65];         /* the model's hash, filled by model_hash(): see there */
+    char *shard_sha256;      /* owned, filled by model_hash(): one line per shard, in file-name
+                              * order, "<sha256 of the file>  <file name>\n" (sha256sum's format) */
 
     st_file *shards;         /* the mmap'd checkpoint: model.safetensors, or the files of
                               * model.safetensors.index.json in order (owned, [n_shards]) */
@@ -197,9 +202,10 @@ typedef struct {
     size_t arena_floats;     /* the converted tensors' floats */
     bool arena_shared;       /* arena came from alloc.alloc (model_load_shared) */
     model_alloc alloc;       /* model_load_shared's allocator (release on model_free) */
-    float *packed;           /* the blocks' packed matrices (gemm.h): in the arena (model_load),
-                              * or model_pack_weights' own copy (packed_owned) */
-    size_t packed_floats;
+    void *packed;            /* the blocks' packed matrices (gemm.h; F32, or F16/BF16 in 2 bytes
+                              * for such checkpoints): in the arena (model_load), or
+                              * model_pack_weights' own copy (packed_owned) */
+    size_t packed_bytes;
     bool packed_owned;
 } model;
 
@@ -262,8 +268,17 @@ ps_status model_pack_weights(model *m);
  * with the same directory.  NULL `a`: model_load.  On error *m is freed. */
 ps_status model_load_shared(model *m, const char *dir, const model_alloc *a);
 
-/* Compute m->sha256 of the safetensors file, hashing the mmap (portable C,
- * roughly 150-250 MB/s: seconds per GB; the file is read once). */
+/* Fill m->sha256 and m->shard_sha256.  The model's hash is
+ *   a single model.safetensors: the sha256 of that file;
+ *   a sharded checkpoint: the sha256 of the text m->shard_sha256, i.e. of
+ *     the lines "<sha256 of the shard>  <shard's file name>\n" for every
+ *     shard in file-name (strcmp) order: in the model directory,
+ *     `LC_ALL=C sha256sum $(LC_ALL=C ls model-*.safetensors) | sha256sum`
+ *     (the shards only, not the index or config.json).
+ * Each file's hash comes from hashcache.h: read and hashed (libcrypto) the
+ * first time, then taken from the per-user cache keyed by device, inode,
+ * size and mtime (PATCHSWEEP_HASH_CACHE=off: always hashed).  Commands call
+ * it only where they write a file; a sweep, on rank 0 only. */
 ps_status model_hash(model *m);
 
 void model_free(model *m);

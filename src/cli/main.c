@@ -23,6 +23,7 @@
 #include "cmd_patch.h"
 #include "cmd_sweep.h"
 #include "cmd_plot.h"
+#include "hashcache.h"
 #include "ncout.h"
 #include "prov.h"
 
@@ -46,6 +47,21 @@ static const command commands[] = {
     {"evaluate", cmd_evaluate, "task accuracy and logit differences on a dataset"},
     {"plot", cmd_plot, "SVG heatmaps / lens curves of a result file"},
 };
+
+/* PATCHSWEEP_HASH_DEBUG=1: what this process hashed (hashcache.h), one
+ * line on stderr at the end of the command; the tests check that a second
+ * run reads no checkpoint and that only a sweep's rank 0 hashes. */
+static void print_hash_debug(void)
+{
+    const char *v = getenv("PATCHSWEEP_HASH_DEBUG");
+    if (!v || strcmp(v, "1") != 0)
+        return;
+    const hashcache_counters c = hashcache_get_counters();
+    const char *dir = hashcache_dir();
+    fprintf(stderr, "patchsweep: hash: pid=%ld files_hashed=%llu bytes_hashed=%llu cache_hits=%llu cache=%s\n",
+            (long)getpid(), (unsigned long long)c.files_hashed, (unsigned long long)c.bytes_hashed,
+            (unsigned long long)c.cache_hits, dir ? dir : "off");
+}
 
 static void print_help(FILE *out)
 {
@@ -283,7 +299,9 @@ static int run_command(int argc, char **argv)
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         if (!strcmp(cmd, commands[i].name)) {
             /* getopt_long sees "COMMAND OPTIONS...": argv[0] is the command. */
-            return commands[i].run(argc - 1, argv + 1);
+            const int rc = commands[i].run(argc - 1, argv + 1);
+            print_hash_debug();
+            return rc;
         }
     fprintf(stderr, "patchsweep: unknown command '%s'\n", cmd);
     print_help(stderr);

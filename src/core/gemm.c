@@ -5,13 +5,20 @@
 #include <string.h>
 
 #include "pool.h"
+#include "safetensors.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define GEMM_X86 1
-#define TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #define ALWAYS_INLINE __attribute__((always_inline)) inline
+#endif
+#if defined(__GNUC__)
+#define ALWAYS_INLINE_C __attribute__((always_inline)) inline
+#else
+#define ALWAYS_INLINE_C inline
 #endif
 
 /* Panels per thread visited together: their k x GEMM_NR floats (a group)
@@ -35,6 +42,45 @@ void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n)
         }
     }
 }
+
+size_t gemm_packed_bytes(size_t k, size_t n, gemm_dtype dt)
+{
+    return gemm_packed_floats(k, n) * (dt == GEMM_F32 ? sizeof(float) : sizeof(uint16_t));
+}
+
+void gemm_pack16(uint16_t *dst, const uint16_t *W, size_t ldw, size_t k, size_t n)
+{
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        uint16_t *d = dst + p * k * GEMM_NR;
+        for (size_t kk = 0; kk < k; kk++) {
+            memcpy(d + kk * GEMM_NR, W + kk * ldw + c0, nc * sizeof *d);
+            memset(d + kk * GEMM_NR + nc, 0, (GEMM_NR - nc) * sizeof *d);
+        }
+    }
+}
+
+void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t *rows, size_t k, size_t n)
+{
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        uint16_t *d = dst + p * k * GEMM_NR;
+        for (size_t j = 0; j < GEMM_NR; j++) {
+            const size_t c = p * GEMM_NR + j;
+            if (c >= n) {
+                for (size_t kk = 0; kk < k; kk++)
+                    d[kk * GEMM_NR + j] = 0;
+                continue;
+            }
+            const uint16_t *a = A + (rows ? rows[c] : c) * lda;
+            for (size_t kk = 0; kk < k; kk++)
+                d[kk * GEMM_NR + j] = a[kk];
+        }
+    }
+}
+
+float gemm_widen(gemm_dtype dt, uint16_t h) { return dt == GEMM_F16 ? st_f16_to_f32(h) : st_bf16_to_f32(h); }
 
 void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n)
 {
@@ -109,37 +155,74 @@ TARGET_AVX512 static void gelu_avx512(float *x, size_t n) { GELU_BODY(x, n); }
  * Each ISA's tile function dispatches mr to a specialisation with mr known
  * at compile time, so the accumulators live in registers. */
 
-typedef void (*tile_fn)(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c, size_t ldc,
+typedef void (*tile_fn)(size_t mr, const float *a, size_t lda, const void *b, size_t k, float *c, size_t ldc,
                         size_t nc, const float *bias);
 
 enum { MR_C = 4, MR_AVX2 = 6, MR_AVX512 = 12 };
 
-static void tile_c(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c, size_t ldc, size_t nc,
-                   const float *bias)
+/* bt: the panel's element type (gemm_dtype); 2-byte panels are widened
+ * exactly to float one panel row at a time, so the arithmetic is the F32
+ * kernel's. */
+static ALWAYS_INLINE_C void tile_c_any(const int bt, size_t mr, const float *a, size_t lda, const void *bv, size_t k,
+                                       float *c, size_t ldc, size_t nc, const float *bias)
 {
-    float acc[MR_C][GEMM_NR] = {{0}};
-    for (size_t kk = 0; kk < k; kk++)
+    float acc[MR_C][GEMM_NR] = {{0}}, wide[GEMM_NR];
+    for (size_t kk = 0; kk < k; kk++) {
+        const float *b;
+        if (bt == GEMM_F32) {
+            b = (const float *)bv + kk * GEMM_NR;
+        } else {
+            const uint16_t *h = (const uint16_t *)bv + kk * GEMM_NR;
+            for (size_t j = 0; j < GEMM_NR; j++)
+                wide[j] = gemm_widen((gemm_dtype)bt, h[j]);
+            b = wide;
+        }
         for (size_t r = 0; r < mr; r++) {
             const float av = a[r * lda + kk];
             for (size_t j = 0; j < GEMM_NR; j++)
-                acc[r][j] += av * b[kk * GEMM_NR + j];
+                acc[r][j] += av * b[j];
         }
+    }
     for (size_t r = 0; r < mr; r++)
         for (size_t j = 0; j < nc; j++)
             c[r * ldc + j] = acc[r][j] + (bias ? bias[j] : 0.0f);
 }
 
+#define TILE_C(NAME, BT)                                                                                               \
+    static void NAME(size_t mr, const float *a, size_t lda, const void *b, size_t k, float *c, size_t ldc, size_t nc,  \
+                     const float *bias)                                                                                \
+    {                                                                                                                  \
+        tile_c_any(BT, mr, a, lda, b, k, c, ldc, nc, bias);                                                            \
+    }
+TILE_C(tile_c, GEMM_F32)
+TILE_C(tile_c_f16, GEMM_F16)
+TILE_C(tile_c_bf16, GEMM_BF16)
+
 #ifdef GEMM_X86
 /* AVX2: 6 rows x 16 columns (12 ymm accumulators), called for both
  * halves of a panel. */
-TARGET_AVX2 static ALWAYS_INLINE void tile16_avx2(const size_t mr, const float *a, size_t lda, const float *b,
-                                                   size_t k, float *c, size_t ldc, size_t nc, const float *bias)
+/* 8 panel values from element i of a panel row, widened to float:
+ * vcvtph2ps for F16, the 16-bit pattern shifted left by 16 for BF16 (both
+ * exact). */
+TARGET_AVX2 static ALWAYS_INLINE __m256 load8_avx2(const int bt, const void *b, size_t i)
+{
+    if (bt == GEMM_F32)
+        return _mm256_loadu_ps((const float *)b + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)b + i));
+    if (bt == GEMM_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void tile16_avx2(const int bt, const size_t mr, const float *a, size_t lda,
+                                                   const void *b, size_t k, float *c, size_t ldc, size_t nc,
+                                                   const float *bias)
 {
     __m256 c0[MR_AVX2], c1[MR_AVX2];
     for (size_t r = 0; r < mr; r++)
         c0[r] = c1[r] = _mm256_setzero_ps();
     for (size_t kk = 0; kk < k; kk++) {
-        const __m256 b0 = _mm256_loadu_ps(b + kk * GEMM_NR), b1 = _mm256_loadu_ps(b + kk * GEMM_NR + 8);
+        const __m256 b0 = load8_avx2(bt, b, kk * GEMM_NR), b1 = load8_avx2(bt, b, kk * GEMM_NR + 8);
         for (size_t r = 0; r < mr; r++) {
             const __m256 av = _mm256_broadcast_ss(a + r * lda + kk);
             c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
@@ -155,16 +238,19 @@ TARGET_AVX2 static ALWAYS_INLINE void tile16_avx2(const size_t mr, const float *
     }
 }
 
-TARGET_AVX2 static void tile_avx2(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c,
-                                  size_t ldc, size_t nc, const float *bias)
+TARGET_AVX2 static ALWAYS_INLINE void tile_avx2_any(const int bt, size_t mr, const float *a, size_t lda,
+                                                     const void *b, size_t k, float *c, size_t ldc, size_t nc,
+                                                     const float *bias)
 {
     for (size_t half = 0; half < 2 && half * 16 < nc; half++) {
         const size_t off = half * 16, n16 = nc - off < 16 ? nc - off : 16;
-        const float *bh = b + off, *biash = bias ? bias + off : NULL;
+        const void *bh = bt == GEMM_F32 ? (const void *)((const float *)b + off)
+                                        : (const void *)((const uint16_t *)b + off);
+        const float *biash = bias ? bias + off : NULL;
         float *ch = c + off;
         switch (mr) {
 #define CASE(R)                                                                                                        \
-    case R: tile16_avx2(R, a, lda, bh, k, ch, ldc, n16, biash); break;
+    case R: tile16_avx2(bt, R, a, lda, bh, k, ch, ldc, n16, biash); break;
             CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6)
 #undef CASE
         default: break;
@@ -172,16 +258,38 @@ TARGET_AVX2 static void tile_avx2(size_t mr, const float *a, size_t lda, const f
     }
 }
 
+#define TILE_AVX2(NAME, BT)                                                                                            \
+    TARGET_AVX2 static void NAME(size_t mr, const float *a, size_t lda, const void *b, size_t k, float *c,             \
+                                 size_t ldc, size_t nc, const float *bias)                                             \
+    {                                                                                                                  \
+        tile_avx2_any(BT, mr, a, lda, b, k, c, ldc, nc, bias);                                                         \
+    }
+TILE_AVX2(tile_avx2, GEMM_F32)
+TILE_AVX2(tile_avx2_f16, GEMM_F16)
+TILE_AVX2(tile_avx2_bf16, GEMM_BF16)
+
 /* AVX-512: 12 rows x 32 columns (24 zmm accumulators, 2 for the panel
  * row, 1 broadcast); masked stores for a last panel narrower than 32. */
-TARGET_AVX512 static ALWAYS_INLINE void tile32_avx512(const size_t mr, const float *a, size_t lda, const float *b,
-                                                       size_t k, float *c, size_t ldc, size_t nc, const float *bias)
+/* 16 panel values from element i of a panel row, widened as load8_avx2. */
+TARGET_AVX512 static ALWAYS_INLINE __m512 load16_avx512(const int bt, const void *b, size_t i)
+{
+    if (bt == GEMM_F32)
+        return _mm512_loadu_ps((const float *)b + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)b + i));
+    if (bt == GEMM_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+TARGET_AVX512 static ALWAYS_INLINE void tile32_avx512(const int bt, const size_t mr, const float *a, size_t lda,
+                                                       const void *b, size_t k, float *c, size_t ldc, size_t nc,
+                                                       const float *bias)
 {
     __m512 c0[MR_AVX512], c1[MR_AVX512];
     for (size_t r = 0; r < mr; r++)
         c0[r] = c1[r] = _mm512_setzero_ps();
     for (size_t kk = 0; kk < k; kk++) {
-        const __m512 b0 = _mm512_loadu_ps(b + kk * GEMM_NR), b1 = _mm512_loadu_ps(b + kk * GEMM_NR + 16);
+        const __m512 b0 = load16_avx512(bt, b, kk * GEMM_NR), b1 = load16_avx512(bt, b, kk * GEMM_NR + 16);
         for (size_t r = 0; r < mr; r++) {
             const __m512 av = _mm512_set1_ps(a[r * lda + kk]);
             c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
@@ -198,17 +306,29 @@ TARGET_AVX512 static ALWAYS_INLINE void tile32_avx512(const size_t mr, const flo
     }
 }
 
-TARGET_AVX512 static void tile_avx512(size_t mr, const float *a, size_t lda, const float *b, size_t k, float *c,
-                                      size_t ldc, size_t nc, const float *bias)
-{
-    switch (mr) {
-#define CASE(R)                                                                                                        \
-    case R: tile32_avx512(R, a, lda, b, k, c, ldc, nc, bias); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) CASE(9) CASE(10) CASE(11) CASE(12)
-#undef CASE
-    default: break;
+#define TILE_AVX512(NAME, BT)                                                                                          \
+    TARGET_AVX512 static void NAME(size_t mr, const float *a, size_t lda, const void *b, size_t k, float *c,           \
+                                   size_t ldc, size_t nc, const float *bias)                                           \
+    {                                                                                                                  \
+        switch (mr) {                                                                                                  \
+        case 1: tile32_avx512(BT, 1, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 2: tile32_avx512(BT, 2, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 3: tile32_avx512(BT, 3, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 4: tile32_avx512(BT, 4, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 5: tile32_avx512(BT, 5, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 6: tile32_avx512(BT, 6, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 7: tile32_avx512(BT, 7, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 8: tile32_avx512(BT, 8, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 9: tile32_avx512(BT, 9, a, lda, b, k, c, ldc, nc, bias); break;                                          \
+        case 10: tile32_avx512(BT, 10, a, lda, b, k, c, ldc, nc, bias); break;                                        \
+        case 11: tile32_avx512(BT, 11, a, lda, b, k, c, ldc, nc, bias); break;                                        \
+        case 12: tile32_avx512(BT, 12, a, lda, b, k, c, ldc, nc, bias); break;                                        \
+        default: break;                                                                                                \
+        }                                                                                                              \
     }
-}
+TILE_AVX512(tile_avx512, GEMM_F32)
+TILE_AVX512(tile_avx512_f16, GEMM_F16)
+TILE_AVX512(tile_avx512_bf16, GEMM_BF16)
 #endif
 
 /* ---- dispatch ---------------------------------------------------------------- */
@@ -216,18 +336,29 @@ TARGET_AVX512 static void tile_avx512(size_t mr, const float *a, size_t lda, con
 static const struct {
     const char *name;
     size_t mr;
-    tile_fn tile;
+    tile_fn tile[3]; /* by gemm_dtype of the panels */
     void (*gelu)(float *x, size_t n);
 } isa_table[GEMM_ISA_COUNT] = {
-    [GEMM_ISA_C] = {"c", MR_C, tile_c, gelu_c},
+    [GEMM_ISA_C] = {"c", MR_C, {tile_c, tile_c_f16, tile_c_bf16}, gelu_c},
 #ifdef GEMM_X86
-    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, tile_avx2, gelu_avx2},
-    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, tile_avx512, gelu_avx512},
+    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, {tile_avx2, tile_avx2_f16, tile_avx2_bf16}, gelu_avx2},
+    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, {tile_avx512, tile_avx512_f16, tile_avx512_bf16}, gelu_avx512},
 #else
-    [GEMM_ISA_AVX2] = {"avx2", MR_C, NULL, NULL},
-    [GEMM_ISA_AVX512] = {"avx512", MR_C, NULL, NULL},
+    [GEMM_ISA_AVX2] = {"avx2", MR_C, {NULL, NULL, NULL}, NULL},
+    [GEMM_ISA_AVX512] = {"avx512", MR_C, {NULL, NULL, NULL}, NULL},
 #endif
 };
+
+#ifdef GEMM_X86
+/* F16C (vcvtph2ps for the F16 panels): CPUID leaf 1, ECX bit 29 (clang's
+ * __builtin_cpu_supports does not know "f16c"); the OS's AVX state is
+ * checked with avx2 by the callers. */
+static bool cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
 
 bool gemm_isa_supported(gemm_isa isa)
 {
@@ -235,9 +366,11 @@ bool gemm_isa_supported(gemm_isa isa)
     case GEMM_ISA_C: return true;
 #ifdef GEMM_X86
     /* libgcc's cpu model also checks that the OS saves the AVX/AVX-512 state (xgetbv). */
-    case GEMM_ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case GEMM_ISA_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case GEMM_ISA_AVX512:
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               cpu_has_f16c();
 #endif
     default: return false;
     }
@@ -297,7 +430,9 @@ static void gemm_worker(void *arg, size_t tid, size_t nt)
             const size_t mr = t->rows - i < t->mr ? t->rows - i : t->mr;
             for (size_t p = pg; p < pe; p++) {
                 const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
-                t->tile(mr, t->x + i * k, k, t->w->data + p * k * GEMM_NR, k, t->out + i * n + c0, n, nc,
+                const void *panel = t->w->dtype == GEMM_F32 ? (const void *)(t->w->data + p * k * GEMM_NR)
+                                                            : (const void *)(t->w->data16 + p * k * GEMM_NR);
+                t->tile(mr, t->x + i * k, k, panel, k, t->out + i * n + c0, n, nc,
                         t->bias ? t->bias + c0 : NULL);
             }
         }
@@ -314,7 +449,7 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
     if (rows == 0 || w->n == 0)
         return;
     const gemm_isa isa = gemm_isa_get();
-    gemm_task t = {out, x, rows, w, bias, ep, isa_table[isa].mr, isa_table[isa].tile};
+    gemm_task t = {out, x, rows, w, bias, ep, isa_table[isa].mr, isa_table[isa].tile[w->dtype]};
     if (w->k == 0) { /* an empty sum: bias (or 0) */
         for (size_t i = 0; i < rows; i++)
             for (size_t j = 0; j < w->n; j++)

@@ -14,8 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "fsutil.h"
+#include "hashcache.h"
 #include "sha256.h"
 #include "jsonutil.h"
 
@@ -748,6 +751,46 @@ static bool usable_in_place(const st_tensor *t)
 #endif
 }
 
+/* A block's weight matrix stored as F16 or BF16 is packed for the kernels
+ * in its 2 bytes (gemm.h: widened in registers, results identical to the
+ * F32 path) instead of being converted to float: the node then holds it in
+ * 2 bytes, once.  Only on a little-endian host (the file's byte order) and
+ * with 2-byte-aligned data. */
+static bool is_matrix_slot(size_t s)
+{
+    if (s < N_GLOBAL_SLOTS)
+        return false;
+    switch ((s - N_GLOBAL_SLOTS) % N_BLOCK_SLOTS) {
+    case B_QKV_W: case B_Q_W: case B_K_W: case B_V_W: case B_O_W: case B_GATE_W: case B_UP_W: case B_DOWN_W:
+        return true;
+    default: return false;
+    }
+}
+
+static gemm_dtype packed_dtype(const st_tensor *t, size_t s)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (t && is_matrix_slot(s) && (t->dtype == ST_F16 || t->dtype == ST_BF16) && (uintptr_t)t->data % 2 == 0)
+        return t->dtype == ST_F16 ? GEMM_F16 : GEMM_BF16;
+#else
+    (void)t, (void)s;
+#endif
+    return GEMM_F32;
+}
+
+/* check_finite for 2-byte data: exponent all ones is an infinity or a NaN. */
+static ps_status check_finite16(const char *path, const char *name, gemm_dtype dt, const uint16_t *w, size_t n)
+{
+    const uint16_t e = dt == GEMM_F16 ? 0x7C00 : 0x7F80;
+    for (size_t i = 0; i < n; i++)
+        if ((w[i] & e) == e) {
+            const float v = gemm_widen(dt, w[i]);
+            return err_set(PS_ERR_INVALID, "%s: tensor '%s' element %zu is %s: refusing non-finite weights", path,
+                           name, i, isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf");
+        }
+    return PS_OK;
+}
+
 static ps_status check_finite(const char *path, const char *name, const float *w, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -772,7 +815,7 @@ static ps_status count_weights(model *m, const tensor_ref *slots, size_t n_slots
         if (n_params > SIZE_MAX - t->n_elements)
             return err_set(PS_ERR_NOMEM, "%s: parameter count overflows size_t", path);
         n_params += t->n_elements;
-        if (!usable_in_place(t))
+        if (!usable_in_place(t) && packed_dtype(t, s) == GEMM_F32)
             total += t->n_elements; /* <= n_params, so no overflow */
         if (first == ST_DTYPE_COUNT)
             first = t->dtype;
@@ -798,6 +841,14 @@ static ps_status bind_weights(const model *m, const tensor_ref *slots, size_t n_
         const char *path = slots[s].path;
         if (!t)
             continue;
+        const gemm_dtype pd = packed_dtype(t, s);
+        if (pd != GEMM_F32) { /* packed from the mmap in its 2 bytes (pack_into) */
+            w[s] = NULL;
+            ps_status st = fill ? check_finite16(path, t->name, pd, t->data, t->n_elements) : PS_OK;
+            if (st != PS_OK)
+                return st;
+            continue;
+        }
         if (usable_in_place(t)) {
             w[s] = t->data;
         } else {
@@ -1026,35 +1077,42 @@ static void set_pointers(model *m, const float **w)
     }
 }
 
-/* Floats of one block's packed matrices and de-interleaved biases
- * (pack_into's layout). */
-static size_t packed_block_floats(const model_config *c)
+/* Bytes of one packed matrix in the packed region: from a 64-byte
+ * boundary, so every panel is aligned whatever the element size. */
+static size_t packed_region_bytes(size_t k, size_t n, gemm_dtype dt)
 {
-    const size_t d = c->n_embd, mm = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c);
-    /* d <= 2^16, m <= 2^18, H*dh <= 2^18, n_layer <= 2^10 (MODEL_MAX_*): no overflow */
-    size_t f = gemm_packed_floats(d, qd) + 2 * gemm_packed_floats(d, kvd) + gemm_packed_floats(qd, d) +
-               gemm_packed_floats(d, mm) + gemm_packed_floats(mm, d);
-    if (c->act == MODEL_ACT_SILU_GATED)
-        f += gemm_packed_floats(d, mm);
-    if (c->family == MODEL_FAMILY_NEOX && c->qkv_bias)
-        f += (3 * qd + 15) / 16 * 16; /* q | k | v biases out of the per-head layout */
-    return f;
+    return (gemm_packed_bytes(k, n, dt) + 63) / 64 * 64;
 }
 
-static size_t packed_floats_of(const model_config *c) { return c->n_layer * packed_block_floats(c); }
+/* One matrix to pack: F32 source (`f`, HF's layout) or 2-byte source (`h`,
+ * dtype dt), as gemm_pack ([k, n], row stride ld) or gemm_pack_rows
+ * (nn.Linear [n, k] with an optional row map). */
+typedef struct {
+    gemm_weight *out;
+    const float *f;
+    const uint16_t *h;
+    gemm_dtype dt;
+    bool linear;
+    const size_t *rows;
+    size_t k, n, ld;
+} pack_job;
 
-/* Point every block's gemm_weight at its place in dst and, if `fill`, pack
- * the matrices there: GPT-2's Conv1D [in, out] matrices as they are (q, k,
- * v: the three column blocks of attn_w), the other families' nn.Linear
- * [out, in] ones transposed (NeoX's q, k, v: rows h*3*dh + part*dh + e of
- * query_key_value, HF's view [H, 3*dh] split in three). */
-static ps_status pack_into(model *m, float *dst, bool fill)
+/* Lay out (and if `fill`, pack) every block's matrices from `base`
+ * (NULL: only count) and return the region's bytes in *bytes: GPT-2's
+ * Conv1D [in, out] matrices as they are (q, k, v: the three column blocks
+ * of attn_w), the other families' nn.Linear [out, in] ones transposed
+ * (NeoX's q, k, v: rows h*3*dh + part*dh + e of query_key_value, HF's view
+ * [H, 3*dh] split in three).  `slots` (NULL for models built in memory):
+ * the checkpoint's tensors, whose F16/BF16 matrices are packed in 2 bytes
+ * straight from the mmap (packed_dtype); the others from the float
+ * pointers of the blocks. */
+static ps_status pack_into(model *m, unsigned char *base, const tensor_ref *slots, bool fill, size_t *bytes)
 {
     const model_config *c = &m->cfg;
     const size_t d = c->n_embd, mm = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c), dh = c->d_head;
     const bool gpt2 = c->family == MODEL_FAMILY_GPT2, neox = c->family == MODEL_FAMILY_NEOX;
-    size_t *rows = NULL;
-    if (neox && fill) {
+    size_t *rows = NULL, off = 0;
+    if (neox) {
         rows = malloc(3 * qd * sizeof *rows);
         if (!rows)
             return err_set(PS_ERR_NOMEM, "out of memory packing the weights");
@@ -1064,53 +1122,82 @@ static ps_status pack_into(model *m, float *dst, bool fill)
     }
     for (size_t l = 0; l < c->n_layer; l++) {
         model_block *b = &m->blocks[l];
+        const tensor_ref *sl = slots ? slots + N_GLOBAL_SLOTS + l * N_BLOCK_SLOTS : NULL;
+        /* the 2-byte source of block slot k, or NULL */
+#define SRC16(k) (sl && packed_dtype(sl[k].t, N_GLOBAL_SLOTS + (k)) != GEMM_F32 ? (const uint16_t *)sl[k].t->data : NULL)
+#define DT(k) (sl ? packed_dtype(sl[k].t, N_GLOBAL_SLOTS + (k)) : GEMM_F32)
+        pack_job jobs[7];
+        size_t nj = 0;
         if (gpt2) {
-            gemm_weight *out[] = {&b->q_w, &b->k_w, &b->v_w, &b->attn_proj_p, &b->fc_p, &b->mlp_proj_p};
-            const float *src[] = {b->attn_w, b->attn_w + d, b->attn_w + 2 * d, b->attn_proj_w, b->fc_w, b->mlp_proj_w};
-            const size_t ks[] = {d, d, d, d, d, mm}, ns[] = {d, d, d, d, mm, d}, ld[] = {3 * d, 3 * d, 3 * d, d, mm, d};
-            for (size_t i = 0; i < 6; i++) {
-                if (fill)
-                    gemm_pack(dst, src[i], ld[i], ks[i], ns[i]);
-                *out[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
-                dst += gemm_packed_floats(ks[i], ns[i]);
+            const uint16_t *qkv16 = SRC16(B_QKV_W);
+            for (size_t i = 0; i < 3; i++)
+                jobs[nj++] = (pack_job){i == 0 ? &b->q_w : i == 1 ? &b->k_w : &b->v_w,
+                                        b->attn_w ? b->attn_w + i * d : NULL, qkv16 ? qkv16 + i * d : NULL,
+                                        DT(B_QKV_W), false, NULL, d, d, 3 * d};
+            jobs[nj++] = (pack_job){&b->attn_proj_p, b->attn_proj_w, SRC16(B_O_W), DT(B_O_W), false, NULL, d, d, d};
+            jobs[nj++] = (pack_job){&b->fc_p, b->fc_w, SRC16(B_UP_W), DT(B_UP_W), false, NULL, d, mm, mm};
+            jobs[nj++] = (pack_job){&b->mlp_proj_p, b->mlp_proj_w, SRC16(B_DOWN_W), DT(B_DOWN_W), false, NULL, mm, d, d};
+            if (base)
+                b->q_b = b->attn_b, b->k_b = b->attn_b + d, b->v_b = b->attn_b + 2 * d;
+        } else {
+            /* x @ A^T for nn.Linear A [n, k] */
+            if (neox) {
+                for (size_t i = 0; i < 3; i++)
+                    jobs[nj++] = (pack_job){i == 0 ? &b->q_w : i == 1 ? &b->k_w : &b->v_w, b->attn_w, SRC16(B_QKV_W),
+                                            DT(B_QKV_W), true, rows + i * qd, d, i == 0 ? qd : kvd, d};
+            } else {
+                jobs[nj++] = (pack_job){&b->q_w, b->q_proj_w, SRC16(B_Q_W), DT(B_Q_W), true, NULL, d, qd, d};
+                jobs[nj++] = (pack_job){&b->k_w, b->k_proj_w, SRC16(B_K_W), DT(B_K_W), true, NULL, d, kvd, d};
+                jobs[nj++] = (pack_job){&b->v_w, b->v_proj_w, SRC16(B_V_W), DT(B_V_W), true, NULL, d, kvd, d};
             }
-            b->gate_p = (gemm_weight){0};
-            b->q_b = b->attn_b, b->k_b = b->attn_b + d, b->v_b = b->attn_b + 2 * d;
-            continue;
+            jobs[nj++] = (pack_job){&b->attn_proj_p, b->attn_proj_w, SRC16(B_O_W), DT(B_O_W), true, NULL, qd, d, qd};
+            jobs[nj++] = (pack_job){&b->fc_p, b->fc_w, SRC16(B_UP_W), DT(B_UP_W), true, NULL, d, mm, d};
+            if (c->act == MODEL_ACT_SILU_GATED)
+                jobs[nj++] = (pack_job){&b->gate_p, b->gate_w, SRC16(B_GATE_W), DT(B_GATE_W), true, NULL, d, mm, d};
+            jobs[nj++] = (pack_job){&b->mlp_proj_p, b->mlp_proj_w, SRC16(B_DOWN_W), DT(B_DOWN_W), true, NULL, mm, d,
+                                    mm};
         }
-        /* x @ A^T for nn.Linear A [n, k] */
-        gemm_weight *outs[7];
-        const float *As[7];
-        const size_t *rs[7];
-        size_t ks[7], ns[7], nm = 0;
-        outs[nm] = &b->q_w, As[nm] = neox ? b->attn_w : b->q_proj_w, rs[nm] = rows, ks[nm] = d, ns[nm++] = qd;
-        outs[nm] = &b->k_w, As[nm] = neox ? b->attn_w : b->k_proj_w, rs[nm] = rows ? rows + qd : NULL, ks[nm] = d,
-        ns[nm++] = kvd;
-        outs[nm] = &b->v_w, As[nm] = neox ? b->attn_w : b->v_proj_w, rs[nm] = rows ? rows + 2 * qd : NULL, ks[nm] = d,
-        ns[nm++] = kvd;
-        outs[nm] = &b->attn_proj_p, As[nm] = b->attn_proj_w, rs[nm] = NULL, ks[nm] = qd, ns[nm++] = d;
-        outs[nm] = &b->fc_p, As[nm] = b->fc_w, rs[nm] = NULL, ks[nm] = d, ns[nm++] = mm;
-        if (c->act == MODEL_ACT_SILU_GATED)
-            outs[nm] = &b->gate_p, As[nm] = b->gate_w, rs[nm] = NULL, ks[nm] = d, ns[nm++] = mm;
-        else
+#undef SRC16
+#undef DT
+        if (base)
             b->gate_p = (gemm_weight){0};
-        outs[nm] = &b->mlp_proj_p, As[nm] = b->mlp_proj_w, rs[nm] = NULL, ks[nm] = mm, ns[nm++] = d;
-        for (size_t i = 0; i < nm; i++) {
-            if (fill)
-                gemm_pack_rows(dst, As[i], ks[i], rs[i], ks[i], ns[i]);
-            *outs[i] = (gemm_weight){.k = ks[i], .n = ns[i], .data = dst};
-            dst += gemm_packed_floats(ks[i], ns[i]);
+        for (size_t i = 0; i < nj; i++) {
+            const pack_job *j = &jobs[i];
+            if (base) {
+                gemm_weight *w = j->out;
+                *w = (gemm_weight){.k = j->k, .n = j->n, .dtype = j->dt};
+                if (j->dt == GEMM_F32) {
+                    float *dst = (float *)(base + off);
+                    w->data = dst;
+                    if (fill && j->linear)
+                        gemm_pack_rows(dst, j->f, j->ld, j->rows, j->k, j->n);
+                    else if (fill)
+                        gemm_pack(dst, j->f, j->ld, j->k, j->n);
+                } else {
+                    uint16_t *dst = (uint16_t *)(base + off);
+                    w->data16 = dst;
+                    if (fill && j->linear)
+                        gemm_pack_rows16(dst, j->h, j->ld, j->rows, j->k, j->n);
+                    else if (fill)
+                        gemm_pack16(dst, j->h, j->ld, j->k, j->n);
+                }
+            }
+            off += packed_region_bytes(j->k, j->n, j->dt);
         }
         if (neox && c->qkv_bias) {
             /* the fused bias [H, 3, dh] as q | k | v */
-            if (fill)
-                for (size_t i = 0; i < 3 * qd; i++)
-                    dst[i] = b->attn_b[rows[i]];
-            b->q_b = dst, b->k_b = dst + qd, b->v_b = dst + 2 * qd;
-            dst += (3 * qd + 15) / 16 * 16;
+            if (base) {
+                float *dst = (float *)(base + off);
+                if (fill)
+                    for (size_t i = 0; i < 3 * qd; i++)
+                        dst[i] = b->attn_b[rows[i]];
+                b->q_b = dst, b->k_b = dst + qd, b->v_b = dst + 2 * qd;
+            }
+            off += (3 * qd * sizeof(float) + 63) / 64 * 64;
         }
     }
     free(rows);
+    *bytes = off;
     return PS_OK;
 }
 /* The rotary tables: cos/sin of position * inv_freq[i], i < rotary_dim/2,
@@ -1158,19 +1245,44 @@ static ps_status rope_tables(model *m)
     return PS_OK;
 }
 
+/* After converting and packing: give back the mmap's pages of the tensors
+ * not used in place (converted to float or packed in 2 bytes), so that the
+ * checkpoint's file pages do not stay in this process's resident set (and
+ * in the node's Pss) beside their converted copy; the page cache keeps
+ * them, reclaimable.  Whole pages inside each such tensor only: a page
+ * shared with an in-place F32 tensor stays. */
+static void release_converted_pages(const tensor_ref *slots, size_t n_slots)
+{
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (size_t s = 0; s < n_slots; s++) {
+        const st_tensor *t = slots[s].t;
+        if (!t || usable_in_place(t) || page == 0 || page == (uintptr_t)-1)
+            continue;
+        const uintptr_t a = ((uintptr_t)t->data + page - 1) / page * page,
+                        e = ((uintptr_t)t->data + t->n_bytes) / page * page;
+        if (e > a)
+            (void)madvise((void *)a, e - a, MADV_DONTNEED);
+    }
+}
+
 ps_status model_pack_weights(model *m)
 {
     if (m->cfg.n_kv_head == 0)
         m->cfg.n_kv_head = m->cfg.n_head; /* models built in memory: GPT-2 */
     if (m->packed_owned)
         free(m->packed);
-    m->packed_floats = packed_floats_of(&m->cfg);
-    size_t bytes = (m->packed_floats * sizeof(float) + 63) / 64 * 64;
+    m->packed = NULL;
+    m->packed_owned = false;
+    size_t bytes = 0;
+    ps_status st = pack_into(m, NULL, NULL, false, &bytes);
+    if (st != PS_OK)
+        return st;
+    m->packed_bytes = bytes;
     m->packed = aligned_alloc(64, bytes ? bytes : 64);
     m->packed_owned = m->packed != NULL;
     if (!m->packed)
         return err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the packed weights", bytes);
-    return pack_into(m, m->packed, true);
+    return pack_into(m, m->packed, NULL, true, &bytes);
 }
 
 static ps_status load_into(model *m, const char *dir, const model_alloc *a)
@@ -1185,18 +1297,17 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
         st = rope_tables(m);
     /* the arena: converted tensors, then (from a 64-byte boundary) the packed matrices */
     const size_t packed_off = (total + 15) / 16 * 16;
-    if (st == PS_OK) {
-        packed = packed_floats_of(&m->cfg);
-        if (packed > SIZE_MAX / sizeof(float) - packed_off)
-            st = err_set(PS_ERR_NOMEM, "%s: the packed weights overflow size_t bytes", m->shards[0].path);
-    }
-    const size_t floats = st == PS_OK ? packed_off + packed : 0;
+    if (st == PS_OK)
+        st = pack_into(m, NULL, slots, false, &packed);
+    if (st == PS_OK && packed > SIZE_MAX - packed_off * sizeof(float))
+        st = err_set(PS_ERR_NOMEM, "%s: the packed weights overflow size_t bytes", m->shards[0].path);
+    const size_t arena_bytes = st == PS_OK ? packed_off * sizeof(float) + packed : 0;
     bool fill = true;
     if (a) {
         /* Called whatever st is: the other processes may be waiting in it. */
         void *ptr = NULL;
         bool writer = false;
-        st = a->alloc(a->user, st, floats * sizeof(float), &ptr, &writer);
+        st = a->alloc(a->user, st, arena_bytes, &ptr, &writer);
         if (st == PS_OK) {
             m->arena = ptr;
             m->arena_floats = total;
@@ -1205,10 +1316,10 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
             fill = writer;
         }
     } else if (st == PS_OK) {
-        m->arena = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64 + 64);
+        m->arena = aligned_alloc(64, (arena_bytes + 63) / 64 * 64 + 64);
         if (!m->arena)
             st = err_set(PS_ERR_NOMEM, "%s: cannot allocate %zu bytes for converted and packed weights",
-                         m->shards[0].path, floats * sizeof(float));
+                         m->shards[0].path, arena_bytes);
         m->arena_floats = total;
     }
     if (st == PS_OK)
@@ -1217,9 +1328,11 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
         /* the writer packs before publishing; readers only take the pointers */
         set_pointers(m, w);
         m->packed = m->arena + packed_off;
-        m->packed_floats = packed;
-        st = pack_into(m, m->packed, fill);
+        m->packed_bytes = packed;
+        st = pack_into(m, m->packed, slots, fill, &packed);
     }
+    if (st == PS_OK && fill)
+        release_converted_pages(slots, n_slots);
     if (a)
         st = a->publish(a->user, st);
     free(slots);
@@ -1242,15 +1355,28 @@ ps_status model_hash(model *m)
 {
     if (m->n_shards == 0 || !m->shards[0].map)
         return err_set(PS_ERR_INVALID, "model_hash: no model loaded");
-    if (m->n_shards == 1) {
-        sha256_hex(m->shards[0].map, m->shards[0].map_size, m->sha256);
-        return PS_OK;
-    }
-    sha256_ctx h;
-    sha256_init(&h);
+    size_t cap = 1;
     for (size_t i = 0; i < m->n_shards; i++)
-        sha256_update(&h, m->shards[i].map, m->shards[i].map_size);
-    sha256_final_hex(&h, m->sha256);
+        cap += 64 + 2 + strlen(m->shards[i].path) + 1;
+    char *text = malloc(cap), hex[65];
+    if (!text)
+        return err_set(PS_ERR_NOMEM, "model_hash: out of memory");
+    size_t len = 0;
+    for (size_t i = 0; i < m->n_shards; i++) {
+        ps_status st = hashcache_file_sha256(m->shards[i].path, hex, NULL);
+        if (st != PS_OK) {
+            free(text);
+            return st;
+        }
+        const char *slash = strrchr(m->shards[i].path, '/');
+        len += (size_t)snprintf(text + len, cap - len, "%s  %s\n", hex, slash ? slash + 1 : m->shards[i].path);
+    }
+    if (m->n_shards == 1)
+        memcpy(m->sha256, hex, sizeof hex);
+    else
+        sha256_hex(text, len, m->sha256);
+    free(m->shard_sha256);
+    m->shard_sha256 = text;
     return PS_OK;
 }
 
@@ -1270,5 +1396,6 @@ void model_free(model *m)
     free(m->blocks);
     free(m->dir);
     free(m->config_json);
+    free(m->shard_sha256);
     memset(m, 0, sizeof *m);
 }

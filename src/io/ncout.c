@@ -211,7 +211,9 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_PATH, abs_dir ? abs_dir : m->dir)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_SHA256, m->sha256)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_CONFIG, m->config_json)) ||
-        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_DTYPE, m->weights_dtype)) || (st = put_blas_provenance(f))) {
+        (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_DTYPE, m->weights_dtype)) ||
+        (m->n_shards > 1 && m->shard_sha256 && (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_SHARD_SHA256, m->shard_sha256))) ||
+        (st = put_blas_provenance(f))) {
         free(abs_dir);
         return st;
     }

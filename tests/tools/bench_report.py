@@ -106,6 +106,42 @@ def sweep(ps, job, ranks, threads, info=None):
     return secs, cells, rss
 
 
+def hash_bench(ps, model, reps):
+    """`patch -o` against the same command without -o (the hash from the
+    cache, warm), and the first-time hash (PATCHSWEEP_HASH_CACHE=off) in
+    GB/s, medians of `reps` interleaved runs."""
+    print("== 0. model hash (provenance): patch -o vs patch, GPT-2-small-shaped ==", flush=True)
+    st_file = os.path.join(model, "model.safetensors")
+    size = os.path.getsize(st_file)
+    with tempfile.TemporaryDirectory(prefix="ps-bench-hash-") as d:
+        base = [ps, "patch", "--model", model, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " John",
+                "--wrong", " Mary", "--components", "resid_pre"]
+        env = dict(threads_env(2), PATCHSWEEP_HASH_CACHE_DIR=os.path.join(d, "cache"), PATCHSWEEP_HASH_DEBUG="1")
+        run(base + ["-o", os.path.join(d, "warm.nc")], env)  # fills the cache
+        t = {"plain": [], "with_o": [], "with_o_no_cache": []}
+        for _ in range(reps):
+            for k, extra, e in (("plain", [], {}), ("with_o", ["-o", os.path.join(d, "o.nc")], {}),
+                                ("with_o_no_cache", ["-o", os.path.join(d, "n.nc")], {"PATCHSWEEP_HASH_CACHE": "off"})):
+                t0 = time.perf_counter()
+                run(base + extra, dict(env, **e))
+                t[k].append(time.perf_counter() - t0)
+        sha_t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run(["openssl", "dgst", "-sha256", st_file])
+            sha_t.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in t.items()}
+    extra_s = max(1e-9, med["with_o_no_cache"] - med["plain"])
+    r = {"checkpoint_bytes": size, "patch_seconds": med["plain"], "patch_o_cached_seconds": med["with_o"],
+         "patch_o_uncached_seconds": med["with_o_no_cache"], "ratio_cached": med["with_o"] / med["plain"],
+         "ratio_uncached": med["with_o_no_cache"] / med["plain"],
+         "first_time_hash_gbps": size / extra_s / 1e9, "openssl_dgst_seconds": statistics.median(sha_t)}
+    print(f"patch {med['plain']:.3f} s; patch -o {med['with_o']:.3f} s with the cache ({r['ratio_cached']:.2f}x), "
+          f"{med['with_o_no_cache']:.3f} s without ({r['ratio_uncached']:.2f}x); first-time hash "
+          f"{r['first_time_hash_gbps']:.2f} GB/s ({size / 1e6:.0f} MB; openssl dgst {r['openssl_dgst_seconds']:.3f} s)\n")
+    return r
+
+
 def filler_prompt(n_tokens_before):
     """The IOI sentence after a neutral context of about n words (the
     difference sits near the end, as in a long-context IOI prompt)."""
@@ -130,6 +166,9 @@ def main(argv):
     if a.families_only:
         report["families"] = families(ps, model)
         return finish(report, a.out, argv)
+
+    # 0. hashing the checkpoint for provenance (issue 21)
+    report["hash"] = hash_bench(ps, model, a.reps)
 
     # 1. engines at 2 and 1 threads
     print("== 1. patching engines (patchsweep bench), GPT-2-small-shaped random model, IOI pair ==", flush=True)

@@ -76,7 +76,7 @@ static void test_kernels_match_double(void **state)
                 for (size_t c = 0; c < sizeof ns / sizeof *ns; c++) {
                     problem p;
                     problem_init(&p, rows[a], ks[b], ns[c], ns[c] + 3);
-                    gemm_weight w = {p.k, p.n, p.packed};
+                    gemm_weight w = {p.k, p.n, p.packed, GEMM_F32, NULL};
                     gemm_run(p.out, p.x, p.rows, &w, p.bias, GEMM_PLAIN);
                     for (size_t i = 0; i < p.rows * p.n; i++)
                         assert_true(fabs(p.out[i] - p.ref[i]) <= 1e-5 * (double)p.k);
@@ -105,7 +105,7 @@ static void test_rows_independent_of_batch_and_threads(void **state)
     (void)state;
     problem p;
     problem_init(&p, 37, 200, 300, 300);
-    gemm_weight w = {p.k, p.n, p.packed};
+    gemm_weight w = {p.k, p.n, p.packed, GEMM_F32, NULL};
     float *single = malloc(p.n * sizeof *single), *two = malloc(p.rows * p.n * sizeof *two);
     pool_set_threads(1);
     gemm_run(p.out, p.x, p.rows, &w, p.bias, GEMM_PLAIN);
@@ -161,6 +161,89 @@ static void test_unembed_slices(void **state)
     for (size_t t = 0; t < 3; t++)
         free(out[t]);
     free(one), free(U), free(x);
+    pool_set_threads(0);
+    pool_shutdown();
+}
+
+/* A random finite 2-byte weight: F16 from subnormals (exponent field 0) up
+ * to 2^5, BF16 around 1 (exponents 2^-8..2^7); random sign and mantissa. */
+static uint16_t random_half(gemm_dtype dt)
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    const uint16_t r = (uint16_t)(rng >> 40), sign = r & 0x8000;
+    if (dt == GEMM_F16)
+        return (uint16_t)(sign | ((uint16_t)((r >> 10) % 21) << 10) | (r & 0x3FF));
+    return (uint16_t)(sign | ((uint16_t)(119 + (r >> 7) % 16) << 7) | (r & 0x7F));
+}
+
+/* 2-byte panels (issue 21): for random F16 and BF16 weights, the product
+ * with the weights packed in 2 bytes equals bit for bit the F32 product
+ * with the widened weights, for every supported ISA, ragged shapes (partial
+ * row blocks and panels), bias and GELU epilogues, and both packers
+ * (gemm_pack16 of a [k, n] matrix, gemm_pack_rows16 of an nn.Linear
+ * [n, k] one with a row map), 1 and 2 threads. */
+static void test_packed16_equals_widened_f32(void **state)
+{
+    (void)state;
+    const size_t rows[] = {1, 5, 13, 30}, ks[] = {1, 7, 64, 129}, ns[] = {1, 17, 32, 45, 96};
+    int checked = 0;
+    for (int dti = GEMM_F16; dti <= GEMM_BF16; dti++) {
+        const gemm_dtype dt = (gemm_dtype)dti;
+        for (int isa = 0; isa < GEMM_ISA_COUNT; isa++) {
+            if (!gemm_isa_supported((gemm_isa)isa))
+                continue;
+            gemm_isa_set((gemm_isa)isa);
+            for (size_t a = 0; a < 4; a++)
+                for (size_t b = 0; b < 4; b++)
+                    for (size_t c = 0; c < 5; c++) {
+                        const size_t R = rows[a], K = ks[b], N = ns[c], ld = N + 3;
+                        uint16_t *h = malloc(K * ld * 2), *lin = malloc(N * K * 2);
+                        uint16_t *p16 = malloc(gemm_packed_floats(K, N) * 2 + 2),
+                                 *q16 = malloc(gemm_packed_floats(K, N) * 2 + 2);
+                        float *wide = malloc(K * ld * 4), *lwide = malloc(N * K * 4 + 4);
+                        float *p32 = malloc(gemm_packed_floats(K, N) * 4 + 4), *q32 = malloc(gemm_packed_floats(K, N) * 4 + 4);
+                        float *x = malloc(R * K * 4), *bias = malloc(N * 4), *o32 = malloc(R * N * 4),
+                              *o16 = malloc(R * N * 4);
+                        size_t *map = malloc(N * sizeof *map);
+                        for (size_t i = 0; i < K * ld; i++)
+                            wide[i] = gemm_widen(dt, h[i] = random_half(dt));
+                        for (size_t i = 0; i < N * K; i++)
+                            lwide[i] = gemm_widen(dt, lin[i] = random_half(dt));
+                        for (size_t i = 0; i < N; i++)
+                            map[i] = (i * 7) % N, bias[i] = uniform();
+                        for (size_t i = 0; i < R * K; i++)
+                            x[i] = uniform();
+                        gemm_pack(p32, wide, ld, K, N);
+                        gemm_pack16(p16, h, ld, K, N);
+                        gemm_pack_rows(q32, lwide, K, map, K, N);
+                        gemm_pack_rows16(q16, lin, K, map, K, N);
+                        const gemm_weight w32[2] = {{K, N, p32, GEMM_F32, NULL}, {K, N, q32, GEMM_F32, NULL}};
+                        const gemm_weight w16[2] = {{K, N, NULL, dt, p16}, {K, N, NULL, dt, q16}};
+                        for (int which = 0; which < 2; which++)
+                            for (int ep = 0; ep < 2; ep++)
+                                for (size_t th = 1; th <= 2; th++) {
+                                    pool_set_threads(th);
+                                    const gemm_epilogue e = ep ? GEMM_GELU : GEMM_PLAIN;
+                                    gemm_run(o32, x, R, &w32[which], ep ? NULL : bias, e);
+                                    gemm_run(o16, x, R, &w16[which], ep ? NULL : bias, e);
+                                    assert_memory_equal(o32, o16, R * N * sizeof(float));
+                                }
+                        free(h), free(lin), free(p16), free(q16), free(wide), free(lwide), free(p32), free(q32);
+                        free(x), free(bias), free(o32), free(o16), free(map);
+                        checked++;
+                    }
+        }
+    }
+    assert_true(checked >= 2 * 80);
+    assert_int_equal(gemm_packed_bytes(3, 40, GEMM_BF16) * 2, gemm_packed_bytes(3, 40, GEMM_F32));
+    /* the widening itself: exact */
+    assert_true(gemm_widen(GEMM_F16, 0x3C00) == 1.0f && gemm_widen(GEMM_F16, 0x0001) == ldexpf(1.0f, -24));
+    assert_true(gemm_widen(GEMM_BF16, 0x3F80) == 1.0f && gemm_widen(GEMM_BF16, 0xC040) == -3.0f);
+    for (int isa = GEMM_ISA_COUNT - 1; isa >= 0; isa--)
+        if (gemm_isa_supported((gemm_isa)isa)) {
+            gemm_isa_set((gemm_isa)isa);
+            break;
+        }
     pool_set_threads(0);
     pool_shutdown();
 }
@@ -238,6 +321,7 @@ int main(void)
         cmocka_unit_test(test_kernels_match_double),
         cmocka_unit_test(test_rows_independent_of_batch_and_threads),
         cmocka_unit_test(test_unembed_slices),
+        cmocka_unit_test(test_packed16_equals_widened_f32),
         cmocka_unit_test(test_gelu_accuracy),
         cmocka_unit_test(test_pool_runs_each_tid_once),
     };

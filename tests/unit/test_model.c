@@ -294,6 +294,14 @@ static size_t expected_params(const gen *g)
     return g->vocab * d + g->n_pos * d + g->n_layer * per_layer + 2 * d + (g->untied ? g->vocab * d : 0);
 }
 
+/* Parameters of the blocks' weight matrices (packed in 2 bytes, not
+ * converted, for F16/BF16). */
+static size_t matrix_params(const gen *g)
+{
+    size_t d = g->d, m = g->n_inner ? g->n_inner : 4 * d;
+    return g->n_layer * (d * 3 * d + d * d + d * m + m * d);
+}
+
 static bool in_map(const model *m, const float *p)
 {
     const uint8_t *a = m->shards[0].map, *x = (const uint8_t *)p;
@@ -310,6 +318,21 @@ static void check_values(const char *base, const float *w, size_t n)
     for (size_t i = 0; i < n; i++)
         if (w[i] != weight_value(base, i))
             fail_msg("%s[%zu] = %g, want %g", base, i, (double)w[i], (double)weight_value(base, i));
+}
+
+/* A packed matrix (gemm.h layout) element by element against the writer's
+ * values of HF tensor `base` ([k, n] with row stride ld, from column c0):
+ * the 2-byte form of an F16/BF16 checkpoint, whose float pointer is NULL. */
+static void check_packed(const char *base, const gemm_weight *w, size_t ld, size_t c0)
+{
+    assert_true(w->dtype != GEMM_F32 && w->data16 != NULL);
+    for (size_t kk = 0; kk < w->k; kk++)
+        for (size_t c = 0; c < w->n; c++) {
+            const float got = gemm_widen(w->dtype, w->data16[(c / GEMM_NR) * w->k * GEMM_NR + kk * GEMM_NR + c % GEMM_NR]);
+            if (got != weight_value(base, kk * ld + c0 + c))
+                fail_msg("%s[%zu, %zu] packed = %g, want %g", base, kk, c0 + c, (double)got,
+                         (double)weight_value(base, kk * ld + c0 + c));
+        }
 }
 
 /* Every pointer of the model against the writer's values. */
@@ -338,23 +361,39 @@ static void check_model(const model *mo, const gen *g)
     for (size_t l = 0; l < g->n_layer; l++) {
         const model_block *k = &mo->blocks[l];
 #define C(suffix, p, n) (snprintf(b, sizeof b, "h.%zu." suffix, l), check_values(b, k->p, n))
+        /* matrices of a 2-byte checkpoint: only packed, in 2 bytes */
+#define P(suffix, p, packed, ld, c0) (snprintf(b, sizeof b, "h.%zu." suffix, l), k->p ? (void)0 : check_packed(b, &k->packed, ld, c0))
         C("ln_1.weight", ln_1_w, d);
         C("ln_1.bias", ln_1_b, d);
-        C("attn.c_attn.weight", attn_w, d * 3 * d);
+        if (k->attn_w)
+            C("attn.c_attn.weight", attn_w, d * 3 * d);
+        P("attn.c_attn.weight", attn_w, q_w, 3 * d, 0);
+        P("attn.c_attn.weight", attn_w, k_w, 3 * d, d);
+        P("attn.c_attn.weight", attn_w, v_w, 3 * d, 2 * d);
         C("attn.c_attn.bias", attn_b, 3 * d);
-        C("attn.c_proj.weight", attn_proj_w, d * d);
+        if (k->attn_proj_w)
+            C("attn.c_proj.weight", attn_proj_w, d * d);
+        P("attn.c_proj.weight", attn_proj_w, attn_proj_p, d, 0);
         C("attn.c_proj.bias", attn_proj_b, d);
         C("ln_2.weight", ln_2_w, d);
         C("ln_2.bias", ln_2_b, d);
-        C("mlp.c_fc.weight", fc_w, d * m);
+        if (k->fc_w)
+            C("mlp.c_fc.weight", fc_w, d * m);
+        P("mlp.c_fc.weight", fc_w, fc_p, m, 0);
         C("mlp.c_fc.bias", fc_b, m);
-        C("mlp.c_proj.weight", mlp_proj_w, m * d);
+        if (k->mlp_proj_w)
+            C("mlp.c_proj.weight", mlp_proj_w, m * d);
+        P("mlp.c_proj.weight", mlp_proj_w, mlp_proj_p, d, 0);
         C("mlp.c_proj.bias", mlp_proj_b, d);
 #undef C
+#undef P
     }
     assert_int_equal(mo->n_params, expected_params(g));
 }
 
+/* all_pointers(mo, i) for i < N_ALL_POINTERS: NULL for an absent tensor
+ * and for a matrix of a 2-byte checkpoint (packed only). */
+#define N_ALL_POINTERS(mo) (5 + 12 * (mo)->cfg.n_layer)
 static const float *all_pointers(const model *mo, size_t i)
 {
     /* i-th weight pointer of the model, in a fixed order (NULL past the end). */
@@ -562,9 +601,10 @@ static void test_load_f32_in_place(void **state)
     /* Every F32 tensor is 4-byte aligned here, so all of them live in the
      * mmap; the arena holds only the packed matrices. */
     assert_int_equal(m.arena_floats, 0);
-    assert_true(m.packed == m.arena && m.packed_floats > 0 && !m.packed_owned);
-    for (size_t i = 0; all_pointers(&m, i); i++)
-        assert_true(in_map(&m, all_pointers(&m, i)));
+    assert_true(m.packed == (void *)m.arena && m.packed_bytes > 0 && !m.packed_owned);
+    for (size_t i = 0; i < N_ALL_POINTERS(&m); i++)
+        if (all_pointers(&m, i))
+            assert_true(in_map(&m, all_pointers(&m, i)));
     model_free(&m);
     model_free(&m); /* twice is safe */
 }
@@ -621,10 +661,13 @@ static void check_converted(st_dtype t, const char *name, const char *dtype_name
     assert_int_equal(model_load(&m, gen_model(name, &g)), PS_OK);
     check_model(&m, &g);
     assert_string_equal(m.weights_dtype, dtype_name);
-    /* Everything converted into the one arena, nothing left unused. */
-    assert_int_equal(m.arena_floats, m.n_params);
-    for (size_t i = 0; all_pointers(&m, i); i++)
-        assert_true(in_arena(&m, all_pointers(&m, i)));
+    /* Everything converted into the one arena, nothing left unused; F16
+     * and BF16 matrices stay 2 bytes, packed. */
+    assert_int_equal(m.arena_floats, m.n_params - (t == ST_F64 ? 0 : matrix_params(&g)));
+    assert_true(m.blocks[0].fc_p.dtype == (t == ST_F16 ? GEMM_F16 : t == ST_BF16 ? GEMM_BF16 : GEMM_F32));
+    for (size_t i = 0; i < N_ALL_POINTERS(&m); i++)
+        if (all_pointers(&m, i))
+            assert_true(in_arena(&m, all_pointers(&m, i)));
     model_free(&m);
 }
 
@@ -678,8 +721,9 @@ static void test_load_misaligned_f32(void **state)
     assert_int_equal((8 + m.shards[0].header_bytes) % 4, 2);
     check_model(&m, &g);
     assert_int_equal(m.arena_floats, m.n_params);
-    for (size_t i = 0; all_pointers(&m, i); i++)
-        assert_true(in_arena(&m, all_pointers(&m, i)));
+    for (size_t i = 0; i < N_ALL_POINTERS(&m); i++)
+        if (all_pointers(&m, i))
+            assert_true(in_arena(&m, all_pointers(&m, i)));
     model_free(&m);
 }
 
@@ -798,6 +842,16 @@ static void test_load_nan_weight(void **state)
     g.poison_value = INFINITY;
     ASSERT_ERROR(model_load(&m, gen_model("infbf16", &g)), PS_ERR_INVALID,
                  "infbf16/model.safetensors: tensor 'lm_head.weight' element 1 is +inf");
+    /* and the matrices kept in 2 bytes (checked in their 2-byte form) */
+    g.poison = "h.1.mlp.c_fc.weight";
+    g.poison_value = NAN;
+    ASSERT_ERROR(model_load(&m, gen_model("nanbf16", &g)), PS_ERR_INVALID,
+                 "nanbf16/model.safetensors: tensor 'h.1.mlp.c_fc.weight' element 1 is NaN");
+    g.dtype = ST_F16;
+    g.poison = "h.0.attn.c_attn.weight";
+    g.poison_value = -INFINITY;
+    ASSERT_ERROR(model_load(&m, gen_model("inf16m", &g)), PS_ERR_INVALID,
+                 "inf16m/model.safetensors: tensor 'h.0.attn.c_attn.weight' element 1 is -inf");
     /* Ignored buffers are not checked: a NaN there is harmless. */
     g = tiny();
     g.mask_buffers = true;
@@ -948,14 +1002,25 @@ static void test_load_shared_bf16(void **state)
     assert_int_equal(f.n_alloc, 1);
     assert_int_equal(f.n_publish, 1);
     /* the converted tensors, then (64-byte aligned) the packed matrices */
-    assert_int_equal(w.arena_floats, expected_params(&g));
-    assert_true(w.packed >= w.arena + w.arena_floats && w.packed - w.arena < (ptrdiff_t)w.arena_floats + 16);
-    assert_int_equal(f.bytes, (size_t)(w.packed - w.arena + (ptrdiff_t)w.packed_floats) * sizeof(float));
+    assert_int_equal(w.arena_floats, expected_params(&g) - matrix_params(&g));
+    const unsigned char *pk = w.packed, *ar = (const unsigned char *)w.arena;
+    assert_true(pk >= ar + w.arena_floats * 4 && pk - ar < (ptrdiff_t)(w.arena_floats + 16) * 4);
+    assert_int_equal(f.bytes, (size_t)(pk - ar) + w.packed_bytes);
+    /* the 2-byte matrices: 2 bytes per packed element, each from a 64-byte boundary */
+    {
+        const size_t d = g.d, mm = 4 * g.d, kn[6][2] = {{d, d}, {d, d}, {d, d}, {d, d}, {d, mm}, {mm, d}};
+        size_t want = 0;
+        for (size_t i = 0; i < 6; i++)
+            want += (gemm_packed_bytes(kn[i][0], kn[i][1], GEMM_BF16) + 63) / 64 * 64;
+        assert_int_equal(w.packed_bytes, g.n_layer * want);
+        assert_int_equal(gemm_packed_bytes(d, mm, GEMM_BF16) * 2, gemm_packed_bytes(d, mm, GEMM_F32));
+    }
     assert_ptr_equal(w.arena, f.mem);
     assert_true(w.arena_shared);
     check_model(&w, &g);
-    for (size_t i = 0; all_pointers(&w, i); i++)
-        assert_true(in_arena(&w, all_pointers(&w, i)));
+    for (size_t i = 0; i < N_ALL_POINTERS(&w); i++)
+        if (all_pointers(&w, i))
+            assert_true(in_arena(&w, all_pointers(&w, i)));
 
     assert_int_equal(mprotect(f.mem, f.map_bytes, PROT_READ), 0);
     f.next_writer = false;
@@ -963,8 +1028,9 @@ static void test_load_shared_bf16(void **state)
     assert_int_equal(f.n_alloc, 2);
     assert_int_equal(f.n_publish, 2);
     check_model(&r, &g);
-    for (size_t i = 0; all_pointers(&w, i); i++)
-        assert_ptr_equal(all_pointers(&r, i), all_pointers(&w, i));
+    for (size_t i = 0; i < N_ALL_POINTERS(&w); i++)
+        if (all_pointers(&w, i))
+            assert_ptr_equal(all_pointers(&r, i), all_pointers(&w, i));
     assert_string_equal(r.weights_dtype, "BF16");
     assert_int_equal(r.n_params, w.n_params);
     model_free(&r);
@@ -989,12 +1055,13 @@ static void test_load_shared_f32(void **state)
     assert_int_equal(model_load_shared(&m, dir, &a), PS_OK);
     assert_int_equal(f.n_alloc, 1);
     assert_int_equal(f.n_publish, 1);
-    assert_int_equal(f.bytes, (m.packed_floats + (m.packed - m.arena)) * sizeof(float));
+    assert_int_equal(f.bytes, m.packed_bytes);
     assert_int_equal(m.arena_floats, 0);
-    assert_true(m.packed == m.arena && m.packed_floats > 0);
+    assert_true(m.packed == (void *)m.arena && m.packed_bytes > 0);
     check_model(&m, &g);
-    for (size_t i = 0; all_pointers(&m, i); i++)
-        assert_true(in_map(&m, all_pointers(&m, i)));
+    for (size_t i = 0; i < N_ALL_POINTERS(&m); i++)
+        if (all_pointers(&m, i))
+            assert_true(in_map(&m, all_pointers(&m, i)));
     model_free(&m);
     assert_int_equal(f.n_release, 1);
     fake_node_free(&f);
