@@ -6,6 +6,21 @@
  * corrupted prompt points to; both must be single GPT-2 tokens, and clean and
  * corrupted must tokenize to the same length (checked by dataset_validate).
  *
+ * Roles (optional field "roles" of an item): named spans of the clean
+ * prompt, each mapped to one token position (dataset_roles_resolve):
+ *   "roles": {"IO": [start, end], "S2": {"text": " Mary", "occurrence": 2}}
+ * [start, end) are byte offsets into the clean prompt's UTF-8 (characters
+ * for ASCII text), 0 <= start < end <= its length; or the `occurrence`-th
+ * (1-based, default 1) occurrence of `text` in the clean prompt.  A role's
+ * position is the token that contains the span's first byte; END, unless
+ * the item names it, is the last token.  Role names: 1..32 bytes of
+ * [A-Za-z0-9_+-.]; at most DATASET_MAX_ROLES per dataset.
+ *
+ * Metadata: every other field whose value is a string in every item that
+ * has it, or an integer in every item that has it, and whose name is
+ * [A-Za-z0-9_] (at most 64 bytes), is carried into results files as a
+ * per-prompt variable item_NAME (dataset_meta_collect).
+ *
  * The generators (IOI, capitals) are in dataset_gen.h.
  *
  * Token ids as input (issue 17): an item may carry
@@ -79,5 +94,52 @@ typedef struct {
 ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
                            size_t max_tokens, dataset_tokens *out);
 void dataset_tokens_free(dataset_tokens *tk);
+
+/* ---- roles ---- */
+#define DATASET_FIELD_ROLES "roles"
+#define DATASET_ROLE_END "END"
+#define DATASET_MAX_ROLES ((size_t)64)
+#define DATASET_MAX_ROLE_NAME ((size_t)32)
+
+/* The roles of a dataset: every name any item gives, in order of first
+ * appearance, then END if no item names it. */
+typedef struct {
+    char **names; /* owned, [n] */
+    size_t n;
+} dataset_roles;
+
+/* Collect the role names of items [0, n_items) (the whole dataset, so that
+ * the slices of one sweep agree); validates every item's roles field (its
+ * shape and names; offsets against its clean prompt).  Errors name path:line. */
+ps_status dataset_roles_collect(const dataset *d, dataset_roles *r);
+void dataset_roles_free(dataset_roles *r);
+
+/* pos[r->n]: the token position of each role of item i in its clean prompt
+ * (tokenized as dataset_tokenize did: ids[n_ids], BOS first when bos), -1
+ * when the item does not name it; END is the last token unless named.  The
+ * tokens must spell the clean prompt byte for byte (GPT-2's byte-level BPE
+ * does), else an error naming the item. */
+ps_status dataset_roles_resolve(const dataset *d, size_t i, const dataset_roles *r, const tokenizer *t,
+                                const int32_t *ids, size_t n_ids, bool bos, int32_t *pos);
+
+/* ---- metadata ---- */
+#define DATASET_MAX_META ((size_t)64)
+#define DATASET_MAX_META_NAME ((size_t)64)
+
+typedef enum { DATASET_META_STRING, DATASET_META_INT } dataset_meta_kind;
+
+typedef struct {
+    char name[DATASET_MAX_META_NAME + 1];
+    dataset_meta_kind kind;
+} dataset_meta_field;
+
+/* The metadata fields of the dataset (see the opening comment), in order of
+ * first appearance; fields past DATASET_MAX_META are dropped. */
+typedef struct {
+    dataset_meta_field f[DATASET_MAX_META];
+    size_t n;
+} dataset_meta;
+
+void dataset_meta_collect(const dataset *d, dataset_meta *m);
 
 #endif

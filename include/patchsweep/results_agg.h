@@ -34,6 +34,7 @@ void agg_pool_free(agg_pool *pl);
  * remarks the CLI prints. */
 typedef struct {
     bool has_prompt, mean, by_length, has_length;
+    bool by_role;        /* --by-role: the file's role-aligned means (V_by_role) */
     size_t prompt, length;
     void (*note)(void *user, const char *msg);
     void *note_user;

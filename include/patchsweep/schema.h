@@ -54,6 +54,29 @@
  *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
  *   dataset_sha256, metric, direction, engine.
  *
+ * Roles and metadata (sweeps of a dataset; results_roles.h): dimension
+ *   role, coordinate role(role) NC_STRING (the dataset's role names, END
+ *   last unless named), role_position(prompt, role) NC_INT (_FillValue -1:
+ *   the role's token position in the prompt, -1 when absent); per dataset
+ *   metadata field NAME (strings or integers) item_NAME(prompt), NC_STRING
+ *   (fill "") or NC_INT64 (_FillValue NC_FILL_INT64).  When the dataset
+ *   has a `template` field: dimension template and coordinate
+ *   template(template) (its distinct values, sorted).  For every position
+ *   grid V (C and C_normalized of a component with a position dimension):
+ *   V_by_role(layer, role[, head]) the mean over done prompts that have the
+ *   role (NaN values skipped), V_by_role_std (ddof = 0), V_by_role_count
+ *   (NC_INT), all NC_DOUBLE with NaN where the count is 0; and per template
+ *   V_by_role_template(template, layer, role[, head]), _std, _count.
+ *
+ * Guards (sweeps): guard(prompt) NC_INT bit flags (flag_masks 1 2 4,
+ *   flag_meanings SCHEMA_GUARD_MEANINGS): 1 clean and corrupted are the same
+ *   tokens (the normalized grid is NaN), 2 |clean_metric - corrupted_metric|
+ *   < 0.1 x the standard deviation of the clean and corrupted metrics pooled
+ *   over done prompts (the normalized values are noise), 4 the answer does
+ *   not start with whitespace while the prompt does not end with it (GPT-2
+ *   then predicts " Mary", not "Mary").  Global attribute guards: one line
+ *   per guard that fired (count and first prompts), "" when none.
+ *
  * Activation cache (`run --cache`)
  *   Dimensions from hook_shape (position, d_model, head, d_head, d_mlp,
  *   vocab, ...); token_id(position) NC_INT, token(position) NC_STRING, and
@@ -109,6 +132,33 @@
 #define SCHEMA_NORMALIZED_SUFFIX "_normalized"
 /* plot's default variable */
 #define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
+
+/* ---- roles and dataset metadata (results_roles.h) ---- */
+#define SCHEMA_DIM_ROLE "role"
+#define SCHEMA_VAR_ROLE "role"                   /* coordinate: role names (NC_STRING) */
+#define SCHEMA_VAR_ROLE_POSITION "role_position" /* (prompt, role) NC_INT, -1 absent */
+#define SCHEMA_ITEM_PREFIX "item_"               /* item_NAME(prompt): the dataset field NAME */
+#define SCHEMA_META_TEMPLATE "template"          /* the dataset field that groups prompts */
+#define SCHEMA_DIM_TEMPLATE "template"
+#define SCHEMA_VAR_TEMPLATE "template"           /* coordinate: the template ids (item_template's type) */
+/* V_by_role(layer, role[, head]) beside each position grid V, and so on */
+#define SCHEMA_BY_ROLE_SUFFIX "_by_role"
+#define SCHEMA_BY_ROLE_STD_SUFFIX "_by_role_std"
+#define SCHEMA_BY_ROLE_COUNT_SUFFIX "_by_role_count"
+#define SCHEMA_BY_ROLE_TEMPLATE_SUFFIX "_by_role_template"
+#define SCHEMA_BY_ROLE_TEMPLATE_STD_SUFFIX "_by_role_template_std"
+#define SCHEMA_BY_ROLE_TEMPLATE_COUNT_SUFFIX "_by_role_template_count"
+
+/* ---- guards against wrong conclusions (results_roles_put_guards) ---- */
+#define SCHEMA_VAR_GUARD "guard"        /* (prompt) NC_INT bit flags, 0 = none */
+#define SCHEMA_ATT_GUARDS "guards"      /* global: one line per guard that fired, "" none */
+#define SCHEMA_ATT_FLAG_MASKS "flag_masks"
+#define SCHEMA_ATT_FLAG_MEANINGS "flag_meanings"
+#define SCHEMA_GUARD_IDENTICAL 1        /* clean and corrupted prompts are the same tokens */
+#define SCHEMA_GUARD_SMALL_GAP 2        /* |clean - corrupted metric| < SCHEMA_GUARD_GAP_FRACTION x spread */
+#define SCHEMA_GUARD_UNSPACED_ANSWER 4  /* answer lacks the leading space the prompt calls for */
+#define SCHEMA_GUARD_MEANINGS "identical_prompts small_metric_gap answer_without_leading_space"
+#define SCHEMA_GUARD_GAP_FRACTION 0.1
 
 /* ---- variables of the cache and lens files ---- */
 #define SCHEMA_VAR_TOKEN_ID "token_id"
@@ -179,6 +229,8 @@
 #define SCHEMA_FILL_GRID 9.9692099683868690e+36f   /* NC_FILL_FLOAT: C, C_normalized */
 #define SCHEMA_FILL_METRIC 9.9692099683868690e+36  /* NC_FILL_DOUBLE: clean/corrupted_metric */
 #define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id */
+#define SCHEMA_FILL_ROLE_POSITION (-1)             /* role_position */
+#define SCHEMA_FILL_ITEM_INT (-9223372036854775806LL) /* NC_FILL_INT64: item_NAME integers */
 
 /* The global attributes that identify a run: the parts of one merge agree
  * on all of them. */

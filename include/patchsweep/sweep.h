@@ -90,11 +90,13 @@ typedef struct {
 } sweep_opts;
 
 /* Per component, the mean normalized value over the prompts done, per
- * (layer, position counted from the end) or (layer, head): for a summary. */
+ * (layer, role) when the dataset names roles (sweep_result.role_names), else
+ * (layer, position counted from the end), or (layer, head): for a summary. */
 typedef struct {
-    size_t rows, cols;       /* layer x (positions from the end | heads) */
+    size_t rows, cols;       /* layer x (roles | positions from the end | heads) */
     double *mean;            /* [rows * cols], NaN where no prompt contributes */
     bool by_head;
+    bool by_role;            /* columns are sweep_result.role_names */
 } sweep_summary;
 
 /* A rank's working memory (sweep.c explains the budget): the chunk's caches
@@ -121,6 +123,9 @@ typedef struct {
     size_t write_bytes;      /* size of that file */
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];
+    char *guards;            /* owned: one line per guard that fired (schema.h SCHEMA_GUARD_*), "" or NULL none */
+    char **role_names;       /* [n_roles], owned: the dataset's roles when it names any */
+    size_t n_roles;
     sweep_work work;         /* rank 0 (fast_rows on every rank) */
     char output[4096];
 } sweep_result;

@@ -11,7 +11,7 @@
 
 static const char *plot_help =
     "usage: patchsweep plot IN.nc -o OUT.svg [--var NAME[,NAME...]|all]\n"
-    "                       [--prompt N | --mean [--by-length | --length N]]\n"
+    "                       [--prompt N | --mean [--by-length | --length N] | --by-role]\n"
     "                       [--tokens clean|corrupted] [--title T] [--zmax Z]\n"
     "  A self-contained SVG 1.1 figure of a result file; open it in a browser.\n"
     "\n"
@@ -38,6 +38,10 @@ static const char *plot_help =
     "                 lens means are drawn with a min-max band\n"
     "  --by-length    with --mean: one mean (panel) per prompt length\n"
     "  --length N     with --mean: only the prompts of N tokens\n"
+    "  --by-role      role-aligned means of a sweep whose dataset names roles: per\n"
+    "                 position grid V, V_by_role (layer x role: each prompt read at its\n"
+    "                 roles' tokens, averaged over done prompts of any length or\n"
+    "                 template; hover gives the count) and its spread V_by_role_std\n"
     "  --tokens WHICH x labels from clean_token (default, as the seed) or corrupted_token\n"
     "  --title T      figure title\n"
     "  --zmax Z       colour range [-Z, Z] (default: the largest |value| shown)\n"
@@ -46,7 +50,8 @@ static const char *plot_help =
 
 #define CMD "plot"
 
-enum { OPT_VAR = CLI_OPT_FIRST_FREE, OPT_PROMPT, OPT_MEAN, OPT_BY_LENGTH, OPT_LENGTH, OPT_TOKENS, OPT_TITLE, OPT_ZMAX };
+enum { OPT_VAR = CLI_OPT_FIRST_FREE, OPT_PROMPT, OPT_MEAN, OPT_BY_LENGTH, OPT_LENGTH, OPT_TOKENS, OPT_TITLE, OPT_ZMAX,
+       OPT_BY_ROLE };
 
 /* The options: the figure's (plotfig.h) and the output. */
 typedef struct {
@@ -64,6 +69,7 @@ static int parse_args(int argc, char **argv, plot_args *a)
                                          {"prompt", required_argument, 0, OPT_PROMPT},
                                          {"mean", no_argument, 0, OPT_MEAN},
                                          {"by-length", no_argument, 0, OPT_BY_LENGTH},
+                                         {"by-role", no_argument, 0, OPT_BY_ROLE},
                                          {"length", required_argument, 0, OPT_LENGTH},
                                          {"tokens", required_argument, 0, OPT_TOKENS},
                                          {"title", required_argument, 0, OPT_TITLE},
@@ -87,6 +93,7 @@ static int parse_args(int argc, char **argv, plot_args *a)
             break;
         case OPT_MEAN: a->o.sel.mean = true; break;
         case OPT_BY_LENGTH: a->o.sel.by_length = true; break;
+        case OPT_BY_ROLE: a->o.sel.by_role = true; break;
         case OPT_LENGTH:
             if (!cli_parse_size(optarg, 1, SIZE_MAX, &a->o.sel.length))
                 return cli_usage(CMD, "--length takes a number of tokens >= 1, not '%s'", optarg);
@@ -121,6 +128,8 @@ static int parse_args(int argc, char **argv, plot_args *a)
         return cli_usage(CMD, "--prompt and --mean exclude each other");
     if ((a->o.sel.by_length || a->o.sel.has_length) && !a->o.sel.mean)
         return cli_usage(CMD, "--by-length and --length go with --mean");
+    if (a->o.sel.by_role && (a->o.sel.has_prompt || a->o.sel.mean))
+        return cli_usage(CMD, "--by-role is a mean already: not with --prompt, --mean, --by-length or --length");
     if (a->o.sel.by_length && a->o.sel.has_length)
         return cli_usage(CMD, "--by-length and --length exclude each other");
     return CLI_CONTINUE;

@@ -105,20 +105,32 @@ static void print_summary(const job *j, const sweep_result *r)
         const sweep_summary *sm = &r->summary[c];
         if (!sm->mean)
             continue;
-        /* the five cells with the largest mean normalized value */
-        printf("  %-16s strongest (mean normalized):", patch_component_name((patch_component)c));
+        /* the five cells that move the metric furthest in the job's
+         * direction: denoise, patched toward clean = the normalized value;
+         * noise, patched toward corrupted = 1 - the normalized value (a cell
+         * with no effect stays at 1, the clean run) */
+        const bool noise = j->direction == PATCH_NOISE;
+        printf("  %-16s strongest (mean normalized%s):", patch_component_name((patch_component)c),
+               noise ? "; ranked by 1 - it, the move toward corrupted" : "");
         bool *used = calloc(sm->rows * sm->cols, sizeof *used);
         for (int k = 0; k < 5 && used; k++) {
             size_t best = SIZE_MAX;
-            for (size_t i = 0; i < sm->rows * sm->cols; i++)
-                if (!used[i] && !isnan(sm->mean[i]) && (best == SIZE_MAX || sm->mean[i] > sm->mean[best]))
+            for (size_t i = 0; i < sm->rows * sm->cols; i++) {
+                if (used[i] || isnan(sm->mean[i]))
+                    continue;
+                double e = noise ? 1.0 - sm->mean[i] : sm->mean[i];
+                double eb = best == SIZE_MAX ? 0.0 : noise ? 1.0 - sm->mean[best] : sm->mean[best];
+                if (best == SIZE_MAX || e > eb)
                     best = i;
+            }
             if (best == SIZE_MAX)
                 break;
             used[best] = true;
             size_t l = best / sm->cols, col = best % sm->cols;
             if (sm->by_head)
                 printf(" L%zu.H%zu %.2f", l, col, sm->mean[best]);
+            else if (sm->by_role && col < r->n_roles)
+                printf(" L%zu@%s %.2f", l, r->role_names[col], sm->mean[best]);
             else if (col == 0)
                 printf(" L%zu@last %.2f", l, sm->mean[best]);
             else
@@ -127,7 +139,9 @@ static void print_summary(const job *j, const sweep_result *r)
         free(used);
         putchar('\n');
     }
-    if (r->summary[PATCH_RESID_PRE].mean || r->summary[PATCH_ATTN_OUT].mean || r->summary[PATCH_MLP_OUT].mean)
+    if (r->n_roles)
+        printf("  (position grids aligned by the dataset's roles: @IO = the token of role IO in each prompt)\n");
+    else if (r->summary[PATCH_RESID_PRE].mean || r->summary[PATCH_ATTN_OUT].mean || r->summary[PATCH_MLP_OUT].mean)
         printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
 }
 
@@ -318,6 +332,8 @@ int cmd_sweep(int argc, char **argv)
             printf("%s is already the complete result of this job (--overwrite recomputes it)\n", res.output);
         else
             print_summary(&j, &res);
+        if (res.guards && *res.guards)
+            fputs(res.guards, stderr); /* one line per guard that fired */
         if (res.lens_written)
             printf("%s: logit lens of the same prompts ([lens] section)\n", j.lens_output);
         if (res.lens_skipped_slice)

@@ -193,4 +193,11 @@ void sweep_result_free(sweep_result *res)
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         free(res->summary[c].mean);
     memset(res->summary, 0, sizeof res->summary);
+    for (size_t k = 0; k < res->n_roles; k++)
+        free(res->role_names[k]);
+    free(res->role_names);
+    res->role_names = NULL;
+    free(res->guards);
+    res->guards = NULL;
+    res->n_roles = 0;
 }

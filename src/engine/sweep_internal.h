@@ -45,6 +45,9 @@ typedef struct {
     ps_status invalid_status; /* of the first invalid item */
     unsigned char *state;     /* [n]: 0 to do, JOURNAL_PROMPT_DONE, JOURNAL_PROMPT_SKIPPED */
     size_t max_T;
+    dataset_roles roles;      /* of the whole dataset */
+    dataset_meta meta;        /* its metadata fields */
+    int32_t *role_pos;        /* [n * roles.n]: token position of each role, -1 absent */
 } sweep_plan;
 
 /* Rank 0's set-up: lock the output (OUTPUT.lock, fsutil.h: a second sweep

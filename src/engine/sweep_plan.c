@@ -43,6 +43,8 @@ void sweep_plan_free(sweep_plan *p)
     free(p->tk);
     free(p->invalid);
     free(p->state);
+    free(p->role_pos);
+    dataset_roles_free(&p->roles);
     dataset_free(&p->d);
     memset(p, 0, sizeof *p);
 }
@@ -67,6 +69,15 @@ static ps_status plan_load(sweep_plan *p, const job *j, const model *m, const to
         p->first = (slice - 1) * total / n_slices;
         p->n = slice * total / n_slices - p->first;
     }
+    /* roles and metadata of the whole dataset, so that slices agree */
+    if ((st = dataset_roles_collect(&p->d, &p->roles)))
+        return st;
+    dataset_meta_collect(&p->d, &p->meta);
+    p->role_pos = malloc(p->n * p->roles.n * sizeof *p->role_pos);
+    if (!p->role_pos)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t k = 0; k < p->n * p->roles.n; k++)
+        p->role_pos[k] = -1;
     p->tk = calloc(p->n, sizeof *p->tk);
     p->invalid = calloc(p->n, sizeof *p->invalid);
     p->state = calloc(p->n, 1);
@@ -90,6 +101,9 @@ static ps_status plan_load(sweep_plan *p, const job *j, const model *m, const to
                 snprintf(lines + k, sizeof lines - k, ", ...");
             continue;
         }
+        if ((st = dataset_roles_resolve(&p->d, p->first + i, &p->roles, tok, p->tk[i].clean_ids, p->tk[i].n_tokens,
+                                        j->bos && tokenizer_add_bos(tok), p->role_pos + i * p->roles.n)))
+            return st;
         if (p->tk[i].n_tokens > p->max_T)
             p->max_T = p->tk[i].n_tokens;
     }

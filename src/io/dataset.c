@@ -328,10 +328,15 @@ static ps_status single_token(const tokenizer *t, const char *s, const char *fie
     if (st != PS_OK)
         return err_wrap(st, "%s: %s", where, field);
     if (n != 1) {
-        char q[256];
+        char q[256], spaced[512];
         dataset_quote_text(s, q, sizeof q);
         free(ids);
-        return err_set(PS_ERR_INVALID, "%s: %s '%s' is %zu tokens, not one", where, field, q, n);
+        /* the usual mistake: the answer without its leading space */
+        int32_t sid;
+        snprintf(spaced, sizeof spaced, " %s", s);
+        bool hint = s[0] != ' ' && strlen(s) < 256 && tokenizer_single_token(t, spaced, &sid) == PS_OK;
+        return err_set(PS_ERR_INVALID, "%s: %s '%s' is %zu tokens, not one%s%s%s", where, field, q, n,
+                       hint ? " (did you mean ' " : "", hint ? q : "", hint ? "', one token, with its leading space?)" : "");
     }
     *id = ids[0];
     free(ids);

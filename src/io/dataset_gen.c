@@ -203,9 +203,14 @@ typedef struct {
     const char *value;
 } slot;
 
-/* Copy `tmpl` into b (emptied first) with every slot key replaced. */
-static bool fill_template(sbuf *b, const char *tmpl, const slot *slots, size_t n_slots)
+/* Copy `tmpl` into b (emptied first) with every slot key replaced; at[k]
+ * (when at is not NULL) gets the byte offset of slot k's first value, or
+ * SIZE_MAX when the template lacks it (the roles of the items). */
+static bool fill_template_at(sbuf *b, const char *tmpl, const slot *slots, size_t n_slots, size_t *at)
 {
+    if (at)
+        for (size_t k = 0; k < n_slots; k++)
+            at[k] = SIZE_MAX;
     b->len = 0;
     if (!sb_append(b, "", 0))
         return false;
@@ -216,6 +221,8 @@ static bool fill_template(sbuf *b, const char *tmpl, const slot *slots, size_t n
             for (size_t k = 0; k < n_slots; k++) {
                 size_t kl = strlen(slots[k].key);
                 if (strncmp(p, slots[k].key, kl) == 0) {
+                    if (at && at[k] == SIZE_MAX)
+                        at[k] = b->len;
                     if (!sb_puts(b, slots[k].value))
                         return false;
                     p += kl;
@@ -232,6 +239,17 @@ static bool fill_template(sbuf *b, const char *tmpl, const slot *slots, size_t n
     }
     return true;
 }
+static bool fill_template(sbuf *b, const char *tmpl, const slot *slots, size_t n_slots)
+{
+    return fill_template_at(b, tmpl, slots, n_slots, NULL);
+}
+
+/* [start, end) as a JSON array, the form of a role (dataset.h). */
+static json_t *span_json(size_t start, size_t end)
+{
+    return json_pack("[I, I]", (json_int_t)start, (json_int_t)end);
+}
+
 /* ------------------------------------------------------------ generators */
 
 /* Keep the entries of `words` that are one token after a space. */
@@ -353,7 +371,8 @@ ps_status dataset_make_ioi(dataset *d, const tokenizer *t, size_t n, uint64_t se
             {"[N1]", abba ? io : s}, {"[N2]", abba ? s : io}, {"[S2]", s},
             {"[PLACE]", place}, {"[OBJECT]", object},
         };
-        if (!fill_template(&clean, ioi_templates[tmpl], sl, 5)) {
+        size_t at[5];
+        if (!fill_template_at(&clean, ioi_templates[tmpl], sl, 5, at)) {
             st = err_set(PS_ERR_NOMEM, "%s: cannot allocate the prompt", where);
             break;
         }
@@ -374,12 +393,19 @@ ps_status dataset_make_ioi(dataset *d, const tokenizer *t, size_t n, uint64_t se
         char answer[64], wrong[64];
         snprintf(answer, sizeof answer, " %s", io);
         snprintf(wrong, sizeof wrong, " %s", s);
-        json_t *obj = json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s, s:s, s:s, s:s, s:s, s:s}",
-                                "clean", clean.p, "corrupted", corrupted.p, "answer", answer,
-                                "wrong", wrong, "task", "ioi", "template", (json_int_t)tmpl,
-                                "order", abba ? "ABBA" : "BABA", "io", io, "s", s, "place", place,
-                                "object", object, "corruption",
-                                c == IOI_CORRUPT_S2 ? "s2" : "abc");
+        /* roles: IO and S1 are [N1]/[N2] by order, S1+1 the token after S1 */
+        size_t io_at = abba ? at[0] : at[1], s1_at = abba ? at[1] : at[0], len = strlen(clean.p);
+        size_t s1_end = s1_at + strlen(s);
+        json_t *roles = json_pack("{s:o, s:o, s:o, s:o, s:o}", "IO", span_json(io_at, io_at + strlen(io)), "S1",
+                                  span_json(s1_at, s1_end), "S1+1", span_json(s1_end, s1_end + 1), "S2",
+                                  span_json(at[2], at[2] + strlen(s)), "END", span_json(len - 1, len));
+        json_t *obj = roles ? json_pack("{s:s, s:s, s:s, s:s, s:s, s:i, s:s, s:s, s:s, s:s, s:s, s:s, s:o}",
+                                        "clean", clean.p, "corrupted", corrupted.p, "answer", answer,
+                                        "wrong", wrong, "task", "ioi", "template", (json_int_t)tmpl,
+                                        "order", abba ? "ABBA" : "BABA", "io", io, "s", s, "place", place,
+                                        "object", object, "corruption",
+                                        c == IOI_CORRUPT_S2 ? "s2" : "abc", "roles", roles)
+                            : NULL;
         if (!obj) {
             st = err_set(PS_ERR_NOMEM, "%s: cannot build the JSON record", where);
             break;
@@ -524,10 +550,18 @@ ps_status dataset_make_capitals(dataset *d, const tokenizer *t, size_t n, uint64
         char answer[64], wrong[64];
         snprintf(answer, sizeof answer, " %s", pa->capital);
         snprintf(wrong, sizeof wrong, " %s", pb->capital);
-        json_t *obj = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:o}", "clean", clean.p,
-                                "corrupted", corrupted.p, "answer", answer, "wrong", wrong, "task",
-                                "capitals", "country", pa->country, "capital", pa->capital,
-                                "corrupted_country", pb->country, "shots", shot_arr);
+        /* roles: the asked country's first and last tokens (the spans start at
+         * its first and last byte), END (the last byte's token); template: the number of shots */
+        size_t c_at = shots.len + strlen("Q: What is the capital of "), c_end = c_at + strlen(pa->country);
+        json_t *roles = json_pack("{s:o, s:o, s:o}", "COUNTRY", span_json(c_at, c_end), "COUNTRY_LAST",
+                                  span_json(c_end - 1, c_end), "END",
+                                  span_json(strlen(clean.p) - 1, strlen(clean.p)));
+        json_t *obj = roles ? json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:o, s:i, s:o}", "clean", clean.p,
+                                        "corrupted", corrupted.p, "answer", answer, "wrong", wrong, "task",
+                                        "capitals", "country", pa->country, "capital", pa->capital,
+                                        "corrupted_country", pb->country, "shots", shot_arr, "template",
+                                        (json_int_t)n_shots, "roles", roles)
+                            : NULL;
         if (!obj) {
             st = err_set(PS_ERR_NOMEM, "%s: cannot build the JSON record", where);
             break;

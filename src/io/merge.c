@@ -15,6 +15,7 @@
 #include "ncin.h"
 #include "ncout.h"
 #include "prov.h"
+#include "results_roles.h"
 #include "schema.h"
 
 /* The results schema has at most 4 dimensions per variable (prompt, layer,
@@ -751,6 +752,11 @@ ps_status merge_files(const char *const *paths, size_t n_parts, const char *outp
             st = copy_part_var(&f, sorted[i], &plans[v], out_len);
     }
     free(plans);
+    /* the role-aligned means of the whole dataset, not of the widest part */
+    if (st == PS_OK)
+        st = results_roles_aggregate(f.ncid, f.tmp_path);
+    if (st == PS_OK)
+        st = results_roles_regap(f.ncid, f.tmp_path);
     if (st == PS_OK)
         st = ncout_commit(&f);
     else

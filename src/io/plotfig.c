@@ -444,6 +444,112 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
     return PS_OK;
 }
 
+/* ---- role-aligned means ---------------------------------------------------------------- */
+
+/* --by-role: per position grid V, the heatmap of V_by_role (layer x role;
+ * the hover gives the count) and beside it the spread V_by_role_std on the
+ * same scale (results_roles.h). */
+static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
+                              plotfig *out)
+{
+    ps_status st;
+    grid_var *gv;
+    size_t n_vars, n_layer, n_role;
+    if (!ncin_has_var(f, SCHEMA_VAR_ROLE))
+        return err_set(PS_ERR_INVALID,
+                       "%s: no roles in this file (--by-role needs a sweep of a dataset whose items name roles)",
+                       f->path);
+    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &n_layer)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_ROLE, &n_role)))
+        return st;
+    ncin_var rv;
+    char **roles = agg_calloc(pl, n_role + 1, sizeof *roles);
+    if (!roles)
+        return PS_ERR_NOMEM;
+    if ((st = ncin_inq_var(f, SCHEMA_VAR_ROLE, &rv)) || (st = ncin_read_strings(f, &rv, 0, n_role, roles)))
+        return st;
+    for (size_t k = 0; k < n_role; k++)
+        if (!agg_keep(pl, roles[k]))
+            return PS_ERR_NOMEM;
+    const char **layer_labels = index_labels(pl, n_layer);
+    if (!layer_labels)
+        return PS_ERR_NOMEM;
+    char *metric, *direction;
+    if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
+        (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
+        return st ? st : PS_ERR_NOMEM;
+    panel_list panels = {0};
+    size_t max_count = 0;
+    for (size_t i = 0; i < n_vars; i++) {
+        if (gv[i].kind != GRID_POS) {
+            agg_note(&a->sel, "%s: not a (layer, position) grid, no role-aligned panel", gv[i].v.name);
+            continue;
+        }
+        const char *mname = agg_printf(pl, "%s" SCHEMA_BY_ROLE_SUFFIX, gv[i].v.name);
+        const char *sname = agg_printf(pl, "%s" SCHEMA_BY_ROLE_STD_SUFFIX, gv[i].v.name);
+        const char *cname = agg_printf(pl, "%s" SCHEMA_BY_ROLE_COUNT_SUFFIX, gv[i].v.name);
+        if (!mname || !sname || !cname)
+            return PS_ERR_NOMEM;
+        static const char *const dims[] = {SCHEMA_DIM_LAYER, SCHEMA_DIM_ROLE};
+        ncin_var mv, sv, cv;
+        float *mean = agg_calloc(pl, n_layer * n_role, sizeof *mean);
+        float *sd = agg_calloc(pl, n_layer * n_role, sizeof *sd);
+        double *cnt = agg_calloc(pl, n_layer * n_role, sizeof *cnt);
+        size_t *used = agg_calloc(pl, n_layer * n_role, sizeof *used);
+        if (!mean || !sd || !cnt || !used)
+            return PS_ERR_NOMEM;
+        if ((st = ncin_inq_var(f, mname, &mv)) || (st = ncin_expect_dims(f, &mv, dims, 2)) ||
+            (st = ncin_inq_var(f, sname, &sv)) || (st = ncin_expect_dims(f, &sv, dims, 2)) ||
+            (st = ncin_inq_var(f, cname, &cv)) || (st = ncin_expect_dims(f, &cv, dims, 2)) ||
+            (st = ncin_read_float(f, &mv, 0, n_layer, mean)) || (st = ncin_read_float(f, &sv, 0, n_layer, sd)) ||
+            (st = ncin_read_double(f, &cv, 0, n_layer, cnt)))
+            return st;
+        for (size_t k = 0; k < n_layer * n_role; k++) {
+            used[k] = isnan(cnt[k]) || cnt[k] < 0 ? 0 : (size_t)cnt[k];
+            if (used[k] > max_count)
+                max_count = used[k];
+        }
+        for (int s = 0; s < 2; s++) {
+            plot_heatmap *h = panel_add(pl, &panels);
+            if (!h)
+                return PS_ERR_NOMEM;
+            h->title = s ? agg_printf(pl, "%s: spread (standard deviation over prompts)", gv[i].v.name)
+                         : agg_printf(pl, "%s: mean over prompts at each role", gv[i].v.name);
+            h->subtitle = gv[i].long_name;
+            h->x_name = "Role";
+            h->y_name = "Layer";
+            h->n_rows = n_layer;
+            h->n_cols = n_role;
+            h->row_labels = layer_labels;
+            h->col_labels = (const char *const *)roles;
+            h->values = s ? sd : mean;
+            h->hover_name = s ? sname : mname;
+            h->n_used = s ? NULL : used;
+            if (!h->title)
+                return PS_ERR_NOMEM;
+        }
+    }
+    if (panels.n == 0)
+        return err_set(PS_ERR_INVALID, "%s: none of the variables is a (layer, position) grid with role-aligned means",
+                       f->path);
+    agg_note(&a->sel, "role-aligned means of up to %zu done prompts per cell", max_count);
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+    const char *m = metric ? metric : "metric";
+    fig.title = a->title ? a->title
+                         : agg_printf(pl, "Activation patching by role (%s%s%s): %s", m, direction ? ", " : "",
+                                      direction ? direction : "", base_name(a->input));
+    fig.subtitle = agg_printf(pl, "each prompt's grid read at its roles' token positions, then averaged over done "
+                                  "prompts (up to %zu a cell)",
+                              max_count);
+    if (!fig.title || !fig.subtitle)
+        return PS_ERR_NOMEM;
+    out->fig = fig;
+    out->panels = panels.items;
+    out->n_panels = panels.n;
+    out->zmax = a->has_zmax ? a->zmax : plot_heatmap_zmax(panels.items, panels.n);
+    return PS_OK;
+}
+
 /* ---- lens files ---------------------------------------------------------------------- */
 
 static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
@@ -639,7 +745,9 @@ ps_status plotfig_build(const plotfig_opts *o, plotfig *pf)
         st = err_set(PS_ERR_INVALID, "%s: a lens file has no token labels: --tokens applies to patching results",
                      o->input);
     if (st == PS_OK)
-        st = lens ? plot_lens(&f, pl, o, &pf->prov, pf) : plot_results(&f, pl, o, &pf->prov, pf);
+        st = lens ? plot_lens(&f, pl, o, &pf->prov, pf)
+             : o->sel.by_role ? plot_by_role(&f, pl, o, &pf->prov, pf)
+                              : plot_results(&f, pl, o, &pf->prov, pf);
     if (st == PS_ERR_NOMEM && !strstr(err_msg(), o->input))
         err_wrap(st, "%s", o->input);
     ncin_close(&f);
