@@ -5,13 +5,22 @@ decomposition, and activation patching with its heatmap.
 
     make && python3 examples/worksheet.py [--model DIR] [--out DIR]
 
+The package needs numpy and xarray, which `make deps` installs as Debian's
+packages for /usr/bin/python3; a python3 without them (a pyenv or venv first
+on PATH) hands the script to /usr/bin/python3.
+
 Writes OUT/worksheet-patching.svg (default OUT: results/).
 """
 import argparse
 import os
 import sys
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:
+    if os.path.realpath(sys.executable) != os.path.realpath("/usr/bin/python3") and os.path.exists("/usr/bin/python3"):
+        os.execv("/usr/bin/python3", ["/usr/bin/python3"] + sys.argv)
+    raise
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "python"))   # the source tree's package (an install has it on sys.path)
