@@ -485,12 +485,15 @@ int cmd_patch(int argc, char **argv)
             json_array_append_new(toks, json_string(s ? s : ""));
             free(s);
         }
-        cli_print_json(json_pack("{s:s,s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:o,s:o}", "method", patch_method_name(a.method),
-                                 "metric", patch_metric_name(po.metric),
+        json_t *out_json = json_pack("{s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:o,s:o}", "metric", patch_metric_name(po.metric),
                              "direction", po.direction == PATCH_DENOISE ? "denoise" : "noise", "engine",
                              po.engine == PATCH_ENGINE_FAST ? "fast" : "naive", "clean_metric",
                              pair.clean_metric[po.metric], "corrupted_metric", pair.corrupted_metric[po.metric],
-                             "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps));
+                             "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps);
+        /* "method" only when not exact: exact outputs stay as they were */
+        if (a.method != PATCH_METHOD_EXACT)
+            json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
+        cli_print_json(out_json);
     } else {
         printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
                pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
