@@ -91,6 +91,12 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
  * k-order, so the values do not depend on the thread count. */
 void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_t V, size_t d);
 
+/* The backward of gemm_run for its input: dx[rows, w->k] (+)= dy[rows, w->n] @ W^T
+ * (accumulate: added to dx; otherwise dx is overwritten), read from the
+ * packed panels; threaded over the columns of dx, the same bits for any
+ * thread count.  dx must not alias dy. */
+void gemm_run_t(float *dx, const float *dy, size_t rows, const gemm_weight *w, bool accumulate);
+
 /* gelu_new(v) = 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3),
  * computed as v / (1 + exp(-2u)) (the same function: 1 + tanh(u) =
  * 2 / (1 + exp(-2u))) with a vectorizable exp; relative error < 1e-6. */

@@ -154,6 +154,17 @@ ps_status ncout_results_flush(ncout_results *r);
 /* Free the staging buffers (after define, flush or an error). */
 void ncout_results_free(ncout_results *r);
 
+/* One more grid of component c for prompt `prompt`: the variable c's name
+ * + suffix (schema.h's SCHEMA_ATP_*: attribution patching), defined on
+ * first use with c's dims and fill, values in patch_grid_shape order
+ * (written at once, not staged).  Call after ncout_results_flush. */
+ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, const char *suffix, size_t prompt,
+                                 const double *values, const char *long_name, int *var_out);
+
+/* The estimate-vs-exact attributes of a C_atp_error variable (schema.h). */
+ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
+                                  size_t n_missed);
+
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
 

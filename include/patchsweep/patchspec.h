@@ -63,6 +63,12 @@ typedef enum { PATCH_DENOISE, PATCH_NOISE } patch_direction;
 /* Which engine evaluates the cells (patch.h); named here for job files and outputs. */
 typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 
+/* How cells are evaluated: exactly (the engines), by attribution patching
+ * (atp.h), or both with the estimate's error (patch --method, [patch] method). */
+typedef enum { PATCH_METHOD_EXACT, PATCH_METHOD_ATP, PATCH_METHOD_ATP_EXACT, PATCH_METHOD_COUNT } patch_method;
+const char *patch_method_name(patch_method m);   /* "exact", "atp", "atp+exact" */
+ps_status patch_method_parse(const char *s, patch_method *m);
+
 const char *patch_component_name(patch_component c);
 /* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */
 bool patch_component_all_pos(patch_component c);

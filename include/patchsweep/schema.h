@@ -130,6 +130,21 @@
 #define SCHEMA_VAR_CORRUPTED_TOKEN "corrupted_token"
 /* C_normalized beside each component C */
 #define SCHEMA_NORMALIZED_SUFFIX "_normalized"
+/* Attribution patching (issue 20; patch --method atp | atp+exact): per
+ * component C, C_atp and C_atp_normalized (the estimate, the exact grid's
+ * dims and units) and, with atp+exact, C_atp_error = C_atp - C (raw metric
+ * units), whose attributes atp_rank_correlation (Spearman, estimate vs
+ * exact, NC_DOUBLE) and atp_missed_top_k (flat cell indices of the exact
+ * top k by |effect| absent from the estimate's top k, NC_INT; k in
+ * atp_top_k) measure the estimate.  Global attribute method = exact (absent:
+ * exact), atp or atp+exact. */
+#define SCHEMA_ATP_SUFFIX "_atp"
+#define SCHEMA_ATP_NORMALIZED_SUFFIX "_atp_normalized"
+#define SCHEMA_ATP_ERROR_SUFFIX "_atp_error"
+#define SCHEMA_ATT_ATP_RANK_CORRELATION "atp_rank_correlation"
+#define SCHEMA_ATT_ATP_MISSED_TOP_K "atp_missed_top_k"
+#define SCHEMA_ATT_ATP_TOP_K "atp_top_k"
+#define SCHEMA_ATT_METHOD "method"
 /* plot's default variable */
 #define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
 

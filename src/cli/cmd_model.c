@@ -9,6 +9,7 @@
 #include "cli.h"
 #include "gemm.h"
 #include "pool.h"
+#include "backward.h"
 #include "forward.h"
 #include "hooks.h"
 #include "ncout.h"
@@ -89,7 +90,7 @@ static int cmp_scored(const void *a, const void *b)
     return x->id - y->id;
 }
 
-enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS, OPT_IDS };
+enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS, OPT_IDS, OPT_GRAD, OPT_ANSWER_ID, OPT_WRONG_ID, OPT_CLEAN_IDS };
 
 int cmd_run(int argc, char **argv)
 {
@@ -192,7 +193,53 @@ static const char *cache_help =
     "  --hooks   comma-separated shell globs over hook names (default: all), e.g.\n"
     "            'blocks.*.hook_resid_post,logits'\n"
     "  --ids     token ids instead of text (no tokenizer needed; no BOS is added;\n"
-    "            the token strings are then empty)\n";
+    "            the token strings are then empty)\n"
+    "  --grad METRIC --answer-id ID --wrong-id ID [--clean-ids ID,...]\n"
+    "            write instead the gradient of METRIC (logit_diff, prob, logprob, kl)\n"
+    "            at the last position with respect to each hook (same names and\n"
+    "            shapes; kl needs the clean prompt's ids)\n";
+
+/* The run's gradients (backward.h) in place of its activations. */
+static ps_status cache_grads(const model *m, forward_cache *c, forward_cache *g, const char *metric_s,
+                             const char *answer_s, const char *wrong_s, const char *clean_s)
+{
+    patch_metric metric;
+    ps_status st = patch_metric_parse(metric_s, &metric);
+    int32_t *a = NULL, *w = NULL, *clean = NULL;
+    size_t na = 0, nw = 0, nc = 0;
+    float *clean_lp = NULL;
+    forward_cache cc = {0};
+    if (st)
+        return st;
+    if (!answer_s || !wrong_s || !cli_parse_ids(answer_s, &a, &na) || !cli_parse_ids(wrong_s, &w, &nw) || na != 1 ||
+        nw != 1) {
+        st = err_set(PS_ERR_INVALID, "--grad needs --answer-id ID and --wrong-id ID (one token id each)");
+        goto out;
+    }
+    if (metric == PATCH_KL) {
+        const size_t V = m->cfg.vocab_size;
+        if (!clean_s || !cli_parse_ids(clean_s, &clean, &nc)) {
+            st = err_set(PS_ERR_INVALID, "--grad kl needs --clean-ids ID,... (the clean prompt)");
+            goto out;
+        }
+        if (!(clean_lp = malloc(V * sizeof *clean_lp))) {
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        if ((st = forward_cache_init(&cc, &m->cfg, nc, FORWARD_LOGITS_LAST)) ||
+            (st = forward_run(m, &cc, clean, nc, NULL)))
+            goto out;
+        const double lse = forward_logsumexp(cc.logits, V);
+        for (size_t v = 0; v < V; v++)
+            clean_lp[v] = (float)(cc.logits[v] - lse);
+    }
+    if ((st = forward_cache_init(g, &m->cfg, c->T, c->logits_mode)) == PS_OK)
+        st = backward_run(m, c, g, metric, a[0], w[0], clean_lp);
+out:
+    free(a), free(w), free(clean), free(clean_lp);
+    forward_cache_free(&cc);
+    return st;
+}
 
 int cmd_cache(int argc, char **argv)
 {
@@ -201,9 +248,14 @@ int cmd_cache(int argc, char **argv)
                                          {"hooks", required_argument, 0, OPT_HOOKS},
                                          {"output", required_argument, 0, 'o'},
                                          {"ids", required_argument, 0, OPT_IDS},
+                                         {"grad", required_argument, 0, OPT_GRAD},
+                                         {"answer-id", required_argument, 0, OPT_ANSWER_ID},
+                                         {"wrong-id", required_argument, 0, OPT_WRONG_ID},
+                                         {"clean-ids", required_argument, 0, OPT_CLEAN_IDS},
                                          {0, 0, 0, 0}};
     cli_common o = {.bos = true};
     const char *prompt = NULL, *hooks = NULL, *output = NULL, *ids_arg = NULL;
+    const char *grad = NULL, *answer_id = NULL, *wrong_id = NULL, *clean_ids = NULL;
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:p:o:h", opts, NULL)) != -1) {
         if (ch == 'p')
@@ -214,6 +266,14 @@ int cmd_cache(int argc, char **argv)
             output = optarg;
         else if (ch == OPT_IDS)
             ids_arg = optarg;
+        else if (ch == OPT_GRAD)
+            grad = optarg;
+        else if (ch == OPT_ANSWER_ID)
+            answer_id = optarg;
+        else if (ch == OPT_WRONG_ID)
+            wrong_id = optarg;
+        else if (ch == OPT_CLEAN_IDS)
+            clean_ids = optarg;
         else if ((rc = cli_common_opt("cache", cache_help, ch, argv, &o)) != CLI_CONTINUE)
             return rc;
     }
@@ -233,14 +293,16 @@ int cmd_cache(int argc, char **argv)
         free(ids);
         return rc;
     }
-    forward_cache c = {0};
+    forward_cache c = {0}, gc = {0};
     hook_set hs = {0};
     ncout_file f = {.ncid = -1};
     ps_status st = hooks ? hook_set_parse(&hs, hooks, &m.cfg) : hook_set_all(&hs, &m.cfg);
     bool want_logits = st == PS_OK && hook_set_has(&hs, (hook_point){HOOK_LOGITS, 0});
     if (st || (!ids_arg && (st = cli_encode_prompt(tok, prompt, o.bos, &ids, &n))) || (st = ncout_create(&f, output)) ||
         (st = forward_cache_init(&c, &m.cfg, n, want_logits ? FORWARD_LOGITS_ALL : FORWARD_LOGITS_NONE)) ||
-        (st = forward_run(&m, &c, ids, n, NULL)) || (st = ncout_write_cache(&f, &m, tok, &c, &hs, ids_arg ? false : o.bos)) ||
+        (st = forward_run(&m, &c, ids, n, NULL)) ||
+        (grad && (st = cache_grads(&m, &c, &gc, grad, answer_id, wrong_id, clean_ids))) ||
+        (st = ncout_write_cache(&f, &m, tok, grad ? &gc : &c, &hs, ids_arg ? false : o.bos)) ||
         (st = ncout_commit(&f))) {
         ncout_abort(&f);
         rc = cli_fail();
@@ -250,6 +312,7 @@ int cmd_cache(int argc, char **argv)
     free(ids);
     hook_set_free(&hs);
     forward_cache_free(&c);
+    forward_cache_free(&gc);
     tokenizer_free(tok);
     model_free(&m);
     return rc;

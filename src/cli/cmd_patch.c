@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "atp.h"
 #include "bench.h"
 #include "cli.h"
 #include "clock.h"
@@ -11,6 +12,7 @@
 #include "ncout.h"
 #include "patch.h"
 #include "prov.h"
+#include "schema.h"
 #include "strutil.h"
 
 /* Options of the commands that patch one prompt pair. */
@@ -23,11 +25,12 @@ typedef struct {
     patch_opts po;
     size_t reps;
     bool fast_only;
+    patch_method method; /* patch only: exact, atp, atp+exact */
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
-       OPT_ANSWER_ID, OPT_WRONG_ID };
+       OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -48,6 +51,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"corrupted-ids", required_argument, 0, OPT_CORRUPTED_IDS},
                                          {"answer-id", required_argument, 0, OPT_ANSWER_ID},
                                          {"wrong-id", required_argument, 0, OPT_WRONG_ID},
+                                         {"method", required_argument, 0, OPT_METHOD},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -62,6 +66,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                           : ch == OPT_FAST_ONLY     ? "--fast-only"
                                                                     : NULL)
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
+                                                 : ch == OPT_METHOD ? "--method"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
             return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
@@ -95,6 +100,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
             if (strcmp(optarg, "fast") && strcmp(optarg, "naive"))
                 return cli_usage(cmd, "unknown engine '%s' (fast or naive)", optarg);
             a->po.engine = strcmp(optarg, "naive") ? PATCH_ENGINE_FAST : PATCH_ENGINE_NAIVE;
+            break;
+        case OPT_METHOD:
+            if (patch_method_parse(optarg, &a->method) != PS_OK)
+                return cli_usage(cmd, "%s", err_msg());
             break;
         case OPT_REPS:
             if (!cli_parse_size(optarg, 1, 1000, &a->reps))
@@ -236,6 +245,10 @@ static const char *patch_help =
     "  --direction   denoise (default: run corrupted, patch in clean) or noise\n"
     "  --engine      fast (default: recompute only what a patch changes) or naive\n"
     "                (one full forward per cell, the reference)\n"
+    "  --method      exact (default), atp (attribution patching: every cell estimated\n"
+    "                from one forward and one backward pass, (a_src - a_base) . dM/da),\n"
+    "                atp+exact (both, with per-cell error, rank correlation and the\n"
+    "                exact top-10 cells the estimate misses)\n"
     "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"
     "                the pair as comma-separated token ids (no tokenizer; no BOS added):\n"
     "                the way to patch the families whose tokenizer is not supported yet\n"
@@ -287,6 +300,96 @@ static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_c
     }
 }
 
+/* ---- attribution patching (atp.h) ----------------------------------------- */
+
+static size_t grid_cells(patch_component c, const model_config *cfg, size_t T)
+{
+    size_t shape[3];
+    const size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
+    return shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+}
+
+static ps_status atp_values(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT],
+                            const patch_opts *po, double *vals[PATCH_COMPONENT_COUNT])
+{
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        if (on[c] && !(vals[c] = malloc(grid_cells((patch_component)c, &m->cfg, pair->T) * sizeof *vals[c])))
+            return err_set(PS_ERR_NOMEM, "out of memory");
+    return atp_eval(m, pair, on, po->metric, po->direction, vals);
+}
+
+/* the unpatched base run's metric: what a cell that changes nothing gives */
+static double pair_base_metric(const patch_pair *p, patch_metric metric, patch_direction dir)
+{
+    return dir == PATCH_DENOISE ? p->corrupted_metric[metric] : p->clean_metric[metric];
+}
+
+static json_t *atp_json(const patch_pair *p, patch_metric metric, patch_direction dir, const double *exact, const double *est, size_t n)
+{
+    atp_stats s;
+    if (atp_compare(exact, est, n, pair_base_metric(p, metric, dir), ATP_TOP_K, &s) != PS_OK)
+        return json_null();
+    json_t *err = json_array(), *missed = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(err, json_real(est[i] - exact[i]));
+    for (size_t i = 0; i < s.n_missed; i++)
+        json_array_append_new(missed, json_integer((json_int_t)s.missed[i]));
+    return json_pack("{s:o,s:o,s:o,s:i,s:f}", "error", err, "rank_correlation",
+                     isfinite(s.rank_correlation) ? json_real(s.rank_correlation) : json_null(), "missed_top_k", missed,
+                     "top_k", (int)s.k, "max_abs_error", s.max_abs_error);
+}
+
+static void print_atp_stats(const patch_pair *p, patch_component c, const model_config *cfg, patch_metric metric,
+                            patch_direction dir, const double *exact, const double *est)
+{
+    const size_t n = grid_cells(c, cfg, p->T);
+    atp_stats s;
+    if (atp_compare(exact, est, n, pair_base_metric(p, metric, dir), ATP_TOP_K, &s) != PS_OK)
+        return;
+    printf("%s: AtP vs exact: rank correlation %.3f, max |error| %.4g, %zu of the exact top %zu missed\n",
+           patch_component_name(c), s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
+}
+
+/* The estimates (and with atp+exact the errors and their statistics) into the results file. */
+static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, const bool on[PATCH_COMPONENT_COUNT],
+                           patch_metric metric, patch_direction dir, patch_method method, double *const exact[PATCH_COMPONENT_COUNT],
+                           double *const est[PATCH_COMPONENT_COUNT])
+{
+    ps_status st = ncout_put_attr(res->f, SCHEMA_ATT_METHOD, patch_method_name(method));
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+        if (!on[c])
+            continue;
+        const patch_component pc = (patch_component)c;
+        const size_t n = grid_cells(pc, &m->cfg, p->T);
+        double *tmp = malloc(n * sizeof *tmp);
+        if (!tmp)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        char ln[160];
+        snprintf(ln, sizeof ln, "attribution patching estimate of %s after patching %s", patch_metric_name(metric),
+                 patch_component_name(pc));
+        st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_SUFFIX, 0, est[c], ln, NULL);
+        for (size_t i = 0; i < n; i++)
+            tmp[i] = patch_normalize(p, metric, est[c][i]);
+        snprintf(ln, sizeof ln, "normalized attribution patching estimate, %s", patch_component_name(pc));
+        if (st == PS_OK)
+            st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_NORMALIZED_SUFFIX, 0, tmp, ln, NULL);
+        if (st == PS_OK && method == PATCH_METHOD_ATP_EXACT) {
+            int var;
+            atp_stats s;
+            for (size_t i = 0; i < n; i++)
+                tmp[i] = est[c][i] - exact[c][i];
+            snprintf(ln, sizeof ln, "attribution patching estimate - exact value, %s", patch_component_name(pc));
+            if ((st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_ERROR_SUFFIX, 0, tmp, ln, &var)) == PS_OK &&
+                (st = atp_compare(exact[c], est[c], n, pair_base_metric(p, metric, dir), ATP_TOP_K, &s)) ==
+                    PS_OK) {
+                st = ncout_results_put_stats(res, var, s.rank_correlation, s.k, s.missed, s.n_missed);
+            }
+        }
+        free(tmp);
+    }
+    return st;
+}
+
 int cmd_patch(int argc, char **argv)
 {
     patch_args a;
@@ -305,7 +408,7 @@ int cmd_patch(int argc, char **argv)
         return rc;
     patch_pair pair = {0};
     int32_t answer, wrong;
-    double *values[PATCH_COMPONENT_COUNT] = {0};
+    double *values[PATCH_COMPONENT_COUNT] = {0}, *atp_vals[PATCH_COMPONENT_COUNT] = {0};
     ncout_file f = {.ncid = -1};
     ps_status st = PS_OK;
     if (a.output && (st = ncout_create(&f, a.output)))
@@ -315,8 +418,9 @@ int cmd_patch(int argc, char **argv)
     answer = pair.answer;
     wrong = pair.wrong;
     const size_t nc = pair.T;
+    const bool exact = a.method != PATCH_METHOD_ATP, atp = a.method != PATCH_METHOD_EXACT;
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
-        if (!on[c])
+        if (!on[c] || !exact)
             continue;
         patch_cell *cells;
         size_t n;
@@ -329,7 +433,7 @@ int cmd_patch(int argc, char **argv)
             st = patch_eval(&m, &pair, 1, cells, n, &po, values[c]);
         free(cells);
     }
-    if (st)
+    if (st || (atp && (st = atp_values(&m, &pair, on, &po, atp_vals))))
         goto out;
     if (a.output) {
         ncout_results res;
@@ -338,9 +442,13 @@ int cmd_patch(int argc, char **argv)
                                      .corrupted_metric = pair.corrupted_metric[po.metric],
                                      .clean_tokens = pair.clean.tokens, .corrupted_tokens = pair.corrupted.tokens,
                                      .answer = a.answer ? a.answer : "", .wrong = a.wrong ? a.wrong : ""};
-        if ((st = ncout_results_define(&res, &f, &m, nc, on, po.metric, po.direction, po.engine)) == PS_OK &&
+        const bool none[PATCH_COMPONENT_COUNT] = {0};
+        if ((st = ncout_results_define(&res, &f, &m, nc, exact ? on : none, po.metric, po.direction, po.engine)) ==
+                PS_OK &&
             (st = ncout_results_put(&res, 0, &prompt, tok, values)) == PS_OK)
             st = ncout_results_flush(&res);
+        if (st == PS_OK && atp)
+            st = atp_write(&res, &m, &pair, on, po.metric, po.direction, a.method, values, atp_vals);
         ncout_results_free(&res);
         if (st || (st = ncout_commit(&f)))
             goto out;
@@ -360,14 +468,16 @@ int cmd_patch(int argc, char **argv)
                 json_array_append_new(dims, json_string(dn[k]));
                 json_array_append_new(shp, json_integer((json_int_t)shape[k]));
             }
+            const double *vals = exact ? values[c] : atp_vals[c];
             for (size_t i = 0; i < n; i++) {
-                double v = patch_normalize(&pair, po.metric, values[c][i]);
-                json_array_append_new(raw, json_real(values[c][i]));
+                double v = patch_normalize(&pair, po.metric, vals[i]);
+                json_array_append_new(raw, json_real(vals[i]));
                 json_array_append_new(norm, isfinite(v) ? json_real(v) : json_null());
             }
-            json_object_set_new(comps, patch_component_name((patch_component)c),
-                                json_pack("{s:o,s:o,s:o,s:o}", "dims", dims, "shape", shp, "values", raw,
-                                          "normalized", norm));
+            json_t *one = json_pack("{s:o,s:o,s:o,s:o}", "dims", dims, "shape", shp, "values", raw, "normalized", norm);
+            if (a.method == PATCH_METHOD_ATP_EXACT)
+                json_object_set_new(one, "atp", atp_json(&pair, po.metric, po.direction, values[c], atp_vals[c], n));
+            json_object_set_new(comps, patch_component_name((patch_component)c), one);
         }
         json_t *toks = json_array();
         for (size_t t = 0; t < nc; t++) {
@@ -375,19 +485,32 @@ int cmd_patch(int argc, char **argv)
             json_array_append_new(toks, json_string(s ? s : ""));
             free(s);
         }
-        cli_print_json(json_pack("{s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:o,s:o}", "metric", patch_metric_name(po.metric),
+        json_t *out_json = json_pack("{s:s,s:s,s:s,s:f,s:f,s:i,s:i,s:o,s:o}", "metric", patch_metric_name(po.metric),
                              "direction", po.direction == PATCH_DENOISE ? "denoise" : "noise", "engine",
                              po.engine == PATCH_ENGINE_FAST ? "fast" : "naive", "clean_metric",
                              pair.clean_metric[po.metric], "corrupted_metric", pair.corrupted_metric[po.metric],
-                             "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps));
+                             "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps);
+        /* "method" only when not exact: exact outputs stay as they were */
+        if (a.method != PATCH_METHOD_EXACT)
+            json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
+        cli_print_json(out_json);
     } else {
         printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
                pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
                po.direction == PATCH_DENOISE ? "denoising" : "noising",
                po.engine == PATCH_ENGINE_FAST ? "fast" : "naive");
-        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
-            if (on[c])
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (!on[c])
+                continue;
+            if (exact)
                 print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric);
+            if (atp) {
+                printf("\n(attribution patching estimate)");
+                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, atp_vals[c], po.metric);
+            }
+            if (a.method == PATCH_METHOD_ATP_EXACT)
+                print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c]);
+        }
     }
 out:
     if (st) {
@@ -395,7 +518,7 @@ out:
         rc = cli_fail();
     }
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
-        free(values[c]);
+        free(values[c]), free(atp_vals[c]);
     patch_pair_free(&pair);
     pair_ids_free(&ids);
     tokenizer_free(tok);

@@ -497,3 +497,59 @@ void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_
     const bool small = rows * V * d < GEMM_MIN_PARALLEL_MACS;
     pool_run(small ? 1 : (V + 63) / 64, unembed_worker, &t);
 }
+
+/* ---- the transposed product (backward passes) ------------------------------- */
+
+typedef struct {
+    float *dx;
+    const float *dy;
+    size_t rows;
+    const gemm_weight *w;
+    bool accumulate;
+} gemm_t_task;
+
+/* Thread tid's share: input columns [k*tid/nt, k*(tid+1)/nt) of dx for every
+ * row.  Each packed row W[kk, panel] (GEMM_NR floats) is read once and dotted
+ * with every row of dy; the sum runs over 8 lanes (j mod 8), then the lanes
+ * in order, so the result does not depend on the thread count. */
+static void gemm_t_worker(void *arg, size_t tid, size_t nt)
+{
+    const gemm_t_task *t = arg;
+    const size_t k = t->w->k, n = t->w->n, np = (n + GEMM_NR - 1) / GEMM_NR;
+    const size_t k0 = k * tid / nt, k1 = k * (tid + 1) / nt;
+    if (!t->accumulate)
+        for (size_t r = 0; r < t->rows; r++)
+            memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        const float *panel = t->w->data + p * k * GEMM_NR;
+        for (size_t kk = k0; kk < k1; kk++) {
+            const float *wr = panel + kk * GEMM_NR;
+            for (size_t r = 0; r < t->rows; r++) {
+                const float *y = t->dy + r * n + c0;
+                float lane[8] = {0};
+                if (nc == GEMM_NR) {
+                    for (size_t j = 0; j < GEMM_NR; j += 8)
+                        for (size_t e = 0; e < 8; e++)
+                            lane[e] += y[j + e] * wr[j + e];
+                } else {
+                    for (size_t j = 0; j < nc; j++)
+                        lane[j & 7] += y[j] * wr[j];
+                }
+                float s = 0.0f;
+                for (size_t e = 0; e < 8; e++)
+                    s += lane[e];
+                t->dx[r * k + kk] += s;
+            }
+        }
+    }
+}
+
+void gemm_run_t(float *dx, const float *dy, size_t rows, const gemm_weight *w, bool accumulate)
+{
+    if (rows == 0 || w->k == 0)
+        return;
+    gemm_t_task t = {dx, dy, rows, w, accumulate};
+    const bool small = rows * w->k * w->n < GEMM_MIN_PARALLEL_MACS;
+    pool_run(small ? 1 : (w->k + 15) / 16, gemm_t_worker, &t);
+}

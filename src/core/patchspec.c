@@ -304,3 +304,17 @@ ps_status patch_pair_unpack(patch_pair *p, const model_config *cfg, const void *
 #undef PUT
 #undef GET
 
+
+static const char *const method_names[PATCH_METHOD_COUNT] = {"exact", "atp", "atp+exact"};
+
+const char *patch_method_name(patch_method m) { return m < PATCH_METHOD_COUNT ? method_names[m] : "?"; }
+
+ps_status patch_method_parse(const char *s, patch_method *m)
+{
+    for (int i = 0; i < PATCH_METHOD_COUNT; i++)
+        if (!strcmp(s, method_names[i])) {
+            *m = (patch_method)i;
+            return PS_OK;
+        }
+    return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp or atp+exact)", s);
+}

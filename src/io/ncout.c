@@ -724,3 +724,64 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
     stage_flags(r, prompt, slot, 1, 0);
     return PS_OK;
 }
+
+ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, const char *suffix, size_t prompt,
+                                 const double *values, const char *long_name, int *var_out)
+{
+    ncout_file *f = r->f;
+    size_t shape[3];
+    const char *dn[3];
+    const size_t nd = patch_grid_shape(c, &m->cfg, r->max_T, shape, dn);
+    char name[96];
+    snprintf(name, sizeof name, "%s%s", patch_component_name(c), suffix);
+    int var, dims[4];
+    ps_status st = PS_OK;
+    if (nc_inq_varid(f->ncid, name, &var) != NC_NOERR) {
+        if ((st = ncout_check(nc_inq_dimid(f->ncid, SCHEMA_DIM_PROMPT, &dims[0]), f->tmp_path, name)))
+            return st;
+        for (size_t k = 0; k < nd; k++)
+            if ((st = dim_id(f, dn[k], shape[k], &dims[k + 1])))
+                return st;
+        const float fill = SCHEMA_FILL_GRID;
+        if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, &var, long_name)) ||
+            (st = ncout_check(nc_def_var_fill(f->ncid, var, 0, &fill), f->tmp_path, name)))
+            return st;
+    }
+    /* this prompt's T may be below max_T: its positions past T stay fill */
+    size_t gs[3];
+    patch_grid_shape(c, &m->cfg, r->max_T, gs, NULL);
+    size_t n = 1;
+    for (size_t k = 0; k < nd; k++)
+        n *= gs[k];
+    float *buf = malloc(n * sizeof *buf);
+    if (!buf)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (float)values[i];
+    size_t start[4] = {prompt, 0, 0, 0}, count[4] = {1, gs[0], gs[1], nd == 3 ? gs[2] : 1};
+    st = ncout_check(nc_put_vara_float(f->ncid, var, start, count, buf), f->tmp_path, name);
+    free(buf);
+    if (var_out)
+        *var_out = var;
+    return st;
+}
+
+ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
+                                  size_t n_missed)
+{
+    ncout_file *f = r->f;
+    int kk = (int)k, idx[64];
+    n_missed = n_missed < 64 ? n_missed : 64;
+    for (size_t i = 0; i < n_missed; i++)
+        idx[i] = (int)missed[i];
+    ps_status st =
+        ncout_check(nc_put_att_double(f->ncid, var, SCHEMA_ATT_ATP_RANK_CORRELATION, NC_DOUBLE, 1, &rank_correlation),
+                    f->tmp_path, SCHEMA_ATT_ATP_RANK_CORRELATION);
+    if (st == PS_OK)
+        st = ncout_check(nc_put_att_int(f->ncid, var, SCHEMA_ATT_ATP_TOP_K, NC_INT, 1, &kk), f->tmp_path,
+                         SCHEMA_ATT_ATP_TOP_K);
+    if (st == PS_OK)
+        st = ncout_check(nc_put_att_int(f->ncid, var, SCHEMA_ATT_ATP_MISSED_TOP_K, NC_INT, n_missed, idx), f->tmp_path,
+                         SCHEMA_ATT_ATP_MISSED_TOP_K);
+    return st;
+}

@@ -366,6 +366,50 @@ def patch_grid(fam, clean, corrupted, answer, wrong, comp, metric="logit_diff", 
     return out
 
 
+# ---- gradients (torch autograd), for the C backward pass and AtP ------------
+
+def metric_tensor(logits, answer, wrong, metric, clean_logprobs=None):
+    """A metric of the last row's logits as a differentiable tensor."""
+    lp = torch.log_softmax(logits, dim=-1)
+    if metric == "logit_diff":
+        return logits[answer] - logits[wrong]
+    if metric == "prob":
+        return lp[answer].exp()
+    if metric == "logprob":
+        return lp[answer]
+    return (clean_logprobs.exp() * (clean_logprobs - lp)).sum()
+
+
+def gradients(model, ids, answer, wrong, metric="logit_diff", clean_ids=None):
+    """{hook name: d metric / d hook} (float64 numpy) of one run, with autograd:
+    each hook's value becomes its own node of the graph (TransformerLens' hook
+    modules), so its gradient is the total derivative through everything the
+    rest of the pass computes from it; a hook the pass does not read (a
+    norm's hook_scale) gets zeros.  model: a Family or an oracle.GPT2 (both
+    take {name: fn(x) -> x} as run's second argument); the metric is
+    metric_of's, kl against the run of clean_ids."""
+    names = list(model.run(ids).keys())
+    clean_lp = None
+    if metric == "kl":
+        clean_lp = torch.log_softmax(model.run(clean_ids)["logits"][-1], dim=-1).detach()
+    nodes = {}
+
+    def make(name):
+        def fn(x):
+            y = x.clone()
+            if y.requires_grad:
+                y.retain_grad()
+            else:
+                y.requires_grad_(True)
+            nodes[name] = y
+            return y
+        return fn
+    with torch.enable_grad():
+        out = model.run(ids, {n: make(n) for n in names})
+        metric_tensor(out["logits"][-1], answer, wrong, metric, clean_lp).backward()
+    return {n: (y.grad.numpy() if y.grad is not None else np.zeros(tuple(y.shape))) for n, y in nodes.items()}
+
+
 if __name__ == "__main__":
     ref = Family(sys.argv[1]).run([int(x) for x in sys.argv[2].split(",")])
     for k, v in ref.items():

@@ -1,0 +1,43 @@
+/*
+ * backward: the gradient of a patching metric (patchspec.h: logit_diff,
+ * prob, logprob, kl) of the next-token prediction at the last position with
+ * respect to every hook activation of one run (hooks.h), for every family.
+ *
+ * The gradients live in a second forward_cache of the run's config and
+ * capacity, laid out exactly as the activations: the gradient of hook hp is
+ * forward_cache_hook(grads, hp), of the hook's shape.  Each is the total
+ * derivative through everything the rest of the pass computes from that
+ * hook (TransformerLens' hooks are identities, so e.g. resid_post of block l
+ * and resid_pre of block l+1 have the same gradient; the pattern's gradient
+ * is given above the diagonal too, dz . v, where a hook could write).  The
+ * norms' hook_scale activations are not read by the rest of the pass (it
+ * reads hook_normalized): their gradient is 0.  Metric derivatives at the
+ * last row's logits (p = softmax, c = the clean run's probabilities):
+ *   logit_diff  e_answer - e_wrong (no vocabulary work: W_U[answer] - W_U[wrong])
+ *   prob        p_a (e_a - p)        logprob  e_a - p        kl  p - c
+ *
+ * The pass (backward.c) is the forward pass's list of ops calls in reverse,
+ * each replaced by its ops_backward.h kernel; matrix products and attention
+ * run on the pool's threads.
+ */
+#ifndef PS_BACKWARD_H
+#define PS_BACKWARD_H
+
+#include <stdint.h>
+
+#include "err.h"
+#include "forward.h"
+#include "model.h"
+#include "patchspec.h"
+
+/* Gradients of `metric` for the run in c: a complete, untrimmed cache
+ * (forward_run; logits LAST or ALL, or NONE, then the last row's logits are
+ * recomputed when the metric needs them).  grads: forward_cache_init'd with
+ * c's config and a capacity >= c->T (its logits mode decides whether the
+ * logits' gradient is stored); every array of it is overwritten, its T and
+ * tokens set to c's.  clean_logprobs [V]: the clean run's log-softmax (kl
+ * only; NULL otherwise). */
+ps_status backward_run(const model *m, const forward_cache *c, forward_cache *grads, patch_metric metric,
+                       int32_t answer, int32_t wrong, const float *clean_logprobs);
+
+#endif
