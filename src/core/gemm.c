@@ -520,11 +520,18 @@ static void gemm_t_worker(void *arg, size_t tid, size_t nt)
     if (!t->accumulate)
         for (size_t r = 0; r < t->rows; r++)
             memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
+    float wide[GEMM_NR];
     for (size_t p = 0; p < np; p++) {
         const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
-        const float *panel = t->w->data + p * k * GEMM_NR;
         for (size_t kk = k0; kk < k1; kk++) {
-            const float *wr = panel + kk * GEMM_NR;
+            const size_t off = (p * k + kk) * GEMM_NR;
+            const float *wr = t->w->data + off;
+            if (t->w->dtype != GEMM_F32) {
+                /* a 2-byte panel row, widened as the forward kernels do */
+                for (size_t j = 0; j < GEMM_NR; j++)
+                    wide[j] = gemm_widen(t->w->dtype, t->w->data16[off + j]);
+                wr = wide;
+            }
             for (size_t r = 0; r < t->rows; r++) {
                 const float *y = t->dy + r * n + c0;
                 float lane[8] = {0};
