@@ -336,8 +336,8 @@ download-gpt2:
 download-gpt2-medium:
 	$(call hf_download,gpt2-medium,models/gpt2-medium)
 
-# The other families (issue 17): config.json, the checkpoint and tokenizer.json
-# (for the tokenizer work; patchsweep runs them from token ids today).
+# The other families (issue 17): config.json, the checkpoint, tokenizer.json and
+# tokenizer_config.json (the model's own tokenizer, README Tokenizers).
 # $(3): the gated note.  HF_TOKEN, when set, is sent as a bearer token.
 define hf_download_family
 	@command -v curl >/dev/null || { echo "curl is missing (apt-get install curl)" >&2; exit 1; }
