@@ -130,3 +130,17 @@ def test_atp_estimates_and_errors(ps, model):
     with pytest.raises(ps.PatchsweepError, match="method"):
         ps.patching.get_act_patch_resid_pre(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary",
                                             method="atp+exact")
+
+
+def test_patch_opts_without_method_is_exact(ps, model):
+    """A caller built before `method` (its struct_size ends before it) gets exact grids."""
+    import ctypes
+    from patchsweep import _lib, patching
+    pair, clean, corrupted = patching._pair(model, CORRUPTED, CLEAN, " John", " Mary")
+    old = _lib.PatchOpts.method.offset
+    opts = _lib.PatchOpts(struct_size=old, method=b"atp")     # beyond struct_size: not read
+    v = np.empty((4, 17))
+    ps._check(_lib.pair_patch(pair.ptr, b"resid_pre", ctypes.byref(opts),
+                              v.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), v.size, None, None))
+    exact = patching.get_act_patch_resid_pre(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary")
+    assert np.array_equal(v, exact.values)
