@@ -183,6 +183,41 @@ patchsweep_status patchsweep_run_logits(const patchsweep_run *r, patchsweep_arra
 size_t patchsweep_run_n_cached(const patchsweep_run *r);
 patchsweep_status patchsweep_run_cached(const patchsweep_run *r, size_t i, patchsweep_array *out);
 
+/* ---- gradients --------------------------------------------------------- */
+
+/* The backward pass: the gradient of a built-in metric of the next-token
+ * prediction at the last position with respect to hook activations.
+ * Metrics (as patching's): "logit_diff" logit[answer] - logit[wrong],
+ * "prob" p(answer), "logprob" log p(answer), "kl" KL(clean || this run) of
+ * the next-token distributions against the run of clean[0..n_clean). */
+typedef struct {
+    size_t struct_size;       /* sizeof(patchsweep_grad_opts) */
+    const char *grads;        /* globs of the hook points whose gradient (and activation) the run keeps
+                                 (NULL or "": every hook point, logits included) */
+    const char *metric;       /* "logit_diff" (NULL), "prob", "logprob", "kl" */
+    int32_t answer, wrong;    /* token ids (wrong: logit_diff only; -1 elsewhere is fine) */
+    const int32_t *clean;     /* kl only: the clean prompt's ids */
+    size_t n_clean;
+} patchsweep_grad_opts;
+
+/* Run tokens[0..n) and its backward pass (one forward, one backward; no
+ * hook callbacks).  *out is a run as patchsweep_model_run's with cache =
+ * opts->grads: its logits [T, V], its cached activations, and their
+ * gradients, the i-th from patchsweep_run_grad (same name, shape and dims
+ * as patchsweep_run_cached(i)).  Each gradient is the total derivative
+ * through the rest of the pass (TransformerLens' hooks are identities:
+ * blocks.l.hook_resid_post and blocks.l+1.hook_resid_pre have equal
+ * gradients; the norms' hook_scale, not read by the pass, 0); the values
+ * are the CLI's `cache --grad METRIC` bit for bit.  metric (may be NULL):
+ * the metric's value on this run. */
+patchsweep_status patchsweep_model_run_grad(patchsweep_model *m, const int32_t *tokens, size_t n,
+                                            const patchsweep_grad_opts *opts, patchsweep_run **out, double *metric);
+/* The gradients a run holds: patchsweep_run_n_cached(r) after
+ * patchsweep_model_run_grad, 0 after patchsweep_model_run. */
+size_t patchsweep_run_n_grads(const patchsweep_run *r);
+/* The i-th gradient (i < patchsweep_run_n_grads): data points into the run. */
+patchsweep_status patchsweep_run_grad(const patchsweep_run *r, size_t i, patchsweep_array *out);
+
 /* ---- lens and decomposition (over a finished run) ---------------------- */
 
 /* Outputs of a lens or decomposition for R rows; every pointer may be NULL
@@ -244,11 +279,20 @@ typedef struct {
     const char *engine;        /* "fast" (NULL) or "naive" */
     patchsweep_metric_fn metric_fn; /* non-NULL: this metric, with the naive engine */
     void *metric_user;
+    /* appended (a struct_size that ends before it: "exact") */
+    const char *method;        /* "exact" (NULL): every cell patched; "atp": attribution patching */
 } patchsweep_patch_opts;
 
 /* values[n] (n = the grid's size, row-major): the patched metric of every
  * cell, raw; clean_metric / corrupted_metric (may be NULL): the unpatched
- * runs' metric, for normalizing ((patched - corrupted) / (clean - corrupted)). */
+ * runs' metric, for normalizing ((patched - corrupted) / (clean - corrupted)).
+ * method "atp": every cell's value is the attribution-patching estimate
+ * metric(base) + (a_source - a_base) . dmetric/da, the gradient taken on the
+ * base run (one forward and one backward pass for the whole grid; engine is
+ * not read; built-in metrics only), in the same units and shape, equal to
+ * the CLI's `patch --method atp` values bit for bit.  Known failure modes:
+ * saturated attention, cancelling paths, and kl with "noise" (its gradient
+ * at the clean run is 0: every cell is the base metric). */
 patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *component, const patchsweep_patch_opts *opts,
                                         double *values, size_t n, double *clean_metric, double *corrupted_metric);
 

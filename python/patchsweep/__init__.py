@@ -5,6 +5,7 @@
     tokens = model.to_tokens("After John and Mary went to the store, Mary gave a bottle of milk to")
     logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
     logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: act * 0)])
+    value, grads = model.run_with_grads(tokens, metric="logit_diff", answer=" John", wrong=" Mary")
     grid = patchsweep.patching.get_act_patch_resid_pre(model, corrupted_tokens, clean_tokens,
                                                        metric="logit_diff", answer=" John", wrong=" Mary")
     ds = patchsweep.open("results/ioi-tiny.nc")     # xarray.Dataset, helpers under ds.ps
@@ -368,6 +369,50 @@ class Model:
         (a view: change it in place, or return a new array to replace it)."""
         run, _ = self._run(tokens, fwd_hooks=list(fwd_hooks))
         return self._logits(run)
+
+    def run_with_grads(self, tokens, metric="logit_diff", answer=None, wrong=None, names_filter=None,
+                       clean_tokens=None, return_cache=False):
+        """(metric value, GradientCache): the gradient of a built-in metric of
+        the next-token prediction at the last position ("logit_diff":
+        logit[answer] - logit[wrong], "prob", "logprob", "kl" against the run
+        of clean_tokens) with respect to the hook points of names_filter (as
+        run_with_cache's; None: every hook point), one forward and one
+        backward pass.  Gradients have the activations' shapes [1, ...] and
+        are views of the run's memory (an ActivationCache: grads["resid_pre",
+        3]).  Each is the total derivative through the rest of the pass (as
+        TransformerLens' hook_fn backward hooks see it).  return_cache=True
+        adds the run's logits and ActivationCache of the same hooks:
+        (value, grads, logits, cache)."""
+        t = self._tokens(tokens)
+        sel = self._select(names_filter) if names_filter is not None else None
+        a, w = self._token_id(answer), self._token_id(wrong)
+        if a < 0:
+            raise ValueError("run_with_grads: answer (a token or token id) is required")
+        opts = _lib.GradOpts(struct_size=ctypes.sizeof(_lib.GradOpts), metric=metric.encode(), answer=a, wrong=w)
+        if sel:
+            opts.grads = sel.encode()
+        if clean_tokens is not None:
+            clean = self._tokens(clean_tokens)
+            opts.clean = clean.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+            opts.n_clean = len(clean)
+        run = _Run(self)
+        value = ctypes.c_double()
+        _check(_lib.model_run_grad(self._ptr, t.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), len(t),
+                                   ctypes.byref(opts), ctypes.byref(run.ptr), ctypes.byref(value)))
+        grads, acts, dims = {}, {}, {}
+        arr = _lib.Array()
+        for i in range(_lib.run_n_grads(run.ptr)):
+            _check(_lib.run_grad(run.ptr, i, ctypes.byref(arr)))
+            name = arr.name.decode()
+            grads[name] = run.array(arr)
+            dims[name] = tuple(arr.dims[k].decode() for k in range(arr.ndim))
+            if return_cache:
+                _check(_lib.run_cached(run.ptr, i, ctypes.byref(arr)))
+                acts[name] = run.array(arr)
+        g = ActivationCache(grads, dims, self, t)
+        if return_cache:
+            return value.value, g, self._logits(run), ActivationCache(acts, dict(dims), self, t)
+        return value.value, g
 
     # ---- lens and decomposition --------------------------------------------
 

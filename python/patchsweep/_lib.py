@@ -73,7 +73,12 @@ class LensOut(Structure):
 
 class PatchOpts(Structure):
     _fields_ = [("struct_size", c_size_t), ("metric", c_char_p), ("direction", c_char_p), ("engine", c_char_p),
-                ("metric_fn", METRIC_FN), ("metric_user", c_void_p)]
+                ("metric_fn", METRIC_FN), ("metric_user", c_void_p), ("method", c_char_p)]
+
+
+class GradOpts(Structure):
+    _fields_ = [("struct_size", c_size_t), ("grads", c_char_p), ("metric", c_char_p), ("answer", c_int32),
+                ("wrong", c_int32), ("clean", POINTER(c_int32)), ("n_clean", c_size_t)]
 
 
 def _fn(name, restype, *argtypes):
@@ -107,6 +112,10 @@ run_n_tokens = _fn("patchsweep_run_n_tokens", c_size_t, P)
 run_logits = _fn("patchsweep_run_logits", c_int, P, POINTER(Array))
 run_n_cached = _fn("patchsweep_run_n_cached", c_size_t, P)
 run_cached = _fn("patchsweep_run_cached", c_int, P, c_size_t, POINTER(Array))
+model_run_grad = _fn("patchsweep_model_run_grad", c_int, P, POINTER(c_int32), c_size_t, POINTER(GradOpts),
+                     POINTER(P), POINTER(c_double))
+run_n_grads = _fn("patchsweep_run_n_grads", c_size_t, P)
+run_grad = _fn("patchsweep_run_grad", c_int, P, c_size_t, POINTER(Array))
 run_lens = _fn("patchsweep_run_lens", c_int, P, c_size_t, c_int32, POINTER(LensOut))
 run_decompose = _fn("patchsweep_run_decompose", c_int, P, c_size_t, c_char_p, c_size_t, c_int32, POINTER(LensOut))
 run_attribution = _fn("patchsweep_run_attribution", c_int, P, c_size_t, c_int32, c_int32, POINTER(c_double),

@@ -9,7 +9,7 @@ corrupted) / (clean - corrupted)), dims ("layer", "position"), ("layer",
 "position", "head") or ("layer", "head"), coordinates layer, position,
 head and per position the clean and corrupted tokens and the worksheet's
 labels "token_i" (clean tokens); attrs component, metric, direction,
-engine, clean_metric, corrupted_metric.
+engine, method, clean_metric, corrupted_metric.
 
 metric: "logit_diff" (logit[answer] - logit[wrong] at the last position),
 "prob", "logprob" or "kl": the library's metrics, with the fast engine by
@@ -17,6 +17,12 @@ default.  A Python callable metric(logits [1, T, d_vocab]) -> float runs
 with the naive engine (one forward per cell; the logits it gets are its
 own copy).  direction "denoise" (run corrupted, patch in clean; the
 default) or "noise".
+
+method "exact" (default: every cell patched and run) or "atp": attribution
+patching, every cell estimated as metric(base) + (a_source - a_base) .
+dmetric/da from one forward and one backward pass of the base run (built-in
+metrics only; same units and shapes; the engine is not used).  Its known
+failure modes: saturated attention, cancelling paths, kl with noising.
 """
 import ctypes
 
@@ -55,7 +61,7 @@ def _pair(model, corrupted_tokens, clean_cache_or_tokens, answer, wrong):
 
 
 def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, metric="logit_diff", answer=None,
-                  wrong=None, direction="denoise", engine=None, normalize=False, _pair_cache=None):
+                  wrong=None, direction="denoise", engine=None, normalize=False, method="exact", _pair_cache=None):
     """The grid of any component (see COMPONENTS)."""
     import xarray as xr
     if _pair_cache is not None:
@@ -69,7 +75,8 @@ def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, met
     shp = tuple(shape[i] for i in range(ndim.value))
     dn = tuple(dims[i].decode() for i in range(ndim.value))
     values = np.empty(shp, np.float64)
-    opts = _lib.PatchOpts(struct_size=ctypes.sizeof(_lib.PatchOpts), direction=direction.encode())
+    opts = _lib.PatchOpts(struct_size=ctypes.sizeof(_lib.PatchOpts), direction=direction.encode(),
+                          method=(method or "exact").encode())
     errors, keep = [], None
     if callable(metric):
         engine = engine or "naive"
@@ -112,7 +119,8 @@ def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, met
         coords["head"] = np.arange(shp[dn.index("head")])
     return xr.DataArray(values, dims=dn, coords=coords, name=component + ("_normalized" if normalize else ""),
                         attrs={"component": component, "metric": metric_name, "direction": direction,
-                               "engine": engine, "clean_metric": cm.value, "corrupted_metric": xm.value,
+                               "engine": engine, "method": method or "exact", "clean_metric": cm.value,
+                               "corrupted_metric": xm.value,
                                "normalized": int(bool(normalize))})
 
 
@@ -128,9 +136,9 @@ def normalize(grid):
 
 def _one(component):
     def f(model, corrupted_tokens, clean_cache_or_tokens, metric="logit_diff", answer=None, wrong=None,
-          direction="denoise", engine=None, normalize=False):
+          direction="denoise", engine=None, normalize=False, method="exact"):
         return get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, metric, answer, wrong,
-                             direction, engine, normalize)
+                             direction, engine, normalize, method)
     f.__name__ = f"get_act_patch_{component}"
     f.__doc__ = f"The {component} grid (see the module's documentation)."
     return f
@@ -138,10 +146,10 @@ def _one(component):
 
 def _every(components, name):
     def f(model, corrupted_tokens, clean_cache_or_tokens, metric="logit_diff", answer=None, wrong=None,
-          direction="denoise", engine=None, normalize=False):
+          direction="denoise", engine=None, normalize=False, method="exact"):
         import xarray as xr
         pc = _pair(model, corrupted_tokens, clean_cache_or_tokens, answer, wrong)
-        grids = [get_act_patch(model, c, None, None, metric, answer, wrong, direction, engine, normalize,
+        grids = [get_act_patch(model, c, None, None, metric, answer, wrong, direction, engine, normalize, method,
                                _pair_cache=pc) for c in components]
         out = xr.concat(grids, dim="component", coords="minimal", compat="override", combine_attrs="drop_conflicts")
         out = out.assign_coords(component=list(components))

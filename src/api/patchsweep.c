@@ -1,6 +1,6 @@
 /* patchsweep: the C API of the shared library (include/patchsweep/patchsweep.h),
  * a facade over the engine (patch_eval, lens), core (forward with hooks,
- * tokenizer) and util (err) layers.  It adds no numerics of its own except
+ * tokenizer, backward) and util (err) layers.  It adds no numerics of its own except
  * the custom-metric patching loop, which is the naive engine's loop with a
  * callback for the metric. */
 #include "patchsweep.h"
@@ -16,6 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "atp.h"
+#include "backward.h"
 #include "err.h"
 #include "forward.h"
 #include "fsutil.h"
@@ -50,6 +52,8 @@ struct patchsweep_run {
     size_t n_cached;
     hook_point *cached;        /* [n_cached] */
     char (*names)[HOOK_MAX_NAME];
+    forward_cache g;           /* the gradients (patchsweep_model_run_grad), laid out as c */
+    bool has_grads;
 };
 
 struct patchsweep_pair {
@@ -439,7 +443,8 @@ static ps_status run_hook(void *user, hook_point hp, float *act, const size_t *s
     return PS_OK;
 }
 
-static void array_of(const patchsweep_run *r, hook_point hp, const char *name, patchsweep_array *out)
+static void array_of(const patchsweep_run *r, const forward_cache *fc, hook_point hp, const char *name,
+                     patchsweep_array *out)
 {
     const model_config *c = &r->pm->m.cfg;
     size_t shape[HOOK_MAX_DIMS];
@@ -447,11 +452,30 @@ static void array_of(const patchsweep_run *r, hook_point hp, const char *name, p
     size_t nd = hook_shape(hp.kind, c, r->c.T, shape, dims);
     if (hp.kind == HOOK_LOGITS && r->c.logits_mode == FORWARD_LOGITS_LAST)
         shape[0] = 1;
-    *out = (patchsweep_array){.name = name, .data = forward_cache_hook(&r->c, hp), .ndim = nd};
+    *out = (patchsweep_array){.name = name, .data = forward_cache_hook(fc, hp), .ndim = nd};
     for (size_t k = 0; k < nd; k++) {
         out->shape[k] = shape[k];
         out->dims[k] = dims[k];
     }
+}
+
+/* The hook points of `keep` as the run's cached list, in forward order. */
+static ps_status run_keep(patchsweep_run *r, const hook_set *keep)
+{
+    const model_config *c = &r->pm->m.cfg;
+    if (!keep->n_on)
+        return PS_OK;
+    r->cached = malloc(keep->n_on * sizeof *r->cached);
+    r->names = malloc(keep->n_on * sizeof *r->names);
+    if (!r->cached || !r->names)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t i = 0, all = hook_count(c->n_layer); i < all; i++)
+        if (keep->on[i]) {
+            r->cached[r->n_cached] = hook_at(i, c->n_layer);
+            hook_name(r->cached[r->n_cached], r->names[r->n_cached]);
+            r->n_cached++;
+        }
+    return PS_OK;
 }
 
 patchsweep_status patchsweep_model_run(patchsweep_model *pm, const int32_t *tokens, size_t n,
@@ -486,18 +510,8 @@ patchsweep_status patchsweep_model_run(patchsweep_model *pm, const int32_t *toke
         st = hook_set_parse(&keep, o.cache, c);
     if (st == PS_OK && o.hooks && *o.hooks)
         st = hook_set_parse(&fire, o.hooks, c);
-    if (st == PS_OK && keep.n_on) {
-        r->cached = malloc(keep.n_on * sizeof *r->cached);
-        r->names = malloc(keep.n_on * sizeof *r->names);
-        if (!r->cached || !r->names)
-            st = err_set(PS_ERR_NOMEM, "out of memory");
-        for (size_t i = 0, all = hook_count(c->n_layer); st == PS_OK && i < all; i++)
-            if (keep.on[i]) {
-                r->cached[r->n_cached] = hook_at(i, c->n_layer);
-                hook_name(r->cached[r->n_cached], r->names[r->n_cached]);
-                r->n_cached++;
-            }
-    }
+    if (st == PS_OK)
+        st = run_keep(r, &keep);
     if (st == PS_OK)
         st = lock_compute("patchsweep_model_run");
     if (st == PS_OK) {
@@ -524,6 +538,7 @@ void patchsweep_run_free(patchsweep_run *r)
     if (!r)
         return;
     forward_cache_free(&r->c);
+    forward_cache_free(&r->g);
     free(r->cached);
     free(r->names);
     free(r);
@@ -543,7 +558,7 @@ patchsweep_status patchsweep_run_logits(const patchsweep_run *r, patchsweep_arra
 {
     if (!r || !out)
         return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_run_logits: NULL argument");
-    array_of(r, (hook_point){HOOK_LOGITS, 0}, "logits", out);
+    array_of(r, &r->c, (hook_point){HOOK_LOGITS, 0}, "logits", out);
     return PATCHSWEEP_OK;
 }
 
@@ -558,7 +573,109 @@ patchsweep_status patchsweep_run_cached(const patchsweep_run *r, size_t i, patch
         return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_run_cached: NULL argument");
     if (i >= r->n_cached)
         return (patchsweep_status)err_set(PS_ERR_RANGE, "cached array %zu: the run kept %zu", i, r->n_cached);
-    array_of(r, r->cached[i], r->names[i], out);
+    array_of(r, &r->c, r->cached[i], r->names[i], out);
+    return PATCHSWEEP_OK;
+}
+
+/* ---- gradients ----------------------------------------------------------- */
+
+static ps_status check_answer(const model_config *c, int32_t id, const char *what);
+
+/* The clean run's log-softmax of its last row, as the CLI's cache --grad kl. */
+static ps_status clean_logprobs(const model *m, const int32_t *clean, size_t n, float *out)
+{
+    const size_t V = m->cfg.vocab_size;
+    forward_cache cc = {0};
+    ps_status st = forward_cache_init(&cc, &m->cfg, n, FORWARD_LOGITS_LAST);
+    if (st == PS_OK)
+        st = forward_run(m, &cc, clean, n, NULL);
+    if (st == PS_OK) {
+        const double lse = forward_logsumexp(cc.logits, V);
+        for (size_t v = 0; v < V; v++)
+            out[v] = (float)(cc.logits[v] - lse);
+    }
+    forward_cache_free(&cc);
+    return st;
+}
+
+patchsweep_status patchsweep_model_run_grad(patchsweep_model *pm, const int32_t *tokens, size_t n,
+                                            const patchsweep_grad_opts *opts, patchsweep_run **out, double *metric)
+{
+    if (!pm || !out || !opts)
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_model_run_grad: NULL argument");
+    *out = NULL;
+    patchsweep_grad_opts o = {.struct_size = sizeof o, .answer = -1, .wrong = -1};
+    ps_status st = check_size(opts->struct_size, sizeof o, "patchsweep_grad_opts");
+    if (st != PS_OK)
+        return (patchsweep_status)st;
+    memcpy(&o, opts, opts->struct_size);
+    const model *m = &pm->m;
+    const model_config *c = &m->cfg;
+    patch_metric pmet = PATCH_LOGIT_DIFF;
+    if (o.metric && (st = patch_metric_parse(o.metric, &pmet)) != PS_OK)
+        return (patchsweep_status)st;
+    if ((st = check_tokens(c, tokens, n)) != PS_OK)
+        return (patchsweep_status)st;
+    if (o.answer == -1 || (pmet == PATCH_LOGIT_DIFF && o.wrong == -1))
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_model_run_grad: the %s metric needs %s",
+                                          patch_metric_name(pmet),
+                                          pmet == PATCH_LOGIT_DIFF ? "answer and wrong token ids" : "an answer token id");
+    if ((st = check_answer(c, o.answer, "answer")) != PS_OK || (st = check_answer(c, o.wrong, "wrong")) != PS_OK)
+        return (patchsweep_status)st;
+    if (pmet == PATCH_KL && (st = o.clean && o.n_clean ? check_tokens(c, o.clean, o.n_clean)
+                                                       : err_set(PS_ERR_INVALID, "the kl metric needs the clean "
+                                                                 "prompt's ids (patchsweep_grad_opts.clean)")) != PS_OK)
+        return (patchsweep_status)st;
+    patchsweep_run *r = calloc(1, sizeof *r);
+    float *clean_lp = pmet == PATCH_KL ? malloc(c->vocab_size * sizeof *clean_lp) : NULL;
+    if (!r || (pmet == PATCH_KL && !clean_lp)) {
+        free(r);
+        free(clean_lp);
+        return (patchsweep_status)err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    r->pm = pm;
+    hook_set keep = {0};
+    st = o.grads && *o.grads ? hook_set_parse(&keep, o.grads, c) : hook_set_all(&keep, c);
+    if (st == PS_OK)
+        st = run_keep(r, &keep);
+    hook_set_free(&keep);
+    if (st == PS_OK && (st = lock_compute("patchsweep_model_run_grad")) == PS_OK) {
+        /* the CLI's cache --grad with the logits kept: both caches with every row's logits */
+        if ((st = forward_cache_init(&r->c, c, n, FORWARD_LOGITS_ALL)) == PS_OK &&
+            (st = forward_run(m, &r->c, tokens, n, NULL)) == PS_OK &&
+            (pmet != PATCH_KL || (st = clean_logprobs(m, o.clean, o.n_clean, clean_lp)) == PS_OK) &&
+            (st = forward_cache_init(&r->g, c, n, FORWARD_LOGITS_ALL)) == PS_OK)
+            st = backward_run(m, &r->c, &r->g, pmet, o.answer, o.wrong < 0 ? o.answer : o.wrong, clean_lp);
+        unlock_compute();
+    }
+    if (st == PS_OK && metric)
+        *metric = patch_metric_of_logits(r->c.logits + (n - 1) * c->vocab_size, c->vocab_size, o.answer,
+                                         o.wrong < 0 ? o.answer : o.wrong, clean_lp, pmet);
+    free(clean_lp);
+    if (st != PS_OK) {
+        patchsweep_run_free(r);
+        return (patchsweep_status)st;
+    }
+    r->has_grads = true;
+    *out = r;
+    return PATCHSWEEP_OK;
+}
+
+size_t patchsweep_run_n_grads(const patchsweep_run *r)
+{
+    return r && r->has_grads ? r->n_cached : 0;
+}
+
+patchsweep_status patchsweep_run_grad(const patchsweep_run *r, size_t i, patchsweep_array *out)
+{
+    if (!r || !out)
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_run_grad: NULL argument");
+    if (!r->has_grads)
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_run_grad: the run has no gradients "
+                                          "(patchsweep_model_run_grad computes them)");
+    if (i >= r->n_cached)
+        return (patchsweep_status)err_set(PS_ERR_RANGE, "gradient %zu: the run kept %zu", i, r->n_cached);
+    array_of(r, &r->g, r->cached[i], r->names[i], out);
     return PATCHSWEEP_OK;
 }
 
@@ -900,6 +1017,12 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
             return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown engine '%s' (fast or naive)", o.engine);
         po.engine = PATCH_ENGINE_NAIVE;
     }
+    patch_method method = PATCH_METHOD_EXACT;
+    if (o.method && ((st = patch_method_parse(o.method, &method)) != PS_OK || method == PATCH_METHOD_ATP_EXACT))
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown method '%s' (exact or atp)", o.method);
+    if (o.metric_fn && method == PATCH_METHOD_ATP)
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "method atp: a custom metric has no gradient; "
+                                          "attribution patching takes the built-in metrics only");
     if (o.metric_fn && po.engine != PATCH_ENGINE_NAIVE)
         return (patchsweep_status)err_set(PS_ERR_INVALID, "a custom metric needs the naive engine (engine = "
                                           "\"naive\"); the fast engine computes only the built-in metrics");
@@ -919,7 +1042,16 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
             st = patch_custom(m, &p->p, cells, nc, po.direction, o.metric_fn, o.metric_user, values, clean_metric,
                               corrupted_metric, &cb);
         else {
-            st = patch_eval(m, &p->p, 1, cells, nc, &po, values);
+            if (method == PATCH_METHOD_ATP) {
+                bool on[PATCH_COMPONENT_COUNT] = {false};
+                double *vals[PATCH_COMPONENT_COUNT] = {NULL};
+                on[comp] = true;
+                vals[comp] = values;
+                if ((st = patch_components_check(on, &m->cfg)) == PS_OK)
+                    st = atp_eval(m, &p->p, on, po.metric, po.direction, vals);
+            } else {
+                st = patch_eval(m, &p->p, 1, cells, nc, &po, values);
+            }
             if (clean_metric)
                 *clean_metric = p->p.clean_metric[po.metric];
             if (corrupted_metric)
