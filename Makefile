@@ -344,8 +344,9 @@ integration: $(BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 # The edit loop: the release build, the unit tests and the fast integration
 # suites, 2 at a time (CHECK_JOBS), ending with `check: N passed, N failed`
 # (~2-3 minutes on 2 idle cores: `make -j2 check`).  Not in it, for time:
-# test_memory, test_slurm, test_blas, test_embedded_model (make test runs
-# everything, sanitizers and fuzz smoke included).
+# test_memory, test_slurm, test_blas, test_embedded_model,
+# test_embedded_llama (make test runs everything, sanitizers and fuzz smoke
+# included).
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \

@@ -356,7 +356,7 @@ def hf_config(c, dtype_name):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default: the full run)")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps (default: the full run)")
     ap.add_argument("--out", default=os.path.join(HERE, "model"), help="output model directory")
     ap.add_argument("--cli", default=os.path.join(REPO, "build", "patchsweep"), help="patchsweep binary")
     ap.add_argument("--tokenizer", default=os.path.join(REPO, "build", "hf-tokenizers", "llama2"),
