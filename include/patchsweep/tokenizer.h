@@ -70,8 +70,26 @@ const char *tokenizer_token_bytes(const tokenizer *t, int32_t id, size_t *len);
  * id is out of range (the CLI shows "?", the NetCDF writers store ""). */
 char *tokenizer_token_display(const tokenizer *t, int32_t id, const char *unknown);
 
-/* The token id if `text` encodes to exactly one token, else PS_ERR_INVALID
- * with a message that says how many tokens it is and which ones. */
+/* The one token `text` adds after `prefix`: encode(prefix + text) must be
+ * encode(prefix) followed by exactly one id, else PS_ERR_INVALID with a
+ * message that says how many tokens it is and which ones.  This is the token
+ * a model predicts after the prompt `prefix` when the text goes on with
+ * `text`, for any tokenizer: with a SentencePiece-style tokenizer.json
+ * (Llama 2, Mistral), whose normalizer prepends "▁" to the whole input,
+ * " Paris" alone encodes as two tokens ("▁", "▁Paris") but adds the
+ * one token "▁Paris" after "A:". */
+ps_status tokenizer_next_token(const tokenizer *t, const char *prefix, const char *text, int32_t *id);
+
+/* The word every tokenizer.json's single-token check puts `text` after. */
+#define TOKENIZER_WORD_ANCHOR "a"
+
+/* The token id of `text` as one token, else PS_ERR_INVALID with a message
+ * that says how many tokens it is and which ones.  GPT-2's vocab/merges:
+ * `text` encoded alone.  A tokenizer.json: `text` as it goes on after a word,
+ * tokenizer_next_token(t, TOKENIZER_WORD_ANCHOR, text), so " Mary" is the
+ * token a prompt ending in a word is continued with, whether the normalizer
+ * prepends "▁" to the input or not (text that starts with a letter goes on
+ * with the word "a" and is, but for rare merges, refused). */
 ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id);
 
 /* The BOS token: GPT-2's <|endoftext|>, or the tokenizer.json model's

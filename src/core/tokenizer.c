@@ -1118,27 +1118,17 @@ static void show_append(char *msg, size_t cap, size_t *o, const char *p, size_t 
     msg[*o] = '\0';
 }
 
-ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id)
+/* The error for `text` that is not one token: "' John Smith' is 2 tokens
+ * (' John' 1757, ' Smith' 4176), not one", `ctx` (may be "") after "tokens". */
+static ps_status not_one_token(const tokenizer *t, const char *text, const char *ctx, const int32_t *ids,
+                               size_t n)
 {
-    if (!t || !text || !id)
-        return err_set(PS_ERR_INVALID, "tokenizer_single_token: NULL argument");
-    int32_t *ids = NULL;
-    size_t n = 0, len = strlen(text);
-    ps_status st = tokenizer_encode(t, text, len, &ids, &n);
-    if (st != PS_OK)
-        return st;
-    if (n == 1) {
-        *id = ids[0];
-        free(ids);
-        return PS_OK;
-    }
-    /* "' John Smith' is 2 tokens (' John' 1757, ' Smith' 4176), not one" */
     enum { MSG_CAP = 900, TEXT_SHOW = 120, TOKEN_SHOW = 32, TOKENS_SHOWN = 12 };
     char msg[MSG_CAP];
     size_t o = 0;
     msg[o++] = '\'';
-    show_append(msg, MSG_CAP, &o, text, len, TEXT_SHOW);
-    o += (size_t)snprintf(msg + o, MSG_CAP - o, "' is %zu tokens", n);
+    show_append(msg, MSG_CAP, &o, text, strlen(text), TEXT_SHOW);
+    o += (size_t)snprintf(msg + o, MSG_CAP - o, "' is %zu token%s%s", n, n == 1 ? "" : "s", ctx);
     for (size_t i = 0; i < n && i < TOKENS_SHOWN && o + 64 < MSG_CAP; i++) {
         size_t tl;
         const char *tb = tokenizer_token_bytes(t, ids[i], &tl);
@@ -1149,8 +1139,67 @@ ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *
     if (n > 0)
         o += (size_t)snprintf(msg + o, MSG_CAP - o, "%s)", n > TOKENS_SHOWN ? ", ..." : "");
     snprintf(msg + o, MSG_CAP - o, ", not one");
-    free(ids);
     return err_set(PS_ERR_INVALID, "%s", msg);
+}
+
+ps_status tokenizer_next_token(const tokenizer *t, const char *prefix, const char *text, int32_t *id)
+{
+    if (!t || !prefix || !text || !id)
+        return err_set(PS_ERR_INVALID, "tokenizer_next_token: NULL argument");
+    size_t lp = strlen(prefix), lt = strlen(text);
+    if (lp > TOKENIZER_MAX_TEXT_BYTES || lt > TOKENIZER_MAX_TEXT_BYTES - lp)
+        return err_set(PS_ERR_NOMEM, "tokenizer: text of %zu + %zu bytes is over the limit of %zu bytes", lp,
+                       lt, TOKENIZER_MAX_TEXT_BYTES);
+    char *joined = malloc(lp + lt + 1);
+    if (!joined)
+        return err_set(PS_ERR_NOMEM, "tokenizer: cannot allocate %zu bytes", lp + lt + 1);
+    memcpy(joined, prefix, lp);
+    memcpy(joined + lp, text, lt + 1);
+    int32_t *a = NULL, *b = NULL;
+    size_t na = 0, nb = 0;
+    ps_status st = tokenizer_encode(t, prefix, lp, &a, &na);
+    if (st == PS_OK)
+        st = tokenizer_encode(t, joined, lp + lt, &b, &nb);
+    free(joined);
+    if (st == PS_OK) {
+        bool kept = nb >= na && (na == 0 || memcmp(a, b, na * sizeof *a) == 0);
+        if (kept && nb == na + 1) {
+            *id = b[na];
+        } else if (kept) {
+            st = not_one_token(t, text, " after the text before it", b + na, nb - na);
+        } else {
+            /* the text merged with the end of the prefix */
+            size_t k = 0;
+            while (k < na && k < nb && a[k] == b[k])
+                k++;
+            st = not_one_token(t, text, " after the text before it, and changes that text's last tokens",
+                               b + k, nb - k);
+        }
+    }
+    free(a);
+    free(b);
+    return st;
+}
+
+ps_status tokenizer_single_token(const tokenizer *t, const char *text, int32_t *id)
+{
+    if (!t || !text || !id)
+        return err_set(PS_ERR_INVALID, "tokenizer_single_token: NULL argument");
+    if (t->hf)
+        return tokenizer_next_token(t, TOKENIZER_WORD_ANCHOR, text, id);
+    int32_t *ids = NULL;
+    size_t n = 0, len = strlen(text);
+    ps_status st = tokenizer_encode(t, text, len, &ids, &n);
+    if (st != PS_OK)
+        return st;
+    if (n == 1) {
+        *id = ids[0];
+        free(ids);
+        return PS_OK;
+    }
+    st = not_one_token(t, text, "", ids, n);
+    free(ids);
+    return st;
 }
 
 int32_t tokenizer_bos_id(const tokenizer *t)

@@ -318,10 +318,21 @@ ps_status dataset_count_tokens(const tokenizer *t, const char *s, size_t *n, con
     return PS_OK;
 }
 
-/* The id of a one-token completion, or an error saying how many it has. */
-static ps_status single_token(const tokenizer *t, const char *s, const char *field,
+/* The id of a one-token completion of `prompt`, or an error saying how many
+ * it has.  GPT-2's vocab/merges: `s` encoded alone (its regex never lets a
+ * word's leading space merge with what precedes it).  A tokenizer.json: the
+ * token `s` adds after the prompt itself (tokenizer_next_token), which is
+ * the one the model predicts there; a SentencePiece-style normalizer
+ * prepends "▁" to a text encoded alone, so " Paris" alone is two tokens. */
+static ps_status single_token(const tokenizer *t, const char *prompt, const char *s, const char *field,
                               const char *where, int32_t *id)
 {
+    if (tokenizer_is_hf(t)) {
+        ps_status st = tokenizer_next_token(t, prompt, s, id);
+        if (st != PS_OK)
+            return err_wrap(st, "%s: %s after the clean prompt", where, field);
+        return PS_OK;
+    }
     int32_t *ids = NULL;
     size_t n = 0;
     ps_status st = tokenizer_encode(t, s, strlen(s), &ids, &n);
@@ -446,9 +457,9 @@ ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool 
                      where, nc, bt ? " with " : "", (int)(bl > 64 ? 64 : bl), bt ? bt : "", max_tokens);
     }
     if (st == PS_OK)
-        st = single_token(t, it->answer, "answer", where, &out->answer_id);
+        st = single_token(t, it->clean, it->answer, "answer", where, &out->answer_id);
     if (st == PS_OK)
-        st = single_token(t, it->wrong, "wrong", where, &out->wrong_id);
+        st = single_token(t, it->clean, it->wrong, "wrong", where, &out->wrong_id);
     if (st == PS_OK && out->answer_id == out->wrong_id) {
         char q[256];
         dataset_quote_text(it->answer, q, sizeof q);

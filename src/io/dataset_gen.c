@@ -169,6 +169,17 @@ static const capital_pair capital_table[] = {
     {"Yemen", "Sanaa"}, {"Kazakhstan", "Astana"}, {"Mongolia", "Ulaanbaatar"},
 };
 
+/* More pairs for a tokenizer.json only (capital_entries): Llama 2's 32k
+ * SentencePiece vocabulary keeps 16 of the capitals above as one token;
+ * these (states and regions too) are one token there as well. */
+static const capital_pair capital_table_more[] = {
+    {"Netherlands", "Amsterdam"}, {"Texas", "Austin"}, {"Colorado", "Denver"},
+    {"Arizona", "Phoenix"}, {"Massachusetts", "Boston"}, {"Virginia", "Richmond"},
+    {"Wisconsin", "Madison"}, {"Nebraska", "Lincoln"}, {"Mississippi", "Jackson"},
+    {"Catalonia", "Barcelona"}, {"Ontario", "Toronto"}, {"Tuscany", "Florence"},
+    {"Lombardy", "Milan"}, {"Victoria", "Melbourne"},
+};
+
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
 /* --------------------------------------------------------------- helpers */
@@ -252,7 +263,8 @@ static json_t *span_json(size_t start, size_t end)
 
 /* ------------------------------------------------------------ generators */
 
-/* Keep the entries of `words` that are one token after a space. */
+/* Keep the entries of `words` that are one token after a space
+ * (tokenizer_single_token: after a word, for a tokenizer.json). */
 static ps_status single_token_words(const tokenizer *t, const char *const *words, size_t n,
                                     const char ***kept, size_t *n_kept)
 {
@@ -422,23 +434,38 @@ ps_status dataset_make_ioi(dataset *d, const tokenizer *t, size_t n, uint64_t se
 
 typedef struct {
     const capital_pair *pair;
-    size_t country_tokens;   /* tokens of " Country" */
+    size_t country_tokens;   /* tokens of " Country" (a tokenizer.json: of its question) */
 } capital_entry;
 
-/* Usable pairs: capital one token after a space, country length measured. */
-static ps_status capital_entries(const tokenizer *t, capital_entry **out, size_t *n_out)
+/* Usable pairs: capital one token after a space (tokenizer_single_token),
+ * country length measured. */
+static ps_status capital_entries(const tokenizer *t, capital_entry **out, size_t *n_out,
+                                 size_t *n_tried)
 {
-    *out = malloc(COUNT(capital_table) * sizeof **out);
+    /* GPT-2's datasets draw from capital_table alone, as they always have
+     * (the golden outputs pin them); a tokenizer.json also gets the top-up
+     * table, since a 32k vocabulary keeps few of the first one's capitals. */
+    size_t n_main = COUNT(capital_table);
+    size_t n_all = n_main + (tokenizer_is_hf(t) ? COUNT(capital_table_more) : 0);
+    *n_tried = n_all;
+    *out = malloc(n_all * sizeof **out);
     *n_out = 0;
     if (!*out)
         return err_set(PS_ERR_NOMEM, "dataset: capitals: cannot allocate the table");
     char buf[128];
-    for (size_t i = 0; i < COUNT(capital_table); i++) {
+    for (size_t i = 0; i < n_all; i++) {
+        const capital_pair *p = i < n_main ? &capital_table[i] : &capital_table_more[i - n_main];
         int32_t id;
-        snprintf(buf, sizeof buf, " %s", capital_table[i].capital);
+        snprintf(buf, sizeof buf, " %s", p->capital);
         if (tokenizer_single_token(t, buf, &id) != PS_OK)
             continue;
-        snprintf(buf, sizeof buf, " %s", capital_table[i].country);
+        /* A tokenizer.json's normalizer may prepend "▁" to a text encoded
+         * alone (Llama 2, Mistral), so its countries are measured in their
+         * question, which is what the prompts compare. */
+        if (tokenizer_is_hf(t))
+            snprintf(buf, sizeof buf, "Q: What is the capital of %s?\nA:", p->country);
+        else
+            snprintf(buf, sizeof buf, " %s", p->country);
         size_t n = 0;
         ps_status st = dataset_count_tokens(t, buf, &n, "dataset: capitals");
         if (st != PS_OK) {
@@ -446,7 +473,7 @@ static ps_status capital_entries(const tokenizer *t, capital_entry **out, size_t
             *out = NULL;
             return st;
         }
-        (*out)[*n_out].pair = &capital_table[i];
+        (*out)[*n_out].pair = p;
         (*out)[*n_out].country_tokens = n;
         (*n_out)++;
     }
@@ -461,8 +488,8 @@ ps_status dataset_make_capitals(dataset *d, const tokenizer *t, size_t n, uint64
     if (st != PS_OK)
         return st;
     capital_entry *e = NULL;
-    size_t n_e = 0;
-    st = capital_entries(t, &e, &n_e);
+    size_t n_e = 0, n_tried = 0;
+    st = capital_entries(t, &e, &n_e, &n_tried);
     if (st != PS_OK)
         return st;
     /* Askable countries: those with another country of the same token length
@@ -485,7 +512,7 @@ ps_status dataset_make_capitals(dataset *d, const tokenizer *t, size_t n, uint64
         return err_set(PS_ERR_INVALID,
                        "dataset: capitals: only %zu of %zu country/capital pairs have a one-token "
                        "capital, need %d (is this the GPT-2 tokenizer?)",
-                       n_e, COUNT(capital_table), CAPITALS_MIN_PAIRS);
+                       n_e, n_tried, CAPITALS_MIN_PAIRS);
     }
     d->path = strdup(DATASET_GENERATED_PATH);
     if (!d->path) {

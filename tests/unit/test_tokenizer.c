@@ -420,6 +420,53 @@ static void test_single_token(void **state)
     assert_int_equal(tokenizer_single_token(gpt2, NULL, &id), PS_ERR_INVALID);
 }
 
+/* A SentencePiece-style tokenizer.json (tests/unit/hftok/spm.json: Prepend
+ * "▁" and Replace " " -> "▁"; "▁"=259, "▁a"=262, "▁ab"=264, "b"=261,
+ * "c"=265): " a" alone is "▁▁a", two tokens, but one after a word. */
+static void test_single_token_in_context(void **state)
+{
+    (void)state;
+    char src[512];
+    const char *file = __FILE__, *slash = strrchr(file, '/');
+    snprintf(src, sizeof src, "%.*s/hftok/spm.json", slash ? (int)(slash - file) : 1, slash ? file : ".");
+    char *data = NULL;
+    size_t len = 0;
+    assert_int_equal(fs_read_file(src, 1 << 20, &data, &len), PS_OK);
+    char *dir = tmp_path("spm");
+    mkdir(dir, 0700);
+    write_file("spm/tokenizer.json", data);
+    free(data);
+    tokenizer *t = NULL;
+    assert_int_equal(tokenizer_load_dir(&t, dir), PS_OK);
+    int32_t id = -1;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    assert_int_equal(tokenizer_encode(t, " a", 2, &ids, &n), PS_OK);
+    assert_int_equal(n, 2); /* the trap: "▁" 259, "▁a" 262 */
+    free(ids);
+    assert_int_equal(tokenizer_single_token(t, " a", &id), PS_OK);
+    assert_int_equal(id, 262);
+    assert_int_equal(tokenizer_single_token(t, " ab", &id), PS_OK);
+    assert_int_equal(id, 264);
+    assert_int_equal(tokenizer_next_token(t, "ab ab", " a", &id), PS_OK);
+    assert_int_equal(id, 262);
+    assert_int_equal(tokenizer_next_token(t, "", "a", &id), PS_OK);
+    assert_int_equal(id, 262);
+    assert_int_equal(tokenizer_single_token(t, " c", &id), PS_ERR_INVALID);
+    assert_string_equal(err_msg(), "' c' is 2 tokens after the text before it (' ' 259, 'c' 265), not one");
+    /* "b" continues the word before it: "▁a" + "b" is "▁ab" */
+    assert_int_equal(tokenizer_single_token(t, "b", &id), PS_ERR_INVALID);
+    assert_string_equal(err_msg(),
+                        "'b' is 1 token after the text before it, and changes that text's last tokens "
+                        "(' ab' 264), not one");
+    assert_int_equal(tokenizer_next_token(t, "a", "", &id), PS_ERR_INVALID);
+    assert_int_equal(tokenizer_next_token(t, NULL, " a", &id), PS_ERR_INVALID);
+    tokenizer_free(t);
+    remove_file("spm/tokenizer.json");
+    rmdir(dir);
+    free(dir);
+}
+
 static void test_token_bytes(void **state)
 {
     (void)state;
@@ -773,6 +820,7 @@ int main(void)
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_invalid_utf8),
         cmocka_unit_test(test_single_token),
+        cmocka_unit_test(test_single_token_in_context),
         cmocka_unit_test(test_token_bytes),
         cmocka_unit_test(test_decode_errors),
         cmocka_unit_test(test_encode_errors),
