@@ -273,14 +273,14 @@ $(HFTOK_DIR)/.verified: tests/hf_tokenizers.sha256
 # logit lens; with DEMO_LLAMA=1 the same two jobs on the embedded Llama-family
 # model (jobs/ioi-tiny-llama, jobs/capitals-tiny-llama); the figures, and
 # results/index.html showing them all, the two families' IOI heatmaps side
-# by side.  DEMO_LLAMA stays 0 while activation patching and the logit lens
-# refuse the llama family; once they support it, its default becomes 1.
+# by side (DEMO_LLAMA=0 leaves the Llama model out).
 MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe
 PS := build/rel/patchsweep
-DEMO_LLAMA ?= 0
+DEMO_LLAMA ?= 1
 comma := ,
-DEMO_FIGURES := ioi-tiny.svg ioi-tiny-heads.svg ioi-tiny-resid-by-length.svg capitals-tiny.svg capitals-tiny-lens.svg
-DEMO_LLAMA_FIGURES := ioi-tiny-llama.svg ioi-tiny-llama-heads.svg ioi-tiny-llama-resid-by-length.svg \
+DEMO_FIGURES := ioi-tiny.svg ioi-tiny-heads.svg ioi-tiny-by-role.svg ioi-tiny-resid-by-length.svg capitals-tiny.svg \
+                capitals-tiny-lens.svg
+DEMO_LLAMA_FIGURES := ioi-tiny-llama.svg ioi-tiny-llama-heads.svg ioi-tiny-llama-by-role.svg ioi-tiny-llama-resid-by-length.svg \
                       capitals-tiny-llama.svg capitals-tiny-llama-lens.svg
 DEMO_ALL_FIGURES := $(DEMO_FIGURES) $(if $(filter 1,$(DEMO_LLAMA)),$(DEMO_LLAMA_FIGURES))
 # Two figures side by side: $(call demo_pair,TITLE,GPT2.svg,LLAMA.svg)
@@ -295,6 +295,7 @@ demo: deps
 	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny/job.ini --overwrite
 	$(PS) plot results/ioi-tiny.nc --var all --prompt 0 -o results/ioi-tiny.svg
 	$(PS) plot results/ioi-tiny.nc --var z_all_pos_normalized --mean -o results/ioi-tiny-heads.svg
+	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized,attn_out_normalized --by-role -o results/ioi-tiny-by-role.svg
 	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized --mean --by-length -o results/ioi-tiny-resid-by-length.svg
 	$(PS) plot results/capitals-tiny.nc --var all --prompt 0 -o results/capitals-tiny.svg
 	$(PS) plot results/capitals-tiny-lens.nc --mean -o results/capitals-tiny-lens.svg
@@ -303,6 +304,8 @@ ifeq ($(DEMO_LLAMA),1)
 	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny-llama/job.ini --overwrite
 	$(PS) plot results/ioi-tiny-llama.nc --var all --prompt 0 -o results/ioi-tiny-llama.svg
 	$(PS) plot results/ioi-tiny-llama.nc --var z_all_pos_normalized --mean -o results/ioi-tiny-llama-heads.svg
+	$(PS) plot results/ioi-tiny-llama.nc --var resid_pre_normalized,attn_out_normalized --by-role \
+	    -o results/ioi-tiny-llama-by-role.svg
 	$(PS) plot results/ioi-tiny-llama.nc --var resid_pre_normalized --mean --by-length \
 	    -o results/ioi-tiny-llama-resid-by-length.svg
 	$(PS) plot results/capitals-tiny-llama.nc --var all --prompt 0 -o results/capitals-tiny-llama.svg
@@ -319,6 +322,12 @@ endif
 	   echo 'and values), its MLPs are SwiGLU, its norms RMSNorm; and its SentencePiece tokens (32k) cut the prompts'; \
 	   echo 'differently from the byte-level BPE of GPT-2 (50k), so the two sets have the same templates but other'; \
 	   echo 'names and lengths.</p>'; \
+	   echo '<p>What the patching shows (role-aligned means over the 128 pairs, from the sweeps'"'"' summaries): in GPT-2'; \
+	   echo 'the answer leaves the second subject (S2) in block 0 and builds up at the final position over the blocks'; \
+	   echo '(resid_pre at END: 0.29, 0.62, 0.86 in blocks 1-3), heads L0.H3 and L0.H2 moving it; the Llama model'; \
+	   echo 'keeps it at S2 through every block (resid_pre at S2: 1.00 in blocks 0-3) and moves it to the final'; \
+	   echo 'position only in the last block'"'"'s attention (attn_out L3 at END: 1.00; heads L3.H0, L3.H1 with L0.H1).</p>'; \
+	   $(call demo_pair,role-aligned means: resid_pre and attn_out by role (IO, S1, S1+1, S2, END),ioi-tiny-by-role.svg,ioi-tiny-llama-by-role.svg) \
 	   $(call demo_pair,mean over the prompts: the output of each head patched at every position,ioi-tiny-heads.svg,ioi-tiny-llama-heads.svg) \
 	   $(call demo_pair,prompt 0: every component by layer and position,ioi-tiny.svg,ioi-tiny-llama.svg) \
 	   fi; \

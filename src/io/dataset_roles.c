@@ -171,26 +171,35 @@ ps_status dataset_roles_resolve(const dataset *d, size_t i, const dataset_roles 
                 pos[k] = (int32_t)(n_ids - 1);
         return PS_OK;
     }
-    /* byte offset where each token starts: the tokens must spell the prompt */
-    size_t *start = malloc((n_ids - off + 1) * sizeof *start);
+    /* Byte offset where each token starts: the length of the decoded text of
+     * the tokens before it.  Decoding, not concatenating the tokens' bytes,
+     * so that SentencePiece pieces ("\xe2\x96\x81John") count as the text they
+     * stand for; for byte-level BPE the two are the same.  The decoded
+     * prefixes must grow and the whole must be the clean prompt. */
+    const size_t nt = n_ids - off;
+    size_t *start = malloc((nt + 1) * sizeof *start);
     if (!start)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    size_t at = 0;
-    for (size_t k = off; k < n_ids; k++) {
-        size_t bl = 0;
-        const char *b = tokenizer_token_bytes(t, ids[k], &bl);
-        if (!b || at + bl > len || memcmp(clean + at, b, bl) != 0) {
-            free(start);
-            return err_set(PS_ERR_INVALID,
-                           "%s: roles: the tokens do not spell the clean prompt byte for byte (token %zu), so spans "
-                           "cannot be placed; roles need a byte-level tokenizer such as GPT-2's",
-                           where, k);
-        }
-        start[k - off] = at;
-        at += bl;
-    }
-    start[n_ids - off] = at;
+    start[0] = 0;
     ps_status st = PS_OK;
+    for (size_t k = 1; k <= nt && st == PS_OK; k++) {
+        char *text = NULL;
+        size_t tl = 0;
+        if ((st = tokenizer_decode(t, ids + off, k, &text, &tl)) != PS_OK)
+            break;
+        const bool whole = k == nt;
+        if (tl < start[k - 1] || tl > len || memcmp(clean, text, tl) != 0 || (whole && tl != len))
+            st = err_set(PS_ERR_INVALID,
+                         "%s: roles: the first %zu tokens do not decode to the start of the clean prompt, so spans "
+                         "cannot be placed on them",
+                         where, k);
+        start[k] = tl;
+        free(text);
+    }
+    if (st != PS_OK) {
+        free(start);
+        return st;
+    }
     for (size_t k = 0; k < r->n && st == PS_OK; k++) {
         json_t *v = roles ? json_object_get(roles, r->names[k]) : NULL;
         if (!v) {
@@ -203,7 +212,7 @@ ps_status dataset_roles_resolve(const dataset *d, size_t i, const dataset_roles 
             break;
         /* the token whose bytes contain byte s */
         size_t tok = 0;
-        while (tok + 1 < n_ids - off && start[tok + 1] <= s)
+        while (tok + 1 < nt && start[tok + 1] <= s)
             tok++;
         pos[k] = (int32_t)(tok + off);
     }
