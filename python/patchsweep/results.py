@@ -8,6 +8,10 @@ helpers under the `ps` accessor:
     ds.ps.mean("resid_pre")          # mean normalized grid over the prompts done
     ds.ps.token_labels(0)            # ["<|endoftext|>_0", "After_1", ...] (clean tokens)
     ds.ps.done                       # indices of the prompts done
+    ds.ps.roles                      # ["IO", "S1", "S1+1", "S2", "END"] (datasets with roles)
+    ds.ps.at_roles("resid_pre")      # per-prompt grid read at each prompt's role positions
+    ds.ps.by_role("resid_pre")       # the file's role-aligned mean, std and count (layer, role)
+    ds.ps.by_role("resid_pre", per_template=True)   # the same per template
 """
 import numpy as np
 import xarray as xr
@@ -58,3 +62,39 @@ class PatchsweepAccessor:
     def mean(self, component, normalized=True):
         """Mean over the prompts done (NaN positions of shorter prompts skipped)."""
         return self.grid(component, normalized=normalized).isel(prompt=self.done).mean("prompt", skipna=True)
+
+    # ---- role-aligned views (datasets whose items name roles: README, Roles)
+
+    @property
+    def roles(self):
+        """The file's role names (END always last), or [] for a file without roles."""
+        return [str(r) for r in self._ds["role"].values] if "role" in self._ds else []
+
+    def _require_roles(self):
+        if "role_position" not in self._ds:
+            raise KeyError("the file has no roles (a dataset whose items name roles, or an older file)")
+
+    def at_roles(self, component, normalized=True):
+        """A (prompt, layer, position[, head]) grid read at each prompt's own
+        role positions: (prompt, layer, role[, head]), NaN where a prompt lacks
+        the role.  The per-prompt values behind by_role, for any grouping."""
+        self._require_roles()
+        g = self.grid(component, normalized=normalized)
+        if "position" not in g.dims:
+            raise KeyError(f"{component!r} has no position dimension: nothing to align by role")
+        pos = self._ds["role_position"]
+        valid = pos >= 0
+        out = g.isel(position=pos.where(valid, 0).astype(int))
+        return out.where(valid).assign_coords(role=self._ds["role"].values)
+
+    def by_role(self, component, normalized=True, per_template=False):
+        """The role-aligned statistics the writer stored: a Dataset of mean,
+        std and count over the done prompts, (layer, role) or per template
+        (template, layer, role)."""
+        self._require_roles()
+        base = component + ("_normalized" if normalized else "")
+        stem = base + ("_by_role_template" if per_template else "_by_role")
+        if stem not in self._ds:
+            raise KeyError(f"{stem!r}: not in the file")
+        return xr.Dataset({"mean": self._ds[stem], "std": self._ds[stem + "_std"],
+                           "count": self._ds[stem + "_count"]})

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from conftest import BIN, CLEAN, CORRUPTED, EMBEDDED, ROOT
+from conftest import BIN, CLEAN, CORRUPTED, EMBEDDED, ROOT, close
 
 
 def test_runs_from_the_install_prefix(tmp_path):
@@ -63,3 +63,29 @@ def test_worksheet_example(tmp_path):
     assert diff < 1e-5
     root = ET.parse(tmp_path / "worksheet-patching.svg").getroot()
     assert len([e for e in root if e.tag.endswith("rect")]) == 4 * 17
+
+
+def test_role_aligned_helpers(ps, tmp_path):
+    """A sweep of the embedded model on 12 IOI pairs with roles: the file's
+    role-aligned means equal the mean of the per-prompt grids read at each
+    prompt's role positions (at_roles), and so do the counts."""
+    data = tmp_path / "ioi.jsonl"
+    cli_bin = BIN
+    subprocess.run([cli_bin, "make-dataset", "ioi", "--n", "12", "--seed", "77", "-o", str(data)], check=True,
+                   capture_output=True)
+    job = tmp_path / "job.ini"
+    job.write_text(f"[model]\ndir = {EMBEDDED}\n[data]\ndataset = {data}\n[patch]\ncomponents = resid_pre,z\n"
+                   f"[run]\noutput = {tmp_path / 'r.nc'}\n")
+    subprocess.run([cli_bin, "sweep", str(job)], check=True, capture_output=True)
+    ds = ps.open(str(tmp_path / "r.nc"))
+    assert ds.ps.roles == ["IO", "S1", "S1+1", "S2", "END"]
+    at = ds.ps.at_roles("resid_pre")
+    assert at.dims == ("prompt", "layer", "role")
+    stats = ds.ps.by_role("resid_pre")
+    close(stats["mean"].values, at.isel(prompt=ds.ps.done).mean("prompt").values)
+    assert (stats["count"].values == at.isel(prompt=ds.ps.done).count("prompt").values).all()
+    z = ds.ps.at_roles("z")
+    assert z.dims[:3] == ("prompt", "layer", "role")
+    tmpl = ds.ps.by_role("resid_pre", per_template=True)
+    assert tmpl["mean"].dims == ("template", "layer", "role")
+    ds.close()
