@@ -52,6 +52,33 @@ ps_status dataset_read_jsonl(dataset *d, const char *path);
  * for the file in messages and in d->path.  The fuzz target's entry point. */
 ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *name);
 
+/* Streaming, for a dataset too large to hold (the sweep): one record at a
+ * time, each with its line's byte offset, and any record again by that
+ * offset.  The same limits and messages as dataset_read_jsonl. */
+typedef struct {
+    FILE *f;
+    char *buf;                  /* the line buffer */
+    char *path;
+    size_t line;                /* of the record read last */
+    uint64_t offset;            /* of the next line */
+    size_t n;                   /* records read by dataset_reader_next */
+    size_t total_bytes, total_values;
+    bool eof;
+} dataset_reader;
+
+ps_status dataset_reader_open(dataset_reader *r, const char *path);
+
+/* The next record into *it (it->obj is the caller's: json_decref it), its
+ * line's byte offset into *offset; it->obj NULL at the end of the file. */
+ps_status dataset_reader_next(dataset_reader *r, dataset_item *it, uint64_t *offset);
+
+/* The record on line `line` at byte offset `offset` (as dataset_reader_next
+ * gave them) again; reading in file order costs no seek.  A record no
+ * longer there (the file changed) is PS_ERR_IO. */
+ps_status dataset_reader_read_at(dataset_reader *r, uint64_t offset, size_t line, dataset_item *it);
+
+void dataset_reader_close(dataset_reader *r);
+
 /* Write one compact JSON object a line. */
 ps_status dataset_write_jsonl(const dataset *d, FILE *out, const char *name_for_errors);
 
@@ -68,6 +95,9 @@ typedef struct {
  * max_tokens) name "path:line". */
 ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
                            size_t max_tokens, dataset_tokens *out);
+/* The same for one record, named `where` in messages ("path:line"). */
+ps_status dataset_item_tokenize(const dataset_item *it, const char *where, const tokenizer *t, bool bos,
+                                size_t max_tokens, dataset_tokens *out);
 void dataset_tokens_free(dataset_tokens *tk);
 
 #endif

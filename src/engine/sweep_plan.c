@@ -34,30 +34,99 @@ size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T)
 
 void sweep_plan_free(sweep_plan *p)
 {
-    for (size_t i = 0; i < p->n; i++) {
-        if (p->tk)
-            dataset_tokens_free(&p->tk[i]);
-        if (p->invalid)
-            free(p->invalid[i]);
-    }
-    free(p->tk);
+    for (size_t k = 0; k < p->n_invalid; k++)
+        free(p->invalid[k]);
     free(p->invalid);
+    free(p->invalid_at);
+    free(p->at);
     free(p->state);
-    dataset_free(&p->d);
+    dataset_reader_close(&p->rd);
     memset(p, 0, sizeof *p);
 }
 
-/* Read and validate the dataset; invalid pairs stop the job unless skip_invalid. */
+/* An invalid pair: plan index i, why (err_msg()). */
+static ps_status plan_invalid(sweep_plan *p, size_t i, ps_status why)
+{
+    size_t k = p->n_invalid;
+    size_t *at = realloc(p->invalid_at, (k + 1) * sizeof *at);
+    if (at)
+        p->invalid_at = at;
+    char **msg = realloc(p->invalid, (k + 1) * sizeof *msg);
+    if (msg)
+        p->invalid = msg;
+    if (!at || !msg || !(msg[k] = strdup(err_msg())))
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    at[k] = i;
+    if (p->n_invalid++ == 0)
+        p->invalid_status = why;
+    return PS_OK;
+}
+
+/* Tokenize record i of the plan (it) for its length, or note it invalid. */
+static ps_status plan_check(sweep_plan *p, const job *j, const model *m, const tokenizer *tok, size_t i,
+                            const dataset_item *it)
+{
+    dataset_tokens tk;
+    char where[1200];
+    snprintf(where, sizeof where, "%s:%zu", j->dataset, it->line);
+    ps_status st = dataset_item_tokenize(it, where, tok, j->bos, m->cfg.n_positions, &tk);
+    if (st)
+        return plan_invalid(p, i, st);
+    p->at[i].n_tokens = (uint32_t)tk.n_tokens;
+    if (tk.n_tokens > p->max_T)
+        p->max_T = tk.n_tokens;
+    dataset_tokens_free(&tk);
+    return PS_OK;
+}
+
+/* Pass 1: every record of the file read and checked (JSON, the four
+ * fields), its place kept in p->at[0..*n_all), the first `tokenize` of
+ * them tokenized too (plan_check); no record is held. */
+static ps_status plan_index(sweep_plan *p, const job *j, const model *m, const tokenizer *tok, size_t tokenize,
+                            size_t *n_all)
+{
+    size_t cap = 0;
+    *n_all = 0;
+    for (;;) {
+        dataset_item it;
+        uint64_t offset;
+        ps_status st = dataset_reader_next(&p->rd, &it, &offset);
+        if (st || !it.obj)
+            return st ? st
+                   : *n_all ? PS_OK
+                            : err_set(PS_ERR_INVALID, "%s: no records (the file is empty or blank)", j->dataset);
+        if (*n_all == cap) {
+            size_t ncap = cap ? 2 * cap : 1024;
+            sweep_prompt_at *q = realloc(p->at, ncap * sizeof *q);
+            if (!q) {
+                json_decref(it.obj);
+                return err_set(PS_ERR_NOMEM, "%s: cannot allocate the index of %zu records", j->dataset, ncap);
+            }
+            p->at = q;
+            cap = ncap;
+        }
+        const size_t i = (*n_all)++;
+        p->at[i] = (sweep_prompt_at){.offset = offset, .line = (uint32_t)it.line};
+        st = i < tokenize ? plan_check(p, j, m, tok, i, &it) : PS_OK;
+        json_decref(it.obj);
+        if (st)
+            return st;
+    }
+}
+
+/* Read and validate the dataset; invalid pairs stop the job unless
+ * skip_invalid.  Streamed: only the index is kept; a slice, whose bounds
+ * need the count of records, reads its own records a second time. */
 static ps_status plan_load(sweep_plan *p, const job *j, const model *m, const tokenizer *tok, size_t slice,
                            size_t n_slices)
 {
     memset(p, 0, sizeof *p);
-    ps_status st = dataset_read_jsonl(&p->d, j->dataset);
-    if (st)
+    size_t n_all = 0;
+    const size_t tokenize = n_slices ? 0 : j->max_prompts ? j->max_prompts : SIZE_MAX;
+    ps_status st = dataset_reader_open(&p->rd, j->dataset);
+    if (st || (st = plan_index(p, j, m, tok, tokenize, &n_all)))
         return st;
-    size_t total = j->max_prompts && j->max_prompts < p->d.n ? j->max_prompts : p->d.n;
-    if (total == 0)
-        return err_set(PS_ERR_INVALID, "%s: the dataset has no prompt pairs", j->dataset);
+    size_t total = j->max_prompts && j->max_prompts < n_all ? j->max_prompts : n_all;
     p->n = total;
     if (n_slices) {
         /* slice k of n: prompts [floor((k-1) total / n), floor(k total / n)) */
@@ -67,39 +136,74 @@ static ps_status plan_load(sweep_plan *p, const job *j, const model *m, const to
         p->first = (slice - 1) * total / n_slices;
         p->n = slice * total / n_slices - p->first;
     }
-    p->tk = calloc(p->n, sizeof *p->tk);
-    p->invalid = calloc(p->n, sizeof *p->invalid);
-    p->state = calloc(p->n, 1);
-    if (!p->tk || !p->invalid || !p->state)
+    /* the plan's part of the index alone */
+    memmove(p->at, p->at + p->first, p->n * sizeof *p->at);
+    sweep_prompt_at *shrunk = realloc(p->at, p->n * sizeof *p->at);
+    if (shrunk)
+        p->at = shrunk;
+    if (!(p->state = calloc(p->n, 1)))
         return err_set(PS_ERR_NOMEM, "out of memory");
-    size_t first_bad = 0;
-    char lines[256] = "";
-    for (size_t i = 0; i < p->n; i++) {
-        if ((st = dataset_tokenize(&p->d, p->first + i, tok, j->bos, m->cfg.n_positions, &p->tk[i])) != PS_OK) {
-            p->invalid[i] = strdup(err_msg());
-            if (!p->invalid[i])
-                return err_set(PS_ERR_NOMEM, "out of memory");
-            if (p->n_invalid++ == 0) {
-                first_bad = i;
-                p->invalid_status = st;
-            }
-            size_t k = strlen(lines);
-            if (k < sizeof lines - 24)
-                snprintf(lines + k, sizeof lines - k, "%s%zu", k ? ", " : "", p->d.items[p->first + i].line);
-            else if (lines[k - 1] != '.')
-                snprintf(lines + k, sizeof lines - k, ", ...");
-            continue;
-        }
-        if (p->tk[i].n_tokens > p->max_T)
-            p->max_T = p->tk[i].n_tokens;
+    for (size_t i = 0; n_slices && i < p->n; i++) {
+        dataset_item it;
+        if ((st = dataset_reader_read_at(&p->rd, p->at[i].offset, p->at[i].line, &it)))
+            return st;
+        st = plan_check(p, j, m, tok, i, &it);
+        json_decref(it.obj);
+        if (st)
+            return st;
     }
     const size_t n_bad = p->n_invalid;
-    if (n_bad && !j->skip_invalid)
+    if (n_bad && !j->skip_invalid) {
+        char lines[256] = "";
+        for (size_t k = 0; k < n_bad; k++) {
+            size_t len = strlen(lines);
+            if (len < sizeof lines - 24) {
+                snprintf(lines + len, sizeof lines - len, "%s%u", len ? ", " : "",
+                         (unsigned)p->at[p->invalid_at[k]].line);
+            } else {
+                snprintf(lines + len, sizeof lines - len, ", ...");
+                break;
+            }
+        }
         return err_set(PS_ERR_INVALID, "%zu invalid prompt pair%s (line%s %s; skip_invalid = true skips them): %s", n_bad,
-                       n_bad > 1 ? "s" : "", n_bad > 1 ? "s" : "", lines, p->invalid[first_bad]);
+                       n_bad > 1 ? "s" : "", n_bad > 1 ? "s" : "", lines, p->invalid[0]);
+    }
     if (p->max_T == 0)
         return err_set(PS_ERR_INVALID, "%s: no valid prompt pair", j->dataset);
     return PS_OK;
+}
+
+ps_status sweep_plan_item(sweep_plan *p, size_t i, dataset_item *it)
+{
+    return dataset_reader_read_at(&p->rd, p->at[i].offset, p->at[i].line, it);
+}
+
+ps_status sweep_plan_tokens(sweep_plan *p, const job *j, const model *m, const tokenizer *tok, const size_t *index,
+                            size_t n, dataset_tokens *tk)
+{
+    ps_status st = PS_OK;
+    size_t k = 0; /* tk[0..k) are held */
+    for (; k < n; k++) {
+        const sweep_prompt_at *at = &p->at[index[k]];
+        dataset_item it;
+        char where[1200];
+        if ((st = sweep_plan_item(p, index[k], &it)))
+            break;
+        snprintf(where, sizeof where, "%s:%u", j->dataset, (unsigned)at->line);
+        st = dataset_item_tokenize(&it, where, tok, j->bos, m->cfg.n_positions, &tk[k]);
+        json_decref(it.obj);
+        if (st)
+            break;
+        if (tk[k].n_tokens != at->n_tokens) {
+            dataset_tokens_free(&tk[k]);
+            st = err_set(PS_ERR_IO, "%s: the record is not what it was (the file changed while in use)", where);
+            break;
+        }
+    }
+    if (st)
+        for (size_t q = 0; q < k; q++)
+            dataset_tokens_free(&tk[q]);
+    return st;
 }
 
 /* journal_each on open: which prompts are done already. */
@@ -165,12 +269,14 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
     for (size_t i = 0; i < p->n; i++)
         res->prompts_resumed += p->state[i] != 0;
     /* invalid pairs (skip_invalid): journaled once as skipped */
-    for (size_t i = 0; i < p->n && st == PS_OK; i++)
-        if (p->invalid[i] && !p->state[i]) {
-            journal_prompt r = {.prompt = i, .kind = JOURNAL_PROMPT_SKIPPED, .reason = p->invalid[i]};
+    for (size_t k = 0; k < p->n_invalid && st == PS_OK; k++) {
+        const size_t i = p->invalid_at[k];
+        if (!p->state[i]) {
+            journal_prompt r = {.prompt = i, .kind = JOURNAL_PROMPT_SKIPPED, .reason = p->invalid[k]};
             st = journal_append_prompt(jr, &r);
             p->state[i] = JOURNAL_PROMPT_SKIPPED;
         }
+    }
     return st ? st : journal_sync(jr);
 }
 

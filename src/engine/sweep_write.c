@@ -14,7 +14,7 @@
 #include "schema.h"
 
 typedef struct {
-    const sweep_plan *p;
+    sweep_plan *p;
     const job *j;
     const model_config *cfg;
     const tokenizer *tok;
@@ -30,7 +30,6 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     if (h->prompt >= fx->p->n)
         return err_set(PS_ERR_FORMAT, "journal record for prompt %llu is not of this dataset",
                        (unsigned long long)h->prompt);
-    const dataset_item *it = &fx->p->d.items[fx->p->first + h->prompt];
     if (h->kind == JOURNAL_PROMPT_SKIPPED) {
         st = ncout_results_put_skipped(fx->r, h->prompt, h->reason);
         fx->res->prompts_skipped++;
@@ -48,10 +47,14 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
             values[c] = (double *)h->values + off;
             off += sweep_grid_size((patch_component)c, fx->cfg, T);
         }
+    dataset_item it; /* answer and wrong as text, from the file */
+    if ((st = sweep_plan_item(fx->p, h->prompt, &it)))
+        return st;
     ncout_prompt np = {.T = T, .answer_id = h->answer_id, .wrong_id = h->wrong_id, .clean_metric = h->clean_metric,
                        .corrupted_metric = h->corrupted_metric, .clean_tokens = h->clean_ids,
-                       .corrupted_tokens = h->corrupted_ids, .answer = it->answer, .wrong = it->wrong};
+                       .corrupted_tokens = h->corrupted_ids, .answer = it.answer, .wrong = it.wrong};
     st = ncout_results_put(fx->r, h->prompt, &np, fx->tok, values);
+    json_decref(it.obj);
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;
     double denom = h->clean_metric - h->corrupted_metric;
@@ -107,7 +110,7 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
     return PS_OK;
 }
 
-ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_plan *p, journal *jr,
+ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
                       const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
                       sweep_result *res)
 {
