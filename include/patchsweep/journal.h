@@ -13,8 +13,16 @@
  * intact records follow it) is no torn tail: it is reported with its
  * number and the prompts around it and the open fails, unless asked to drop
  * everything from it on (the sweep's --resume-from-damage recomputes them).
- * Damage in the records after the last intact one cannot be told from a
- * torn write and is cut off like one (those prompts are recomputed).
+ * The rule that tells a tear from damage: a torn append only ever
+ * shortens the last record, so only a record cut short by the end of the
+ * file (its head incomplete, or the file ending before the length its head
+ * gives) is torn and cut off silently.  A full-length last record whose
+ * checksum fails, or a head there that is no record's, is damage and
+ * reported like damage in the middle (with no intact records after it).
+ * Two cases cannot be told apart: a flipped bit that lengthens the last
+ * record's length field looks torn (that prompt is recomputed), and a file
+ * system that leaves zeros after a crash in the appended bytes (the size
+ * written, not the data) looks damaged (--resume-from-damage recomputes it).
  *
  * Layout: a 512-byte header (magic "PSJRNL01", then the identity below as
  * NUL-padded text fields and a u64; its last 8 bytes the first 8 of the

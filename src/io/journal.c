@@ -183,6 +183,21 @@ static size_t intact_after(int fd, off_t bad, off_t file_end, uint64_t *first, u
     return count;
 }
 
+/* The bytes at off (to the end of the file, the first record that fails)
+ * are a write cut short by a crash: the record's head is incomplete, or it
+ * is a record's head and the file ends before the record does.  Anything
+ * else there (a full-length record whose checksum fails, a head that is no
+ * record's) is damage: a torn append only ever shortens the last record. */
+static bool tail_is_torn(int fd, off_t off, off_t file_end)
+{
+    uint32_t head[2];
+    if (off + 8 > file_end)
+        return true;
+    if (!read_at(fd, head, sizeof head, off))
+        return false;
+    return head[0] == RECORD_MAGIC && head[1] <= JOURNAL_MAX_RECORD && off + 8 + (off_t)head[1] + 8 > file_end;
+}
+
 ps_status journal_open(journal *j, const char *path, const journal_identity *id, bool overwrite, bool drop_damaged)
 {
     memset(j, 0, sizeof *j);
@@ -253,12 +268,20 @@ ps_status journal_open(journal *j, const char *path, const journal_identity *id,
     }
     uint64_t first_after = 0, last_after = 0;
     size_t after = off < size ? intact_after(fd, off, size, &first_after, &last_after) : 0;
-    if (after > 0 && !drop_damaged) {
+    const bool damaged = after > 0 || (off < size && !tail_is_torn(fd, off, size));
+    if (damaged && !drop_damaged) {
         char before[64] = "the first";
         if (any_good)
             snprintf(before, sizeof before, "prompt %llu", (unsigned long long)last_good);
         const size_t bad = j->n_records + 1;
         journal_close(j, false);
+        if (after == 0)
+            return err_set(PS_ERR_FORMAT,
+                           "%s: record %zu (byte %lld), the last, is damaged (full length and its checksum fails, or "
+                           "its head is no record's: not a write cut short by a crash); it lies after %s: rerun "
+                           "with --resume-from-damage to recompute every prompt from that record on (or "
+                           "--overwrite to start over)",
+                           path, bad, (long long)off, before);
         return err_set(PS_ERR_FORMAT,
                        "%s: record %zu (byte %lld) is damaged (its checksum fails) and %zu intact record%s follow%s "
                        "it (prompts %llu to %llu); the damaged part lies after %s: rerun with --resume-from-damage "
@@ -266,7 +289,7 @@ ps_status journal_open(journal *j, const char *path, const journal_identity *id,
                        path, bad, (long long)off, after, after > 1 ? "s" : "", after > 1 ? "" : "s",
                        (unsigned long long)first_after, (unsigned long long)last_after, before);
     }
-    if (after > 0) {
+    if (damaged) {
         j->dropped_at = j->n_records + 1;
         j->dropped_intact = after;
     }

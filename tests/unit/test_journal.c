@@ -1,4 +1,5 @@
-/* journal: records survive, a torn or corrupt tail is cut off on open
+/* journal: records survive, a torn tail is cut off on open, a damaged
+ * record (in the middle or last) is refused
  * (include/patchsweep/journal.h), and the sweep's prompt records round-trip. */
 #include <stdarg.h>
 #include <stddef.h>
@@ -144,26 +145,56 @@ static void test_torn_tail(void **state)
     free(bytes);
 }
 
-/* A bad checksum (or payload byte) in the last record: dropped. */
-static void test_bad_checksum(void **state)
+/* Damage in the last record, full length (a bad checksum byte, a payload
+ * byte, a length over the limit, a shorter length, the record zeroed): not
+ * a tear (a torn append only shortens the last record), so refused like
+ * damage in the middle, naming record 3; drop_damaged cuts it off. */
+static void test_damaged_last_record(void **state)
 {
     (void)state;
     unsigned char *bytes;
     off_t last;
     size_t n = write_journal(&bytes, &last);
-    /* the checksum's last byte, then a payload byte */
-    const size_t where[2] = {n - 1, (size_t)last + 8 + 2};
-    for (int w = 0; w < 2; w++) {
-        bytes[where[w]] ^= 0x5a;
-        put_file(bytes, n);
+    char path[PATH_MAX + 32], want[64];
+    path_of(path, sizeof path);
+    snprintf(want, sizeof want, "record 3 (byte %lld), the last, is damaged", (long long)last);
+    journal_identity id = test_id();
+    for (int how = 0; how < 5; how++) {
+        unsigned char *copy = malloc(n);
+        assert_non_null(copy);
+        memcpy(copy, bytes, n);
+        uint32_t len = how == 2 ? (uint32_t)JOURNAL_MAX_RECORD + 1 : 1;
+        if (how == 0)
+            copy[n - 1] ^= 0x5a; /* the checksum's last byte */
+        else if (how == 1)
+            copy[last + 8 + 2] ^= 0x5a; /* a payload byte */
+        else if (how < 4)
+            memcpy(copy + last + 4, &len, sizeof len); /* the head's length */
+        else
+            memset(copy + last, 0, n - (size_t)last); /* a lost page */
+        put_file(copy, n);
+        journal j;
+        ASSERT_ERROR(journal_open(&j, path, &id, false, false), PS_ERR_FORMAT, want, "--resume-from-damage");
+        assert_int_equal(journal_open(&j, path, &id, false, true), PS_OK);
+        assert_int_equal(j.n_records, N_RECORDS - 1);
+        assert_int_equal(j.dropped_at, N_RECORDS);
+        assert_int_equal(j.dropped_intact, 0);
+        assert_int_equal(j.end, last);
+        journal_close(&j, false);
+        /* cut off: the journal goes on from record 2 */
         expect_records(N_RECORDS - 1, last);
-        bytes[where[w]] ^= 0x5a;
+        free(copy);
     }
-    /* a length over the limit in the last record's head */
-    uint32_t big = (uint32_t)JOURNAL_MAX_RECORD + 1;
-    memcpy(bytes + last + 4, &big, sizeof big);
-    put_file(bytes, n);
-    expect_records(N_RECORDS - 1, last);
+    /* a full-length damaged record, then a torn one after it: still damage */
+    unsigned char *longer = malloc(n + 6);
+    assert_non_null(longer);
+    memcpy(longer, bytes, n);
+    memcpy(longer + n, bytes + last, 6); /* the head of a record, cut */
+    longer[last + 8] ^= 1;
+    put_file(longer, n + 6);
+    journal j;
+    ASSERT_ERROR(journal_open(&j, path, &id, false, false), PS_ERR_FORMAT, want);
+    free(longer);
     free(bytes);
 }
 
@@ -290,7 +321,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_intact),        cmocka_unit_test(test_torn_tail),
-        cmocka_unit_test(test_bad_checksum),  cmocka_unit_test(test_identity),
+        cmocka_unit_test(test_damaged_last_record),  cmocka_unit_test(test_identity),
         cmocka_unit_test(test_prompt_records), cmocka_unit_test(test_damage_in_the_middle),
     };
     return cmocka_run_group_tests_name("journal", tests, setup_dir, teardown_dir);
