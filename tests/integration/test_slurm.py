@@ -2,7 +2,7 @@
 (slurm/local-cluster.sh: munged, slurmctld and slurmd started here, stopped
 at the end, also on failure):
   - slurm/patchsweep.sbatch refuses to run outside Slurm (exit 2, one line);
-  - a 2-task job (srun --mpi=pmix) writes the file `mpirun -np 2` writes,
+  - a 2-task job (srun --mpi=pmix --kill-on-bad-exit=1) writes the file `mpirun -np 2` writes,
     bit for bit;
   - the warning signal path: `scancel --signal=USR1 --batch` (what
     --signal=B:USR1@120 sends before the time limit) stops the sweep after
@@ -11,6 +11,9 @@ at the end, also on failure):
   - scancel (SIGTERM to the shell and the steps): the job ends cancelled, not
     requeued, the file says complete = "false"; the same submission again
     resumes and completes to identical values;
+  - node failure: the node set down (scontrol update state=down) once a
+    chunk is journaled: Slurm kills the job and requeues it (--requeue); the
+    node resumed (state=resume), the second run resumes and ends identical;
   - slurm/patchsweep-array.sbatch with 3 array tasks (ranks started by the
     mpirun fallback) and `patchsweep merge` of the parts equal the unsliced
     run bit for bit;
@@ -234,7 +237,7 @@ try:
     log = log_of(f"patchsweep-{jid}.out")
     check("2-task job completes", recs and recs[0].get("JobState") == "COMPLETED"
           and recs[0].get("ExitCode") == "0:0", (recs, log[-1500:]))
-    check("2-task job: srun --mpi=pmix, 2 ranks, 1 BLAS thread each", "srun --mpi=pmix --ntasks=2 --cpus-per-task=1"
+    check("2-task job: srun --mpi=pmix --kill-on-bad-exit=1, 2 ranks, 1 BLAS thread each", "srun --mpi=pmix --kill-on-bad-exit=1 --ntasks=2 --cpus-per-task=1"
           in log and "2 ranks (Open MPI" in log and "1 threads per rank" in log, log[-1500:])
     ok, diff = same_values(os.path.join(TMP, "ref.nc"), os.path.join(TMP, "sb.nc")) \
         if os.path.exists(os.path.join(TMP, "sb.nc")) else (False, "no sb.nc")
@@ -284,6 +287,38 @@ try:
               and "from an earlier run" in log, (recs, log[-1500:]))
         ok, diff = same_values(os.path.join(TMP, "slow-ref.nc"), cx) if os.path.exists(cx) else (False, "no cx.nc")
         check("resumed job's file equals the uninterrupted run's bit for bit", ok, diff)
+
+        # --- node failure: the node set down mid-job, the job requeued -----------
+        # The one node goes down (scontrol, as slurmctld does when slurmd
+        # stops answering) once a chunk is journaled: Slurm kills the job
+        # and, as it may be requeued (--requeue), puts it back in the queue.
+        # With its only node down it waits; the node comes back (state=resume)
+        # and the second run resumes from the journal.
+        args = ["--ntasks=2", "--cpus-per-task=1", "--time=5", SBATCH, slow, "--output", "nf.nc"]
+        jid = submit(args)
+        logname = os.path.join(TMP, f"patchsweep-{jid}.out")
+        started = wait_journal("nf.nc", 120)
+        node = sh(["sinfo", "-h", "-o", "%N"]).stdout.strip()
+        r = sh(["scontrol", "update", f"nodename={node}", "state=down", "reason=patchsweep test: node failure"])
+        check("node set down mid-job", started and r.returncode == 0 and node, r.stdout + r.stderr)
+        requeued, rec = False, {}
+        end = time.time() + 120
+        while time.time() < end and not requeued:
+            rec = (job_records(jid) or [{}])[0]
+            requeued = rec.get("Restarts") == "1" and rec.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_HOLD")
+            time.sleep(0.2)
+        check("job requeued after the node failure (pending, 1 restart)", requeued, (rec, log_of(logname)[-1500:]))
+        r = sh(["scontrol", "update", f"nodename={node}", "state=resume"])
+        check("node back up (state=resume)", r.returncode == 0, r.stdout + r.stderr)
+        recs = wait_job(jid, 240)
+        log = log_of(logname)
+        check("requeued job completes after the node failure", recs and recs[0].get("JobState") == "COMPLETED"
+              and recs[0].get("ExitCode") == "0:0" and recs[0].get("Restarts") == "1", (recs, log[-2000:]))
+        check("second run resumed from the journal", "run 2 on" in log
+              and re.search(r"48 of 48 prompts done \(\d+ from an earlier run\)", log) is not None, log[-2000:])
+        nf = os.path.join(TMP, "nf.nc")
+        ok, diff = same_values(os.path.join(TMP, "slow-ref.nc"), nf) if os.path.exists(nf) else (False, "no nf.nc")
+        check("after the node failure: the file equals the uninterrupted run's bit for bit", ok, diff)
 
     # --- array job and merge ---------------------------------------------------
     # 3 tasks of 2 ranks on 1 CPU each (--overcommit), ranks started by the
