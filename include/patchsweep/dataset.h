@@ -76,6 +76,33 @@ ps_status dataset_read_jsonl(dataset *d, const char *path);
  * for the file in messages and in d->path.  The fuzz target's entry point. */
 ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *name);
 
+/* Streaming, for a dataset too large to hold (the sweep): one record at a
+ * time, each with its line's byte offset, and any record again by that
+ * offset.  The same limits and messages as dataset_read_jsonl. */
+typedef struct {
+    FILE *f;
+    char *buf;                  /* the line buffer */
+    char *path;
+    size_t line;                /* of the record read last */
+    uint64_t offset;            /* of the next line */
+    size_t n;                   /* records read by dataset_reader_next */
+    size_t total_bytes, total_values;
+    bool eof;
+} dataset_reader;
+
+ps_status dataset_reader_open(dataset_reader *r, const char *path);
+
+/* The next record into *it (it->obj is the caller's: json_decref it), its
+ * line's byte offset into *offset; it->obj NULL at the end of the file. */
+ps_status dataset_reader_next(dataset_reader *r, dataset_item *it, uint64_t *offset);
+
+/* The record on line `line` at byte offset `offset` (as dataset_reader_next
+ * gave them) again; reading in file order costs no seek.  A record no
+ * longer there (the file changed) is PS_ERR_IO. */
+ps_status dataset_reader_read_at(dataset_reader *r, uint64_t offset, size_t line, dataset_item *it);
+
+void dataset_reader_close(dataset_reader *r);
+
 /* Write one compact JSON object a line. */
 ps_status dataset_write_jsonl(const dataset *d, FILE *out, const char *name_for_errors);
 
@@ -93,6 +120,9 @@ typedef struct {
  * "path:line". */
 ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool bos,
                            size_t max_tokens, dataset_tokens *out);
+/* The same for one record, named `where` in messages ("path:line"). */
+ps_status dataset_item_tokenize(const dataset_item *it, const char *where, const tokenizer *t, bool bos,
+                                size_t max_tokens, dataset_tokens *out);
 void dataset_tokens_free(dataset_tokens *tk);
 
 /* ---- roles ---- */
@@ -114,6 +144,12 @@ typedef struct {
 ps_status dataset_roles_collect(const dataset *d, dataset_roles *r);
 void dataset_roles_free(dataset_roles *r);
 
+/* The same one record at a time (a streamed dataset): the role names of
+ * `it` (named `where` in messages) added to *r (start from {0}), then
+ * dataset_roles_finish adds END when no record named it. */
+ps_status dataset_roles_add_item(dataset_roles *r, const dataset_item *it, const char *where);
+ps_status dataset_roles_finish(dataset_roles *r, const char *where);
+
 /* pos[r->n]: the token position of each role of item i in its clean prompt
  * (tokenized as dataset_tokenize did: ids[n_ids], BOS first when bos), -1
  * when the item does not name it; END is the last token unless named.  The
@@ -121,6 +157,10 @@ void dataset_roles_free(dataset_roles *r);
  * does), else an error naming the item. */
 ps_status dataset_roles_resolve(const dataset *d, size_t i, const dataset_roles *r, const tokenizer *t,
                                 const int32_t *ids, size_t n_ids, bool bos, int32_t *pos);
+/* The same for one record, named `where` in messages.  Roles of r that the
+ * record does not name are -1 (END the last token). */
+ps_status dataset_roles_resolve_item(const dataset_item *it, const char *where, const dataset_roles *r,
+                                     const tokenizer *t, const int32_t *ids, size_t n_ids, bool bos, int32_t *pos);
 
 /* ---- metadata ---- */
 #define DATASET_MAX_META ((size_t)64)
@@ -141,5 +181,16 @@ typedef struct {
 } dataset_meta;
 
 void dataset_meta_collect(const dataset *d, dataset_meta *m);
+
+/* The same one record at a time (a streamed dataset): begin, add every
+ * record in file order, end. */
+typedef struct {
+    dataset_meta m;
+    bool bad[DATASET_MAX_META]; /* seen with another type */
+} dataset_meta_builder;
+
+void dataset_meta_begin(dataset_meta_builder *b);
+void dataset_meta_add_item(dataset_meta_builder *b, const dataset_item *it);
+void dataset_meta_end(const dataset_meta_builder *b, dataset_meta *m);
 
 #endif

@@ -19,12 +19,28 @@
 #include "dataset.h"
 #include "err.h"
 
+/* The distinct values of the dataset's template field (SCHEMA_META_TEMPLATE)
+ * over every record (so that slices agree), gathered one record at a time
+ * as the dataset is streamed; start from {0}. */
 typedef struct {
-    const dataset *d;           /* the whole dataset (its metadata values, templates) */
+    long long *ints;
+    char **strs; /* owned */
+    size_t n_ints, n_strs, cap_ints, cap_strs, n_distinct;
+} results_roles_templates;
+
+ps_status results_roles_templates_add(results_roles_templates *t, const dataset_item *it);
+void results_roles_templates_free(results_roles_templates *t);
+
+typedef struct {
     size_t first, n;            /* prompt p of the file is item first + p */
     const dataset_roles *roles;
     const int32_t *role_pos;    /* [n * roles->n]: -1 absent */
     const dataset_meta *meta;
+    results_roles_templates *templates; /* the template coordinate (sorted in place) */
+    /* prompt p's record into *obj (json_decref it), in prompt order: the
+     * metadata values are read again, not held */
+    ps_status (*item)(void *user, size_t p, json_t **obj);
+    void *user;
 } results_roles_in;
 
 /* Define and write role, role_position, item_NAME and the template

@@ -16,11 +16,11 @@
 
 /* Rank 0: the chunk's records (one per prompt, journal.h), durable. */
 static ps_status journal_chunk(journal *jr, const job *j, const model_config *cfg, sweep_plan *p,
-                               const size_t *index, const sweep_chunk *ch)
+                               const size_t *index, const dataset_tokens *tks, const sweep_chunk *ch)
 {
     ps_status st = PS_OK;
     for (size_t k = 0, off = 0; k < ch->n_pairs && st == PS_OK; k++) {
-        const dataset_tokens *tk = &p->tk[index[k]];
+        const dataset_tokens *tk = &tks[k];
         const size_t nv = sweep_prompt_cells(j->components, cfg, tk->n_tokens);
         journal_prompt r = {.prompt = index[k], .kind = JOURNAL_PROMPT_DONE, .T = tk->n_tokens,
                             .answer_id = tk->answer_id, .wrong_id = tk->wrong_id,
@@ -29,7 +29,7 @@ static ps_status journal_chunk(journal *jr, const job *j, const model_config *cf
                             .values = ch->values + off + 2, .n_values = nv};
         st = journal_append_prompt(jr, &r);
         off += 2 + nv;
-        p->state[index[k]] = JOURNAL_PROMPT_DONE;
+        sweep_plan_set_kind(p, index[k], JOURNAL_PROMPT_DONE);
     }
     return st ? st : journal_sync(jr);
 }
@@ -45,28 +45,30 @@ static size_t chunk_plan(const job *j, const model *m, comm *c, const sweep_plan
         chunk *= comm_size(c);
     pr->prompts_total = p->n;
     for (size_t i = 0; i < p->n; i++) {
-        if (p->state[i]) {
+        if (sweep_plan_kind(p, i)) {
             pr->prompts_done++;
             continue;
         }
         todo++;
-        pr->cells_total += sweep_prompt_cells(j->components, &m->cfg, p->tk[i].n_tokens);
+        pr->cells_total += sweep_prompt_cells(j->components, &m->cfg, p->at[i].n_tokens);
     }
     pr->n_chunks = (todo + chunk - 1) / chunk;
     return chunk;
 }
 
 /* Collective: every chunk not done yet, until the end or *stop. */
-static ps_status run_chunks(const job *j, model *m, comm *c, const sweep_opts *o, sweep_plan *p, journal *jr,
-                            sweep_result *res, sweep_progress *pr)
+static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o,
+                            sweep_plan *p, journal *jr, sweep_result *res, sweep_progress *pr)
 {
     const bool root = comm_rank(c) == 0;
     size_t chunk = root ? chunk_plan(j, m, c, p, &res->work, pr) : 1;
     res->prompts_total = pr->prompts_total;
     size_t *index = root ? malloc(chunk * sizeof *index) : NULL;
-    ps_status st = root && !index ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
+    dataset_tokens *tk = root ? calloc(chunk, sizeof *tk) : NULL; /* the chunk's, read again from the file */
+    ps_status st = root && (!index || !tk) ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
     if ((st = comm_agree(c, st))) {
         free(index);
+        free(tk);
         return st;
     }
     const double t0 = clock_now();
@@ -75,12 +77,21 @@ static ps_status run_chunks(const job *j, model *m, comm *c, const sweep_opts *o
         size_t n = 0;
         if (root && !(o->stop && *o->stop))
             n = sweep_plan_next(p, &next, chunk, index);
-        sweep_chunk ch;
-        if ((st = sweep_dist_chunk(j, m, c, p->tk, index, n, res->work.chunk, res->work.fast_rows, &ch)) ||
-            ch.n_pairs == 0)
+        if (root && (st = sweep_plan_tokens(p, j, m, tok, index, n, tk)))
+            n = 0;
+        if ((st = comm_agree(c, st)))
             break;
+        sweep_chunk ch;
+        st = sweep_dist_chunk(j, m, c, tk, n, res->work.chunk, res->work.fast_rows, &ch);
+        if (st || ch.n_pairs == 0) {
+            for (size_t k = 0; k < n; k++)
+                dataset_tokens_free(&tk[k]);
+            break;
+        }
         if (root) {
-            st = journal_chunk(jr, j, &m->cfg, p, index, &ch);
+            st = journal_chunk(jr, j, &m->cfg, p, index, tk, &ch);
+            for (size_t k = 0; k < n; k++)
+                dataset_tokens_free(&tk[k]);
             pr->prompts_done += ch.n_pairs;
             pr->cells_done += ch.n_cells;
             pr->chunk++;
@@ -95,6 +106,7 @@ static ps_status run_chunks(const job *j, model *m, comm *c, const sweep_opts *o
     }
     res->seconds = clock_now() - t0;
     free(index);
+    free(tk);
     return st;
 }
 
@@ -107,11 +119,12 @@ static ps_status write_lens(const job *j, model *m, const tokenizer *tok, const 
         return PS_OK;
     }
     /* the lens needs every prompt: the first invalid one fails it */
-    for (size_t i = 0; i < p->n; i++)
-        if (p->invalid[i])
-            return err_set(p->invalid_status, "%s", p->invalid[i]);
-    ps_status st = lens_dataset_write_tokens(j->lens_output, m, tok, &p->d, p->first, p->tk, p->n, j->bos,
-                                             j->lens_top_k);
+    if (p->n_invalid)
+        return err_set(p->invalid_status, "%s", p->invalid[0]);
+    /* from the file: the plan holds no records (lens_dataset reads them) */
+    size_t n_written = 0;
+    ps_status st = lens_dataset_write(j->lens_output, m, tok, j->dataset, p->first, p->n, j->bos, j->lens_top_k,
+                                      &n_written);
     res->lens_written = st == PS_OK;
     return st;
 }
@@ -169,7 +182,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     }
     res->work.fast_rows = start[1];
     /* 3. every chunk not done yet, journaled */
-    if ((st = run_chunks(j, m, c, o, &p, &jr, res, &pr)))
+    if ((st = run_chunks(j, m, tok, c, o, &p, &jr, res, &pr)))
         goto out;
     /* 4. provenance: what each rank needed for the patching (before rank 0
      *    builds the file) */

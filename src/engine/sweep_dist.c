@@ -349,8 +349,8 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
     return PS_OK;
 }
 
-ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, const size_t *index,
-                           size_t n_pairs, size_t work_chunk, size_t fast_rows, sweep_chunk *out)
+ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
+                           size_t work_chunk, size_t fast_rows, sweep_chunk *out)
 {
     memset(out, 0, sizeof *out);
     const bool root = comm_rank(c) == 0;
@@ -367,12 +367,12 @@ ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_
         if (hdr.by_prompt) {
             /* their token ids */
             for (size_t k = 0; k < n_pairs; k++)
-                hdr.bytes += tok_bytes(tk[index[k]].n_tokens);
+                hdr.bytes += tok_bytes(tk[k].n_tokens);
             if (n_pairs && !(buf = malloc(hdr.bytes)))
                 st = err_set(PS_ERR_NOMEM, "cannot allocate %zu bytes for the chunk's tokens", (size_t)hdr.bytes);
             for (size_t k = 0, off = 0; st == PS_OK && k < n_pairs; k++) {
-                tok_pack(&tk[index[k]], buf + off);
-                off += tok_bytes(tk[index[k]].n_tokens);
+                tok_pack(&tk[k], buf + off);
+                off += tok_bytes(tk[k].n_tokens);
             }
         } else {
             /* run them here */
@@ -382,7 +382,7 @@ ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_
                 st = err_set(PS_ERR_NOMEM, "out of memory");
             n_alloc = pairs ? n_pairs : 0;
             for (size_t k = 0; st == PS_OK && k < n_pairs; k++) {
-                const dataset_tokens *t = &tk[index[k]];
+                const dataset_tokens *t = &tk[k];
                 st = patch_pair_init(&pairs[k], m, t->clean_ids, t->corrupted_ids, t->n_tokens, t->answer_id,
                                      t->wrong_id);
                 sizes[k] = patch_pair_packed_bytes(&m->cfg, t->n_tokens);

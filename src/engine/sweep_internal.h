@@ -23,6 +23,7 @@
 #include "job.h"
 #include "model.h"
 #include "patch.h"
+#include "results_roles.h"
 #include "sweep.h"
 #include "tokenizer.h"
 
@@ -34,21 +35,49 @@ size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T);
 /* Cells of one prompt over the selected components (on[PATCH_COMPONENT_COUNT]). */
 size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T);
 
-/* What rank 0 knows about the dataset. */
+/* Where one prompt pair is in the dataset file: the plan's per-prompt index
+ * (16 bytes a pair), from which a chunk's records are read again. */
 typedef struct {
-    dataset d;
+    uint64_t offset;   /* its line's byte offset */
+    uint32_t line;     /* 1-based line (the file is at most 256 MiB) */
+    uint32_t n_tokens; /* 0: an invalid pair */
+} sweep_prompt_at;
+
+/* What rank 0 knows about the dataset: an index, not the records.  The
+ * records are read (and tokenized) again chunk by chunk from the file, so
+ * memory grows by the index alone with the dataset's size. */
+typedef struct {
+    dataset_reader rd;        /* open on the dataset */
     size_t first;             /* dataset index of the plan's prompt 0 (slices) */
     size_t n;                 /* prompts used (max_prompts and the slice applied) */
-    dataset_tokens *tk;       /* [n]; n_tokens == 0 for an invalid item */
-    char **invalid;           /* [n]: reason, or NULL when valid */
+    sweep_prompt_at *at;      /* [n] */
     size_t n_invalid;
+    size_t *invalid_at;       /* [n_invalid]: plan index of each invalid pair, in order */
+    char **invalid;           /* [n_invalid]: why */
     ps_status invalid_status; /* of the first invalid item */
-    unsigned char *state;     /* [n]: 0 to do, JOURNAL_PROMPT_DONE, JOURNAL_PROMPT_SKIPPED */
+    unsigned char *state;     /* [n]: SWEEP_STATE_KIND and the guard bits below */
     size_t max_T;
-    dataset_roles roles;      /* of the whole dataset */
-    dataset_meta meta;        /* its metadata fields */
+    dataset_roles roles;      /* of the whole dataset (names only) */
+    dataset_meta meta;        /* its metadata fields (names; the values are read again) */
+    results_roles_templates templates; /* its template values (distinct) */
     int32_t *role_pos;        /* [n * roles.n]: token position of each role, -1 absent */
 } sweep_plan;
+
+/* The state byte of a prompt: what the journal says of it (0 to do,
+ * JOURNAL_PROMPT_DONE, JOURNAL_PROMPT_SKIPPED) in the low bits, and the
+ * guards found when the plan tokenized it. */
+#define SWEEP_STATE_KIND 0x0fu
+#define SWEEP_STATE_IDENTICAL 0x10u /* clean and corrupted are the same tokens */
+#define SWEEP_STATE_UNSPACED 0x20u  /* the answer has no leading space after an unspaced prompt */
+
+/* Prompt i's journal state: 0, JOURNAL_PROMPT_DONE or JOURNAL_PROMPT_SKIPPED. */
+static inline unsigned sweep_plan_kind(const sweep_plan *p, size_t i) { return p->state[i] & SWEEP_STATE_KIND; }
+
+/* Set prompt i's journal state, keeping its guard bits. */
+static inline void sweep_plan_set_kind(sweep_plan *p, size_t i, unsigned kind)
+{
+    p->state[i] = (unsigned char)((p->state[i] & ~SWEEP_STATE_KIND) | kind);
+}
 
 /* Rank 0's set-up: lock the output (OUTPUT.lock, fsutil.h: a second sweep
  * on it is refused at once, naming the owner), read, tokenize and validate the dataset (invalid pairs
@@ -62,6 +91,14 @@ void sweep_plan_free(sweep_plan *p);
 
 /* The next prompts not done yet, from *next on: index[0..return) (at most max). */
 size_t sweep_plan_next(const sweep_plan *p, size_t *next, size_t max, size_t *index);
+
+/* The tokens of prompts index[0..n) into tk[0..n) (read again from the
+ * dataset file; dataset_tokens_free each). */
+ps_status sweep_plan_tokens(sweep_plan *p, const job *j, const model *m, const tokenizer *tok, const size_t *index,
+                            size_t n, dataset_tokens *tk);
+
+/* Prompt i's record into *it (json_decref it->obj). */
+ps_status sweep_plan_item(sweep_plan *p, size_t i, dataset_item *it);
 
 /* ---- sweep_dist.c ---------------------------------------------------------- */
 
@@ -91,10 +128,10 @@ typedef struct {
 } sweep_chunk;
 
 /* Collective: run one chunk on every rank.  Rank 0 passes the chunk's
- * prompts, tk[index[k]] for k < n_pairs (n_pairs 0 ends the loop on every
- * rank); the other ranks' tk, index and n_pairs are not used. */
-ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, const size_t *index,
-                           size_t n_pairs, size_t work_chunk, size_t fast_rows, sweep_chunk *out);
+ * prompts' tokens, tk[0..n_pairs) (n_pairs 0 ends the loop on every rank);
+ * the other ranks' tk and n_pairs are not used. */
+ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
+                           size_t work_chunk, size_t fast_rows, sweep_chunk *out);
 void sweep_chunk_free(sweep_chunk *ch);
 
 /* ---- sweep_memory.c -------------------------------------------------------- */
@@ -111,7 +148,7 @@ ps_status sweep_memory_text(comm *c, char **text);
 /* Rank 0: the NetCDF file `output` from the journal (prompts not done are
  * written as pending), with the provenance; fills res's counts, means and
  * summary. */
-ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_plan *p, journal *jr,
+ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
                       const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
                       sweep_result *res);
 

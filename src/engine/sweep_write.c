@@ -16,7 +16,7 @@
 #include "schema.h"
 
 typedef struct {
-    const sweep_plan *p;
+    sweep_plan *p;
     const job *j;
     const model_config *cfg;
     const tokenizer *tok;
@@ -50,19 +50,16 @@ static ps_status text_add(char **text, const char *fmt, ...)
  * guard that fired into res->guards, both into the file. */
 static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
 {
-    const sweep_plan *p = fx->p;
+    sweep_plan *p = fx->p;
     int *flags = calloc(p->n ? p->n : 1, sizeof *flags);
     if (!flags)
         return err_set(PS_ERR_NOMEM, "out of memory");
     size_t n_flag[3] = {0}, first[3][4];
+    /* found when the plan tokenized the prompts (sweep_plan.c) */
     for (size_t i = 0; i < p->n; i++) {
-        const dataset_tokens *tk = &p->tk[i];
-        const dataset_item *it = &p->d.items[p->first + i];
-        if (tk->n_tokens && !memcmp(tk->clean_ids, tk->corrupted_ids, tk->n_tokens * sizeof *tk->clean_ids))
+        if (p->state[i] & SWEEP_STATE_IDENTICAL)
             flags[i] |= SCHEMA_GUARD_IDENTICAL;
-        size_t cl = strlen(it->clean);
-        bool prompt_spaced = cl && (it->clean[cl - 1] == ' ' || it->clean[cl - 1] == '\n');
-        if (!prompt_spaced && it->answer[0] && it->answer[0] != ' ' && it->answer[0] != '\n')
+        if (p->state[i] & SWEEP_STATE_UNSPACED)
             flags[i] |= SCHEMA_GUARD_UNSPACED_ANSWER;
     }
     /* the small gap against the spread pooled over done prompts (as merge
@@ -90,7 +87,10 @@ static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
             snprintf(ids + strlen(ids), sizeof ids - strlen(ids), "%s%zu", q ? ", " : "", first[b][q]);
         char hint[200] = "";
         if (b == 2) {
-            const char *a = p->d.items[first[b][0]].answer;
+            dataset_item it; /* the first one's answer, from the file */
+            if ((st = sweep_plan_item(fx->p, first[b][0] - p->first, &it)))
+                break;
+            const char *a = it.answer;
             char spaced[160];
             int32_t id;
             snprintf(spaced, sizeof spaced, " %s", a);
@@ -98,6 +98,7 @@ static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
                 snprintf(hint, sizeof hint, " (did you mean \"%.60s\", token %d, instead of \"%.60s\"?)", spaced, (int)id,
                          a);
             err_clear();
+            json_decref(it.obj);
         }
         st = text_add(&text, "guard: %zu of %zu prompts (dataset index %s%s): %s%s", n_flag[b], p->n, ids,
                       n_flag[b] > 4 ? ", ..." : "", what[b], hint);
@@ -114,6 +115,15 @@ static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
     return st;
 }
 
+/* results_roles_in.item: prompt i's record, read again from the file. */
+static ps_status plan_item_obj(void *user, size_t i, json_t **obj)
+{
+    dataset_item it;
+    ps_status st = sweep_plan_item(user, i, &it);
+    *obj = st ? NULL : it.obj;
+    return st;
+}
+
 /* One record into the file and the summary. */
 static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
 {
@@ -121,7 +131,6 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     if (h->prompt >= fx->p->n)
         return err_set(PS_ERR_FORMAT, "journal record for prompt %llu is not of this dataset",
                        (unsigned long long)h->prompt);
-    const dataset_item *it = &fx->p->d.items[fx->p->first + h->prompt];
     if (h->kind == JOURNAL_PROMPT_SKIPPED) {
         st = ncout_results_put_skipped(fx->r, h->prompt, h->reason);
         fx->res->prompts_skipped++;
@@ -139,10 +148,14 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
             values[c] = (double *)h->values + off;
             off += sweep_grid_size((patch_component)c, fx->cfg, T);
         }
+    dataset_item it; /* answer and wrong as text, from the file */
+    if ((st = sweep_plan_item(fx->p, h->prompt, &it)))
+        return st;
     ncout_prompt np = {.T = T, .answer_id = h->answer_id, .wrong_id = h->wrong_id, .clean_metric = h->clean_metric,
                        .corrupted_metric = h->corrupted_metric, .clean_tokens = h->clean_ids,
-                       .corrupted_tokens = h->corrupted_ids, .answer = it->answer, .wrong = it->wrong};
+                       .corrupted_tokens = h->corrupted_ids, .answer = it.answer, .wrong = it.wrong};
     st = ncout_results_put(fx->r, h->prompt, &np, fx->tok, values);
+    json_decref(it.obj);
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;
     double denom = h->clean_metric - h->corrupted_metric;
@@ -222,7 +235,7 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
     return PS_OK;
 }
 
-ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_plan *p, journal *jr,
+ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
                       const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
                       sweep_result *res)
 {
@@ -266,7 +279,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_
     /* Prompts not done yet: explicit done = 0, so the prompt dimension
      * always has every prompt of the dataset. */
     for (size_t i = 0; i < p->n && st == PS_OK; i++)
-        if (!p->state[i]) {
+        if (!sweep_plan_kind(p, i)) {
             st = ncout_results_put_pending(&r, i);
         }
     if (st)
@@ -274,8 +287,8 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, const sweep_
     res->complete = res->prompts_done + res->prompts_skipped == p->n;
     char num[32];
     snprintf(num, sizeof num, "%zu", res->prompts_done);
-    results_roles_in rin = {.d = &p->d, .first = p->first, .n = p->n, .roles = &p->roles,
-                            .role_pos = p->role_pos, .meta = &p->meta};
+    results_roles_in rin = {.first = p->first, .n = p->n, .roles = &p->roles, .role_pos = p->role_pos,
+                            .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
     if ((st = ncout_results_flush(&r)) || (st = results_roles_put(f.ncid, f.tmp_path, &rin)) ||
         (st = results_roles_aggregate(f.ncid, f.tmp_path)) || (st = write_guards(&fx, &f)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, res->complete ? SCHEMA_TRUE : SCHEMA_FALSE)) ||

@@ -209,83 +209,183 @@ static const char *where_at(char *buf, size_t cap, const char *path, size_t line
     return buf;
 }
 
-ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *path)
+/* The next record of r: *obj (NULL at the end), its line in r->line and
+ * the line's byte offset in *offset.  The file-wide limits count as in
+ * dataset_read_jsonl, so both readers take and refuse the same files. */
+static ps_status reader_next(dataset_reader *r, json_t **obj, uint64_t *offset)
 {
-    dataset_init(d);
-    /* One fixed buffer of the line cap (+1 to detect overflow): a file
-     * without newlines cannot make us allocate more than that. */
-    char *buf = malloc(DATASET_MAX_LINE_BYTES + 1);
-    d->path = strdup(path);
-    if (!buf || !d->path) {
-        free(buf);
-        dataset_free(d);
-        return err_set(PS_ERR_NOMEM, "%s: cannot allocate the line buffer", path);
-    }
-    ps_status st = PS_OK;
-    size_t cap = 0, line = 0, total_bytes = 0, total_values = 0;
-    bool eof = false;
+    *obj = NULL;
     char where[1200];
-    while (!eof && st == PS_OK) {
+    const char *path = r->path;
+    while (!r->eof) {
         size_t len = 0;
         int c;
-        line++;
-        while ((c = getc_unlocked(f)) != EOF && c != '\n') {
-            if (len == DATASET_MAX_LINE_BYTES) {
-                st = err_set(PS_ERR_NOMEM, "%s: line is longer than the limit of %zu bytes",
-                             where_at(where, sizeof where, path, line), DATASET_MAX_LINE_BYTES);
-                break;
-            }
-            buf[len++] = (char)c;
+        r->line++;
+        *offset = r->offset;
+        while ((c = getc_unlocked(r->f)) != EOF && c != '\n') {
+            if (len == DATASET_MAX_LINE_BYTES)
+                return err_set(PS_ERR_NOMEM, "%s: line is longer than the limit of %zu bytes",
+                               where_at(where, sizeof where, path, r->line), DATASET_MAX_LINE_BYTES);
+            r->buf[len++] = (char)c;
         }
-        if (st != PS_OK)
-            break;
         if (c == EOF) {
-            if (ferror(f)) {
-                st = err_set(PS_ERR_IO, "%s: read failed: %s", where_at(where, sizeof where, path, line),
-                             strerror(errno));
-                break;
-            }
-            eof = true;
+            if (ferror(r->f))
+                return err_set(PS_ERR_IO, "%s: read failed: %s", where_at(where, sizeof where, path, r->line),
+                               strerror(errno));
+            r->eof = true;
         }
+        r->offset += len + !r->eof;
         /* Both totals bound the memory the records take: jansson spends
          * 30-110 bytes per value, so a file of tiny values would cost up
          * to 16 times its size. */
-        total_bytes += len + !eof;
-        if (total_bytes > DATASET_MAX_BYTES) {
-            st = err_set(PS_ERR_NOMEM, "%s: the file is larger than the limit of %zu bytes",
-                         where_at(where, sizeof where, path, line), DATASET_MAX_BYTES);
-            break;
-        }
-        if (is_blank(buf, len))
+        r->total_bytes += len + !r->eof;
+        if (r->total_bytes > DATASET_MAX_BYTES)
+            return err_set(PS_ERR_NOMEM, "%s: the file is larger than the limit of %zu bytes",
+                           where_at(where, sizeof where, path, r->line), DATASET_MAX_BYTES);
+        if (is_blank(r->buf, len))
             continue;
-        where_at(where, sizeof where, path, line);
-        total_values += count_json_values(buf, len);
-        if (total_values > DATASET_MAX_VALUES) {
-            st = err_set(PS_ERR_NOMEM, "%s: more than %zu JSON values and keys in the file, the limit of a dataset",
-                         where, DATASET_MAX_VALUES);
-            break;
-        }
+        where_at(where, sizeof where, path, r->line);
+        r->total_values += count_json_values(r->buf, len);
+        if (r->total_values > DATASET_MAX_VALUES)
+            return err_set(PS_ERR_NOMEM,
+                           "%s: more than %zu JSON values and keys in the file, the limit of a dataset", where,
+                           DATASET_MAX_VALUES);
         json_error_t jerr;
-        json_t *obj = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &jerr);
-        if (!obj) {
-            st = err_set(PS_ERR_FORMAT, "%s: invalid JSON at column %d: %s", where, jerr.column,
-                         jerr.text);
-            break;
+        json_t *o = json_loadb(r->buf, len, JSON_REJECT_DUPLICATES, &jerr);
+        if (!o)
+            return err_set(PS_ERR_FORMAT, "%s: invalid JSON at column %d: %s", where, jerr.column, jerr.text);
+        if (!json_is_object(o)) {
+            ps_status st = err_set(PS_ERR_FORMAT, "%s: expected a JSON object, got %s", where, jsonutil_kind(o));
+            json_decref(o);
+            return st;
         }
-        if (!json_is_object(obj)) {
-            st = err_set(PS_ERR_FORMAT, "%s: expected a JSON object, got %s", where,
-                         jsonutil_kind(obj));
-            json_decref(obj);
-            break;
-        }
-        st = dataset_push(d, &cap, obj, line, where);
+        *obj = o;
+        return PS_OK;
     }
-    free(buf);
+    return PS_OK;
+}
+
+static ps_status reader_init(dataset_reader *r, FILE *f, const char *path)
+{
+    memset(r, 0, sizeof *r);
+    r->f = f;
+    /* One fixed buffer of the line cap (+1 to detect overflow): a file
+     * without newlines cannot make us allocate more than that. */
+    r->buf = malloc(DATASET_MAX_LINE_BYTES + 1);
+    r->path = strdup(path);
+    if (!r->buf || !r->path)
+        return err_set(PS_ERR_NOMEM, "%s: cannot allocate the line buffer", path);
+    return PS_OK;
+}
+
+ps_status dataset_read_jsonl_stream(dataset *d, FILE *f, const char *path)
+{
+    dataset_init(d);
+    dataset_reader r;
+    ps_status st = reader_init(&r, f, path);
+    d->path = strdup(path);
+    if (st == PS_OK && !d->path)
+        st = err_set(PS_ERR_NOMEM, "%s: cannot allocate the line buffer", path);
+    size_t cap = 0;
+    char where[1200];
+    while (st == PS_OK) {
+        json_t *obj;
+        uint64_t offset;
+        if ((st = reader_next(&r, &obj, &offset)) || !obj)
+            break;
+        st = dataset_push(d, &cap, obj, r.line, where_at(where, sizeof where, path, r.line));
+    }
+    r.f = NULL; /* the caller's */
+    dataset_reader_close(&r);
     if (st == PS_OK && d->n == 0)
         st = err_set(PS_ERR_INVALID, "%s: no records (the file is empty or blank)", path);
     if (st != PS_OK)
         dataset_free(d);
     return st;
+}
+
+/* ------------------------------------------------------------- streaming */
+
+ps_status dataset_reader_open(dataset_reader *r, const char *path)
+{
+    memset(r, 0, sizeof *r);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return err_set(PS_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fileno(f), &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        fclose(f);
+        return err_set(PS_ERR_IO, "%s: is a directory, not a JSONL file", path);
+    }
+    ps_status st = reader_init(r, f, path);
+    if (st)
+        dataset_reader_close(r);
+    return st;
+}
+
+ps_status dataset_reader_next(dataset_reader *r, dataset_item *it, uint64_t *offset)
+{
+    memset(it, 0, sizeof *it);
+    json_t *obj;
+    ps_status st = reader_next(r, &obj, offset);
+    if (st || !obj)
+        return st;
+    if (r->n >= DATASET_MAX_ITEMS) {
+        json_decref(obj);
+        return err_set(PS_ERR_NOMEM, "%s:%zu: more than %zu items, the limit of a dataset", r->path, r->line,
+                       DATASET_MAX_ITEMS);
+    }
+    char where[1200];
+    it->obj = obj;
+    it->line = r->line;
+    if ((st = item_bind(it, where_at(where, sizeof where, r->path, r->line)))) {
+        json_decref(obj);
+        memset(it, 0, sizeof *it);
+        return st;
+    }
+    r->n++;
+    return PS_OK;
+}
+
+ps_status dataset_reader_read_at(dataset_reader *r, uint64_t offset, size_t line, dataset_item *it)
+{
+    memset(it, 0, sizeof *it);
+    if (offset != r->offset || r->eof) {
+        if (fseeko(r->f, (off_t)offset, SEEK_SET) != 0)
+            return err_set(PS_ERR_IO, "%s:%zu: cannot seek: %s", r->path, line, strerror(errno));
+        r->offset = offset;
+        r->eof = false;
+    }
+    /* the limits were checked on the first pass */
+    r->total_bytes = r->total_values = 0;
+    r->line = line - 1;
+    json_t *obj = NULL;
+    uint64_t at;
+    ps_status st = reader_next(r, &obj, &at);
+    if (st == PS_OK && (!obj || r->line != line || at != offset)) {
+        json_decref(obj);
+        return err_set(PS_ERR_IO, "%s:%zu: the record is not where it was (the file changed while in use)",
+                       r->path, line);
+    }
+    if (st)
+        return err_wrap(st, "%s changed while in use", r->path);
+    char where[1200];
+    it->obj = obj;
+    it->line = line;
+    if ((st = item_bind(it, where_at(where, sizeof where, r->path, line)))) {
+        json_decref(obj);
+        memset(it, 0, sizeof *it);
+    }
+    return st;
+}
+
+void dataset_reader_close(dataset_reader *r)
+{
+    if (r->f)
+        fclose(r->f);
+    free(r->buf);
+    free(r->path);
+    memset(r, 0, sizeof *r);
 }
 
 /* ---------------------------------------------------------------- writer */
@@ -433,7 +533,13 @@ ps_status dataset_tokenize(const dataset *d, size_t i, const tokenizer *t, bool 
                        d->path ? d->path : DATASET_GENERATED_PATH, i, d->n);
     char where[1200];
     item_where(d, i, where, sizeof where);
-    const dataset_item *it = &d->items[i];
+    return dataset_item_tokenize(&d->items[i], where, t, bos, max_tokens, out);
+}
+
+ps_status dataset_item_tokenize(const dataset_item *it, const char *where, const tokenizer *t, bool bos,
+                                size_t max_tokens, dataset_tokens *out)
+{
+    memset(out, 0, sizeof *out);
     const bool has_text = json_object_get(it->obj, "clean") != NULL;
     if ((!t || !has_text) && json_object_get(it->obj, "clean_ids"))
         return item_ids(it, where, max_tokens, out);

@@ -113,6 +113,37 @@ static ps_status roles_add(dataset_roles *r, const char *name, const char *where
     return PS_OK;
 }
 
+ps_status dataset_roles_add_item(dataset_roles *r, const dataset_item *it, const char *where)
+{
+    json_t *roles = json_object_get(it->obj, DATASET_FIELD_ROLES);
+    if (!roles)
+        return PS_OK;
+    if (!json_is_object(roles))
+        return err_set(PS_ERR_FORMAT, "%s: field '" DATASET_FIELD_ROLES "' is %s, not an object", where,
+                       jsonutil_kind(roles));
+    ps_status st = PS_OK;
+    const char *name;
+    json_t *v;
+    json_object_foreach(roles, name, v)
+    {
+        size_t s, e;
+        if (!role_name_ok(name)) {
+            char q[256];
+            dataset_quote_text(name, q, sizeof q);
+            return err_set(PS_ERR_INVALID, "%s: role name '%s' is not 1..%zu bytes of A-Z a-z 0-9 _ + - .", where, q,
+                           DATASET_MAX_ROLE_NAME);
+        }
+        if ((st = role_span(v, it->clean, name, where, &s, &e)) || (st = roles_add(r, name, where)))
+            return st;
+    }
+    return PS_OK;
+}
+
+ps_status dataset_roles_finish(dataset_roles *r, const char *where)
+{
+    return roles_add(r, DATASET_ROLE_END, where);
+}
+
 ps_status dataset_roles_collect(const dataset *d, dataset_roles *r)
 {
     r->names = NULL;
@@ -120,33 +151,13 @@ ps_status dataset_roles_collect(const dataset *d, dataset_roles *r)
     char where[1200];
     ps_status st = PS_OK;
     for (size_t i = 0; i < d->n && st == PS_OK; i++) {
-        json_t *roles = json_object_get(d->items[i].obj, DATASET_FIELD_ROLES);
-        if (!roles)
+        if (!json_object_get(d->items[i].obj, DATASET_FIELD_ROLES))
             continue;
         roles_where(d, i, where, sizeof where);
-        if (!json_is_object(roles)) {
-            st = err_set(PS_ERR_FORMAT, "%s: field '" DATASET_FIELD_ROLES "' is %s, not an object", where,
-                         jsonutil_kind(roles));
-            break;
-        }
-        const char *name;
-        json_t *v;
-        json_object_foreach(roles, name, v)
-        {
-            size_t s, e;
-            if (!role_name_ok(name)) {
-                char q[256];
-                dataset_quote_text(name, q, sizeof q);
-                st = err_set(PS_ERR_INVALID, "%s: role name '%s' is not 1..%zu bytes of A-Z a-z 0-9 _ + - .", where, q,
-                             DATASET_MAX_ROLE_NAME);
-                break;
-            }
-            if ((st = role_span(v, d->items[i].clean, name, where, &s, &e)) || (st = roles_add(r, name, where)))
-                break;
-        }
+        st = dataset_roles_add_item(r, &d->items[i], where);
     }
     if (st == PS_OK)
-        st = roles_add(r, DATASET_ROLE_END, d->path ? d->path : DATASET_GENERATED_PATH);
+        st = dataset_roles_finish(r, d->path ? d->path : DATASET_GENERATED_PATH);
     if (st != PS_OK)
         dataset_roles_free(r);
     return st;
@@ -157,14 +168,20 @@ ps_status dataset_roles_resolve(const dataset *d, size_t i, const dataset_roles 
 {
     char where[1200];
     roles_where(d, i, where, sizeof where);
+    return dataset_roles_resolve_item(&d->items[i], where, r, t, ids, n_ids, bos, pos);
+}
+
+ps_status dataset_roles_resolve_item(const dataset_item *it, const char *where, const dataset_roles *r,
+                                     const tokenizer *t, const int32_t *ids, size_t n_ids, bool bos, int32_t *pos)
+{
     for (size_t k = 0; k < r->n; k++)
         pos[k] = -1;
     const size_t off = bos ? 1 : 0;
     if (n_ids <= off)
         return err_set(PS_ERR_INVALID, "%s: no tokens to place roles on", where);
-    const char *clean = d->items[i].clean;
+    const char *clean = it->clean;
     const size_t len = strlen(clean);
-    json_t *roles = json_object_get(d->items[i].obj, DATASET_FIELD_ROLES);
+    json_t *roles = json_object_get(it->obj, DATASET_FIELD_ROLES);
     if (!roles) {
         for (size_t k = 0; k < r->n; k++)
             if (!strcmp(r->names[k], DATASET_ROLE_END))
@@ -235,48 +252,63 @@ static bool meta_name_ok(const char *s)
     return true;
 }
 
-void dataset_meta_collect(const dataset *d, dataset_meta *m)
+void dataset_meta_begin(dataset_meta_builder *b)
+{
+    memset(b, 0, sizeof *b);
+}
+
+void dataset_meta_add_item(dataset_meta_builder *b, const dataset_item *it)
 {
     static const char *const reserved[] = {"clean", "corrupted", "answer", "wrong", DATASET_FIELD_ROLES};
-    bool bad[DATASET_MAX_META] = {false};
-    m->n = 0;
-    for (size_t i = 0; i < d->n; i++) {
-        const char *key;
-        json_t *v;
-        json_object_foreach(d->items[i].obj, key, v)
-        {
-            bool skip = !meta_name_ok(key);
-            for (size_t r = 0; r < sizeof reserved / sizeof *reserved && !skip; r++)
-                skip = !strcmp(key, reserved[r]);
-            if (skip)
+    dataset_meta *m = &b->m;
+    const char *key;
+    json_t *v;
+    json_object_foreach(it->obj, key, v)
+    {
+        bool skip = !meta_name_ok(key);
+        for (size_t r = 0; r < sizeof reserved / sizeof *reserved && !skip; r++)
+            skip = !strcmp(key, reserved[r]);
+        if (skip)
+            continue;
+        dataset_meta_kind kind;
+        bool known = true;
+        if (json_is_string(v))
+            kind = DATASET_META_STRING;
+        else if (json_is_integer(v))
+            kind = DATASET_META_INT;
+        else
+            known = false;
+        size_t k = 0;
+        while (k < m->n && strcmp(m->f[k].name, key))
+            k++;
+        if (k == m->n) {
+            if (m->n == DATASET_MAX_META)
                 continue;
-            dataset_meta_kind kind;
-            bool known = true;
-            if (json_is_string(v))
-                kind = DATASET_META_STRING;
-            else if (json_is_integer(v))
-                kind = DATASET_META_INT;
-            else
-                known = false;
-            size_t k = 0;
-            while (k < m->n && strcmp(m->f[k].name, key))
-                k++;
-            if (k == m->n) {
-                if (m->n == DATASET_MAX_META)
-                    continue;
-                snprintf(m->f[k].name, sizeof m->f[k].name, "%s", key);
-                m->f[k].kind = known ? kind : DATASET_META_STRING;
-                bad[k] = !known;
-                m->n++;
-            } else if (!known || m->f[k].kind != kind) {
-                bad[k] = true;
-            }
+            snprintf(m->f[k].name, sizeof m->f[k].name, "%s", key);
+            m->f[k].kind = known ? kind : DATASET_META_STRING;
+            b->bad[k] = !known;
+            m->n++;
+        } else if (!known || m->f[k].kind != kind) {
+            b->bad[k] = true;
         }
     }
+}
+
+void dataset_meta_end(const dataset_meta_builder *b, dataset_meta *m)
+{
     /* drop the fields of another type (arrays, reals, mixed kinds) */
     size_t w = 0;
-    for (size_t k = 0; k < m->n; k++)
-        if (!bad[k])
-            m->f[w++] = m->f[k];
+    for (size_t k = 0; k < b->m.n; k++)
+        if (!b->bad[k])
+            m->f[w++] = b->m.f[k];
     m->n = w;
+}
+
+void dataset_meta_collect(const dataset *d, dataset_meta *m)
+{
+    dataset_meta_builder b;
+    dataset_meta_begin(&b);
+    for (size_t i = 0; i < d->n; i++)
+        dataset_meta_add_item(&b, &d->items[i]);
+    dataset_meta_end(&b, m);
 }

@@ -40,13 +40,6 @@ static ps_status put_long_name(int ncid, int var, const char *path, const char *
 
 /* ---- templates of the dataset -------------------------------------------- */
 
-typedef struct {
-    bool present, is_int;
-    size_t n;
-    long long *ints;    /* [n] sorted */
-    const char **strs;  /* [n] sorted, pointing into the dataset */
-} rr_templates;
-
 static int cmp_ll(const void *a, const void *b)
 {
     long long x = *(const long long *)a, y = *(const long long *)b;
@@ -55,7 +48,85 @@ static int cmp_ll(const void *a, const void *b)
 
 static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
-static ps_status templates_collect(const results_roles_in *in, rr_templates *t)
+/* Sort and drop repeats: ints[0..*n) and strs[0..*ns). */
+static void templates_dedup(results_roles_templates *t)
+{
+    size_t w = 0;
+    qsort(t->ints, t->n_ints, sizeof *t->ints, cmp_ll);
+    for (size_t i = 0; i < t->n_ints; i++)
+        if (i == 0 || t->ints[i] != t->ints[w - 1])
+            t->ints[w++] = t->ints[i];
+    t->n_ints = w;
+    w = 0;
+    qsort(t->strs, t->n_strs, sizeof *t->strs, cmp_str);
+    for (size_t i = 0; i < t->n_strs; i++) {
+        if (i == 0 || strcmp(t->strs[i], t->strs[w - 1]))
+            t->strs[w++] = t->strs[i];
+        else
+            free(t->strs[i]);
+    }
+    t->n_strs = w;
+    t->n_distinct = t->n_ints + t->n_strs;
+}
+
+ps_status results_roles_templates_add(results_roles_templates *t, const dataset_item *it)
+{
+    json_t *v = json_object_get(it->obj, SCHEMA_META_TEMPLATE);
+    if (!json_is_integer(v) && !json_is_string(v))
+        return PS_OK;
+    /* a repeat of the last value is the common case (items grouped by template) */
+    if (json_is_integer(v) && t->n_ints && t->ints[t->n_ints - 1] == (long long)json_integer_value(v))
+        return PS_OK;
+    if (json_is_string(v) && t->n_strs && !strcmp(t->strs[t->n_strs - 1], json_string_value(v)))
+        return PS_OK;
+    /* the values held stay under twice the distinct ones: sorted and
+     * deduplicated when they reach it */
+    if (t->n_ints + t->n_strs >= 2 * t->n_distinct + 64)
+        templates_dedup(t);
+    if (json_is_integer(v)) {
+        if (t->n_ints == t->cap_ints) {
+            size_t ncap = t->cap_ints ? 2 * t->cap_ints : 16;
+            long long *q = realloc(t->ints, ncap * sizeof *q);
+            if (!q)
+                return err_set(PS_ERR_NOMEM, "out of memory");
+            t->ints = q;
+            t->cap_ints = ncap;
+        }
+        t->ints[t->n_ints++] = (long long)json_integer_value(v);
+        return PS_OK;
+    }
+    if (t->n_strs == t->cap_strs) {
+        size_t ncap = t->cap_strs ? 2 * t->cap_strs : 16;
+        char **q = realloc(t->strs, ncap * sizeof *q);
+        if (!q)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        t->strs = q;
+        t->cap_strs = ncap;
+    }
+    if (!(t->strs[t->n_strs] = strdup(json_string_value(v))))
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    t->n_strs++;
+    return PS_OK;
+}
+
+void results_roles_templates_free(results_roles_templates *t)
+{
+    for (size_t i = 0; i < t->n_strs; i++)
+        free(t->strs[i]);
+    free(t->strs);
+    free(t->ints);
+    memset(t, 0, sizeof *t);
+}
+
+typedef struct {
+    bool present, is_int;
+    size_t n;
+    const long long *ints; /* [n] sorted */
+    const char **strs;     /* [n] sorted */
+} rr_templates;
+
+/* The template coordinate: the values of the kind the metadata field has. */
+static void templates_collect(const results_roles_in *in, rr_templates *t)
 {
     memset(t, 0, sizeof *t);
     for (size_t k = 0; k < in->meta->n; k++)
@@ -63,42 +134,13 @@ static ps_status templates_collect(const results_roles_in *in, rr_templates *t)
             t->present = true;
             t->is_int = in->meta->f[k].kind == DATASET_META_INT;
         }
-    if (!t->present)
-        return PS_OK;
-    const dataset *d = in->d;
-    t->ints = malloc((d->n + 1) * sizeof *t->ints);
-    t->strs = malloc((d->n + 1) * sizeof *t->strs);
-    if (!t->ints || !t->strs)
-        return err_set(PS_ERR_NOMEM, "out of memory");
-    for (size_t i = 0; i < d->n; i++) {
-        json_t *v = json_object_get(d->items[i].obj, SCHEMA_META_TEMPLATE);
-        if (!v)
-            continue;
-        if (t->is_int)
-            t->ints[t->n++] = (long long)json_integer_value(v);
-        else
-            t->strs[t->n++] = json_string_value(v);
-    }
-    size_t w = 0;
-    if (t->is_int) {
-        qsort(t->ints, t->n, sizeof *t->ints, cmp_ll);
-        for (size_t i = 0; i < t->n; i++)
-            if (i == 0 || t->ints[i] != t->ints[w - 1])
-                t->ints[w++] = t->ints[i];
-    } else {
-        qsort(t->strs, t->n, sizeof *t->strs, cmp_str);
-        for (size_t i = 0; i < t->n; i++)
-            if (i == 0 || strcmp(t->strs[i], t->strs[w - 1]))
-                t->strs[w++] = t->strs[i];
-    }
-    t->n = w;
-    return PS_OK;
-}
-
-static void templates_free(rr_templates *t)
-{
-    free(t->ints);
-    free(t->strs);
+    if (!t->present || !in->templates)
+        return;
+    results_roles_templates *tt = in->templates;
+    templates_dedup(tt);
+    t->n = t->is_int ? tt->n_ints : tt->n_strs;
+    t->ints = tt->ints;
+    t->strs = (const char **)tt->strs;
 }
 
 /* ---- results_roles_put ------------------------------------------------------ */
@@ -110,8 +152,7 @@ ps_status results_roles_put(int ncid, const char *path, const results_roles_in *
     int v_item[DATASET_MAX_META];
     const size_t R = in->roles->n, P = in->n;
     rr_templates tp;
-    if ((st = templates_collect(in, &tp)))
-        goto out;
+    templates_collect(in, &tp);
     if ((st = rr_redef(ncid, path)))
         goto out;
     if ((rc = nc_inq_dimid(ncid, SCHEMA_DIM_PROMPT, &prompt_dim)) != NC_NOERR) {
@@ -170,29 +211,44 @@ ps_status results_roles_put(int ncid, const char *path, const results_roles_in *
     count[1] = R;
     if ((st = rr_check(nc_put_vara_int(ncid, v_pos, start, count, in->role_pos), path, SCHEMA_VAR_ROLE_POSITION)))
         goto out;
-    for (size_t k = 0; k < in->meta->n && st == PS_OK; k++) {
-        bool is_int = in->meta->f[k].kind == DATASET_META_INT;
-        long long *iv = is_int ? malloc(P * sizeof *iv) : NULL;
-        const char **sv = is_int ? NULL : malloc(P * sizeof *sv);
-        if (!iv && !sv) {
-            st = err_set(PS_ERR_NOMEM, "out of memory");
-            break;
+    /* the metadata values, RR_META_BLOCK prompts at a time, each record
+     * read once (in->item) */
+    if (in->meta->n == 0)
+        goto out;
+    enum { RR_META_BLOCK = 4096 };
+    const size_t B = P < RR_META_BLOCK ? P : RR_META_BLOCK, M = in->meta->n;
+    json_t **objs = calloc(B, sizeof *objs);
+    long long *iv = malloc(B * sizeof *iv);
+    const char **sv = malloc(B * sizeof *sv);
+    if (!objs || !iv || !sv)
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t p0 = 0; p0 < P && st == PS_OK; p0 += B) {
+        const size_t nb = P - p0 < B ? P - p0 : B;
+        for (size_t q = 0; q < nb && st == PS_OK; q++)
+            st = in->item(in->user, p0 + q, &objs[q]);
+        for (size_t k = 0; k < M && st == PS_OK; k++) {
+            bool is_int = in->meta->f[k].kind == DATASET_META_INT;
+            for (size_t q = 0; q < nb; q++) {
+                json_t *v = json_object_get(objs[q], in->meta->f[k].name);
+                if (is_int)
+                    iv[q] = json_is_integer(v) ? (long long)json_integer_value(v) : SCHEMA_FILL_ITEM_INT;
+                else
+                    sv[q] = json_is_string(v) ? json_string_value(v) : "";
+            }
+            start[0] = p0;
+            count[0] = nb;
+            st = is_int ? rr_check(nc_put_vara_longlong(ncid, v_item[k], start, count, iv), path, in->meta->f[k].name)
+                        : rr_check(nc_put_vara_string(ncid, v_item[k], start, count, sv), path, in->meta->f[k].name);
         }
-        for (size_t p = 0; p < P; p++) {
-            json_t *v = json_object_get(in->d->items[in->first + p].obj, in->meta->f[k].name);
-            if (is_int)
-                iv[p] = json_is_integer(v) ? (long long)json_integer_value(v) : SCHEMA_FILL_ITEM_INT;
-            else
-                sv[p] = json_is_string(v) ? json_string_value(v) : "";
+        for (size_t q = 0; q < nb; q++) {
+            json_decref(objs[q]);
+            objs[q] = NULL;
         }
-        count[0] = P;
-        st = is_int ? rr_check(nc_put_vara_longlong(ncid, v_item[k], start, count, iv), path, in->meta->f[k].name)
-                    : rr_check(nc_put_vara_string(ncid, v_item[k], start, count, sv), path, in->meta->f[k].name);
-        free(iv);
-        free(sv);
     }
+    free(objs);
+    free(iv);
+    free(sv);
 out:
-    templates_free(&tp);
     return st;
 }
 

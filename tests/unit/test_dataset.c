@@ -442,6 +442,57 @@ static void test_read_blank_lines_and_extra_fields(void **state)
     free(path);
 }
 
+/* The streaming reader: the records of the whole-file reader, each with its
+ * line's byte offset; read again by offset (in order without a seek, out of
+ * order with one); a record no longer where it was is refused. */
+static void test_reader_stream(void **state)
+{
+    (void)state;
+    const char *a = "{\"clean\":\"a b\",\"corrupted\":\"a c\",\"answer\":\" x\",\"wrong\":\" y\"}";
+    const char *b = "{\"clean\":\"d e\",\"corrupted\":\"d f\",\"answer\":\" z\",\"wrong\":\" w\",\"k\":1}";
+    char text[512];
+    snprintf(text, sizeof text, "\n%s\r\n  \n%s", a, b); /* records on lines 2 and 4, no final newline */
+    char *path = write_temp(text, strlen(text));
+    dataset_reader r;
+    assert_int_equal(dataset_reader_open(&r, path), PS_OK);
+    dataset_item it;
+    uint64_t off[2];
+    assert_int_equal(dataset_reader_next(&r, &it, &off[0]), PS_OK);
+    assert_int_equal(it.line, 2);
+    assert_int_equal(off[0], 1);
+    assert_string_equal(it.clean, "a b");
+    json_decref(it.obj);
+    assert_int_equal(dataset_reader_next(&r, &it, &off[1]), PS_OK);
+    assert_int_equal(it.line, 4);
+    assert_int_equal(off[1], 1 + strlen(a) + 2 + 3);
+    assert_string_equal(it.wrong, " w");
+    json_decref(it.obj);
+    assert_int_equal(dataset_reader_next(&r, &it, &off[1]), PS_OK);
+    assert_null(it.obj); /* the end */
+    assert_int_equal(r.n, 2);
+    /* again by offset: 4 then 2 then 4 */
+    const size_t lines[3] = {4, 2, 4};
+    const char *answers[3] = {" z", " x", " z"};
+    for (int k = 0; k < 3; k++) {
+        assert_int_equal(dataset_reader_read_at(&r, off[lines[k] == 4], lines[k], &it), PS_OK);
+        assert_int_equal(it.line, lines[k]);
+        assert_string_equal(it.answer, answers[k]);
+        dataset_tokens tk;
+        assert_int_equal(dataset_item_tokenize(&it, "here:9", tok, true, 64, &tk), PS_OK);
+        assert_int_equal(tk.n_tokens, 3);
+        dataset_tokens_free(&tk);
+        json_decref(it.obj);
+    }
+    /* a wrong offset (the file changed under the index): refused */
+    assert_int_equal(dataset_reader_read_at(&r, off[0] + 1, 2, &it), PS_ERR_FORMAT);
+    assert_null(it.obj);
+    assert_int_equal(dataset_reader_read_at(&r, off[1] + strlen(b) + 5, 4, &it), PS_ERR_IO);
+    assert_non_null(strstr(err_msg(), "changed while in use"));
+    dataset_reader_close(&r);
+    unlink(path);
+    free(path);
+}
+
 /* Tokenizing item 0 of a one-line file must fail with `st` and a message
  * "<path>:1: <suffix>". */
 static void expect_tokenize_error(const char *line, size_t max_tokens, ps_status st, const char *suffix)
@@ -524,6 +575,7 @@ int main(void)
         cmocka_unit_test(test_read_errors),
         cmocka_unit_test(test_read_stream_limits),
         cmocka_unit_test(test_read_blank_lines_and_extra_fields),
+        cmocka_unit_test(test_reader_stream),
         cmocka_unit_test(test_tokenize_errors),
         cmocka_unit_test(test_round_trip),
     };
