@@ -52,13 +52,16 @@ static int cmp_str(const void *a, const void *b) { return strcmp(*(const char *c
 static void templates_dedup(results_roles_templates *t)
 {
     size_t w = 0;
-    qsort(t->ints, t->n_ints, sizeof *t->ints, cmp_ll);
+    /* qsort's array may not be NULL, even for no elements (C17 7.22.5) */
+    if (t->n_ints > 1)
+        qsort(t->ints, t->n_ints, sizeof *t->ints, cmp_ll);
     for (size_t i = 0; i < t->n_ints; i++)
         if (i == 0 || t->ints[i] != t->ints[w - 1])
             t->ints[w++] = t->ints[i];
     t->n_ints = w;
     w = 0;
-    qsort(t->strs, t->n_strs, sizeof *t->strs, cmp_str);
+    if (t->n_strs > 1)
+        qsort(t->strs, t->n_strs, sizeof *t->strs, cmp_str);
     for (size_t i = 0; i < t->n_strs; i++) {
         if (i == 0 || strcmp(t->strs[i], t->strs[w - 1]))
             t->strs[w++] = t->strs[i];
