@@ -20,6 +20,12 @@
 #include "gemm.h"
 #include "model.h"
 
+/* The statistics of one LayerNorm row x [d], in double and index order:
+ * mean = sum(x) / d, var = sum((x - mean)^2) / d (biased); shared by
+ * ops_layernorm, ops_layernorm_normalize and the backward pass so that all
+ * three see the same bits. */
+void ops_layernorm_stats(const float *x, size_t d, double *mean, double *var);
+
 /* LayerNorm of rows, x and out [rows, d], w and b [d]:
  *   out[r, :] = (x[r, :] - mean_r) / sqrt(var_r + eps) * w + b
  * mean_r and the biased variance var_r = mean((x[r, :] - mean_r)^2) summed

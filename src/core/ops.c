@@ -7,24 +7,31 @@
 
 /* ---- layernorm ---------------------------------------------------------- */
 
+void ops_layernorm_stats(const float *x, size_t d, double *mean, double *var)
+{
+    /* Two passes in double: the mean first, then the biased variance of the
+     * centred values, so large residual norms lose no precision. */
+    double m = 0.0;
+    for (size_t i = 0; i < d; i++)
+        m += x[i];
+    m /= (double)d;
+    double v = 0.0;
+    for (size_t i = 0; i < d; i++) {
+        double c = x[i] - m;
+        v += c * c;
+    }
+    *mean = m;
+    *var = v / (double)d;
+}
+
 void ops_layernorm(float *out, const float *x, const float *w, const float *b, size_t rows, size_t d,
                    float eps)
 {
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         float *o = out + r * d;
-        /* Two passes in double: the mean first, then the biased variance of
-         * the centred values, so large residual norms lose no precision. */
-        double mean = 0.0;
-        for (size_t i = 0; i < d; i++)
-            mean += xr[i];
-        mean /= (double)d;
-        double var = 0.0;
-        for (size_t i = 0; i < d; i++) {
-            double c = xr[i] - mean;
-            var += c * c;
-        }
-        var /= (double)d;
+        double mean, var;
+        ops_layernorm_stats(xr, d, &mean, &var);
         float rstd = (float)(1.0 / sqrt(var + (double)eps));
         float fmean = (float)mean;
         for (size_t i = 0; i < d; i++)
@@ -143,17 +150,8 @@ void ops_layernorm_normalize(float *normalized, float *scale, const float *x, si
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * d;
         float *o = normalized + r * d;
-        /* the statistics exactly as ops_layernorm computes them */
-        double mean = 0.0;
-        for (size_t i = 0; i < d; i++)
-            mean += xr[i];
-        mean /= (double)d;
-        double var = 0.0;
-        for (size_t i = 0; i < d; i++) {
-            double c = xr[i] - mean;
-            var += c * c;
-        }
-        var /= (double)d;
+        double mean, var;
+        ops_layernorm_stats(xr, d, &mean, &var);
         float rstd = (float)(1.0 / sqrt(var + (double)eps));
         float fmean = (float)mean;
         for (size_t i = 0; i < d; i++)

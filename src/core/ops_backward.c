@@ -1,4 +1,5 @@
 #include "ops_backward.h"
+#include "ops.h"
 
 #include "gemm.h"
 #include "pool.h"
@@ -13,16 +14,8 @@ void ops_layernorm_backward(float *dx, const float *dnorm, const float *x, size_
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * d, *dn = dnorm + r * d;
         float *o = dx + r * d;
-        double mean = 0.0;
-        for (size_t i = 0; i < d; i++)
-            mean += xr[i];
-        mean /= (double)d;
-        double var = 0.0;
-        for (size_t i = 0; i < d; i++) {
-            double c = xr[i] - mean;
-            var += c * c;
-        }
-        var /= (double)d;
+        double mean, var;
+        ops_layernorm_stats(xr, d, &mean, &var);
         const double rstd = 1.0 / sqrt(var + (double)eps);
         double mdn = 0.0, mdnn = 0.0;
         for (size_t i = 0; i < d; i++) {
