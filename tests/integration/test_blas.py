@@ -221,8 +221,16 @@ check("threads: SLURM_CPUS_PER_TASK", t["threads"] == 1 and t["threads_rule"] ==
 t, _ = info(env=base_env(OPENBLAS_NUM_THREADS="1"))
 check("threads: the user's OPENBLAS_NUM_THREADS", t["threads"] == 1
       and t["threads_rule"] == "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS", t)
-r = run(["info", "--model", MODEL, "--json"], prefix=MPIRUN)
-docs = json_docs(r.stdout) if r.returncode == 0 else []
+# --tag-output: the two ranks' JSON documents reach mpirun's stdout in chunks
+# that may interleave; each line tagged "[job,rank]<stdout>:" is put back
+# with its own rank's lines before parsing.
+r = run(["info", "--model", MODEL, "--json"], prefix=MPIRUN + ["--tag-output"])
+by_rank = {}
+for line in r.stdout.splitlines():
+    tag, sep, rest = line.partition("<stdout>:")
+    if sep:
+        by_rank.setdefault(tag, []).append(rest)
+docs = [d for lines in by_rank.values() for d in json_docs("\n".join(lines))] if r.returncode == 0 else []
 check("mpirun -np 2 info: each rank's threads shared, never more than the CPUs in all",
       len(docs) == 2 and all(d["blas"]["threads_rule"] == "CPUs / ranks on the node"
                              and 2 * d["blas"]["threads"] <= max(2, affinity) for d in docs), (r.stdout, r.stderr))
