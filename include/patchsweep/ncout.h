@@ -95,7 +95,7 @@ typedef struct {
     void *buf;             /* [cap][row] elements; strings: char *, "" or owned */
 } ncout_staged;
 
-#define NCOUT_STAGED_MAX (16 + 2 * PATCH_COMPONENT_COUNT)
+#define NCOUT_STAGED_MAX (16 + PATCH_METRIC_COUNT * (2 + 2 * PATCH_COMPONENT_COUNT))
 
 typedef struct {
     size_t base, cap;         /* window of prompts [base, base + cap) */
@@ -110,7 +110,11 @@ typedef struct {
     size_t n_kv_head;   /* key/value heads (grouped-query attention: the kv_head axis) */
     bool on[PATCH_COMPONENT_COUNT];
     patch_metric metric;
+    patch_metric_list metrics; /* every metric of the file; m[0] == metric */
     int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];
+    /* metrics k >= 1: C_M, C_M_normalized, clean_M, corrupted_M (schema.h) */
+    int var_m_raw[PATCH_METRIC_COUNT][PATCH_COMPONENT_COUNT], var_m_norm[PATCH_METRIC_COUNT][PATCH_COMPONENT_COUNT];
+    int v_m_clean[PATCH_METRIC_COUNT], v_m_corrupted[PATCH_METRIC_COUNT];
     int v_clean_metric, v_corrupted_metric, v_length, v_answer_id, v_wrong_id, v_answer, v_wrong, v_done;
     int v_skipped, v_skip_reason, v_prompt_index;
     size_t prompt_offset;   /* prompt_index = prompt_offset + prompt (0 unless sliced) */
@@ -131,6 +135,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine);
 
+/* The same with several metrics (metrics->m[0] is `metric` above; the
+ * others get their own variables, schema.h). */
+ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                       patch_direction direction, patch_engine engine);
+
 /* The puts below stage their values for a window of consecutive prompts
  * and write a window with one call per variable (ncout_results_flush, also
  * called when a prompt outside the window arrives): call
@@ -141,6 +151,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
  * grid for this prompt (patch_grid_shape order) for every selected c. */
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
                             double *const values[PATCH_COMPONENT_COUNT]);
+
+/* Metric k >= 1 of the file's metrics for prompt `prompt`, after
+ * ncout_results_put of that prompt: its unpatched metrics and grids
+ * (values[c] as in ncout_results_put). */
+ps_status ncout_results_put_metric(ncout_results *r, size_t prompt, size_t k, double clean_metric,
+                                   double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT]);
 
 /* Record prompt `prompt` as not computed yet (done = 0, skipped = 0). */
 ps_status ncout_results_put_pending(ncout_results *r, size_t prompt);

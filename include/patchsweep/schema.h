@@ -53,6 +53,14 @@
  *   parts_NAME for attributes that differ between the parts (merge.h).
  *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
  *   dataset_sha256, metric, direction, engine.
+ *   Several metrics (`--metric logit_diff,prob,kl`, `[patch] metric = ...`):
+ *   the first metric M0 keeps every name above (metric = M0); each other
+ *   metric M adds C_M and C_M_normalized per component (C's dims, type,
+ *   fill), clean_M and corrupted_M (clean_metric's), each with the variable
+ *   attribute metric = M and C_M_normalized = (C_M - corrupted_M) /
+ *   (clean_M - corrupted_M); the global attribute metrics lists them all,
+ *   M0 first ("logit_diff,prob,kl"; absent with one metric).  All come from
+ *   the same patched forwards.
  *
  * Roles and metadata (sweeps of a dataset; results_roles.h): dimension
  *   role, coordinate role(role) NC_STRING (the dataset's role names, END
@@ -130,6 +138,11 @@
 #define SCHEMA_VAR_CORRUPTED_TOKEN "corrupted_token"
 /* C_normalized beside each component C */
 #define SCHEMA_NORMALIZED_SUFFIX "_normalized"
+/* Several metrics: C + SCHEMA_METRIC_SEP + M (+ SCHEMA_NORMALIZED_SUFFIX);
+ * SCHEMA_CLEAN_PREFIX + M, SCHEMA_CORRUPTED_PREFIX + M */
+#define SCHEMA_METRIC_SEP "_"
+#define SCHEMA_CLEAN_PREFIX "clean_"
+#define SCHEMA_CORRUPTED_PREFIX "corrupted_"
 /* Attribution patching (issue 20; patch --method atp | atp+exact): per
  * component C, C_atp and C_atp_normalized (the estimate, the exact grid's
  * dims and units) and, with atp+exact, C_atp_error = C_atp - C (raw metric
@@ -207,7 +220,8 @@
 #define SCHEMA_ATT_BLAS_THREADS "blas_threads"
 #define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
 #define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
-#define SCHEMA_ATT_METRIC "metric"
+#define SCHEMA_ATT_METRIC "metric"     /* global: the (first) metric; on a variable: its metric */
+#define SCHEMA_ATT_METRICS "metrics"   /* global, several metrics: all of them, comma-separated */
 #define SCHEMA_ATT_DIRECTION "direction"
 #define SCHEMA_ATT_ENGINE "engine"
 #define SCHEMA_ATT_NORMALIZED "normalized"

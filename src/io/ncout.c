@@ -340,7 +340,84 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine)
 {
+    const patch_metric_list one = {.n = 1, .m = {metric}};
+    return ncout_results_define_metrics(r, f, m, max_T, on, &one, direction, engine);
+}
+
+/* A variable of metric `metric_name`: the variable attribute metric. */
+static ps_status put_var_metric(ncout_results *r, int var, const char *metric_name)
+{
+    return ncout_check(nc_put_att_text(r->f->ncid, var, SCHEMA_ATT_METRIC, strlen(metric_name), metric_name),
+                       r->f->tmp_path, SCHEMA_ATT_METRIC);
+}
+
+/* Dimensions of component c's grid variables: prompt, then its grid's. */
+static size_t grid_dims(const model_config *cfg, patch_component c, size_t max_T, const int ids[5], int dims[4])
+{
+    /* ids: prompt, layer, position, head, kv_head */
+    size_t shape[3];
+    const char *dn[3];
+    size_t nd = patch_grid_shape(c, cfg, max_T, shape, dn);
+    dims[0] = ids[0];
+    for (size_t k = 0; k < nd; k++)
+        dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)      ? ids[1]
+                      : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? ids[2]
+                      : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? ids[4]
+                                                            : ids[3];
+    return nd;
+}
+
+/* The variables of metric k >= 1 (schema.h): clean_M, corrupted_M, and
+ * C_M, C_M_normalized per selected component. */
+static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t k, const int ids[5])
+{
+    const patch_metric met = r->metrics.m[k];
+    const char *mn = patch_metric_name(met);
+    char name[96], lname[192];
+    ps_status st;
+    const double fill_d = SCHEMA_FILL_METRIC;
+    snprintf(name, sizeof name, SCHEMA_CLEAN_PREFIX "%s", mn);
+    snprintf(lname, sizeof lname, "%s of the clean run", mn);
+    if ((st = def_var(r, name, NC_DOUBLE, 1, &ids[0], &r->v_m_clean[k], lname)) ||
+        (st = ncout_check(nc_def_var_fill(r->f->ncid, r->v_m_clean[k], 0, &fill_d), r->f->tmp_path, name)) ||
+        (st = put_var_metric(r, r->v_m_clean[k], mn)))
+        return st;
+    snprintf(name, sizeof name, SCHEMA_CORRUPTED_PREFIX "%s", mn);
+    snprintf(lname, sizeof lname, "%s of the corrupted run", mn);
+    if ((st = def_var(r, name, NC_DOUBLE, 1, &ids[0], &r->v_m_corrupted[k], lname)) ||
+        (st = ncout_check(nc_def_var_fill(r->f->ncid, r->v_m_corrupted[k], 0, &fill_d), r->f->tmp_path, name)) ||
+        (st = put_var_metric(r, r->v_m_corrupted[k], mn)))
+        return st;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        r->var_m_raw[k][c] = r->var_m_norm[k][c] = -1;
+        if (!r->on[c])
+            continue;
+        int dims[4];
+        const size_t nd = grid_dims(cfg, (patch_component)c, r->max_T, ids, dims);
+        const char *cn = patch_component_name((patch_component)c);
+        const float fill = SCHEMA_FILL_GRID;
+        for (int norm = 0; norm < 2; norm++) {
+            int *var = norm ? &r->var_m_norm[k][c] : &r->var_m_raw[k][c];
+            snprintf(name, sizeof name, "%s" SCHEMA_METRIC_SEP "%s%s", cn, mn, norm ? SCHEMA_NORMALIZED_SUFFIX : "");
+            snprintf(lname, sizeof lname, "%s%s after patching %s", norm ? "normalized " : "", mn, cn);
+            if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, var, lname)) ||
+                (st = ncout_check(nc_def_var_fill(r->f->ncid, *var, 0, &fill), r->f->tmp_path, name)) ||
+                (st = put_var_metric(r, *var, mn)))
+                return st;
+        }
+    }
+    return PS_OK;
+}
+
+ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                       patch_direction direction, patch_engine engine)
+{
     memset(r, 0, sizeof *r);
+    if (metrics->n < 1 || metrics->n > PATCH_METRIC_COUNT)
+        return err_set(PS_ERR_INVALID, "%s: %zu metrics (1 to %d)", f->path, metrics->n, PATCH_METRIC_COUNT);
+    const patch_metric metric = metrics->m[0];
+    r->metrics = *metrics;
     r->f = f;
     r->n_layer = m->cfg.n_layer;
     r->n_head = m->cfg.n_head;
@@ -354,6 +431,14 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         (st = ncout_put_attr(f, SCHEMA_ATT_ENGINE, engine == PATCH_ENGINE_FAST ? SCHEMA_ENGINE_FAST : SCHEMA_ENGINE_NAIVE)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_NORMALIZED, SCHEMA_NORMALIZED_FORMULA)))
         return st;
+    if (metrics->n > 1) { /* one-metric files stay as they were */
+        char list[PATCH_METRIC_COUNT * 16] = "";
+        for (size_t k = 0; k < metrics->n; k++)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", k ? "," : "",
+                     patch_metric_name(metrics->m[k]));
+        if ((st = ncout_put_attr(f, SCHEMA_ATT_METRICS, list)))
+            return st;
+    }
     int d_prompt, d_layer, d_pos, d_head;
     /* Dimension ids are 0..3 in this order (def_var relies on prompt = 0). */
     if ((st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_PROMPT, NC_UNLIMITED, &d_prompt), f->tmp_path, SCHEMA_DIM_PROMPT)) ||
@@ -432,6 +517,10 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
             (st = ncout_check(nc_def_var_fill(f->ncid, r->var_norm[c], 0, &fill), f->tmp_path, name)))
             return st;
     }
+    const int ids[5] = {d_prompt, d_layer, d_pos, d_head, d_kv_head};
+    for (size_t k = 1; k < metrics->n; k++)
+        if ((st = define_metric(r, &m->cfg, k, ids)))
+            return st;
     if ((st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
     /* Coordinate values 0..n-1. */
@@ -543,6 +632,18 @@ static ps_status stage_init(ncout_results *r)
         size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
         stage_add(r, r->var_raw[c], NC_FLOAT, nd, shape);
         stage_add(r, r->var_norm[c], NC_FLOAT, nd, shape);
+    }
+    for (size_t k = 1; k < r->metrics.n; k++) {
+        stage_add(r, r->v_m_clean[k], NC_DOUBLE, 1, &one);
+        stage_add(r, r->v_m_corrupted[k], NC_DOUBLE, 1, &one);
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (!r->on[c])
+                continue;
+            size_t shape[3];
+            size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
+            stage_add(r, r->var_m_raw[k][c], NC_FLOAT, nd, shape);
+            stage_add(r, r->var_m_norm[k][c], NC_FLOAT, nd, shape);
+        }
     }
     size_t per_prompt = 0;
     for (size_t i = 0; i < g->n_vars; i++)
@@ -667,6 +768,51 @@ ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char 
     return st;
 }
 
+/* One metric's grids of a T-token prompt into the slot: raw into var_raw[c],
+ * normalized into var_norm[c]. */
+static void stage_grids(ncout_results *r, size_t slot, size_t T, const int *var_raw, const int *var_norm,
+                        double clean_metric, double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT])
+{
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
+    const double denom = clean_metric - corrupted_metric;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        if (!r->on[c])
+            continue;
+        /* The grid for T positions into the window's rows of max_T
+         * positions: position axis (if any) is the second. */
+        size_t shape[3], full[3];
+        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
+        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
+        const size_t inner = nd == 3 ? shape[2] : 1;
+        float *raw = cell(r, var_raw[c], slot), *norm = cell(r, var_norm[c], slot);
+        for (size_t l = 0; l < shape[0]; l++)
+            for (size_t k = 0; k < shape[1]; k++)
+                for (size_t h = 0; h < inner; h++) {
+                    const double v = values[c][(l * shape[1] + k) * inner + h];
+                    const size_t o = (l * full[1] + k) * inner + h;
+                    raw[o] = (float)v;
+                    /* normalized = (patched - corrupted) / (clean - corrupted),
+                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
+                    norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
+                }
+    }
+}
+
+ps_status ncout_results_put_metric(ncout_results *r, size_t prompt, size_t k, double clean_metric,
+                                   double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT])
+{
+    if (k < 1 || k >= r->metrics.n)
+        return err_set(PS_ERR_INTERNAL, "%s: metric %zu of %zu", r->f->path, k, r->metrics.n);
+    if (prompt < r->stage.base || prompt >= r->stage.base + r->stage.cap || !r->stage.staged[prompt - r->stage.base])
+        return err_set(PS_ERR_INTERNAL, "%s: metric %zu of prompt %zu before the prompt", r->f->path, k, prompt);
+    const size_t slot = prompt - r->stage.base;
+    const size_t T = (size_t)*(int *)cell(r, r->v_length, slot);
+    *(double *)cell(r, r->v_m_clean[k], slot) = clean_metric;
+    *(double *)cell(r, r->v_m_corrupted[k], slot) = corrupted_metric;
+    stage_grids(r, slot, T, r->var_m_raw[k], r->var_m_norm[k], clean_metric, corrupted_metric, values);
+    return PS_OK;
+}
+
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
                             double *const values[PATCH_COMPONENT_COUNT])
 {
@@ -698,29 +844,7 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
     }
     if (st)
         return st;
-    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
-    const double denom = p->clean_metric - p->corrupted_metric;
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
-        if (!r->on[c])
-            continue;
-        /* The grid for T positions into the window's rows of max_T
-         * positions: position axis (if any) is the second. */
-        size_t shape[3], full[3];
-        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
-        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
-        const size_t inner = nd == 3 ? shape[2] : 1;
-        float *raw = cell(r, r->var_raw[c], slot), *norm = cell(r, r->var_norm[c], slot);
-        for (size_t l = 0; l < shape[0]; l++)
-            for (size_t k = 0; k < shape[1]; k++)
-                for (size_t h = 0; h < inner; h++) {
-                    const double v = values[c][(l * shape[1] + k) * inner + h];
-                    const size_t o = (l * full[1] + k) * inner + h;
-                    raw[o] = (float)v;
-                    /* normalized = (patched - corrupted) / (clean - corrupted),
-                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
-                    norm[o] = denom == 0.0 ? NAN : (float)((v - p->corrupted_metric) / denom);
-                }
-    }
+    stage_grids(r, slot, T, r->var_raw, r->var_norm, p->clean_metric, p->corrupted_metric, values);
     stage_flags(r, prompt, slot, 1, 0);
     return PS_OK;
 }
