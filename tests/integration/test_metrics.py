@@ -110,6 +110,20 @@ for dist in ("cells", "prompts"):
         ok = two.keys() == m3.keys() and all(np.array_equal(two[k], m3[k], equal_nan=True) for k in m3)
     check(f"2 ranks by {dist}: bit for bit the serial file", ok, r.stderr[-800:])
 
+# resume: a sweep that fails at its second chunk (fault build) keeps the
+# first chunk's three-metric records; the rerun completes the same file
+FAULT_BIN = private_binary(os.path.join(os.environ["PS_BUILD"], "tests", "patchsweep-faults"), TMP)
+rjob = write_job("m3-resume", "logit_diff,prob,kl")
+r1 = subprocess.run([FAULT_BIN, "sweep", rjob], capture_output=True, text=True, cwd=TMP, timeout=300,
+                    env=dict(ENV, PS_FAULT="chunk_eval:2:error"))
+r2 = run(["sweep", rjob])
+ok = r1.returncode == 1 and r2.returncode == 0 and "(3 from an earlier run)" in r2.stdout
+if ok:
+    res, _ = load("m3-resume.nc")
+    ok = res.keys() == m3.keys() and all(np.array_equal(res[k], m3[k], equal_nan=True) for k in m3)
+check("resumed after a failed chunk: the uninterrupted file's values", ok,
+      (r1.returncode, r1.stderr[-300:], r2.stderr[-300:]))
+
 parts = []
 for k in (1, 2):
     out = f"m3-{k}of2.nc"
