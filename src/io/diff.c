@@ -262,6 +262,10 @@ static ps_status compare_var(const ncin_file *fa, const ncin_file *fb, const nci
         out->mean_abs = out->n_cells ? sum_abs / (double)out->n_cells : NAN;
         for (size_t g = 0; g < grid; g++)
             out->mean_diff[g] = cnt[g] ? (float)(sum[g] / (double)cnt[g]) : NAN;
+        if (grid == 0) { /* no shared prompt (per-prompt values) or an empty axis: one cell, no value */
+            out->rows = out->cols = 1;
+            out->mean_diff[0] = NAN;
+        }
     }
     free(va), free(vb), free(sum), free(cnt);
     return st;

@@ -121,6 +121,18 @@ check("--svg: one readable heatmap per variable", ok, (r.stderr, files, text[:30
 r = run(["diff", "a.nc", "b.nc", "--svg", "no-such-dir"])
 check("--svg to a missing directory: one line, exit 1", r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr)
 
+# no shared prompt: nothing compared (null in JSON), exit 0, heatmaps of no value
+shutil.copy(os.path.join(TMP, "a.nc"), os.path.join(TMP, "none.nc"))
+with netCDF4.Dataset(os.path.join(TMP, "none.nc"), "a") as ds:
+    ds["done"][:] = 0
+os.makedirs(os.path.join(TMP, "svg-none"))
+r = run(["diff", "a.nc", "none.nc", "--json", "--svg", "svg-none", "--tolerance", "0"])
+j = json.loads(r.stdout) if r.returncode == 0 else {"variables": []}
+check("no shared prompt: nothing compared, exit 0, a heatmap per variable",
+      j.get("prompts_shared") == 0 and j.get("max_abs") is None
+      and all(x["cells"] == 0 and x["max_abs"] is None for x in j["variables"])
+      and len(os.listdir(os.path.join(TMP, "svg-none"))) == len(names), r.stderr + r.stdout[:300])
+
 # prompts matched by prompt_index: a slice against the whole run
 sweep("a", extra=("--slice", "2/2", "--output", "a-2of2.nc"))
 r = run(["diff", "a-2of2.nc", "a.nc", "--json"])
