@@ -65,7 +65,8 @@ def extra_name(var, metric):
 # --- sweeps ---------------------------------------------------------------------
 job3 = write_job("m3", " logit_diff, prob ,kl")
 r = run(["sweep", job3])
-check("sweep with three metrics", r.returncode == 0 and "8 of 8 prompts done" in r.stdout, r.stderr + r.stdout)
+check("sweep with three metrics; the summary names the others", r.returncode == 0 and "8 of 8 prompts done" in r.stdout
+      and "logit_diff: clean" in r.stdout and "; also in the file: prob, kl\n" in r.stdout, r.stderr + r.stdout)
 m3, attrs = load("m3.nc")
 check("attributes: metric is the first, metrics all of them",
       attrs["metric"] == "logit_diff" and attrs["metrics"] == "logit_diff,prob,kl", attrs.get("metrics"))
