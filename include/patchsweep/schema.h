@@ -100,6 +100,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "err.h"
+#include "ncin.h"
+
 /* ---- dimensions ---- */
 #define SCHEMA_DIM_PROMPT "prompt"
 #define SCHEMA_DIM_LAYER "layer"
@@ -109,7 +112,8 @@
 #define SCHEMA_DIM_TOPK "topk"
 
 /* ---- variables of the patching results ---- */
-#define SCHEMA_VAR_LAYER "layer"       /* coordinates */
+#define SCHEMA_VAR_PROMPT "prompt"     /* coordinates (schema 2): the dataset index of each prompt */
+#define SCHEMA_VAR_LAYER "layer"
 #define SCHEMA_VAR_POSITION "position"
 #define SCHEMA_VAR_HEAD "head"
 #define SCHEMA_VAR_KV_HEAD "kv_head"
@@ -122,7 +126,7 @@
 #define SCHEMA_VAR_WRONG "wrong"
 #define SCHEMA_VAR_DONE "done"
 #define SCHEMA_VAR_SKIPPED "skipped"
-#define SCHEMA_VAR_PROMPT_INDEX "prompt_index"
+#define SCHEMA_VAR_PROMPT_INDEX "prompt_index" /* schema 1 only: the prompt coordinate's values */
 #define SCHEMA_VAR_SKIP_REASON "skip_reason"
 #define SCHEMA_VAR_CLEAN_TOKEN_ID "clean_token_id"
 #define SCHEMA_VAR_CORRUPTED_TOKEN_ID "corrupted_token_id"
@@ -191,9 +195,13 @@
 /* ---- attributes of variables ---- */
 #define SCHEMA_ATT_LONG_NAME "long_name"
 #define SCHEMA_ATT_FILL_VALUE "_FillValue"
+#define SCHEMA_ATT_FLAG_VALUES "flag_values"   /* 0 1 (NC_BYTE) of a boolean variable */
+#define SCHEMA_ATT_VALID_MIN "valid_min"       /* 0 of an id variable: -1 = none (CF: missing) */
+#define SCHEMA_ATT_COORDINATES "coordinates"   /* global: the variables that label others (CF/xarray) */
 
 /* ---- global attributes ---- */
 #define SCHEMA_ATT_CONVENTIONS "Conventions"
+#define SCHEMA_ATT_SCHEMA "patchsweep_schema"   /* NC_INT SCHEMA_VERSION; absent: 1 */
 #define SCHEMA_ATT_PATCHSWEEP_VERSION "patchsweep_version"
 #define SCHEMA_ATT_COMMAND_LINE "command_line"
 #define SCHEMA_ATT_CREATED "created"
@@ -229,8 +237,18 @@
 
 /* ---- attribute values ---- */
 #define SCHEMA_CONVENTIONS "patchsweep-1.0"
-#define SCHEMA_TRUE "true"
+/* The file format's version (global attribute patchsweep_schema).  1 (no
+ * attribute): up to December 2026.  2: the prompt coordinate, the
+ * coordinates attribute, booleans as integers, masked integer fills, no
+ * string _FillValue, the layer coordinate of lens files (embed = -1).
+ * Readers take both (schema_version and the schema_read_* below). */
+#define SCHEMA_VERSION 2
+#define SCHEMA_TRUE "true"                /* schema 1's boolean attributes */
 #define SCHEMA_FALSE "false"
+#define SCHEMA_DONE_MEANINGS "not_done done"
+#define SCHEMA_SKIPPED_MEANINGS "not_skipped skipped"
+#define SCHEMA_LAYER_EMBED (-1)           /* layer coordinate of the embedding row (lens) */
+#define SCHEMA_LAYER_LONG_NAME "block index (-1: the embedding output)"
 #define SCHEMA_SLICE_ALL "all"
 #define SCHEMA_ANALYSIS_LENS "lens"
 #define SCHEMA_DIRECTION_DENOISE "denoise"
@@ -243,7 +261,8 @@
  * tests/unit/test_ncout.c checks them against netCDF's) ---- */
 #define SCHEMA_FILL_GRID 9.9692099683868690e+36f   /* NC_FILL_FLOAT: C, C_normalized */
 #define SCHEMA_FILL_METRIC 9.9692099683868690e+36  /* NC_FILL_DOUBLE: clean/corrupted_metric */
-#define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id */
+#define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id, answer_id, wrong_id, topk_id: written, no _FillValue */
+#define SCHEMA_FILL_INT (-1)                       /* length, rank: _FillValue (masked) */
 #define SCHEMA_FILL_ROLE_POSITION (-1)             /* role_position */
 #define SCHEMA_FILL_ITEM_INT (-9223372036854775806LL) /* NC_FILL_INT64: item_NAME integers */
 
@@ -265,5 +284,18 @@ bool schema_parse_slice(const char *s, size_t max_n, size_t *k, size_t *n);
  * Any failure to read says false. */
 bool schema_is_complete_run(const char *path, const char *job_sha256, const char *model_sha256,
                             const char *dataset_sha256, const char *slice);
+
+/* The schema version of an open file: its patchsweep_schema attribute, 1
+ * when absent; PS_ERR_FORMAT when the attribute is not one integer. */
+int schema_version(const ncin_file *f);
+
+/* A boolean global attribute (complete, prepend_bos): an integer 0/1
+ * (schema 2) or the text "true"/"false" (schema 1).  *present false when
+ * absent; PS_ERR_FORMAT naming the file when it is anything else. */
+ps_status schema_read_flag(const ncin_file *f, const char *name, bool *value, bool *present);
+
+/* The variable holding each prompt's dataset index: prompt (schema 2) or
+ * prompt_index (schema 1); NULL when the file has neither. */
+const char *schema_prompt_index_var(const ncin_file *f);
 
 #endif
