@@ -92,7 +92,7 @@ with xr.open_dataset(f"{TMP}/r0.nc") as ds:
     check("provenance", all(k in ds.attrs for k in ("patchsweep_version", "command_line", "model_sha256", "job_text",
                                                      "job_sha256", "dataset_sha256", "mpi_ranks", "blas", "metric",
                                                      "direction", "engine", "Conventions"))
-          and ds.attrs["complete"] == "true", list(ds.attrs))
+          and ds.attrs["complete"] == 1, list(ds.attrs))
     lengths = ds["length"].values
     short = int(np.argmin(lengths))
     check("fill past a prompt's length", lengths.min() == lengths.max()
@@ -200,7 +200,7 @@ for ranks in (0, 2):
         continue
     v, attrs = values(out)
     done = v["done"]
-    check(f"{what} leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
+    check(f"{what} leaves a readable file marked incomplete", attrs["complete"] == 0 and 0 < done.sum() < 24,
           f"{attrs.get('complete')} {done.sum()}")
     pend = done == 0
     check(f"{what}: prompts not done read as NaN in xarray (metrics, grids), done ones as numbers; "
@@ -247,7 +247,7 @@ r = run(["sweep", skipjob])
 with xr.open_dataset(f"{TMP}/skip.nc") as ds:
     check("skip_invalid records skipped pairs", r.returncode == 0 and list(ds["skipped"].values) ==
           [0, 0, 0, 1, 0, 1, 0, 0, 0, 0] and "token length" in str(ds["skip_reason"].values[3])
-          and ds.attrs["complete"] == "true", r.stderr)
+          and ds.attrs["complete"] == 1, r.stderr)
 
 shutil.rmtree(TMP, ignore_errors=True)
 finish("sweep")
