@@ -92,28 +92,30 @@ rpos = raw["role_position"][:]                                    # (prompt, rol
 roles = list(raw["role"][:])
 tmpl = raw["item_template"][:]
 done = raw["done"][:]
-ROLE = "IO"
-ri = roles.index(ROLE)
-at_role = np.array([grid[p, :, rpos[p, ri]] for p in range(N)])   # (prompt, layer)
 templates = sorted(set(tmpl[done == 1].tolist()))
 check("several templates", len(templates) >= 3, templates)
-hand_t = {t: at_role[(tmpl == t) & (done == 1)].mean(axis=0) for t in templates}
-hand_all = at_role[done == 1].mean(axis=0)
-
-# xarray: select a role (vectorized indexing by the role's position), keep
-# the prompts done, group by template, mean over prompts
-pos = ds.role_position.sel(role=ROLE)
-sel = ds.resid_pre_normalized.isel(position=pos.astype(int)).where(ds.done == 1)
-by_t = sel.groupby("item_template").mean("prompt")
-check("groupby template, role IO, mean over prompts == by hand",
-      all(np.allclose(by_t.sel(item_template=t).values, hand_t[t], rtol=1e-6, atol=1e-6) for t in templates),
-      (by_t.values, hand_t))
-check("role IO, mean over prompts == by hand", np.allclose(sel.mean("prompt").values, hand_all, rtol=1e-6, atol=1e-6))
-agg = ds.resid_pre_normalized_by_role_template.sel(role=ROLE)
-check("the file's V_by_role_template agrees",
-      all(np.allclose(agg.sel(template=t).values, hand_t[t], rtol=1e-5, atol=1e-6) for t in templates))
-check("the file's V_by_role agrees",
-      np.allclose(ds.resid_pre_normalized_by_role.sel(role=ROLE).values, hand_all, rtol=1e-5, atol=1e-6))
+# S2 and END: the roles whose values differ from 0 in this denoising sweep
+for ROLE in ("S2", "END"):
+    ri = roles.index(ROLE)
+    at_role = np.array([grid[p, :, rpos[p, ri]] for p in range(N)])   # (prompt, layer)
+    hand_t = {t: at_role[(tmpl == t) & (done == 1)].mean(axis=0) for t in templates}
+    hand_all = at_role[done == 1].mean(axis=0)
+    check(f"{ROLE}: the numbers are not trivial", np.abs(hand_all).max() > 0.1, hand_all)
+    # xarray: select a role (vectorized indexing by the role's position), keep
+    # the prompts done, group by template, mean over prompts
+    pos = ds.role_position.sel(role=ROLE)
+    sel = ds.resid_pre_normalized.isel(position=pos.astype(int)).where(ds.done == 1)
+    by_t = sel.groupby("item_template").mean("prompt")
+    check(f"groupby template, role {ROLE}, mean over prompts == by hand",
+          all(np.allclose(by_t.sel(item_template=t).values, hand_t[t], rtol=1e-6, atol=1e-6) for t in templates),
+          (by_t.values, hand_t))
+    check(f"role {ROLE}, mean over prompts == by hand",
+          np.allclose(sel.mean("prompt").values, hand_all, rtol=1e-6, atol=1e-6))
+    agg = ds.resid_pre_normalized_by_role_template.sel(role=ROLE)
+    check(f"{ROLE}: the file's V_by_role_template agrees",
+          all(np.allclose(agg.sel(template=t).values, hand_t[t], rtol=1e-5, atol=1e-6) for t in templates))
+    check(f"{ROLE}: the file's V_by_role agrees",
+          np.allclose(ds.resid_pre_normalized_by_role.sel(role=ROLE).values, hand_all, rtol=1e-5, atol=1e-6))
 check("sel(layer=..) and the token labels line up",
       str(ds.resid_pre.sel(prompt=0, layer=1).isel(position=int(pos[0])).clean_token.values)
       == raw["clean_token"][0, rpos[0, ri]])
