@@ -412,6 +412,19 @@ static ps_status put_global_atts(ncout_file *f, part **sorted, size_t n_parts, s
                 seen_before = nc_inq_attid(sorted[j]->ncid, NC_GLOBAL, name, &(int){0}) == NC_NOERR;
             if (seen_before || in_list(name, dropped_atts, n_dropped))
                 continue;
+            if (!strcmp(name, SCHEMA_ATT_COORDINATES)) {
+                /* the union of the parts' lists (a part written back by
+                 * xarray lists them per variable, not globally) */
+                for (size_t j = 0; j < n_parts && st == PS_OK; j++) {
+                    char *list = NULL;
+                    if ((st = get_text_att(sorted[j], name, &list)) == PS_OK && list)
+                        for (char *save = NULL, *w = strtok_r(list, " ", &save); w && st == PS_OK;
+                             w = strtok_r(NULL, " ", &save))
+                            st = ncout_add_coordinate(f->ncid, f->tmp_path, w);
+                    free(list);
+                }
+                continue;
+            }
             bool equal = !in_list(name, run_atts, n_run);
             for (size_t j = 0; j < n_parts && equal; j++)
                 equal = j == src || att_equal(sorted[src], sorted[j], name);

@@ -184,12 +184,15 @@ for k in (1, 2):
     r = run(["sweep", "all.ini", "--slice", f"{k}/2", "--output", f"part{k}.nc"])
     with xr.open_dataset(os.path.join(TMP, f"part{k}.nc")) as p:
         p.to_netcdf(os.path.join(TMP, f"part{k}-rt.nc"))
-r = run(["merge", "part1-rt.nc", "part2-rt.nc", "-o", "merged-rt.nc"])
-check("merge reads parts written back by xarray", r.returncode == 0, r.stderr)
-if r.returncode == 0:
-    with xr.open_dataset(os.path.join(TMP, "merged-rt.nc")) as m, xr.open_dataset(ALL) as a:
-        diff = [v for v in a.variables if not m[v].equals(a[v])]
-        check("merged parts written back == the unsliced run", not diff and m.attrs["complete"] == 1, diff)
+for what, parts, out in (("parts written back by xarray", ["part1-rt.nc", "part2-rt.nc"], "merged-rt.nc"),
+                         ("a part written back and one not", ["part1.nc", "part2-rt.nc"], "merged-mix.nc")):
+    r = run(["merge"] + parts + ["-o", out])
+    check(f"merge reads {what}", r.returncode == 0, r.stderr)
+    if r.returncode == 0:
+        # equals: values and coordinates (the coordinates attributes of the parts united)
+        with xr.open_dataset(os.path.join(TMP, out)) as m, xr.open_dataset(ALL) as a:
+            diff = [v for v in a.variables if not m[v].equals(a[v])]
+            check(f"merged {what} == the unsliced run", not diff and m.attrs["complete"] == 1, diff)
 
 # ---- schema 1 files (fixtures written by the format before schema 2) ---------------------
 FX = os.path.join(ROOT, "tests", "integration", "fixtures", "schema-v1")
