@@ -11,7 +11,8 @@
  *
  * The file format (names, types, fill values) is schema.h's contract.
  *
- * Provenance (global attributes of every file): patchsweep_version,
+ * Provenance (global attributes of every file): patchsweep_schema (NC_INT,
+ * SCHEMA_VERSION), patchsweep_version,
  * command_line, created (UTC ISO 8601), model_path, model_sha256,
  * model_config (config.json text), model_dtype, Conventions; and once the
  * CLI has recorded its BLAS set-up (prov_set_blas): blas (one line: OpenBLAS
