@@ -11,7 +11,8 @@
  *
  * The file format (names, types, fill values) is schema.h's contract.
  *
- * Provenance (global attributes of every file): patchsweep_version,
+ * Provenance (global attributes of every file): patchsweep_schema (NC_INT,
+ * SCHEMA_VERSION), patchsweep_version,
  * command_line, created (UTC ISO 8601), model_path, model_sha256,
  * model_config (config.json text), model_dtype, Conventions; and once the
  * CLI has recorded its BLAS set-up (prov_set_blas): blas (one line: OpenBLAS
@@ -75,15 +76,15 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
  * patched metric C(prompt, layer, position) / C(prompt, layer, position,
  * head) / C(prompt, layer, head) and C_normalized likewise; per prompt
  * clean_metric, corrupted_metric, length, answer_id, wrong_id, answer, wrong,
- * prompt_index (the pair's 0-based index in the whole dataset: files of a
+ * the coordinate prompt (the pair's 0-based index in the whole dataset: files of a
  * sliced sweep hold a contiguous part of it), done (1 when every value of
  * the prompt is written), skipped (1 when the
  * pair was invalid and skipped, reason in skip_reason); per prompt and
  * position clean_token_id, corrupted_token_id, clean_token, corrupted_token.
  * Positions past a prompt's length, and every value of a prompt not done,
- * hold the fill value: _FillValue for the grids and metrics (NaN once read
- * by xarray), "" for strings, netCDF's default fill for the integers
- * (length, answer_id, wrong_id keep their integer type in xarray).  Global attributes: provenance
+ * hold the fill value: _FillValue for the grids, metrics and length (NaN
+ * once read by xarray), "" for strings, -1 for the ids (no _FillValue:
+ * integers in xarray).  Global attributes: provenance
  * plus metric, direction, engine. */
 /* One per-prompt variable in the staging window (ncout.c). */
 typedef struct {
@@ -183,5 +184,20 @@ ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correla
 
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
+
+/* A boolean global attribute (complete, prepend_bos): NC_INT 0 or 1. */
+ps_status ncout_put_flag(ncout_file *f, const char *name, bool value);
+
+/* Add `name` to the global attribute coordinates (the variables that label
+ * others: xarray makes them coordinates); a name already there is kept once.
+ * `path` names the file in messages. */
+ps_status ncout_add_coordinate(int ncid, const char *path, const char *name);
+
+/* A 0/1 variable's flag_values (0b, 1b) and flag_meanings ("no yes"). */
+ps_status ncout_def_flag_var(int ncid, const char *path, int var, const char *meanings);
+
+/* A token id variable: -1 written where there is none, valid_min 0, no
+ * _FillValue (so that xarray keeps the ids integers). */
+ps_status ncout_def_id_var(int ncid, const char *path, int var);
 
 #endif

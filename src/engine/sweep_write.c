@@ -306,7 +306,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
                             .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
     if ((st = ncout_results_flush(&r)) || (st = results_roles_put(f.ncid, f.tmp_path, &rin)) ||
         (st = results_roles_aggregate(f.ncid, f.tmp_path)) || (st = write_guards(&fx, &f)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, res->complete ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = ncout_put_flag(&f, SCHEMA_ATT_COMPLETE, res->complete)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_PROMPTS_DONE, num)))
         goto out;
     st = ncout_commit(&f);
