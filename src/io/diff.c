@@ -115,7 +115,8 @@ static int by_index(const void *x, const void *y)
     return a->index < b->index ? -1 : a->index > b->index ? 1 : (a->row > b->row) - (a->row < b->row);
 }
 
-/* Per prompt row: its prompt_index (the row itself without the variable)
+/* Per prompt row: its dataset index (schema_prompt_index_var: prompt in
+ * schema 2, prompt_index in schema 1; the row itself without either)
  * and whether it is done (every row without done). */
 static ps_status prompt_rows(const ncin_file *f, size_t n, double **index, unsigned char **done)
 {
@@ -126,8 +127,8 @@ static ps_status prompt_rows(const ncin_file *f, size_t n, double **index, unsig
     for (size_t i = 0; st == PS_OK && i < n; i++)
         (*index)[i] = (double)i, (*done)[i] = 1;
     ncin_var v;
-    if (st == PS_OK && n && ncin_has_var(f, SCHEMA_VAR_PROMPT_INDEX) &&
-        (st = ncin_inq_var(f, SCHEMA_VAR_PROMPT_INDEX, &v)) == PS_OK && v.ndim == 1)
+    const char *index_var = schema_prompt_index_var(f);
+    if (st == PS_OK && n && index_var && (st = ncin_inq_var(f, index_var, &v)) == PS_OK && v.ndim == 1)
         st = ncin_read_double(f, &v, 0, n, *index);
     if (st == PS_OK && n && ncin_has_var(f, SCHEMA_VAR_DONE) && (st = ncin_inq_var(f, SCHEMA_VAR_DONE, &v)) == PS_OK &&
         v.ndim == 1 && (st = ncin_read_double(f, &v, 0, n, tmp)) == PS_OK)

@@ -598,9 +598,9 @@ ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m
             (st = ncout_check(nc_def_var_fill(f->ncid, r->var_norm[c], 0, &fill), f->tmp_path, name)))
             return st;
     }
-    const int ids[5] = {d_prompt, d_layer, d_pos, d_head, d_kv_head};
+    const int dim_ids[5] = {d_prompt, d_layer, d_pos, d_head, d_kv_head};
     for (size_t k = 1; k < metrics->n; k++)
-        if ((st = define_metric(r, &m->cfg, k, ids)))
+        if ((st = define_metric(r, &m->cfg, k, dim_ids)))
             return st;
     if ((st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
