@@ -251,7 +251,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
     if ((st = sweep_deal(items, n_pairs, ranks, owner)))
         goto agree;
     for (size_t k = 0; k < n_pairs; k++) {
-        const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+        const size_t nv = SWEEP_PROMPT_HEAD + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
         counts[owner[k]] += nv * sizeof(double);
         n_total += nv;
     }
@@ -279,6 +279,8 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
         mine[w++] = pairs[i].clean_metric[j->metric];
         mine[w++] = pairs[i].corrupted_metric[j->metric];
+        sweep_top_ids(&pairs[i], m->cfg.vocab_size, mine + w);
+        w += SWEEP_TOP_K;
         memcpy(mine + w, vals + r, nv * sizeof *mine);
         w += nv, r += nv;
     }
@@ -297,14 +299,14 @@ agree:
         for (size_t r = 1; r < ranks; r++)
             base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
         for (size_t k = 0, w = 0; k < n_pairs; k++) {
-            const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+            const size_t nv = SWEEP_PROMPT_HEAD + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
             memcpy(ordered + w, gathered + base[owner[k]], nv * sizeof *ordered);
             base[owner[k]] += nv;
             w += nv;
         }
         *out = ordered;
     }
-    *n_cells_out = n_total - 2 * n_pairs;
+    *n_cells_out = n_total - SWEEP_PROMPT_HEAD * n_pairs;
 out:
     for (size_t i = 0; pairs && i < n_mine; i++)
         patch_pair_free(&pairs[i]);
@@ -314,6 +316,29 @@ out:
 }
 
 /* ---- the chunk protocol ------------------------------------------------------ */
+
+void sweep_top_ids(const patch_pair *p, size_t V, double out[SWEEP_TOP_K])
+{
+    /* one pass keeping the K largest in order: K x V comparisons at worst,
+     * ~0.5 M for GPT-2's vocabulary, once per prompt */
+    int64_t id[SWEEP_TOP_K];
+    float lp[SWEEP_TOP_K];
+    size_t n = 0;
+    for (size_t i = 0; i < V; i++) {
+        float x = p->clean_logprobs[i];
+        if (x != x || (n == SWEEP_TOP_K && !(x > lp[n - 1])))
+            continue; /* NaN, or not above the K-th */
+        size_t k = n < SWEEP_TOP_K ? n++ : SWEEP_TOP_K - 1;
+        for (; k > 0 && x > lp[k - 1]; k--) {
+            lp[k] = lp[k - 1];
+            id[k] = id[k - 1];
+        }
+        lp[k] = x;
+        id[k] = (int64_t)i;
+    }
+    for (size_t k = 0; k < SWEEP_TOP_K; k++)
+        out[k] = k < n ? (double)id[k] : -1.0;
+}
 
 bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks)
 {
@@ -334,7 +359,7 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
 {
     size_t n = 0;
     for (size_t k = 0; k < n_pairs; k++)
-        n += 2 + sweep_prompt_cells(j->components, cfg, pairs[k].T);
+        n += SWEEP_PROMPT_HEAD + sweep_prompt_cells(j->components, cfg, pairs[k].T);
     double *v = malloc((n ? n : 1) * sizeof *v);
     if (!v)
         return err_set(PS_ERR_NOMEM, "out of memory");
@@ -342,6 +367,8 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
         const size_t nv = sweep_prompt_cells(j->components, cfg, pairs[k].T);
         v[w++] = pairs[k].clean_metric[j->metric];
         v[w++] = pairs[k].corrupted_metric[j->metric];
+        sweep_top_ids(&pairs[k], cfg->vocab_size, v + w);
+        w += SWEEP_TOP_K;
         memcpy(v + w, values + r, nv * sizeof *v);
         w += nv, r += nv;
     }

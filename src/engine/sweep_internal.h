@@ -24,6 +24,7 @@
 #include "model.h"
 #include "patch.h"
 #include "results_roles.h"
+#include "schema.h"
 #include "sweep.h"
 #include "tokenizer.h"
 
@@ -117,13 +118,28 @@ ps_status sweep_deal(sweep_cost *items, size_t n, size_t ranks, uint32_t *owner)
  * working memory allows (work_chunk) or when there are 4 or more a rank. */
 bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks);
 
+/* What a prompt's values carry before its cells (in a chunk's values and,
+ * after the two metrics, in its journal record's values): the clean run's
+ * SWEEP_TOP_K most likely next tokens as doubles, most likely first (ties:
+ * the lower id first; -1 pads a vocabulary under SWEEP_TOP_K), so that the
+ * results file can flag an answer the model does not predict (schema.h
+ * SCHEMA_GUARD_NOT_TOP_K) without keeping the logits. */
+#define SWEEP_TOP_K ((size_t)SCHEMA_GUARD_TOP_K)
+/* Doubles a prompt before its cells in a chunk's values: clean metric,
+ * corrupted metric, then the SWEEP_TOP_K ids. */
+#define SWEEP_PROMPT_HEAD ((size_t)2 + SWEEP_TOP_K)
+
+/* The top ids of p's clean run from its next-token log-probabilities. */
+void sweep_top_ids(const patch_pair *p, size_t V, double out[SWEEP_TOP_K]);
+
 /* One chunk's results. */
 typedef struct {
     size_t n_pairs;  /* prompts of the chunk, every rank; 0: no more chunks */
     bool by_prompt;  /* the distribution used */
     double *values;  /* rank 0: per prompt in chunk order, [clean metric,
-                        corrupted metric, values of its cells in component
-                        and grid order] (2 + sweep_prompt_cells each) */
+                        corrupted metric, SWEEP_TOP_K clean top ids, values
+                        of its cells in component and grid order]
+                        (SWEEP_PROMPT_HEAD + sweep_prompt_cells each) */
     size_t n_cells;  /* cells computed */
 } sweep_chunk;
 
