@@ -285,32 +285,44 @@ DEMO_LLAMA_FIGURES := ioi-tiny-llama.svg ioi-tiny-llama-heads.svg ioi-tiny-llama
                       capitals-tiny-llama.svg capitals-tiny-llama-lens.svg
 DEMO_ALL_FIGURES := $(DEMO_FIGURES) $(if $(filter 1,$(DEMO_LLAMA)),$(DEMO_LLAMA_FIGURES))
 # Two figures side by side: $(call demo_pair,TITLE,GPT2.svg,LLAMA.svg)
+# Each figure's caption is the one `plot --caption` wrote from its file (results/NAME.caption.html).
 demo_pair = echo '<h3>$(1)</h3><div style="display:flex;gap:1em">'; \
-	    echo '<figure style="flex:1;margin:0"><figcaption>GPT-2 (jobs/ioi-tiny)</figcaption><img src="$(2)" style="width:100%"></figure>'; \
-	    echo '<figure style="flex:1;margin:0"><figcaption>Llama (jobs/ioi-tiny-llama)</figcaption><img src="$(3)" style="width:100%"></figure></div>';
+	    echo '<figure style="flex:1;margin:0"><b>GPT-2 (jobs/ioi-tiny)</b><img src="$(2)" style="width:100%">'; \
+	    cat results/$(2:.svg=.caption.html); echo '</figure>'; \
+	    echo '<figure style="flex:1;margin:0"><b>Llama (jobs/ioi-tiny-llama)</b><img src="$(3)" style="width:100%">'; \
+	    cat results/$(3:.svg=.caption.html); echo '</figure></div>';
 demo: deps
 	$(MAKE) tokenizer
 	$(MAKE) all
 	@mkdir -p results
 	$(MPIRUN) -np 2 $(PS) sweep jobs/ioi-tiny/job.ini --overwrite
 	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny/job.ini --overwrite
-	$(PS) plot results/ioi-tiny.nc --var all --prompt 0 -o results/ioi-tiny.svg
-	$(PS) plot results/ioi-tiny.nc --var z_all_pos_normalized --mean -o results/ioi-tiny-heads.svg
-	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized,attn_out_normalized --by-role -o results/ioi-tiny-by-role.svg
-	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized --mean --by-length -o results/ioi-tiny-resid-by-length.svg
-	$(PS) plot results/capitals-tiny.nc --var all --prompt 0 -o results/capitals-tiny.svg
-	$(PS) plot results/capitals-tiny-lens.nc --mean -o results/capitals-tiny-lens.svg
+	$(PS) plot results/ioi-tiny.nc --var all --prompt 0 -o results/ioi-tiny.svg --caption results/ioi-tiny.caption.html
+	$(PS) plot results/ioi-tiny.nc --var z_all_pos_normalized --mean \
+	    -o results/ioi-tiny-heads.svg --caption results/ioi-tiny-heads.caption.html
+	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized,attn_out_normalized --by-role \
+	    -o results/ioi-tiny-by-role.svg --caption results/ioi-tiny-by-role.caption.html
+	$(PS) plot results/ioi-tiny.nc --var resid_pre_normalized --mean --by-length \
+	    -o results/ioi-tiny-resid-by-length.svg --caption results/ioi-tiny-resid-by-length.caption.html
+	$(PS) plot results/capitals-tiny.nc --var all --prompt 0 \
+	    -o results/capitals-tiny.svg --caption results/capitals-tiny.caption.html
+	$(PS) plot results/capitals-tiny-lens.nc --mean \
+	    -o results/capitals-tiny-lens.svg --caption results/capitals-tiny-lens.caption.html
 ifeq ($(DEMO_LLAMA),1)
 	$(MPIRUN) -np 2 $(PS) sweep jobs/ioi-tiny-llama/job.ini --overwrite
 	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny-llama/job.ini --overwrite
-	$(PS) plot results/ioi-tiny-llama.nc --var all --prompt 0 -o results/ioi-tiny-llama.svg
-	$(PS) plot results/ioi-tiny-llama.nc --var z_all_pos_normalized --mean -o results/ioi-tiny-llama-heads.svg
+	$(PS) plot results/ioi-tiny-llama.nc --var all --prompt 0 \
+	    -o results/ioi-tiny-llama.svg --caption results/ioi-tiny-llama.caption.html
+	$(PS) plot results/ioi-tiny-llama.nc --var z_all_pos_normalized --mean \
+	    -o results/ioi-tiny-llama-heads.svg --caption results/ioi-tiny-llama-heads.caption.html
 	$(PS) plot results/ioi-tiny-llama.nc --var resid_pre_normalized,attn_out_normalized --by-role \
-	    -o results/ioi-tiny-llama-by-role.svg
+	    -o results/ioi-tiny-llama-by-role.svg --caption results/ioi-tiny-llama-by-role.caption.html
 	$(PS) plot results/ioi-tiny-llama.nc --var resid_pre_normalized --mean --by-length \
-	    -o results/ioi-tiny-llama-resid-by-length.svg
-	$(PS) plot results/capitals-tiny-llama.nc --var all --prompt 0 -o results/capitals-tiny-llama.svg
-	$(PS) plot results/capitals-tiny-llama-lens.nc --mean -o results/capitals-tiny-llama-lens.svg
+	    -o results/ioi-tiny-llama-resid-by-length.svg --caption results/ioi-tiny-llama-resid-by-length.caption.html
+	$(PS) plot results/capitals-tiny-llama.nc --var all --prompt 0 \
+	    -o results/capitals-tiny-llama.svg --caption results/capitals-tiny-llama.caption.html
+	$(PS) plot results/capitals-tiny-llama-lens.nc --mean \
+	    -o results/capitals-tiny-llama-lens.svg --caption results/capitals-tiny-llama-lens.caption.html
 endif
 	@{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>patchsweep demo</title></head><body>'; \
 	   echo '<h1>patchsweep demo: the embedded models</h1><p>Made by <code>make demo</code>; data in results/*.nc.</p>'; \
@@ -332,7 +344,8 @@ endif
 	   $(call demo_pair,mean over the prompts: the output of each head patched at every position,ioi-tiny-heads.svg,ioi-tiny-llama-heads.svg) \
 	   $(call demo_pair,prompt 0: every component by layer and position,ioi-tiny.svg,ioi-tiny-llama.svg) \
 	   fi; \
-	   for f in $(DEMO_ALL_FIGURES); do echo "<h2>$$f</h2><img src=\"$$f\" style=\"max-width:100%\">"; done; \
+	   for f in $(DEMO_ALL_FIGURES); do echo "<h2>$$f</h2><figure style=\"margin:0\"><img src=\"$$f\" style=\"max-width:100%\">"; \
+	       cat results/$${f%.svg}.caption.html; echo '</figure>'; done; \
 	   echo '</body></html>'; } > results/index.html
 	@echo "demo: results/ioi-tiny.nc, results/capitals-tiny.nc$(if $(filter 1,$(DEMO_LLAMA)),$(comma) results/ioi-tiny-llama.nc$(comma) results/capitals-tiny-llama.nc), figures in results/index.html" >&2
 

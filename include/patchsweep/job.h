@@ -122,7 +122,16 @@ typedef struct {
     bool lens;             /* enabled (false) */
     size_t lens_top_k;     /* top_k (10), 1..JOB_LENS_TOP_K_MAX */
     char *lens_output;     /* output: resolved path, ends in .nc; NULL when absent */
+    /* lines of the job file that set [model] dir and [lens] output (0: absent), for job_check_paths */
+    size_t model_dir_line, lens_output_line;
 } job;
+
+/* The job's paths checked on the file system before any work, with the
+ * job file's line as the parser's errors have it: [model] dir must be a
+ * directory ("jobs/x/job.ini:3: [model] dir: 'jobs/x/model' does not
+ * exist"), and when `lens` (the run will write the [lens] file) the
+ * directory of [lens] output must exist and be writable.  PS_ERR_IO. */
+ps_status job_check_paths(const job *j, bool lens);
 
 /* Read the job file at `path` (at most JOB_MAX_BYTES, no NUL bytes) and parse
  * it with job_parse.  On failure *j is zeroed. */

@@ -67,6 +67,9 @@ char *plot_token_label(const char *token, size_t index);
 typedef struct {
     const char *title;         /* top line; NULL: none */
     const char *subtitle;      /* second line; NULL: none */
+    /* What the figure shows and what to look for, a paragraph written as
+     * the SVG's <desc> (plotfig builds it from the file's attributes); NULL: none */
+    const char *caption;
     /* Provenance as <metadata><entry key="K">V</entry>...</metadata>
      * (namespace urn:patchsweep:provenance); keys and values are escaped. */
     const char *const (*meta)[2];
@@ -82,6 +85,16 @@ typedef struct {
     size_t n_rows, n_cols;
     const char *const *row_labels;      /* n_rows display labels */
     const char *const *col_labels;      /* n_cols display labels */
+    /* Optional [n_cols]: labels to show first (role positions) when there is
+     * no room for all.  Labels are thinned so that none overlap at any
+     * number of columns: the last column's and these first (one that would
+     * overlap a label already kept is dropped), then every k-th column's,
+     * k the smallest step at which the widest labels clear each other
+     * (estimated width: 0.6 em a code point at 11 px; upright labels need
+     * their half-widths plus 3 px between centres, labels rotated by -45
+     * degrees a line (11 + 3 px) across the text).  The hover text of the
+     * cells keeps every label. */
+    const bool *col_keep;
     const float *values;                /* [n_rows * n_cols] row-major; NaN = no value */
     /* Hover text of a cell: "{hover_name} [{y_name} {row}, {x_name} {col}] = {value}"
      * with the value as %.9g (exact for float32) or "NaN (no value)". */

@@ -108,13 +108,17 @@
  *   (NC_INT), all NC_DOUBLE with NaN where the count is 0; and per template
  *   V_by_role_template(template, layer, role[, head]), _std, _count.
  *
- * Guards (sweeps): guard(prompt) NC_INT bit flags (flag_masks 1 2 4,
+ * Guards (sweeps): guard(prompt) NC_INT bit flags (flag_masks 1 2 4 8,
  *   flag_meanings SCHEMA_GUARD_MEANINGS): 1 clean and corrupted are the same
  *   tokens (the normalized grid is NaN), 2 |clean_metric - corrupted_metric|
  *   < 0.1 x the standard deviation of the clean and corrupted metrics pooled
  *   over done prompts (the normalized values are noise), 4 the answer does
  *   not start with whitespace while the prompt does not end with it (GPT-2
- *   then predicts " Mary", not "Mary").  Global attribute guards: one line
+ *   then predicts " Mary", not "Mary"), a check of the text; 8 the answer
+ *   is not among the SCHEMA_GUARD_TOP_K most likely next tokens of the clean
+ *   run (its rank in the clean run's next-token distribution, 1 + the
+ *   number of tokens with a larger logit, is over 10): the metric follows a
+ *   token the model does not predict.  Global attribute guards: one line
  *   per guard that fired (count and first prompts), "" when none.
  *
  * Activation cache (`run --cache`)
@@ -224,7 +228,10 @@
 #define SCHEMA_GUARD_IDENTICAL 1        /* clean and corrupted prompts are the same tokens */
 #define SCHEMA_GUARD_SMALL_GAP 2        /* |clean - corrupted metric| < SCHEMA_GUARD_GAP_FRACTION x spread */
 #define SCHEMA_GUARD_UNSPACED_ANSWER 4  /* answer lacks the leading space the prompt calls for */
-#define SCHEMA_GUARD_MEANINGS "identical_prompts small_metric_gap answer_without_leading_space"
+#define SCHEMA_GUARD_NOT_TOP_K 8        /* the answer's rank in the clean run's next-token distribution > SCHEMA_GUARD_TOP_K */
+#define SCHEMA_GUARD_TOP_K 10
+#define SCHEMA_GUARD_MEANINGS \
+    "identical_prompts small_metric_gap answer_without_leading_space answer_not_in_clean_top_k"
 #define SCHEMA_GUARD_GAP_FRACTION 0.1
 
 /* ---- variables of the cache and lens files ---- */

@@ -388,6 +388,9 @@ int cmd_lens(int argc, char **argv)
     } else if (output) {
         return cli_usage("lens", "-o applies to --dataset; use --json for one prompt");
     }
+    /* the file is written after every prompt's lens: a bad directory now, not then */
+    if (output && ncout_check_writable(output) != PS_OK)
+        return cli_fail();
     model m;
     tokenizer *tok;
     if ((rc = in.ids         ? cli_load_ids("lens", &o, &m, &tok, NULL, 0)

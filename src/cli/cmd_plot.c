@@ -12,7 +12,7 @@
 static const char *plot_help =
     "usage: patchsweep plot IN.nc -o OUT.svg [--var NAME[,NAME...]|all]\n"
     "                       [--prompt N | --mean [--by-length | --length N] | --by-role]\n"
-    "                       [--tokens clean|corrupted] [--title T] [--zmax Z]\n"
+    "                       [--tokens clean|corrupted] [--title T] [--zmax Z] [--caption F.html]\n"
     "  A self-contained SVG 1.1 figure of a result file; open it in a browser.\n"
     "\n"
     "  Patching results (patch, sweep): one heatmap per variable, on the worksheet's\n"
@@ -45,18 +45,23 @@ static const char *plot_help =
     "  --tokens WHICH x labels from clean_token (default, as the seed) or corrupted_token\n"
     "  --title T      figure title\n"
     "  --zmax Z       colour range [-Z, Z] (default: the largest |value| shown)\n"
+    "  --caption F    also write the figure's caption to F as an HTML <figcaption>: what\n"
+    "                 was patched, the metric and direction, the prompts and what to look\n"
+    "                 for per component kind, from the file's attributes (the SVG carries\n"
+    "                 the same text in its <desc>)\n"
     "  The file records patchsweep's version, this command line, the source file and\n"
     "  its model_sha256 in <metadata>.\n";
 
 #define CMD "plot"
 
 enum { OPT_VAR = CLI_OPT_FIRST_FREE, OPT_PROMPT, OPT_MEAN, OPT_BY_LENGTH, OPT_LENGTH, OPT_TOKENS, OPT_TITLE, OPT_ZMAX,
-       OPT_BY_ROLE };
+       OPT_BY_ROLE, OPT_CAPTION };
 
 /* The options: the figure's (plotfig.h) and the output. */
 typedef struct {
     plotfig_opts o;
     const char *output;
+    const char *caption; /* --caption: the HTML caption's file, or NULL */
     const plotfig *fig; /* built, to write */
 } plot_args;
 
@@ -74,6 +79,7 @@ static int parse_args(int argc, char **argv, plot_args *a)
                                          {"tokens", required_argument, 0, OPT_TOKENS},
                                          {"title", required_argument, 0, OPT_TITLE},
                                          {"zmax", required_argument, 0, OPT_ZMAX},
+                                         {"caption", required_argument, 0, OPT_CAPTION},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -105,6 +111,11 @@ static int parse_args(int argc, char **argv, plot_args *a)
             a->o.tokens = optarg;
             break;
         case OPT_TITLE: a->o.title = optarg; break;
+        case OPT_CAPTION:
+            if (!*optarg)
+                return cli_usage(CMD, "--caption needs a file name");
+            a->caption = optarg;
+            break;
         case OPT_ZMAX: {
             char *end;
             a->o.zmax = strtod(optarg, &end);
@@ -147,6 +158,17 @@ static ps_status write_figure(FILE *out, void *user)
     return plotfig_write(out, a->output, a->fig);
 }
 
+static ps_status write_caption(FILE *out, void *user)
+{
+    const plot_args *a = user;
+    fputs("<figcaption class=\"patchsweep-caption\">", out);
+    plot_xml_escape(out, a->fig->fig.caption ? a->fig->fig.caption : "");
+    fputs("</figcaption>\n", out);
+    if (fflush(out) != 0 || ferror(out))
+        return err_set(PS_ERR_IO, "%s: write failed", a->caption);
+    return PS_OK;
+}
+
 int cmd_plot(int argc, char **argv)
 {
     plot_args a;
@@ -159,6 +181,8 @@ int cmd_plot(int argc, char **argv)
     a.fig = &fig;
     if (st == PS_OK)
         st = cli_write_atomic(a.output, write_figure, &a);
+    if (st == PS_OK && a.caption)
+        st = cli_write_atomic(a.caption, write_caption, &a);
     size_t n_panels = fig.n_panels;
     plotfig_free(&fig);
     if (st != PS_OK)

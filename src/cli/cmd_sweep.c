@@ -286,6 +286,10 @@ int cmd_sweep(int argc, char **argv)
     sweep_result res = {0};
     int rc = 0;
     ps_status st = job_load(&j, job_path);
+    /* a missing model directory or [lens] output directory named with its
+     * job file line, before the model is loaded (a sliced run writes no lens) */
+    if (st == PS_OK)
+        st = job_check_paths(&j, j.lens && !n_slices);
     if ((st = comm_agree(c, st)))
         goto out;
     set_blas_threads(threads, &j, c);

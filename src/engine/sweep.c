@@ -26,6 +26,7 @@ static ps_status journal_chunk(journal *jr, const job *j, const model_config *cf
                             .answer_id = tk->answer_id, .wrong_id = tk->wrong_id,
                             .clean_metric = ch->values[off], .corrupted_metric = ch->values[off + 1],
                             .clean_ids = tk->clean_ids, .corrupted_ids = tk->corrupted_ids,
+                            /* the clean top ids, then the cells (sweep_internal.h) */
                             .values = ch->values + off + 2, .n_values = nv};
         st = journal_append_prompt(jr, &r);
         off += 2 + nv;

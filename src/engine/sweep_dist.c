@@ -102,16 +102,23 @@ static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_
     return PS_OK;
 }
 
-/* Pair p's values in the chunk's layout (sweep_prompt_values): per metric k,
- * [clean_k, corrupted_k, cells_k...], from its cells' values as patch_eval
- * returns them (cell-major: cell i's metric k at cell_values[i * M + k]). */
-static void prompt_record(const job *j, const patch_pair *p, size_t n_cells, const double *cell_values, double *out)
+/* Pair p's values in the chunk's layout (sweep_prompt_values): metric 0's
+ * [clean_0, corrupted_0], the clean run's SWEEP_TOP_K top ids, cells_0...,
+ * then per other metric k [clean_k, corrupted_k, cells_k...], from its
+ * cells' values as patch_eval returns them (cell-major: cell i's metric k
+ * at cell_values[i * M + k]). */
+static void prompt_record(const job *j, const model_config *cfg, const patch_pair *p, size_t n_cells,
+                          const double *cell_values, double *out)
 {
     const size_t M = sweep_metric_count(j);
     for (size_t k = 0, w = 0; k < M; k++) {
         const patch_metric met = j->metrics.n ? j->metrics.m[k] : j->metric;
         out[w++] = p->clean_metric[met];
         out[w++] = p->corrupted_metric[met];
+        if (k == 0) {
+            sweep_top_ids(p, cfg->vocab_size, out + w);
+            w += SWEEP_TOP_K;
+        }
         for (size_t i = 0; i < n_cells; i++)
             out[w++] = cell_values[i * M + k];
     }
@@ -297,7 +304,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
-        prompt_record(j, &pairs[i], nv, vals + r * M, mine + w);
+        prompt_record(j, &m->cfg, &pairs[i], nv, vals + r * M, mine + w);
         w += sweep_prompt_values(j, &m->cfg, pairs[i].T), r += nv;
     }
     if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))
@@ -333,6 +340,29 @@ out:
 
 /* ---- the chunk protocol ------------------------------------------------------ */
 
+void sweep_top_ids(const patch_pair *p, size_t V, double out[SWEEP_TOP_K])
+{
+    /* one pass keeping the K largest in order: K x V comparisons at worst,
+     * ~0.5 M for GPT-2's vocabulary, once per prompt */
+    int64_t id[SWEEP_TOP_K];
+    float lp[SWEEP_TOP_K];
+    size_t n = 0;
+    for (size_t i = 0; i < V; i++) {
+        float x = p->clean_logprobs[i];
+        if (x != x || (n == SWEEP_TOP_K && !(x > lp[n - 1])))
+            continue; /* NaN, or not above the K-th */
+        size_t k = n < SWEEP_TOP_K ? n++ : SWEEP_TOP_K - 1;
+        for (; k > 0 && x > lp[k - 1]; k--) {
+            lp[k] = lp[k - 1];
+            id[k] = id[k - 1];
+        }
+        lp[k] = x;
+        id[k] = (int64_t)i;
+    }
+    for (size_t k = 0; k < SWEEP_TOP_K; k++)
+        out[k] = k < n ? (double)id[k] : -1.0;
+}
+
 bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks)
 {
     return j->distribute == JOB_DISTRIBUTE_PROMPTS ||
@@ -359,7 +389,7 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t k = 0, w = 0, r = 0; k < n_pairs; k++) {
         const size_t nv = sweep_prompt_cells(j->components, cfg, pairs[k].T);
-        prompt_record(j, &pairs[k], nv, values + r * M, v + w);
+        prompt_record(j, cfg, &pairs[k], nv, values + r * M, v + w);
         w += sweep_prompt_values(j, cfg, pairs[k].T), r += nv;
     }
     *out = v;

@@ -24,6 +24,7 @@
 #include "model.h"
 #include "patch.h"
 #include "results_roles.h"
+#include "schema.h"
 #include "sweep.h"
 #include "tokenizer.h"
 
@@ -36,10 +37,11 @@ size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T);
 size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T);
 
 /* Values of one prompt in a chunk's results and in its journal record:
- * for each metric k of the job (j->metrics, one when n is 0),
- * [clean_k, corrupted_k, cells of metric k in component and grid order];
- * the journal's head takes metric 0's clean and corrupted, its values the
- * rest (with one metric exactly the one-metric layout). */
+ * metric 0's [clean_0, corrupted_0], the clean run's SWEEP_TOP_K top ids,
+ * metric 0's cells in component and grid order, then for each other metric
+ * k of the job (j->metrics, one when n is 0) [clean_k, corrupted_k, cells
+ * of metric k]; the journal's head takes metric 0's clean and corrupted,
+ * its values the rest (with one metric exactly the one-metric layout). */
 size_t sweep_metric_count(const job *j);
 size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T);
 
@@ -125,13 +127,24 @@ ps_status sweep_deal(sweep_cost *items, size_t n, size_t ranks, uint32_t *owner)
  * working memory allows (work_chunk) or when there are 4 or more a rank. */
 bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks);
 
+/* What a prompt's values carry before its cells (in a chunk's values and,
+ * after the two metrics, in its journal record's values): the clean run's
+ * SWEEP_TOP_K most likely next tokens as doubles, most likely first (ties:
+ * the lower id first; -1 pads a vocabulary under SWEEP_TOP_K), so that the
+ * results file can flag an answer the model does not predict (schema.h
+ * SCHEMA_GUARD_NOT_TOP_K) without keeping the logits. */
+#define SWEEP_TOP_K ((size_t)SCHEMA_GUARD_TOP_K)
+/* The top ids of p's clean run from its next-token log-probabilities. */
+void sweep_top_ids(const patch_pair *p, size_t V, double out[SWEEP_TOP_K]);
+
 /* One chunk's results. */
 typedef struct {
     size_t n_pairs;  /* prompts of the chunk, every rank; 0: no more chunks */
     bool by_prompt;  /* the distribution used */
-    double *values;  /* rank 0: per prompt in chunk order, per metric
-                        [clean metric, corrupted metric, values of its cells
-                        in component and grid order] (sweep_prompt_values each) */
+    double *values;  /* rank 0: per prompt in chunk order, metric 0's [clean,
+                        corrupted], SWEEP_TOP_K clean top ids, its cells in
+                        component and grid order, then per other metric
+                        [clean, corrupted, cells] (sweep_prompt_values each) */
     size_t n_cells;  /* cells computed */
 } sweep_chunk;
 

@@ -24,7 +24,14 @@ typedef struct {
     sweep_result *res;
     size_t *counts[PATCH_COMPONENT_COUNT]; /* summary contributions per cell */
     double *clean, *corrupted;             /* [p->n]: the metrics of done prompts, NaN otherwise */
+    /* [p->n]: 0 the answer is among the clean run's top SWEEP_TOP_K (or not
+     * done), -1 it is not, k > 0 it is not but " " + answer is one token,
+     * ranked k in the clean run */
+    int8_t *not_top;
 } finalize_ctx;
+
+#define SW_STR_(x) #x
+#define SW_STR(x) SW_STR_(x) /* SCHEMA_GUARD_TOP_K as text */
 
 /* Append one formatted line to *text (malloc'd). */
 static ps_status text_add(char **text, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -54,39 +61,47 @@ static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
     int *flags = calloc(p->n ? p->n : 1, sizeof *flags);
     if (!flags)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    size_t n_flag[3] = {0}, first[3][4];
+    enum { N_GUARDS = 4 };
+    size_t n_flag[N_GUARDS] = {0}, first[N_GUARDS][4];
     /* found when the plan tokenized the prompts (sweep_plan.c) */
     for (size_t i = 0; i < p->n; i++) {
         if (p->state[i] & SWEEP_STATE_IDENTICAL)
             flags[i] |= SCHEMA_GUARD_IDENTICAL;
         if (p->state[i] & SWEEP_STATE_UNSPACED)
             flags[i] |= SCHEMA_GUARD_UNSPACED_ANSWER;
+        if (fx->not_top[i])
+            flags[i] |= SCHEMA_GUARD_NOT_TOP_K;
     }
     /* the small gap against the spread pooled over done prompts (as merge
      * recomputes it over the whole dataset) */
     results_roles_gap_flags(fx->clean, fx->corrupted, p->n, flags);
     for (size_t i = 0; i < p->n; i++) {
-        for (int b = 0; b < 3; b++)
+        for (int b = 0; b < N_GUARDS; b++)
             if (flags[i] & (1 << b)) {
                 if (n_flag[b] < 4)
                     first[b][n_flag[b]] = p->first + i;
                 n_flag[b]++;
             }
     }
-    static const char *const what[3] = {
+    static const char *const what[N_GUARDS] = {
         "clean and corrupted are the same tokens: nothing to patch, the normalized grids are NaN",
         "|clean - corrupted| is under 0.1 x the metric's spread: the normalized values are noise",
-        "the answer has no leading space after a prompt that ends without one: the model predicts the spaced token"};
+        "the answer has no leading space after a prompt that ends without one: the model predicts the spaced token",
+        "the answer is not among the clean run's " SW_STR(SCHEMA_GUARD_TOP_K) " most likely next tokens: the metric "
+        "follows a token the model does not predict"};
     char *text = NULL;
     ps_status st = PS_OK;
-    for (int b = 0; b < 3 && st == PS_OK; b++) {
+    for (int b = 0; b < N_GUARDS && st == PS_OK; b++) {
         if (!n_flag[b])
             continue;
         char ids[96] = "";
         for (size_t q = 0; q < n_flag[b] && q < 4; q++)
             snprintf(ids + strlen(ids), sizeof ids - strlen(ids), "%s%zu", q ? ", " : "", first[b][q]);
-        char hint[200] = "";
-        if (b == 2) {
+        char hint[320] = "";
+        /* the first such prompt's spaced answer, when the clean run ranks it
+         * in its top k (found by write_prompt) */
+        int8_t rank = b == 3 ? fx->not_top[first[b][0] - p->first] : 0;
+        if (b == 2 || rank > 0) {
             dataset_item it; /* the first one's answer, from the file */
             if ((st = sweep_plan_item(fx->p, first[b][0] - p->first, &it)))
                 break;
@@ -94,9 +109,16 @@ static ps_status write_guards(finalize_ctx *fx, ncout_file *f)
             char spaced[160];
             int32_t id;
             snprintf(spaced, sizeof spaced, " %s", a);
-            if (tokenizer_single_token(fx->tok, spaced, &id) == PS_OK)
-                snprintf(hint, sizeof hint, " (did you mean \"%.60s\", token %d, instead of \"%.60s\"?)", spaced, (int)id,
-                         a);
+            if (fx->tok && tokenizer_single_token(fx->tok, spaced, &id) == PS_OK) {
+                if (b == 2)
+                    snprintf(hint, sizeof hint, " (did you mean \"%.60s\", token %d, instead of \"%.60s\"?)", spaced,
+                             (int)id, a);
+                else
+                    snprintf(hint, sizeof hint,
+                             " (dataset index %zu: did you mean \"%.60s\", token %d, ranked %d in the clean run, "
+                             "instead of \"%.60s\"?)",
+                             first[b][0], spaced, (int)id, (int)rank, a);
+            }
             err_clear();
             json_decref(it.obj);
         }
@@ -124,6 +146,24 @@ static ps_status plan_item_obj(void *user, size_t i, json_t **obj)
     return st;
 }
 
+/* fx->not_top of a prompt from its clean run's top ids (see finalize_ctx). */
+static int8_t top_guard(const finalize_ctx *fx, const double *top, int32_t answer, const char *answer_text)
+{
+    for (size_t k = 0; k < SWEEP_TOP_K; k++)
+        if (top[k] == (double)answer)
+            return 0;
+    char spaced[1024];
+    int32_t id;
+    if (!fx->tok || answer_text[0] == ' ' || (size_t)snprintf(spaced, sizeof spaced, " %s", answer_text) >= sizeof spaced)
+        return -1;
+    ps_status st = tokenizer_single_token(fx->tok, spaced, &id);
+    err_clear();
+    for (size_t k = 0; st == PS_OK && k < SWEEP_TOP_K; k++)
+        if (top[k] == (double)id)
+            return (int8_t)(k + 1);
+    return -1;
+}
+
 /* One record into the file and the summary. */
 static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
 {
@@ -137,13 +177,16 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
         return st;
     }
     const size_t T = h->T, nv = sweep_prompt_cells(fx->j->components, fx->cfg, T);
-    const size_t n_rec = sweep_prompt_values(fx->j, fx->cfg, T) - 2; /* metric 0's cells, then [clean, corrupted, cells] per other metric */
+    /* metric 0's cells after the clean run's top ids, then [clean,
+     * corrupted, cells] per other metric (sweep_internal.h) */
+    const size_t n_rec = sweep_prompt_values(fx->j, fx->cfg, T) - 2;
     if (h->n_values != n_rec)
         return err_set(PS_ERR_FORMAT, "journal record for prompt %llu has %zu bytes, expected %zu",
                        (unsigned long long)h->prompt, 2 * T * sizeof(int32_t) + h->n_values * sizeof(double),
                        2 * T * sizeof(int32_t) + n_rec * sizeof(double));
     double *values[PATCH_COMPONENT_COUNT] = {0}; /* ncout reads them only */
-    size_t off = 0;
+    const double *top = h->values;
+    size_t off = SWEEP_TOP_K;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         if (fx->j->components[c]) {
             values[c] = (double *)h->values + off;
@@ -152,6 +195,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     dataset_item it; /* answer and wrong as text, from the file */
     if ((st = sweep_plan_item(fx->p, h->prompt, &it)))
         return st;
+    fx->not_top[h->prompt] = top_guard(fx, top, h->answer_id, it.answer);
     ncout_prompt np = {.T = T, .answer_id = h->answer_id, .wrong_id = h->wrong_id, .clean_metric = h->clean_metric,
                        .corrupted_metric = h->corrupted_metric, .clean_tokens = h->clean_ids,
                        .corrupted_tokens = h->corrupted_ids, .answer = it.answer, .wrong = it.wrong};
@@ -159,7 +203,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     json_decref(it.obj);
     /* the other metrics: [clean, corrupted, cells] each, after metric 0's cells */
     for (size_t k = 1; k < sweep_metric_count(fx->j) && st == PS_OK; k++) {
-        const double *blk = h->values + nv + (k - 1) * (2 + nv);
+        const double *blk = h->values + SWEEP_TOP_K + nv + (k - 1) * (2 + nv);
         double *vk[PATCH_COMPONENT_COUNT] = {0};
         size_t o = 2;
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
@@ -260,9 +304,11 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
     finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
     fx.clean = malloc((p->n ? p->n : 1) * sizeof *fx.clean);
     fx.corrupted = malloc((p->n ? p->n : 1) * sizeof *fx.corrupted);
-    if (!fx.clean || !fx.corrupted) {
+    fx.not_top = calloc(p->n ? p->n : 1, sizeof *fx.not_top);
+    if (!fx.clean || !fx.corrupted || !fx.not_top) {
         free(fx.clean);
         free(fx.corrupted);
+        free(fx.not_top);
         ncout_abort(&f);
         return err_set(PS_ERR_NOMEM, "out of memory");
     }
@@ -326,6 +372,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
 out:
     free(fx.clean);
     free(fx.corrupted);
+    free(fx.not_top);
     ncout_results_free(&r);
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         free(fx.counts[c]);

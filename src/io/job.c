@@ -1,5 +1,6 @@
 #include "job.h"
 
+#include <errno.h>
 #include <ini.h>
 #include <locale.h>
 #include <math.h>
@@ -9,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "fsutil.h"
 #include "sha256.h"
@@ -546,9 +549,38 @@ ps_status job_parse(job *j, const char *path, const char *text)
                      bad_line);
     if (st == PS_OK)
         st = check_complete(&s);
+    j->model_dir_line = s.key_line[KEY_MODEL_DIR];
+    j->lens_output_line = s.key_line[KEY_LENS_OUTPUT];
     free(s.dir);
     if (st != PS_OK)
         job_free(j);
+    return st;
+}
+
+ps_status job_check_paths(const job *j, bool lens)
+{
+    struct stat sb;
+    if (stat(j->model_dir, &sb) != 0)
+        return err_set(PS_ERR_IO, "%s:%zu: [model] dir: '%s' %s", j->path, j->model_dir_line, j->model_dir,
+                       errno == ENOENT ? "does not exist" : strerror(errno));
+    if (!S_ISDIR(sb.st_mode))
+        return err_set(PS_ERR_IO, "%s:%zu: [model] dir: '%s' is not a directory", j->path, j->model_dir_line,
+                       j->model_dir);
+    if (!lens || !j->lens_output)
+        return PS_OK;
+    /* the lens file is written after the whole sweep: a directory that is
+     * not there must stop the job now, not after the computation */
+    char *dir = fs_dirname(j->lens_output);
+    if (!dir)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", j->path);
+    ps_status st = PS_OK;
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        st = err_set(PS_ERR_IO, "%s:%zu: [lens] output: directory '%s' of '%s' does not exist", j->path,
+                     j->lens_output_line, dir, j->lens_output);
+    else if (access(dir, W_OK) != 0)
+        st = err_set(PS_ERR_IO, "%s:%zu: [lens] output: directory '%s' is not writable", j->path,
+                     j->lens_output_line, dir);
+    free(dir);
     return st;
 }
 

@@ -250,6 +250,11 @@ static void put_prologue(FILE *out, const plot_figure *fig, double width, double
         plot_xml_escape(out, fig->title);
         fputs("</title>\n", out);
     }
+    if (fig->caption) {
+        fputs("<desc class=\"caption\">", out);
+        plot_xml_escape(out, fig->caption);
+        fputs("</desc>\n", out);
+    }
     fputs("<metadata>\n<provenance xmlns=\"urn:patchsweep:provenance\">\n", out);
     for (size_t i = 0; i < fig->n_meta; i++) {
         fputs("<entry key=\"", out);
@@ -285,6 +290,7 @@ typedef struct {
     double xlab_h;          /* room for the x tick labels */
     double cb_x, cb_h;      /* colour bar */
     bool has_nan;
+    bool *show;             /* [n_cols]: the x tick labels drawn (hm_thin_labels); malloc'd */
     double width, height;
 } hm_layout;
 
@@ -294,6 +300,69 @@ static int clampi(double v, int lo, int hi)
 {
     int i = (int)floor(v);
     return i < lo ? lo : i > hi ? hi : i;
+}
+
+/* Room between two x tick labels a < b (columns) so that they do not
+ * overlap.  Upright labels are centred on their columns: their boxes, of
+ * the estimated widths w, must not meet:
+ *   (b - a) cw >= (w_a + w_b) / 2 + PLOT_LABEL_GAP.
+ * Labels rotated by -45 degrees are parallel strips one line high: their
+ * distance across the text direction, (b - a) cw cos 45, must hold a line:
+ *   (b - a) cw cos45 >= TICK_FS + PLOT_LABEL_GAP. */
+#define PLOT_LABEL_GAP 3.0
+static bool labels_apart(const hm_layout *l, const double *w, size_t a, size_t b)
+{
+    double dx = (double)(b > a ? b - a : a - b) * l->cw;
+    return l->rotate ? dx * COS45 >= TICK_FS + PLOT_LABEL_GAP : dx >= (w[a] + w[b]) / 2 + PLOT_LABEL_GAP;
+}
+
+/* Whether column j's label keeps clear of the nearest shown label on each
+ * side (labels are intervals along x, ordered by column: clearing the
+ * nearest one on a side clears every one beyond it). */
+static bool label_fits(const hm_layout *l, const double *w, size_t n, size_t j)
+{
+    for (size_t a = j; a-- > 0;)
+        if (l->show[a]) {
+            if (!labels_apart(l, w, a, j))
+                return false;
+            break;
+        }
+    for (size_t b = j + 1; b < n; b++)
+        if (l->show[b])
+            return labels_apart(l, w, j, b);
+    return true;
+}
+
+/* Which x tick labels to draw so that no two overlap at any number of
+ * columns: first the last column and the panel's col_keep ones (role
+ * positions), each unless it would overlap one already kept; then every
+ * k-th column, k the smallest step at which the widest labels clear each
+ * other, where it clears its kept neighbours.  Every label stays in its
+ * cells' hover text. */
+static void hm_thin_labels(hm_layout *l, const plot_heatmap *p, double col_w)
+{
+    const size_t n = p->n_cols;
+    double *w = malloc(n * sizeof *w);
+    l->show = calloc(n, sizeof *l->show);
+    if (!w || !l->show) {
+        free(w);
+        free(l->show);
+        l->show = NULL;
+        return;
+    }
+    for (size_t j = 0; j < n; j++)
+        w[j] = text_width(p->col_labels[j], TICK_FS);
+    double need = l->rotate ? (TICK_FS + PLOT_LABEL_GAP) / COS45 : col_w + PLOT_LABEL_GAP;
+    size_t k = (size_t)ceil(need / l->cw - 1e-9);
+    k = k < 1 ? 1 : k;
+    l->show[n - 1] = true;
+    for (size_t j = 0; p->col_keep && j + 1 < n; j++)
+        if (p->col_keep[j] && label_fits(l, w, n, j))
+            l->show[j] = true;
+    for (size_t j = 0; j + 1 < n; j += k)
+        if (!l->show[j] && label_fits(l, w, n, j))
+            l->show[j] = true;
+    free(w);
 }
 
 static hm_layout heatmap_layout(const plot_heatmap *p)
@@ -325,6 +394,7 @@ static hm_layout heatmap_layout(const plot_heatmap *p)
     }
     l.plot_x = left > need_left ? left : need_left;
     l.plot_y = l.head_h + 8;
+    hm_thin_labels(&l, p, col_w); /* l.show NULL: out of memory, refused by the caller */
     double plot_w = (double)p->n_cols * l.cw, plot_h = (double)p->n_rows * l.ch;
     for (size_t i = 0; i < p->n_rows * p->n_cols && !l.has_nan; i++)
         l.has_nan = isnan(p->values[i]);
@@ -410,6 +480,8 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
     fprintf(out, "<g class=\"xticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"%s\">\n", TICK_FS,
             l->rotate ? "end" : "middle");
     for (size_t j = 0; j < p->n_cols; j++) {
+        if (!l->show[j])
+            continue;
         double cx = x0 + ((double)j + 0.5) * l->cw, ty = y0 + ph + 6;
         if (l->rotate) {
             char attrs[96];
@@ -487,10 +559,19 @@ ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure
         return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
     double head_h = header_height(fig->title, fig->subtitle, 18, 13);
     double width = header_width(fig->title, fig->subtitle, 18, 13), height = MARGIN + head_h + 10;
-    for (size_t k = 0; k < n; k++) {
+    size_t n_laid = 0;
+    for (size_t k = 0; k < n; k++, n_laid++) {
         ls[k] = heatmap_layout(&panels[k]);
+        if (!ls[k].show)
+            break;
         width = ls[k].width > width ? ls[k].width : width;
         height += ls[k].height + 16;
+    }
+    if (n_laid < n) {
+        for (size_t k = 0; k < n_laid; k++)
+            free(ls[k].show);
+        free(ls);
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
     }
     width += 2 * MARGIN;
     height += MARGIN;
@@ -500,6 +581,7 @@ ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure
     for (size_t k = 0; k < n; k++) {
         put_heatmap(out, &panels[k], &ls[k], MARGIN, y, zmax);
         y += ls[k].height + 16;
+        free(ls[k].show);
     }
     free(ls);
     return finish(out, out_name);

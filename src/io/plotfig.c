@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "ncin.h"
+#include "patchspec.h"
 #include "prov.h"
 #include "schema.h"
 
@@ -184,6 +185,102 @@ static ps_status resolve_grid_vars(const ncin_file *f, agg_pool *pl, const char 
     return st;
 }
 
+/* ---- captions ---------------------------------------------------------------------- */
+
+/* What a reader should look for in a component's grid, per kind of
+ * component (patchspec.h's names), phrased for any task: the figure is of
+ * whatever distinguishes the clean prompt from the corrupted one. */
+static const char *look_for(const char *component)
+{
+    static const char *const what[PATCH_COMPONENT_COUNT] = {
+        [PATCH_RESID_PRE] = "resid_pre (the residual stream entering each block): where the information that decides "
+                            "the answer sits at each layer; it starts at the earlier positions where the prompts "
+                            "differ and, across the layers, moves to the last position, and the layers where it "
+                            "moves are where attention carries it",
+        [PATCH_RESID_MID] = "resid_mid (the residual stream between attention and MLP): as resid_pre, after each "
+                            "block's attention; a cell lit here but not in resid_pre of the same block was written "
+                            "by that block's attention",
+        [PATCH_ATTN_OUT] = "attn_out (each block's attention output): which layers and positions write the deciding "
+                           "information; cells at the last position mark the layers whose heads move it there",
+        [PATCH_MLP_OUT] = "mlp_out (each block's MLP output): which layers and positions the MLPs write it at; "
+                          "often little, or the token where the prompts differ",
+        [PATCH_Z] = "z (each head's output, per position): which heads carry the information, and at which "
+                    "position; a head lit at the last position moves it there",
+        [PATCH_Z_ALL_POS] = "z_all_pos (each head's output at every position at once): which heads carry the "
+                            "information (a few strong cells are the circuit's heads)",
+        [PATCH_Q_ALL_POS] = "q_all_pos (each head's queries): heads whose effect comes from where they look from",
+        [PATCH_K_ALL_POS] = "k_all_pos (each head's keys): heads whose effect comes from what they attend to",
+        [PATCH_V_ALL_POS] = "v_all_pos (each head's values): heads whose effect comes from what they move",
+        [PATCH_PATTERN_ALL_POS] = "pattern_all_pos (each head's attention pattern): heads whose effect comes from "
+                                  "where they attend",
+    };
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        if (!strcmp(component, patch_component_name((patch_component)c)))
+            return what[c];
+    return NULL;
+}
+
+static const char *metric_meaning(const char *metric)
+{
+    return !metric                           ? "the file's metric"
+           : !strcmp(metric, "logit_diff") ? "logit_diff, the answer's logit minus the wrong token's at the last "
+                                               "position"
+           : !strcmp(metric, "prob")       ? "prob, the probability of the answer"
+           : !strcmp(metric, "logprob")    ? "logprob, the log-probability of the answer"
+           : !strcmp(metric, "kl")         ? "kl, the KL divergence of the next-token distribution from the clean "
+                                               "run's"
+                                           : metric;
+}
+
+/* The figure's caption, from the file's attributes and the selection:
+ * what was patched, with which metric and in which direction, over which
+ * prompts, how to read the values, and what to look for per component
+ * kind.  `prompts` says which prompts the figure shows. */
+static ps_status results_caption(agg_pool *pl, const grid_var *gv, size_t n_vars, const char *metric,
+                                 const char *direction, const char *prompts, const char **out)
+{
+    bool noise = direction && !strcmp(direction, "noise"), normalized = false, raw = false;
+    char *comps = agg_printf(pl, "%s", ""), *looks = agg_printf(pl, "%s", "");
+    for (size_t i = 0; i < n_vars && comps && looks; i++) {
+        const char *name = gv[i].v.name;
+        bool is_norm = ends_with(name, SCHEMA_NORMALIZED_SUFFIX);
+        normalized = normalized || is_norm;
+        raw = raw || !is_norm;
+        char *base = agg_printf(pl, "%.*s", (int)(strlen(name) - (is_norm ? strlen(SCHEMA_NORMALIZED_SUFFIX) : 0)), name);
+        if (!base)
+            return PS_ERR_NOMEM;
+        /* each kind once, even when C and C_normalized are both shown */
+        bool seen = false;
+        for (size_t k = 0; k < i && !seen; k++)
+            seen = !strncmp(gv[k].v.name, base, strlen(base)) &&
+                   (gv[k].v.name[strlen(base)] == '\0' || !strcmp(gv[k].v.name + strlen(base), SCHEMA_NORMALIZED_SUFFIX));
+        if (seen)
+            continue;
+        const char *lf = look_for(base);
+        comps = agg_printf(pl, "%s%s%s", comps, *comps ? ", " : "", base);
+        looks = agg_printf(pl, "%s%s%s", looks, *looks ? "; " : "",
+                           lf ? lf : agg_printf(pl, "%s: which cells move the metric", base));
+    }
+    if (!comps || !looks)
+        return PS_ERR_NOMEM;
+    const char *how = noise ? "the clean prompt run with one activation (a cell) replaced by its value from the "
+                              "corrupted run (noising)"
+                            : "the corrupted prompt run with one activation (a cell) restored to its value from the "
+                              "clean run (denoising)";
+    const char *values =
+        normalized ? (noise ? "Normalized values are (patched - corrupted) / (clean - corrupted): 1 = no effect, 0 = "
+                              "the clean behaviour destroyed; look for the cells far below 1"
+                            : "Normalized values are (patched - corrupted) / (clean - corrupted): 0 = no effect, 1 = "
+                              "the clean behaviour fully restored; look for the cells near 1")
+                   : "Values are the patched metric itself";
+    *out = agg_printf(pl,
+                      "Activation patching of %s. Metric: %s. Direction: %s: %s. Prompts: %s. %s%s (blue > 0 > red "
+                      "on one symmetric scale; hatched grey: no value). What to look for: %s.",
+                      comps, metric_meaning(metric), direction ? direction : "not recorded", how, prompts, values,
+                      normalized && raw ? "; raw panels show the patched metric" : "", looks);
+    return *out ? PS_OK : PS_ERR_NOMEM;
+}
+
 /* Groups of prompts for the means (see the help of --mean). */
 static ps_status token_labels(const ncin_file *f, agg_pool *pl, const ncin_var *tok_var, const agg_group *g, size_t T,
                               const char ***labels, bool *differs_any)
@@ -216,6 +313,35 @@ static ps_status token_labels(const ncin_file *f, agg_pool *pl, const ncin_var *
         free(first[t]);
     *labels = lab;
     return st;
+}
+
+/* The columns whose labels are shown first when labels must be thinned
+ * (plot.h col_keep): the role positions of the group's first prompt (its
+ * tokens are the labels), from role_position(prompt, role); NULL when the
+ * file has none. */
+static ps_status role_columns(const ncin_file *f, agg_pool *pl, const agg_group *g, size_t T, const bool **keep)
+{
+    *keep = NULL;
+    if (!ncin_has_var(f, SCHEMA_VAR_ROLE_POSITION))
+        return PS_OK;
+    static const char *const dims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_ROLE};
+    ncin_var v;
+    size_t n_role = 0;
+    ps_status st;
+    if ((st = ncin_inq_var(f, SCHEMA_VAR_ROLE_POSITION, &v)) || (st = ncin_expect_dims(f, &v, dims, 2)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_ROLE, &n_role)))
+        return st;
+    double *pos = agg_calloc(pl, n_role ? n_role : 1, sizeof *pos);
+    bool *k = agg_calloc(pl, T, sizeof *k);
+    if (!pos || !k)
+        return PS_ERR_NOMEM;
+    if (n_role && (st = ncin_read_double(f, &v, g->idx[0], 1, pos)))
+        return st;
+    for (size_t r = 0; r < n_role; r++)
+        if (pos[r] >= 0 && pos[r] < (double)T)
+            k[(size_t)pos[r]] = true;
+    *keep = k;
+    return PS_OK;
 }
 
 static const char **index_labels(agg_pool *pl, size_t n)
@@ -275,8 +401,10 @@ static ps_status grid_panels(const results_ctx *c, const grid_var *g, const agg_
                 }
     }
     const char **col_labels = c->head_labels;
+    const bool *col_keep = NULL;
     bool differs = false;
-    if (g->kind != GRID_HEAD && (st = token_labels(c->f, pl, c->tok_var, grp, T, &col_labels, &differs)))
+    if (g->kind != GRID_HEAD && ((st = token_labels(c->f, pl, c->tok_var, grp, T, &col_labels, &differs)) ||
+                                 (st = role_columns(c->f, pl, grp, T, &col_keep))))
         return st;
     char *who = agg_format_ranges(pl, grp->idx, grp->n, 80);
     if (!who)
@@ -293,6 +421,7 @@ static ps_status grid_panels(const results_ctx *c, const grid_var *g, const agg_
         p->n_cols = T;
         p->row_labels = c->layer_labels;
         p->col_labels = col_labels;
+        p->col_keep = col_keep;
         p->y_name = "Layer";
         p->x_name = g->kind == GRID_HEAD ? "Head" : "Position";
         if (g->kind == GRID_POS_HEAD) {
@@ -369,6 +498,20 @@ static ps_status grids_metric(const ncin_file *f, agg_pool *pl, const grid_var *
         return PS_OK;
     ps_status st = agg_read_prompt_doubles(f, pl, cn, n_prompt, clean_m);
     return st ? st : agg_read_prompt_doubles(f, pl, rn, n_prompt, corrupted_m);
+}
+
+/* " of DATASET" (the sweep's dataset_path, base name) or "". */
+static const char *dataset_note(const ncin_file *f, agg_pool *pl)
+{
+    char *d = NULL;
+    if (ncin_get_text_att(f, NULL, SCHEMA_ATT_DATASET_PATH, &d) != PS_OK || !d) {
+        err_clear();
+        return "";
+    }
+    if (!agg_keep(pl, d))
+        return NULL;
+    const char *b = strrchr(d, '/');
+    return agg_printf(pl, " of %s", b ? b + 1 : d);
 }
 
 static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
@@ -482,6 +625,14 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
     }
     if (!fig.title || !fig.subtitle)
         return PS_ERR_NOMEM;
+    const char *ds = dataset_note(f, pl);
+    const char *prompts =
+        !ds    ? NULL
+        : mean ? agg_printf(pl, "the mean over %zu done prompts%s (%zu in the file)%s", n_sel, ds, c.n_prompt,
+                            a->sel.by_length ? ", one panel per prompt length" : "")
+               : agg_printf(pl, "one prompt%s, %s", ds, fig.subtitle);
+    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, prompts, &fig.caption)))
+        return st ? st : PS_ERR_NOMEM;
     double zmax = a->has_zmax ? a->zmax : plot_heatmap_zmax(panels.items, panels.n);
     out->fig = fig;
     out->panels = panels.items;
@@ -589,6 +740,19 @@ static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_op
                               max_count);
     if (!fig.title || !fig.subtitle)
         return PS_ERR_NOMEM;
+    char *role_list = agg_printf(pl, "%s", "");
+    for (size_t k = 0; k < n_role && role_list; k++)
+        role_list = agg_printf(pl, "%s%s%s", role_list, k ? ", " : "", roles[k]);
+    const char *ds = dataset_note(f, pl);
+    const char *prompts = role_list && ds ? agg_printf(pl,
+                                                       "role-aligned means over the done prompts%s: each prompt's "
+                                                       "grid read at the token of each role (%s), then averaged (up "
+                                                       "to %zu prompts a cell; the spread panels give their standard "
+                                                       "deviation)",
+                                                       ds, role_list, max_count)
+                                          : NULL;
+    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, prompts, &fig.caption)))
+        return st ? st : PS_ERR_NOMEM;
     out->fig = fig;
     out->panels = panels.items;
     out->n_panels = panels.n;
@@ -762,6 +926,18 @@ static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts 
     fig.subtitle = a->sel.mean ? agg_printf(pl, "mean over %zu of %zu prompts", n_sel, n_prompt)
                            : agg_printf(pl, "%zu of %zu prompt%s", n_sel, n_prompt, n_prompt == 1 ? "" : "s");
     if (!fig.title || !fig.subtitle)
+        return PS_ERR_NOMEM;
+    fig.caption = agg_printf(pl,
+                             "Logit lens: the residual stream after each layer decoded with the final LayerNorm and "
+                             "the unembedding, and the answer's probability and reciprocal rank (1 = the top token) "
+                             "in that early decoding. Prompts: %s (%s). What to look for: the first layer at which "
+                             "the answer becomes the top token (reciprocal rank 1), and whether its probability "
+                             "rises steadily or jumps at one layer (that layer writes it).",
+                             a->sel.mean ? agg_printf(pl, "the mean over %zu of %zu prompts, with the min-max band",
+                                                      n_sel, n_prompt)
+                                         : agg_printf(pl, "%zu of %zu, one line each", n_sel, n_prompt),
+                             who);
+    if (!fig.caption)
         return PS_ERR_NOMEM;
     out->fig = fig;
     out->lines = panels;

@@ -498,11 +498,12 @@ ps_status results_roles_put_guards(int ncid, const char *path, const int *flags,
     ps_status st = rr_redef(ncid, path);
     if (st)
         return st;
-    const int masks[3] = {SCHEMA_GUARD_IDENTICAL, SCHEMA_GUARD_SMALL_GAP, SCHEMA_GUARD_UNSPACED_ANSWER};
+    const int masks[4] = {SCHEMA_GUARD_IDENTICAL, SCHEMA_GUARD_SMALL_GAP, SCHEMA_GUARD_UNSPACED_ANSWER,
+                          SCHEMA_GUARD_NOT_TOP_K};
     if ((st = rr_check(nc_inq_dimid(ncid, SCHEMA_DIM_PROMPT, &prompt_dim), path, SCHEMA_DIM_PROMPT)) ||
         (st = rr_check(nc_def_var(ncid, SCHEMA_VAR_GUARD, NC_INT, 1, &prompt_dim, &v), path, SCHEMA_VAR_GUARD)) ||
         (st = put_long_name(ncid, v, path, "guards against wrong conclusions that fired for the prompt (bit flags)")) ||
-        (st = rr_check(nc_put_att_int(ncid, v, SCHEMA_ATT_FLAG_MASKS, NC_INT, 3, masks), path, SCHEMA_VAR_GUARD)) ||
+        (st = rr_check(nc_put_att_int(ncid, v, SCHEMA_ATT_FLAG_MASKS, NC_INT, 4, masks), path, SCHEMA_VAR_GUARD)) ||
         (st = rr_check(nc_put_att_text(ncid, v, SCHEMA_ATT_FLAG_MEANINGS, strlen(SCHEMA_GUARD_MEANINGS),
                                        SCHEMA_GUARD_MEANINGS),
                        path, SCHEMA_VAR_GUARD)) ||

@@ -4,6 +4,9 @@ flag_masks/flag_meanings, global attribute guards):
   - identical clean and corrupted prompts;
   - |clean - corrupted| small against the metric's spread;
   - an answer without its leading space (with the spaced token suggested);
+  - an answer the clean run does not rank in its top 10 next tokens (its
+    flag against `patchsweep run --top-k 10` of every prompt; the spaced
+    token suggested, with its rank, when the clean run ranks it there);
   - none on a clean IOI dataset;
   - the summary ranks cells by the move in the job's direction (noise: 1 -
     normalized, so cells with no effect are not "strongest")."""
@@ -43,9 +46,20 @@ ds = xr.open_dataset(os.path.join(TMP, "clean.nc"))
 check("a sound dataset: no guard line, guard all 0, guards = ''",
       r.returncode == 0 and "guard:" not in r.stderr and int(ds["guard"].values.sum()) == 0 and ds.attrs["guards"] == "",
       r.stderr)
-check("guard has flag_masks and flag_meanings", list(ds["guard"].attrs["flag_masks"]) == [1, 2, 4] and
+check("guard has flag_masks and flag_meanings", list(ds["guard"].attrs["flag_masks"]) == [1, 2, 4, 8] and
       ds["guard"].attrs["flag_meanings"].split() == ["identical_prompts", "small_metric_gap",
-                                                     "answer_without_leading_space"])
+                                                     "answer_without_leading_space", "answer_not_in_clean_top_k"])
+
+
+def top10(prompt):
+    """The clean run's 10 most likely next tokens (ids), from `patchsweep run`."""
+    out = run(["run", "--model", MODEL, "--prompt", prompt, "--top-k", "10", "--json"])
+    return [t["id"] for t in json.loads(out.stdout)["top"]]
+
+
+def tok1(text):
+    ids = json.loads(run(["tokenize", "--model", MODEL, "--json", "--no-bos", text]).stdout)["ids"]
+    return ids[0] if len(ids) == 1 else None
 
 # identical prompts (item 2) and an unspaced answer (item 5)
 bad = [dict(x) for x in items]
@@ -68,6 +82,9 @@ if two:
     r = run(["sweep", job("refused", "refused.jsonl")])
     check("a multi-token unspaced answer: refused, the spaced one-token form suggested",
           r.returncode == 1 and f"did you mean '{items[two[0]]['answer']}', one token" in r.stderr, r.stderr)
+# a spaced answer the model does not predict (one token, not the wrong one)
+W = next(i for i in reversed(range(len(items))) if i not in (2, U))
+bad[W]["answer"] = " table" if bad[W]["wrong"] != " table" else " chair"
 with open(os.path.join(TMP, "bad.jsonl"), "w") as f:
     for x in bad:
         f.write(json.dumps(x) + "\n")
@@ -83,6 +100,26 @@ ds = xr.open_dataset(os.path.join(TMP, "bad.nc"))
 g = [int(x) for x in ds["guard"].values]
 check("guard flags in the file", g[2] & 1 and (not one or g[U] & 4) and g[0] == 0, g)
 check("guards attribute holds the lines", ds.attrs["guards"].strip().splitlines() == lines)
+# the top-k guard against the clean run's top 10, prompt by prompt
+tops = [top10(x["clean"]) for x in bad]
+answer_ids = [int(x) for x in ds["answer_id"].values]
+want8 = [int(a not in t) for a, t in zip(answer_ids, tops)]
+check("answer_not_in_clean_top_k exactly where `run --top-k 10` leaves the answer out",
+      [x >> 3 & 1 for x in g] == want8 and want8[W] == 1 and sum(want8) >= 1, (g, want8))
+flagged = [i for i, w in enumerate(want8) if w]
+top_lines = [x for x in lines if "most likely next tokens" in x]
+check("top-k guard line names the count and the first prompts",
+      len(top_lines) == 1 and f"{len(flagged)} of {len(bad)} prompts" in top_lines[0]
+      and f"index {flagged[0]}" in top_lines[0], (top_lines, flagged))
+f0 = bad[flagged[0]]
+sp = tok1(" " + f0["answer"]) if not f0["answer"].startswith(" ") else None
+if sp is not None and sp in tops[flagged[0]]:
+    check("top-k guard: the spaced token suggested with its clean rank",
+          f'did you mean " {f0["answer"]}", token {sp}, ranked {tops[flagged[0]].index(sp) + 1} in the clean run'
+          in top_lines[0], top_lines)
+else:
+    check("top-k guard: no suggestion when the spaced token is not in the top 10", "did you mean" not in top_lines[0],
+          top_lines)
 
 # a small gap against the spread: answer and wrong swapped to near-equal tokens
 small = [dict(x) for x in items]

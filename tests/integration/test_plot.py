@@ -11,7 +11,12 @@
      written here with netCDF4, and one from `patchsweep lens` if it exists);
   6. labels with <, &, quotes and newlines stay well-formed;
   7. refusals: one stderr line naming the file, exit 1 (2 for usage), no output;
-  8. every figure passes `xmllint --noout`; some render in headless Chromium
+  8. long prompts (120 tokens): the x labels are thinned (every k-th, the
+     last and the role positions kept) so that no two overlap, checked from
+     the SVG's text x positions against their estimated widths; captions
+     (--caption and the SVG's <desc>) name the components, metric, direction,
+     prompts and what to look for, from the file's attributes;
+  9. every figure passes `xmllint --noout`; some render in headless Chromium
      to a PNG that is not blank and shows the cells' colours.
 Runs under the release and the ASan/UBSan build alike (PS_BIN)."""
 import math
@@ -779,9 +784,138 @@ def section_7():
     check("--help", r.returncode == 0 and "usage: patchsweep plot" in r.stdout)
 
 
+# ---- 8. long prompts: thinned labels; captions --------------------------------------------
+
+def xtick_labels(path):
+    """Per heatmap panel: [(x, rotated, text)] of its x tick labels, in order."""
+    root = ET.parse(path).getroot()
+    out = []
+    for g in root.iter(SVG + "g"):
+        if "xticks" not in classes(g):
+            continue
+        out.append([(float(t.get("x")), "rotate" in (t.get("transform") or ""), t.text or "")
+                    for t in g.iter(SVG + "text")])
+    return out
+
+
+def overlaps(labels, fs=11.0):
+    """Neighbouring labels that overlap, by the writer's documented estimate
+    (plot.h: 0.6 em a code point; upright labels are centred, so their
+    half-widths must fit between the centres; labels rotated by -45 degrees
+    are parallel strips, a line (font size) apart across the text)."""
+    bad = []
+    for (x1, rot1, t1), (x2, rot2, t2) in zip(labels, labels[1:]):
+        w1, w2 = 0.6 * fs * len(t1), 0.6 * fs * len(t2)
+        ok = (x2 - x1) * math.cos(math.pi / 4) >= fs if rot1 and rot2 else x2 - x1 >= (w1 + w2) / 2
+        if not ok:
+            bad.append((t1, t2, round(x2 - x1, 1)))
+    return bad
+
+
+def section_8():
+    # 120 tokens: the IOI sentence with a long middle of ordinary and long words
+    middle = "".join(f" and the {w} walked home" for w in ["internationalization", "dog", "representatives",
+                                                            "cat", "extraordinarily"] * 4)
+    clean = "After John and Mary went to the store" + middle + ", Mary gave a bottle of milk to"
+    corrupted = "After John and Mary went to the store" + middle + ", John gave a bottle of milk to"
+    long_nc = os.path.join(TMP, "long.nc")
+    r = run("patch", "--model", MODEL, "--clean", clean, "--corrupted", corrupted, "--answer", " John",
+            "--wrong", " Mary", "--components", "resid_pre,z", "-o", long_nc)
+    check("long prompt: patch", r.returncode == 0, r.stderr)
+    with netCDF4.Dataset(long_nc) as d:
+        n_tok = int(d.variables["length"][0])
+    check("long prompt: over 100 tokens", n_tok >= 100, n_tok)
+    out = os.path.join(TMP, "long.svg")
+    plot_ok("long prompt", [long_nc, "--var", "resid_pre_normalized"], out)
+    (labels,) = xtick_labels(out)
+    check("long prompt: no two x labels overlap", not overlaps(labels), overlaps(labels)[:5])
+    texts = [t for _, _, t in labels]
+    check("long prompt: labels thinned, not dropped (at least 1 in 8 shown)",
+          n_tok // 8 <= len(labels) < n_tok, (len(labels), n_tok))
+    check("long prompt: the last position's label is shown", texts and texts[-1].endswith(f"_{n_tok - 1}"), texts[-3:])
+    _, panels = heatmap_panels(out)
+    check("long prompt: every cell still there (hover keeps every label)", len(panels[0]["cells"]) == L * n_tok,
+          len(panels[0]["cells"]))
+    # the same with role positions: an S2 at 117 and an IO at 4 are shown whatever the step
+    roles_nc = os.path.join(TMP, "long-roles.nc")
+    shutil.copy(long_nc, roles_nc)
+    want = {4: "IO", n_tok - 9: "S2"}
+    with netCDF4.Dataset(roles_nc, "a") as d:
+        d.createDimension("role", 3)
+        rv = d.createVariable("role_position", "i4", ("prompt", "role"))
+        rv[0, :] = [4, n_tok - 9, n_tok - 1]
+    out = os.path.join(TMP, "long-roles.svg")
+    plot_ok("long prompt with roles", [roles_nc, "--var", "resid_pre_normalized"], out)
+    (labels,) = xtick_labels(out)
+    shown = {int(t.rsplit("_", 1)[1]) for _, _, t in labels}
+    check("long prompt with roles: role positions' labels shown", set(want) <= shown, sorted(shown))
+    check("long prompt with roles: no two x labels overlap", not overlaps(labels), overlaps(labels)[:5])
+    # every panel of a z figure (one per head), and a mean of two long prompts
+    out = os.path.join(TMP, "long-z.svg")
+    plot_ok("long prompt, z per head", [long_nc, "--var", "z_normalized"], out)
+    per_panel = xtick_labels(out)
+    check("long prompt, z per head: no overlap in any panel", len(per_panel) == H and
+          not any(overlaps(p) for p in per_panel), [overlaps(p)[:2] for p in per_panel])
+    # every prompt length from 1 to 120 on the label rule alone, through a
+    # file with that many positions: the short prompts keep every label
+    for n in (5, 16, 40, 64):
+        sub = os.path.join(TMP, f"long-{n}.nc")
+        with netCDF4.Dataset(long_nc) as src, netCDF4.Dataset(sub, "w") as d:
+            d.setncatts({k: src.getncattr(k) for k in src.ncattrs()})
+            d.createDimension("prompt", None)
+            d.createDimension("layer", L)
+            d.createDimension("position", n)
+            v = d.createVariable("resid_pre_normalized", "f4", ("prompt", "layer", "position"))
+            v[0] = src.variables["resid_pre_normalized"][0][:, :n]
+            tv = d.createVariable("clean_token", str, ("prompt", "position"))
+            tv[0, :] = np.array([str(t) for t in src.variables["clean_token"][0][:n]], dtype=object)
+            d.createVariable("length", "i4", ("prompt",))[0] = n
+        out = os.path.join(TMP, f"long-{n}.svg")
+        r = run("plot", sub, "-o", out)
+        (labels,) = xtick_labels(out) if r.returncode == 0 else ([],)
+        check(f"{n} positions: no overlap, last label shown", r.returncode == 0 and not overlaps(labels)
+              and labels[-1][2].endswith(f"_{n - 1}"), (r.stderr, overlaps(labels)[:3]))
+        if n <= 16:
+            check(f"{n} positions: every label shown", len(labels) == n, len(labels))
+
+    # captions: from the file's attributes, in --caption's HTML and the SVG's <desc>
+    out, cap = os.path.join(TMP, "cap.svg"), os.path.join(TMP, "cap.html")
+    r = run("plot", R, "--var", "all", "-o", out, "--caption", cap)
+    check("--caption: exit 0", r.returncode == 0 and os.path.exists(cap), r.stderr)
+    html = open(cap).read() if os.path.exists(cap) else ""
+    root = ET.parse(out).getroot() if os.path.exists(out) else None
+    desc = root.find(SVG + "desc") if root is not None else None
+    text = ET.fromstring(html).text if html else ""
+    check("--caption: one <figcaption>, the SVG's <desc> text", html.startswith("<figcaption") and desc is not None
+          and desc.text == text, (html[:200], desc.text if desc is not None else None))
+    for what, needle in [("components", "Activation patching of resid_pre, attn_out, mlp_out, z_all_pos"),
+                         ("metric", "Metric: logit_diff"), ("direction", "Direction: denoise"),
+                         ("prompt", "prompt 0 of 1: answer ' John', wrong ' Mary'"),
+                         ("reading", "1 = the clean behaviour fully restored"),
+                         ("resid_pre: where it moves", "moves to the last position"),
+                         ("attn_out/mlp_out: which layers write it", "which layers and positions write"),
+                         ("z_all_pos: which heads", "which heads carry the information")]:
+        check(f"caption names the {what}", needle in text, text)
+    noise = os.path.join(TMP, "noise.nc")
+    clean_t, corrupted_t, answer, wrong = PAIRS["seed"]
+    r = run("patch", "--model", MODEL, "--clean", clean_t, "--corrupted", corrupted_t, "--answer", answer,
+            "--wrong", wrong, "--components", "z", "--metric", "prob", "--direction", "noise", "-o", noise)
+    r2 = run("plot", noise, "--var", "z_normalized", "--mean", "-o", out, "--caption", cap) if r.returncode == 0 else r
+    text = ET.fromstring(open(cap).read()).text if r2.returncode == 0 else ""
+    check("caption of a noising prob run of z, a mean", r2.returncode == 0 and "Metric: prob" in text
+          and "Direction: noise" in text and "1 = no effect" in text and "the mean over 1 done prompts" in text
+          and "z (each head's output, per position)" in text and "resid_pre" not in text, (r2.stderr, text))
+    r = run("plot", LENS, "-o", out, "--caption", cap)
+    text = ET.fromstring(open(cap).read()).text if r.returncode == 0 else ""
+    check("caption of a lens file", r.returncode == 0 and text.startswith("Logit lens") and "3 of 3" in text
+          and "reciprocal rank 1" in text, (r.stderr, text))
+    r = run("plot", R, "-o", out, "--caption", "")
+    check("--caption without a name: usage error", r.returncode == 2, r.stderr)
+
+
 SECTIONS = [("1", "the seed's heatmap"), ("2", "--var all, head components, z per head"),
             ("3", "NaN and _FillValue cells"), ("4", "means"), ("5", "lens files"),
-            ("6", "labels that need escaping"), ("7", "refusals")]
+            ("6", "labels that need escaping"), ("7", "refusals"), ("8", "long prompts, captions")]
 for number, title in SECTIONS:
     try:
         globals()[f"section_{number}"]()

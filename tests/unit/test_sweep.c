@@ -125,6 +125,20 @@ static size_t reference(const fixture *fx, const job *j, const dataset_tokens *t
     size_t w = 0;
     out[w++] = pair.clean_metric[j->metric];
     out[w++] = pair.corrupted_metric[j->metric];
+    /* the clean run's SWEEP_TOP_K most likely next tokens, by repeated
+     * argmax (ties: the lower id), independent of sweep_top_ids */
+    const size_t V = m->cfg.vocab_size;
+    for (size_t k = 0; k < SWEEP_TOP_K; k++) {
+        size_t best = V;
+        for (size_t i = 0; i < V; i++) {
+            bool taken = false;
+            for (size_t q = 0; q < k && !taken; q++)
+                taken = out[w - k + q] == (double)i;
+            if (!taken && (best == V || pair.clean_logprobs[i] > pair.clean_logprobs[best]))
+                best = i;
+        }
+        out[w++] = best == V ? -1.0 : (double)best;
+    }
     patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine};
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!j->components[c])
@@ -163,10 +177,12 @@ static void check_chunk(fixture *fx, job_distribute dist, bool want_by_prompt)
     for (size_t k = 0; k < N_PROMPTS; k++) {
         const dataset_tokens *tk = &fx->tk[index[k]];
         const size_t nv = sweep_prompt_cells(j.components, &m->cfg, tk->n_tokens);
-        assert_int_equal(reference(fx, &j, tk, want), 2 + nv);
-        /* bit for bit, in order: every cell exactly once */
-        assert_memory_equal(ch.values + off, want, (2 + nv) * sizeof *want);
-        off += 2 + nv;
+        const size_t n_rec = sweep_prompt_values(&j, &m->cfg, tk->n_tokens); /* one metric: 2 + top ids + cells */
+        assert_int_equal(n_rec, 2 + SWEEP_TOP_K + nv);
+        assert_int_equal(reference(fx, &j, tk, want), n_rec);
+        /* bit for bit, in order: the metrics, the clean top ids, every cell exactly once */
+        assert_memory_equal(ch.values + off, want, n_rec * sizeof *want);
+        off += n_rec;
         cells += nv;
     }
     assert_int_equal(ch.n_cells, cells);
