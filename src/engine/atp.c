@@ -31,15 +31,22 @@ ps_status atp_eval(const model *m, const patch_pair *pair, const bool on[PATCH_C
     const forward_cache *base_core = direction == PATCH_DENOISE ? &pair->corrupted : &pair->clean;
     const double base_metric =
         direction == PATCH_DENOISE ? pair->corrupted_metric[metric] : pair->clean_metric[metric];
-    forward_cache base = {0}, grad = {0};
-    /* the base run again, untrimmed: the backward pass reads the norms' and
-     * the MLP's hidden activations */
-    if ((st = forward_cache_init(&base, cfg, pair->T,
-                                 metric == PATCH_LOGIT_DIFF ? FORWARD_LOGITS_NONE : FORWARD_LOGITS_LAST)) ||
-        (st = forward_cache_init(&grad, cfg, pair->T, FORWARD_LOGITS_NONE)) ||
-        (st = forward_run(m, &base, base_core->tokens, pair->T, NULL)) ||
-        (st = backward_run(m, &base, &grad, metric, pair->answer, pair->wrong, pair->clean_logprobs)))
-        goto out;
+    /* Rows before the first token where the prompts differ are the same
+     * in both runs (bit for bit: causal attention, row-independent
+     * kernels), so every cell's a_src - a_base is 0 there: only the
+     * gradients of rows >= row0 are needed (backward.h), and the base run
+     * is the pair's own (trimmed) cache, its MLP activations rebuilt. */
+    size_t row0 = 0;
+    while (row0 < pair->T && src->tokens[row0] == base_core->tokens[row0])
+        row0++;
+    const forward_cache *base = base_core;
+    forward_cache grad = {0};
+    if (row0 < pair->T) {
+        const backward_opts bo = {row0, BACKWARD_NO_DROP};
+        if ((st = forward_cache_init(&grad, cfg, pair->T, FORWARD_LOGITS_NONE)) ||
+            (st = backward_run_opts(m, base, &grad, &bo, metric, pair->answer, pair->wrong, pair->clean_logprobs)))
+            goto out;
+    }
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
         if (!on[c])
             continue;
@@ -50,15 +57,16 @@ ps_status atp_eval(const model *m, const patch_pair *pair, const bool on[PATCH_C
         for (size_t i = 0; i < n; i++) {
             const patch_cell *cell = &cells[i];
             const patch_slice s = patch_cell_slice(cell, cfg, pair->T);
-            values[c][i] = base_metric + cell_estimate(patch_component_array(src, (patch_component)c, cell->layer),
-                                                       patch_component_array(&base, (patch_component)c, cell->layer),
-                                                       patch_component_array(&grad, (patch_component)c, cell->layer),
-                                                       s);
+            values[c][i] = row0 == pair->T
+                               ? base_metric
+                               : base_metric + cell_estimate(patch_component_array(src, (patch_component)c, cell->layer),
+                                                             patch_component_array(base, (patch_component)c, cell->layer),
+                                                             patch_component_array(&grad, (patch_component)c, cell->layer),
+                                                             s);
         }
         free(cells);
     }
 out:
-    forward_cache_free(&base);
     forward_cache_free(&grad);
     return st;
 }
