@@ -349,14 +349,14 @@ static json_t *atp_json(const patch_pair *p, patch_metric metric, patch_directio
 }
 
 static void print_atp_stats(const patch_pair *p, patch_component c, const model_config *cfg, patch_metric metric,
-                            patch_direction dir, const double *exact, const double *est)
+                            patch_direction dir, const double *exact, const double *est, const char *what)
 {
     const size_t n = grid_cells(c, cfg, p->T);
     atp_stats s;
     if (atp_compare(exact, est, n, pair_base_metric(p, metric, dir), ATP_TOP_K, &s) != PS_OK)
         return;
-    printf("%s: AtP vs exact: rank correlation %.3f, max |error| %.4g, %zu of the exact top %zu missed\n",
-           patch_component_name(c), s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
+    printf("%s: %s vs exact: rank correlation %.3f, max |error| %.4g, %zu of the exact top %zu missed\n",
+           patch_component_name(c), what, s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
 }
 
 /* The estimates (and with atp+exact the errors and their statistics) into the results file. */
@@ -513,6 +513,8 @@ int cmd_patch(int argc, char **argv)
             json_object_set_new(out_json, "graddrop", json_true());
         cli_print_json(out_json);
     } else {
+        const char *what = patch_method_qk_fix(a.method) ? (a.graddrop ? "AtP* with GradDrop" : "AtP*")
+                                                         : (a.graddrop ? "AtP with GradDrop" : "AtP");
         printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
                pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
                po.direction == PATCH_DENOISE ? "denoising" : "noising",
@@ -523,12 +525,12 @@ int cmd_patch(int argc, char **argv)
             if (exact)
                 print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric);
             if (atp) {
-                printf("\n(attribution patching estimate, %s%s)", patch_method_qk_fix(a.method) ? "AtP*" : "AtP",
-                       a.graddrop ? " with GradDrop" : "");
+                printf("\n(attribution patching estimate, %s)", what);
                 print_patch_table(&pair, tok, (patch_component)c, &m.cfg, atp_vals[c], po.metric);
             }
             if (exact && atp)
-                print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c]);
+                print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c],
+                                what);
         }
     }
 out:
