@@ -260,7 +260,11 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
     char slice[64] = SCHEMA_SLICE_ALL;
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
-    st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine);
+    /* an attribution method's estimates are C_atp, C_atp_normalized, as patch -o names them */
+    st = ncout_results_define_named(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine,
+                                    patch_method_estimates(j->method) ? SCHEMA_ATP_SUFFIX : "");
+    if (st == PS_OK && patch_method_estimates(j->method))
+        st = ncout_put_attr(&f, SCHEMA_ATT_METHOD, patch_method_name(j->method));
     r.prompt_offset = p->first;
     if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) ||

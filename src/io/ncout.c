@@ -340,6 +340,13 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine)
 {
+    return ncout_results_define_named(r, f, m, max_T, on, metric, direction, engine, "");
+}
+
+ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                     const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
+                                     patch_direction direction, patch_engine engine, const char *suffix)
+{
     memset(r, 0, sizeof *r);
     r->f = f;
     r->n_layer = m->cfg.n_layer;
@@ -418,13 +425,16 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                           : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos
                           : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? d_kv_head
                                                                 : d_head;
-        char name[64], lname[160];
-        const char *cn = patch_component_name((patch_component)c);
-        snprintf(lname, sizeof lname, "%s after patching %s", patch_metric_name(metric), cn);
+        char raw[64], name[80], lname[160];
+        const char *cn = raw;
+        snprintf(raw, sizeof raw, "%s%s", patch_component_name((patch_component)c), suffix);
+        snprintf(lname, sizeof lname, "%s%s after patching %s", *suffix ? "estimated " : "",
+                 patch_metric_name(metric), patch_component_name((patch_component)c));
         if ((st = def_var(r, cn, NC_FLOAT, (int)nd + 1, dims, &r->var_raw[c], lname)))
             return st;
         snprintf(name, sizeof name, "%s" SCHEMA_NORMALIZED_SUFFIX, cn);
-        snprintf(lname, sizeof lname, "normalized %s after patching %s", patch_metric_name(metric), cn);
+        snprintf(lname, sizeof lname, "normalized %s%s after patching %s", *suffix ? "estimated " : "",
+                 patch_metric_name(metric), patch_component_name((patch_component)c));
         if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, &r->var_norm[c], lname)))
             return st;
         float fill = SCHEMA_FILL_GRID;
