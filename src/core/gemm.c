@@ -705,47 +705,72 @@ static const struct {
 #endif
 };
 
+/* Up to GEMM_T_MAX weights of one call (gemm_run_t_sum). */
+#define GEMM_T_MAX 4
+
 typedef struct {
     float *dx;
-    const float *dy;
-    size_t rows;
-    const gemm_weight *w;
+    const float *dy[GEMM_T_MAX];
+    size_t rows, n_w;
+    const gemm_weight *w[GEMM_T_MAX];
     bool accumulate;
     size_t rb, kb;
-    tile_t_fn tile;
+    tile_t_fn tile[GEMM_T_MAX];
 } gemm_t_task;
 
 /* Thread tid's share: columns [k*tid/nt, k*(tid+1)/nt) of dx for every row,
  * kb columns at a time; their rows of every panel (kb*NR floats per panel,
- * n*kb in all) stay in L2 while the row blocks pass over them. */
+ * n*kb in all) stay in L2 while the row blocks pass over them.  The weights
+ * one after the other, the first overwriting (unless accumulate), the others
+ * adding: per (r, kk) the bits of separate calls in that order. */
 static void gemm_t_worker(void *arg, size_t tid, size_t nt)
 {
     const gemm_t_task *t = arg;
-    const size_t k = t->w->k, n = t->w->n;
+    const size_t k = t->w[0]->k;
     const size_t k0 = k * tid / nt, k1 = k * (tid + 1) / nt;
-    for (size_t kk = k0; kk < k1; kk += t->kb) {
-        const size_t kb = k1 - kk < t->kb ? k1 - kk : t->kb;
-        const void *w = t->w->dtype == GEMM_F32 ? (const void *)(t->w->data + kk * GEMM_NR)
-                                                : (const void *)(t->w->data16 + kk * GEMM_NR);
-        for (size_t r = 0; r < t->rows; r += t->rb) {
-            const size_t rb = t->rows - r < t->rb ? t->rows - r : t->rb;
-            t->tile(rb, kb, t->dy + r * n, n, w, k, t->dx + r * k + kk, k, t->accumulate);
+    for (size_t i = 0; i < t->n_w; i++) {
+        const gemm_weight *gw = t->w[i];
+        const size_t n = gw->n;
+        const bool acc = t->accumulate || i > 0;
+        if (n == 0) { /* an empty sum */
+            for (size_t r = 0; r < t->rows && !acc; r++)
+                memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
+            continue;
         }
+        for (size_t kk = k0; kk < k1; kk += t->kb) {
+            const size_t kb = k1 - kk < t->kb ? k1 - kk : t->kb;
+            const void *w = gw->dtype == GEMM_F32 ? (const void *)(gw->data + kk * GEMM_NR)
+                                                  : (const void *)(gw->data16 + kk * GEMM_NR);
+            for (size_t r = 0; r < t->rows; r += t->rb) {
+                const size_t rb = t->rows - r < t->rb ? t->rows - r : t->rb;
+                t->tile[i](rb, kb, t->dy[i] + r * n, n, w, k, t->dx + r * k + kk, k, acc);
+            }
+        }
+    }
+}
+
+void gemm_run_t_sum(float *dx, const float *const *dy, const gemm_weight *const *w, size_t n_w, size_t rows,
+                    bool accumulate)
+{
+    if (rows == 0 || n_w == 0 || w[0]->k == 0)
+        return;
+    const gemm_isa isa = gemm_isa_get();
+    gemm_t_task t = {.dx = dx, .rows = rows, .accumulate = accumulate, .rb = isa_t_table[isa].rb,
+                     .kb = isa_t_table[isa].kb};
+    size_t macs = 0;
+    for (size_t i = 0; i < n_w; i += GEMM_T_MAX) {
+        t.n_w = n_w - i < GEMM_T_MAX ? n_w - i : GEMM_T_MAX;
+        macs = 0;
+        for (size_t j = 0; j < t.n_w; j++) {
+            t.dy[j] = dy[i + j], t.w[j] = w[i + j], t.tile[j] = isa_t_table[isa].tile[w[i + j]->dtype];
+            macs += rows * w[i + j]->k * w[i + j]->n;
+        }
+        t.accumulate = accumulate || i > 0;
+        pool_run(macs < GEMM_MIN_PARALLEL_MACS ? 1 : (w[0]->k + 15) / 16, gemm_t_worker, &t);
     }
 }
 
 void gemm_run_t(float *dx, const float *dy, size_t rows, const gemm_weight *w, bool accumulate)
 {
-    if (rows == 0 || w->k == 0)
-        return;
-    if (w->n == 0) { /* an empty sum */
-        if (!accumulate)
-            memset(dx, 0, rows * w->k * sizeof *dx);
-        return;
-    }
-    const gemm_isa isa = gemm_isa_get();
-    gemm_t_task t = {dx, dy, rows, w, accumulate, isa_t_table[isa].rb, isa_t_table[isa].kb,
-                     isa_t_table[isa].tile[w->dtype]};
-    const bool small = rows * w->k * w->n < GEMM_MIN_PARALLEL_MACS;
-    pool_run(small ? 1 : (w->k + 15) / 16, gemm_t_worker, &t);
+    gemm_run_t_sum(dx, &dy, &w, 1, rows, accumulate);
 }

@@ -58,9 +58,9 @@ void ops_norm_affine_backward(float *dnorm, const float *dout, const float *w, s
 
 void ops_qkv_backward(float *dx, const float *dq, const float *dk, const float *dv, size_t rows, const model_block *b)
 {
-    gemm_run_t(dx, dq, rows, &b->q_w, false);
-    gemm_run_t(dx, dk, rows, &b->k_w, true);
-    gemm_run_t(dx, dv, rows, &b->v_w, true);
+    const float *dy[3] = {dq, dk, dv};
+    const gemm_weight *w[3] = {&b->q_w, &b->k_w, &b->v_w};
+    gemm_run_t_sum(dx, dy, w, 3, rows, false);
 }
 
 void ops_attn_proj_backward(float *dz, const float *dout, size_t rows, const model_block *b)

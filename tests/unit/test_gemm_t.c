@@ -169,12 +169,47 @@ static void test_rows_independent_of_batch_and_threads(void **state)
     pool_shutdown();
 }
 
+/* gemm_run_t_sum over three weights (one BF16) = three gemm_run_t calls in
+ * order, bit for bit, overwriting and accumulating, at 1 and 2 threads. */
+static void test_sum_equals_calls(void **state)
+{
+    (void)state;
+    problem p[3];
+    problem_init(&p[0], 9, 200, 190);
+    problem_init(&p[1], 9, 200, 64);
+    problem_init(&p[2], 9, 200, 33);
+    const gemm_weight w0 = {p[0].k, p[0].n, p[0].packed, GEMM_F32, NULL};
+    const gemm_weight w1 = {p[1].k, p[1].n, NULL, GEMM_BF16, p[1].packed16};
+    const gemm_weight w2 = {p[2].k, p[2].n, p[2].packed, GEMM_F32, NULL};
+    const gemm_weight *w[3] = {&w0, &w1, &w2};
+    const float *dy[3] = {p[0].dy, p[1].dy, p[2].dy};
+    const size_t n = p[0].rows * p[0].k;
+    float *a = malloc(n * sizeof *a), *b = malloc(n * sizeof *b);
+    for (size_t nt = 1; nt <= 2; nt++) {
+        pool_set_threads(nt);
+        for (int acc = 0; acc < 2; acc++) {
+            memcpy(a, p[0].dx0, n * sizeof *a);
+            memcpy(b, p[0].dx0, n * sizeof *b);
+            for (int i = 0; i < 3; i++)
+                gemm_run_t(a, dy[i], p[0].rows, w[i], acc || i > 0);
+            gemm_run_t_sum(b, dy, w, 3, p[0].rows, acc);
+            assert_memory_equal(a, b, n * sizeof *a);
+        }
+    }
+    pool_set_threads(0);
+    pool_shutdown();
+    free(a), free(b);
+    for (int i = 0; i < 3; i++)
+        problem_free(&p[i]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_kernels_match_double),
         cmocka_unit_test(test_bf16_panels_equal_f32),
         cmocka_unit_test(test_rows_independent_of_batch_and_threads),
+        cmocka_unit_test(test_sum_equals_calls),
     };
     return cmocka_run_group_tests_name("gemm_t", tests, NULL, NULL);
 }
