@@ -358,7 +358,7 @@ endif
 # growth with prompt length and dataset size; the scaling model; OpenBLAS's
 # generic kernels vs the selected ones (results/bench_blas.json).
 BENCH_MODEL := build/bench/gpt2-small-random
-bench: all tokenizer
+bench: all tokenizer $(BUILD)/tests/bench_atp
 	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
 	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
 	@mkdir -p results

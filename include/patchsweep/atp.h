@@ -31,6 +31,28 @@
 ps_status atp_eval(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                    patch_direction direction, double *const values[PATCH_COMPONENT_COUNT]);
 
+/* AtP* (Kramar et al. 2024), each part on request:
+ *   qk_fix    q_all_pos and k_all_pos cells: the attention pattern of the
+ *             heads the cell feeds recomputed exactly with the source's
+ *             queries (keys), the linearization taken after the softmax,
+ *             sum (pattern' - pattern) . dM/dpattern; every other cell as AtP.
+ *             Costs T^2 dh per head and cell, no extra pass.  Method atp*.
+ *   graddrop  GradDrop: L more backward passes, pass l with no gradient
+ *             through block l; a cell's effect is then
+ *             sign(effect) * 1/(L-1) sum_l |effect_l| (the paper's
+ *             magnitude, which it ranks by; the sign of the estimate without
+ *             GradDrop keeps the grid's orientation).  Every grid changes;
+ *             needs L >= 2.
+ * atp_eval is atp_eval_opts with neither. */
+typedef struct {
+    bool qk_fix;
+    bool graddrop;
+} atp_opts;
+
+ps_status atp_eval_opts(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT],
+                        patch_metric metric, patch_direction direction, const atp_opts *opts,
+                        double *const values[PATCH_COMPONENT_COUNT]);
+
 /* Estimate against exact values of one grid of n cells (base: the base
  * run's metric; effects are value - base): Spearman's rank correlation of
  * the two (average ranks for ties; NaN when either is constant), and the

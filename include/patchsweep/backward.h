@@ -30,8 +30,8 @@
 #include "model.h"
 #include "patchspec.h"
 
-/* Gradients of `metric` for the run in c: a complete, untrimmed cache
- * (forward_run; logits LAST or ALL, or NONE, then the last row's logits are
+/* Gradients of `metric` for the run in c: a complete cache, or one trimmed
+ * to its core (see backward_run_opts) (forward_run; logits LAST or ALL, or NONE, then the last row's logits are
  * recomputed when the metric needs them).  grads: forward_cache_init'd with
  * c's config and a capacity >= c->T (its logits mode decides whether the
  * logits' gradient is stored); every array of it is overwritten, its T and
@@ -39,5 +39,29 @@
  * only; NULL otherwise). */
 ps_status backward_run(const model *m, const forward_cache *c, forward_cache *grads, patch_metric metric,
                        int32_t answer, int32_t wrong, const float *clean_logprobs);
+
+/* What attribution patching needs of a backward pass (atp.h):
+ *   row0        the gradients of rows [row0, T) alone; every other row's is
+ *               0.  Exact on those rows (a row's gradient gathers from the
+ *               same and later rows only: causal attention), and all that
+ *               AtP reads when the two prompts agree before row0.  Costs
+ *               (T - row0) / T of the products.
+ *   drop_layer  GradDrop (Kramar et al. 2024): block drop_layer passes no
+ *               gradient (its activations' gradients are 0, and
+ *               d resid_pre = d resid_post, the skip connection alone);
+ *               BACKWARD_NO_DROP: none.
+ * The run c may be trimmed to its core (forward_cache_trim, as a patch_pair
+ * holds it): the activations read outside the core (the MLP's
+ * pre-activations, rotary queries) are then rebuilt block by block from the
+ * core by the forward's kernels, with the forward's bits, for rows >= row0
+ * (about a third of a forward pass for GPT-2's MLP). */
+#define BACKWARD_NO_DROP ((size_t)-1)
+typedef struct {
+    size_t row0;
+    size_t drop_layer;
+} backward_opts;
+
+ps_status backward_run_opts(const model *m, const forward_cache *c, forward_cache *grads, const backward_opts *opts,
+                            patch_metric metric, int32_t answer, int32_t wrong, const float *clean_logprobs);
 
 #endif

@@ -97,6 +97,13 @@ void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_
  * thread count.  dx must not alias dy. */
 void gemm_run_t(float *dx, const float *dy, size_t rows, const gemm_weight *w, bool accumulate);
 
+/* dx[rows, k] (+)= sum_i dy[i][rows, w[i]->n] @ W_i^T over n_w weights with
+ * the same k: the bits of gemm_run_t for each in order (the first with
+ * `accumulate`, the others accumulating) in one pass of the pool's threads
+ * (one wake-up and one barrier instead of n_w: the backward of q, k and v). */
+void gemm_run_t_sum(float *dx, const float *const *dy, const gemm_weight *const *w, size_t n_w, size_t rows,
+                    bool accumulate);
+
 /* gelu_new(v) = 0.5 v (1 + tanh(u)), u = sqrt(2/pi) (v + 0.044715 v^3),
  * computed as v / (1 + exp(-2u)) (the same function: 1 + tanh(u) =
  * 2 / (1 + exp(-2u))) with a vectorizable exp; relative error < 1e-6. */

@@ -29,6 +29,7 @@
  * | `[patch]` | `metric`         | `logit_diff`| logit_diff, prob, logprob or kl, or several of them comma-separated (`logit_diff, prob, kl`): all from each patched forward, the first under the one-metric names (schema.h) |
  * | `[patch]` | `direction`      | `denoise`   | denoise (run corrupted, patch in clean) or noise (run clean, patch in corrupted) |
  * | `[patch]` | `engine`         | `fast`      | fast (recompute only what a patch changes) or naive (one full forward per cell, the reference) |
+ * | `[patch]` | `method`         | `exact`     | exact (every cell patched), atp or atp* (attribution patching, atp.h: every cell estimated, stored as C_atp and C_atp_normalized; by prompt only) |
  * | `[run]`   | `output`         | required    | the results file; must end in `.nc` (written as `NAME.partial`, renamed when complete) |
  * | `[run]`   | `chunk_prompts`  | `0`         | prompt pairs per work chunk, 1..100000; 0 = chosen automatically |
  * | `[run]`   | `threads`        | `0`         | BLAS threads per MPI rank, 1..1024; 0 = automatic |
@@ -111,6 +112,7 @@ typedef struct {
     patch_metric_list metrics; /* metric = a,b,...: every metric, in order (issue 19) */
     patch_direction direction; /* direction (denoise) */
     patch_engine engine;   /* engine (fast) */
+    patch_method method;   /* method (exact): exact, atp or atp* */
     /* [run] */
     char *output;          /* output: resolved path, ends in .nc */
     size_t chunk_prompts;  /* chunk_prompts (0 = auto), else 1..JOB_CHUNK_PROMPTS_MAX */

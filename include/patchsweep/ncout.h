@@ -141,6 +141,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
 ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
                                        const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
                                        patch_direction direction, patch_engine engine);
+/* ncout_results_define_metrics with the grids named C + suffix and C +
+ * suffix + "_normalized" (SCHEMA_ATP_SUFFIX: a sweep's attribution-patching
+ * estimates, C_atp and C_atp_normalized); "" is ncout_results_define_metrics. */
+ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                     const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                     patch_direction direction, patch_engine engine, const char *suffix);
 
 /* The puts below stage their values for a window of consecutive prompts
  * and write a window with one call per variable (ncout_results_flush, also

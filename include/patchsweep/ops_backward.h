@@ -78,9 +78,13 @@ void ops_rotary_backward(float *dx, const float *dout, size_t rows, size_t pos0,
  *   ds[h, i, j] = pattern[h, i, j] (dpattern[h, i, j] - sum_{j'<=i} pattern dpattern)   j <= i
  *   dq[i, h]  = scale sum_{j<=i} ds[h, i, j] k[j, g]
  *   dk[j, g]  = scale sum_{h in g} sum_{i>=j} ds[h, i, j] q[i, h]
+ * Rows [row0, T) alone (row0 = 0: all): query rows i >= row0 (their dq and
+ * dpattern; the others' are not written) and key rows j >= row0 (the
+ * others' dk, dv are 0).  These are exact, because the gradient at row j
+ * collects from query rows i >= j alone (causal attention).
  * dq, dk, dv and dpattern are overwritten; threaded over key/value heads. */
 void ops_attention_backward(float *dq, float *dk, float *dv, float *dpattern, const float *dz, const float *q,
-                            const float *k, const float *v, const float *pattern, size_t T, size_t H, size_t H_kv,
-                            size_t dh, float scale);
+                            const float *k, const float *v, const float *pattern, size_t T, size_t row0, size_t H,
+                            size_t H_kv, size_t dh, float scale);
 
 #endif

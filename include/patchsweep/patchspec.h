@@ -64,10 +64,21 @@ typedef enum { PATCH_DENOISE, PATCH_NOISE } patch_direction;
 typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 
 /* How cells are evaluated: exactly (the engines), by attribution patching
- * (atp.h), or both with the estimate's error (patch --method, [patch] method). */
-typedef enum { PATCH_METHOD_EXACT, PATCH_METHOD_ATP, PATCH_METHOD_ATP_EXACT, PATCH_METHOD_COUNT } patch_method;
-const char *patch_method_name(patch_method m);   /* "exact", "atp", "atp+exact" */
+ * (atp.h; atp* with AtP*'s QK fix), or both with the estimate's error
+ * (patch --method, [patch] method). */
+typedef enum {
+    PATCH_METHOD_EXACT,
+    PATCH_METHOD_ATP,
+    PATCH_METHOD_ATP_EXACT,
+    PATCH_METHOD_ATP_STAR,
+    PATCH_METHOD_ATP_STAR_EXACT,
+    PATCH_METHOD_COUNT
+} patch_method;
+const char *patch_method_name(patch_method m); /* "exact", "atp", "atp+exact", "atp*", "atp*+exact" */
 ps_status patch_method_parse(const char *s, patch_method *m);
+bool patch_method_runs_exact(patch_method m);  /* exact, atp+exact, atp*+exact */
+bool patch_method_estimates(patch_method m);   /* every method but exact */
+bool patch_method_qk_fix(patch_method m);      /* atp*, atp*+exact */
 
 const char *patch_component_name(patch_component c);
 /* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */

@@ -280,7 +280,8 @@ typedef struct {
     patchsweep_metric_fn metric_fn; /* non-NULL: this metric, with the naive engine */
     void *metric_user;
     /* appended (a struct_size that ends before it: "exact") */
-    const char *method;        /* "exact" (NULL): every cell patched; "atp": attribution patching */
+    const char *method;        /* "exact" (NULL): every cell patched; "atp": attribution patching;
+                                  "atp*": with AtP*'s QK fix (q_all_pos, k_all_pos) */
 } patchsweep_patch_opts;
 
 /* values[n] (n = the grid's size, row-major): the patched metric of every
@@ -290,7 +291,8 @@ typedef struct {
  * metric(base) + (a_source - a_base) . dmetric/da, the gradient taken on the
  * base run (one forward and one backward pass for the whole grid; engine is
  * not read; built-in metrics only), in the same units and shape, equal to
- * the CLI's `patch --method atp` values bit for bit.  Known failure modes:
+ * the CLI's `patch --method atp` values bit for bit ("atp*": `--method
+ * atp*`'s, which differ on the q_all_pos and k_all_pos grids only).  Known failure modes:
  * saturated attention, cancelling paths, and kl with "noise" (its gradient
  * at the clean run is 0: every cell is the base metric). */
 patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *component, const patchsweep_patch_opts *opts,

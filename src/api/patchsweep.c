@@ -1018,11 +1018,12 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
         po.engine = PATCH_ENGINE_NAIVE;
     }
     patch_method method = PATCH_METHOD_EXACT;
-    if (o.method && ((st = patch_method_parse(o.method, &method)) != PS_OK || method == PATCH_METHOD_ATP_EXACT))
-        return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown method '%s' (exact or atp)", o.method);
-    if (o.metric_fn && method == PATCH_METHOD_ATP)
-        return (patchsweep_status)err_set(PS_ERR_INVALID, "method atp: a custom metric has no gradient; "
-                                          "attribution patching takes the built-in metrics only");
+    if (o.method && ((st = patch_method_parse(o.method, &method)) != PS_OK ||
+                     (patch_method_runs_exact(method) && patch_method_estimates(method))))
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp or atp*)", o.method);
+    if (o.metric_fn && patch_method_estimates(method))
+        return (patchsweep_status)err_set(PS_ERR_INVALID, "method %s: a custom metric has no gradient; "
+                                          "attribution patching takes the built-in metrics only", o.method);
     if (o.metric_fn && po.engine != PATCH_ENGINE_NAIVE)
         return (patchsweep_status)err_set(PS_ERR_INVALID, "a custom metric needs the naive engine (engine = "
                                           "\"naive\"); the fast engine computes only the built-in metrics");
@@ -1042,13 +1043,14 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
             st = patch_custom(m, &p->p, cells, nc, po.direction, o.metric_fn, o.metric_user, values, clean_metric,
                               corrupted_metric, &cb);
         else {
-            if (method == PATCH_METHOD_ATP) {
+            if (patch_method_estimates(method)) {
                 bool on[PATCH_COMPONENT_COUNT] = {false};
                 double *vals[PATCH_COMPONENT_COUNT] = {NULL};
+                const atp_opts ao = {patch_method_qk_fix(method), false};
                 on[comp] = true;
                 vals[comp] = values;
                 if ((st = patch_components_check(on, &m->cfg)) == PS_OK)
-                    st = atp_eval(m, &p->p, on, po.metric, po.direction, vals);
+                    st = atp_eval_opts(m, &p->p, on, po.metric, po.direction, &ao, vals);
             } else {
                 st = patch_eval(m, &p->p, 1, cells, nc, &po, values);
             }

@@ -25,12 +25,13 @@ typedef struct {
     patch_opts po;
     size_t reps;
     bool fast_only;
-    patch_method method; /* patch only: exact, atp, atp+exact */
+    patch_method method; /* patch only: exact, atp, atp+exact, atp*, atp*+exact */
+    bool graddrop;       /* with an estimating method: AtP*'s GradDrop */
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
-       OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD };
+       OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -52,6 +53,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"answer-id", required_argument, 0, OPT_ANSWER_ID},
                                          {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {"method", required_argument, 0, OPT_METHOD},
+                                         {"graddrop", no_argument, 0, OPT_GRADDROP},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -67,6 +69,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                                                     : NULL)
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_METHOD ? "--method"
+                                                 : ch == OPT_GRADDROP ? "--graddrop"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
             return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
@@ -109,6 +112,9 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_METHOD:
             if (patch_method_parse(optarg, &a->method) != PS_OK)
                 return cli_usage(cmd, "%s", err_msg());
+            break;
+        case OPT_GRADDROP:
+            a->graddrop = true;
             break;
         case OPT_REPS:
             if (!cli_parse_size(optarg, 1, 1000, &a->reps))
@@ -258,7 +264,10 @@ static const char *patch_help =
     "  --method      exact (default), atp (attribution patching: every cell estimated\n"
     "                from one forward and one backward pass, (a_src - a_base) . dM/da),\n"
     "                atp+exact (both, with per-cell error, rank correlation and the\n"
-    "                exact top-10 cells the estimate misses)\n"
+    "                exact top-10 cells the estimate misses); atp*, atp*+exact: AtP*'s\n"
+    "                QK fix (q_all_pos, k_all_pos through the exact softmax)\n"
+    "  --graddrop    with an atp method: AtP*'s GradDrop (L more backward passes;\n"
+    "                |effect| averaged over the passes, each without one block)\n"
     "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"
     "                the pair as comma-separated token ids (no tokenizer; no BOS added):\n"
     "                the way to patch the families whose tokenizer is not supported yet\n"
@@ -320,12 +329,12 @@ static size_t grid_cells(patch_component c, const model_config *cfg, size_t T)
 }
 
 static ps_status atp_values(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT],
-                            const patch_opts *po, double *vals[PATCH_COMPONENT_COUNT])
+                            const patch_opts *po, const atp_opts *ao, double *vals[PATCH_COMPONENT_COUNT])
 {
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         if (on[c] && !(vals[c] = malloc(grid_cells((patch_component)c, &m->cfg, pair->T) * sizeof *vals[c])))
             return err_set(PS_ERR_NOMEM, "out of memory");
-    return atp_eval(m, pair, on, po->metric, po->direction, vals);
+    return atp_eval_opts(m, pair, on, po->metric, po->direction, ao, vals);
 }
 
 /* the unpatched base run's metric: what a cell that changes nothing gives */
@@ -350,22 +359,25 @@ static json_t *atp_json(const patch_pair *p, patch_metric metric, patch_directio
 }
 
 static void print_atp_stats(const patch_pair *p, patch_component c, const model_config *cfg, patch_metric metric,
-                            patch_direction dir, const double *exact, const double *est)
+                            patch_direction dir, const double *exact, const double *est, const char *what)
 {
     const size_t n = grid_cells(c, cfg, p->T);
     atp_stats s;
     if (atp_compare(exact, est, n, pair_base_metric(p, metric, dir), ATP_TOP_K, &s) != PS_OK)
         return;
-    printf("%s: AtP vs exact: rank correlation %.3f, max |error| %.4g, %zu of the exact top %zu missed\n",
-           patch_component_name(c), s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
+    printf("%s: %s vs exact: rank correlation %.3f, max |error| %.4g, %zu of the exact top %zu missed\n",
+           patch_component_name(c), what, s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
 }
 
 /* The estimates (and with atp+exact the errors and their statistics) into the results file. */
 static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, const bool on[PATCH_COMPONENT_COUNT],
-                           patch_metric metric, patch_direction dir, patch_method method, double *const exact[PATCH_COMPONENT_COUNT],
-                           double *const est[PATCH_COMPONENT_COUNT])
+                           patch_metric metric, patch_direction dir, patch_method method, bool graddrop,
+                           double *const exact[PATCH_COMPONENT_COUNT], double *const est[PATCH_COMPONENT_COUNT])
 {
-    ps_status st = ncout_put_attr(res->f, SCHEMA_ATT_METHOD, patch_method_name(method));
+    /* the method, "+graddrop" when GradDrop was on: "atp*+graddrop", "atp+exact+graddrop" */
+    char mname[48];
+    snprintf(mname, sizeof mname, "%s%s", patch_method_name(method), graddrop ? "+graddrop" : "");
+    ps_status st = ncout_put_attr(res->f, SCHEMA_ATT_METHOD, mname);
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
         if (!on[c])
             continue;
@@ -383,7 +395,7 @@ static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, co
         snprintf(ln, sizeof ln, "normalized attribution patching estimate, %s", patch_component_name(pc));
         if (st == PS_OK)
             st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_NORMALIZED_SUFFIX, 0, tmp, ln, NULL);
-        if (st == PS_OK && method == PATCH_METHOD_ATP_EXACT) {
+        if (st == PS_OK && patch_method_runs_exact(method)) {
             int var;
             atp_stats s;
             for (size_t i = 0; i < n; i++)
@@ -434,6 +446,9 @@ int cmd_patch(int argc, char **argv)
     if (!a.clean_ids && (!a.clean || !a.corrupted || !a.answer || !a.wrong))
         return cli_usage("patch", "--clean, --corrupted, --answer and --wrong are required (or --clean-ids, "
                                   "--corrupted-ids, --answer-id and --wrong-id)");
+    if (a.graddrop && !patch_method_estimates(a.method))
+        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact or "
+                                  "atp*+exact)");
     bool *on = a.on;
     patch_opts po = a.po;
     tokenizer *tok;
@@ -457,7 +472,8 @@ int cmd_patch(int argc, char **argv)
     answer = pair.answer;
     wrong = pair.wrong;
     const size_t nc = pair.T;
-    const bool exact = a.method != PATCH_METHOD_ATP, atp = a.method != PATCH_METHOD_EXACT;
+    const bool exact = patch_method_runs_exact(a.method), atp = patch_method_estimates(a.method);
+    const atp_opts ao = {patch_method_qk_fix(a.method), a.graddrop};
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
         if (!on[c] || !exact)
             continue;
@@ -484,7 +500,7 @@ int cmd_patch(int argc, char **argv)
             values[c][i] = values[c][i * M];
         mvals[0][c] = values[c];
     }
-    if (st || (atp && (st = atp_values(&m, &pair, on, &po, atp_vals))))
+    if (st || (atp && (st = atp_values(&m, &pair, on, &po, &ao, atp_vals))))
         goto out;
     if (a.output) {
         ncout_results res;
@@ -505,7 +521,7 @@ int cmd_patch(int argc, char **argv)
                 st = ncout_results_flush(&res);
         }
         if (st == PS_OK && atp)
-            st = atp_write(&res, &m, &pair, on, po.metric, po.direction, a.method, values, atp_vals);
+            st = atp_write(&res, &m, &pair, on, po.metric, po.direction, a.method, a.graddrop, values, atp_vals);
         ncout_results_free(&res);
         if (st || (st = ncout_commit(&f)))
             goto out;
@@ -532,7 +548,7 @@ int cmd_patch(int argc, char **argv)
                 json_array_append_new(norm, isfinite(v) ? json_real(v) : json_null());
             }
             json_t *one = json_pack("{s:o,s:o,s:o,s:o}", "dims", dims, "shape", shp, "values", raw, "normalized", norm);
-            if (a.method == PATCH_METHOD_ATP_EXACT)
+            if (exact && atp)
                 json_object_set_new(one, "atp", atp_json(&pair, po.metric, po.direction, values[c], atp_vals[c], n));
             json_object_set_new(comps, patch_component_name((patch_component)c), one);
         }
@@ -560,8 +576,12 @@ int cmd_patch(int argc, char **argv)
         /* "method" only when not exact: exact outputs stay as they were */
         if (a.method != PATCH_METHOD_EXACT)
             json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
+        if (a.graddrop)
+            json_object_set_new(out_json, "graddrop", json_true());
         cli_print_json(out_json);
     } else {
+        const char *what = patch_method_qk_fix(a.method) ? (a.graddrop ? "AtP* with GradDrop" : "AtP*")
+                                                         : (a.graddrop ? "AtP with GradDrop" : "AtP");
         printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
                pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
                po.direction == PATCH_DENOISE ? "denoising" : "noising",
@@ -572,11 +592,12 @@ int cmd_patch(int argc, char **argv)
             if (exact)
                 print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric);
             if (atp) {
-                printf("\n(attribution patching estimate)");
+                printf("\n(attribution patching estimate, %s)", what);
                 print_patch_table(&pair, tok, (patch_component)c, &m.cfg, atp_vals[c], po.metric);
             }
-            if (a.method == PATCH_METHOD_ATP_EXACT)
-                print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c]);
+            if (exact && atp)
+                print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c],
+                                what);
         }
         for (size_t k = 1; k < M; k++) {
             printf("\n%s: clean %.4f, corrupted %.4f\n", patch_metric_name(ms[k]), pair.clean_metric[ms[k]],
@@ -645,6 +666,9 @@ int cmd_bench(int argc, char **argv)
     }
     if (!a.components_given)
         patch_components_parse("resid_pre,attn_out,mlp_out,z_all_pos", a.on);
+    if (a.graddrop && !patch_method_estimates(a.method))
+        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact or "
+                                  "atp*+exact)");
     bool *on = a.on;
     patch_opts po = a.po;
     const size_t reps = a.reps;

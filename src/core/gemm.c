@@ -500,63 +500,277 @@ void gemm_unembed(float *out, const float *x, size_t rows, const float *U, size_
 
 /* ---- the transposed product (backward passes) ------------------------------- */
 
+/* dx[r, kk] (+)= sum_c dy[r, c] W[kk, c] read from the packed panels: row kk
+ * of panel p is W[kk, p*NR .. p*NR+NR), contiguous.  A tile is rb rows of dy
+ * by kb consecutive kk: rb*kb vector accumulators, each summing the lane-wise
+ * products dy[r, p*NR + j] * W[kk, p*NR + j] over every panel p in order,
+ * reduced across lanes once at the end; the padding columns (c >= n) have
+ * W = 0 and are masked out of dy, which may end there.  Every (r, kk) is one
+ * such sum whatever the tile and thread split: the same bits for any row
+ * count and thread count on one instruction set. */
+
+typedef void (*tile_t_fn)(size_t rb, size_t kb, const float *dy, size_t n, const void *w, size_t k, float *dx,
+                          size_t ldx, bool accumulate);
+
+enum { TRB_C = 4, TKB_C = 4, TRB_AVX2 = 2, TKB_AVX2 = 4, TRB_AVX512 = 4, TKB_AVX512 = 4 };
+
+/* C: 8 lanes (j mod 8), the lanes summed in order */
+static ALWAYS_INLINE_C void tile_t_c_any(const int bt, size_t rb, size_t kb, const float *dy, size_t n,
+                                         const void *wv, size_t k, float *dx, size_t ldx, bool accumulate)
+{
+    float lane[TRB_C][TKB_C][8] = {{{0}}}, wide[GEMM_NR];
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        for (size_t q = 0; q < kb; q++) {
+            const float *wr;
+            if (bt == GEMM_F32) {
+                wr = (const float *)wv + (p * k + q) * GEMM_NR;
+            } else {
+                const uint16_t *h = (const uint16_t *)wv + (p * k + q) * GEMM_NR;
+                for (size_t j = 0; j < GEMM_NR; j++)
+                    wide[j] = gemm_widen((gemm_dtype)bt, h[j]);
+                wr = wide;
+            }
+            for (size_t r = 0; r < rb; r++) {
+                const float *y = dy + r * n + c0;
+                for (size_t j = 0; j < nc; j++)
+                    lane[r][q][j & 7] += y[j] * wr[j];
+            }
+        }
+    }
+    for (size_t r = 0; r < rb; r++)
+        for (size_t q = 0; q < kb; q++) {
+            float s = 0.0f;
+            for (size_t e = 0; e < 8; e++)
+                s += lane[r][q][e];
+            dx[r * ldx + q] = accumulate ? dx[r * ldx + q] + s : s;
+        }
+}
+
+#define TILE_T_C(NAME, BT)                                                                                             \
+    static void NAME(size_t rb, size_t kb, const float *dy, size_t n, const void *w, size_t k, float *dx, size_t ldx,  \
+                     bool accumulate)                                                                                  \
+    {                                                                                                                  \
+        tile_t_c_any(BT, rb, kb, dy, n, w, k, dx, ldx, accumulate);                                                    \
+    }
+TILE_T_C(tile_t_c, GEMM_F32)
+TILE_T_C(tile_t_c_f16, GEMM_F16)
+TILE_T_C(tile_t_c_bf16, GEMM_BF16)
+
+#ifdef GEMM_X86
+/* AVX2: 8 lanes, 2 rows x 4 kk = 8 ymm accumulators; the panel row in 4
+ * chunks of 8 (the last panel's chunks past n masked out of dy). */
+TARGET_AVX2 static ALWAYS_INLINE void tile_t_avx2_fix(const int bt, const size_t rb, const size_t kb, const float *dy,
+                                                       size_t n, const void *w, size_t k, float *dx, size_t ldx,
+                                                       bool accumulate)
+{
+    __m256 acc[TRB_AVX2][TKB_AVX2];
+    for (size_t r = 0; r < rb; r++)
+        for (size_t q = 0; q < kb; q++)
+            acc[r][q] = _mm256_setzero_ps();
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        for (size_t j = 0; j < GEMM_NR && j < nc; j += 8) {
+            __m256 y[TRB_AVX2];
+            if (nc - j >= 8) {
+                for (size_t r = 0; r < rb; r++)
+                    y[r] = _mm256_loadu_ps(dy + r * n + c0 + j);
+            } else {
+                const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(nc - j)), idx);
+                for (size_t r = 0; r < rb; r++)
+                    y[r] = _mm256_maskload_ps(dy + r * n + c0 + j, mask);
+            }
+            for (size_t q = 0; q < kb; q++) {
+                const __m256 wq = load8_avx2(bt, w, (p * k + q) * GEMM_NR + j);
+                for (size_t r = 0; r < rb; r++)
+                    acc[r][q] = _mm256_fmadd_ps(y[r], wq, acc[r][q]);
+            }
+        }
+    }
+    for (size_t r = 0; r < rb; r++)
+        for (size_t q = 0; q < kb; q++) {
+            float l[8], s = 0.0f;
+            _mm256_storeu_ps(l, acc[r][q]);
+            for (size_t e = 0; e < 8; e++)
+                s += l[e];
+            dx[r * ldx + q] = accumulate ? dx[r * ldx + q] + s : s;
+        }
+}
+
+TARGET_AVX2 static ALWAYS_INLINE void tile_t_avx2_any(const int bt, size_t rb, size_t kb, const float *dy, size_t n,
+                                                       const void *w, size_t k, float *dx, size_t ldx,
+                                                       bool accumulate)
+{
+    switch (rb * 8 + kb) {
+#define CASE(R, K)                                                                                                     \
+    case R * 8 + K: tile_t_avx2_fix(bt, R, K, dy, n, w, k, dx, ldx, accumulate); break;
+        CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+#undef CASE
+    default: break;
+    }
+}
+
+#define TILE_T_AVX2(NAME, BT)                                                                                          \
+    TARGET_AVX2 static void NAME(size_t rb, size_t kb, const float *dy, size_t n, const void *w, size_t k, float *dx,   \
+                                 size_t ldx, bool accumulate)                                                          \
+    {                                                                                                                  \
+        tile_t_avx2_any(BT, rb, kb, dy, n, w, k, dx, ldx, accumulate);                                                 \
+    }
+TILE_T_AVX2(tile_t_avx2, GEMM_F32)
+TILE_T_AVX2(tile_t_avx2_f16, GEMM_F16)
+TILE_T_AVX2(tile_t_avx2_bf16, GEMM_BF16)
+
+/* AVX-512: 16 lanes, 4 rows x 4 kk = 16 zmm accumulators, the panel row as
+ * two zmm (masked loads of dy for a last panel narrower than 32). */
+TARGET_AVX512 static ALWAYS_INLINE void tile_t_avx512_fix(const int bt, const size_t rb, const size_t kb,
+                                                           const float *dy, size_t n, const void *w, size_t k,
+                                                           float *dx, size_t ldx, bool accumulate)
+{
+    __m512 acc[TRB_AVX512][TKB_AVX512];
+    for (size_t r = 0; r < rb; r++)
+        for (size_t q = 0; q < kb; q++)
+            acc[r][q] = _mm512_setzero_ps();
+    const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
+    for (size_t p = 0; p < np; p++) {
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        __m512 y0[TRB_AVX512], y1[TRB_AVX512];
+        if (nc == GEMM_NR) {
+            for (size_t r = 0; r < rb; r++) {
+                y0[r] = _mm512_loadu_ps(dy + r * n + c0);
+                y1[r] = _mm512_loadu_ps(dy + r * n + c0 + 16);
+            }
+        } else {
+            const __mmask16 m0 = nc >= 16 ? 0xFFFF : (__mmask16)((1u << nc) - 1);
+            const __mmask16 m1 = nc > 16 ? (__mmask16)((1u << (nc - 16)) - 1) : 0;
+            for (size_t r = 0; r < rb; r++) {
+                y0[r] = _mm512_maskz_loadu_ps(m0, dy + r * n + c0);
+                y1[r] = _mm512_maskz_loadu_ps(m1, dy + r * n + c0 + 16);
+            }
+        }
+        for (size_t q = 0; q < kb; q++) {
+            const size_t off = (p * k + q) * GEMM_NR;
+            const __m512 w0 = load16_avx512(bt, w, off), w1 = load16_avx512(bt, w, off + 16);
+            for (size_t r = 0; r < rb; r++) {
+                acc[r][q] = _mm512_fmadd_ps(y0[r], w0, acc[r][q]);
+                acc[r][q] = _mm512_fmadd_ps(y1[r], w1, acc[r][q]);
+            }
+        }
+    }
+    for (size_t r = 0; r < rb; r++)
+        for (size_t q = 0; q < kb; q++) {
+            const float s = _mm512_reduce_add_ps(acc[r][q]);
+            dx[r * ldx + q] = accumulate ? dx[r * ldx + q] + s : s;
+        }
+}
+
+TARGET_AVX512 static ALWAYS_INLINE void tile_t_avx512_any(const int bt, size_t rb, size_t kb, const float *dy,
+                                                           size_t n, const void *w, size_t k, float *dx, size_t ldx,
+                                                           bool accumulate)
+{
+    switch (rb * 8 + kb) {
+#define CASE(R, K)                                                                                                     \
+    case R * 8 + K: tile_t_avx512_fix(bt, R, K, dy, n, w, k, dx, ldx, accumulate); break;
+        CASE(1, 1) CASE(1, 2) CASE(1, 3) CASE(1, 4) CASE(2, 1) CASE(2, 2) CASE(2, 3) CASE(2, 4)
+        CASE(3, 1) CASE(3, 2) CASE(3, 3) CASE(3, 4) CASE(4, 1) CASE(4, 2) CASE(4, 3) CASE(4, 4)
+#undef CASE
+    default: break;
+    }
+}
+
+#define TILE_T_AVX512(NAME, BT)                                                                                        \
+    TARGET_AVX512 static void NAME(size_t rb, size_t kb, const float *dy, size_t n, const void *w, size_t k,           \
+                                   float *dx, size_t ldx, bool accumulate)                                             \
+    {                                                                                                                  \
+        tile_t_avx512_any(BT, rb, kb, dy, n, w, k, dx, ldx, accumulate);                                               \
+    }
+TILE_T_AVX512(tile_t_avx512, GEMM_F32)
+TILE_T_AVX512(tile_t_avx512_f16, GEMM_F16)
+TILE_T_AVX512(tile_t_avx512_bf16, GEMM_BF16)
+#endif
+
+static const struct {
+    size_t rb, kb;
+    tile_t_fn tile[3]; /* by gemm_dtype of the panels */
+} isa_t_table[GEMM_ISA_COUNT] = {
+    [GEMM_ISA_C] = {TRB_C, TKB_C, {tile_t_c, tile_t_c_f16, tile_t_c_bf16}},
+#ifdef GEMM_X86
+    [GEMM_ISA_AVX2] = {TRB_AVX2, TKB_AVX2, {tile_t_avx2, tile_t_avx2_f16, tile_t_avx2_bf16}},
+    [GEMM_ISA_AVX512] = {TRB_AVX512, TKB_AVX512, {tile_t_avx512, tile_t_avx512_f16, tile_t_avx512_bf16}},
+#else
+    [GEMM_ISA_AVX2] = {TRB_C, TKB_C, {NULL, NULL, NULL}},
+    [GEMM_ISA_AVX512] = {TRB_C, TKB_C, {NULL, NULL, NULL}},
+#endif
+};
+
+/* Up to GEMM_T_MAX weights of one call (gemm_run_t_sum). */
+#define GEMM_T_MAX 4
+
 typedef struct {
     float *dx;
-    const float *dy;
-    size_t rows;
-    const gemm_weight *w;
+    const float *dy[GEMM_T_MAX];
+    size_t rows, n_w;
+    const gemm_weight *w[GEMM_T_MAX];
     bool accumulate;
+    size_t rb, kb;
+    tile_t_fn tile[GEMM_T_MAX];
 } gemm_t_task;
 
-/* Thread tid's share: input columns [k*tid/nt, k*(tid+1)/nt) of dx for every
- * row.  Each packed row W[kk, panel] (GEMM_NR floats) is read once and dotted
- * with every row of dy; the sum runs over 8 lanes (j mod 8), then the lanes
- * in order, so the result does not depend on the thread count. */
+/* Thread tid's share: columns [k*tid/nt, k*(tid+1)/nt) of dx for every row,
+ * kb columns at a time; their rows of every panel (kb*NR floats per panel,
+ * n*kb in all) stay in L2 while the row blocks pass over them.  The weights
+ * one after the other, the first overwriting (unless accumulate), the others
+ * adding: per (r, kk) the bits of separate calls in that order. */
 static void gemm_t_worker(void *arg, size_t tid, size_t nt)
 {
     const gemm_t_task *t = arg;
-    const size_t k = t->w->k, n = t->w->n, np = (n + GEMM_NR - 1) / GEMM_NR;
+    const size_t k = t->w[0]->k;
     const size_t k0 = k * tid / nt, k1 = k * (tid + 1) / nt;
-    if (!t->accumulate)
-        for (size_t r = 0; r < t->rows; r++)
-            memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
-    float wide[GEMM_NR];
-    for (size_t p = 0; p < np; p++) {
-        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
-        for (size_t kk = k0; kk < k1; kk++) {
-            const size_t off = (p * k + kk) * GEMM_NR;
-            const float *wr = t->w->data + off;
-            if (t->w->dtype != GEMM_F32) {
-                /* a 2-byte panel row, widened as the forward kernels do */
-                for (size_t j = 0; j < GEMM_NR; j++)
-                    wide[j] = gemm_widen(t->w->dtype, t->w->data16[off + j]);
-                wr = wide;
-            }
-            for (size_t r = 0; r < t->rows; r++) {
-                const float *y = t->dy + r * n + c0;
-                float lane[8] = {0};
-                if (nc == GEMM_NR) {
-                    for (size_t j = 0; j < GEMM_NR; j += 8)
-                        for (size_t e = 0; e < 8; e++)
-                            lane[e] += y[j + e] * wr[j + e];
-                } else {
-                    for (size_t j = 0; j < nc; j++)
-                        lane[j & 7] += y[j] * wr[j];
-                }
-                float s = 0.0f;
-                for (size_t e = 0; e < 8; e++)
-                    s += lane[e];
-                t->dx[r * k + kk] += s;
+    for (size_t i = 0; i < t->n_w; i++) {
+        const gemm_weight *gw = t->w[i];
+        const size_t n = gw->n;
+        const bool acc = t->accumulate || i > 0;
+        if (n == 0) { /* an empty sum */
+            for (size_t r = 0; r < t->rows && !acc; r++)
+                memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
+            continue;
+        }
+        for (size_t kk = k0; kk < k1; kk += t->kb) {
+            const size_t kb = k1 - kk < t->kb ? k1 - kk : t->kb;
+            const void *w = gw->dtype == GEMM_F32 ? (const void *)(gw->data + kk * GEMM_NR)
+                                                  : (const void *)(gw->data16 + kk * GEMM_NR);
+            for (size_t r = 0; r < t->rows; r += t->rb) {
+                const size_t rb = t->rows - r < t->rb ? t->rows - r : t->rb;
+                t->tile[i](rb, kb, t->dy[i] + r * n, n, w, k, t->dx + r * k + kk, k, acc);
             }
         }
     }
 }
 
+void gemm_run_t_sum(float *dx, const float *const *dy, const gemm_weight *const *w, size_t n_w, size_t rows,
+                    bool accumulate)
+{
+    if (rows == 0 || n_w == 0 || w[0]->k == 0)
+        return;
+    const gemm_isa isa = gemm_isa_get();
+    gemm_t_task t = {.dx = dx, .rows = rows, .accumulate = accumulate, .rb = isa_t_table[isa].rb,
+                     .kb = isa_t_table[isa].kb};
+    size_t macs = 0;
+    for (size_t i = 0; i < n_w; i += GEMM_T_MAX) {
+        t.n_w = n_w - i < GEMM_T_MAX ? n_w - i : GEMM_T_MAX;
+        macs = 0;
+        for (size_t j = 0; j < t.n_w; j++) {
+            t.dy[j] = dy[i + j], t.w[j] = w[i + j], t.tile[j] = isa_t_table[isa].tile[w[i + j]->dtype];
+            macs += rows * w[i + j]->k * w[i + j]->n;
+        }
+        t.accumulate = accumulate || i > 0;
+        pool_run(macs < GEMM_MIN_PARALLEL_MACS ? 1 : (w[0]->k + 15) / 16, gemm_t_worker, &t);
+    }
+}
+
 void gemm_run_t(float *dx, const float *dy, size_t rows, const gemm_weight *w, bool accumulate)
 {
-    if (rows == 0 || w->k == 0)
-        return;
-    gemm_t_task t = {dx, dy, rows, w, accumulate};
-    const bool small = rows * w->k * w->n < GEMM_MIN_PARALLEL_MACS;
-    pool_run(small ? 1 : (w->k + 15) / 16, gemm_t_worker, &t);
+    gemm_run_t_sum(dx, &dy, &w, 1, rows, accumulate);
 }

@@ -58,9 +58,9 @@ void ops_norm_affine_backward(float *dnorm, const float *dout, const float *w, s
 
 void ops_qkv_backward(float *dx, const float *dq, const float *dk, const float *dv, size_t rows, const model_block *b)
 {
-    gemm_run_t(dx, dq, rows, &b->q_w, false);
-    gemm_run_t(dx, dk, rows, &b->k_w, true);
-    gemm_run_t(dx, dv, rows, &b->v_w, true);
+    const float *dy[3] = {dq, dk, dv};
+    const gemm_weight *w[3] = {&b->q_w, &b->k_w, &b->v_w};
+    gemm_run_t_sum(dx, dy, w, 3, rows, false);
 }
 
 void ops_attn_proj_backward(float *dz, const float *dout, size_t rows, const model_block *b)
@@ -169,7 +169,7 @@ void ops_rotary_backward(float *dx, const float *dout, size_t rows, size_t pos0,
 typedef struct {
     float *dq, *dk, *dv, *dpattern;
     const float *dz, *q, *k, *v, *pattern;
-    size_t T, H, H_kv, dh;
+    size_t T, row0, H, H_kv, dh;
     float scale;
 } attn_bwd_task;
 
@@ -178,14 +178,15 @@ typedef struct {
 static void attn_bwd_worker(void *arg, size_t tid, size_t nt)
 {
     const attn_bwd_task *t = arg;
-    const size_t T = t->T, H = t->H, dh = t->dh, group = H / t->H_kv, dq_w = H * dh, dkv_w = t->H_kv * dh;
+    const size_t T = t->T, row0 = t->row0, H = t->H, dh = t->dh, group = H / t->H_kv, dq_w = H * dh;
+    const size_t dkv_w = t->H_kv * dh;
     for (size_t g = t->H_kv * tid / nt, ge = t->H_kv * (tid + 1) / nt; g < ge; g++) {
         for (size_t j = 0; j < T; j++) {
             memset(t->dk + j * dkv_w + g * dh, 0, dh * sizeof(float));
             memset(t->dv + j * dkv_w + g * dh, 0, dh * sizeof(float));
         }
         for (size_t h = g * group; h < (g + 1) * group; h++)
-            for (size_t i = 0; i < T; i++) {
+            for (size_t i = row0; i < T; i++) {
                 const float *dzi = t->dz + i * dq_w + h * dh, *qi = t->q + i * dq_w + h * dh;
                 const float *p = t->pattern + (h * T + i) * T;
                 float *dp = t->dpattern + (h * T + i) * T, *dqi = t->dq + i * dq_w + h * dh;
@@ -197,7 +198,7 @@ static void attn_bwd_worker(void *arg, size_t tid, size_t nt)
                     for (size_t e = 0; e < dh; e++)
                         s += dzi[e] * vj[e];
                     dp[j] = s;
-                    if (p[j] != 0.0f)
+                    if (p[j] != 0.0f && j >= row0)
                         for (size_t e = 0; e < dh; e++)
                             dvj[e] += p[j] * dzi[e];
                 }
@@ -212,19 +213,20 @@ static void attn_bwd_worker(void *arg, size_t tid, size_t nt)
                         continue;
                     const float *kj = t->k + j * dkv_w + g * dh;
                     float *dkj = t->dk + j * dkv_w + g * dh;
-                    for (size_t e = 0; e < dh; e++) {
+                    for (size_t e = 0; e < dh; e++)
                         dqi[e] += ds * kj[e];
-                        dkj[e] += ds * qi[e];
-                    }
+                    if (j >= row0)
+                        for (size_t e = 0; e < dh; e++)
+                            dkj[e] += ds * qi[e];
                 }
             }
     }
 }
 
 void ops_attention_backward(float *dq, float *dk, float *dv, float *dpattern, const float *dz, const float *q,
-                            const float *k, const float *v, const float *pattern, size_t T, size_t H, size_t H_kv,
-                            size_t dh, float scale)
+                            const float *k, const float *v, const float *pattern, size_t T, size_t row0, size_t H,
+                            size_t H_kv, size_t dh, float scale)
 {
-    attn_bwd_task t = {dq, dk, dv, dpattern, dz, q, k, v, pattern, T, H, H_kv, dh, scale};
+    attn_bwd_task t = {dq, dk, dv, dpattern, dz, q, k, v, pattern, T, row0, H, H_kv, dh, scale};
     pool_run(T * T * H * dh < 65536 ? 1 : H_kv, attn_bwd_worker, &t);
 }

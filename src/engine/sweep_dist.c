@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "atp.h"
 #include "fault.h"
 
 /* The test build's fault site of every rank's share of a chunk (fault.h). */
@@ -249,6 +250,26 @@ static size_t prompt_cost(const job *j, const model_config *cfg, const tok_view 
     return sweep_prompt_cells(j->components, cfg, v->h.T) * (v->h.T - first + 1) + 1;
 }
 
+/* An attribution method's estimates of every cell of pairs [0, n) into vals,
+ * in chunk_cells' order (pair, component, grid): one atp_eval_opts per
+ * pair, which depends on that pair alone, so any rank count gives the same
+ * bits. */
+static ps_status eval_atp(const job *j, const model *m, const patch_pair *pairs, size_t n, double *vals)
+{
+    const atp_opts ao = {patch_method_qk_fix(j->method), false};
+    ps_status st = PS_OK;
+    for (size_t k = 0, w = 0; k < n && st == PS_OK; k++) {
+        double *grid[PATCH_COMPONENT_COUNT] = {0};
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+            if (j->components[c]) {
+                grid[c] = vals + w;
+                w += sweep_grid_size((patch_component)c, &m->cfg, pairs[k].T);
+            }
+        st = atp_eval_opts(m, &pairs[k], j->components, j->metric, j->direction, &ao, grid);
+    }
+    return st;
+}
+
 /* Evaluate one chunk by prompt on every rank.  On rank 0, *out holds per
  * prompt, in chunk order, [clean metric, corrupted metric, values...]. */
 static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const unsigned char *buf, size_t bytes,
@@ -300,7 +321,8 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
                      .metrics = j->metrics};
     if (eval_fault())
         st = err_set(PS_ERR_IO, "injected fault at chunk_eval");
-    if (st || (st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
+    if (st || (st = patch_method_estimates(j->method) ? eval_atp(j, m, pairs, n_mine, vals)
+                                                      : patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
@@ -365,7 +387,8 @@ void sweep_top_ids(const patch_pair *p, size_t V, double out[SWEEP_TOP_K])
 
 bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_t ranks)
 {
-    return j->distribute == JOB_DISTRIBUTE_PROMPTS ||
+    /* attribution methods: by prompt always (job.c refuses distribute = cells with them) */
+    return j->distribute == JOB_DISTRIBUTE_PROMPTS || patch_method_estimates(j->method) ||
            (j->distribute == JOB_DISTRIBUTE_AUTO && (n_pairs > work_chunk || n_pairs >= 4 * ranks));
 }
 

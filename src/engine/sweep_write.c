@@ -320,8 +320,11 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
     const patch_metric_list one = {.n = 1, .m = {j->metric}};
-    st = ncout_results_define_metrics(&r, &f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
-                                      j->direction, j->engine);
+    /* an attribution method's estimates are C_atp, C_atp_normalized, as patch -o names them */
+    st = ncout_results_define_named(&r, &f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
+                                    j->direction, j->engine, patch_method_estimates(j->method) ? SCHEMA_ATP_SUFFIX : "");
+    if (st == PS_OK && patch_method_estimates(j->method))
+        st = ncout_put_attr(&f, SCHEMA_ATT_METHOD, patch_method_name(j->method));
     r.prompt_offset = p->first;
     if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) ||

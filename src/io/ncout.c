@@ -406,7 +406,14 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                patch_direction direction, patch_engine engine)
 {
     const patch_metric_list one = {.n = 1, .m = {metric}};
-    return ncout_results_define_metrics(r, f, m, max_T, on, &one, direction, engine);
+    return ncout_results_define_named(r, f, m, max_T, on, &one, direction, engine, "");
+}
+
+ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                       patch_direction direction, patch_engine engine)
+{
+    return ncout_results_define_named(r, f, m, max_T, on, metrics, direction, engine, "");
 }
 
 /* A variable of metric `metric_name`: the variable attribute metric. */
@@ -474,9 +481,9 @@ static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t
     return PS_OK;
 }
 
-ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
-                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
-                                       patch_direction direction, patch_engine engine)
+ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                     const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                     patch_direction direction, patch_engine engine, const char *suffix)
 {
     memset(r, 0, sizeof *r);
     if (metrics->n < 1 || metrics->n > PATCH_METRIC_COUNT)
@@ -584,13 +591,16 @@ ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m
                           : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos
                           : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? d_kv_head
                                                                 : d_head;
-        char name[64], lname[160];
-        const char *cn = patch_component_name((patch_component)c);
-        snprintf(lname, sizeof lname, "%s after patching %s", patch_metric_name(metric), cn);
+        char raw[64], name[80], lname[160];
+        const char *cn = raw;
+        snprintf(raw, sizeof raw, "%s%s", patch_component_name((patch_component)c), suffix);
+        snprintf(lname, sizeof lname, "%s%s after patching %s", *suffix ? "estimated " : "",
+                 patch_metric_name(metric), patch_component_name((patch_component)c));
         if ((st = def_var(r, cn, NC_FLOAT, (int)nd + 1, dims, &r->var_raw[c], lname)))
             return st;
         snprintf(name, sizeof name, "%s" SCHEMA_NORMALIZED_SUFFIX, cn);
-        snprintf(lname, sizeof lname, "normalized %s after patching %s", patch_metric_name(metric), cn);
+        snprintf(lname, sizeof lname, "normalized %s%s after patching %s", *suffix ? "estimated " : "",
+                 patch_metric_name(metric), patch_component_name((patch_component)c));
         if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, &r->var_norm[c], lname)))
             return st;
         float fill = SCHEMA_FILL_GRID;

@@ -8,6 +8,9 @@ stores both with the estimate's error.
    = base metric + sum over the cell of (a_src - a_base) * dM/da, with the
    activations and autograd gradients of the float64 reference
    (oracle_families.gradients); max |C - ref| / max(1, max |ref|) < 1e-4.
+   And `--method atp*` on q_all_pos and k_all_pos (rotary and GQA too):
+   base + sum (p' - p) . dM/dpattern, p' the reference's pattern with the
+   cell's head of hook_q / hook_k overwritten by the source's.
 2. A near-linear model (GPT-2 weights with std 0.02): AtP ~ exact,
    max |atp - exact| <= 5% of the largest exact effect, for every component
    but resid_pre and resid_mid: those patches replace a whole residual row
@@ -17,6 +20,16 @@ stores both with the estimate's error.
 3. `-o` with atp+exact: C_atp, C_atp_normalized, C_atp_error (= C_atp - C)
    with atp_rank_correlation and atp_top_k attributes, global method; the
    exact variables hold the same values as `--method exact`.
+4. AtP* (QK fix) on a model with saturated attention built here (GPT-2,
+   W_Q and W_K scaled so that most pattern rows put > 0.9 on one key): atp*
+   equals atp bit for bit on every grid but q_all_pos and k_all_pos, and is
+   closer to exact there (total |error| at most half of AtP's); `-o` with
+   atp*+exact names the method.
+5. GradDrop on a 2-layer model: cells of the last block equal AtP (their
+   own block's pass gives 0, the other's leaves them as they are:
+   1/(L-1) sum = |AtP|, with AtP's sign); mlp_out of block 0 equals
+   base + sign(AtP) |(a_src - a_base) . g| with g the reference's gradient
+   at blocks.1.hook_resid_post (block 1 dropped: the skip connection alone).
 Environment: PS_BIN, PS_ROOT (see run_integration.sh)."""
 import json
 import os
@@ -61,10 +74,10 @@ def make(tmp, name, fam, opts):
     return mdir, of.Family(mdir)
 
 
-def patch(mdir, comps, metric, direction, method, out=None):
+def patch(mdir, comps, metric, direction, method, out=None, extra=()):
     args = [BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids", ids(CORRUPTED),
             "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--components", ",".join(comps), "--metric", metric,
-            "--direction", direction, "--method", method, "--json"] + (["-o", out] if out else [])
+            "--direction", direction, "--method", method, "--json"] + (["-o", out] if out else []) + list(extra)
     r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode != 0:
         return None, r.stderr
@@ -96,6 +109,29 @@ def ref_atp(model, comp, metric, direction):
     return m0 + np.array(out)
 
 
+def ref_qk_fix(model, comp, direction):
+    """The reference AtP* (QK fix) grid of q_all_pos or k_all_pos, logit_diff."""
+    cc, rc = model.run(CLEAN), model.run(CORRUPTED)
+    base_ids, base, src = (CORRUPTED, rc, cc) if direction == "denoise" else (CLEAN, cc, rc)
+    grads = of.gradients(model, base_ids, ANSWER, WRONG, "logit_diff", CLEAN)
+    m0 = of.metric_of(base["logits"][-1], ANSWER, WRONG, "logit_diff", None)
+    hook = of.PATCH_HOOKS[comp][0]
+    L = len([k for k in base if k.endswith("hook_resid_pre")])
+    out = []
+    for layer in range(L):
+        name, pat = f"blocks.{layer}.{hook}", f"blocks.{layer}.attn.hook_pattern"
+        row = []
+        for h in range(base[name].shape[1]):
+            def put(x, h=h, name=name):
+                x = x.clone()
+                x[:, h] = src[name][:, h]
+                return x
+            p2 = model.run(base_ids, {name: put})[pat].detach().numpy()
+            row.append(float(((p2 - base[pat].detach().numpy()) * grads[pat]).sum()))
+        out.append(row)
+    return m0 + np.array(out)
+
+
 worst = {}
 with tempfile.TemporaryDirectory() as tmp:
     # 1. AtP = the float64 reference's AtP
@@ -106,6 +142,15 @@ with tempfile.TemporaryDirectory() as tmp:
             got, j = patch(mdir, comps, metric, direction, "atp")
             if not check(f"{name} {metric} {direction}: patch --method atp", got is not None, j):
                 continue
+            if metric == "logit_diff":
+                star, js = patch(mdir, ["q_all_pos", "k_all_pos"], metric, direction, "atp*")
+                if check(f"{name} {direction}: patch --method atp*", star is not None, js):
+                    for c in ("q_all_pos", "k_all_pos"):
+                        want = ref_qk_fix(model, c, direction)
+                        e = float(np.abs(star[c] - want).max()) / max(1.0, float(np.abs(want).max())) \
+                            if star[c].shape == want.shape else np.inf
+                        check(f"{name} {c} {direction}: AtP* (QK fix) = reference ({e:.1e})", e < 1e-4,
+                              f"got {star[c].ravel()[:4]} want {want.ravel()[:4]}")
             for c in comps:
                 want = ref_atp(model, c, metric, direction)
                 e = float(np.abs(got[c] - want).max()) / max(1.0, float(np.abs(want).max())) \
@@ -153,5 +198,72 @@ with tempfile.TemporaryDirectory() as tmp:
                           and np.allclose(err, atp_json, atol=1e-4) and ds[c + "_atp"].dims == ds[c].dims
                           and "atp_rank_correlation" in ds[c + "_atp_error"].attrs,
                           f"{v.ravel()[:3]} {ex[c].ravel()[:3]} {err.ravel()[:3]} {(a - v).ravel()[:3]}")
+
+    # 4. AtP*'s QK fix on saturated attention
+    import make_model  # noqa: E402
+    mdir, _ = make(tmp, "saturated", "gpt2", GPT2)
+    path = os.path.join(mdir, "model.safetensors")
+    w = oracle.read_safetensors(path)
+    d = w["h.0.attn.c_attn.weight"].shape[0]
+    t = {}
+    for k, v in w.items():
+        v = np.array(v, dtype=np.float32)
+        if k.endswith("attn.c_attn.weight") or k.endswith("attn.c_attn.bias"):
+            v[..., :2 * d] *= 3.0  # queries and keys: scores x 9
+        t[k] = (v, "F32")
+    make_model.write_safetensors(path, t, False)
+    ref = oracle.load(mdir).run(CORRUPTED)
+    rows = np.concatenate([ref[f"blocks.{l}.attn.hook_pattern"].detach().numpy()[:, 1:, :].max(-1).ravel()
+                           for l in range(2)])
+    check(f"saturated model: {np.mean(rows > 0.9):.0%} of pattern rows (past the first) put > 0.9 on one key",
+          np.mean(rows > 0.9) >= 0.6, rows)
+    comps = COMPONENTS
+    ex, je = patch(mdir, comps, "logit_diff", "denoise", "exact")
+    a, ja = patch(mdir, comps, "logit_diff", "denoise", "atp")
+    s_, js = patch(mdir, comps, "logit_diff", "denoise", "atp*")
+    if check("saturated: exact, atp and atp* run", ex is not None and a is not None and s_ is not None,
+             f"{je} {ja} {js}"):
+        for c in comps:
+            if c in ("q_all_pos", "k_all_pos"):
+                ea, es = float(np.abs(a[c] - ex[c]).sum()), float(np.abs(s_[c] - ex[c]).sum())
+                check(f"saturated {c}: AtP* closer to exact (sum |error| {es:.3f} vs AtP {ea:.3f})",
+                      es <= 0.5 * ea and ea > 0, f"exact {ex[c].ravel()} atp {a[c].ravel()} atp* {s_[c].ravel()}")
+            else:
+                check(f"saturated {c}: AtP* = AtP", np.array_equal(a[c], s_[c]), f"{a[c].ravel()} {s_[c].ravel()}")
+        out = os.path.join(tmp, "star.nc")
+        both, jb = patch(mdir, ["q_all_pos"], "logit_diff", "denoise", "atp*+exact", out)
+        if check("atp*+exact -o", both is not None, jb):
+            with xr.open_dataset(out) as ds:
+                check("results file: method atp*+exact, q_all_pos_atp = atp*",
+                      ds.attrs.get("method") == "atp*+exact" and np.allclose(ds["q_all_pos_atp"].values[0],
+                                                                              s_["q_all_pos"], rtol=1e-6, atol=1e-6),
+                      ds.attrs)
+
+    # 5. GradDrop, 2 layers
+    mdir = os.path.join(tmp, "gpt2")
+    if not os.path.isdir(mdir):
+        mdir, _ = make(tmp, "gpt2", "gpt2", GPT2)
+    model = oracle.load(mdir)
+    gcomps = ["attn_out", "mlp_out", "z", "z_all_pos", "q_all_pos"]
+    a, ja = patch(mdir, gcomps, "logit_diff", "denoise", "atp")
+    g, jg = patch(mdir, gcomps, "logit_diff", "denoise", "atp", extra=["--graddrop"])
+    if check("graddrop runs", a is not None and g is not None and jg.get("graddrop") is True, jg):
+        for c in gcomps:
+            check(f"graddrop {c}, block 1: = AtP", np.allclose(g[c][1], a[c][1], rtol=1e-9, atol=1e-9),
+                  f"{g[c][1].ravel()} {a[c][1].ravel()}")
+        cc, rc = model.run(CLEAN), model.run(CORRUPTED)
+        grads = of.gradients(model, CORRUPTED, ANSWER, WRONG, "logit_diff", CLEAN)
+        base = ja["corrupted_metric"]
+        delta = (cc["blocks.0.hook_mlp_out"].detach().numpy() - rc["blocks.0.hook_mlp_out"].detach().numpy())
+        eff = (delta * grads["blocks.1.hook_resid_post"]).sum(-1)
+        want = base + np.where(a["mlp_out"][0] - base < 0, -1.0, 1.0) * np.abs(eff)
+        e = float(np.abs(g["mlp_out"][0] - want).max()) / max(1.0, float(np.abs(want).max()))
+        check(f"graddrop mlp_out block 0 = base + sign(AtP) |effect without block 1| ({e:.1e})", e < 1e-4,
+              f"{g['mlp_out'][0]} {want}")
+        r = subprocess.run([BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids",
+                            ids(CORRUPTED), "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--graddrop"],
+                           capture_output=True, text=True)
+        check("--graddrop without an atp method: refused", r.returncode == 2 and "--graddrop needs" in r.stderr,
+              r.stderr)
 
 finish("atp", "; max rel error vs reference: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))

@@ -144,3 +144,17 @@ def test_patch_opts_without_method_is_exact(ps, model):
                               v.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), v.size, None, None))
     exact = patching.get_act_patch_resid_pre(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary")
     assert np.array_equal(v, exact.values)
+
+
+def test_atp_star_equals_cli(ps, model):
+    """method="atp*" (AtP*'s QK fix) = `patch --method atp*` bit for bit, and
+    differs from atp on the q/k grids only."""
+    args = [a if a != "atp" else "atp*" for a in ATP_ARGS]
+    ref = cli(*args, "--components", "q_all_pos,k_all_pos,z_all_pos")
+    assert ref["method"] == "atp*"
+    for comp, r in ref["components"].items():
+        g = ps.patching.get_act_patch(model, comp, CORRUPTED, CLEAN, answer=" John", wrong=" Mary", method="atp*")
+        assert np.array_equal(g.values.ravel(), np.array(r["values"])), comp
+        plain = ps.patching.get_act_patch(model, comp, CORRUPTED, CLEAN, answer=" John", wrong=" Mary",
+                                          method="atp")
+        assert np.array_equal(plain.values, g.values) == (comp == "z_all_pos"), comp

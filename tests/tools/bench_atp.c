@@ -2,13 +2,20 @@
  * bench_atp: the cost of attribution patching (issue 20, item 4) in one
  * process, on one prompt pair:
  *   bench_atp MODEL_DIR [REPS [THREADS (default 2)]]
- * times (median of REPS, default 3) one forward pass of the prompt, the pair
- * (both runs: patch_pair_init), atp_eval of resid_pre, attn_out, mlp_out and
- * z, and the fast exact engine on the same grids; prints one JSON line with
- * seconds, forward-pass equivalents of AtP (pair + atp_eval, over one
- * forward) and the exact/AtP ratio.  The pair: 17 token ids differing at
- * position 10 (the shape of the worksheet's IOI pair).
+ * times (median of REPS, default 3; the four phases interleaved in every
+ * repetition, so that the machine's load hits them alike) one forward pass
+ * of the prompt, the pair (both runs: patch_pair_init), atp_eval of
+ * resid_pre, attn_out, mlp_out and z, and the fast exact engine (patch_eval)
+ * on the same grids; prints one JSON line with the seconds and
+ *   atp_forward_equivalents   (pair + atp_eval) / forward: all of AtP from
+ *                             the two prompts, in forward passes
+ *   exact_over_atp            patch_eval / atp_eval: both given the pair
+ *                             (its two runs serve either method)
+ *   exact_over_atp_with_pair  (pair + patch_eval) / (pair + atp_eval)
+ * The pair: 17 token ids differing at position 10 (the shape of the
+ * worksheet's IOI pair).
  */
+#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,6 +47,7 @@ int main(int argc, char **argv)
         return fprintf(stderr, "usage: bench_atp MODEL_DIR [REPS [THREADS]]\n"), 2;
     const int reps = argc > 2 ? atoi(argv[2]) : 3;
     pool_set_threads(argc > 3 ? (size_t)atoi(argv[3]) : 2);
+    openblas_set_num_threads(1); /* as the CLI: the pool's threads call it (gemm.h) */
     model m;
     if (model_load(&m, argv[1]) != PS_OK)
         return fprintf(stderr, "bench_atp: %s\n", err_msg()), 2;
@@ -94,9 +102,10 @@ int main(int argc, char **argv)
     qsort(t_fwd, n, sizeof *t_fwd, cmp_d), qsort(t_pair, n, sizeof *t_pair, cmp_d);
     qsort(t_atp, n, sizeof *t_atp, cmp_d), qsort(t_exact, n, sizeof *t_exact, cmp_d);
     const double f = t_fwd[n / 2], p = t_pair[n / 2], a = t_atp[n / 2], e = t_exact[n / 2];
-    printf("{\"cells\": %zu, \"threads\": %zu, \"forward_s\": %.5f, \"pair_s\": %.5f, \"atp_s\": %.5f, "
-           "\"exact_fast_s\": %.5f, \"atp_forward_equivalents\": %.2f, \"exact_over_atp\": %.1f}\n",
-           n_all, pool_threads(), f, p, a, e, (p + a) / f, e / (p + a));
+    printf("{\"cells\": %zu, \"threads\": %zu, \"reps\": %d, \"forward_s\": %.5f, \"pair_s\": %.5f, "
+           "\"atp_s\": %.5f, \"exact_fast_s\": %.5f, \"atp_forward_equivalents\": %.2f, \"exact_over_atp\": %.1f, "
+           "\"exact_over_atp_with_pair\": %.1f}\n",
+           n_all, pool_threads(), n, f, p, a, e, (p + a) / f, e / a, (p + e) / (p + a));
     forward_cache_free(&fc);
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         free(vals[c]);

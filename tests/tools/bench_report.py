@@ -23,7 +23,13 @@ machine, printed as tables and saved as results/bench.json.
      the sgemm peak, on a Llama-shaped (GQA 12/4, d_mlp 2048, V 32000) and a
      NeoX-shaped (parallel residual, V 50304) random model of GPT-2-small
      size, the IOI pair as token ids (targets: fast >= 30x naive, >= 60% of
-     the peak).  --families-only runs this section alone.
+     the peak).  --families-only runs this section alone;
+  8. attribution patching (issue 20): AtP of resid_pre, attn_out, mlp_out
+     and z (per position and head) for the IOI-shaped pair on the
+     GPT-2-small-shaped model, in forward-pass equivalents and against the
+     fast exact engine on the same grids in the same process
+     (tests/tools/bench_atp.c; targets: at most 4 forward passes, at least
+     20x faster than exact).  --atp-only runs this section alone.
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -159,12 +165,16 @@ def main(argv):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-blas", action="store_true", help="skip section 6 (about 9 minutes)")
     ap.add_argument("--families-only", action="store_true", help="section 7 alone")
+    ap.add_argument("--atp-only", action="store_true", help="section 8 alone")
     a = ap.parse_args(argv)
     ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
     report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
               "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model()}}
     if a.families_only:
         report["families"] = families(ps, model)
+        return finish(report, a.out, argv)
+    if a.atp_only:
+        report["attribution_patching"] = atp_bench(ps, model, report["host"]["cpu_model"])
         return finish(report, a.out, argv)
 
     # 0. hashing the checkpoint for provenance (issue 21)
@@ -271,6 +281,7 @@ def main(argv):
     # 6. OpenBLAS's generic kernels vs the selected ones (issue 11): naive and
     #    fast engines, and the sgemm peak (tests/tools/bench_blas.py)
     report["families"] = families(ps, model)
+    report["attribution_patching"] = atp_bench(ps, model, report["host"]["cpu_model"])
     if a.no_blas:
         return finish(report, a.out, argv)
     print("\n== 6. OpenBLAS kernels: generic (Prescott) vs selected ==", flush=True)
@@ -316,6 +327,26 @@ def families(ps, gpt2_model):
               f"{c['ratio']:>6.1f}x {c['useful_gflops']:>12.1f} {c['sgemm_peak_gflops']:>11.1f} "
               f"{c['percent_of_peak']:>6.1f}%", flush=True)
     return out
+
+
+def atp_bench(ps, model, cpu):
+    """Section 8: tests/tools/bench_atp (built beside the binary, in
+    BUILD/tests/) at 2 threads, 5 interleaved repetitions: AtP of the four
+    grids from the pair's two runs, in forward passes, and the fast exact
+    engine on the same grids in the same process."""
+    print("\n== 8. attribution patching: resid_pre, attn_out, mlp_out, z; GPT-2-small-shaped, IOI-shaped pair, "
+          "2 threads ==", flush=True)
+    tool = os.path.join(os.path.dirname(ps), "tests", "bench_atp")
+    r = json.loads(run([tool, model, "5", "2"], threads_env(2)).stdout)
+    r["cpu_model"] = cpu
+    r["meets_4_forward_passes"] = r["atp_forward_equivalents"] <= 4
+    r["meets_20x"] = r["exact_over_atp"] >= 20
+    print(f"{'cells':>6} {'forward s':>10} {'pair s':>8} {'AtP s':>8} {'exact s':>8} {'AtP in forwards':>16} "
+          f"{'exact/AtP':>10} {'with pair':>10}")
+    print(f"{r['cells']:>6} {r['forward_s']:>10.4f} {r['pair_s']:>8.4f} {r['atp_s']:>8.4f} {r['exact_fast_s']:>8.3f} "
+          f"{r['atp_forward_equivalents']:>16.2f} {r['exact_over_atp']:>9.1f}x {r['exact_over_atp_with_pair']:>9.1f}x")
+    print(f"CPU: {cpu}", flush=True)
+    return r
 
 
 def finish(report, out, argv):

@@ -304,7 +304,7 @@ static void test_unknown_key(void **state)
 {
     (void)state;
     expect_error(MINIMAL "[patch]\nmetrics = kl\n", PS_ERR_INVALID, 8,
-                 "unknown key 'metrics' in [patch] (components, metric, direction, engine)");
+                 "unknown key 'metrics' in [patch] (components, metric, direction, engine, method)");
     expect_error("[model]\nDir = m\n", PS_ERR_INVALID, 2, "unknown key 'Dir' in [model] (dir, tokenizer)");
     expect_error("dir = m\n[model]\n", PS_ERR_FORMAT, 1, "key 'dir' before any [section]");
 }
