@@ -165,6 +165,12 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
 ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
                                   size_t n_missed);
 
+/* A per-prompt NC_INT variable `name` (prompt), _FillValue fill, defined on
+ * first use: values[0..n) at prompts [first, first + n).  Call after
+ * ncout_results_flush (ablations' resample_from). */
+ps_status ncout_results_put_prompt_int(ncout_results *r, const char *name, const char *long_name, int fill,
+                                       size_t first, size_t n, const int *values);
+
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
 

@@ -54,6 +54,15 @@
  *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
  *   dataset_sha256, metric, direction, engine.
  *
+ * Ablations (patch --source zero|mean|resample, [patch] source; patchspec.h,
+ *   ablate.h): global attributes source ("zero" | "mean" | "resample"; absent
+ *   for clean/corrupted, whose direction says it), ablation_dataset and
+ *   ablation_dataset_sha256 (the prompts a mean or resample draws on),
+ *   mean_over (the mean's subset as given, "all" by default) and
+ *   mean_prompts (the prompts averaged, decimal), ablation_seed (resample,
+ *   decimal); resample_from(prompt) NC_INT (_FillValue -1): the 0-based
+ *   dataset index of the prompt whose activations replaced this one's.
+ *
  * Roles and metadata (sweeps of a dataset; results_roles.h): dimension
  *   role, coordinate role(role) NC_STRING (the dataset's role names, END
  *   last unless named), role_position(prompt, role) NC_INT (_FillValue -1:
@@ -208,6 +217,13 @@
 #define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
 #define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
 #define SCHEMA_ATT_METRIC "metric"
+#define SCHEMA_ATT_SOURCE "source"
+#define SCHEMA_ATT_ABLATION_DATASET "ablation_dataset"
+#define SCHEMA_ATT_ABLATION_DATASET_SHA256 "ablation_dataset_sha256"
+#define SCHEMA_ATT_MEAN_OVER "mean_over"
+#define SCHEMA_ATT_MEAN_PROMPTS "mean_prompts"
+#define SCHEMA_ATT_ABLATION_SEED "ablation_seed"
+#define SCHEMA_VAR_RESAMPLE_FROM "resample_from"   /* (prompt) NC_INT, _FillValue -1 */
 #define SCHEMA_ATT_DIRECTION "direction"
 #define SCHEMA_ATT_ENGINE "engine"
 #define SCHEMA_ATT_NORMALIZED "normalized"

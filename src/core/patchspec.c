@@ -318,3 +318,36 @@ ps_status patch_method_parse(const char *s, patch_method *m)
         }
     return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp or atp+exact)", s);
 }
+
+static const char *source_names[PATCH_SOURCE_COUNT] = {"clean", "corrupted", "zero", "mean", "resample"};
+
+const char *patch_source_name(patch_source s) { return s < PATCH_SOURCE_COUNT ? source_names[s] : "?"; }
+
+ps_status patch_source_parse(const char *s, patch_source *src)
+{
+    for (int i = 0; i < PATCH_SOURCE_COUNT; i++)
+        if (!strcmp(s, source_names[i])) {
+            *src = (patch_source)i;
+            return PS_OK;
+        }
+    return err_set(PS_ERR_INVALID, "unknown source '%s' (clean, corrupted, zero, mean or resample)", s);
+}
+
+bool patch_source_ablation(patch_source s) { return s >= PATCH_SOURCE_ZERO && s < PATCH_SOURCE_COUNT; }
+
+ps_status patch_source_direction(patch_source s, bool dir_given, patch_direction *dir)
+{
+    if (s == PATCH_SOURCE_CLEAN || s == PATCH_SOURCE_CORRUPTED) {
+        const patch_direction want = s == PATCH_SOURCE_CLEAN ? PATCH_DENOISE : PATCH_NOISE;
+        if (dir_given && *dir != want)
+            return err_set(PS_ERR_INVALID,
+                           "source %s with direction %s would patch a run with its own values (source clean "
+                           "goes with denoise, corrupted with noise)",
+                           source_names[s], *dir == PATCH_DENOISE ? "denoise" : "noise");
+        *dir = want;
+        return PS_OK;
+    }
+    if (!dir_given)
+        *dir = PATCH_NOISE;
+    return PS_OK;
+}
