@@ -373,7 +373,9 @@ ps_status ablate_mean_of_dataset(const model *m, const tokenizer *tok, comm *c, 
     const bool root = !c || comm_rank(c) == 0;
     set_tokens t = {0};
     ps_status st = root ? set_read(m, tok, s, true, &t) : PS_OK;
-    if (c && (st = comm_agree(c, st)))
+    if (c)
+        st = comm_agree(c, st);
+    if (st)
         return st;
     /* rank 0's prompts to every rank: counts, then lengths, then ids */
     uint64_t head[2] = {t.n, t.n_ids};
@@ -385,8 +387,10 @@ ps_status ablate_mean_of_dataset(const model *m, const tokenizer *tok, comm *c, 
         t.ids = malloc((t.n_ids ? t.n_ids : 1) * sizeof *t.ids);
         st = !t.len || !t.off || !t.ids ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
     }
-    if (c && ((st = comm_agree(c, st)) || (st = comm_bcast(c, t.len, t.n * sizeof *t.len)) ||
-              (st = comm_bcast(c, t.off, t.n * sizeof *t.off)) || (st = comm_bcast(c, t.ids, t.n_ids * sizeof *t.ids))))
+    if (c)
+        st = comm_agree(c, st);
+    if (st || (c && ( (st = comm_bcast(c, t.len, t.n * sizeof *t.len)) ||
+              (st = comm_bcast(c, t.off, t.n * sizeof *t.off)) || (st = comm_bcast(c, t.ids, t.n_ids * sizeof *t.ids)))))
         goto out;
     size_t max_T = 0;
     for (size_t k = 0; k < t.n; k++)
@@ -402,6 +406,7 @@ ps_status ablate_mean_of_dataset(const model *m, const tokenizer *tok, comm *c, 
     }
     if (c && (st = comm_agree(c, st)) == PS_OK)
         st = comm_allreduce_sum_i64(c, out->words, out->n_words);
+    /* every rank runs with *out or with the error, never half of each */
 out:
     if (st)
         ablate_mean_free(out);
