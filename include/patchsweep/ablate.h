@@ -55,6 +55,9 @@ ps_status ablate_mean_add(ablate_mean *a, const forward_cache *run);
 /* Prompts summed. */
 size_t ablate_mean_count(const ablate_mean *a);
 
+/* Whether a prompt of the set has T tokens or more (ablate_mean_cache of T works). */
+bool ablate_mean_covers(const ablate_mean *a, size_t T);
+
 /* The mean activations of a T-token run into *out (initialised here;
  * forward_cache_free it).  An error when no prompt of the set has T tokens. */
 ps_status ablate_mean_cache(const ablate_mean *a, const model *m, size_t T, forward_cache *out);
@@ -76,11 +79,10 @@ ps_status ablate_resample_pick(uint64_t seed, size_t self, const size_t *cand, s
  * clean prompt when the clean run is ablated: direction noise). */
 typedef struct {
     const char *path;
-    const char *mean_over;     /* the mean's subset: NULL, "" or "all"; "A:B" the pairs
-                                  of 0-based dataset indices [A, B); "FIELD=VALUE" those
-                                  whose field FIELD is the string or integer VALUE */
+    const char *mean_over;     /* the mean's subset (patch_subset_parse) */
     size_t max_prompts;        /* only the first N pairs (0: all) */
     bool bos;
+    bool skip_invalid;         /* leave out invalid pairs (a sweep's skip_invalid); else one is an error */
     patch_direction direction; /* noise: clean prompts; denoise: corrupted prompts */
 } ablate_set;
 
@@ -101,5 +103,22 @@ ps_status ablate_mean_of_dataset(const model *m, const tokenizer *tok, comm *c, 
  * index, *run its forward (forward_cache_free it). */
 ps_status ablate_resample_of_dataset(const model *m, const tokenizer *tok, const ablate_set *s, uint64_t seed,
                                      const int32_t *base, size_t T, size_t *donor, forward_cache *run);
+
+/* ---- the sources of a sweep (zero, mean: one cache per prompt length) --- */
+
+typedef struct {
+    patch_source source;   /* zero or mean */
+    const model *m;
+    ablate_mean mean;      /* mean: the sums (the same on every rank) */
+    forward_cache *by_T;   /* [n_positions + 1]: built on first use */
+} ablate_sources;
+
+/* Collective over c: the sources of a job (zero; mean: ablate_mean_of_dataset
+ * over `set`).  Another source gives an empty *s (attach does nothing). */
+ps_status ablate_sources_init(ablate_sources *s, const model *m, const tokenizer *tok, comm *c, patch_source source,
+                              const ablate_set *set);
+/* p->source = the replacement of a p->T-token run (NULL s: nothing). */
+ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p);
+void ablate_sources_free(ablate_sources *s);
 
 #endif

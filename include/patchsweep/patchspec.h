@@ -95,6 +95,18 @@ bool patch_source_ablation(patch_source s);
  * *dir holds the given direction when dir_given; a contradiction (clean with
  * noise, corrupted with denoise) is an error naming both. */
 ps_status patch_source_direction(patch_source s, bool dir_given, patch_direction *dir);
+
+/* The subset of a dataset a mean ablation averages (patch --mean-over,
+ * [patch] mean_over): NULL, "" or "all"; "A:B" the pairs of 0-based dataset
+ * indices [A, B), A < B; "FIELD=VALUE" the pairs whose field FIELD (at most
+ * 127 bytes) is the string VALUE or the integer written VALUE. */
+typedef struct {
+    enum { PATCH_SUBSET_ALL, PATCH_SUBSET_RANGE, PATCH_SUBSET_FIELD } kind;
+    size_t a, b;        /* range [a, b) */
+    char field[128];    /* field name */
+    const char *value;  /* into the parsed text */
+} patch_subset;
+ps_status patch_subset_parse(const char *s, patch_subset *out);
 /* Which engine evaluates the cells (patch.h); named here for job files and outputs. */
 typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 

@@ -127,6 +127,7 @@ typedef struct {
     char **role_names;       /* [n_roles], owned: the dataset's roles when it names any */
     size_t n_roles;
     sweep_work work;         /* rank 0 (fast_rows on every rank) */
+    size_t mean_prompts;     /* [patch] source = mean: the prompts averaged (ablate.h) */
     char output[4096];
 } sweep_result;
 

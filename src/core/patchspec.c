@@ -351,3 +351,38 @@ ps_status patch_source_direction(patch_source s, bool dir_given, patch_direction
         *dir = PATCH_NOISE;
     return PS_OK;
 }
+
+static bool parse_index(const char *s, size_t n, size_t *out)
+{
+    if (n == 0 || n > 18)
+        return false;
+    size_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (size_t)(s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
+ps_status patch_subset_parse(const char *s, patch_subset *f)
+{
+    memset(f, 0, sizeof *f);
+    if (!s || !*s || !strcmp(s, "all"))
+        return PS_OK;
+    const char *eq = strchr(s, '='), *colon = strchr(s, ':');
+    if (eq && eq != s && (size_t)(eq - s) < sizeof f->field) {
+        f->kind = PATCH_SUBSET_FIELD;
+        memcpy(f->field, s, (size_t)(eq - s));
+        f->value = eq + 1;
+        return PS_OK;
+    }
+    if (!eq && colon && parse_index(s, (size_t)(colon - s), &f->a) &&
+        parse_index(colon + 1, strlen(colon + 1), &f->b) && f->a < f->b) {
+        f->kind = PATCH_SUBSET_RANGE;
+        return PS_OK;
+    }
+    return err_set(PS_ERR_INVALID,
+                   "mean_over '%s' is neither all, a range A:B of dataset indices (A < B) nor FIELD=VALUE", s);
+}

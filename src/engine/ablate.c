@@ -125,6 +125,11 @@ ps_status ablate_mean_add(ablate_mean *a, const forward_cache *run)
 
 size_t ablate_mean_count(const ablate_mean *a) { return a->words ? (size_t)a->words[3 * a->n_values + a->max_T] : 0; }
 
+bool ablate_mean_covers(const ablate_mean *a, size_t T)
+{
+    return a->words && T > 0 && T <= a->max_T && a->words[3 * a->n_values + T - 1] > 0;
+}
+
 /* rot_k of a replaced k: the rotary embedding at its positions, as forward.c
  * applies it to a hooked k. */
 static void fill_rot_k(const model *m, forward_cache *c)
@@ -217,59 +222,17 @@ ps_status ablate_resample_pick(uint64_t seed, size_t self, const size_t *cand, s
 
 /* ---- ablations over a dataset ---------------------------------------------- */
 
-typedef struct {
-    enum { FILTER_ALL, FILTER_RANGE, FILTER_FIELD } kind;
-    size_t a, b;       /* FILTER_RANGE: [a, b) */
-    char field[128];   /* FILTER_FIELD */
-    const char *value;
-} set_filter;
-
-static bool parse_size(const char *s, size_t n, size_t *out)
-{
-    if (n == 0 || n > 18)
-        return false;
-    size_t v = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return false;
-        v = v * 10 + (size_t)(s[i] - '0');
-    }
-    *out = v;
-    return true;
-}
-
-static ps_status filter_parse(const char *s, set_filter *f)
-{
-    memset(f, 0, sizeof *f);
-    if (!s || !*s || !strcmp(s, "all"))
-        return PS_OK;
-    const char *eq = strchr(s, '='), *colon = strchr(s, ':');
-    if (eq && eq != s && (size_t)(eq - s) < sizeof f->field) {
-        f->kind = FILTER_FIELD;
-        memcpy(f->field, s, (size_t)(eq - s));
-        f->value = eq + 1;
-        return PS_OK;
-    }
-    if (!eq && colon && parse_size(s, (size_t)(colon - s), &f->a) && parse_size(colon + 1, strlen(colon + 1), &f->b) &&
-        f->a < f->b) {
-        f->kind = FILTER_RANGE;
-        return PS_OK;
-    }
-    return err_set(PS_ERR_INVALID,
-                   "mean_over '%s' is neither all, a range A:B of dataset indices (A < B) nor FIELD=VALUE", s);
-}
-
 ps_status ablate_mean_over_check(const char *mean_over)
 {
-    set_filter f;
-    return filter_parse(mean_over, &f);
+    patch_subset f;
+    return patch_subset_parse(mean_over, &f);
 }
 
-static bool filter_match(const set_filter *f, size_t index, const dataset_item *it)
+static bool filter_match(const patch_subset *f, size_t index, const dataset_item *it)
 {
-    if (f->kind == FILTER_ALL)
+    if (f->kind == PATCH_SUBSET_ALL)
         return true;
-    if (f->kind == FILTER_RANGE)
+    if (f->kind == PATCH_SUBSET_RANGE)
         return index >= f->a && index < f->b;
     const json_t *v = json_object_get(it->obj, f->field);
     if (json_is_string(v))
@@ -334,8 +297,8 @@ static ps_status set_tokens_push(set_tokens *t, size_t index, const int32_t *ids
 static ps_status set_read(const model *m, const tokenizer *tok, const ablate_set *s, bool filtered, set_tokens *out)
 {
     memset(out, 0, sizeof *out);
-    set_filter f;
-    ps_status st = filter_parse(filtered ? s->mean_over : NULL, &f);
+    patch_subset f;
+    ps_status st = patch_subset_parse(filtered ? s->mean_over : NULL, &f);
     if (st)
         return st;
     dataset_reader rd;
@@ -352,6 +315,8 @@ static ps_status set_read(const model *m, const tokenizer *tok, const ablate_set
         if (filter_match(&f, k, &it) &&
             (st = dataset_item_tokenize(&it, where, tok, s->bos, m->cfg.n_positions, &tk)) == PS_OK)
             st = set_tokens_push(out, k, s->direction == PATCH_NOISE ? tk.clean_ids : tk.corrupted_ids, tk.n_tokens);
+        else if (st && s->skip_invalid && st != PS_ERR_NOMEM)
+            st = PS_OK; /* the sweep skips it, so does its mean */
         dataset_tokens_free(&tk);
         json_decref(it.obj);
         if (st)
@@ -445,4 +410,52 @@ ps_status ablate_resample_of_dataset(const model *m, const tokenizer *tok, const
     free(cand);
     set_tokens_free(&t);
     return st;
+}
+
+/* ---- the sources of a sweep ------------------------------------------------- */
+
+ps_status ablate_sources_init(ablate_sources *s, const model *m, const tokenizer *tok, comm *c, patch_source source,
+                              const ablate_set *set)
+{
+    memset(s, 0, sizeof *s);
+    if (source != PATCH_SOURCE_ZERO && source != PATCH_SOURCE_MEAN)
+        return PS_OK;
+    s->m = m;
+    s->by_T = calloc(m->cfg.n_positions + 1, sizeof *s->by_T);
+    ps_status st = s->by_T ? PS_OK : err_set(PS_ERR_NOMEM, "out of memory");
+    if (c)
+        st = comm_agree(c, st);
+    if (st == PS_OK && source == PATCH_SOURCE_MEAN)
+        st = ablate_mean_of_dataset(m, tok, c, set, &s->mean);
+    if (st) {
+        ablate_sources_free(s);
+        return st;
+    }
+    s->source = source;
+    return PS_OK;
+}
+
+ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p)
+{
+    if (!s || !s->by_T)
+        return PS_OK;
+    forward_cache *c = &s->by_T[p->T];
+    if (!c->arena) {
+        ps_status st = s->source == PATCH_SOURCE_ZERO ? ablate_zero_cache(s->m, p->T, c)
+                                                      : ablate_mean_cache(&s->mean, s->m, p->T, c);
+        if (st)
+            return st;
+    }
+    p->source = c;
+    return PS_OK;
+}
+
+void ablate_sources_free(ablate_sources *s)
+{
+    if (s->by_T)
+        for (size_t t = 0; t <= s->m->cfg.n_positions; t++)
+            forward_cache_free(&s->by_T[t]);
+    free(s->by_T);
+    ablate_mean_free(&s->mean);
+    memset(s, 0, sizeof *s);
 }

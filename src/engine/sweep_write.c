@@ -235,6 +235,21 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
     return PS_OK;
 }
 
+/* An ablation's attributes (schema.h): source, and for a mean mean_over and mean_prompts. */
+static ps_status ablation_atts(ncout_file *f, const job *j, const sweep_result *res)
+{
+    if (!patch_source_ablation(j->source))
+        return PS_OK;
+    ps_status st = ncout_put_attr(f, SCHEMA_ATT_SOURCE, patch_source_name(j->source));
+    if (st || j->source != PATCH_SOURCE_MEAN)
+        return st;
+    char num[32];
+    snprintf(num, sizeof num, "%zu", res->mean_prompts);
+    if ((st = ncout_put_attr(f, SCHEMA_ATT_MEAN_OVER, j->mean_over ? j->mean_over : "all")))
+        return st;
+    return ncout_put_attr(f, SCHEMA_ATT_MEAN_PROMPTS, num);
+}
+
 ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
                       const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
                       sweep_result *res)
@@ -269,7 +284,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
         (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) || (st = ablation_atts(&f, j, res)) ||
         (st = summary_init(res, j, &m->cfg, p, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;

@@ -152,7 +152,7 @@ check("the dataset mixes lengths, some shorter and some longer than the pair",
       lengths[0] < T < lengths[-1] or (lengths[0] < T and lengths[-1] >= T), str(lengths))
 
 # 1. oracle: zero and mean ablations of the clean run (the naive engine is the reference loop)
-ORACLE_COMPS = "resid_pre,attn_out,z,v_all_pos,pattern_all_pos" if QUICK else ALL
+ORACLE_COMPS = "resid_pre,attn_out,z_all_pos,v_all_pos,pattern_all_pos" if QUICK else "resid_pre,attn_out,mlp_out,head_all_pos_every"
 for src in ("zero", "mean"):
     res = patch_json(d, "--engine", "naive", "--components", ORACLE_COMPS, "--source", src,
                      *(["--ablate-dataset", DATA] if src == "mean" else []))
