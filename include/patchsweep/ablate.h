@@ -67,7 +67,8 @@ ps_status ablate_zero_cache(const model *m, size_t T, forward_cache *out);
 
 /* Resampling: the donor of prompt `self` among the n candidates (dataset
  * indices of the prompts of its length, ascending, self among them or not):
- * splitmix64(seed, self) picks one of those other than self.  The same seed,
+ * splitmix64(splitmix64(seed) ^ self) mod (the others' count) picks the
+ * k-th of those other than self (no fixed points).  The same seed,
  * index and candidates give the same donor on any machine or rank count.
  * PS_ERR_INVALID when there is no other candidate. */
 ps_status ablate_resample_pick(uint64_t seed, size_t self, const size_t *cand, size_t n, size_t *donor);
@@ -104,21 +105,43 @@ ps_status ablate_mean_of_dataset(const model *m, const tokenizer *tok, comm *c, 
 ps_status ablate_resample_of_dataset(const model *m, const tokenizer *tok, const ablate_set *s, uint64_t seed,
                                      const int32_t *base, size_t T, size_t *donor, forward_cache *run);
 
-/* ---- the sources of a sweep (zero, mean: one cache per prompt length) --- */
+/* ---- the sources of a sweep ------------------------------------------------
+ * zero, mean: one cache per prompt length, the same on every rank.
+ * resample: rank 0 reads the set's base prompts (every valid pair of the
+ * dataset, max_prompts applied) and gives dataset index i the donor
+ * ablate_resample_pick(seed, i, the indices of the pairs of its length);
+ * per chunk it sends the donors' token ids to every rank
+ * (ablate_sources_chunk), and the rank that runs a pair runs its donor's
+ * forward (attach). */
 
 typedef struct {
-    patch_source source;   /* zero or mean */
+    patch_source source;   /* zero, mean or resample */
     const model *m;
     ablate_mean mean;      /* mean: the sums (the same on every rank) */
-    forward_cache *by_T;   /* [n_positions + 1]: built on first use */
+    forward_cache *by_T;   /* zero, mean: [n_positions + 1], built on first use */
+    /* resample */
+    size_t n_set;          /* rank 0: pairs read (dataset indices 0..n_set) */
+    size_t *donor;         /* rank 0: [n_set] the donor's dataset index, SIZE_MAX none (invalid
+                              pair, or no other pair of its length) */
+    size_t *set_len, *set_off;  /* rank 0: [n_set] base prompt tokens at set_ids + set_off */
+    int32_t *set_ids;
+    size_t chunk_n;        /* every rank: the current chunk's donors */
+    size_t *chunk_len, *chunk_off;
+    int32_t *chunk_ids;
+    forward_cache *chunk_runs; /* [chunk_n], run on first use */
 } ablate_sources;
 
-/* Collective over c: the sources of a job (zero; mean: ablate_mean_of_dataset
- * over `set`).  Another source gives an empty *s (attach does nothing). */
+/* Collective over c: the sources of a job (zero; mean:
+ * ablate_mean_of_dataset over `set`; resample: the donors with `seed`).
+ * clean / corrupted give an empty *s (attach does nothing). */
 ps_status ablate_sources_init(ablate_sources *s, const model *m, const tokenizer *tok, comm *c, patch_source source,
-                              const ablate_set *set);
-/* p->source = the replacement of a p->T-token run (NULL s: nothing). */
-ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p);
+                              const ablate_set *set, uint64_t seed);
+/* Collective (resample; nothing otherwise): rank 0 names the chunk's
+ * prompts by dataset index, dataset_index[0..n); every rank receives their
+ * donors' tokens.  A prompt without a donor is an error naming it. */
+ps_status ablate_sources_chunk(ablate_sources *s, comm *c, const size_t *dataset_index, size_t n);
+/* p->source = the replacement of the chunk's prompt k (NULL s: nothing). */
+ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p, size_t k);
 void ablate_sources_free(ablate_sources *s);
 
 #endif

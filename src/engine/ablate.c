@@ -200,24 +200,24 @@ static uint64_t splitmix64(uint64_t x)
 
 ps_status ablate_resample_pick(uint64_t seed, size_t self, const size_t *cand, size_t n, size_t *donor)
 {
-    size_t others = 0, self_in = 0;
-    for (size_t i = 0; i < n; i++)
-        cand[i] == self ? self_in++ : others++;
+    /* self's place among the sorted candidates (n if absent) */
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        const size_t mid = lo + (hi - lo) / 2;
+        if (cand[mid] < self)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    const bool self_in = lo < n && cand[lo] == self;
+    const size_t others = n - self_in;
     if (others == 0)
         return err_set(PS_ERR_INVALID, "no other prompt of the same token length to resample from");
     /* the k-th candidate other than self, k uniform in [0, others) (modulo
      * bias below 2^-40 for any dataset that fits) */
-    size_t k = (size_t)(splitmix64(splitmix64(seed) ^ (uint64_t)self) % others);
-    for (size_t i = 0; i < n; i++) {
-        if (cand[i] == self)
-            continue;
-        if (k-- == 0) {
-            *donor = cand[i];
-            return PS_OK;
-        }
-    }
-    (void)self_in;
-    return err_set(PS_ERR_INTERNAL, "resample: no donor");
+    const size_t k = (size_t)(splitmix64(splitmix64(seed) ^ (uint64_t)self) % others);
+    *donor = cand[self_in && k >= lo ? k + 1 : k];
+    return PS_OK;
 }
 
 /* ---- ablations over a dataset ---------------------------------------------- */
@@ -414,36 +414,156 @@ ps_status ablate_resample_of_dataset(const model *m, const tokenizer *tok, const
 
 /* ---- the sources of a sweep ------------------------------------------------- */
 
+static void chunk_free(ablate_sources *s)
+{
+    for (size_t k = 0; s->chunk_runs && k < s->chunk_n; k++)
+        forward_cache_free(&s->chunk_runs[k]);
+    free(s->chunk_runs), free(s->chunk_len), free(s->chunk_off), free(s->chunk_ids);
+    s->chunk_runs = NULL, s->chunk_len = s->chunk_off = NULL, s->chunk_ids = NULL;
+    s->chunk_n = 0;
+}
+
+/* Set positions by (length, position): positions ascend with dataset
+ * indices, so each length's group lists its indices in order. */
+static const size_t *sort_len;
+static int cmp_len_index(const void *a, const void *b)
+{
+    const size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    if (sort_len[x] != sort_len[y])
+        return sort_len[x] < sort_len[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+/* Rank 0: every pair's donor among the pairs of its length. */
+static ps_status resample_donors(ablate_sources *s, const model *m, const tokenizer *tok, const ablate_set *set,
+                                 uint64_t seed)
+{
+    set_tokens t;
+    ablate_set all = *set;
+    all.mean_over = NULL;
+    ps_status st = set_read(m, tok, &all, false, &t);
+    if (st)
+        return st;
+    const size_t n = t.n ? t.index[t.n - 1] + 1 : 0;
+    size_t *order = malloc((t.n ? t.n : 1) * sizeof *order), *cand = malloc((t.n ? t.n : 1) * sizeof *cand);
+    s->donor = malloc((n ? n : 1) * sizeof *s->donor);
+    s->set_len = calloc(n ? n : 1, sizeof *s->set_len);
+    s->set_off = calloc(n ? n : 1, sizeof *s->set_off);
+    if (!order || !cand || !s->donor || !s->set_len || !s->set_off) {
+        free(order), free(cand), set_tokens_free(&t);
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    }
+    s->n_set = n;
+    for (size_t i = 0; i < n; i++)
+        s->donor[i] = SIZE_MAX;
+    for (size_t k = 0; k < t.n; k++) {
+        order[k] = k;
+        s->set_len[t.index[k]] = t.len[k];
+        s->set_off[t.index[k]] = t.off[k];
+    }
+    /* groups of one length, dataset indices ascending within each */
+    sort_len = t.len;
+    qsort(order, t.n, sizeof *order, cmp_len_index);
+    for (size_t g = 0; g < t.n;) {
+        size_t e = g;
+        while (e < t.n && t.len[order[e]] == t.len[order[g]])
+            e++;
+        for (size_t q = g; q < e; q++)
+            cand[q - g] = t.index[order[q]];
+        for (size_t q = g; q < e && e - g > 1; q++)
+            ablate_resample_pick(seed, t.index[order[q]], cand, e - g, &s->donor[t.index[order[q]]]);
+        g = e;
+    }
+    s->set_ids = t.ids;
+    t.ids = NULL;
+    free(order), free(cand);
+    set_tokens_free(&t);
+    return PS_OK;
+}
+
 ps_status ablate_sources_init(ablate_sources *s, const model *m, const tokenizer *tok, comm *c, patch_source source,
-                              const ablate_set *set)
+                              const ablate_set *set, uint64_t seed)
 {
     memset(s, 0, sizeof *s);
-    if (source != PATCH_SOURCE_ZERO && source != PATCH_SOURCE_MEAN)
+    if (!patch_source_ablation(source))
         return PS_OK;
     s->m = m;
-    s->by_T = calloc(m->cfg.n_positions + 1, sizeof *s->by_T);
-    ps_status st = s->by_T ? PS_OK : err_set(PS_ERR_NOMEM, "out of memory");
+    s->source = source;
+    ps_status st = PS_OK;
+    if (source == PATCH_SOURCE_RESAMPLE) {
+        if (!c || comm_rank(c) == 0)
+            st = resample_donors(s, m, tok, set, seed);
+    } else if (!(s->by_T = calloc(m->cfg.n_positions + 1, sizeof *s->by_T))) {
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    }
     if (c)
         st = comm_agree(c, st);
     if (st == PS_OK && source == PATCH_SOURCE_MEAN)
         st = ablate_mean_of_dataset(m, tok, c, set, &s->mean);
-    if (st) {
+    if (st)
         ablate_sources_free(s);
-        return st;
-    }
-    s->source = source;
-    return PS_OK;
+    return st;
 }
 
-ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p)
+ps_status ablate_sources_chunk(ablate_sources *s, comm *c, const size_t *dataset_index, size_t n)
 {
-    if (!s || !s->by_T)
+    if (s->source != PATCH_SOURCE_RESAMPLE)
         return PS_OK;
-    forward_cache *c = &s->by_T[p->T];
-    if (!c->arena) {
-        ps_status st = s->source == PATCH_SOURCE_ZERO ? ablate_zero_cache(s->m, p->T, c)
-                                                      : ablate_mean_cache(&s->mean, s->m, p->T, c);
-        if (st)
+    chunk_free(s);
+    const bool root = !c || comm_rank(c) == 0;
+    uint64_t head[2] = {n, 0};
+    ps_status st = PS_OK;
+    for (size_t k = 0; root && k < n && st == PS_OK; k++) {
+        const size_t i = dataset_index[k];
+        if (i >= s->n_set || s->donor[i] == SIZE_MAX)
+            st = err_set(PS_ERR_INVALID, "pair %zu of the dataset has no other pair of its token length to "
+                         "resample from", i);
+        else
+            head[1] += s->set_len[s->donor[i]];
+    }
+    if (c && ((st = comm_agree(c, st)) || (st = comm_bcast(c, head, sizeof head))))
+        return st;
+    if (st)
+        return st;
+    s->chunk_n = (size_t)head[0];
+    const size_t nk = s->chunk_n ? s->chunk_n : 1;
+    s->chunk_len = malloc(nk * sizeof *s->chunk_len), s->chunk_off = malloc(nk * sizeof *s->chunk_off);
+    s->chunk_ids = malloc((head[1] ? head[1] : 1) * sizeof *s->chunk_ids);
+    s->chunk_runs = calloc(nk, sizeof *s->chunk_runs);
+    if (!s->chunk_len || !s->chunk_off || !s->chunk_ids || !s->chunk_runs)
+        st = err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t k = 0, off = 0; root && st == PS_OK && k < s->chunk_n; k++) {
+        const size_t d = s->donor[dataset_index[k]];
+        s->chunk_len[k] = s->set_len[d], s->chunk_off[k] = off;
+        memcpy(s->chunk_ids + off, s->set_ids + s->set_off[d], s->set_len[d] * sizeof *s->chunk_ids);
+        off += s->set_len[d];
+    }
+    if (c && ((st = comm_agree(c, st)) || (st = comm_bcast(c, s->chunk_len, s->chunk_n * sizeof *s->chunk_len)) ||
+              (st = comm_bcast(c, s->chunk_off, s->chunk_n * sizeof *s->chunk_off)) ||
+              (st = comm_bcast(c, s->chunk_ids, (size_t)head[1] * sizeof *s->chunk_ids))))
+        return st;
+    return st;
+}
+
+ps_status ablate_sources_attach(ablate_sources *s, patch_pair *p, size_t k)
+{
+    if (!s || !patch_source_ablation(s->source))
+        return PS_OK;
+    forward_cache *c;
+    ps_status st = PS_OK;
+    if (s->source == PATCH_SOURCE_RESAMPLE) {
+        if (k >= s->chunk_n || s->chunk_len[k] != p->T)
+            return err_set(PS_ERR_INTERNAL, "resample: the donor of the chunk's prompt %zu is not of its length", k);
+        c = &s->chunk_runs[k];
+        if (!c->arena && ((st = forward_cache_init(c, &s->m->cfg, p->T, FORWARD_LOGITS_NONE)) ||
+                          (st = forward_run(s->m, c, s->chunk_ids + s->chunk_off[k], p->T, NULL)))) {
+            forward_cache_free(c);
+            return st;
+        }
+    } else {
+        c = &s->by_T[p->T];
+        if (!c->arena && (st = s->source == PATCH_SOURCE_ZERO ? ablate_zero_cache(s->m, p->T, c)
+                                                              : ablate_mean_cache(&s->mean, s->m, p->T, c)))
             return st;
     }
     p->source = c;
@@ -457,5 +577,7 @@ void ablate_sources_free(ablate_sources *s)
             forward_cache_free(&s->by_T[t]);
     free(s->by_T);
     ablate_mean_free(&s->mean);
+    chunk_free(s);
+    free(s->donor), free(s->set_len), free(s->set_off), free(s->set_ids);
     memset(s, 0, sizeof *s);
 }

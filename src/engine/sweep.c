@@ -82,6 +82,14 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         if ((st = comm_agree(c, st)))
             break;
         sweep_chunk ch;
+        /* resample: the chunk's donors to every rank (by dataset index) */
+        for (size_t k = 0; root && k < n; k++)
+            index[k] += p->first;
+        st = ablate_sources_chunk(ab, c, index, n);
+        for (size_t k = 0; root && k < n; k++)
+            index[k] -= p->first;
+        if ((st = comm_agree(c, st)))
+            break;
         st = sweep_dist_chunk_ablate(j, m, c, tk, n, res->work.chunk, res->work.fast_rows, ab, &ch);
         if (st || ch.n_pairs == 0) {
             for (size_t k = 0; k < n; k++)
@@ -118,9 +126,20 @@ static ps_status ablation_sources(const job *j, const model *m, const tokenizer 
 {
     const ablate_set set = {.path = j->dataset, .mean_over = j->mean_over, .max_prompts = j->max_prompts,
                             .bos = j->bos, .skip_invalid = j->skip_invalid, .direction = j->direction};
-    ps_status st = ablate_sources_init(ab, m, tok, c, j->source, &set);
-    if (st || j->source != PATCH_SOURCE_MEAN)
+    ps_status st = ablate_sources_init(ab, m, tok, c, j->source, &set, j->resample_seed);
+    if (st)
         return st;
+    res->resample_from = ab->donor;
+    res->n_resample_from = ab->n_set;
+    if (j->source == PATCH_SOURCE_RESAMPLE && comm_rank(c) == 0)
+        for (size_t i = 0; i < p->n && st == PS_OK; i++) {
+            const size_t k = p->first + i;
+            if (p->at[i].n_tokens && (k >= ab->n_set || ab->donor[k] == SIZE_MAX))
+                st = err_set(PS_ERR_INVALID, "%s:%u: no other pair of %u tokens to resample from", j->dataset,
+                             (unsigned)p->at[i].line, (unsigned)p->at[i].n_tokens);
+        }
+    if (j->source != PATCH_SOURCE_MEAN)
+        return comm_agree(c, st);
     res->mean_prompts = ablate_mean_count(&ab->mean);
     if (comm_rank(c) == 0 && p->max_T && !ablate_mean_covers(&ab->mean, p->max_T))
         st = err_set(PS_ERR_INVALID,

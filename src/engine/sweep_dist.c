@@ -263,7 +263,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
                                  v[k].h.wrong);
             n_mine += st == PS_OK;
             if (st == PS_OK)
-                st = ablate_sources_attach(ab, &pairs[n_mine - 1]);
+                st = ablate_sources_attach(ab, &pairs[n_mine - 1], k);
         }
     if (st || (st = chunk_cells(j, &m->cfg, pairs, n_mine, &cells, &n_cells)))
         goto agree;
@@ -437,7 +437,7 @@ ps_status sweep_dist_chunk_ablate(const job *j, const model *m, comm *c, const d
         }
         /* the ablation's replacement values are each rank's own (never packed) */
         for (size_t k = 0; k < n_pairs && st == PS_OK; k++)
-            st = ablate_sources_attach(ab, &pairs[k]);
+            st = ablate_sources_attach(ab, &pairs[k], k);
         if ((st = comm_agree(c, st)) == PS_OK)
             st = run_chunk(j, m, c, pairs, n_pairs, fast_rows, &values, &n_cells);
         if (st == PS_OK && root) {

@@ -29,6 +29,7 @@ typedef enum {
     KEY_PATCH_ENGINE,
     KEY_PATCH_SOURCE,
     KEY_PATCH_MEAN_OVER,
+    KEY_PATCH_RESAMPLE_SEED,
     KEY_RUN_OUTPUT,
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
@@ -56,6 +57,7 @@ static const struct {
     [KEY_PATCH_ENGINE] = {"patch", "engine"},
     [KEY_PATCH_SOURCE] = {"patch", "source"},
     [KEY_PATCH_MEAN_OVER] = {"patch", "mean_over"},
+    [KEY_PATCH_RESAMPLE_SEED] = {"patch", "resample_seed"},
     [KEY_RUN_OUTPUT] = {"run", "output"},
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
@@ -389,6 +391,7 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_PATCH_DIRECTION: return parse_direction(v, &j->direction);
     case KEY_PATCH_ENGINE: return parse_engine(v, &j->engine);
     case KEY_PATCH_SOURCE: return patch_source_parse(v, &j->source);
+    case KEY_PATCH_RESAMPLE_SEED: return parse_size(v, 0, (size_t)1 << 53, false, &j->resample_seed);
     case KEY_PATCH_MEAN_OVER: {
         patch_subset sub;
         ps_status st = patch_subset_parse(v, &sub);
@@ -502,11 +505,9 @@ static ps_status check_complete(parse_state *s)
         s->j->source = j->direction == PATCH_NOISE ? PATCH_SOURCE_CORRUPTED : PATCH_SOURCE_CLEAN;
     else if (patch_source_direction(j->source, s->key_line[KEY_PATCH_DIRECTION] != 0, &s->j->direction) != PS_OK)
         return err_set(PS_ERR_INVALID, "%s:%zu: [patch] %s", s->path, src_line, err_msg());
-    if (j->source == PATCH_SOURCE_RESAMPLE)
-        return err_set(PS_ERR_INVALID,
-                       "%s:%zu: [patch] source = resample is not supported in sweeps yet (patch --source resample "
-                       "works on one pair)",
-                       s->path, src_line);
+    if (s->key_line[KEY_PATCH_RESAMPLE_SEED] && j->source != PATCH_SOURCE_RESAMPLE)
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] resample_seed applies to source = resample only", s->path,
+                       s->key_line[KEY_PATCH_RESAMPLE_SEED]);
     if (j->mean_over && j->source != PATCH_SOURCE_MEAN)
         return err_set(PS_ERR_INVALID, "%s:%zu: [patch] mean_over applies to source = mean only", s->path,
                        s->key_line[KEY_PATCH_MEAN_OVER]);

@@ -1,4 +1,4 @@
-"""Ablations in sweeps ([patch] source = zero | mean, mean_over; ablate.h):
+"""Ablations in sweeps ([patch] source = zero | mean | resample, mean_over, resample_seed; ablate.h):
   1. a mean-ablation sweep on 1, 2 and 3 MPI ranks, by prompt and by cell,
      gives bit-identical files (the mean's exact sums: MPI_Allreduce of
      integers), with source, mean_over and mean_prompts recorded;
@@ -6,7 +6,10 @@
      of that pair (the path test_ablate.py checks against the oracle), for
      the clean run ablated (noise) and the corrupted one (denoise);
   3. mean_over restricts the mean (mean_prompts);
-  4. bad job files: one line naming FILE:LINE, exit 1, no crash."""
+  4. resample: every donor another pair of the same length, recorded in
+     resample_from and reproducible from the seed, 1 and 2 ranks identical,
+     grids equal to `patch --source resample` given that donor alone;
+  5. bad job files: one line naming FILE:LINE, exit 1, no crash."""
 import json
 import os
 import subprocess
@@ -28,10 +31,22 @@ d = os.path.join(TMP, "model")
 subprocess.run([sys.executable, os.path.join(ROOT, "tests/tools/make_model.py"), "--layers", "2", "--heads", "4",
                 "--d-model", "32", "--std", "0.3", "--n-positions", "32", "--seed", "3", "-o", d], check=True)
 DATA = os.path.join(TMP, "data.jsonl")
+
+
+def n_tokens(text):
+    return len(json.loads(subprocess.run([BIN, "tokenize", "--model", d, "--json", text], capture_output=True,
+                                         text=True, check=True).stdout)["ids"])
+
+
+# IOI pairs of several lengths, each length at least twice (resample needs another pair of it)
+gen = [json.loads(x) for x in subprocess.run([BIN, "make-dataset", "ioi", "--n", "14", "--seed", "5"],
+                                             capture_output=True, text=True, check=True).stdout.splitlines()]
+glen = [n_tokens(it["clean"]) for it in gen]
+items = [it for it, n in zip(gen, glen) if glen.count(n) >= 2][:8]
+T = [n_tokens(it["clean"]) for it in items]
 with open(DATA, "w") as f:
-    f.write(subprocess.run([BIN, "make-dataset", "ioi", "--n", "7", "--seed", "5"], capture_output=True, text=True,
-                           check=True).stdout)
-items = [json.loads(x) for x in open(DATA)]
+    for it in items:
+        f.write(json.dumps(it) + "\n")
 COMPS = "resid_pre,attn_out,z,z_all_pos,v_all_pos"
 
 
@@ -120,8 +135,6 @@ for name, lines, args in (("zero", "source = zero", ["--source", "zero"]),
               and attrs.get("direction") == ("denoise" if "denoise" in lines else "noise"), str(attrs))
 
 # 3. mean_over: the longest prompts' subset
-T = [len(json.loads(subprocess.run([BIN, "tokenize", "--model", d, "--json", it["clean"]], capture_output=True,
-                                   text=True, check=True).stdout)["ids"]) for it in items]
 longest = max(T)
 tmpl = items[T.index(longest)]["template"]
 sub = [k for k, it in enumerate(items) if it["template"] == tmpl]
@@ -134,10 +147,44 @@ if r.returncode == 0:
           and attrs.get("mean_prompts") == str(len(sub)), str(attrs))
     compare("mean_over", out, ["--source", "mean", "--ablate-dataset", DATA, "--mean-over", f"template={tmpl}"], [0])
 
-# 4. bad job files
+# 4. resample: donors recorded, the same on 1 and 2 ranks (by cell), each
+#    prompt's grids those of `patch --source resample` with its donor alone
+outs = {}
+for ranks, dist in ((1, "prompts"), (2, "cells")):
+    out = os.path.join(TMP, f"resample-{ranks}.nc")
+    r = sweep(job(f"resample-{dist}", "source = resample\nresample_seed = 9", f"distribute = {dist}"), ranks, out)
+    check(f"resample sweep on {ranks} rank(s), distribute {dist}", r.returncode == 0, r.stderr)
+    if r.returncode == 0:
+        outs[ranks] = out
+if 1 in outs:
+    ds = xr.open_dataset(outs[1])
+    donors = [int(x) for x in ds["resample_from"].values]
+    check("resample: seed and source recorded", ds.attrs.get("ablation_seed") == "9"
+          and ds.attrs.get("source") == "resample", str(ds.attrs))
+    ds.close()
+    check("resample: every donor another pair of the same length",
+          all(0 <= k < len(items) and k != i and T[k] == T[i] for i, k in enumerate(donors)), f"{donors} {T}")
+    if 2 in outs:
+        a, b = grids(outs[1])[0], grids(outs[2])[0]
+        check("resample: 1 and 2 ranks bit-identical", all(np.array_equal(a[v], b[v], equal_nan=True) for v in a))
+    for i in (PROMPTS[:2] if QUICK else range(3)):
+        one = os.path.join(TMP, f"donor{i}.jsonl")
+        with open(one, "w") as f:
+            f.write(json.dumps(items[donors[i]]) + "\n")
+        res = patch_json(items[i], "--source", "resample", "--ablate-dataset", one)
+        g = grids(outs[1])[0]
+        worst = max(float(np.max(np.abs(g[c][i][tuple(slice(0, n) for n in np.array(v["values"]).reshape(
+            v["shape"]).shape)] - np.array(v["values"]).reshape(v["shape"])))) for c, v in res["components"].items())
+        check(f"resample: prompt {i}'s grids == patch with its donor {donors[i]} (worst {worst:.2g})", worst <= 1e-5)
+    r = sweep(job("resample-again", "source = resample\nresample_seed = 9"), 1, os.path.join(TMP, "again.nc"))
+    ds = xr.open_dataset(os.path.join(TMP, "again.nc"))
+    check("resample: the same seed, the same donors", [int(x) for x in ds["resample_from"].values] == donors)
+    ds.close()
+
+# 5. bad job files
 shortest = T.index(min(T))
 BAD = [
-    ("resample in a sweep", "source = resample", "not supported in sweeps yet"),
+    ("resample_seed without resample", "source = mean\nresample_seed = 3", "source = resample only"),
     ("unknown source", "source = shuffle", "unknown source 'shuffle'"),
     ("clean with noise", "source = clean\ndirection = noise", "its own values"),
     ("mean_over without mean", "source = zero\nmean_over = 0:2", "source = mean only"),
