@@ -181,6 +181,25 @@ if 1 in outs:
     check("resample: the same seed, the same donors", [int(x) for x in ds["resample_from"].values] == donors)
     ds.close()
 
+    # slices: the donors depend on the dataset and the seed alone, so the merged parts are the unsliced file
+    path = job("resample-prompts", "source = resample\nresample_seed = 9", "distribute = prompts")
+    parts = []
+    for k in (1, 2):
+        part = os.path.join(TMP, f"part{k}.nc")
+        r = subprocess.run([BIN, "sweep", path, "--output", part, "--overwrite", "--slice", f"{k}/2"],
+                           capture_output=True, text=True, timeout=600)
+        parts.append(part)
+    merged = os.path.join(TMP, "merged.nc")
+    r = subprocess.run([BIN, "merge", *parts, "-o", merged], capture_output=True, text=True, timeout=600)
+    ok = r.returncode == 0
+    if ok:
+        a, b = grids(outs[1])[0], grids(merged)[0]
+        ds = xr.open_dataset(merged)
+        ok = all(np.array_equal(a[v], b[v], equal_nan=True) for v in a) and \
+            [int(x) for x in ds["resample_from"].values] == donors
+        ds.close()
+    check("resample: two slices merged == the unsliced sweep (values and resample_from)", ok, r.stderr)
+
 # 5. bad job files
 shortest = T.index(min(T))
 BAD = [
