@@ -57,7 +57,8 @@
  * Ablations (patch --source zero|mean|resample, [patch] source; patchspec.h,
  *   ablate.h): global attributes source ("zero" | "mean" | "resample"; absent
  *   for clean/corrupted, whose direction says it), ablation_dataset and
- *   ablation_dataset_sha256 (the prompts a mean or resample draws on),
+ *   ablation_dataset_sha256 (`patch`: the prompts a mean or resample draws
+ *   on; a sweep draws on its own dataset, dataset_path),
  *   mean_over (the mean's subset as given, "all" by default) and
  *   mean_prompts (the prompts averaged, decimal), ablation_seed (resample,
  *   decimal); resample_from(prompt) NC_INT (_FillValue -1): the 0-based
