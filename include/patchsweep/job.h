@@ -26,7 +26,7 @@
  * | `[data]`  | `skip_invalid`   | `false`     | `false`: an invalid prompt pair (lengths differ, multi-token answer) stops the job; `true`: it is recorded as skipped and the sweep goes on |
  * | `[data]`  | `max_prompts`    | `0`         | use only the first N prompt pairs; 0 = all |
  * | `[patch]` | `components`     | `resid_pre` | comma-separated components and groups, as `patch --components` (resid_pre, resid_mid, attn_out, mlp_out, z, z_all_pos, q_all_pos, k_all_pos, v_all_pos, pattern_all_pos, block_every, head_all_pos_every); blanks around commas are ignored |
- * | `[patch]` | `metric`         | `logit_diff`| logit_diff, prob, logprob or kl |
+ * | `[patch]` | `metric`         | `logit_diff`| logit_diff, prob, logprob or kl, or several of them comma-separated (`logit_diff, prob, kl`): all from each patched forward, the first under the one-metric names (schema.h) |
  * | `[patch]` | `direction`      | `denoise`   | denoise (run corrupted, patch in clean) or noise (run clean, patch in corrupted) |
  * | `[patch]` | `engine`         | `fast`      | fast (recompute only what a patch changes) or naive (one full forward per cell, the reference) |
  * | `[patch]` | `source`         | the direction's | clean (denoise) or corrupted (noise); or an ablation of the clean run (of the corrupted run with direction = denoise): zero, mean (the mean by position over the dataset's prompts of that kind) or resample (another pair's of the same length; patchspec.h, ablate.h) |
@@ -110,7 +110,8 @@ typedef struct {
     size_t max_prompts;    /* max_prompts (0 = all) */
     /* [patch] */
     bool components[PATCH_COMPONENT_COUNT]; /* components (resid_pre) */
-    patch_metric metric;   /* metric (logit_diff) */
+    patch_metric metric;   /* metric (logit_diff): the first of metrics */
+    patch_metric_list metrics; /* metric = a,b,...: every metric, in order (issue 19) */
     patch_direction direction; /* direction (denoise) */
     patch_engine engine;   /* engine (fast) */
     patch_source source;   /* source (clean with denoise, corrupted with noise; direction follows it) */

@@ -36,7 +36,9 @@
  *   u64 prompt | i32 kind (1 done, 2 skipped) | i32 T | i32 answer | i32 wrong
  *   | f64 clean_metric | f64 corrupted_metric
  *   | done:    i32 clean[T] | i32 corrupted[T] | f64 values[n_values] (the
- *              sweep's cells of the prompt, in its order)
+ *              sweep's cells of the prompt, in its order; with several
+ *              metrics, the first's cells then, per other metric,
+ *              clean, corrupted and its cells: sweep_prompt_values)
  *   | skipped: the reason, UTF-8, to the end of the record
  */
 #ifndef PS_JOURNAL_H

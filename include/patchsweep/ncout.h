@@ -11,7 +11,8 @@
  *
  * The file format (names, types, fill values) is schema.h's contract.
  *
- * Provenance (global attributes of every file): patchsweep_version,
+ * Provenance (global attributes of every file): patchsweep_schema (NC_INT,
+ * SCHEMA_VERSION), patchsweep_version,
  * command_line, created (UTC ISO 8601), model_path, model_sha256,
  * model_config (config.json text), model_dtype, Conventions; and once the
  * CLI has recorded its BLAS set-up (prov_set_blas): blas (one line: OpenBLAS
@@ -75,15 +76,15 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
  * patched metric C(prompt, layer, position) / C(prompt, layer, position,
  * head) / C(prompt, layer, head) and C_normalized likewise; per prompt
  * clean_metric, corrupted_metric, length, answer_id, wrong_id, answer, wrong,
- * prompt_index (the pair's 0-based index in the whole dataset: files of a
+ * the coordinate prompt (the pair's 0-based index in the whole dataset: files of a
  * sliced sweep hold a contiguous part of it), done (1 when every value of
  * the prompt is written), skipped (1 when the
  * pair was invalid and skipped, reason in skip_reason); per prompt and
  * position clean_token_id, corrupted_token_id, clean_token, corrupted_token.
  * Positions past a prompt's length, and every value of a prompt not done,
- * hold the fill value: _FillValue for the grids and metrics (NaN once read
- * by xarray), "" for strings, netCDF's default fill for the integers
- * (length, answer_id, wrong_id keep their integer type in xarray).  Global attributes: provenance
+ * hold the fill value: _FillValue for the grids, metrics and length (NaN
+ * once read by xarray), "" for strings, -1 for the ids (no _FillValue:
+ * integers in xarray).  Global attributes: provenance
  * plus metric, direction, engine. */
 /* One per-prompt variable in the staging window (ncout.c). */
 typedef struct {
@@ -95,7 +96,7 @@ typedef struct {
     void *buf;             /* [cap][row] elements; strings: char *, "" or owned */
 } ncout_staged;
 
-#define NCOUT_STAGED_MAX (16 + 2 * PATCH_COMPONENT_COUNT)
+#define NCOUT_STAGED_MAX (16 + PATCH_METRIC_COUNT * (2 + 2 * PATCH_COMPONENT_COUNT))
 
 typedef struct {
     size_t base, cap;         /* window of prompts [base, base + cap) */
@@ -110,7 +111,11 @@ typedef struct {
     size_t n_kv_head;   /* key/value heads (grouped-query attention: the kv_head axis) */
     bool on[PATCH_COMPONENT_COUNT];
     patch_metric metric;
+    patch_metric_list metrics; /* every metric of the file; m[0] == metric */
     int var_raw[PATCH_COMPONENT_COUNT], var_norm[PATCH_COMPONENT_COUNT];
+    /* metrics k >= 1: C_M, C_M_normalized, clean_M, corrupted_M (schema.h) */
+    int var_m_raw[PATCH_METRIC_COUNT][PATCH_COMPONENT_COUNT], var_m_norm[PATCH_METRIC_COUNT][PATCH_COMPONENT_COUNT];
+    int v_m_clean[PATCH_METRIC_COUNT], v_m_corrupted[PATCH_METRIC_COUNT];
     int v_clean_metric, v_corrupted_metric, v_length, v_answer_id, v_wrong_id, v_answer, v_wrong, v_done;
     int v_skipped, v_skip_reason, v_prompt_index;
     size_t prompt_offset;   /* prompt_index = prompt_offset + prompt (0 unless sliced) */
@@ -131,6 +136,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine);
 
+/* The same with several metrics (metrics->m[0] is `metric` above; the
+ * others get their own variables, schema.h). */
+ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                       patch_direction direction, patch_engine engine);
+
 /* The puts below stage their values for a window of consecutive prompts
  * and write a window with one call per variable (ncout_results_flush, also
  * called when a prompt outside the window arrives): call
@@ -141,6 +152,12 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
  * grid for this prompt (patch_grid_shape order) for every selected c. */
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
                             double *const values[PATCH_COMPONENT_COUNT]);
+
+/* Metric k >= 1 of the file's metrics for prompt `prompt`, after
+ * ncout_results_put of that prompt: its unpatched metrics and grids
+ * (values[c] as in ncout_results_put). */
+ps_status ncout_results_put_metric(ncout_results *r, size_t prompt, size_t k, double clean_metric,
+                                   double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT]);
 
 /* Record prompt `prompt` as not computed yet (done = 0, skipped = 0). */
 ps_status ncout_results_put_pending(ncout_results *r, size_t prompt);
@@ -165,13 +182,28 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
 ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
                                   size_t n_missed);
 
-/* A per-prompt NC_INT variable `name` (prompt), _FillValue fill, defined on
- * first use: values[0..n) at prompts [first, first + n).  Call after
- * ncout_results_flush (ablations' resample_from). */
-ps_status ncout_results_put_prompt_int(ncout_results *r, const char *name, const char *long_name, int fill,
-                                       size_t first, size_t n, const int *values);
+/* A per-prompt index variable `name` (prompt), NC_INT with schema 2's id
+ * convention (-1 none, valid_min 0, no _FillValue), defined on first use:
+ * values[0..n) at prompts [first, first + n) (ablations' resample_from). */
+ps_status ncout_results_put_prompt_id(ncout_results *r, const char *name, const char *long_name, size_t first,
+                                      size_t n, const int *values);
 
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
+
+/* A boolean global attribute (complete, prepend_bos): NC_INT 0 or 1. */
+ps_status ncout_put_flag(ncout_file *f, const char *name, bool value);
+
+/* Add `name` to the global attribute coordinates (the variables that label
+ * others: xarray makes them coordinates); a name already there is kept once.
+ * `path` names the file in messages. */
+ps_status ncout_add_coordinate(int ncid, const char *path, const char *name);
+
+/* A 0/1 variable's flag_values (0b, 1b) and flag_meanings ("no yes"). */
+ps_status ncout_def_flag_var(int ncid, const char *path, int var, const char *meanings);
+
+/* A token id variable: -1 written where there is none, valid_min 0, no
+ * _FillValue (so that xarray keeps the ids integers). */
+ps_status ncout_def_id_var(int ncid, const char *path, int var);
 
 #endif

@@ -32,9 +32,17 @@ typedef struct {
     patch_direction direction;
     patch_engine engine;
     size_t max_rows;    /* fast engine: rows stacked per sgemm group (0: default) */
+    /* Several metrics of the same patched forward (metrics.n > 0; `metric`
+     * is then ignored): every requested metric from each cell's one set of
+     * final logits, no extra forward.  metrics.n == 0: the one `metric`. */
+    patch_metric_list metrics;
 } patch_opts;
 
-/* values[i] = the patched metric of cells[i] (raw, not normalized). */
+/* The metrics opts asks for: 1 (`metric`) or opts->metrics.n, into ms. */
+size_t patch_opts_metrics(const patch_opts *opts, patch_metric ms[PATCH_METRIC_COUNT]);
+
+/* values[i * M + k] = the patched metric k of cells[i] (raw, not
+ * normalized), M = patch_opts_metrics (M = 1: values[i]). */
 ps_status patch_eval(const model *m, const patch_pair *pairs, size_t n_pairs, const patch_cell *cells,
                      size_t n_cells, const patch_opts *opts, double *values);
 

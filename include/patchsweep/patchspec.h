@@ -125,6 +125,19 @@ bool patch_component_kv_heads(patch_component c, const model_config *cfg);
 const char *patch_metric_name(patch_metric m);
 ps_status patch_metric_parse(const char *s, patch_metric *m);
 
+/* Several metrics of one run (patch --metric logit_diff,prob,kl; [patch]
+ * metric = ...): distinct metrics in the order given, all computed from the
+ * same patched logits.  m[0] is the primary metric: its results keep the
+ * one-metric names (schema.h). */
+typedef struct {
+    size_t n;                          /* 1..PATCH_METRIC_COUNT */
+    patch_metric m[PATCH_METRIC_COUNT];
+} patch_metric_list;
+
+/* A comma-separated list of metric names (blanks around names ignored); an
+ * unknown, empty or repeated name is an error naming it. */
+ps_status patch_metric_list_parse(const char *s, patch_metric_list *out);
+
 /* Parse a comma-separated list of components and groups into a set
  * (on[PATCH_COMPONENT_COUNT]); unknown names are an error listing the valid ones. */
 ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT]);
@@ -186,6 +199,11 @@ ps_status patch_grid_cells(patch_component c, const model_config *cfg, uint32_t 
  * run's log-softmax) is read by kl only. */
 double patch_metric_of_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
                               const float *clean_logprobs, patch_metric metric);
+
+/* out[k] = metric ms[k] of one logits row, k < n (one logsumexp for all:
+ * the same bits as patch_metric_of_logits of each). */
+void patch_metrics_of_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
+                             const float *clean_logprobs, const patch_metric *ms, size_t n, double *out);
 
 /* (patched - corrupted) / (clean - corrupted); NaN when clean == corrupted. */
 double patch_normalize(const patch_pair *p, patch_metric metric, double patched);

@@ -8,7 +8,9 @@
  *   Written as PATH.partial and renamed to PATH when complete and closed
  *   (ncout_create / ncout_commit), so a file under its final name is never
  *   partial.  Global attributes (provenance, ncout_put_provenance):
- *   Conventions = "patchsweep-1.0", patchsweep_version, command_line,
+ *   Conventions = "patchsweep-1.0", patchsweep_schema (NC_INT, the format's
+ *   version SCHEMA_VERSION = 2; absent in schema 1 files), patchsweep_version,
+ *   command_line,
  *   created (UTC ISO 8601), model_path, model_sha256, model_config
  *   (config.json text), model_dtype; a sharded checkpoint adds
  *   model_shard_sha256.  model_sha256 is the sha256 of model.safetensors,
@@ -17,12 +19,42 @@
  *   shard in file-name order (sha256sum's output; model.h, model_hash);
  *   once the CLI has recorded its BLAS
  *   set-up: blas (one line: OpenBLAS version, core and why, self-check,
- *   threads), blas_core, blas_threads, gemm_kernel.  All text (NC_CHAR).
+ *   threads), blas_core, blas_threads, gemm_kernel.  All text (NC_CHAR)
+ *   but patchsweep_schema.
+ *
+ * Conventions of schema 2 (for xarray; readers take schema 1 files too)
+ *   - Booleans are integers: global attributes complete and prepend_bos
+ *     NC_INT 0/1 (schema 1: the text "true"/"false", schema_read_flag);
+ *     variables done, skipped NC_BYTE 0/1 with flag_values 0b, 1b and
+ *     flag_meanings (SCHEMA_DONE_MEANINGS, SCHEMA_SKIPPED_MEANINGS).
+ *   - Token ids (token_id, clean/corrupted_token_id, answer_id, wrong_id,
+ *     topk_id) are NC_INT, -1 where there is none (past a prompt's length,
+ *     a prompt not done), valid_min 0 and no _FillValue: xarray keeps them
+ *     int32 (a _FillValue would make them float64 to hold NaN); CF readers
+ *     (netCDF4-python) mask the -1.
+ *   - Other integer quantities have a _FillValue that xarray masks (NaN,
+ *     float64 in xarray): length and rank -1 (SCHEMA_FILL_INT),
+ *     role_position -1, item_NAME NC_FILL_INT64.  Floats: NC_FILL_*.
+ *   - Strings have no _FillValue (netCDF's default fill is ""; xarray's
+ *     to_netcdf cannot write a string _FillValue back).
+ *   - The global attribute coordinates (a space-separated list) names the
+ *     variables that label others, which xarray makes coordinates: the
+ *     token strings and ids (label positions), layer_label (and hook) (label
+ *     layers), item_NAME (label prompts).  ncout_add_coordinate adds one.
+ *   - Coordinate variables of the dimensions: prompt(prompt) (the dataset
+ *     index), layer(layer) NC_INT block numbers, -1 the embedding output
+ *     (lens files only), long_name SCHEMA_LAYER_LONG_NAME, beside
+ *     layer_label(layer) NC_STRING ("embed", "0", "1", ...) in patching and
+ *     lens files alike: ds.sel(layer=2) is block 2 in both (in patching
+ *     files the block whose hook is patched, in lens files block 2's output,
+ *     see hook).
  *
  * Patching results (`patch -o`, `sweep`, `merge`)
  *   Dimensions: prompt (unlimited; id 0), layer, position (the longest
- *   prompt's tokens), head.  Coordinates layer(layer), position(position),
- *   head(head): NC_INT 0..n-1.
+ *   prompt's tokens), head.  Coordinates prompt(prompt) NC_INT (the pair's
+ *   0-based index in the whole dataset; files of a sliced sweep hold a
+ *   contiguous part of it; schema 1: the variable prompt_index), layer(layer)
+ *   with layer_label(layer), position(position), head(head): NC_INT 0..n-1.
  *   Per selected component C (patch_component_name): C and C_normalized,
  *   NC_FLOAT, dimensions (prompt, layer, position), (prompt, layer, head) or
  *   (prompt, layer, position, head) (patch_grid_shape), _FillValue
@@ -31,28 +63,35 @@
  *   corrupted_metric) / (clean_metric - corrupted_metric), NaN when the two
  *   agree.
  *   Per prompt: clean_metric, corrupted_metric (NC_DOUBLE, _FillValue
- *   NC_FILL_DOUBLE = SCHEMA_FILL_METRIC); length, answer_id, wrong_id
- *   (NC_INT, netCDF's default fill, no _FillValue attribute: xarray keeps
- *   them integers); answer, wrong, skip_reason (NC_STRING, fill ""); done,
- *   skipped (NC_BYTE: done 1 when every value of the prompt is written,
- *   skipped 1 when the pair was invalid, reason in skip_reason);
- *   prompt_index (NC_INT: the pair's 0-based index in the whole dataset;
- *   files of a sliced sweep hold a contiguous part of it).
- *   Per prompt and position: clean_token_id, corrupted_token_id (NC_INT,
- *   _FillValue -1 = SCHEMA_FILL_TOKEN_ID), clean_token, corrupted_token
- *   (NC_STRING display text, invalid UTF-8 shown as U+FFFD, fill "").
+ *   NC_FILL_DOUBLE = SCHEMA_FILL_METRIC); length (NC_INT, _FillValue -1);
+ *   answer_id, wrong_id (NC_INT ids, -1 none); answer, wrong, skip_reason
+ *   (NC_STRING, ""); done, skipped (NC_BYTE flags: done 1 when every value
+ *   of the prompt is written, skipped 1 when the pair was invalid, reason in
+ *   skip_reason).
+ *   Per prompt and position: clean_token_id, corrupted_token_id (NC_INT ids,
+ *   -1 past the prompt's length), clean_token, corrupted_token
+ *   (NC_STRING display text, invalid UTF-8 shown as U+FFFD, "").
  *   Positions past a prompt's length, and every value of a prompt not done,
- *   hold the fill value.  Every string cell is written ("" where there is
- *   nothing): HDF5 cannot read a string cell never written.
+ *   hold the fill value (-1 for ids).  Every string cell is written (""
+ *   where there is nothing): HDF5 cannot read a string cell never written.
  *   Chunks: whole prompts, about 4 KiB per chunk (strings: netCDF's own).
  *   Global attributes: provenance, metric, direction ("denoise" | "noise"),
- *   engine ("fast" | "naive"), normalized (the formula as text).  Sweeps
- *   add job_path, job_text, job_sha256, dataset_path, dataset_sha256,
+ *   engine ("fast" | "naive"), normalized (the formula as text), coordinates.
+ *   Sweeps add job_path, job_text, job_sha256, dataset_path, dataset_sha256,
  *   mpi_ranks, memory_per_rank, slice ("all" or "K/N", schema_parse_slice),
- *   complete ("true" | "false"), prompts_done.  merge adds merged_from and
- *   parts_NAME for attributes that differ between the parts (merge.h).
+ *   complete (NC_INT 0/1), prompts_done (text).  merge adds merged_from and
+ *   parts_NAME for attributes that differ between the parts (merge.h); a
+ *   merge of schema 1 parts is a schema 1 file.
  *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
  *   dataset_sha256, metric, direction, engine.
+ *   Several metrics (`--metric logit_diff,prob,kl`, `[patch] metric = ...`):
+ *   the first metric M0 keeps every name above (metric = M0); each other
+ *   metric M adds C_M and C_M_normalized per component (C's dims, type,
+ *   fill), clean_M and corrupted_M (clean_metric's), each with the variable
+ *   attribute metric = M and C_M_normalized = (C_M - corrupted_M) /
+ *   (clean_M - corrupted_M); the global attribute metrics lists them all,
+ *   M0 first ("logit_diff,prob,kl"; absent with one metric).  All come from
+ *   the same patched forwards.
  *
  * Ablations (patch --source zero|mean|resample, [patch] source; patchspec.h,
  *   ablate.h): global attributes source ("zero" | "mean" | "resample"; absent
@@ -61,15 +100,17 @@
  *   on; a sweep draws on its own dataset, dataset_path),
  *   mean_over (the mean's subset as given, "all" by default) and
  *   mean_prompts (the prompts averaged, decimal), ablation_seed (resample,
- *   decimal); resample_from(prompt) NC_INT (_FillValue -1): the 0-based
- *   dataset index of the prompt whose activations replaced this one's.
+ *   decimal); resample_from(prompt) NC_INT as the ids (-1 none, valid_min
+ *   0, no _FillValue): the 0-based dataset index of the prompt whose
+ *   activations replaced this one's.
  *
  * Roles and metadata (sweeps of a dataset; results_roles.h): dimension
  *   role, coordinate role(role) NC_STRING (the dataset's role names, END
  *   last unless named), role_position(prompt, role) NC_INT (_FillValue -1:
  *   the role's token position in the prompt, -1 when absent); per dataset
  *   metadata field NAME (strings or integers) item_NAME(prompt), NC_STRING
- *   (fill "") or NC_INT64 (_FillValue NC_FILL_INT64).  When the dataset
+ *   ("") or NC_INT64 (_FillValue NC_FILL_INT64), listed in coordinates.
+ *   When the dataset
  *   has a `template` field: dimension template and coordinate
  *   template(template) (its distinct values, sorted).  For every position
  *   grid V (C and C_normalized of a component with a position dimension):
@@ -89,19 +130,22 @@
  *
  * Activation cache (`run --cache`)
  *   Dimensions from hook_shape (position, d_model, head, d_head, d_mlp,
- *   vocab, ...); token_id(position) NC_INT, token(position) NC_STRING, and
- *   one NC_FLOAT variable per selected hook, named by its hook name.
- *   Global attributes: provenance, prepend_bos.
+ *   vocab, ...); token_id(position) NC_INT, token(position) NC_STRING (both
+ *   in coordinates), and one NC_FLOAT variable per selected hook, named by
+ *   its hook name.  Global attributes: provenance, prepend_bos (NC_INT 0/1),
+ *   coordinates.
  *
  * Lens files (`lens --dataset`, ncout_lens)
- *   Global attributes: provenance, analysis = "lens", prepend_bos, dataset,
- *   decoded_position = "last".  Dimensions: prompt (unlimited), layer (the
- *   embedding row and one per block), topk, position.
- *   layer_label(layer), hook(layer): NC_STRING; per prompt and layer prob,
- *   logprob, reciprocal_rank (NC_DOUBLE), rank (NC_INT);
- *   topk_id(prompt, layer, topk) NC_INT, topk_prob NC_DOUBLE, topk_token
- *   NC_STRING; per prompt answer_id, length (NC_INT), answer (NC_STRING),
- *   done (NC_BYTE); token_id(prompt, position) NC_INT (_FillValue -1),
+ *   Global attributes: provenance, analysis = "lens", prepend_bos (NC_INT
+ *   0/1), dataset, decoded_position = "last", coordinates.  Dimensions:
+ *   prompt (unlimited), layer (the embedding row and one per block), topk,
+ *   position.  layer(layer) NC_INT -1 (embed), 0..n_layer-1 (the output of
+ *   that block); layer_label(layer), hook(layer): NC_STRING; per prompt and
+ *   layer prob, logprob, reciprocal_rank (NC_DOUBLE), rank (NC_INT,
+ *   _FillValue -1); topk_id(prompt, layer, topk) NC_INT id, topk_prob
+ *   NC_DOUBLE, topk_token NC_STRING; per prompt answer_id (id), length
+ *   (NC_INT, _FillValue -1), answer (NC_STRING), done (NC_BYTE flag);
+ *   token_id(prompt, position) NC_INT (id, -1 past the length),
  *   token(prompt, position) NC_STRING.  Every variable has a long_name.
  */
 #ifndef PS_SCHEMA_H
@@ -109,6 +153,9 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+
+#include "err.h"
+#include "ncin.h"
 
 /* ---- dimensions ---- */
 #define SCHEMA_DIM_PROMPT "prompt"
@@ -119,7 +166,8 @@
 #define SCHEMA_DIM_TOPK "topk"
 
 /* ---- variables of the patching results ---- */
-#define SCHEMA_VAR_LAYER "layer"       /* coordinates */
+#define SCHEMA_VAR_PROMPT "prompt"     /* coordinates (schema 2): the dataset index of each prompt */
+#define SCHEMA_VAR_LAYER "layer"
 #define SCHEMA_VAR_POSITION "position"
 #define SCHEMA_VAR_HEAD "head"
 #define SCHEMA_VAR_KV_HEAD "kv_head"
@@ -132,7 +180,7 @@
 #define SCHEMA_VAR_WRONG "wrong"
 #define SCHEMA_VAR_DONE "done"
 #define SCHEMA_VAR_SKIPPED "skipped"
-#define SCHEMA_VAR_PROMPT_INDEX "prompt_index"
+#define SCHEMA_VAR_PROMPT_INDEX "prompt_index" /* schema 1 only: the prompt coordinate's values */
 #define SCHEMA_VAR_SKIP_REASON "skip_reason"
 #define SCHEMA_VAR_CLEAN_TOKEN_ID "clean_token_id"
 #define SCHEMA_VAR_CORRUPTED_TOKEN_ID "corrupted_token_id"
@@ -140,6 +188,11 @@
 #define SCHEMA_VAR_CORRUPTED_TOKEN "corrupted_token"
 /* C_normalized beside each component C */
 #define SCHEMA_NORMALIZED_SUFFIX "_normalized"
+/* Several metrics: C + SCHEMA_METRIC_SEP + M (+ SCHEMA_NORMALIZED_SUFFIX);
+ * SCHEMA_CLEAN_PREFIX + M, SCHEMA_CORRUPTED_PREFIX + M */
+#define SCHEMA_METRIC_SEP "_"
+#define SCHEMA_CLEAN_PREFIX "clean_"
+#define SCHEMA_CORRUPTED_PREFIX "corrupted_"
 /* Attribution patching (issue 20; patch --method atp | atp+exact): per
  * component C, C_atp and C_atp_normalized (the estimate, the exact grid's
  * dims and units) and, with atp+exact, C_atp_error = C_atp - C (raw metric
@@ -201,9 +254,13 @@
 /* ---- attributes of variables ---- */
 #define SCHEMA_ATT_LONG_NAME "long_name"
 #define SCHEMA_ATT_FILL_VALUE "_FillValue"
+#define SCHEMA_ATT_FLAG_VALUES "flag_values"   /* 0 1 (NC_BYTE) of a boolean variable */
+#define SCHEMA_ATT_VALID_MIN "valid_min"       /* 0 of an id variable: -1 = none (CF: missing) */
+#define SCHEMA_ATT_COORDINATES "coordinates"   /* global: the variables that label others (CF/xarray) */
 
 /* ---- global attributes ---- */
 #define SCHEMA_ATT_CONVENTIONS "Conventions"
+#define SCHEMA_ATT_SCHEMA "patchsweep_schema"   /* NC_INT SCHEMA_VERSION; absent: 1 */
 #define SCHEMA_ATT_PATCHSWEEP_VERSION "patchsweep_version"
 #define SCHEMA_ATT_COMMAND_LINE "command_line"
 #define SCHEMA_ATT_CREATED "created"
@@ -217,14 +274,15 @@
 #define SCHEMA_ATT_BLAS_THREADS "blas_threads"
 #define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
 #define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
-#define SCHEMA_ATT_METRIC "metric"
 #define SCHEMA_ATT_SOURCE "source"
 #define SCHEMA_ATT_ABLATION_DATASET "ablation_dataset"
 #define SCHEMA_ATT_ABLATION_DATASET_SHA256 "ablation_dataset_sha256"
 #define SCHEMA_ATT_MEAN_OVER "mean_over"
 #define SCHEMA_ATT_MEAN_PROMPTS "mean_prompts"
 #define SCHEMA_ATT_ABLATION_SEED "ablation_seed"
-#define SCHEMA_VAR_RESAMPLE_FROM "resample_from"   /* (prompt) NC_INT, _FillValue -1 */
+#define SCHEMA_VAR_RESAMPLE_FROM "resample_from"   /* (prompt) NC_INT, an id: -1 none, valid_min 0 */
+#define SCHEMA_ATT_METRIC "metric"     /* global: the (first) metric; on a variable: its metric */
+#define SCHEMA_ATT_METRICS "metrics"   /* global, several metrics: all of them, comma-separated */
 #define SCHEMA_ATT_DIRECTION "direction"
 #define SCHEMA_ATT_ENGINE "engine"
 #define SCHEMA_ATT_NORMALIZED "normalized"
@@ -246,8 +304,18 @@
 
 /* ---- attribute values ---- */
 #define SCHEMA_CONVENTIONS "patchsweep-1.0"
-#define SCHEMA_TRUE "true"
+/* The file format's version (global attribute patchsweep_schema).  1 (no
+ * attribute): up to December 2026.  2: the prompt coordinate, the
+ * coordinates attribute, booleans as integers, masked integer fills, no
+ * string _FillValue, the layer coordinate of lens files (embed = -1).
+ * Readers take both (schema_version and the schema_read_* below). */
+#define SCHEMA_VERSION 2
+#define SCHEMA_TRUE "true"                /* schema 1's boolean attributes */
 #define SCHEMA_FALSE "false"
+#define SCHEMA_DONE_MEANINGS "not_done done"
+#define SCHEMA_SKIPPED_MEANINGS "not_skipped skipped"
+#define SCHEMA_LAYER_EMBED (-1)           /* layer coordinate of the embedding row (lens) */
+#define SCHEMA_LAYER_LONG_NAME "block index (-1: the embedding output)"
 #define SCHEMA_SLICE_ALL "all"
 #define SCHEMA_ANALYSIS_LENS "lens"
 #define SCHEMA_DIRECTION_DENOISE "denoise"
@@ -260,7 +328,8 @@
  * tests/unit/test_ncout.c checks them against netCDF's) ---- */
 #define SCHEMA_FILL_GRID 9.9692099683868690e+36f   /* NC_FILL_FLOAT: C, C_normalized */
 #define SCHEMA_FILL_METRIC 9.9692099683868690e+36  /* NC_FILL_DOUBLE: clean/corrupted_metric */
-#define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id */
+#define SCHEMA_FILL_TOKEN_ID (-1)                  /* *token_id, answer_id, wrong_id, topk_id: written, no _FillValue */
+#define SCHEMA_FILL_INT (-1)                       /* length, rank: _FillValue (masked) */
 #define SCHEMA_FILL_ROLE_POSITION (-1)             /* role_position */
 #define SCHEMA_FILL_ITEM_INT (-9223372036854775806LL) /* NC_FILL_INT64: item_NAME integers */
 
@@ -282,5 +351,18 @@ bool schema_parse_slice(const char *s, size_t max_n, size_t *k, size_t *n);
  * Any failure to read says false. */
 bool schema_is_complete_run(const char *path, const char *job_sha256, const char *model_sha256,
                             const char *dataset_sha256, const char *slice);
+
+/* The schema version of an open file: its patchsweep_schema attribute, 1
+ * when absent, -1 when the attribute is not one integer. */
+int schema_version(const ncin_file *f);
+
+/* A boolean global attribute (complete, prepend_bos): an integer 0/1
+ * (schema 2) or the text "true"/"false" (schema 1).  *present false when
+ * absent; PS_ERR_FORMAT naming the file when it is anything else. */
+ps_status schema_read_flag(const ncin_file *f, const char *name, bool *value, bool *present);
+
+/* The variable holding each prompt's dataset index: prompt (schema 2) or
+ * prompt_index (schema 1); NULL when the file has neither. */
+const char *schema_prompt_index_var(const ncin_file *f);
 
 #endif

@@ -18,6 +18,7 @@
  *             rank); each rank runs the clean and corrupted forwards of its
  *             own prompts and evaluates all their cells
  *     rank 0: gathers [clean metric, corrupted metric, values] per prompt
+ *             (and metric, as many times as the job has metrics)
  *   cells (few prompts per rank):
  *     rank 0: runs the clean and corrupted forwards, packs the caches' core
  *             (patch_pair_pack) and broadcasts it pair by pair after the

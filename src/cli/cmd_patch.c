@@ -104,8 +104,13 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
             a->components_given = true;
             break;
         case OPT_METRIC:
-            if (patch_metric_parse(optarg, &a->po.metric) != PS_OK)
+            if (patch_metric_list_parse(optarg, &a->po.metrics) != PS_OK)
                 return cli_usage(cmd, "%s", err_msg());
+            a->po.metric = a->po.metrics.m[0];
+            if (a->po.metrics.n == 1)
+                a->po.metrics.n = 0; /* one metric: the engines' one-metric call */
+            else if (!is_patch)
+                return cli_usage(cmd, "%s measures one metric, not %zu", cmd, a->po.metrics.n);
             break;
         case OPT_DIRECTION:
             if (strcmp(optarg, "denoise") && strcmp(optarg, "noise"))
@@ -149,6 +154,9 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     }
     if (optind != argc)
         return cli_usage(cmd, "unexpected argument '%s'", argv[optind]);
+    if (a->po.metrics.n > 1 && a->method != PATCH_METHOD_EXACT)
+        return cli_usage(cmd, "--method %s takes one metric, not %zu (its gradient is of one metric)",
+                         patch_method_name(a->method), a->po.metrics.n);
     const bool any_ids = a->clean_ids || a->corrupted_ids || a->answer_id || a->wrong_id;
     if (any_ids && (a->clean || a->corrupted || a->answer || a->wrong))
         return cli_usage(cmd, "give the pair as text (--clean, --corrupted, --answer, --wrong) or as token ids "
@@ -294,7 +302,9 @@ static const char *patch_help =
     "                z (layer x position x head), z_all_pos, q_all_pos, k_all_pos,\n"
     "                v_all_pos, pattern_all_pos (layer x head); groups block_every\n"
     "                (resid_pre,attn_out,mlp_out) and head_all_pos_every\n"
-    "  --metric      logit_diff (default: logit[answer] - logit[wrong]), prob, logprob, kl\n"
+    "  --metric      logit_diff (default: logit[answer] - logit[wrong]), prob, logprob, kl;\n"
+    "                or several, comma-separated (logit_diff,prob,kl): all from the same\n"
+    "                patched forwards, each printed and written with its own values\n"
     "  --direction   denoise (default: run corrupted, patch in clean) or noise\n"
     "  --engine      fast (default: recompute only what a patch changes) or naive\n"
     "                (one full forward per cell, the reference)\n"
@@ -508,9 +518,9 @@ static ps_status ablation_write(ncout_results *res, const patch_args *a, const p
         const int donor = (int)ab->donor;
         snprintf(num, sizeof num, "%zu", a->resample_seed);
         if ((st = ncout_put_attr(res->f, SCHEMA_ATT_ABLATION_SEED, num)) == PS_OK)
-            st = ncout_results_put_prompt_int(res, SCHEMA_VAR_RESAMPLE_FROM,
-                                              "dataset index of the prompt whose activations were patched in", -1, 0,
-                                              1, &donor);
+            st = ncout_results_put_prompt_id(res, SCHEMA_VAR_RESAMPLE_FROM,
+                                             "dataset index of the prompt whose activations were patched in", 0, 1,
+                                             &donor);
     }
     return st;
 }
@@ -526,6 +536,31 @@ static void ablation_describe(char *buf, size_t n, const patch_args *a, const pa
         snprintf(buf, n, "; source: zero");
     else
         buf[0] = 0;
+}
+
+/* One more metric's grids for --json: {clean_metric, corrupted_metric,
+ * components: {C: {values, normalized}}}. */
+static json_t *metric_json(const patch_pair *pair, const bool *on, const model_config *cfg, patch_metric met,
+                           double *const vals[PATCH_COMPONENT_COUNT])
+{
+    json_t *comps = json_object();
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        if (!on[c])
+            continue;
+        size_t shape[3];
+        const size_t nd = patch_grid_shape((patch_component)c, cfg, pair->T, shape, NULL);
+        const size_t n = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+        json_t *raw = json_array(), *norm = json_array();
+        for (size_t i = 0; i < n; i++) {
+            const double v = patch_normalize(pair, met, vals[c][i]);
+            json_array_append_new(raw, json_real(vals[c][i]));
+            json_array_append_new(norm, isfinite(v) ? json_real(v) : json_null());
+        }
+        json_object_set_new(comps, patch_component_name((patch_component)c),
+                            json_pack("{s:o,s:o}", "values", raw, "normalized", norm));
+    }
+    return json_pack("{s:f,s:f,s:o}", "clean_metric", pair->clean_metric[met], "corrupted_metric",
+                     pair->corrupted_metric[met], "components", comps);
 }
 
 int cmd_patch(int argc, char **argv)
@@ -549,6 +584,10 @@ int cmd_patch(int argc, char **argv)
     char ab_text[1200] = "";
     int32_t answer, wrong;
     double *values[PATCH_COMPONENT_COUNT] = {0}, *atp_vals[PATCH_COMPONENT_COUNT] = {0};
+    /* several metrics: ms[k]'s grids in mvals[k] (mvals[0] = values) */
+    patch_metric ms[PATCH_METRIC_COUNT];
+    const size_t M = patch_opts_metrics(&po, ms);
+    double *mvals[PATCH_METRIC_COUNT][PATCH_COMPONENT_COUNT] = {{0}};
     ncout_file f = {.ncid = -1};
     ps_status st = PS_OK;
     if (a.output && (st = ncout_create(&f, a.output)))
@@ -569,12 +608,24 @@ int cmd_patch(int argc, char **argv)
         size_t n;
         if ((st = patch_grid_cells((patch_component)c, &m.cfg, 0, nc, &cells, &n)))
             break;
-        values[c] = malloc(n * sizeof *values[c]);
+        values[c] = malloc(n * M * sizeof *values[c]);
         if (!values[c])
             st = err_set(PS_ERR_NOMEM, "out of memory");
         else
             st = patch_eval(&m, &pair, 1, cells, n, &po, values[c]);
         free(cells);
+        /* values[c][i * M + k] -> mvals[k][c][i], metric 0 back in values[c] */
+        for (size_t k = 1; k < M && st == PS_OK; k++) {
+            if (!(mvals[k][c] = malloc(n * sizeof *mvals[k][c]))) {
+                st = err_set(PS_ERR_NOMEM, "out of memory");
+                break;
+            }
+            for (size_t i = 0; i < n; i++)
+                mvals[k][c][i] = values[c][i * M + k];
+        }
+        for (size_t i = 0; i < n && M > 1 && st == PS_OK; i++)
+            values[c][i] = values[c][i * M];
+        mvals[0][c] = values[c];
     }
     if (st || (atp && (st = atp_values(&m, &pair, on, &po, atp_vals))))
         goto out;
@@ -586,10 +637,16 @@ int cmd_patch(int argc, char **argv)
                                      .clean_tokens = pair.clean.tokens, .corrupted_tokens = pair.corrupted.tokens,
                                      .answer = a.answer ? a.answer : "", .wrong = a.wrong ? a.wrong : ""};
         const bool none[PATCH_COMPONENT_COUNT] = {0};
-        if ((st = ncout_results_define(&res, &f, &m, nc, exact ? on : none, po.metric, po.direction, po.engine)) ==
-                PS_OK &&
-            (st = ncout_results_put(&res, 0, &prompt, tok, values)) == PS_OK)
-            st = ncout_results_flush(&res);
+        const patch_metric_list one = {.n = 1, .m = {po.metric}};
+        if ((st = ncout_results_define_metrics(&res, &f, &m, nc, exact ? on : none, M > 1 ? &po.metrics : &one,
+                                               po.direction, po.engine)) == PS_OK &&
+            (st = ncout_results_put(&res, 0, &prompt, tok, values)) == PS_OK) {
+            for (size_t k = 1; k < M && st == PS_OK; k++)
+                st = ncout_results_put_metric(&res, 0, k, pair.clean_metric[ms[k]], pair.corrupted_metric[ms[k]],
+                                              mvals[k]);
+            if (st == PS_OK)
+                st = ncout_results_flush(&res);
+        }
         if (st == PS_OK && patch_source_ablation(a.source))
             st = ablation_write(&res, &a, &ab);
         if (st == PS_OK && atp)
@@ -635,6 +692,16 @@ int cmd_patch(int argc, char **argv)
                              po.engine == PATCH_ENGINE_FAST ? "fast" : "naive", "clean_metric",
                              pair.clean_metric[po.metric], "corrupted_metric", pair.corrupted_metric[po.metric],
                              "answer_id", answer, "wrong_id", wrong, "corrupted_tokens", toks, "components", comps);
+        if (M > 1) { /* the other metrics, as "metric" .. "components" above */
+            json_t *names = json_array(), *others = json_object();
+            for (size_t k = 0; k < M; k++)
+                json_array_append_new(names, json_string(patch_metric_name(ms[k])));
+            for (size_t k = 1; k < M; k++)
+                json_object_set_new(others, patch_metric_name(ms[k]),
+                                    metric_json(&pair, on, &m.cfg, ms[k], mvals[k]));
+            json_object_set_new(out_json, "metrics", names);
+            json_object_set_new(out_json, "other_metrics", others);
+        }
         /* "method" only when not exact: exact outputs stay as they were */
         if (a.method != PATCH_METHOD_EXACT)
             json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
@@ -669,14 +736,24 @@ int cmd_patch(int argc, char **argv)
             if (a.method == PATCH_METHOD_ATP_EXACT)
                 print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c]);
         }
+        for (size_t k = 1; k < M; k++) {
+            printf("\n%s: clean %.4f, corrupted %.4f\n", patch_metric_name(ms[k]), pair.clean_metric[ms[k]],
+                   pair.corrupted_metric[ms[k]]);
+            for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+                if (on[c])
+                    print_patch_table(&pair, tok, (patch_component)c, &m.cfg, mvals[k][c], ms[k], labels);
+        }
     }
 out:
     if (st) {
         ncout_abort(&f);
         rc = cli_fail();
     }
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         free(values[c]), free(atp_vals[c]);
+        for (size_t k = 1; k < PATCH_METRIC_COUNT; k++)
+            free(mvals[k][c]);
+    }
     patch_pair_free(&pair);
     forward_cache_free(&ab.cache);
     pair_ids_free(&ids);

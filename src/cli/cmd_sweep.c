@@ -100,6 +100,8 @@ static void print_summary(const job *j, const sweep_result *r)
            r->mean_corrupted_metric);
     if (!isnan(r->accuracy))
         printf("; accuracy (clean %s > 0) %.1f%%", patch_metric_name(j->metric), 100.0 * r->accuracy);
+    for (size_t k = 1; k < j->metrics.n; k++) /* summarized: the first metric; the others are in the file */
+        printf("%s%s", k == 1 ? "; also in the file: " : ", ", patch_metric_name(j->metrics.m[k]));
     putchar('\n');
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         const sweep_summary *sm = &r->summary[c];

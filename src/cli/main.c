@@ -18,6 +18,7 @@
 #include "cli.h"
 #include "cmd_dataset.h"
 #include "cmd_lens.h"
+#include "cmd_diff.h"
 #include "cmd_merge.h"
 #include "cmd_model.h"
 #include "cmd_patch.h"
@@ -41,6 +42,7 @@ static const command commands[] = {
     {"patch", cmd_patch, "activation patching of one prompt pair"},
     {"sweep", cmd_sweep, "activation patching over a dataset, MPI-parallel (job file)"},
     {"merge", cmd_merge, "the parts of a sliced sweep (array jobs) as one results file"},
+    {"diff", cmd_diff, "max and mean |B - A| of two results files, per variable"},
     {"bench", cmd_bench, "naive vs fast patching engine, beside the sgemm peak"},
     {"info", cmd_info, "model config, size, hash; BLAS kernels and threads"},
     {"make-dataset", cmd_make_dataset, "IOI / capitals prompt pairs as JSONL"},

@@ -29,6 +29,37 @@ ps_status patch_metric_parse(const char *s, patch_metric *m)
     return err_set(PS_ERR_INVALID, "unknown metric '%s' (logit_diff, prob, logprob or kl)", s);
 }
 
+ps_status patch_metric_list_parse(const char *s, patch_metric_list *out)
+{
+    memset(out, 0, sizeof *out);
+    const char *p = s;
+    for (;;) {
+        size_t item = strcspn(p, ",");
+        const char *a = p, *b = p + item;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        char name[32];
+        if (b == a || (size_t)(b - a) >= sizeof name)
+            return err_set(PS_ERR_INVALID, "bad metric list '%s' (comma-separated logit_diff, prob, logprob, kl)", s);
+        memcpy(name, a, (size_t)(b - a));
+        name[b - a] = '\0';
+        patch_metric m = PATCH_LOGIT_DIFF;
+        ps_status st = patch_metric_parse(name, &m);
+        if (st)
+            return st;
+        for (size_t k = 0; k < out->n; k++)
+            if (out->m[k] == m)
+                return err_set(PS_ERR_INVALID, "metric '%s' is listed twice in '%s'", name, s);
+        out->m[out->n++] = m; /* distinct names: at most PATCH_METRIC_COUNT */
+        if (p[item] != ',')
+            break;
+        p += item + 1;
+    }
+    return PS_OK;
+}
+
 bool patch_component_all_pos(patch_component c) { return c >= PATCH_Z_ALL_POS; }
 
 bool patch_component_kv_heads(patch_component c, const model_config *cfg)
@@ -167,6 +198,17 @@ double patch_metric_of_logits(const float *logits, size_t V, int32_t answer, int
                               const float *clean_logprobs, patch_metric metric)
 {
     return metric_with_lse(logits, V, answer, wrong, clean_logprobs, metric, NAN);
+}
+
+void patch_metrics_of_logits(const float *logits, size_t V, int32_t answer, int32_t wrong,
+                             const float *clean_logprobs, const patch_metric *ms, size_t n, double *out)
+{
+    double lse = NAN;
+    for (size_t k = 0; k < n; k++)
+        if (ms[k] != PATCH_LOGIT_DIFF && isnan(lse))
+            lse = forward_logsumexp(logits, V);
+    for (size_t k = 0; k < n; k++)
+        out[k] = metric_with_lse(logits, V, answer, wrong, clean_logprobs, ms[k], lse);
 }
 
 double patch_normalize(const patch_pair *p, patch_metric metric, double patched)

@@ -57,9 +57,22 @@ patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, si
 
 /* ---- dispatch ------------------------------------------------------------ */
 
+size_t patch_opts_metrics(const patch_opts *opts, patch_metric ms[PATCH_METRIC_COUNT])
+{
+    if (opts->metrics.n == 0) {
+        ms[0] = opts->metric;
+        return 1;
+    }
+    for (size_t k = 0; k < opts->metrics.n; k++)
+        ms[k] = opts->metrics.m[k];
+    return opts->metrics.n;
+}
+
 ps_status patch_eval(const model *m, const patch_pair *pairs, size_t n_pairs, const patch_cell *cells,
                      size_t n_cells, const patch_opts *opts, double *values)
 {
+    if (opts->metrics.n > PATCH_METRIC_COUNT)
+        return err_set(PS_ERR_INVALID, "%zu metrics requested, at most %d", opts->metrics.n, PATCH_METRIC_COUNT);
     for (size_t i = 0; i < n_cells; i++) {
         const patch_cell *c = &cells[i];
         if (c->pair >= n_pairs || c->component >= PATCH_COMPONENT_COUNT || c->layer >= m->cfg.n_layer ||

@@ -460,29 +460,36 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         ops_layernorm(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps);
     else
         ops_norm_threaded(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps, cfg->norm);
-    if (opts->metric == PATCH_LOGIT_DIFF) {
-        for (size_t j = 0; j < nj; j++) {
-            const patch_pair *p = jobs[j].pair;
+    patch_metric ms[PATCH_METRIC_COUNT];
+    const size_t M = patch_opts_metrics(opts, ms);
+    bool full = false; /* some metric needs the whole vocabulary row */
+    for (size_t k = 0; k < M; k++)
+        full = full || ms[k] != PATCH_LOGIT_DIFF;
+    float *logits = full ? malloc(V * sizeof *logits) : NULL;
+    if (full && !logits)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t j = 0; j < nj; j++) {
+        const patch_pair *p = jobs[j].pair;
+        const float *xa = b->a + j * d;
+        double *out = values + jobs[j].cell * M;
+        if (full) {
+            gemm_unembed(logits, xa, 1, m->unembed, V, d);
+            patch_metrics_of_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, ms, M, out);
+        }
+        /* logit_diff from the two unembedding rows whatever else is asked:
+         * the same bits as a run of logit_diff alone */
+        for (size_t k = 0; k < M; k++) {
+            if (ms[k] != PATCH_LOGIT_DIFF)
+                continue;
             const float *ua = m->unembed + (size_t)p->answer * d, *uw = m->unembed + (size_t)p->wrong * d;
-            const float *xa = b->a + j * d;
             /* Same float products as the vocabulary matmul, summed in double. */
             double la = 0.0, lw = 0.0;
             for (size_t e = 0; e < d; e++) {
                 la += (double)(xa[e] * ua[e]);
                 lw += (double)(xa[e] * uw[e]);
             }
-            values[jobs[j].cell] = la - lw;
+            out[k] = la - lw;
         }
-        return PS_OK;
-    }
-    float *logits = malloc(V * sizeof *logits);
-    if (!logits)
-        return err_set(PS_ERR_NOMEM, "out of memory");
-    for (size_t j = 0; j < nj; j++) {
-        const patch_pair *p = jobs[j].pair;
-        gemm_unembed(logits, b->a + j * d, 1, m->unembed, V, d);
-        values[jobs[j].cell] =
-            patch_metric_of_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, opts->metric);
     }
     free(logits);
     return PS_OK;
@@ -491,6 +498,8 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
 ps_status patch_eval_fast(const model *m, const patch_pair *pairs, const patch_cell *cells, size_t n_cells,
                            const patch_opts *opts, double *values)
 {
+    patch_metric ms[PATCH_METRIC_COUNT];
+    const size_t M = patch_opts_metrics(opts, ms);
     fast_job *jobs = malloc((n_cells ? n_cells : 1) * sizeof *jobs);
     if (!jobs)
         return err_set(PS_ERR_NOMEM, "cannot allocate %zu patching jobs", n_cells);
@@ -501,8 +510,10 @@ ps_status patch_eval_fast(const model *m, const patch_pair *pairs, const patch_c
             jobs[nj].cell = i;
             nj++;
         } else {
-            values[i] = opts->direction == PATCH_DENOISE ? p->corrupted_metric[opts->metric]
-                                                         : p->clean_metric[opts->metric];
+            /* nothing the metric sees changes: the base run's metrics */
+            for (size_t k = 0; k < M; k++)
+                values[i * M + k] = opts->direction == PATCH_DENOISE ? p->corrupted_metric[ms[k]]
+                                                                     : p->clean_metric[ms[k]];
         }
     }
     qsort(jobs, nj, sizeof *jobs, cmp_job_block);

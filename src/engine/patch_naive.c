@@ -39,6 +39,8 @@ ps_status patch_eval_naive(const model *m, const patch_pair *pairs, const patch_
                             const patch_opts *opts, double *values)
 {
     forward_cache run = {0};
+    patch_metric ms[PATCH_METRIC_COUNT];
+    const size_t M = patch_opts_metrics(opts, ms);
     size_t cap = 0;
     ps_status st = PS_OK;
     for (size_t i = 0; i < n_cells && st == PS_OK; i++) {
@@ -55,8 +57,9 @@ ps_status patch_eval_naive(const model *m, const patch_pair *pairs, const patch_
         forward_hooks hooks = {naive_hook, &nc, NULL};
         if ((st = forward_run(m, &run, base->tokens, p->T, &hooks)) != PS_OK)
             break;
-        values[i] = patch_metric_of_logits(run.logits, m->cfg.vocab_size, p->answer, p->wrong, p->clean_logprobs,
-                                       opts->metric);
+        /* every requested metric from this one patched forward */
+        patch_metrics_of_logits(run.logits, m->cfg.vocab_size, p->answer, p->wrong, p->clean_logprobs, ms, M,
+                                values + i * M);
     }
     forward_cache_free(&run);
     return st;

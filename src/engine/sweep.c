@@ -21,7 +21,7 @@ static ps_status journal_chunk(journal *jr, const job *j, const model_config *cf
     ps_status st = PS_OK;
     for (size_t k = 0, off = 0; k < ch->n_pairs && st == PS_OK; k++) {
         const dataset_tokens *tk = &tks[k];
-        const size_t nv = sweep_prompt_cells(j->components, cfg, tk->n_tokens);
+        const size_t nv = sweep_prompt_values(j, cfg, tk->n_tokens) - 2;
         journal_prompt r = {.prompt = index[k], .kind = JOURNAL_PROMPT_DONE, .T = tk->n_tokens,
                             .answer_id = tk->answer_id, .wrong_id = tk->wrong_id,
                             .clean_metric = ch->values[off], .corrupted_metric = ch->values[off + 1],

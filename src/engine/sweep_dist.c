@@ -102,12 +102,28 @@ static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_
     return PS_OK;
 }
 
-/* Evaluate one chunk's cells on every rank; on rank 0, values[i] for every
- * cell of the chunk (cells in pair, component, grid order). */
+/* Pair p's values in the chunk's layout (sweep_prompt_values): per metric k,
+ * [clean_k, corrupted_k, cells_k...], from its cells' values as patch_eval
+ * returns them (cell-major: cell i's metric k at cell_values[i * M + k]). */
+static void prompt_record(const job *j, const patch_pair *p, size_t n_cells, const double *cell_values, double *out)
+{
+    const size_t M = sweep_metric_count(j);
+    for (size_t k = 0, w = 0; k < M; k++) {
+        const patch_metric met = j->metrics.n ? j->metrics.m[k] : j->metric;
+        out[w++] = p->clean_metric[met];
+        out[w++] = p->corrupted_metric[met];
+        for (size_t i = 0; i < n_cells; i++)
+            out[w++] = cell_values[i * M + k];
+    }
+}
+
+/* Evaluate one chunk's cells on every rank; on rank 0, values[i * M + k]
+ * for every cell of the chunk (cells in pair, component, grid order) and
+ * metric k (M = sweep_metric_count). */
 static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pair *pairs, size_t n_pairs,
                            size_t fast_rows, double **values_out, size_t *n_cells_out)
 {
-    const size_t ranks = comm_size(c), me = comm_rank(c);
+    const size_t ranks = comm_size(c), me = comm_rank(c), M = sweep_metric_count(j);
     size_t n = 0;
     patch_cell *cells = NULL;
     ps_status st = chunk_cells(j, &m->cfg, pairs, n_pairs, &cells, &n);
@@ -121,27 +137,28 @@ static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pa
     /* this rank's cells, in cell order */
     size_t n_mine = 0;
     for (size_t i = 0; i < n; i++) {
-        counts[owner[i]] += sizeof(double);
+        counts[owner[i]] += M * sizeof(double);
         if (owner[i] == me)
             cells[n_mine++] = cells[i];
     }
-    mine = malloc((n_mine ? n_mine : 1) * sizeof *mine);
+    mine = malloc((n_mine ? n_mine * M : 1) * sizeof *mine);
     if (!mine) {
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto out;
     }
-    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows,
+                     .metrics = j->metrics};
     st = eval_fault() ? err_set(PS_ERR_IO, "injected fault at chunk_eval")
                       : patch_eval(m, pairs, n_pairs, cells, n_mine, &po, mine);
     if ((st = comm_agree(c, st)))
         goto out;
     if (me == 0) {
-        gathered = malloc((n ? n : 1) * sizeof *gathered);
-        values = malloc((n ? n : 1) * sizeof *values);
+        gathered = malloc((n ? n * M : 1) * sizeof *gathered);
+        values = malloc((n ? n * M : 1) * sizeof *values);
         if (!gathered || !values)
             st = err_set(PS_ERR_NOMEM, "out of memory");
     }
-    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, n_mine * sizeof *mine, gathered, counts)))
+    if ((st = comm_agree(c, st)) || (st = comm_gatherv(c, mine, n_mine * M * sizeof *mine, gathered, counts)))
         goto out;
     if (me == 0) {
         /* rank r's values arrive in its cell order: walk the owners again */
@@ -154,7 +171,7 @@ static ps_status run_chunk(const job *j, const model *m, comm *c, const patch_pa
         for (size_t r = 1; r < ranks; r++)
             base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
         for (size_t i = 0; i < n; i++)
-            values[i] = gathered[base[owner[i]] + next[owner[i]]++];
+            memcpy(values + i * M, gathered + base[owner[i]] + M * next[owner[i]]++, M * sizeof *values);
         free(next), free(base);
         *values_out = values;
         values = NULL;
@@ -239,7 +256,8 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
     patch_pair *pairs = calloc(n_pairs ? n_pairs : 1, sizeof *pairs);
     patch_cell *cells = NULL;
     double *vals = NULL, *mine = NULL, *gathered = NULL;
-    size_t n_mine = 0, n_cells = 0, n_total = 0;
+    size_t n_mine = 0, n_cells = 0, n_total = 0, n_chunk_cells = 0;
+    const size_t M = sweep_metric_count(j);
     ps_status st = PS_OK;
     if (!v || !items || !owner || !counts || !base || !pairs) {
         st = err_set(PS_ERR_NOMEM, "out of memory");
@@ -252,9 +270,10 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
     if ((st = sweep_deal(items, n_pairs, ranks, owner)))
         goto agree;
     for (size_t k = 0; k < n_pairs; k++) {
-        const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+        const size_t nv = sweep_prompt_values(j, &m->cfg, v[k].h.T);
         counts[owner[k]] += nv * sizeof(double);
         n_total += nv;
+        n_chunk_cells += sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
     }
     /* this rank's prompts, in chunk order */
     for (size_t k = 0; k < n_pairs && st == PS_OK; k++)
@@ -267,23 +286,22 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         }
     if (st || (st = chunk_cells(j, &m->cfg, pairs, n_mine, &cells, &n_cells)))
         goto agree;
-    vals = malloc((n_cells ? n_cells : 1) * sizeof *vals);
+    vals = malloc((n_cells ? n_cells * M : 1) * sizeof *vals);
     mine = malloc((counts[me] ? counts[me] : 1));
     if (!vals || !mine) {
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto agree;
     }
-    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows};
+    patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine, .max_rows = fast_rows,
+                     .metrics = j->metrics};
     if (eval_fault())
         st = err_set(PS_ERR_IO, "injected fault at chunk_eval");
     if (st || (st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
-        mine[w++] = pairs[i].clean_metric[j->metric];
-        mine[w++] = pairs[i].corrupted_metric[j->metric];
-        memcpy(mine + w, vals + r, nv * sizeof *mine);
-        w += nv, r += nv;
+        prompt_record(j, &pairs[i], nv, vals + r * M, mine + w);
+        w += sweep_prompt_values(j, &m->cfg, pairs[i].T), r += nv;
     }
     if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))
         st = err_set(PS_ERR_NOMEM, "out of memory");
@@ -300,14 +318,14 @@ agree:
         for (size_t r = 1; r < ranks; r++)
             base[r] = base[r - 1] + counts[r - 1] / sizeof(double);
         for (size_t k = 0, w = 0; k < n_pairs; k++) {
-            const size_t nv = 2 + sweep_prompt_cells(j->components, &m->cfg, v[k].h.T);
+            const size_t nv = sweep_prompt_values(j, &m->cfg, v[k].h.T);
             memcpy(ordered + w, gathered + base[owner[k]], nv * sizeof *ordered);
             base[owner[k]] += nv;
             w += nv;
         }
         *out = ordered;
     }
-    *n_cells_out = n_total - 2 * n_pairs;
+    *n_cells_out = n_chunk_cells;
 out:
     for (size_t i = 0; pairs && i < n_mine; i++)
         patch_pair_free(&pairs[i]);
@@ -330,23 +348,22 @@ void sweep_chunk_free(sweep_chunk *ch)
     memset(ch, 0, sizeof *ch);
 }
 
-/* Rank 0, by cell: per prompt [clean metric, corrupted metric, values...]
- * from the pairs' metrics and the cells' values (in pair order). */
+/* Rank 0, by cell: per prompt its values (sweep_prompt_values) from the
+ * pairs' metrics and the cells' values (in pair order, M per cell). */
 static ps_status interleave_metrics(const job *j, const model_config *cfg, const patch_pair *pairs, size_t n_pairs,
                                     const double *values, double **out)
 {
     size_t n = 0;
+    const size_t M = sweep_metric_count(j);
     for (size_t k = 0; k < n_pairs; k++)
-        n += 2 + sweep_prompt_cells(j->components, cfg, pairs[k].T);
+        n += sweep_prompt_values(j, cfg, pairs[k].T);
     double *v = malloc((n ? n : 1) * sizeof *v);
     if (!v)
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t k = 0, w = 0, r = 0; k < n_pairs; k++) {
         const size_t nv = sweep_prompt_cells(j->components, cfg, pairs[k].T);
-        v[w++] = pairs[k].clean_metric[j->metric];
-        v[w++] = pairs[k].corrupted_metric[j->metric];
-        memcpy(v + w, values + r, nv * sizeof *v);
-        w += nv, r += nv;
+        prompt_record(j, &pairs[k], nv, values + r * M, v + w);
+        w += sweep_prompt_values(j, cfg, pairs[k].T), r += nv;
     }
     *out = v;
     return PS_OK;

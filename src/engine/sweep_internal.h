@@ -36,6 +36,14 @@ size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T);
 /* Cells of one prompt over the selected components (on[PATCH_COMPONENT_COUNT]). */
 size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T);
 
+/* Values of one prompt in a chunk's results and in its journal record:
+ * for each metric k of the job (j->metrics, one when n is 0),
+ * [clean_k, corrupted_k, cells of metric k in component and grid order];
+ * the journal's head takes metric 0's clean and corrupted, its values the
+ * rest (with one metric exactly the one-metric layout). */
+size_t sweep_metric_count(const job *j);
+size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T);
+
 /* Where one prompt pair is in the dataset file: the plan's per-prompt index
  * (16 bytes a pair), from which a chunk's records are read again. */
 typedef struct {
@@ -122,9 +130,9 @@ bool sweep_dist_by_prompt(const job *j, size_t n_pairs, size_t work_chunk, size_
 typedef struct {
     size_t n_pairs;  /* prompts of the chunk, every rank; 0: no more chunks */
     bool by_prompt;  /* the distribution used */
-    double *values;  /* rank 0: per prompt in chunk order, [clean metric,
-                        corrupted metric, values of its cells in component
-                        and grid order] (2 + sweep_prompt_cells each) */
+    double *values;  /* rank 0: per prompt in chunk order, per metric
+                        [clean metric, corrupted metric, values of its cells
+                        in component and grid order] (sweep_prompt_values each) */
     size_t n_cells;  /* cells computed */
 } sweep_chunk;
 

@@ -32,6 +32,13 @@ size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T)
     return n;
 }
 
+size_t sweep_metric_count(const job *j) { return j->metrics.n ? j->metrics.n : 1; }
+
+size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T)
+{
+    return sweep_metric_count(j) * (2 + sweep_prompt_cells(j->components, cfg, T));
+}
+
 void sweep_plan_free(sweep_plan *p)
 {
     for (size_t k = 0; k < p->n_invalid; k++)

@@ -137,10 +137,11 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
         return st;
     }
     const size_t T = h->T, nv = sweep_prompt_cells(fx->j->components, fx->cfg, T);
-    if (h->n_values != nv)
+    const size_t n_rec = sweep_prompt_values(fx->j, fx->cfg, T) - 2; /* metric 0's cells, then [clean, corrupted, cells] per other metric */
+    if (h->n_values != n_rec)
         return err_set(PS_ERR_FORMAT, "journal record for prompt %llu has %zu bytes, expected %zu",
                        (unsigned long long)h->prompt, 2 * T * sizeof(int32_t) + h->n_values * sizeof(double),
-                       2 * T * sizeof(int32_t) + nv * sizeof(double));
+                       2 * T * sizeof(int32_t) + n_rec * sizeof(double));
     double *values[PATCH_COMPONENT_COUNT] = {0}; /* ncout reads them only */
     size_t off = 0;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
@@ -156,6 +157,18 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
                        .corrupted_tokens = h->corrupted_ids, .answer = it.answer, .wrong = it.wrong};
     st = ncout_results_put(fx->r, h->prompt, &np, fx->tok, values);
     json_decref(it.obj);
+    /* the other metrics: [clean, corrupted, cells] each, after metric 0's cells */
+    for (size_t k = 1; k < sweep_metric_count(fx->j) && st == PS_OK; k++) {
+        const double *blk = h->values + nv + (k - 1) * (2 + nv);
+        double *vk[PATCH_COMPONENT_COUNT] = {0};
+        size_t o = 2;
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+            if (fx->j->components[c]) {
+                vk[c] = (double *)blk + o;
+                o += sweep_grid_size((patch_component)c, fx->cfg, T);
+            }
+        st = ncout_results_put_metric(fx->r, h->prompt, k, blk[0], blk[1], vk);
+    }
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;
     double denom = h->clean_metric - h->corrupted_metric;
@@ -255,9 +268,9 @@ static ps_status ablation_atts(ncout_file *f, ncout_results *r, const job *j, co
         }
         snprintf(num, sizeof num, "%zu", j->resample_seed);
         if ((st = ncout_put_attr(f, SCHEMA_ATT_ABLATION_SEED, num)) == PS_OK)
-            st = ncout_results_put_prompt_int(r, SCHEMA_VAR_RESAMPLE_FROM,
-                                              "dataset index of the prompt whose activations were patched in", -1, 0,
-                                              p->n, from);
+            st = ncout_results_put_prompt_id(r, SCHEMA_VAR_RESAMPLE_FROM,
+                                             "dataset index of the prompt whose activations were patched in", 0,
+                                             p->n, from);
         free(from);
     }
     if (st || j->source != PATCH_SOURCE_MEAN)
@@ -293,7 +306,9 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
     char slice[64] = SCHEMA_SLICE_ALL;
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
-    st = ncout_results_define(&r, &f, m, p->max_T, j->components, j->metric, j->direction, j->engine);
+    const patch_metric_list one = {.n = 1, .m = {j->metric}};
+    st = ncout_results_define_metrics(&r, &f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
+                                      j->direction, j->engine);
     r.prompt_offset = p->first;
     if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) ||
@@ -324,7 +339,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
                             .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
     if ((st = ncout_results_flush(&r)) || (st = results_roles_put(f.ncid, f.tmp_path, &rin)) ||
         (st = results_roles_aggregate(f.ncid, f.tmp_path)) || (st = write_guards(&fx, &f)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, res->complete ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = ncout_put_flag(&f, SCHEMA_ATT_COMPLETE, res->complete)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_PROMPTS_DONE, num)))
         goto out;
     st = ncout_commit(&f);

@@ -387,7 +387,11 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_DATA_SKIP_INVALID: return parse_bool(v, &j->skip_invalid);
     case KEY_DATA_MAX_PROMPTS: return parse_size(v, 0, SIZE_MAX, false, &j->max_prompts);
     case KEY_PATCH_COMPONENTS: return parse_components(v, j->components);
-    case KEY_PATCH_METRIC: return patch_metric_parse(v, &j->metric);
+    case KEY_PATCH_METRIC: {
+        ps_status st = patch_metric_list_parse(v, &j->metrics);
+        j->metric = j->metrics.m[0];
+        return st;
+    }
     case KEY_PATCH_DIRECTION: return parse_direction(v, &j->direction);
     case KEY_PATCH_ENGINE: return parse_engine(v, &j->engine);
     case KEY_PATCH_SOURCE: return patch_source_parse(v, &j->source);
@@ -537,6 +541,7 @@ ps_status job_parse(job *j, const char *path, const char *text)
     memset(j, 0, sizeof *j);
     j->components[PATCH_RESID_PRE] = true;
     j->metric = PATCH_LOGIT_DIFF;
+    j->metrics = (patch_metric_list){.n = 1, .m = {PATCH_LOGIT_DIFF}};
     j->direction = PATCH_DENOISE;
     j->engine = PATCH_ENGINE_FAST;
     j->source = PATCH_SOURCE_CLEAN; /* with denoise: the direction's usual source */

@@ -136,31 +136,36 @@ static ps_status part_open(part *p, const char *path)
         return err_set(PS_ERR_NOMEM, "%s: %zu prompts, over the limit of %zu (the records of a dataset)", path, p->n,
                        DATASET_MAX_ITEMS);
 
-    char *complete = NULL, *slice = NULL;
-    st = require_text_att(p, SCHEMA_ATT_COMPLETE, &complete);
-    if (st == PS_OK && strcmp(complete, SCHEMA_TRUE))
-        st = err_set(PS_ERR_INVALID,
-                     "%s: not complete (complete = \"%s\"): rerun its sweep command to finish it before merging", path,
-                     complete);
+    char *slice = NULL;
+    bool complete = false, present = false;
+    /* complete: 1 (schema 2) or "true" (schema 1) */
+    st = schema_read_flag(&p->in, SCHEMA_ATT_COMPLETE, &complete, &present);
+    if (st == PS_OK && !present)
+        st = err_set(PS_ERR_FORMAT, "%s: no global attribute '%s': not a patchsweep results file", path,
+                     SCHEMA_ATT_COMPLETE);
+    else if (st == PS_OK && !complete)
+        st = err_set(PS_ERR_INVALID, "%s: not complete (complete = 0): rerun its sweep command to finish it before merging",
+                     path);
     if (st == PS_OK)
         st = require_text_att(p, SCHEMA_ATT_SLICE, &slice);
     if (st == PS_OK && !strcmp(slice, SCHEMA_SLICE_ALL))
         st = err_set(PS_ERR_INVALID, "%s: slice = \"all\": already the whole dataset, not a part of it", path);
     else if (st == PS_OK && !schema_parse_slice(slice, SIZE_MAX, &p->k, &p->n_slices))
         st = err_set(PS_ERR_FORMAT, "%s: slice = \"%s\" is not K/N", path, slice);
-    free(complete);
     free(slice);
     if (st)
         return st;
 
-    /* prompt_index: consecutive, so that the part is one interval */
-    static const char *const flag_names[] = {SCHEMA_VAR_PROMPT_INDEX, SCHEMA_VAR_DONE, SCHEMA_VAR_SKIPPED};
+    /* the dataset indices (the prompt coordinate, schema 1's prompt_index):
+     * consecutive, so that the part is one interval */
+    const char *index_var = schema_prompt_index_var(&p->in);
+    const char *const flag_names[] = {index_var ? index_var : SCHEMA_VAR_PROMPT, SCHEMA_VAR_DONE, SCHEMA_VAR_SKIPPED};
     static const char *const per_prompt[] = {SCHEMA_DIM_PROMPT};
     ncin_var flag_vars[3];
     for (size_t i = 0; i < 3; i++)
         if (!ncin_has_var(&p->in, flag_names[i]))
             return err_set(PS_ERR_FORMAT,
-                           "%s: no prompt_index, done or skipped variable: not a patchsweep results file", path);
+                           "%s: no prompt (or prompt_index), done or skipped variable: not a patchsweep results file", path);
     for (size_t i = 0; i < 3 && st == PS_OK; i++)
         if ((st = ncin_inq_var(&p->in, flag_names[i], &flag_vars[i])) == PS_OK)
             st = ncin_expect_dims(&p->in, &flag_vars[i], per_prompt, 1);
@@ -407,6 +412,19 @@ static ps_status put_global_atts(ncout_file *f, part **sorted, size_t n_parts, s
                 seen_before = nc_inq_attid(sorted[j]->ncid, NC_GLOBAL, name, &(int){0}) == NC_NOERR;
             if (seen_before || in_list(name, dropped_atts, n_dropped))
                 continue;
+            if (!strcmp(name, SCHEMA_ATT_COORDINATES)) {
+                /* the union of the parts' lists (a part written back by
+                 * xarray lists them per variable, not globally) */
+                for (size_t j = 0; j < n_parts && st == PS_OK; j++) {
+                    char *list = NULL;
+                    if ((st = get_text_att(sorted[j], name, &list)) == PS_OK && list)
+                        for (char *save = NULL, *w = strtok_r(list, " ", &save); w && st == PS_OK;
+                             w = strtok_r(NULL, " ", &save))
+                            st = ncout_add_coordinate(f->ncid, f->tmp_path, w);
+                    free(list);
+                }
+                continue;
+            }
             bool equal = !in_list(name, run_atts, n_run);
             for (size_t j = 0; j < n_parts && equal; j++)
                 equal = j == src || att_equal(sorted[src], sorted[j], name);
@@ -440,9 +458,13 @@ static ps_status put_global_atts(ncout_file *f, part **sorted, size_t n_parts, s
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     snprintf(num, sizeof num, "%zu", done);
-    const char *const mine[][2] = {{SCHEMA_ATT_SLICE, SCHEMA_SLICE_ALL},
-                                   {SCHEMA_ATT_COMPLETE, SCHEMA_TRUE},
-                                   {SCHEMA_ATT_PROMPTS_DONE, num},
+    /* complete as the parts' schema writes it: 1, or "true" (schema 1) */
+    st = ncout_put_attr(f, SCHEMA_ATT_SLICE, SCHEMA_SLICE_ALL);
+    if (st == PS_OK && schema_version(&sorted[0]->in) >= 2)
+        st = ncout_put_flag(f, SCHEMA_ATT_COMPLETE, true);
+    else if (st == PS_OK)
+        st = ncout_put_attr(f, SCHEMA_ATT_COMPLETE, SCHEMA_TRUE);
+    const char *const mine[][2] = {{SCHEMA_ATT_PROMPTS_DONE, num},
                                    {SCHEMA_ATT_MERGED_FROM, from},
                                    {SCHEMA_ATT_PATCHSWEEP_VERSION, prov_version()},
                                    {SCHEMA_ATT_COMMAND_LINE, prov_command_line()},
@@ -520,8 +542,15 @@ static ps_status define_vars(ncout_file *f, const part *ref, const size_t *out_l
         if (st == PS_OK && nc_inq_var_deflate(ref->ncid, v, &shuffle, &deflate, &level) == NC_NOERR && deflate)
             st = ncout_check(nc_def_var_deflate(f->ncid, p->out_id, shuffle, deflate, level), f->tmp_path, p->name);
         if (st == PS_OK && p->type != NC_STRING) {
-            int no_fill;
+            int no_fill, valid_min;
             st = ncout_check(nc_inq_var_fill(f->ncid, p->out_id, &no_fill, p->fill), f->tmp_path, p->name);
+            /* ids (schema 2: valid_min 0, no _FillValue) pad with -1 */
+            if (st == PS_OK && p->type == NC_INT &&
+                nc_inq_attid(ref->ncid, v, SCHEMA_ATT_FILL_VALUE, &(int){0}) != NC_NOERR &&
+                nc_get_att_int(ref->ncid, v, SCHEMA_ATT_VALID_MIN, &valid_min) == NC_NOERR && valid_min == 0) {
+                const int none = SCHEMA_FILL_TOKEN_ID;
+                memcpy(p->fill, &none, sizeof none);
+            }
         }
     }
     return st;

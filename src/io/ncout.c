@@ -177,6 +177,66 @@ ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value)
     return ncout_check(nc_put_att_text(f->ncid, NC_GLOBAL, name, strlen(value), value), f->tmp_path, name);
 }
 
+ps_status ncout_put_flag(ncout_file *f, const char *name, bool value)
+{
+    const int v = value;
+    return ncout_check(nc_put_att_int(f->ncid, NC_GLOBAL, name, NC_INT, 1, &v), f->tmp_path, name);
+}
+
+ps_status ncout_add_coordinate(int ncid, const char *path, const char *name)
+{
+    /* the global attribute `coordinates`, a space-separated list (CF's
+     * variable attribute, which xarray also reads on the file): each name
+     * once, in the order added */
+    size_t len = 0;
+    char *list = NULL;
+    if (nc_inq_attlen(ncid, NC_GLOBAL, SCHEMA_ATT_COORDINATES, &len) == NC_NOERR) {
+        if (!(list = malloc(len + strlen(name) + 2)))
+            return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+        ps_status st = ncout_check(nc_get_att_text(ncid, NC_GLOBAL, SCHEMA_ATT_COORDINATES, list), path,
+                                   SCHEMA_ATT_COORDINATES);
+        if (st) {
+            free(list);
+            return st;
+        }
+        list[len] = '\0';
+        const size_t n = strlen(name);
+        for (const char *p = list; (p = strstr(p, name)); p += n)
+            if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) {
+                free(list);
+                return PS_OK;
+            }
+        list[len++] = ' ';
+    } else if (!(list = malloc(strlen(name) + 1))) {
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", path);
+    }
+    memcpy(list + len, name, strlen(name) + 1);
+    ps_status st = ncout_check(nc_put_att_text(ncid, NC_GLOBAL, SCHEMA_ATT_COORDINATES, strlen(list), list), path,
+                               SCHEMA_ATT_COORDINATES);
+    free(list);
+    return st;
+}
+
+ps_status ncout_def_flag_var(int ncid, const char *path, int var, const char *meanings)
+{
+    static const signed char values[2] = {0, 1};
+    ps_status st = ncout_check(nc_put_att_schar(ncid, var, SCHEMA_ATT_FLAG_VALUES, NC_BYTE, 2, values), path,
+                               SCHEMA_ATT_FLAG_VALUES);
+    if (st == PS_OK)
+        st = ncout_check(nc_put_att_text(ncid, var, SCHEMA_ATT_FLAG_MEANINGS, strlen(meanings), meanings), path,
+                         SCHEMA_ATT_FLAG_MEANINGS);
+    return st;
+}
+
+ps_status ncout_def_id_var(int ncid, const char *path, int var)
+{
+    /* -1 = no token, kept in the integers: no _FillValue (xarray would make
+     * the ids floats to mask it); CF readers treat values < valid_min as
+     * missing (netCDF4-python masks them) */
+    const int zero = 0;
+    return ncout_check(nc_put_att_int(ncid, var, SCHEMA_ATT_VALID_MIN, NC_INT, 1, &zero), path, SCHEMA_ATT_VALID_MIN);
+}
+
 /* The kernels and threads the numbers were computed with (written once the
  * CLI has recorded them: every command that writes a file has). */
 static ps_status put_blas_provenance(ncout_file *f)
@@ -204,7 +264,10 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
     gmtime_r(&now, &tm);
     strftime(created, sizeof created, "%Y-%m-%dT%H:%M:%SZ", &tm);
     char *abs_dir = realpath(m->dir, NULL);
+    const int version = SCHEMA_VERSION;
     if ((st = ncout_put_attr(f, SCHEMA_ATT_CONVENTIONS, SCHEMA_CONVENTIONS)) ||
+        (st = ncout_check(nc_put_att_int(f->ncid, NC_GLOBAL, SCHEMA_ATT_SCHEMA, NC_INT, 1, &version), f->tmp_path,
+                          SCHEMA_ATT_SCHEMA)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_PATCHSWEEP_VERSION, prov_version())) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_COMMAND_LINE, prov_command_line())) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_CREATED, created)) ||
@@ -236,13 +299,16 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
     const size_t T = c->T, n_hooks = hook_count(m->cfg.n_layer);
     if ((st = ncout_put_provenance(f, m)) != PS_OK)
         return st;
-    if ((st = ncout_put_attr(f, SCHEMA_ATT_PREPEND_BOS, bos ? SCHEMA_TRUE : SCHEMA_FALSE)) != PS_OK)
+    if ((st = ncout_put_flag(f, SCHEMA_ATT_PREPEND_BOS, bos)) != PS_OK)
         return st;
     int pos_dim, tok_var, str_var;
     if ((st = dim_id(f, SCHEMA_DIM_POSITION, T, &pos_dim)) != PS_OK)
         return st;
+    /* token ids and strings label the positions (coordinates in xarray) */
     if ((st = ncout_check(nc_def_var(f->ncid, SCHEMA_VAR_TOKEN_ID, NC_INT, 1, &pos_dim, &tok_var), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
-        (st = ncout_check(nc_def_var(f->ncid, SCHEMA_VAR_TOKEN, NC_STRING, 1, &pos_dim, &str_var), f->tmp_path, SCHEMA_VAR_TOKEN)))
+        (st = ncout_check(nc_def_var(f->ncid, SCHEMA_VAR_TOKEN, NC_STRING, 1, &pos_dim, &str_var), f->tmp_path, SCHEMA_VAR_TOKEN)) ||
+        (st = ncout_add_coordinate(f->ncid, f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
+        (st = ncout_add_coordinate(f->ncid, f->tmp_path, SCHEMA_VAR_TOKEN)))
         return st;
     int *var_ids = malloc(n_hooks * sizeof *var_ids);
     if (!var_ids)
@@ -308,14 +374,11 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
     if (st == PS_OK && long_name)
         st = ncout_check(nc_put_att_text(f->ncid, *id, SCHEMA_ATT_LONG_NAME, strlen(long_name), long_name), f->tmp_path,
                          name);
-    /* "" as the declared fill of strings; the writers still write every
-     * string cell (the staging window holds "" where nothing else was put):
-     * HDF5 (as netCDF-C 4.9 uses it) fails to read a variable-length
-     * string that was never written, fill value or not. */
-    if (st == PS_OK && type == NC_STRING) {
-        const char *empty = "";
-        st = ncout_check(nc_def_var_fill(f->ncid, *id, 0, &empty), f->tmp_path, name);
-    }
+    /* Strings have no _FillValue attribute (netCDF's default fill is ""
+     * anyway, and xarray cannot write a string _FillValue back: schema 2);
+     * the writers write every string cell (the staging window holds ""
+     * where nothing else was put): HDF5 (as netCDF-C 4.9 uses it) fails to
+     * read a variable-length string that was never written. */
     /* HDF5 chunks of whole prompts, about NCOUT_CHUNK_BYTES each: a chunk
      * per prompt (8 bytes for a scalar) cost HDF5 a B-tree entry and a
      * write for every value; whole chunks are written from netCDF's chunk
@@ -335,12 +398,91 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
 }
 
 static ps_status stage_init(ncout_results *r);
+static ncout_staged *staged(ncout_results *r, int var);
+static void stage_clear(ncout_results *r, size_t from, size_t to);
 
 ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t max_T,
                                const bool on[PATCH_COMPONENT_COUNT], patch_metric metric,
                                patch_direction direction, patch_engine engine)
 {
+    const patch_metric_list one = {.n = 1, .m = {metric}};
+    return ncout_results_define_metrics(r, f, m, max_T, on, &one, direction, engine);
+}
+
+/* A variable of metric `metric_name`: the variable attribute metric. */
+static ps_status put_var_metric(ncout_results *r, int var, const char *metric_name)
+{
+    return ncout_check(nc_put_att_text(r->f->ncid, var, SCHEMA_ATT_METRIC, strlen(metric_name), metric_name),
+                       r->f->tmp_path, SCHEMA_ATT_METRIC);
+}
+
+/* Dimensions of component c's grid variables: prompt, then its grid's. */
+static size_t grid_dims(const model_config *cfg, patch_component c, size_t max_T, const int ids[5], int dims[4])
+{
+    /* ids: prompt, layer, position, head, kv_head */
+    size_t shape[3];
+    const char *dn[3];
+    size_t nd = patch_grid_shape(c, cfg, max_T, shape, dn);
+    dims[0] = ids[0];
+    for (size_t k = 0; k < nd; k++)
+        dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)      ? ids[1]
+                      : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? ids[2]
+                      : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? ids[4]
+                                                            : ids[3];
+    return nd;
+}
+
+/* The variables of metric k >= 1 (schema.h): clean_M, corrupted_M, and
+ * C_M, C_M_normalized per selected component. */
+static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t k, const int ids[5])
+{
+    const patch_metric met = r->metrics.m[k];
+    const char *mn = patch_metric_name(met);
+    char name[96], lname[192];
+    ps_status st;
+    const double fill_d = SCHEMA_FILL_METRIC;
+    snprintf(name, sizeof name, SCHEMA_CLEAN_PREFIX "%s", mn);
+    snprintf(lname, sizeof lname, "%s of the clean run", mn);
+    if ((st = def_var(r, name, NC_DOUBLE, 1, &ids[0], &r->v_m_clean[k], lname)) ||
+        (st = ncout_check(nc_def_var_fill(r->f->ncid, r->v_m_clean[k], 0, &fill_d), r->f->tmp_path, name)) ||
+        (st = put_var_metric(r, r->v_m_clean[k], mn)))
+        return st;
+    snprintf(name, sizeof name, SCHEMA_CORRUPTED_PREFIX "%s", mn);
+    snprintf(lname, sizeof lname, "%s of the corrupted run", mn);
+    if ((st = def_var(r, name, NC_DOUBLE, 1, &ids[0], &r->v_m_corrupted[k], lname)) ||
+        (st = ncout_check(nc_def_var_fill(r->f->ncid, r->v_m_corrupted[k], 0, &fill_d), r->f->tmp_path, name)) ||
+        (st = put_var_metric(r, r->v_m_corrupted[k], mn)))
+        return st;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        r->var_m_raw[k][c] = r->var_m_norm[k][c] = -1;
+        if (!r->on[c])
+            continue;
+        int dims[4];
+        const size_t nd = grid_dims(cfg, (patch_component)c, r->max_T, ids, dims);
+        const char *cn = patch_component_name((patch_component)c);
+        const float fill = SCHEMA_FILL_GRID;
+        for (int norm = 0; norm < 2; norm++) {
+            int *var = norm ? &r->var_m_norm[k][c] : &r->var_m_raw[k][c];
+            snprintf(name, sizeof name, "%s" SCHEMA_METRIC_SEP "%s%s", cn, mn, norm ? SCHEMA_NORMALIZED_SUFFIX : "");
+            snprintf(lname, sizeof lname, "%s%s after patching %s", norm ? "normalized " : "", mn, cn);
+            if ((st = def_var(r, name, NC_FLOAT, (int)nd + 1, dims, var, lname)) ||
+                (st = ncout_check(nc_def_var_fill(r->f->ncid, *var, 0, &fill), r->f->tmp_path, name)) ||
+                (st = put_var_metric(r, *var, mn)))
+                return st;
+        }
+    }
+    return PS_OK;
+}
+
+ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m, size_t max_T,
+                                       const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
+                                       patch_direction direction, patch_engine engine)
+{
     memset(r, 0, sizeof *r);
+    if (metrics->n < 1 || metrics->n > PATCH_METRIC_COUNT)
+        return err_set(PS_ERR_INVALID, "%s: %zu metrics (1 to %d)", f->path, metrics->n, PATCH_METRIC_COUNT);
+    const patch_metric metric = metrics->m[0];
+    r->metrics = *metrics;
     r->f = f;
     r->n_layer = m->cfg.n_layer;
     r->n_head = m->cfg.n_head;
@@ -354,6 +496,14 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
         (st = ncout_put_attr(f, SCHEMA_ATT_ENGINE, engine == PATCH_ENGINE_FAST ? SCHEMA_ENGINE_FAST : SCHEMA_ENGINE_NAIVE)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_NORMALIZED, SCHEMA_NORMALIZED_FORMULA)))
         return st;
+    if (metrics->n > 1) { /* one-metric files stay as they were */
+        char list[PATCH_METRIC_COUNT * 16] = "";
+        for (size_t k = 0; k < metrics->n; k++)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", k ? "," : "",
+                     patch_metric_name(metrics->m[k]));
+        if ((st = ncout_put_attr(f, SCHEMA_ATT_METRICS, list)))
+            return st;
+    }
     int d_prompt, d_layer, d_pos, d_head;
     /* Dimension ids are 0..3 in this order (def_var relies on prompt = 0). */
     if ((st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_PROMPT, NC_UNLIMITED, &d_prompt), f->tmp_path, SCHEMA_DIM_PROMPT)) ||
@@ -368,39 +518,55 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     if (kv && ((st = dim_id(f, SCHEMA_DIM_KV_HEAD, r->n_kv_head, &d_kv_head)) ||
                (st = def_var(r, SCHEMA_VAR_KV_HEAD, NC_INT, 1, &d_kv_head, &v_kv_head, NULL))))
         return st;
-    int v_layer, v_pos, v_head;
-    if ((st = def_var(r, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, &v_layer, NULL)) ||
+    int v_layer, v_pos, v_head, v_layer_label;
+    if ((st = def_var(r, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, &v_layer, SCHEMA_LAYER_LONG_NAME)) ||
+        (st = def_var(r, SCHEMA_VAR_LAYER_LABEL, NC_STRING, 1, &d_layer, &v_layer_label,
+                      "the block, as lens files label their layers")) ||
         (st = def_var(r, SCHEMA_VAR_POSITION, NC_INT, 1, &d_pos, &v_pos, NULL)) ||
         (st = def_var(r, SCHEMA_VAR_HEAD, NC_INT, 1, &d_head, &v_head, NULL)))
         return st;
     const int pp[2] = {d_prompt, d_pos};
-    if ((st = def_var(r, SCHEMA_VAR_CLEAN_METRIC, NC_DOUBLE, 1, &d_prompt, &r->v_clean_metric, "metric of the clean run")) ||
+    /* schema 2: the prompt coordinate holds each prompt's dataset index
+     * (schema 1's prompt_index); ids keep -1 for none without a _FillValue
+     * (integers in xarray, ncout_def_id_var); length has _FillValue -1 (a
+     * stopped sweep's mean length is right in xarray); done and skipped
+     * are 0/1 with flag_values / flag_meanings. */
+    if ((st = def_var(r, SCHEMA_VAR_PROMPT, NC_INT, 1, &d_prompt, &r->v_prompt_index,
+                      "0-based index of the prompt pair in the dataset")) ||
+        (st = def_var(r, SCHEMA_VAR_CLEAN_METRIC, NC_DOUBLE, 1, &d_prompt, &r->v_clean_metric, "metric of the clean run")) ||
         (st = def_var(r, SCHEMA_VAR_CORRUPTED_METRIC, NC_DOUBLE, 1, &d_prompt, &r->v_corrupted_metric,
                       "metric of the corrupted run")) ||
         (st = def_var(r, SCHEMA_VAR_LENGTH, NC_INT, 1, &d_prompt, &r->v_length, "tokens in the prompt")) ||
-        (st = def_var(r, SCHEMA_VAR_ANSWER_ID, NC_INT, 1, &d_prompt, &r->v_answer_id, NULL)) ||
-        (st = def_var(r, SCHEMA_VAR_WRONG_ID, NC_INT, 1, &d_prompt, &r->v_wrong_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_ANSWER_ID, NC_INT, 1, &d_prompt, &r->v_answer_id, "token id of the answer (-1: none)")) ||
+        (st = def_var(r, SCHEMA_VAR_WRONG_ID, NC_INT, 1, &d_prompt, &r->v_wrong_id, "token id of the wrong answer (-1: none)")) ||
         (st = def_var(r, SCHEMA_VAR_ANSWER, NC_STRING, 1, &d_prompt, &r->v_answer, NULL)) ||
         (st = def_var(r, SCHEMA_VAR_WRONG, NC_STRING, 1, &d_prompt, &r->v_wrong, NULL)) ||
         (st = def_var(r, SCHEMA_VAR_DONE, NC_BYTE, 1, &d_prompt, &r->v_done, "1 when every value of the prompt is written")) ||
         (st = def_var(r, SCHEMA_VAR_SKIPPED, NC_BYTE, 1, &d_prompt, &r->v_skipped, "1 when the prompt pair was invalid and skipped")) ||
-        (st = def_var(r, SCHEMA_VAR_PROMPT_INDEX, NC_INT, 1, &d_prompt, &r->v_prompt_index,
-                      "0-based index of the prompt pair in the dataset")) ||
         (st = def_var(r, SCHEMA_VAR_SKIP_REASON, NC_STRING, 1, &d_prompt, &r->v_skip_reason, NULL)) ||
-        (st = def_var(r, SCHEMA_VAR_CLEAN_TOKEN_ID, NC_INT, 2, pp, &r->v_clean_tok_id, NULL)) ||
-        (st = def_var(r, SCHEMA_VAR_CORRUPTED_TOKEN_ID, NC_INT, 2, pp, &r->v_corrupted_tok_id, NULL)) ||
+        (st = def_var(r, SCHEMA_VAR_CLEAN_TOKEN_ID, NC_INT, 2, pp, &r->v_clean_tok_id, "token ids of the clean prompt (-1: none)")) ||
+        (st = def_var(r, SCHEMA_VAR_CORRUPTED_TOKEN_ID, NC_INT, 2, pp, &r->v_corrupted_tok_id,
+                      "token ids of the corrupted prompt (-1: none)")) ||
         (st = def_var(r, SCHEMA_VAR_CLEAN_TOKEN, NC_STRING, 2, pp, &r->v_clean_tok, NULL)) ||
         (st = def_var(r, SCHEMA_VAR_CORRUPTED_TOKEN, NC_STRING, 2, pp, &r->v_corrupted_tok, NULL)))
         return st;
-    int fill_int = SCHEMA_FILL_TOKEN_ID;
-    if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_tok_id, 0, &fill_int), f->tmp_path, "fill")) ||
-        (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_tok_id, 0, &fill_int), f->tmp_path, "fill")))
+    const int ids[] = {r->v_answer_id, r->v_wrong_id, r->v_clean_tok_id, r->v_corrupted_tok_id};
+    for (size_t i = 0; i < sizeof ids / sizeof *ids && st == PS_OK; i++)
+        st = ncout_def_id_var(f->ncid, f->tmp_path, ids[i]);
+    const int fill_int = SCHEMA_FILL_INT;
+    /* the token ids and strings label positions, layer_label the layers:
+     * coordinates in xarray */
+    static const char *const coords[] = {SCHEMA_VAR_LAYER_LABEL, SCHEMA_VAR_CLEAN_TOKEN_ID, SCHEMA_VAR_CLEAN_TOKEN,
+                                         SCHEMA_VAR_CORRUPTED_TOKEN_ID, SCHEMA_VAR_CORRUPTED_TOKEN};
+    for (size_t i = 0; i < sizeof coords / sizeof *coords && st == PS_OK; i++)
+        st = ncout_add_coordinate(f->ncid, f->tmp_path, coords[i]);
+    if (st || (st = ncout_check(nc_def_var_fill(f->ncid, r->v_length, 0, &fill_int), f->tmp_path, SCHEMA_VAR_LENGTH)) ||
+        (st = ncout_def_flag_var(f->ncid, f->tmp_path, r->v_done, SCHEMA_DONE_MEANINGS)) ||
+        (st = ncout_def_flag_var(f->ncid, f->tmp_path, r->v_skipped, SCHEMA_SKIPPED_MEANINGS)))
         return st;
     /* The metrics a prompt not done (or skipped) lacks: their _FillValue as
      * an attribute, so that readers (xarray) see NaN there, not 9.97e36 in
-     * a mean over prompts.  The integers (length, ids) keep netCDF's
-     * default fill without the attribute: with it xarray would turn them
-     * into floats; `done` says which prompts have them. */
+     * a mean over prompts. */
     const double fill_d = SCHEMA_FILL_METRIC;
     if ((st = ncout_check(nc_def_var_fill(f->ncid, r->v_clean_metric, 0, &fill_d), f->tmp_path, "fill")) ||
         (st = ncout_check(nc_def_var_fill(f->ncid, r->v_corrupted_metric, 0, &fill_d), f->tmp_path, "fill")))
@@ -432,6 +598,10 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
             (st = ncout_check(nc_def_var_fill(f->ncid, r->var_norm[c], 0, &fill), f->tmp_path, name)))
             return st;
     }
+    const int dim_ids[5] = {d_prompt, d_layer, d_pos, d_head, d_kv_head};
+    for (size_t k = 1; k < metrics->n; k++)
+        if ((st = define_metric(r, &m->cfg, k, dim_ids)))
+            return st;
     if ((st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
     /* Coordinate values 0..n-1. */
@@ -451,7 +621,23 @@ ps_status ncout_results_define(ncout_results *r, ncout_file *f, model *m, size_t
     if (!st && v_kv_head >= 0)
         st = ncout_check(nc_put_var_int(f->ncid, v_kv_head, idx), f->tmp_path, SCHEMA_VAR_KV_HEAD);
     free(idx);
-    return st ? st : stage_init(r);
+    for (size_t l = 0; l < r->n_layer && st == PS_OK; l++) {
+        char label[32];
+        const char *lp = label;
+        const size_t one = 1;
+        snprintf(label, sizeof label, "%zu", l);
+        st = ncout_check(nc_put_vara_string(f->ncid, v_layer_label, &l, &one, &lp), f->tmp_path, SCHEMA_VAR_LAYER_LABEL);
+    }
+    if (st || (st = stage_init(r)))
+        return st;
+    /* ids: -1 where there is none (their staged cells start as that) */
+    const int none = SCHEMA_FILL_TOKEN_ID;
+    for (size_t i = 0; i < sizeof ids / sizeof *ids; i++) {
+        ncout_staged *v = staged(r, ids[i]);
+        memcpy(v->fill, &none, sizeof none);
+    }
+    stage_clear(r, 0, r->stage.cap);
+    return PS_OK;
 }
 
 /* ---- the staging window ------------------------------------------------------
@@ -543,6 +729,18 @@ static ps_status stage_init(ncout_results *r)
         size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
         stage_add(r, r->var_raw[c], NC_FLOAT, nd, shape);
         stage_add(r, r->var_norm[c], NC_FLOAT, nd, shape);
+    }
+    for (size_t k = 1; k < r->metrics.n; k++) {
+        stage_add(r, r->v_m_clean[k], NC_DOUBLE, 1, &one);
+        stage_add(r, r->v_m_corrupted[k], NC_DOUBLE, 1, &one);
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (!r->on[c])
+                continue;
+            size_t shape[3];
+            size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
+            stage_add(r, r->var_m_raw[k][c], NC_FLOAT, nd, shape);
+            stage_add(r, r->var_m_norm[k][c], NC_FLOAT, nd, shape);
+        }
     }
     size_t per_prompt = 0;
     for (size_t i = 0; i < g->n_vars; i++)
@@ -667,6 +865,51 @@ ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char 
     return st;
 }
 
+/* One metric's grids of a T-token prompt into the slot: raw into var_raw[c],
+ * normalized into var_norm[c]. */
+static void stage_grids(ncout_results *r, size_t slot, size_t T, const int *var_raw, const int *var_norm,
+                        double clean_metric, double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT])
+{
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
+    const double denom = clean_metric - corrupted_metric;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        if (!r->on[c])
+            continue;
+        /* The grid for T positions into the window's rows of max_T
+         * positions: position axis (if any) is the second. */
+        size_t shape[3], full[3];
+        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
+        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
+        const size_t inner = nd == 3 ? shape[2] : 1;
+        float *raw = cell(r, var_raw[c], slot), *norm = cell(r, var_norm[c], slot);
+        for (size_t l = 0; l < shape[0]; l++)
+            for (size_t k = 0; k < shape[1]; k++)
+                for (size_t h = 0; h < inner; h++) {
+                    const double v = values[c][(l * shape[1] + k) * inner + h];
+                    const size_t o = (l * full[1] + k) * inner + h;
+                    raw[o] = (float)v;
+                    /* normalized = (patched - corrupted) / (clean - corrupted),
+                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
+                    norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
+                }
+    }
+}
+
+ps_status ncout_results_put_metric(ncout_results *r, size_t prompt, size_t k, double clean_metric,
+                                   double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT])
+{
+    if (k < 1 || k >= r->metrics.n)
+        return err_set(PS_ERR_INTERNAL, "%s: metric %zu of %zu", r->f->path, k, r->metrics.n);
+    if (prompt < r->stage.base || prompt >= r->stage.base + r->stage.cap || !r->stage.staged[prompt - r->stage.base])
+        return err_set(PS_ERR_INTERNAL, "%s: metric %zu of prompt %zu before the prompt", r->f->path, k, prompt);
+    const size_t slot = prompt - r->stage.base;
+    const size_t T = (size_t)*(int *)cell(r, r->v_length, slot);
+    *(double *)cell(r, r->v_m_clean[k], slot) = clean_metric;
+    *(double *)cell(r, r->v_m_corrupted[k], slot) = corrupted_metric;
+    stage_grids(r, slot, T, r->var_m_raw[k], r->var_m_norm[k], clean_metric, corrupted_metric, values);
+    return PS_OK;
+}
+
 ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt *p, const tokenizer *tok,
                             double *const values[PATCH_COMPONENT_COUNT])
 {
@@ -698,29 +941,7 @@ ps_status ncout_results_put(ncout_results *r, size_t prompt, const ncout_prompt 
     }
     if (st)
         return st;
-    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
-    const double denom = p->clean_metric - p->corrupted_metric;
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
-        if (!r->on[c])
-            continue;
-        /* The grid for T positions into the window's rows of max_T
-         * positions: position axis (if any) is the second. */
-        size_t shape[3], full[3];
-        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
-        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
-        const size_t inner = nd == 3 ? shape[2] : 1;
-        float *raw = cell(r, r->var_raw[c], slot), *norm = cell(r, r->var_norm[c], slot);
-        for (size_t l = 0; l < shape[0]; l++)
-            for (size_t k = 0; k < shape[1]; k++)
-                for (size_t h = 0; h < inner; h++) {
-                    const double v = values[c][(l * shape[1] + k) * inner + h];
-                    const size_t o = (l * full[1] + k) * inner + h;
-                    raw[o] = (float)v;
-                    /* normalized = (patched - corrupted) / (clean - corrupted),
-                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
-                    norm[o] = denom == 0.0 ? NAN : (float)((v - p->corrupted_metric) / denom);
-                }
-    }
+    stage_grids(r, slot, T, r->var_raw, r->var_norm, p->clean_metric, p->corrupted_metric, values);
     stage_flags(r, prompt, slot, 1, 0);
     return PS_OK;
 }
@@ -766,16 +987,15 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
     return st;
 }
 
-ps_status ncout_results_put_prompt_int(ncout_results *r, const char *name, const char *long_name, int fill,
-                                       size_t first, size_t n, const int *values)
+ps_status ncout_results_put_prompt_id(ncout_results *r, const char *name, const char *long_name, size_t first,
+                                      size_t n, const int *values)
 {
     ncout_file *f = r->f;
     int var, dim;
     ps_status st = PS_OK;
     if (nc_inq_varid(f->ncid, name, &var) != NC_NOERR &&
         ((st = ncout_check(nc_inq_dimid(f->ncid, SCHEMA_DIM_PROMPT, &dim), f->tmp_path, name)) ||
-         (st = def_var(r, name, NC_INT, 1, &dim, &var, long_name)) ||
-         (st = ncout_check(nc_def_var_fill(f->ncid, var, 0, &fill), f->tmp_path, name))))
+         (st = def_var(r, name, NC_INT, 1, &dim, &var, long_name)) || (st = ncout_def_id_var(f->ncid, f->tmp_path, var))))
         return st;
     if (n == 0)
         return PS_OK;

@@ -42,7 +42,7 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_row
     w->max_T = max_T;
     ps_status st;
     if ((st = ncout_put_provenance(f, m)) || (st = put_att(f, SCHEMA_ATT_ANALYSIS, SCHEMA_ANALYSIS_LENS)) ||
-        (st = put_att(f, SCHEMA_ATT_PREPEND_BOS, bos ? SCHEMA_TRUE : SCHEMA_FALSE)) ||
+        (st = ncout_put_flag(f, SCHEMA_ATT_PREPEND_BOS, bos)) ||
         (st = put_att(f, SCHEMA_ATT_DATASET, dataset_path ? dataset_path : "")) ||
         (st = put_att(f, SCHEMA_ATT_DECODED_POSITION, "last")))
         return st;
@@ -53,8 +53,11 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_row
         (st = ncout_check(nc_def_dim(f->ncid, SCHEMA_DIM_POSITION, max_T, &d_pos), f->tmp_path, SCHEMA_DIM_POSITION)))
         return st;
     const int pl[2] = {d_prompt, d_layer}, plk[3] = {d_prompt, d_layer, d_topk}, pp[2] = {d_prompt, d_pos};
-    int v_label, v_hook;
-    if ((st = def_var(f, SCHEMA_VAR_LAYER_LABEL, NC_STRING, 1, &d_layer, false,
+    int v_layer, v_label, v_hook;
+    /* schema 2: the layer coordinate numbers blocks as patching results do,
+     * the embedding row -1 (SCHEMA_LAYER_EMBED); layer_label says it */
+    if ((st = def_var(f, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, false, SCHEMA_LAYER_LONG_NAME, &v_layer)) ||
+        (st = def_var(f, SCHEMA_VAR_LAYER_LABEL, NC_STRING, 1, &d_layer, false,
                       "embed = the embedding output, l = the output of block l", &v_label)) ||
         (st = def_var(f, SCHEMA_VAR_HOOK, NC_STRING, 1, &d_layer, false, "hook point each layer decodes", &v_hook)) ||
         (st = def_var(f, SCHEMA_VAR_PROB, NC_DOUBLE, 2, pl, true, "probability of the answer after ln_f and unembedding",
@@ -75,14 +78,30 @@ ps_status ncout_lens_define(ncout_lens *w, ncout_file *f, model *m, size_t n_row
         (st = def_var(f, SCHEMA_VAR_DONE, NC_BYTE, 1, &d_prompt, true, "1 when every value of the prompt is written",
                       &w->v_done)))
         return st;
-    int fill_int = SCHEMA_FILL_TOKEN_ID;
-    if ((st = ncout_check(nc_def_var_fill(f->ncid, w->v_token_id, 0, &fill_int), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
+    /* token ids: -1 past a prompt's length, no _FillValue (integers in
+     * xarray); length and rank: _FillValue -1 (masked); done 0/1 flags;
+     * token ids and strings label positions, layer_label and hook layers */
+    const int fill_int = SCHEMA_FILL_INT;
+    static const char *const coords[] = {SCHEMA_VAR_LAYER_LABEL, SCHEMA_VAR_HOOK, SCHEMA_VAR_TOKEN_ID,
+                                         SCHEMA_VAR_TOKEN};
+    for (size_t i = 0; i < sizeof coords / sizeof *coords && st == PS_OK; i++)
+        st = ncout_add_coordinate(f->ncid, f->tmp_path, coords[i]);
+    const int ids[] = {w->v_token_id, w->v_answer_id, w->v_topk_id};
+    for (size_t i = 0; i < sizeof ids / sizeof *ids && st == PS_OK; i++)
+        st = ncout_def_id_var(f->ncid, f->tmp_path, ids[i]);
+    if (st || (st = ncout_check(nc_def_var_fill(f->ncid, w->v_length, 0, &fill_int), f->tmp_path, SCHEMA_VAR_LENGTH)) ||
+        (st = ncout_check(nc_def_var_fill(f->ncid, w->v_rank, 0, &fill_int), f->tmp_path, SCHEMA_VAR_RANK)) ||
+        (st = ncout_def_flag_var(f->ncid, f->tmp_path, w->v_done, SCHEMA_DONE_MEANINGS)) ||
         (st = ncout_check(nc_enddef(f->ncid), f->tmp_path, "end of definitions")))
         return st;
     for (size_t r = 0; r < w->n_rows && st == PS_OK; r++) {
         const char *lp = layer_label[r], *hp = hook[r];
         size_t one = 1;
-        st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, SCHEMA_VAR_LAYER_LABEL);
+        /* "embed" -> -1, "l" -> l (lens_row_label) */
+        int layer = !strcmp(lp, "embed") ? SCHEMA_LAYER_EMBED : atoi(lp);
+        st = ncout_check(nc_put_var1_int(f->ncid, v_layer, &r, &layer), f->tmp_path, SCHEMA_VAR_LAYER);
+        if (st == PS_OK)
+            st = ncout_check(nc_put_vara_string(f->ncid, v_label, &r, &one, &lp), f->tmp_path, SCHEMA_VAR_LAYER_LABEL);
         if (st == PS_OK)
             st = ncout_check(nc_put_vara_string(f->ncid, v_hook, &r, &one, &hp), f->tmp_path, SCHEMA_VAR_HOOK);
     }
@@ -166,9 +185,19 @@ ps_status ncout_lens_put(ncout_lens *w, size_t prompt, const ncout_lens_view *v,
     free_strings(strs, R * k);
     if (st)
         goto out;
+    /* the whole row: -1 past the prompt's length (no _FillValue) */
+    int *row = malloc((w->max_T ? w->max_T : 1) * sizeof *row);
+    if (!row) {
+        st = err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
+        goto out;
+    }
+    for (size_t t = 0; t < w->max_T; t++)
+        row[t] = t < T ? tokens[t] : SCHEMA_FILL_TOKEN_ID;
+    c2[1] = w->max_T;
+    st = ncout_check(nc_put_vara_int(ncid, w->v_token_id, s2, c2, row), f->tmp_path, SCHEMA_VAR_TOKEN_ID);
+    free(row);
     c2[1] = T;
-    if ((st = ncout_check(nc_put_vara_int(ncid, w->v_token_id, s2, c2, tokens), f->tmp_path, SCHEMA_VAR_TOKEN_ID)) ||
-        (st = token_strings(tok, tokens, T, strs, f->path)))
+    if (st || (st = token_strings(tok, tokens, T, strs, f->path)))
         goto out;
     st = ncout_check(nc_put_vara_string(ncid, w->v_token, s2, c2, (const char **)strs), f->tmp_path, SCHEMA_VAR_TOKEN);
     free_strings(strs, T);

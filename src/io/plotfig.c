@@ -327,6 +327,50 @@ static const char *base_name(const char *path)
     return s ? s + 1 : path;
 }
 
+/* Several-metric files (schema.h): grids of another metric than the file's
+ * first carry the attribute metric.  When every drawn grid is of one such
+ * metric M, the title names M and the unpatched values are clean_M and
+ * corrupted_M; grids of several metrics name them all, without values. */
+static ps_status grids_metric(const ncin_file *f, agg_pool *pl, const grid_var *gv, size_t n_vars, size_t n_prompt,
+                              char **metric, double **clean_m, double **corrupted_m)
+{
+    char *first = NULL;
+    bool mixed = false;
+    for (size_t i = 0; i < n_vars && !mixed; i++) {
+        char *vm = NULL;
+        ps_status st = ncin_get_text_att(f, gv[i].v.name, SCHEMA_ATT_METRIC, &vm);
+        if (st)
+            return st;
+        const char *name = vm ? vm : *metric ? *metric : "";
+        if (i == 0)
+            first = agg_printf(pl, "%s", name);
+        else
+            mixed = !first || strcmp(first, name) != 0;
+        free(vm);
+    }
+    if (mixed) {
+        char *all = NULL;
+        ps_status st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRICS, &all);
+        if (st)
+            return st;
+        *metric = agg_printf(pl, "%s", all ? all : "metrics");
+        free(all);
+        *clean_m = *corrupted_m = NULL;
+        return *metric ? PS_OK : PS_ERR_NOMEM;
+    }
+    if (!first || !*metric || !strcmp(first, *metric))
+        return PS_OK;
+    char *cn = agg_printf(pl, SCHEMA_CLEAN_PREFIX "%s", first), *rn = agg_printf(pl, SCHEMA_CORRUPTED_PREFIX "%s", first);
+    if (!cn || !rn)
+        return PS_ERR_NOMEM;
+    *metric = first;
+    *clean_m = *corrupted_m = NULL;
+    if (!ncin_has_var(f, cn) || !ncin_has_var(f, rn))
+        return PS_OK;
+    ps_status st = agg_read_prompt_doubles(f, pl, cn, n_prompt, clean_m);
+    return st ? st : agg_read_prompt_doubles(f, pl, rn, n_prompt, corrupted_m);
+}
+
 static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
                               plotfig *out)
 {
@@ -382,6 +426,8 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
     if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
         (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
         return st ? st : PS_ERR_NOMEM;
+    if ((st = grids_metric(f, pl, gv, n_vars, c.n_prompt, &metric, &clean_m, &corrupted_m)))
+        return st;
 
     /* Groups: position components by length; head components, which have
      * no position axis, over every selected prompt unless split. */

@@ -191,7 +191,9 @@ ps_status results_roles_put(int ncid, const char *path, const results_roles_in *
         if ((st = rr_check(nc_def_var(ncid, name, is_int ? NC_INT64 : NC_STRING, 1, &prompt_dim, &v_item[k]), path,
                            name)) ||
             (is_int && (st = rr_check(nc_def_var_fill(ncid, v_item[k], 0, &fill_i), path, name))) ||
-            (st = put_long_name(ncid, v_item[k], path, ln)))
+            (st = put_long_name(ncid, v_item[k], path, ln)) ||
+            /* the prompts' labels: coordinates in xarray (groupby("item_template")) */
+            (st = ncout_add_coordinate(ncid, path, name)))
             goto out;
     }
     if ((st = rr_enddef(ncid, path)))

@@ -430,7 +430,7 @@ for sig, want in (("usr1", 3), ("term", 1)):
     check(f"SIG{sig.upper()} to mpirun: exit {want}", rc == want, f"exit {rc}: {se[-400:]}")
     if want == 3:
         check("SIGUSR1 to mpirun: a readable file marked incomplete",
-              os.path.exists(sout) and values(sout)[1].get("complete") == "false")
+              os.path.exists(sout) and values(sout)[1].get("complete") == 0)
     rc, so, se, secs = run(["sweep", sjob], ranks=2)
     check(f"SIG{sig.upper()} to mpirun: the rerun ends identical", rc == 0 and same(REF, values(sout)[0]), se[-300:])
 

@@ -249,14 +249,14 @@ def test_dataset(label, d, m):
         check(f"{label} dataset done", ds.done.dtype == np.int8 and bool((ds.done.values == 1).all()), str(ds.done.values))
         check(f"{label} dataset lengths", ds.length.values.tolist() == [len(x) for x in ids])
         check(f"{label} dataset answers", ds.answer.values.tolist() == [it["answer"] for it in items])
-        # xarray shows the _FillValue past each prompt's length as NaN
+        # token ids stay int32 in xarray (schema 2): -1 past each prompt's length
         tid = ds.token_id.values
-        ok = all(tid[i, :len(x)].tolist() == x and np.isnan(tid[i, len(x):]).all() for i, x in enumerate(ids))
-        check(f"{label} dataset token ids (_FillValue past length)", ok)
-        with xr.open_dataset(out, mask_and_scale=False) as raw:
-            short = min(range(len(ids)), key=lambda i: len(ids[i]))
-            check(f"{label} dataset token_id _FillValue is -1", len(ids[short]) < T
-                  and (raw.token_id.values[short, len(ids[short]):] == -1).all())
+        ok = tid.dtype == np.int32 and all(tid[i, :len(x)].tolist() == x and (tid[i, len(x):] == -1).all()
+                                           for i, x in enumerate(ids))
+        check(f"{label} dataset token ids (int32, -1 past length)", ok)
+        short = min(range(len(ids)), key=lambda i: len(ids[i]))
+        check(f"{label} dataset has a prompt shorter than the longest", len(ids[short]) < T)
+        check(f"{label} dataset layer coordinate: -1 embed, then blocks", list(ds.layer.values) == list(range(-1, L)))
         for i in (0, 7, 19):
             x, it = ids[i], items[i]
             a = token_ids(d, it["answer"])[1]

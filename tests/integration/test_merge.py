@@ -107,7 +107,7 @@ for name, job in JOBS:
 parts3 = [f"ioi-{k}of3.nc" for k in (1, 2, 3)]
 with xr.open_dataset(os.path.join(TMP, "ioi-merged3.nc")) as ds, xr.open_dataset(os.path.join(TMP, "ioi.nc")) as ref:
     a = ds.attrs
-    check("slice all, complete, prompts_done", a["slice"] == "all" and a["complete"] == "true"
+    check("slice all, complete, prompts_done", a["slice"] == "all" and a["complete"] == 1
           and a["prompts_done"] == ref.attrs["prompts_done"], a)
     check("merged_from: the parts in slice order", a["merged_from"].split("\n") == parts3, a["merged_from"])
     check("merge's own version and command line", a["patchsweep_version"] == ref.attrs["patchsweep_version"]
@@ -152,7 +152,7 @@ CASES = [
     ("another dataset", [p1, craft(p2, "data.nc", {"dataset_sha256": "1" * 64}), p3], "data.nc: dataset_sha256"),
     ("another metric", [p1, craft(p2, "metric.nc", {"metric": "prob"}), p3], "metric.nc: metric \"prob\""),
     ("other variables", [p1, craft(p2, "vars.nc", rename=("z", "zz")), p3], "vars.nc: no variable 'z'"),
-    ("incomplete part", [p1, craft(p2, "inc.nc", {"complete": "false"}), p3], "inc.nc: not complete"),
+    ("incomplete part", [p1, craft(p2, "inc.nc", {"complete": np.int32(0)}), p3], "inc.nc: not complete"),
     ("a prompt not done", [p1, craft(p2, "notdone.nc", done0=2), p3], "notdone.nc: prompt_index 10 is neither"),
     ("whole file", ["ioi.nc"], "ioi.nc: slice = \"all\""),
     ("not NetCDF", [p1, "junk.nc"], "junk.nc: not a readable NetCDF file"),

@@ -716,7 +716,7 @@ def section_7():
         return edit
 
     LONG = variant("length", set_raw("length", 99))
-    NOLEN = variant("nolength", set_raw("length", -2147483647))
+    NOLEN = variant("nolength", set_raw("length", -1))  # schema 2: length's _FillValue
     TOKINT = variant("tokint", retype("clean_token", "i4", 0))
     DONESTR = variant("donestr", retype("done", str, "yes"))
     EMPTY = os.path.join(TMP, "bad-empty.nc")

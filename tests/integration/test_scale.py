@@ -145,7 +145,7 @@ if os.path.exists(merged):
     with xr.open_dataset(merged) as m:
         check("read back: every prompt, done, in order",
               m.sizes["prompt"] == n and bool((m["done"].values == 1).all())
-              and np.array_equal(m["prompt_index"].values, np.arange(n)) and m.attrs.get("complete") == "true",
+              and np.array_equal(m["prompt"].values, np.arange(n)) and m.attrs.get("complete") == 1,
               f"{dict(m.sizes)} {m.attrs.get('complete')}")
         # the last slice's values, in place
         with xr.open_dataset(parts[-1]) as last:

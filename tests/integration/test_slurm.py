@@ -9,7 +9,7 @@ at the end, also on failure):
     the chunk in flight, the script requeues the job, the second run resumes
     and completes to identical values;
   - scancel (SIGTERM to the shell and the steps): the job ends cancelled, not
-    requeued, the file says complete = "false"; the same submission again
+    requeued, the file says complete = 0; the same submission again
     resumes and completes to identical values;
   - node failure: the node set down (scontrol update state=down) once a
     chunk is journaled: Slurm kills the job and requeues it (--requeue); the
@@ -279,7 +279,7 @@ try:
               and recs[0].get("Restarts") == "0" and "requeueing" not in log, (recs, log[-1500:]))
         cx = os.path.join(TMP, "cx.nc")
         attrs = nc_values(cx)[1] if os.path.exists(cx) else {}
-        check("scancel: file marked incomplete, journal kept", attrs.get("complete") == "false"
+        check("scancel: file marked incomplete, journal kept", attrs.get("complete") == 0
               and os.path.exists(cx + ".journal"), (attrs.get("complete"), log[-1500:]))
         jid = submit(args)
         recs = wait_job(jid, 150)
@@ -352,7 +352,7 @@ try:
     check("merged file equals the unsliced run bit for bit", ok, diff)
     if os.path.exists(merged):
         a = nc_values(merged)[1]
-        check("merged attributes", a.get("slice") == "all" and a.get("complete") == "true"
+        check("merged attributes", a.get("slice") == "all" and a.get("complete") == 1
               and a.get("merged_from", "").split("\n") == sorted(parts) and "merge" in a.get("command_line", ""),
               {k: a.get(k) for k in ("slice", "complete", "merged_from", "command_line")})
 except Exception as e:  # a broken step fails the test; the cluster still stops

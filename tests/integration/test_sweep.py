@@ -92,11 +92,11 @@ with xr.open_dataset(f"{TMP}/r0.nc") as ds:
     check("provenance", all(k in ds.attrs for k in ("patchsweep_version", "command_line", "model_sha256", "job_text",
                                                      "job_sha256", "dataset_sha256", "mpi_ranks", "blas", "metric",
                                                      "direction", "engine", "Conventions"))
-          and ds.attrs["complete"] == "true", list(ds.attrs))
+          and ds.attrs["complete"] == 1, list(ds.attrs))
     lengths = ds["length"].values
     short = int(np.argmin(lengths))
     check("fill past a prompt's length", lengths.min() == lengths.max()
-          or bool(np.isnan(ds["resid_pre"].values[short, :, lengths[short]:]).all()))
+          or bool(np.isnan(ds["resid_pre"].values[short, :, int(lengths[short]):]).all()))
     items = [json.loads(line) for line in open(data)]
     for i in (0, 7, 23):
         res = run(["patch", "--model", model, "--clean", items[i]["clean"], "--corrupted", items[i]["corrupted"],
@@ -200,13 +200,12 @@ for ranks in (0, 2):
         continue
     v, attrs = values(out)
     done = v["done"]
-    check(f"{what} leaves a readable file marked incomplete", attrs["complete"] == "false" and 0 < done.sum() < 24,
+    check(f"{what} leaves a readable file marked incomplete", attrs["complete"] == 0 and 0 < done.sum() < 24,
           f"{attrs.get('complete')} {done.sum()}")
     pend = done == 0
-    check(f"{what}: prompts not done read as NaN in xarray (metrics, grids), done ones as numbers; "
-          "lengths stay integers",
-          all(np.isnan(v[k][pend]).all() for k in ("clean_metric", "corrupted_metric", "resid_pre", "z_all_pos"))
-          and np.isfinite(v["clean_metric"][~pend]).all() and v["length"].dtype.kind == "i"
+    check(f"{what}: prompts not done read as NaN in xarray (metrics, grids, length), done ones as numbers",
+          all(np.isnan(v[k][pend]).all() for k in ("clean_metric", "corrupted_metric", "resid_pre", "z_all_pos", "length"))
+          and np.isfinite(v["clean_metric"][~pend]).all()
           and (v["length"][~pend] > 0).all(), {k: v[k][pend][:3] for k in ("clean_metric", "length")})
     r = run(["sweep", kjob, "--resume"])
     check(f"resume after {what} completes with identical values",
@@ -247,7 +246,7 @@ r = run(["sweep", skipjob])
 with xr.open_dataset(f"{TMP}/skip.nc") as ds:
     check("skip_invalid records skipped pairs", r.returncode == 0 and list(ds["skipped"].values) ==
           [0, 0, 0, 1, 0, 1, 0, 0, 0, 0] and "token length" in str(ds["skip_reason"].values[3])
-          and ds.attrs["complete"] == "true", r.stderr)
+          and ds.attrs["complete"] == 1, r.stderr)
 
 shutil.rmtree(TMP, ignore_errors=True)
 finish("sweep")

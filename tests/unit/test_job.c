@@ -195,6 +195,8 @@ static void test_minimal_defaults(void **state)
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
         assert_int_equal(j.components[c], c == PATCH_RESID_PRE);
     assert_int_equal(j.metric, PATCH_LOGIT_DIFF);
+    assert_int_equal(j.metrics.n, 1);
+    assert_int_equal(j.metrics.m[0], PATCH_LOGIT_DIFF);
     assert_int_equal(j.direction, PATCH_DENOISE);
     assert_int_equal(j.engine, PATCH_ENGINE_FAST);
     assert_int_equal(j.chunk_prompts, 0);
@@ -403,10 +405,32 @@ static void test_unknown_names(void **state)
                  "[patch] components: bad component list");
     expect_error(MINIMAL "[patch]\nmetric = logit-diff\n", PS_ERR_INVALID, 8,
                  "[patch] metric: unknown metric 'logit-diff' (logit_diff, prob, logprob or kl)");
+    expect_error(MINIMAL "[patch]\nmetric = prob, logit-diff\n", PS_ERR_INVALID, 8,
+                 "[patch] metric: unknown metric 'logit-diff' (logit_diff, prob, logprob or kl)");
+    expect_error(MINIMAL "[patch]\nmetric = prob, kl,prob\n", PS_ERR_INVALID, 8,
+                 "[patch] metric: metric 'prob' is listed twice in 'prob, kl,prob'");
+    expect_error(MINIMAL "[patch]\nmetric = prob,,kl\n", PS_ERR_INVALID, 8, "[patch] metric: bad metric list");
     expect_error(MINIMAL "[patch]\ndirection = Denoise\n", PS_ERR_INVALID, 8,
                  "[patch] direction: unknown direction 'Denoise' (denoise or noise)");
     expect_error(MINIMAL "[patch]\nengine = slow\n", PS_ERR_INVALID, 8,
                  "[patch] engine: unknown engine 'slow' (fast or naive)");
+}
+
+/* [patch] metric = a, b, c: several metrics, in order, the first as metric */
+static void test_several_metrics(void **state)
+{
+    (void)state;
+    const char *text = MINIMAL "[patch]\nmetric = kl , logit_diff,prob ; three\n";
+    char *path = write_job("metrics.ini", text, strlen(text));
+    job j;
+    assert_int_equal(job_load(&j, path), PS_OK);
+    assert_int_equal(j.metrics.n, 3);
+    assert_int_equal(j.metrics.m[0], PATCH_KL);
+    assert_int_equal(j.metrics.m[1], PATCH_LOGIT_DIFF);
+    assert_int_equal(j.metrics.m[2], PATCH_PROB);
+    assert_int_equal(j.metric, PATCH_KL);
+    job_free(&j);
+    free(path);
 }
 
 static void test_missing_required(void **state)
@@ -617,6 +641,7 @@ int main(void)
         cmocka_unit_test(test_bad_integer),
         cmocka_unit_test(test_bad_seconds),
         cmocka_unit_test(test_unknown_names),
+        cmocka_unit_test(test_several_metrics),
         cmocka_unit_test(test_missing_required),
         cmocka_unit_test(test_lens_checks),
         cmocka_unit_test(test_output_suffix),

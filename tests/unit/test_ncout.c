@@ -98,7 +98,7 @@ static void test_staging_window(void **state)
     assert_int_equal(ncout_results_define(&r, &f, &m, MAX_T, on, PATCH_LOGIT_DIFF, PATCH_DENOISE, PATCH_ENGINE_FAST),
                      PS_OK);
     assert_true(r.stage.cap >= 1 && r.stage.cap <= 1024);
-    r.prompt_offset = 10; /* a sliced sweep's part: prompt_index = 10 + prompt */
+    r.prompt_offset = 10; /* a sliced sweep's part: the prompt coordinate = 10 + prompt */
     put_prompt(&r, 2, 3);
     put_prompt(&r, 0, 2);                                    /* before the window: flushes */
     assert_int_equal(ncout_results_put_pending(&r, 1), PS_OK);
@@ -128,15 +128,25 @@ static void test_staging_window(void **state)
         size_t p = done_prompts[i];
         assert_true(read1(&in, SCHEMA_VAR_DONE, p) == 1.0);
         assert_true(read1(&in, SCHEMA_VAR_SKIPPED, p) == 0.0);
-        assert_true(read1(&in, SCHEMA_VAR_PROMPT_INDEX, p) == (double)(10 + p));
+        assert_true(read1(&in, SCHEMA_VAR_PROMPT, p) == (double)(10 + p));
         assert_true(read1(&in, SCHEMA_VAR_CLEAN_METRIC, p) == 2.0 + (double)p);
         assert_true(read1(&in, SCHEMA_VAR_ANSWER_ID, p) == 7.0);
     }
     assert_true(read1(&in, SCHEMA_VAR_LENGTH, 5) == 2.0);
     assert_true(read1(&in, SCHEMA_VAR_DONE, 1) == 0.0 && read1(&in, SCHEMA_VAR_SKIPPED, 1) == 0.0);
-    assert_true(read1(&in, SCHEMA_VAR_PROMPT_INDEX, 1) == 11.0);
+    assert_true(read1(&in, SCHEMA_VAR_PROMPT, 1) == 11.0);
     assert_true(isnan(read1(&in, SCHEMA_VAR_CLEAN_METRIC, 1)));
     assert_true(isnan(read1(&in, SCHEMA_VAR_LENGTH, 1)));
+    /* schema 2: the version, the prompt coordinate (no prompt_index), ids
+     * -1 where there is none (no _FillValue: read as -1, not NaN) */
+    assert_int_equal(schema_version(&in), SCHEMA_VERSION);
+    assert_string_equal(schema_prompt_index_var(&in), SCHEMA_VAR_PROMPT);
+    assert_false(ncin_has_var(&in, SCHEMA_VAR_PROMPT_INDEX));
+    assert_true(read1(&in, SCHEMA_VAR_ANSWER_ID, 1) == -1.0);
+    char *fill_att = NULL;
+    assert_int_equal(ncin_get_text_att(&in, SCHEMA_VAR_DONE, SCHEMA_ATT_FLAG_MEANINGS, &fill_att), PS_OK);
+    assert_string_equal(fill_att, SCHEMA_DONE_MEANINGS);
+    free(fill_att);
     assert_true(read1(&in, SCHEMA_VAR_SKIPPED, 3) == 1.0 && read1(&in, SCHEMA_VAR_DONE, 3) == 0.0);
     char *s = read_string(&in, SCHEMA_VAR_SKIP_REASON, 3);
     assert_string_equal(s, "answer is not one token");
@@ -285,6 +295,34 @@ static void test_is_complete_run(void **state)
     assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, SCHEMA_FALSE), PS_OK);
     assert_int_equal(ncout_commit(&f), PS_OK);
     assert_false(schema_is_complete_run(path, "j", "m", "d", "2/3"));
+    /* schema 2: complete is the integer 0 or 1; anything else is refused */
+    for (int c = 0; c < 3; c++) {
+        assert_int_equal(ncout_create(&f, path), PS_OK);
+        assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_JOB_SHA256, "j"), PS_OK);
+        assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_MODEL_SHA256, "m"), PS_OK);
+        assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, "d"), PS_OK);
+        assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_SLICE, "2/3"), PS_OK);
+        if (c < 2)
+            assert_int_equal(ncout_put_flag(&f, SCHEMA_ATT_COMPLETE, c == 1), PS_OK);
+        else
+            assert_int_equal(ncout_put_attr(&f, SCHEMA_ATT_COMPLETE, "yes"), PS_OK);
+        assert_int_equal(ncout_commit(&f), PS_OK);
+        assert_true(schema_is_complete_run(path, "j", "m", "d", "2/3") == (c == 1));
+        ncin_file in;
+        bool value = false, present = false;
+        assert_int_equal(ncin_open(&in, path), PS_OK);
+        assert_int_equal(schema_version(&in), 1); /* no patchsweep_schema: written without provenance */
+        if (c < 2) {
+            assert_int_equal(schema_read_flag(&in, SCHEMA_ATT_COMPLETE, &value, &present), PS_OK);
+            assert_true(present && value == (c == 1));
+        } else {
+            ASSERT_ERROR(schema_read_flag(&in, SCHEMA_ATT_COMPLETE, &value, &present), PS_ERR_FORMAT, path,
+                         "'complete' is \"yes\", not 0 or 1");
+        }
+        assert_int_equal(schema_read_flag(&in, SCHEMA_ATT_PREPEND_BOS, &value, &present), PS_OK);
+        assert_false(present);
+        ncin_close(&in);
+    }
     /* not NetCDF */
     FILE *out = fopen(path, "w");
     assert_non_null(out);

@@ -110,6 +110,46 @@ static void test_fast_equals_naive(void **state)
     }
 }
 
+/* Several metrics from one patched forward (issue 19): for both engines and
+ * directions, each metric of metrics = kl,logit_diff,prob,logprob equals a
+ * run of that metric alone bit for bit, skipped cells included. */
+static void test_several_metrics(void **state)
+{
+    fixture *fx = *state;
+    size_t n;
+    patch_cell *cells = all_cells(fx, &n);
+    patch_metric_list list;
+    assert_int_equal(patch_metric_list_parse(" kl, logit_diff ,prob,logprob", &list), PS_OK);
+    assert_int_equal(list.n, 4);
+    assert_int_equal(list.m[0], PATCH_KL);
+    assert_int_equal(list.m[1], PATCH_LOGIT_DIFF);
+    const size_t M = list.n;
+    double *many = malloc(n * M * sizeof *many), *one = malloc(n * sizeof *one);
+    for (int e = 0; e < 2; e++)
+        for (int dir = 0; dir < 2; dir++) {
+            patch_opts o = {.direction = (patch_direction)dir, .engine = (patch_engine)e, .max_rows = 13,
+                            .metrics = list};
+            assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, many), PS_OK);
+            for (size_t k = 0; k < M; k++) {
+                patch_opts o1 = {.metric = list.m[k], .direction = (patch_direction)dir, .engine = (patch_engine)e,
+                                 .max_rows = 13};
+                assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o1, one), PS_OK);
+                for (size_t i = 0; i < n; i++)
+                    if (memcmp(&many[i * M + k], &one[i], sizeof one[i]))
+                        fail_msg("engine %d dir %d metric %s cell %zu: %.17g together, %.17g alone", e, dir,
+                                 patch_metric_name(list.m[k]), i, many[i * M + k], one[i]);
+            }
+        }
+    /* bad lists: unknown, repeated, empty */
+    assert_int_equal(patch_metric_list_parse("prob,accuracy", &list), PS_ERR_INVALID);
+    assert_int_equal(patch_metric_list_parse("prob, prob", &list), PS_ERR_INVALID);
+    assert_int_equal(patch_metric_list_parse("prob,,kl", &list), PS_ERR_INVALID);
+    assert_int_equal(patch_metric_list_parse("", &list), PS_ERR_INVALID);
+    free(many);
+    free(one);
+    free(cells);
+}
+
 /* Cells before the first differing token change nothing: both engines give
  * the unpatched metric exactly, and the fast engine's cost is 0. */
 static void test_unchanged_cells(void **state)
@@ -223,6 +263,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fast_equals_naive),
         cmocka_unit_test(test_unchanged_cells),
+        cmocka_unit_test(test_several_metrics),
         cmocka_unit_test(test_full_restore),
         cmocka_unit_test(test_parse_and_shapes),
         cmocka_unit_test(test_pack_round_trip),
