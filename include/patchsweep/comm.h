@@ -9,6 +9,7 @@
 #define PS_COMM_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "err.h"
 
@@ -38,6 +39,12 @@ ps_status comm_bcast(comm *c, void *buf, size_t bytes);
 /* Every rank sends `send_bytes`; root receives rank r's bytes at
  * recv + sum(counts[0..r)) (counts[r] bytes; counts and recv used on root only). */
 ps_status comm_gatherv(comm *c, const void *send, size_t send_bytes, void *recv, const size_t *counts);
+
+/* Element-wise sum of n int64 values over every rank, in place on every
+ * rank (MPI_Allreduce, MPI_SUM, in pieces).  Integer addition: the result
+ * does not depend on the number of ranks or the order (ablate.h's exact
+ * sums); overflow is the caller's to rule out. */
+ps_status comm_allreduce_sum_i64(comm *c, int64_t *buf, size_t n);
 
 /* Agree on a status: returns the status of the lowest rank whose `st` is not
  * PS_OK (PS_OK if none), and on every rank err_msg() becomes that rank's

@@ -30,6 +30,9 @@
  * | `[patch]` | `direction`      | `denoise`   | denoise (run corrupted, patch in clean) or noise (run clean, patch in corrupted) |
  * | `[patch]` | `engine`         | `fast`      | fast (recompute only what a patch changes) or naive (one full forward per cell, the reference) |
  * | `[patch]` | `method`         | `exact`     | exact (every cell patched), atp or atp* (attribution patching, atp.h: every cell estimated, stored as C_atp and C_atp_normalized; by prompt only) |
+ * | `[patch]` | `source`         | the direction's | clean (denoise) or corrupted (noise); or an ablation of the clean run (of the corrupted run with direction = denoise): zero, mean (the mean by position over the dataset's prompts of that kind) or resample (another pair's of the same length; patchspec.h, ablate.h) |
+ * | `[patch]` | `resample_seed`  | `0`         | the seed of the resample donors, 0..2^53; source = resample only |
+ * | `[patch]` | `mean_over`      | `all`       | the mean's subset: all, A:B (dataset indices [A, B)) or FIELD=VALUE (patch_subset_parse); source = mean only |
  * | `[run]`   | `output`         | required    | the results file; must end in `.nc` (written as `NAME.partial`, renamed when complete) |
  * | `[run]`   | `chunk_prompts`  | `0`         | prompt pairs per work chunk, 1..100000; 0 = chosen automatically |
  * | `[run]`   | `threads`        | `0`         | BLAS threads per MPI rank, 1..1024; 0 = automatic |
@@ -113,6 +116,9 @@ typedef struct {
     patch_direction direction; /* direction (denoise) */
     patch_engine engine;   /* engine (fast) */
     patch_method method;   /* method (exact): exact, atp or atp* */
+    patch_source source;   /* source (clean with denoise, corrupted with noise; direction follows it) */
+    char *mean_over;       /* mean_over (NULL = all) */
+    size_t resample_seed;  /* resample_seed (0), 0..2^53 */
     /* [run] */
     char *output;          /* output: resolved path, ends in .nc */
     size_t chunk_prompts;  /* chunk_prompts (0 = auto), else 1..JOB_CHUNK_PROMPTS_MAX */

@@ -188,6 +188,12 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
 ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
                                   size_t n_missed);
 
+/* A per-prompt index variable `name` (prompt), NC_INT with schema 2's id
+ * convention (-1 none, valid_min 0, no _FillValue), defined on first use:
+ * values[0..n) at prompts [first, first + n) (ablations' resample_from). */
+ps_status ncout_results_put_prompt_id(ncout_results *r, const char *name, const char *long_name, size_t first,
+                                      size_t n, const int *values);
+
 /* A text attribute on the file (NetCDF-4 allows adding them at any time). */
 ps_status ncout_put_attr(ncout_file *f, const char *name, const char *value);
 

@@ -32,6 +32,24 @@
  * normalized = (patched - corrupted) / (clean - corrupted), where clean and
  * corrupted are the metric of the unpatched runs, in both directions (0 = the
  * corrupted behaviour, 1 = the clean behaviour).
+ *
+ * Sources (patch --source, [patch] source): where a cell's value comes from.
+ *   clean, corrupted  the other prompt's run, as above (clean: denoise,
+ *                     corrupted: noise; the direction follows from it)
+ *   zero              0 (zero ablation)
+ *   mean              the mean activation over a set of prompts (mean
+ *                     ablation): for position t the mean over the set's
+ *                     prompts that have a position t (longer than t tokens);
+ *                     pattern[h, i, j] the mean over those with a row i.
+ *   resample          the activation of another prompt of the dataset with
+ *                     the same token length (resample ablation; seeded).
+ * An ablation overwrites the base run's activation, and the base run is the
+ * clean one unless the direction says denoise (then the corrupted run is
+ * ablated); its set and resampled prompts are runs of the same kind (clean
+ * prompts when the clean run is ablated).  The normalization is unchanged:
+ * for an ablation of the clean run 1 = no effect, 0 = the ablation brings
+ * the metric down to the corrupted run's.  The engines take an ablation as
+ * patch_pair.source, a cache holding the replacement values (ablate.h).
  */
 #ifndef PS_PATCHSPEC_H
 #define PS_PATCHSPEC_H
@@ -60,6 +78,35 @@ typedef enum {
 
 typedef enum { PATCH_LOGIT_DIFF, PATCH_PROB, PATCH_LOGPROB, PATCH_KL, PATCH_METRIC_COUNT } patch_metric;
 typedef enum { PATCH_DENOISE, PATCH_NOISE } patch_direction;
+typedef enum {
+    PATCH_SOURCE_CLEAN,
+    PATCH_SOURCE_CORRUPTED,
+    PATCH_SOURCE_ZERO,
+    PATCH_SOURCE_MEAN,
+    PATCH_SOURCE_RESAMPLE,
+    PATCH_SOURCE_COUNT
+} patch_source;
+const char *patch_source_name(patch_source s); /* "clean", "corrupted", "zero", "mean", "resample" */
+ps_status patch_source_parse(const char *s, patch_source *src);
+/* zero, mean, resample */
+bool patch_source_ablation(patch_source s);
+/* The direction a source runs in: clean -> denoise, corrupted -> noise; an
+ * ablation -> noise (the clean run is ablated) unless denoise was given.
+ * *dir holds the given direction when dir_given; a contradiction (clean with
+ * noise, corrupted with denoise) is an error naming both. */
+ps_status patch_source_direction(patch_source s, bool dir_given, patch_direction *dir);
+
+/* The subset of a dataset a mean ablation averages (patch --mean-over,
+ * [patch] mean_over): NULL, "" or "all"; "A:B" the pairs of 0-based dataset
+ * indices [A, B), A < B; "FIELD=VALUE" the pairs whose field FIELD (at most
+ * 127 bytes) is the string VALUE or the integer written VALUE. */
+typedef struct {
+    enum { PATCH_SUBSET_ALL, PATCH_SUBSET_RANGE, PATCH_SUBSET_FIELD } kind;
+    size_t a, b;        /* range [a, b) */
+    char field[128];    /* field name */
+    const char *value;  /* into the parsed text */
+} patch_subset;
+ps_status patch_subset_parse(const char *s, patch_subset *out);
 /* Which engine evaluates the cells (patch.h); named here for job files and outputs. */
 typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 
@@ -123,6 +170,11 @@ typedef struct {
     double clean_metric[PATCH_METRIC_COUNT];
     double corrupted_metric[PATCH_METRIC_COUNT];
     float *clean_logprobs;           /* [V] log softmax of the clean last row (for kl) */
+    /* NULL: cells take the other prompt's run (by direction).  Else an
+     * ablation's replacement values as a T-token cache (ablate.h), read by
+     * both engines where they fetch the source activation; not owned, not
+     * packed (patch_pair_unpack leaves it NULL). */
+    const forward_cache *source;
 } patch_pair;
 
 /* Run both prompts (equal length T, checked) and fill the metrics. */

@@ -93,6 +93,17 @@
  *   M0 first ("logit_diff,prob,kl"; absent with one metric).  All come from
  *   the same patched forwards.
  *
+ * Ablations (patch --source zero|mean|resample, [patch] source; patchspec.h,
+ *   ablate.h): global attributes source ("zero" | "mean" | "resample"; absent
+ *   for clean/corrupted, whose direction says it), ablation_dataset and
+ *   ablation_dataset_sha256 (`patch`: the prompts a mean or resample draws
+ *   on; a sweep draws on its own dataset, dataset_path),
+ *   mean_over (the mean's subset as given, "all" by default) and
+ *   mean_prompts (the prompts averaged, decimal), ablation_seed (resample,
+ *   decimal); resample_from(prompt) NC_INT as the ids (-1 none, valid_min
+ *   0, no _FillValue): the 0-based dataset index of the prompt whose
+ *   activations replaced this one's.
+ *
  * Roles and metadata (sweeps of a dataset; results_roles.h): dimension
  *   role, coordinate role(role) NC_STRING (the dataset's role names, END
  *   last unless named), role_position(prompt, role) NC_INT (_FillValue -1:
@@ -270,6 +281,13 @@
 #define SCHEMA_ATT_BLAS_THREADS "blas_threads"
 #define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
 #define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
+#define SCHEMA_ATT_SOURCE "source"
+#define SCHEMA_ATT_ABLATION_DATASET "ablation_dataset"
+#define SCHEMA_ATT_ABLATION_DATASET_SHA256 "ablation_dataset_sha256"
+#define SCHEMA_ATT_MEAN_OVER "mean_over"
+#define SCHEMA_ATT_MEAN_PROMPTS "mean_prompts"
+#define SCHEMA_ATT_ABLATION_SEED "ablation_seed"
+#define SCHEMA_VAR_RESAMPLE_FROM "resample_from"   /* (prompt) NC_INT, an id: -1 none, valid_min 0 */
 #define SCHEMA_ATT_METRIC "metric"     /* global: the (first) metric; on a variable: its metric */
 #define SCHEMA_ATT_METRICS "metrics"   /* global, several metrics: all of them, comma-separated */
 #define SCHEMA_ATT_DIRECTION "direction"

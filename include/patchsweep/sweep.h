@@ -128,6 +128,10 @@ typedef struct {
     char **role_names;       /* [n_roles], owned: the dataset's roles when it names any */
     size_t n_roles;
     sweep_work work;         /* rank 0 (fast_rows on every rank) */
+    size_t mean_prompts;     /* [patch] source = mean: the prompts averaged (ablate.h) */
+    const size_t *resample_from; /* source = resample, rank 0: [n_resample_from] each dataset index's
+                                    donor (SIZE_MAX none); valid during sweep_run */
+    size_t n_resample_from;
     char output[4096];
 } sweep_result;
 

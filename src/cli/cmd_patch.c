@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ablate.h"
 #include "atp.h"
 #include "bench.h"
 #include "cli.h"
@@ -13,6 +14,7 @@
 #include "patch.h"
 #include "prov.h"
 #include "schema.h"
+#include "sha256.h"
 #include "strutil.h"
 
 /* Options of the commands that patch one prompt pair. */
@@ -27,11 +29,17 @@ typedef struct {
     bool fast_only;
     patch_method method; /* patch only: exact, atp, atp+exact, atp*, atp*+exact */
     bool graddrop;       /* with an estimating method: AtP*'s GradDrop */
+    /* patch only: where cells take their values (patchspec.h, ablate.h) */
+    patch_source source;
+    bool source_given, direction_given, seed_given;
+    const char *ablate_dataset, *mean_over;
+    size_t resample_seed;
 } patch_args;
 
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
-       OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP };
+       OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP, OPT_SOURCE, OPT_ABLATE_DATASET, OPT_MEAN_OVER,
+       OPT_RESAMPLE_SEED };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -54,6 +62,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {"method", required_argument, 0, OPT_METHOD},
                                          {"graddrop", no_argument, 0, OPT_GRADDROP},
+                                         {"source", required_argument, 0, OPT_SOURCE},
+                                         {"ablate-dataset", required_argument, 0, OPT_ABLATE_DATASET},
+                                         {"mean-over", required_argument, 0, OPT_MEAN_OVER},
+                                         {"resample-seed", required_argument, 0, OPT_RESAMPLE_SEED},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -70,6 +82,10 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_METHOD ? "--method"
                                                  : ch == OPT_GRADDROP ? "--graddrop"
+                                                 : ch == OPT_SOURCE ? "--source"
+                                                 : ch == OPT_ABLATE_DATASET ? "--ablate-dataset"
+                                                 : ch == OPT_MEAN_OVER ? "--mean-over"
+                                                 : ch == OPT_RESAMPLE_SEED ? "--resample-seed"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
             return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
@@ -103,6 +119,23 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
             if (strcmp(optarg, "denoise") && strcmp(optarg, "noise"))
                 return cli_usage(cmd, "unknown direction '%s' (denoise or noise)", optarg);
             a->po.direction = strcmp(optarg, "noise") ? PATCH_DENOISE : PATCH_NOISE;
+            a->direction_given = true;
+            break;
+        case OPT_SOURCE:
+            if (patch_source_parse(optarg, &a->source) != PS_OK)
+                return cli_usage(cmd, "%s", err_msg());
+            a->source_given = true;
+            break;
+        case OPT_ABLATE_DATASET: a->ablate_dataset = optarg; break;
+        case OPT_MEAN_OVER:
+            if (ablate_mean_over_check(optarg) != PS_OK)
+                return cli_usage(cmd, "--mean-over: %s", err_msg());
+            a->mean_over = optarg;
+            break;
+        case OPT_RESAMPLE_SEED:
+            if (!cli_parse_size(optarg, 0, (size_t)1 << 53, &a->resample_seed))
+                return cli_usage(cmd, "--resample-seed takes a whole number from 0 to 2^53, not '%s'", optarg);
+            a->seed_given = true;
             break;
         case OPT_ENGINE:
             if (strcmp(optarg, "fast") && strcmp(optarg, "naive"))
@@ -136,6 +169,24 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                               "(--clean-ids, --corrupted-ids, --answer-id, --wrong-id), not both");
     if (any_ids && (!a->clean_ids || !a->corrupted_ids || !a->answer_id || !a->wrong_id))
         return cli_usage(cmd, "--clean-ids, --corrupted-ids, --answer-id and --wrong-id go together");
+    if (!is_patch)
+        return CLI_CONTINUE;
+    /* the source and the direction (patchspec.h: an ablation ablates the clean run unless denoise is given) */
+    if (a->source_given && patch_source_direction(a->source, a->direction_given, &a->po.direction) != PS_OK)
+        return cli_usage(cmd, "%s", err_msg());
+    const bool needs_set = a->source == PATCH_SOURCE_MEAN || a->source == PATCH_SOURCE_RESAMPLE;
+    if (needs_set && !a->ablate_dataset)
+        return cli_usage(cmd, "--source %s needs --ablate-dataset FILE.jsonl (the prompts it draws on)",
+                         patch_source_name(a->source));
+    if (!needs_set && a->ablate_dataset)
+        return cli_usage(cmd, "--ablate-dataset applies to --source mean or resample only");
+    if (a->mean_over && a->source != PATCH_SOURCE_MEAN)
+        return cli_usage(cmd, "--mean-over applies to --source mean only");
+    if (a->seed_given && a->source != PATCH_SOURCE_RESAMPLE)
+        return cli_usage(cmd, "--resample-seed applies to --source resample only");
+    if (patch_source_ablation(a->source) && a->method != PATCH_METHOD_EXACT)
+        return cli_usage(cmd, "--method %s does not take an ablation source yet (exact only)",
+                         patch_method_name(a->method));
     return CLI_CONTINUE;
 }
 
@@ -250,6 +301,8 @@ static const char *patch_help =
     "                        --clean-ids IDS --corrupted-ids IDS --answer-id ID --wrong-id ID)\n"
     "                        [--components LIST] [--metric M] [--direction denoise|noise]\n"
     "                        [--engine fast|naive] [-o OUT.nc] [--json] [--no-bos]\n"
+    "                        [--source clean|corrupted|zero|mean|resample [--ablate-dataset F.jsonl]\n"
+    "                         [--mean-over SET] [--resample-seed N]]\n"
     "  Activation patching of one prompt pair (the worksheet's IOI grid).\n"
     "  --components  comma-separated: resid_pre (default), resid_mid, attn_out, mlp_out,\n"
     "                z (layer x position x head), z_all_pos, q_all_pos, k_all_pos,\n"
@@ -273,12 +326,20 @@ static const char *patch_help =
     "                the way to patch the families whose tokenizer is not supported yet\n"
     "                (k_all_pos, v_all_pos: one cell per key/value head with grouped-query\n"
     "                attention; resid_mid does not exist with a parallel residual)\n"
+    "  --source      where a cell's value comes from: clean (denoise) or corrupted (noise),\n"
+    "                the direction's usual run; or an ablation of the clean run (of the\n"
+    "                corrupted run with --direction denoise): zero, mean (the mean by\n"
+    "                position over --ablate-dataset's prompts of that kind, --mean-over\n"
+    "                all | A:B (dataset indices [A, B)) | FIELD=VALUE), resample (the\n"
+    "                activations of another prompt of --ablate-dataset with the same\n"
+    "                token length, chosen by --resample-seed N, default 0)\n"
     "  Prints each grid of normalized values, (patched - corrupted) / (clean - corrupted),\n"
-    "  layers as rows and tokens as columns; -o writes the NetCDF results file.\n";
+    "  layers as rows and tokens as columns (ablations: 1 = no effect); -o writes the\n"
+    "  NetCDF results file.\n";
 
 /* The table of one component's normalized grid. */
 static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_component c, const model_config *cfg,
-                              const double *values, patch_metric metric)
+                              const double *values, patch_metric metric, const int32_t *labels)
 {
     size_t shape[3];
     size_t nd = patch_grid_shape(c, cfg, p->T, shape, NULL);
@@ -292,7 +353,7 @@ static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_c
             continue;
         }
         /* Column labels as the worksheet's: token_index, cut to 9 chars. */
-        char *s = tokenizer_token_display(tok, p->corrupted.tokens[j], "?");
+        char *s = tokenizer_token_display(tok, labels[j], "?");
         char label[64];
         snprintf(label, sizeof label, "%s_%zu", s ? s : "?", j);
         free(s);
@@ -412,6 +473,83 @@ static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, co
     return st;
 }
 
+/* ---- ablations (patchspec.h's sources zero, mean, resample; ablate.h) ---- */
+
+typedef struct {
+    forward_cache cache;  /* the replacement values, pair->source */
+    size_t mean_prompts;  /* mean */
+    size_t donor;         /* resample: the donor's dataset index */
+    char sha256[65];      /* of --ablate-dataset */
+} patch_ablation;
+
+static ps_status ablation_build(const model *m, const tokenizer *tok, const patch_args *a, patch_pair *pair,
+                                patch_ablation *ab)
+{
+    memset(ab, 0, sizeof *ab);
+    const ablate_set set = {.path = a->ablate_dataset, .mean_over = a->mean_over, .bos = a->common.bos,
+                            .direction = a->po.direction};
+    ps_status st = PS_OK;
+    if (a->ablate_dataset && (st = sha256_file_hex(a->ablate_dataset, ab->sha256)))
+        return st;
+    if (a->source == PATCH_SOURCE_ZERO) {
+        st = ablate_zero_cache(m, pair->T, &ab->cache);
+    } else if (a->source == PATCH_SOURCE_MEAN) {
+        ablate_mean mean;
+        if ((st = ablate_mean_of_dataset(m, tok, NULL, &set, &mean)))
+            return st;
+        ab->mean_prompts = ablate_mean_count(&mean);
+        st = ablate_mean_cache(&mean, m, pair->T, &ab->cache);
+        if (st)
+            err_set(st, "%s: %s", a->ablate_dataset, err_msg());
+        ablate_mean_free(&mean);
+    } else {
+        const forward_cache *base = a->po.direction == PATCH_NOISE ? &pair->clean : &pair->corrupted;
+        st = ablate_resample_of_dataset(m, tok, &set, a->resample_seed, base->tokens, pair->T, &ab->donor,
+                                        &ab->cache);
+    }
+    if (st == PS_OK)
+        pair->source = &ab->cache;
+    return st;
+}
+
+/* The ablation's attributes and resample_from (schema.h). */
+static ps_status ablation_write(ncout_results *res, const patch_args *a, const patch_ablation *ab)
+{
+    char num[32];
+    ps_status st = ncout_put_attr(res->f, SCHEMA_ATT_SOURCE, patch_source_name(a->source));
+    if (st == PS_OK && a->ablate_dataset &&
+        ((st = ncout_put_attr(res->f, SCHEMA_ATT_ABLATION_DATASET, a->ablate_dataset)) ||
+         (st = ncout_put_attr(res->f, SCHEMA_ATT_ABLATION_DATASET_SHA256, ab->sha256))))
+        return st;
+    if (st == PS_OK && a->source == PATCH_SOURCE_MEAN) {
+        snprintf(num, sizeof num, "%zu", ab->mean_prompts);
+        if ((st = ncout_put_attr(res->f, SCHEMA_ATT_MEAN_OVER, a->mean_over ? a->mean_over : "all")) == PS_OK)
+            st = ncout_put_attr(res->f, SCHEMA_ATT_MEAN_PROMPTS, num);
+    }
+    if (st == PS_OK && a->source == PATCH_SOURCE_RESAMPLE) {
+        const int donor = (int)ab->donor;
+        snprintf(num, sizeof num, "%zu", a->resample_seed);
+        if ((st = ncout_put_attr(res->f, SCHEMA_ATT_ABLATION_SEED, num)) == PS_OK)
+            st = ncout_results_put_prompt_id(res, SCHEMA_VAR_RESAMPLE_FROM,
+                                             "dataset index of the prompt whose activations were patched in", 0, 1,
+                                             &donor);
+    }
+    return st;
+}
+
+static void ablation_describe(char *buf, size_t n, const patch_args *a, const patch_ablation *ab)
+{
+    if (a->source == PATCH_SOURCE_MEAN)
+        snprintf(buf, n, "; source: the mean of %zu prompts of %s (mean_over %s)", ab->mean_prompts,
+                 a->ablate_dataset, a->mean_over ? a->mean_over : "all");
+    else if (a->source == PATCH_SOURCE_RESAMPLE)
+        snprintf(buf, n, "; source: prompt %zu of %s (seed %zu)", ab->donor, a->ablate_dataset, a->resample_seed);
+    else if (a->source == PATCH_SOURCE_ZERO)
+        snprintf(buf, n, "; source: zero");
+    else
+        buf[0] = 0;
+}
+
 /* One more metric's grids for --json: {clean_metric, corrupted_metric,
  * components: {C: {values, normalized}}}. */
 static json_t *metric_json(const patch_pair *pair, const bool *on, const model_config *cfg, patch_metric met,
@@ -457,6 +595,8 @@ int cmd_patch(int argc, char **argv)
     if ((rc = load_patch_model("patch", &a, &m, &tok, &ids)))
         return rc;
     patch_pair pair = {0};
+    patch_ablation ab = {0};
+    char ab_text[1200] = "";
     int32_t answer, wrong;
     double *values[PATCH_COMPONENT_COUNT] = {0}, *atp_vals[PATCH_COMPONENT_COUNT] = {0};
     /* several metrics: ms[k]'s grids in mvals[k] (mvals[0] = values) */
@@ -469,6 +609,9 @@ int cmd_patch(int argc, char **argv)
         goto out;
     if ((st = patch_components_check(on, &m.cfg)) || (st = prepare_pair(&m, tok, &a, &ids, &pair)))
         goto out;
+    if (patch_source_ablation(a.source) && (st = ablation_build(&m, tok, &a, &pair, &ab)))
+        goto out;
+    ablation_describe(ab_text, sizeof ab_text, &a, &ab);
     answer = pair.answer;
     wrong = pair.wrong;
     const size_t nc = pair.T;
@@ -520,6 +663,8 @@ int cmd_patch(int argc, char **argv)
             if (st == PS_OK)
                 st = ncout_results_flush(&res);
         }
+        if (st == PS_OK && patch_source_ablation(a.source))
+            st = ablation_write(&res, &a, &ab);
         if (st == PS_OK && atp)
             st = atp_write(&res, &m, &pair, on, po.metric, po.direction, a.method, a.graddrop, values, atp_vals);
         ncout_results_free(&res);
@@ -578,22 +723,35 @@ int cmd_patch(int argc, char **argv)
             json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
         if (a.graddrop)
             json_object_set_new(out_json, "graddrop", json_true());
+        /* the ablation's keys only with one: other outputs stay as they were */
+        if (patch_source_ablation(a.source)) {
+            json_object_set_new(out_json, "source", json_string(patch_source_name(a.source)));
+            if (a.source == PATCH_SOURCE_MEAN)
+                json_object_set_new(out_json, "mean_prompts", json_integer((json_int_t)ab.mean_prompts));
+            if (a.source == PATCH_SOURCE_RESAMPLE)
+                json_object_set_new(out_json, "resample_from", json_integer((json_int_t)ab.donor));
+        }
         cli_print_json(out_json);
     } else {
         const char *what = patch_method_qk_fix(a.method) ? (a.graddrop ? "AtP* with GradDrop" : "AtP*")
                                                          : (a.graddrop ? "AtP with GradDrop" : "AtP");
-        printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine)\n", nc, patch_metric_name(po.metric),
+        printf("%zu tokens; %s: clean %.4f, corrupted %.4f (%s, %s engine%s)\n", nc, patch_metric_name(po.metric),
                pair.clean_metric[po.metric], pair.corrupted_metric[po.metric],
-               po.direction == PATCH_DENOISE ? "denoising" : "noising",
-               po.engine == PATCH_ENGINE_FAST ? "fast" : "naive");
+               patch_source_ablation(a.source) ? (po.direction == PATCH_NOISE ? "ablating the clean run"
+                                                                               : "ablating the corrupted run")
+               : po.direction == PATCH_DENOISE ? "denoising" : "noising",
+               po.engine == PATCH_ENGINE_FAST ? "fast" : "naive", ab_text);
+        /* columns: the corrupted tokens, as always; an ablated run's own */
+        const int32_t *labels = patch_source_ablation(a.source) && po.direction == PATCH_NOISE ? pair.clean.tokens
+                                                                                             : pair.corrupted.tokens;
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
             if (!on[c])
                 continue;
             if (exact)
-                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric);
+                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, values[c], po.metric, labels);
             if (atp) {
                 printf("\n(attribution patching estimate, %s)", what);
-                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, atp_vals[c], po.metric);
+                print_patch_table(&pair, tok, (patch_component)c, &m.cfg, atp_vals[c], po.metric, labels);
             }
             if (exact && atp)
                 print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c],
@@ -604,7 +762,7 @@ int cmd_patch(int argc, char **argv)
                    pair.corrupted_metric[ms[k]]);
             for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
                 if (on[c])
-                    print_patch_table(&pair, tok, (patch_component)c, &m.cfg, mvals[k][c], ms[k]);
+                    print_patch_table(&pair, tok, (patch_component)c, &m.cfg, mvals[k][c], ms[k], labels);
         }
     }
 out:
@@ -618,6 +776,7 @@ out:
             free(mvals[k][c]);
     }
     patch_pair_free(&pair);
+    forward_cache_free(&ab.cache);
     pair_ids_free(&ids);
     tokenizer_free(tok);
     model_free(&m);

@@ -369,3 +369,71 @@ bool patch_method_runs_exact(patch_method m)
 bool patch_method_estimates(patch_method m) { return m != PATCH_METHOD_EXACT; }
 
 bool patch_method_qk_fix(patch_method m) { return m == PATCH_METHOD_ATP_STAR || m == PATCH_METHOD_ATP_STAR_EXACT; }
+
+static const char *source_names[PATCH_SOURCE_COUNT] = {"clean", "corrupted", "zero", "mean", "resample"};
+
+const char *patch_source_name(patch_source s) { return s < PATCH_SOURCE_COUNT ? source_names[s] : "?"; }
+
+ps_status patch_source_parse(const char *s, patch_source *src)
+{
+    for (int i = 0; i < PATCH_SOURCE_COUNT; i++)
+        if (!strcmp(s, source_names[i])) {
+            *src = (patch_source)i;
+            return PS_OK;
+        }
+    return err_set(PS_ERR_INVALID, "unknown source '%s' (clean, corrupted, zero, mean or resample)", s);
+}
+
+bool patch_source_ablation(patch_source s) { return s >= PATCH_SOURCE_ZERO && s < PATCH_SOURCE_COUNT; }
+
+ps_status patch_source_direction(patch_source s, bool dir_given, patch_direction *dir)
+{
+    if (s == PATCH_SOURCE_CLEAN || s == PATCH_SOURCE_CORRUPTED) {
+        const patch_direction want = s == PATCH_SOURCE_CLEAN ? PATCH_DENOISE : PATCH_NOISE;
+        if (dir_given && *dir != want)
+            return err_set(PS_ERR_INVALID,
+                           "source %s with direction %s would patch a run with its own values (source clean "
+                           "goes with denoise, corrupted with noise)",
+                           source_names[s], *dir == PATCH_DENOISE ? "denoise" : "noise");
+        *dir = want;
+        return PS_OK;
+    }
+    if (!dir_given)
+        *dir = PATCH_NOISE;
+    return PS_OK;
+}
+
+static bool parse_index(const char *s, size_t n, size_t *out)
+{
+    if (n == 0 || n > 18)
+        return false;
+    size_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (size_t)(s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
+ps_status patch_subset_parse(const char *s, patch_subset *f)
+{
+    memset(f, 0, sizeof *f);
+    if (!s || !*s || !strcmp(s, "all"))
+        return PS_OK;
+    const char *eq = strchr(s, '='), *colon = strchr(s, ':');
+    if (eq && eq != s && (size_t)(eq - s) < sizeof f->field) {
+        f->kind = PATCH_SUBSET_FIELD;
+        memcpy(f->field, s, (size_t)(eq - s));
+        f->value = eq + 1;
+        return PS_OK;
+    }
+    if (!eq && colon && parse_index(s, (size_t)(colon - s), &f->a) &&
+        parse_index(colon + 1, strlen(colon + 1), &f->b) && f->a < f->b) {
+        f->kind = PATCH_SUBSET_RANGE;
+        return PS_OK;
+    }
+    return err_set(PS_ERR_INVALID,
+                   "mean_over '%s' is neither all, a range A:B of dataset indices (A < B) nor FIELD=VALUE", s);
+}

@@ -10,8 +10,13 @@ const forward_cache *patch_base_of(const patch_pair *p, patch_direction dir)
 {
     return dir == PATCH_DENOISE ? &p->corrupted : &p->clean;
 }
+/* The one place both engines fetch a cell's value from: an ablation's cache
+ * (zero, mean, resample: patch_pair.source) stands in for the other run, so
+ * every component, present and future, takes ablations as it takes patches. */
 const forward_cache *patch_source_of(const patch_pair *p, patch_direction dir)
 {
+    if (p->source)
+        return p->source;
     return dir == PATCH_DENOISE ? &p->clean : &p->corrupted;
 }
 

@@ -59,7 +59,7 @@ static size_t chunk_plan(const job *j, const model *m, comm *c, const sweep_plan
 
 /* Collective: every chunk not done yet, until the end or *stop. */
 static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o,
-                            sweep_plan *p, journal *jr, sweep_result *res, sweep_progress *pr)
+                            sweep_plan *p, journal *jr, ablate_sources *ab, sweep_result *res, sweep_progress *pr)
 {
     const bool root = comm_rank(c) == 0;
     size_t chunk = root ? chunk_plan(j, m, c, p, &res->work, pr) : 1;
@@ -83,7 +83,15 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         if ((st = comm_agree(c, st)))
             break;
         sweep_chunk ch;
-        st = sweep_dist_chunk(j, m, c, tk, n, res->work.chunk, res->work.fast_rows, &ch);
+        /* resample: the chunk's donors to every rank (by dataset index) */
+        for (size_t k = 0; root && k < n; k++)
+            index[k] += p->first;
+        st = ablate_sources_chunk(ab, c, index, n);
+        for (size_t k = 0; root && k < n; k++)
+            index[k] -= p->first;
+        if ((st = comm_agree(c, st)))
+            break;
+        st = sweep_dist_chunk_ablate(j, m, c, tk, n, res->work.chunk, res->work.fast_rows, ab, &ch);
         if (st || ch.n_pairs == 0) {
             for (size_t k = 0; k < n; k++)
                 dataset_tokens_free(&tk[k]);
@@ -109,6 +117,36 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
     free(index);
     free(tk);
     return st;
+}
+
+/* Collective: the job's ablation sources (zero, mean over its dataset);
+ * nothing for clean / corrupted.  A mean that does not cover the longest
+ * prompt (mean_over a shorter subset) stops the job before any patching. */
+static ps_status ablation_sources(const job *j, const model *m, const tokenizer *tok, comm *c, const sweep_plan *p,
+                                  ablate_sources *ab, sweep_result *res)
+{
+    const ablate_set set = {.path = j->dataset, .mean_over = j->mean_over, .max_prompts = j->max_prompts,
+                            .bos = j->bos, .skip_invalid = j->skip_invalid, .direction = j->direction};
+    ps_status st = ablate_sources_init(ab, m, tok, c, j->source, &set, j->resample_seed);
+    if (st)
+        return st;
+    res->resample_from = ab->donor;
+    res->n_resample_from = ab->n_set;
+    if (j->source == PATCH_SOURCE_RESAMPLE && comm_rank(c) == 0)
+        for (size_t i = 0; i < p->n && st == PS_OK; i++) {
+            const size_t k = p->first + i;
+            if (p->at[i].n_tokens && (k >= ab->n_set || ab->donor[k] == SIZE_MAX))
+                st = err_set(PS_ERR_INVALID, "%s:%u: no other pair of %u tokens to resample from", j->dataset,
+                             (unsigned)p->at[i].line, (unsigned)p->at[i].n_tokens);
+        }
+    if (j->source != PATCH_SOURCE_MEAN)
+        return comm_agree(c, st);
+    res->mean_prompts = ablate_mean_count(&ab->mean);
+    if (comm_rank(c) == 0 && p->max_T && !ablate_mean_covers(&ab->mean, p->max_T))
+        st = err_set(PS_ERR_INVALID,
+                     "%s: the mean (mean_over %s, %zu prompts) has no prompt of %zu tokens, the longest of the job",
+                     j->dataset, j->mean_over ? j->mean_over : "all", res->mean_prompts, p->max_T);
+    return comm_agree(c, st);
 }
 
 /* Rank 0: the job's [lens] file of the same prompts, from their tokens. */
@@ -161,6 +199,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     char dataset_sha[65] = "";
     char *memory = NULL;
     sweep_progress pr = {0};
+    ablate_sources ab = {0};
     ps_status st = PS_OK;
     /* 1. rank 0: the dataset, the journal, what is done already */
     if (root)
@@ -182,18 +221,23 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
         goto out;
     }
     res->work.fast_rows = start[1];
-    /* 3. every chunk not done yet, journaled */
-    if ((st = run_chunks(j, m, tok, c, o, &p, &jr, res, &pr)))
+    /* 3. an ablation's sources: the mean is a first pass over the dataset on
+     *    every rank (ablate.h), the same bits for any number of ranks */
+    if ((st = ablation_sources(j, m, tok, c, &p, &ab, res)))
         goto out;
-    /* 4. provenance: what each rank needed for the patching (before rank 0
+    /* 4. every chunk not done yet, journaled */
+    if ((st = run_chunks(j, m, tok, c, o, &p, &jr, &ab, res, &pr)))
+        goto out;
+    /* 5. provenance: what each rank needed for the patching (before rank 0
      *    builds the file) */
     if ((st = sweep_memory_text(c, &memory)))
         goto out;
-    /* 5. rank 0: the NetCDF file from the journal, the [lens] file */
+    /* 6. rank 0: the NetCDF file from the journal, the [lens] file */
     if (root)
         st = finish(j, m, tok, o, output, &p, &jr, dataset_sha, memory, &pr, res);
     st = comm_agree(c, st);
 out:
+    ablate_sources_free(&ab);
     free(memory);
     if (jr.fd >= 0)
         journal_close(&jr, false);

@@ -273,7 +273,8 @@ static ps_status eval_atp(const job *j, const model *m, const patch_pair *pairs,
 /* Evaluate one chunk by prompt on every rank.  On rank 0, *out holds per
  * prompt, in chunk order, [clean metric, corrupted metric, values...]. */
 static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const unsigned char *buf, size_t bytes,
-                                   size_t n_pairs, size_t fast_rows, double **out, size_t *n_cells_out)
+                                   size_t n_pairs, size_t fast_rows, ablate_sources *ab, double **out,
+                                   size_t *n_cells_out)
 {
     const size_t ranks = comm_size(c), me = comm_rank(c);
     tok_view *v = calloc(n_pairs ? n_pairs : 1, sizeof *v);
@@ -308,6 +309,8 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
             st = patch_pair_init(&pairs[n_mine], m, v[k].clean, v[k].corrupted, v[k].h.T, v[k].h.answer,
                                  v[k].h.wrong);
             n_mine += st == PS_OK;
+            if (st == PS_OK)
+                st = ablate_sources_attach(ab, &pairs[n_mine - 1], k);
         }
     if (st || (st = chunk_cells(j, &m->cfg, pairs, n_mine, &cells, &n_cells)))
         goto agree;
@@ -422,6 +425,12 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
 ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
                            size_t work_chunk, size_t fast_rows, sweep_chunk *out)
 {
+    return sweep_dist_chunk_ablate(j, m, c, tk, n_pairs, work_chunk, fast_rows, NULL, out);
+}
+
+ps_status sweep_dist_chunk_ablate(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
+                                  size_t work_chunk, size_t fast_rows, ablate_sources *ab, sweep_chunk *out)
+{
     memset(out, 0, sizeof *out);
     const bool root = comm_rank(c) == 0;
     chunk_header hdr = {0};
@@ -470,7 +479,7 @@ ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_
                          (unsigned long long)hdr.bytes);
         if ((st = comm_agree(c, st)) || (st = comm_bcast(c, buf, hdr.bytes)))
             goto out;
-        st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, fast_rows, &values, &n_cells);
+        st = run_chunk_prompts(j, m, c, buf, hdr.bytes, hdr.n_pairs, fast_rows, ab, &values, &n_cells);
     } else {
         if (!root) {
             n_pairs = hdr.n_pairs;
@@ -496,6 +505,9 @@ ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_
             if (!root && st == PS_OK)
                 st = patch_pair_unpack(&pairs[k], &m->cfg, buf);
         }
+        /* the ablation's replacement values are each rank's own (never packed) */
+        for (size_t k = 0; k < n_pairs && st == PS_OK; k++)
+            st = ablate_sources_attach(ab, &pairs[k], k);
         if ((st = comm_agree(c, st)) == PS_OK)
             st = run_chunk(j, m, c, pairs, n_pairs, fast_rows, &values, &n_cells);
         if (st == PS_OK && root) {

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ablate.h"
 #include "comm.h"
 #include "dataset.h"
 #include "fsutil.h"
@@ -153,6 +154,10 @@ typedef struct {
  * the other ranks' tk and n_pairs are not used. */
 ps_status sweep_dist_chunk(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
                            size_t work_chunk, size_t fast_rows, sweep_chunk *out);
+/* The same with an ablation's sources (zero, mean) attached to every pair
+ * on every rank (NULL: none). */
+ps_status sweep_dist_chunk_ablate(const job *j, const model *m, comm *c, const dataset_tokens *tk, size_t n_pairs,
+                                  size_t work_chunk, size_t fast_rows, ablate_sources *ab, sweep_chunk *out);
 void sweep_chunk_free(sweep_chunk *ch);
 
 /* ---- sweep_memory.c -------------------------------------------------------- */

@@ -292,6 +292,39 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
     return PS_OK;
 }
 
+/* An ablation's attributes (schema.h): source, and for a mean mean_over and mean_prompts. */
+static ps_status ablation_atts(ncout_file *f, ncout_results *r, const job *j, const sweep_plan *p,
+                               const sweep_result *res)
+{
+    if (!patch_source_ablation(j->source))
+        return PS_OK;
+    ps_status st = ncout_put_attr(f, SCHEMA_ATT_SOURCE, patch_source_name(j->source));
+    char num[32];
+    if (st == PS_OK && j->source == PATCH_SOURCE_RESAMPLE) {
+        /* every prompt's donor (a pure function of the seed and the dataset) */
+        int *from = malloc((p->n ? p->n : 1) * sizeof *from);
+        if (!from)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        for (size_t i = 0; i < p->n; i++) {
+            const size_t k = p->first + i;
+            from[i] = res->resample_from && k < res->n_resample_from && res->resample_from[k] != SIZE_MAX
+                          ? (int)res->resample_from[k] : -1;
+        }
+        snprintf(num, sizeof num, "%zu", j->resample_seed);
+        if ((st = ncout_put_attr(f, SCHEMA_ATT_ABLATION_SEED, num)) == PS_OK)
+            st = ncout_results_put_prompt_id(r, SCHEMA_VAR_RESAMPLE_FROM,
+                                             "dataset index of the prompt whose activations were patched in", 0,
+                                             p->n, from);
+        free(from);
+    }
+    if (st || j->source != PATCH_SOURCE_MEAN)
+        return st;
+    snprintf(num, sizeof num, "%zu", res->mean_prompts);
+    if ((st = ncout_put_attr(f, SCHEMA_ATT_MEAN_OVER, j->mean_over ? j->mean_over : "all")))
+        return st;
+    return ncout_put_attr(f, SCHEMA_ATT_MEAN_PROMPTS, num);
+}
+
 ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
                       const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
                       sweep_result *res)
@@ -333,7 +366,7 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
         (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) ||
         (st = ncout_put_attr(&f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
+        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) || (st = ablation_atts(&f, &r, j, p, res)) ||
         (st = summary_init(res, j, &m->cfg, p, fx.counts)))
         goto out;
     res->prompts_done = res->prompts_skipped = 0;

@@ -31,6 +31,9 @@ typedef enum {
     KEY_PATCH_DIRECTION,
     KEY_PATCH_ENGINE,
     KEY_PATCH_METHOD,
+    KEY_PATCH_SOURCE,
+    KEY_PATCH_MEAN_OVER,
+    KEY_PATCH_RESAMPLE_SEED,
     KEY_RUN_OUTPUT,
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
@@ -57,6 +60,9 @@ static const struct {
     [KEY_PATCH_DIRECTION] = {"patch", "direction"},
     [KEY_PATCH_ENGINE] = {"patch", "engine"},
     [KEY_PATCH_METHOD] = {"patch", "method"},
+    [KEY_PATCH_SOURCE] = {"patch", "source"},
+    [KEY_PATCH_MEAN_OVER] = {"patch", "mean_over"},
+    [KEY_PATCH_RESAMPLE_SEED] = {"patch", "resample_seed"},
     [KEY_RUN_OUTPUT] = {"run", "output"},
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
@@ -407,6 +413,15 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_PATCH_DIRECTION: return parse_direction(v, &j->direction);
     case KEY_PATCH_ENGINE: return parse_engine(v, &j->engine);
     case KEY_PATCH_METHOD: return parse_method(v, &j->method);
+    case KEY_PATCH_SOURCE: return patch_source_parse(v, &j->source);
+    case KEY_PATCH_RESAMPLE_SEED: return parse_size(v, 0, (size_t)1 << 53, false, &j->resample_seed);
+    case KEY_PATCH_MEAN_OVER: {
+        patch_subset sub;
+        ps_status st = patch_subset_parse(v, &sub);
+        if (st == PS_OK && !(j->mean_over = strdup(v)))
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+        return st;
+    }
     case KEY_RUN_OUTPUT: return parse_path(s, v, true, &j->output);
     case KEY_RUN_CHUNK_PROMPTS: return parse_size(v, 1, JOB_CHUNK_PROMPTS_MAX, true, &j->chunk_prompts);
     case KEY_RUN_THREADS: return parse_size(v, 1, JOB_THREADS_MAX, true, &j->threads);
@@ -511,6 +526,26 @@ static ps_status check_complete(parse_state *s)
         return err_set(PS_ERR_INVALID, "%s:%zu: [run] distribute = cells needs [patch] method = exact (an "
                        "attribution method runs each prompt's backward pass whole, by prompt)", s->path,
                        s->key_line[KEY_RUN_DISTRIBUTE]);
+    /* the source and the direction (patchspec.h): an ablation ablates the clean run unless direction = denoise */
+    const size_t src_line = s->key_line[KEY_PATCH_SOURCE];
+    if (!src_line)
+        s->j->source = j->direction == PATCH_NOISE ? PATCH_SOURCE_CORRUPTED : PATCH_SOURCE_CLEAN;
+    else if (patch_source_direction(j->source, s->key_line[KEY_PATCH_DIRECTION] != 0, &s->j->direction) != PS_OK)
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] %s", s->path, src_line, err_msg());
+    if (s->key_line[KEY_PATCH_RESAMPLE_SEED] && j->source != PATCH_SOURCE_RESAMPLE)
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] resample_seed applies to source = resample only", s->path,
+                       s->key_line[KEY_PATCH_RESAMPLE_SEED]);
+    if (j->mean_over && j->source != PATCH_SOURCE_MEAN)
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] mean_over applies to source = mean only", s->path,
+                       s->key_line[KEY_PATCH_MEAN_OVER]);
+    /* attribution patching estimates clean/corrupted swaps of one metric (atp.h) */
+    if (patch_method_estimates(j->method) && patch_source_ablation(j->source))
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] method = %s takes source = clean or corrupted, not %s",
+                       s->path, s->key_line[KEY_PATCH_METHOD], patch_method_name(j->method),
+                       patch_source_name(j->source));
+    if (patch_method_estimates(j->method) && j->metrics.n > 1)
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] method = %s takes one metric (metric lists %zu)", s->path,
+                       s->key_line[KEY_PATCH_METHOD], patch_method_name(j->method), j->metrics.n);
     if (j->lens_output && !strcmp(j->lens_output, j->output))
         return err_set(PS_ERR_INVALID, "%s:%zu: [lens] output is the same file as [run] output (line %zu)", s->path,
                        s->key_line[KEY_LENS_OUTPUT], s->key_line[KEY_RUN_OUTPUT]);
@@ -528,6 +563,7 @@ void job_free(job *j)
     free(j->dataset);
     free(j->output);
     free(j->lens_output);
+    free(j->mean_over);
     memset(j, 0, sizeof *j);
 }
 
@@ -539,6 +575,7 @@ ps_status job_parse(job *j, const char *path, const char *text)
     j->metrics = (patch_metric_list){.n = 1, .m = {PATCH_LOGIT_DIFF}};
     j->direction = PATCH_DENOISE;
     j->engine = PATCH_ENGINE_FAST;
+    j->source = PATCH_SOURCE_CLEAN; /* with denoise: the direction's usual source */
     j->bos = true;
     j->progress_seconds = 10.0;
     j->lens_top_k = 10;

@@ -997,6 +997,22 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
     return st;
 }
 
+ps_status ncout_results_put_prompt_id(ncout_results *r, const char *name, const char *long_name, size_t first,
+                                      size_t n, const int *values)
+{
+    ncout_file *f = r->f;
+    int var, dim;
+    ps_status st = PS_OK;
+    if (nc_inq_varid(f->ncid, name, &var) != NC_NOERR &&
+        ((st = ncout_check(nc_inq_dimid(f->ncid, SCHEMA_DIM_PROMPT, &dim), f->tmp_path, name)) ||
+         (st = def_var(r, name, NC_INT, 1, &dim, &var, long_name)) || (st = ncout_def_id_var(f->ncid, f->tmp_path, var))))
+        return st;
+    if (n == 0)
+        return PS_OK;
+    size_t start[1] = {first}, count[1] = {n};
+    return ncout_check(nc_put_vara_int(f->ncid, var, start, count, values), f->tmp_path, name);
+}
+
 ps_status ncout_results_put_stats(ncout_results *r, int var, double rank_correlation, size_t k, const size_t *missed,
                                   size_t n_missed)
 {

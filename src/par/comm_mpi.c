@@ -92,6 +92,19 @@ ps_status comm_bcast(comm *c, void *buf, size_t bytes)
     return PS_OK;
 }
 
+ps_status comm_allreduce_sum_i64(comm *c, int64_t *buf, size_t n)
+{
+    const size_t piece = COMM_PIECE / sizeof *buf;
+    for (size_t off = 0; off < n; off += piece) {
+        size_t k = n - off < piece ? n - off : piece;
+        ps_status st = check(MPI_Allreduce(MPI_IN_PLACE, buf + off, (int)k, MPI_INT64_T, MPI_SUM, c->world),
+                             "Allreduce");
+        if (st)
+            return st;
+    }
+    return PS_OK;
+}
+
 ps_status comm_gatherv(comm *c, const void *send, size_t send_bytes, void *recv, const size_t *counts)
 {
     /* Gatherv counts and displacements are int: refuse what does not fit

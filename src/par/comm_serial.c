@@ -43,6 +43,12 @@ ps_status comm_gatherv(comm *c, const void *send, size_t send_bytes, void *recv,
     return PS_OK;
 }
 
+ps_status comm_allreduce_sum_i64(comm *c, int64_t *buf, size_t n)
+{
+    (void)c, (void)buf, (void)n;
+    return PS_OK;
+}
+
 ps_status comm_agree(comm *c, ps_status st)
 {
     (void)c;

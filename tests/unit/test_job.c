@@ -300,13 +300,57 @@ static void test_unknown_section(void **state)
     expect_error("[ model ]\ndir = m\n", PS_ERR_INVALID, 1, "unknown section [ model ]");
 }
 
+/* attribution patching estimates a clean/corrupted swap of one metric */
+static void test_method_limits(void **state)
+{
+    (void)state;
+    expect_error(MINIMAL "[patch]\nmethod = atp\nsource = zero\n", PS_ERR_INVALID, 8,
+                 "[patch] method = atp takes source = clean or corrupted, not zero");
+    expect_error(MINIMAL "[patch]\nmetric = logit_diff, kl\nmethod = atp*\n", PS_ERR_INVALID, 9,
+                 "[patch] method = atp* takes one metric (metric lists 2)");
+}
+
 static void test_unknown_key(void **state)
 {
     (void)state;
     expect_error(MINIMAL "[patch]\nmetrics = kl\n", PS_ERR_INVALID, 8,
-                 "unknown key 'metrics' in [patch] (components, metric, direction, engine, method)");
+                 "unknown key 'metrics' in [patch] (components, metric, direction, engine, method, source, "
+                 "mean_over, resample_seed)");
     expect_error("[model]\nDir = m\n", PS_ERR_INVALID, 2, "unknown key 'Dir' in [model] (dir, tokenizer)");
     expect_error("dir = m\n[model]\n", PS_ERR_FORMAT, 1, "key 'dir' before any [section]");
+}
+
+/* [patch] source, mean_over, resample_seed (patchspec.h's sources) */
+static void test_ablation_keys(void **state)
+{
+    (void)state;
+    job j;
+    assert_int_equal(job_parse(&j, "j", MINIMAL), PS_OK);
+    assert_true(j.source == PATCH_SOURCE_CLEAN && j.direction == PATCH_DENOISE && !j.mean_over);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\ndirection = noise\n"), PS_OK);
+    assert_true(j.source == PATCH_SOURCE_CORRUPTED && j.direction == PATCH_NOISE);
+    job_free(&j);
+    /* an ablation ablates the clean run (noise) unless direction = denoise */
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nsource = mean\nmean_over = template=3\n"), PS_OK);
+    assert_true(j.source == PATCH_SOURCE_MEAN && j.direction == PATCH_NOISE && !strcmp(j.mean_over, "template=3"));
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nsource = zero\ndirection = denoise\n"), PS_OK);
+    assert_true(j.source == PATCH_SOURCE_ZERO && j.direction == PATCH_DENOISE);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nsource = resample\nresample_seed = 12\n"), PS_OK);
+    assert_true(j.source == PATCH_SOURCE_RESAMPLE && j.resample_seed == 12);
+    job_free(&j);
+    expect_error(MINIMAL "[patch]\nsource = shuffle\n", PS_ERR_INVALID, 8,
+                 "[patch] source: unknown source 'shuffle' (clean, corrupted, zero, mean or resample)");
+    expect_error(MINIMAL "[patch]\nsource = corrupted\ndirection = denoise\n", PS_ERR_INVALID, 8,
+                 "[patch] source corrupted with direction denoise would patch a run with its own values");
+    expect_error(MINIMAL "[patch]\nsource = zero\nmean_over = 1:2\n", PS_ERR_INVALID, 9,
+                 "[patch] mean_over applies to source = mean only");
+    expect_error(MINIMAL "[patch]\nsource = mean\nresample_seed = 1\n", PS_ERR_INVALID, 9,
+                 "[patch] resample_seed applies to source = resample only");
+    expect_error(MINIMAL "[patch]\nsource = mean\nmean_over = 2:1\n", PS_ERR_INVALID, 9,
+                 "[patch] mean_over: mean_over '2:1' is neither all");
 }
 
 static void test_duplicated_key(void **state)
@@ -600,6 +644,8 @@ int main(void)
         cmocka_unit_test(test_syntax_accepted),
         cmocka_unit_test(test_unknown_section),
         cmocka_unit_test(test_unknown_key),
+        cmocka_unit_test(test_method_limits),
+        cmocka_unit_test(test_ablation_keys),
         cmocka_unit_test(test_duplicated_key),
         cmocka_unit_test(test_empty_value),
         cmocka_unit_test(test_bad_boolean),
