@@ -268,7 +268,7 @@ ps_status sweep_write_begin(sweep_out **out, const job *j, model *m, const token
     sweep_out *fx = calloc(1, sizeof *fx);
     if (!fx)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    fx->view = *p;
+    fx->view = *p; /* its reader is replaced by ours below; p's is not read */
     memset(&fx->view.rd, 0, sizeof fx->view.rd);
     fx->p = &fx->view;
     fx->j = j;

@@ -75,7 +75,10 @@ struct sweep_writer {
     const job *j;
     model *m;
     const tokenizer *tok;
-    const sweep_plan *p;
+    sweep_plan plan;      /* a copy made by the compute thread before the start (the
+                             thread must not read *p's reader, which the compute
+                             thread moves); its arrays are shared, read-only
+                             but for state[], read only after the finish */
     journal jr;           /* a copy: the records before this run, [header, end) */
     const char *output, *dataset_sha;
     const sweep_opts *o;
@@ -130,7 +133,7 @@ static void *writer_main(void *arg)
     sweep_writer *w = arg;
     sweep_out *out = NULL;
     double t = clock_now();
-    ps_status st = sweep_write_begin(&out, w->j, w->m, w->tok, w->p, w->output, w->o, w->dataset_sha, w->res);
+    ps_status st = sweep_write_begin(&out, w->j, w->m, w->tok, &w->plan, w->output, w->o, w->dataset_sha, w->res);
     if (st == PS_OK)
         st = sweep_write_journal(out, &w->jr);
     w->busy += clock_now() - t;
@@ -188,8 +191,9 @@ ps_status sweep_writer_start(sweep_writer **wp, const job *j, model *m, const to
     sweep_writer *w = calloc(1, sizeof *w);
     if (!w)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    *w = (sweep_writer){.j = j, .m = m, .tok = tok, .p = p, .jr = *jr, .output = output, .o = o,
+    *w = (sweep_writer){.j = j, .m = m, .tok = tok, .plan = *p, .jr = *jr, .output = output, .o = o,
                         .dataset_sha = dataset_sha, .res = res};
+    memset(&w->plan.rd, 0, sizeof w->plan.rd); /* sweep_write_begin opens its own */
     if (pthread_mutex_init(&w->mu, NULL) != 0) {
         free(w);
         return err_set(PS_ERR_NOMEM, "%s: cannot create the writer's mutex", output);
