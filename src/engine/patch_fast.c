@@ -461,9 +461,14 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
     else
         ops_norm_threaded(b->a, b->z, m->ln_f_w, m->ln_f_b, nj, d, cfg->ln_eps, cfg->norm);
     if (opts->metric == PATCH_LOGIT_DIFF) {
+        /* a 2-byte unembedding's rows are widened (model_unembed_row) */
+        float *rows = m->unembed ? NULL : malloc(2 * d * sizeof *rows);
+        if (!m->unembed && !rows)
+            return err_set(PS_ERR_NOMEM, "out of memory");
         for (size_t j = 0; j < nj; j++) {
             const patch_pair *p = jobs[j].pair;
-            const float *ua = m->unembed + (size_t)p->answer * d, *uw = m->unembed + (size_t)p->wrong * d;
+            const float *ua = model_unembed_row(m, (size_t)p->answer, rows),
+                        *uw = model_unembed_row(m, (size_t)p->wrong, rows ? rows + d : NULL);
             const float *xa = b->a + j * d;
             /* Same float products as the vocabulary matmul, summed in double. */
             double la = 0.0, lw = 0.0;
@@ -473,6 +478,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             }
             values[jobs[j].cell] = la - lw;
         }
+        free(rows);
         return PS_OK;
     }
     float *logits = malloc(V * sizeof *logits);
@@ -480,7 +486,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t j = 0; j < nj; j++) {
         const patch_pair *p = jobs[j].pair;
-        gemm_unembed(logits, b->a + j * d, 1, m->unembed, V, d);
+        model_unembed(m, logits, b->a + j * d, 1);
         values[jobs[j].cell] =
             patch_metric_of_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, opts->metric);
     }
