@@ -159,6 +159,10 @@ ps_status sweep_write_begin(sweep_out **out, const job *j, model *m, const token
  * arrive in journal order. */
 ps_status sweep_write_prompt(sweep_out *out, const journal_prompt *h);
 
+/* Write the staged prompts now (ncout_results_flush: one call per variable
+ * for each run of consecutive prompts), instead of when the window fills. */
+ps_status sweep_write_flush(sweep_out *out);
+
 /* Every record of jr (journal_each: pread from jr->fd up to jr->end). */
 ps_status sweep_write_journal(sweep_out *out, journal *jr);
 

@@ -320,6 +320,8 @@ ps_status sweep_write_prompt(sweep_out *fx, const journal_prompt *h) { return wr
 
 ps_status sweep_write_journal(sweep_out *fx, journal *jr) { return journal_each(jr, write_record, fx); }
 
+ps_status sweep_write_flush(sweep_out *fx) { return ncout_results_flush(&fx->r); }
+
 ps_status sweep_write_end(sweep_out *fx, const char *memory, double compute_seconds, double write_seconds)
 {
     sweep_plan *p = fx->p;

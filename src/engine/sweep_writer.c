@@ -11,8 +11,9 @@
  *   ---------------------------        ----------------------------------
  *   chunk k computed, journaled  --->  queue --->  records into the staged
  *   (fdatasync), then pushed           window (ncout.c: up to 1,024
- *   chunk k+1 computes ...             consecutive prompts, written with
- *                                      one call per variable when full)
+ *   chunk k+1 computes ...             consecutive prompts), written with
+ *                                      one call per variable when the
+ *                                      queue is empty or the window full
  *   after the last chunk: finish --->  pending prompts, roles, guards,
  *   (waits)                            attributes, commit (fsync, sha256,
  *                                      rename)
@@ -169,6 +170,15 @@ static void *writer_main(void *arg)
         if (!failed && !cancel) {
             t = clock_now();
             st = write_item(w, out, it);
+            /* Nothing else waiting: write the staged prompts now rather
+             * than when the window of 1,024 fills, so that little is left
+             * for after the last chunk (one call per variable per chunk
+             * instead of per window, off the compute's path). */
+            pthread_mutex_lock(&w->mu);
+            const bool idle = !w->head;
+            pthread_mutex_unlock(&w->mu);
+            if (st == PS_OK && idle)
+                st = sweep_write_flush(out);
             w->busy += clock_now() - t;
             if (st)
                 fail(w, st);
