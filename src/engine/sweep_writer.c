@@ -53,6 +53,7 @@
 
 #include "clock.h"
 #include "fault.h"
+#include "gemm.h"
 
 typedef struct item {
     struct item *next;
@@ -213,6 +214,10 @@ ps_status sweep_writer_start(sweep_writer **wp, const job *j, model *m, const to
         free(w);
         return err_set(PS_ERR_NOMEM, "%s: cannot create the writer's condition variables", output);
     }
+    /* Lazily initialised globals the thread reads (the provenance's
+     * gemm_kernel) are initialised here, before it starts: else its first
+     * read races with the compute thread's first product (ThreadSanitizer). */
+    (void)gemm_isa_get();
     /* The sweep's signals (SIGTERM, SIGINT, SIGUSR1 set its stop flag) go
      * to the compute thread: the writer's system calls are never
      * interrupted by them.  The thread inherits this mask. */
