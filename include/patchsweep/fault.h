@@ -31,6 +31,8 @@
  *   sweep_lock       rank 0 holds the output's lock (sweep), before any work
  *   chunk_eval       every rank, before it evaluates its share of a chunk
  *                    (Nth chunk), in both distributions
+ *   sweep_writer     rank 0's results writer thread, before it writes the
+ *                    Nth chunk taken from its queue (sweep_writer.c)
  *
  * I/O errors come from the test build's own write(), pwrite(), fsync() and
  * fdatasync(), which stand in for libc's (the library's writes and HDF5's

@@ -3,9 +3,11 @@
  * of a sweep's completed prompts.
  *
  * Why: a NetCDF-4 (HDF5) file whose writer dies with it open can be
- * unreadable as a whole, so a long sweep never keeps its result file open.
- * Each finished chunk is appended here and fdatasync'ed; the NetCDF file is
- * built from the journal and appears under its final name by rename.  A
+ * unreadable as a whole, so a sweep's results file is never the record of
+ * what is done.  Each finished chunk is appended here and fdatasync'ed
+ * first; the NetCDF file (NAME.partial, written beside the computation by
+ * rank 0's writer thread) appears under its final name by rename, and a
+ * crash leaves the journal, from which the rerun resumes.  A
  * process killed mid-append leaves a torn last record, which the next open
  * detects (length, checksum) and cuts off: every record before it survives.
  *

@@ -18,10 +18,12 @@
  *
  * Memory (llm.c): F32 tensors whose data is 4-byte aligned are used in place
  * from the read-only mmap, so ranks on one node share the page cache; the
- * blocks' weight matrices stored as F16 or BF16 are packed in their 2 bytes
- * (gemm.h: widened in registers, results identical to the F32 path; their
- * float pointers in model_block are then NULL); every other tensor (F16,
- * BF16 or F64 embeddings, norms and biases, misaligned F32) is converted
+ * blocks' weight matrices and the embeddings (wte, an untied unembedding)
+ * stored as F16 or BF16 are packed in their 2 bytes (gemm.h: widened in
+ * registers, results identical to the F32 path; their float pointers are
+ * then NULL: model_embed_row, model_unembed_row, model_unembed read them);
+ * every other tensor (F16, BF16 or F64 positions, norms and biases, F64
+ * embeddings, misaligned F32) is converted
  * into one float32 arena, followed by every block's matrices packed for the
  * matrix kernels (packed once, read by every product; the mmap'd originals
  * are then only read while packing, and the pages of the converted ones are
@@ -184,6 +186,12 @@ typedef struct {
     const float *ln_f_w, *ln_f_b; /* [d]; ln_f_b NULL for RMSNorm */
     const float *unembed;    /* [V, d]: lm_head.weight, or wte when tied */
     bool tied;               /* unembed == wte */
+    /* F16/BF16 checkpoints keep the embedding and the unembedding in their
+     * 2 bytes (issue 21), packed as the logits' x @ U^T panels ([d, V],
+     * gemm.h; tied: unembed_p = wte_p); wte / unembed are then NULL.  Read
+     * them through model_embed_row, model_unembed_row and model_unembed,
+     * which serve both forms. */
+    gemm_weight wte_p, unembed_p; /* dtype GEMM_F32 (data NULL): the float pointers above */
 
     char *dir;               /* owned copy of the model directory */
     char *config_json;       /* owned: config.json text, for provenance */
@@ -208,6 +216,19 @@ typedef struct {
     size_t packed_bytes;
     bool packed_owned;
 } model;
+
+/* Row `token` of the token embedding as floats: a pointer into wte, or
+ * (2-byte embedding) widened into buf[n_embd] (exact) and buf returned. */
+const float *model_embed_row(const model *m, size_t token, float *buf);
+
+/* Row v of the unembedding U [V, d] likewise (logit_diff's two rows, the
+ * backward's d logits -> d x). */
+const float *model_unembed_row(const model *m, size_t v, float *buf);
+
+/* The logits: out[rows, V] (row stride V) = x[rows, d] @ U^T.  F32: OpenBLAS
+ * per vocabulary slice (gemm_unembed); 2-byte: gemm_run on the packed
+ * panels, equal bit for bit to gemm_run on the widened F32 panels. */
+void model_unembed(const model *m, float *out, const float *x, size_t rows);
 
 /* Parse and validate config.json (`path` names the file for messages).
  * The family comes from "model_type" (gpt2, gpt_neox, llama, mistral,

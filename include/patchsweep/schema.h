@@ -78,10 +78,11 @@
  *   Global attributes: provenance, metric, direction ("denoise" | "noise"),
  *   engine ("fast" | "naive"), normalized (the formula as text), coordinates.
  *   Sweeps add job_path, job_text, job_sha256, dataset_path, dataset_sha256,
- *   mpi_ranks, memory_per_rank, slice ("all" or "K/N", schema_parse_slice),
- *   complete (NC_INT 0/1), prompts_done (text).  merge adds merged_from and
- *   parts_NAME for attributes that differ between the parts (merge.h); a
- *   merge of schema 1 parts is a schema 1 file.
+ *   mpi_ranks, memory_per_rank, compute_seconds, write_seconds (the chunks'
+ *   and the results writer's seconds), slice ("all" or "K/N",
+ *   schema_parse_slice), complete (NC_INT 0/1), prompts_done (text).  merge
+ *   adds merged_from and parts_NAME for attributes that differ between the
+ *   parts (merge.h); a merge of schema 1 parts is a schema 1 file.
  *   The identity of a run (schema_identity_atts): job_sha256, model_sha256,
  *   dataset_sha256, metric, direction, engine.
  *   Several metrics (`--metric logit_diff,prob,kl`, `[patch] metric = ...`):
@@ -301,6 +302,8 @@
 #define SCHEMA_ATT_DATASET_SHA256 "dataset_sha256"
 #define SCHEMA_ATT_MPI_RANKS "mpi_ranks"
 #define SCHEMA_ATT_MEMORY_PER_RANK "memory_per_rank"
+#define SCHEMA_ATT_COMPUTE_SECONDS "compute_seconds" /* sweep: the chunks, rank 0's wall time */
+#define SCHEMA_ATT_WRITE_SECONDS "write_seconds"     /* sweep: the writer thread's busy time */
 #define SCHEMA_ATT_COMPLETE "complete"
 #define SCHEMA_ATT_PROMPTS_DONE "prompts_done"
 #define SCHEMA_ATT_MERGED_FROM "merged_from"

@@ -120,7 +120,8 @@ typedef struct {
     bool lens_written;       /* the job's [lens] file was written */
     bool lens_skipped_slice; /* [lens] not run: a sliced run */
     double seconds;          /* the chunks: forwards, cells, gathers, journal */
-    double write_seconds;    /* rank 0 building the NetCDF file from the journal */
+    double write_seconds;    /* rank 0's writer thread busy with the NetCDF file (beside the chunks) */
+    double write_wait_seconds; /* after the last chunk, waiting for the writer to finish the file */
     size_t write_bytes;      /* size of that file */
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];

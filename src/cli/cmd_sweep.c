@@ -94,7 +94,8 @@ static void print_summary(const job *j, const sweep_result *r)
         printf(" (%zu from an earlier run)", r->prompts_resumed);
     printf("; %zu cells in %.1f s", r->cells_computed, r->seconds);
     if (r->write_bytes)
-        printf("; file %.1f MB written in %.2f s", (double)r->write_bytes / 1e6, r->write_seconds);
+        printf("; file %.1f MB written in %.2f s (%.2f s after the chunks)", (double)r->write_bytes / 1e6,
+               r->write_seconds, r->write_wait_seconds);
     putchar('\n');
     printf("%s: clean %.4f, corrupted %.4f (means over prompts)", patch_metric_name(j->metric), r->mean_clean_metric,
            r->mean_corrupted_metric);

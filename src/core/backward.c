@@ -27,9 +27,15 @@ static ps_status head_backward(const model *m, const forward_cache *c, forward_c
     float *dfin = g->ln_final + (T - 1) * d; /* gradient of the last row of ln_final */
     float *dlog_hook = g->logits ? g->logits + (g->logits_mode == FORWARD_LOGITS_ALL ? (T - 1) * V : 0) : NULL;
     if (metric == PATCH_LOGIT_DIFF) {
-        const float *ua = m->unembed + (size_t)answer * d, *uw = m->unembed + (size_t)wrong * d;
+        /* a 2-byte unembedding's rows are widened (model_unembed_row) */
+        float *rows = m->unembed ? NULL : malloc(2 * d * sizeof *rows);
+        if (!m->unembed && !rows)
+            return err_set(PS_ERR_NOMEM, "backward_run: out of memory");
+        const float *ua = model_unembed_row(m, (size_t)answer, rows),
+                    *uw = model_unembed_row(m, (size_t)wrong, rows ? rows + d : NULL);
         for (size_t i = 0; i < d; i++)
             dfin[i] = ua[i] - uw[i];
+        free(rows);
         if (dlog_hook) {
             dlog_hook[answer] += 1.0f;
             dlog_hook[wrong] -= 1.0f;
@@ -38,7 +44,7 @@ static ps_status head_backward(const model *m, const forward_cache *c, forward_c
     }
     if (metric == PATCH_KL && !clean_logprobs)
         return err_set(PS_ERR_INVALID, "backward_run: the kl metric needs the clean run's log-probabilities");
-    float *buf = malloc(2 * V * sizeof *buf);
+    float *buf = malloc((2 * V + d) * sizeof *buf); /* logits, dl, a widened row */
     double *acc = calloc(d, sizeof *acc);
     if (!buf || !acc) {
         free(buf), free(acc);
@@ -48,7 +54,7 @@ static ps_status head_backward(const model *m, const forward_cache *c, forward_c
     if (c->logits)
         memcpy(logits, c->logits + (c->logits_mode == FORWARD_LOGITS_ALL ? (T - 1) * V : 0), V * sizeof *logits);
     else
-        gemm_unembed(logits, c->ln_final + (T - 1) * d, 1, m->unembed, V, d);
+        model_unembed(m, logits, c->ln_final + (T - 1) * d, 1);
     const double lse = forward_logsumexp(logits, V);
     const double pa = exp((double)logits[answer] - lse);
     for (size_t v = 0; v < V; v++) {
@@ -63,7 +69,7 @@ static ps_status head_backward(const model *m, const forward_cache *c, forward_c
         dl[v] = (float)r;
     }
     for (size_t v = 0; v < V; v++) {
-        const float *u = m->unembed + v * d;
+        const float *u = model_unembed_row(m, v, buf + 2 * V);
         for (size_t i = 0; i < d; i++)
             acc[i] += (double)dl[v] * u[i];
     }

@@ -373,7 +373,7 @@ static ps_status head_forward(const model *mdl, forward_cache *c, size_t row0, c
     /* logits[r, :] = ln_final[r, :] @ unembed^T, unembed [V, d] */
     size_t r0 = c->logits_mode == FORWARD_LOGITS_ALL ? row0 : T - 1;
     float *out = c->logits_mode == FORWARD_LOGITS_ALL ? c->logits + r0 * V : c->logits;
-    gemm_unembed(out, c->ln_final + r0 * d, T - r0, mdl->unembed, V, d);
+    model_unembed(mdl, out, c->ln_final + r0 * d, T - r0);
     FIRE(HOOK_LOGITS, 0);
     return PS_OK;
 }
@@ -413,8 +413,13 @@ ps_status forward_run(const model *m, forward_cache *c, const int32_t *tokens, s
                            tokens[t], t, m->cfg.vocab_size);
     c->T = T;
     memcpy(c->tokens, tokens, T * sizeof *tokens);
-    for (size_t t = 0; t < T; t++)
-        memcpy(c->embed + t * d, m->wte + (size_t)tokens[t] * d, d * sizeof(float));
+    for (size_t t = 0; t < T; t++) {
+        /* a 2-byte embedding widens its row into place; F32 is copied */
+        float *dst = c->embed + t * d;
+        const float *row = model_embed_row(m, (size_t)tokens[t], dst);
+        if (row != dst)
+            memcpy(dst, row, d * sizeof(float));
+    }
     FIRE(HOOK_EMBED, 0);
     if (m->cfg.pos == MODEL_POS_LEARNED) {
         for (size_t t = 0; t < T; t++)

@@ -767,10 +767,16 @@ static bool is_matrix_slot(size_t s)
     }
 }
 
+/* The token embedding and an untied unembedding stored as F16 or BF16
+ * stay 2 bytes too (issue 21): packed as the unembedding's x @ U^T panels
+ * ([d, V], gemm.h), from which the embedding lookup widens one row
+ * (model_embed_row) and the logits are one gemm_run. */
+static bool is_embed_slot(size_t s) { return s == SLOT_EMBED || s == SLOT_LM_HEAD; }
+
 static gemm_dtype packed_dtype(const st_tensor *t, size_t s)
 {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    if (t && is_matrix_slot(s) && (t->dtype == ST_F16 || t->dtype == ST_BF16) && (uintptr_t)t->data % 2 == 0)
+    if (t && (is_matrix_slot(s) || is_embed_slot(s)) && (t->dtype == ST_F16 || t->dtype == ST_BF16) && (uintptr_t)t->data % 2 == 0)
         return t->dtype == ST_F16 ? GEMM_F16 : GEMM_BF16;
 #else
     (void)t, (void)s;
@@ -1047,14 +1053,14 @@ static ps_status open_checkpoint(model *m, const char *dir, tensor_ref **slots, 
     return check_slots(m, *slots, *n_slots);
 }
 
-static void set_pointers(model *m, const float **w)
+static void set_pointers(model *m, const float **w, const tensor_ref *slots)
 {
     const size_t d = m->cfg.n_embd;
-    m->wte = w[SLOT_EMBED];
+    m->wte = w[SLOT_EMBED]; /* NULL when kept in 2 bytes (pack_into sets wte_p) */
     m->wpe = w[SLOT_POS];
     m->ln_f_w = w[SLOT_LN_F_W];
     m->ln_f_b = w[SLOT_LN_F_B];
-    m->tied = w[SLOT_LM_HEAD] == NULL;
+    m->tied = slots[SLOT_LM_HEAD].t == NULL;
     m->unembed = m->tied ? m->wte : w[SLOT_LM_HEAD];
     const bool gpt2 = m->cfg.family == MODEL_FAMILY_GPT2;
     for (size_t l = 0; l < m->cfg.n_layer; l++) {
@@ -1197,6 +1203,24 @@ static ps_status pack_into(model *m, unsigned char *base, const tensor_ref *slot
         }
     }
     free(rows);
+    /* 2-byte embeddings (is_embed_slot): x @ U^T panels, U [V, d] nn.Linear-like */
+    const size_t emb[2] = {SLOT_EMBED, SLOT_LM_HEAD};
+    for (size_t i = 0; i < 2 && slots; i++) {
+        const st_tensor *t = slots[emb[i]].t;
+        const gemm_dtype dt = packed_dtype(t, emb[i]);
+        if (dt == GEMM_F32)
+            continue;
+        if (base) {
+            uint16_t *dst = (uint16_t *)(base + off);
+            gemm_weight *w = i == 0 ? &m->wte_p : &m->unembed_p;
+            *w = (gemm_weight){.k = c->n_embd, .n = c->vocab_size, .dtype = dt, .data16 = dst};
+            if (fill)
+                gemm_pack_rows16(dst, t->data, c->n_embd, NULL, c->n_embd, c->vocab_size);
+        }
+        off += packed_region_bytes(c->n_embd, c->vocab_size, dt);
+    }
+    if (base && slots && !slots[SLOT_LM_HEAD].t)
+        m->unembed_p = m->wte_p; /* tied */
     *bytes = off;
     return PS_OK;
 }
@@ -1326,7 +1350,7 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
         st = bind_weights(m, slots, n_slots, w, fill);
     if (st == PS_OK) {
         /* the writer packs before publishing; readers only take the pointers */
-        set_pointers(m, w);
+        set_pointers(m, w, slots);
         m->packed = m->arena + packed_off;
         m->packed_bytes = packed;
         st = pack_into(m, m->packed, slots, fill, &packed);
@@ -1398,4 +1422,35 @@ void model_free(model *m)
     free(m->config_json);
     free(m->shard_sha256);
     memset(m, 0, sizeof *m);
+}
+
+/* Row c of a packed [k, n] matrix's column c: packed[c / NR][kk][c % NR]. */
+static const float *packed_column(const gemm_weight *w, size_t c, float *buf)
+{
+    const uint16_t *p = w->data16 + (c / GEMM_NR) * w->k * GEMM_NR + c % GEMM_NR;
+    for (size_t kk = 0; kk < w->k; kk++)
+        buf[kk] = gemm_widen(w->dtype, p[kk * GEMM_NR]);
+    return buf;
+}
+
+const float *model_embed_row(const model *m, size_t token, float *buf)
+{
+    if (m->wte_p.dtype != GEMM_F32)
+        return packed_column(&m->wte_p, token, buf);
+    return m->wte + token * m->cfg.n_embd;
+}
+
+const float *model_unembed_row(const model *m, size_t v, float *buf)
+{
+    if (m->unembed_p.dtype != GEMM_F32)
+        return packed_column(&m->unembed_p, v, buf);
+    return m->unembed + v * m->cfg.n_embd;
+}
+
+void model_unembed(const model *m, float *out, const float *x, size_t rows)
+{
+    if (m->unembed_p.dtype != GEMM_F32)
+        gemm_run(out, x, rows, &m->unembed_p, NULL, GEMM_PLAIN);
+    else
+        gemm_unembed(out, x, rows, m->unembed, m->cfg.vocab_size, m->cfg.n_embd);
 }

@@ -50,7 +50,7 @@ ps_status lens_gather_rows(const forward_cache *c, size_t position, float *rows)
 
 void lens_decode(const model *m, const float *rows, size_t n, float *normed, float *logits)
 {
-    const size_t d = m->cfg.n_embd, V = m->cfg.vocab_size;
+    const size_t d = m->cfg.n_embd;
     if (n == 0)
         return;
     if (m->cfg.norm == MODEL_NORM_RMSNORM) { /* the forward pass's head: x / scale, then the weight */
@@ -59,8 +59,8 @@ void lens_decode(const model *m, const float *rows, size_t n, float *normed, flo
     } else {
         ops_layernorm(normed, rows, m->ln_f_w, m->ln_f_b, n, d, m->cfg.ln_eps);
     }
-    /* logits[n, V] = normed[n, d] @ unembed[V, d]^T, as the forward pass's head */
-    gemm_unembed(logits, normed, n, m->unembed, V, d);
+    /* logits[n, V] = normed[n, d] @ unembed[V, d]^T, as the forward pass's head (model_unembed) */
+    model_unembed(m, logits, normed, n);
 }
 
 void lens_answer_stats(const float *logits, size_t V, double lse, int32_t answer, lens_answer *out)
@@ -290,20 +290,23 @@ ps_status lens_attribute(lens_attribution *a, const model *m, const forward_cach
     a->n_parts = lens_attribution_count(L);
     a->value = calloc(a->n_parts, sizeof *a->value);
     double *u = malloc(2 * d * sizeof *u);
-    if (!a->value || !u) {
+    float *rows = malloc(2 * d * sizeof *rows); /* a 2-byte unembedding's two rows, widened */
+    if (!a->value || !u || !rows) {
         free(u);
+        free(rows);
         lens_attribution_free(a);
         return err_set(PS_ERR_NOMEM, "cannot allocate the attribution of %zu parts", lens_attribution_count(L));
     }
     double *g = u + d;
     /* u = W_U[answer] - W_U[wrong]; g = ln_f.w * u, the direction each
      * centred, scaled component is read along. */
-    const float *ua = m->unembed + (size_t)answer * d;
-    const float *uw = wrong != LENS_NO_TOKEN ? m->unembed + (size_t)wrong * d : NULL;
+    const float *ua = model_unembed_row(m, (size_t)answer, rows);
+    const float *uw = wrong != LENS_NO_TOKEN ? model_unembed_row(m, (size_t)wrong, rows + d) : NULL;
     for (size_t i = 0; i < d; i++) {
         u[i] = (double)ua[i] - (uw ? (double)uw[i] : 0.0);
         g[i] = (double)m->ln_f_w[i] * u[i];
     }
+    free(rows);
     /* scale of the full final residual r [d]: sqrt(var(r) + eps), biased
      * variance (LayerNorm), or sqrt(mean(r^2) + eps) (RMSNorm: no centring,
      * TransformerLens' apply_ln_to_stack with the cached ln_final scale) */

@@ -466,14 +466,19 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
     for (size_t k = 0; k < M; k++)
         full = full || ms[k] != PATCH_LOGIT_DIFF;
     float *logits = full ? malloc(V * sizeof *logits) : NULL;
-    if (full && !logits)
+    /* a 2-byte unembedding's rows are widened (model_unembed_row) */
+    float *urows = m->unembed ? NULL : malloc(2 * d * sizeof *urows);
+    if ((full && !logits) || (!m->unembed && !urows)) {
+        free(logits);
+        free(urows);
         return err_set(PS_ERR_NOMEM, "out of memory");
+    }
     for (size_t j = 0; j < nj; j++) {
         const patch_pair *p = jobs[j].pair;
         const float *xa = b->a + j * d;
         double *out = values + jobs[j].cell * M;
         if (full) {
-            gemm_unembed(logits, xa, 1, m->unembed, V, d);
+            model_unembed(m, logits, xa, 1);
             patch_metrics_of_logits(logits, V, p->answer, p->wrong, p->clean_logprobs, ms, M, out);
         }
         /* logit_diff from the two unembedding rows whatever else is asked:
@@ -481,7 +486,8 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         for (size_t k = 0; k < M; k++) {
             if (ms[k] != PATCH_LOGIT_DIFF)
                 continue;
-            const float *ua = m->unembed + (size_t)p->answer * d, *uw = m->unembed + (size_t)p->wrong * d;
+            const float *ua = model_unembed_row(m, (size_t)p->answer, urows),
+                        *uw = model_unembed_row(m, (size_t)p->wrong, urows ? urows + d : NULL);
             /* Same float products as the vocabulary matmul, summed in double. */
             double la = 0.0, lw = 0.0;
             for (size_t e = 0; e < d; e++) {
@@ -491,6 +497,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             out[k] = la - lw;
         }
     }
+    free(urows);
     free(logits);
     return PS_OK;
 }

@@ -20,16 +20,9 @@ static ps_status journal_chunk(journal *jr, const job *j, const model_config *cf
 {
     ps_status st = PS_OK;
     for (size_t k = 0, off = 0; k < ch->n_pairs && st == PS_OK; k++) {
-        const dataset_tokens *tk = &tks[k];
-        const size_t nv = sweep_prompt_values(j, cfg, tk->n_tokens) - 2;
-        journal_prompt r = {.prompt = index[k], .kind = JOURNAL_PROMPT_DONE, .T = tk->n_tokens,
-                            .answer_id = tk->answer_id, .wrong_id = tk->wrong_id,
-                            .clean_metric = ch->values[off], .corrupted_metric = ch->values[off + 1],
-                            .clean_ids = tk->clean_ids, .corrupted_ids = tk->corrupted_ids,
-                            /* the clean top ids, then the cells (sweep_internal.h) */
-                            .values = ch->values + off + 2, .n_values = nv};
+        journal_prompt r;
+        off += sweep_chunk_record(j, cfg, index[k], &tks[k], ch->values + off, &r);
         st = journal_append_prompt(jr, &r);
-        off += 2 + nv;
         sweep_plan_set_kind(p, index[k], JOURNAL_PROMPT_DONE);
     }
     return st ? st : journal_sync(jr);
@@ -59,7 +52,8 @@ static size_t chunk_plan(const job *j, const model *m, comm *c, const sweep_plan
 
 /* Collective: every chunk not done yet, until the end or *stop. */
 static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *c, const sweep_opts *o,
-                            sweep_plan *p, journal *jr, ablate_sources *ab, sweep_result *res, sweep_progress *pr)
+                            sweep_plan *p, journal *jr, ablate_sources *ab, sweep_writer *w, sweep_result *res,
+                            sweep_progress *pr)
 {
     const bool root = comm_rank(c) == 0;
     size_t chunk = root ? chunk_plan(j, m, c, p, &res->work, pr) : 1;
@@ -99,6 +93,12 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         }
         if (root) {
             st = journal_chunk(jr, j, &m->cfg, p, index, tk, &ch);
+            /* durable: now to the writer thread (which takes the tokens
+             * and values) */
+            if (st == PS_OK) {
+                st = sweep_writer_push(w, index, tk, ch.n_pairs, ch.values);
+                ch.values = NULL;
+            }
             for (size_t k = 0; k < n; k++)
                 dataset_tokens_free(&tk[k]);
             pr->prompts_done += ch.n_pairs;
@@ -168,15 +168,14 @@ static ps_status write_lens(const job *j, model *m, const tokenizer *tok, const 
     return st;
 }
 
-/* Rank 0 after the chunks: the file from the journal, then the lens. */
+/* Rank 0 after the chunks: the writer thread finishes the file, then the
+ * lens. */
 static ps_status finish(const job *j, model *m, const tokenizer *tok, const sweep_opts *o, const char *output,
-                        sweep_plan *p, journal *jr, const char *dataset_sha, const char *memory,
+                        sweep_plan *p, journal *jr, sweep_writer *w, const char *memory,
                         const sweep_progress *pr, sweep_result *res)
 {
     res->interrupted = o->stop && *o->stop && pr->prompts_done < p->n;
-    const double tw = clock_now();
-    ps_status st = sweep_write(j, m, tok, p, jr, output, o, dataset_sha, memory, res);
-    res->write_seconds = clock_now() - tw;
+    ps_status st = sweep_writer_finish(w, memory, res->seconds);
     struct stat sb;
     res->write_bytes = st == PS_OK && stat(output, &sb) == 0 ? (size_t)sb.st_size : 0;
     res->prompts_total = p->n;
@@ -200,6 +199,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     char *memory = NULL;
     sweep_progress pr = {0};
     ablate_sources ab = {0};
+    sweep_writer *w = NULL;
     ps_status st = PS_OK;
     /* 1. rank 0: the dataset, the journal, what is done already */
     if (root)
@@ -225,19 +225,26 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
      *    every rank (ablate.h), the same bits for any number of ranks */
     if ((st = ablation_sources(j, m, tok, c, &p, &ab, res)))
         goto out;
-    /* 4. every chunk not done yet, journaled */
-    if ((st = run_chunks(j, m, tok, c, o, &p, &jr, &ab, res, &pr)))
+    /* 4. rank 0: the writer thread starts the file (and writes what the
+     *    journal has already); every chunk not done yet, journaled and
+     *    written beside the next one's computation */
+    if (root)
+        st = sweep_writer_start(&w, j, m, tok, &p, &jr, output, o, dataset_sha, res);
+    if ((st = comm_agree(c, st)) || (st = run_chunks(j, m, tok, c, o, &p, &jr, &ab, w, res, &pr)))
         goto out;
     /* 5. provenance: what each rank needed for the patching (before rank 0
      *    builds the file) */
     if ((st = sweep_memory_text(c, &memory)))
         goto out;
-    /* 6. rank 0: the NetCDF file from the journal, the [lens] file */
-    if (root)
-        st = finish(j, m, tok, o, output, &p, &jr, dataset_sha, memory, &pr, res);
+    /* 6. rank 0: the NetCDF file finished, the [lens] file */
+    if (root) {
+        st = finish(j, m, tok, o, output, &p, &jr, w, memory, &pr, res);
+        w = NULL; /* freed by the finish */
+    }
     st = comm_agree(c, st);
 out:
-    ablate_sources_free(&ab);
+    sweep_writer_cancel(w); /* after an error: deletes the .partial file */
+    ablate_sources_free(&ab); /* after the writer, which reads its donors */
     free(memory);
     if (jr.fd >= 0)
         journal_close(&jr, false);

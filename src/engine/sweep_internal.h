@@ -171,11 +171,71 @@ ps_status sweep_memory_text(comm *c, char **text);
 
 /* ---- sweep_write.c --------------------------------------------------------- */
 
-/* Rank 0: the NetCDF file `output` from the journal (prompts not done are
- * written as pending), with the provenance; fills res's counts, means and
- * summary. */
-ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
-                      const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
-                      sweep_result *res);
+/* The results file being built (sweep_write.c): the NetCDF file, its staged
+ * window and the summary's sums.  Used by one thread only. */
+typedef struct sweep_out sweep_out;
+
+/* Rank 0: create `output`.partial with the provenance and the job's
+ * attributes, open a dataset reader of its own (the plan's is the compute
+ * thread's) and reset res's counts and summary. */
+ps_status sweep_write_begin(sweep_out **out, const job *j, model *m, const tokenizer *tok, const sweep_plan *p,
+                            const char *output, const sweep_opts *o, const char *dataset_sha, sweep_result *res);
+
+/* One record (done or skipped) into the file and the summary; records
+ * arrive in journal order. */
+ps_status sweep_write_prompt(sweep_out *out, const journal_prompt *h);
+
+/* Write the staged prompts now (ncout_results_flush: one call per variable
+ * for each run of consecutive prompts), instead of when the window fills. */
+ps_status sweep_write_flush(sweep_out *out);
+
+/* Every record of jr (journal_each: pread from jr->fd up to jr->end). */
+ps_status sweep_write_journal(sweep_out *out, journal *jr);
+
+/* Prompts not done written as pending, the roles, guards and the closing
+ * attributes, then the commit (fsync, sha256, rename); fills res's means
+ * and summary. */
+ps_status sweep_write_end(sweep_out *out, const char *memory, double compute_seconds, double write_seconds);
+
+/* Free (deleting the .partial file unless sweep_write_end committed it). */
+void sweep_write_free(sweep_out *out);
+
+/* Prompt k of a chunk as its journal record: index, tokens and its values
+ * [clean, corrupted, cells...] at `values`; returns 2 + its cells. */
+size_t sweep_chunk_record(const job *j, const model_config *cfg, size_t index, const dataset_tokens *tk,
+                          const double *values, journal_prompt *r);
+
+/* ---- sweep_writer.c -------------------------------------------------------- */
+
+/* The writer thread of rank 0 (sweep_writer.c explains it): it builds the
+ * results file while the chunks compute. */
+typedef struct sweep_writer sweep_writer;
+
+/* The queue's bound: chunks waiting for the writer hold at most this many
+ * bytes of values and token ids (one chunk is always let in). */
+#define SWEEP_WRITER_QUEUE_BYTES ((size_t)64 << 20)
+
+/* Start the thread: it creates the file (sweep_write_begin), writes the
+ * records journaled before this run (jr as it is now), then each chunk
+ * pushed.  A failure to start is returned; a failure in the thread later
+ * comes back from the next push or the finish. */
+ps_status sweep_writer_start(sweep_writer **w, const job *j, model *m, const tokenizer *tok, const sweep_plan *p,
+                             const journal *jr, const char *output, const sweep_opts *o, const char *dataset_sha,
+                             sweep_result *res);
+
+/* A journaled chunk of n prompts to write: takes index[0..n) (copied), the
+ * tokens tk[0..n) (moved: tk[k] zeroed) and values (moved: the chunk's,
+ * sweep_chunk.values).  Blocks while the queue is full; returns the
+ * writer's error once it has failed (the chunk is then freed). */
+ps_status sweep_writer_push(sweep_writer *w, const size_t *index, dataset_tokens *tk, size_t n, double *values);
+
+/* Finish the file (sweep_write_end) in the thread, wait for it and free w.
+ * compute_seconds goes into the file; the writer's busy time and the time
+ * waited here into res. */
+ps_status sweep_writer_finish(sweep_writer *w, const char *memory, double compute_seconds);
+
+/* Stop the thread after an error elsewhere: the .partial file is deleted;
+ * frees w (NULL: nothing). */
+void sweep_writer_cancel(sweep_writer *w);
 
 #endif

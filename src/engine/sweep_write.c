@@ -1,7 +1,12 @@
 /*
- * sweep_write: rank 0 builds the NetCDF results file from the journal
- * (ncout.h; .partial + rename) and the summary of sweep_result from the same
- * records.
+ * sweep_write: rank 0 builds the NetCDF results file (ncout.h; .partial +
+ * rename) from the journal's records and the summary of sweep_result from
+ * the same records.  Called by the writer thread alone (sweep_writer.c):
+ * sweep_write_begin, then every record in journal order, then
+ * sweep_write_end; NetCDF is not thread-safe, so nothing else touches the
+ * file in between.  The dataset records it needs (answer texts, roles,
+ * metadata) are read through a reader of its own, never the plan's, which
+ * the compute thread uses meanwhile.
  */
 #include "sweep_internal.h"
 
@@ -15,12 +20,15 @@
 #include "results_roles.h"
 #include "schema.h"
 
-typedef struct {
-    sweep_plan *p;
+struct sweep_out {
+    sweep_plan view;  /* the plan's fields, with rd a dataset reader of our own */
+    sweep_plan *p;    /* = &view */
     const job *j;
     const model_config *cfg;
     const tokenizer *tok;
-    ncout_results *r;
+    ncout_file f;
+    ncout_results r;
+    bool f_open, r_defined;
     sweep_result *res;
     size_t *counts[PATCH_COMPONENT_COUNT]; /* summary contributions per cell */
     double *clean, *corrupted;             /* [p->n]: the metrics of done prompts, NaN otherwise */
@@ -28,7 +36,8 @@ typedef struct {
      * done), -1 it is not, k > 0 it is not but " " + answer is one token,
      * ranked k in the clean run */
     int8_t *not_top;
-} finalize_ctx;
+};
+typedef sweep_out finalize_ctx;
 
 #define SW_STR_(x) #x
 #define SW_STR(x) SW_STR_(x) /* SCHEMA_GUARD_TOP_K as text */
@@ -172,7 +181,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
         return err_set(PS_ERR_FORMAT, "journal record for prompt %llu is not of this dataset",
                        (unsigned long long)h->prompt);
     if (h->kind == JOURNAL_PROMPT_SKIPPED) {
-        st = ncout_results_put_skipped(fx->r, h->prompt, h->reason);
+        st = ncout_results_put_skipped(&fx->r, h->prompt, h->reason);
         fx->res->prompts_skipped++;
         return st;
     }
@@ -199,7 +208,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     ncout_prompt np = {.T = T, .answer_id = h->answer_id, .wrong_id = h->wrong_id, .clean_metric = h->clean_metric,
                        .corrupted_metric = h->corrupted_metric, .clean_tokens = h->clean_ids,
                        .corrupted_tokens = h->corrupted_ids, .answer = it.answer, .wrong = it.wrong};
-    st = ncout_results_put(fx->r, h->prompt, &np, fx->tok, values);
+    st = ncout_results_put(&fx->r, h->prompt, &np, fx->tok, values);
     json_decref(it.obj);
     /* the other metrics: [clean, corrupted, cells] each, after metric 0's cells */
     for (size_t k = 1; k < sweep_metric_count(fx->j) && st == PS_OK; k++) {
@@ -211,7 +220,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
                 vk[c] = (double *)blk + o;
                 o += sweep_grid_size((patch_component)c, fx->cfg, T);
             }
-        st = ncout_results_put_metric(fx->r, h->prompt, k, blk[0], blk[1], vk);
+        st = ncout_results_put_metric(&fx->r, h->prompt, k, blk[0], blk[1], vk);
     }
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;
@@ -325,28 +334,53 @@ static ps_status ablation_atts(ncout_file *f, ncout_results *r, const job *j, co
     return ncout_put_attr(f, SCHEMA_ATT_MEAN_PROMPTS, num);
 }
 
-ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *p, journal *jr,
-                      const char *output, const sweep_opts *o, const char *dataset_sha, const char *memory,
-                      sweep_result *res)
+void sweep_write_free(sweep_out *fx)
 {
-    ncout_file f;
-    ncout_results r;
-    ps_status st = ncout_create(&f, output);
-    if (st)
-        return st;
-    finalize_ctx fx = {.p = p, .j = j, .cfg = &m->cfg, .tok = tok, .r = &r, .res = res};
-    fx.clean = malloc((p->n ? p->n : 1) * sizeof *fx.clean);
-    fx.corrupted = malloc((p->n ? p->n : 1) * sizeof *fx.corrupted);
-    fx.not_top = calloc(p->n ? p->n : 1, sizeof *fx.not_top);
-    if (!fx.clean || !fx.corrupted || !fx.not_top) {
-        free(fx.clean);
-        free(fx.corrupted);
-        free(fx.not_top);
-        ncout_abort(&f);
+    if (!fx)
+        return;
+    if (fx->r_defined)
+        ncout_results_free(&fx->r);
+    if (fx->f_open)
+        ncout_abort(&fx->f);
+    if (fx->view.rd.f)
+        dataset_reader_close(&fx->view.rd);
+    free(fx->clean);
+    free(fx->corrupted);
+    free(fx->not_top);
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        free(fx->counts[c]);
+    free(fx);
+}
+
+ps_status sweep_write_begin(sweep_out **out, const job *j, model *m, const tokenizer *tok, const sweep_plan *p,
+                            const char *output, const sweep_opts *o, const char *dataset_sha, sweep_result *res)
+{
+    *out = NULL;
+    sweep_out *fx = calloc(1, sizeof *fx);
+    if (!fx)
         return err_set(PS_ERR_NOMEM, "out of memory");
+    fx->view = *p; /* its reader is replaced by ours below; p's is not read */
+    memset(&fx->view.rd, 0, sizeof fx->view.rd);
+    fx->p = &fx->view;
+    fx->j = j;
+    fx->cfg = &m->cfg;
+    fx->tok = tok;
+    fx->res = res;
+    fx->clean = malloc((p->n ? p->n : 1) * sizeof *fx->clean);
+    fx->corrupted = malloc((p->n ? p->n : 1) * sizeof *fx->corrupted);
+    fx->not_top = calloc(p->n ? p->n : 1, sizeof *fx->not_top);
+    ps_status st = !fx->clean || !fx->corrupted || !fx->not_top ? err_set(PS_ERR_NOMEM, "out of memory") : PS_OK;
+    if (st || (st = dataset_reader_open(&fx->view.rd, j->dataset))) {
+        sweep_write_free(fx);
+        return st;
     }
     for (size_t i = 0; i < p->n; i++)
-        fx.clean[i] = fx.corrupted[i] = NAN;
+        fx->clean[i] = fx->corrupted[i] = NAN;
+    if ((st = ncout_create(&fx->f, output))) {
+        sweep_write_free(fx);
+        return st;
+    }
+    fx->f_open = true;
     char ranks[32];
     snprintf(ranks, sizeof ranks, "%zu", o->ranks_for_provenance);
     char slice[64] = SCHEMA_SLICE_ALL;
@@ -354,65 +388,94 @@ ps_status sweep_write(const job *j, model *m, const tokenizer *tok, sweep_plan *
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
     const patch_metric_list one = {.n = 1, .m = {j->metric}};
     /* an attribution method's estimates are C_atp, C_atp_normalized, as patch -o names them */
-    st = ncout_results_define_named(&r, &f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
+    st = ncout_results_define_named(&fx->r, &fx->f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
                                     j->direction, j->engine, patch_method_estimates(j->method) ? SCHEMA_ATP_SUFFIX : "");
+    fx->r_defined = true; /* ncout_results_free is safe after a failed define */
+    fx->r.prompt_offset = p->first;
     if (st == PS_OK && patch_method_estimates(j->method))
-        st = ncout_put_attr(&f, SCHEMA_ATT_METHOD, patch_method_name(j->method));
-    r.prompt_offset = p->first;
-    if (st || (st = ncout_put_attr(&f, SCHEMA_ATT_SLICE, slice)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_PATH, j->path)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_TEXT, j->text)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_JOB_SHA256, j->sha256)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) || (st = ablation_atts(&f, &r, j, p, res)) ||
-        (st = summary_init(res, j, &m->cfg, p, fx.counts)))
-        goto out;
+        st = ncout_put_attr(&fx->f, SCHEMA_ATT_METHOD, patch_method_name(j->method));
+    /* memory_per_rank and the timings are known at the end only
+     * (sweep_write_end) */
+    if (st || (st = ncout_put_attr(&fx->f, SCHEMA_ATT_SLICE, slice)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_JOB_PATH, j->path)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_JOB_TEXT, j->text)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_JOB_SHA256, j->sha256)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_DATASET_PATH, j->dataset)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_DATASET_SHA256, dataset_sha)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_MPI_RANKS, ranks)) ||
+        (st = ablation_atts(&fx->f, &fx->r, j, p, res)) ||
+        (st = summary_init(res, j, &m->cfg, p, fx->counts))) {
+        sweep_write_free(fx);
+        return st;
+    }
     res->prompts_done = res->prompts_skipped = 0;
     res->mean_clean_metric = res->mean_corrupted_metric = res->accuracy = 0.0;
-    if ((st = journal_each(jr, write_record, &fx)))
-        goto out;
+    *out = fx;
+    return PS_OK;
+}
+
+ps_status sweep_write_prompt(sweep_out *fx, const journal_prompt *h) { return write_prompt(fx, h); }
+
+ps_status sweep_write_journal(sweep_out *fx, journal *jr) { return journal_each(jr, write_record, fx); }
+
+ps_status sweep_write_flush(sweep_out *fx) { return ncout_results_flush(&fx->r); }
+
+ps_status sweep_write_end(sweep_out *fx, const char *memory, double compute_seconds, double write_seconds)
+{
+    sweep_plan *p = fx->p;
+    sweep_result *res = fx->res;
+    const job *j = fx->j;
+    ps_status st = PS_OK;
     /* Prompts not done yet: explicit done = 0, so the prompt dimension
      * always has every prompt of the dataset. */
     for (size_t i = 0; i < p->n && st == PS_OK; i++)
         if (!sweep_plan_kind(p, i)) {
-            st = ncout_results_put_pending(&r, i);
+            st = ncout_results_put_pending(&fx->r, i);
         }
     if (st)
-        goto out;
+        return st;
     res->complete = res->prompts_done + res->prompts_skipped == p->n;
-    char num[32];
+    char num[32], secs[2][32];
     snprintf(num, sizeof num, "%zu", res->prompts_done);
+    snprintf(secs[0], sizeof secs[0], "%.3f", compute_seconds);
+    snprintf(secs[1], sizeof secs[1], "%.3f", write_seconds);
     results_roles_in rin = {.first = p->first, .n = p->n, .roles = &p->roles, .role_pos = p->role_pos,
                             .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
-    if ((st = ncout_results_flush(&r)) || (st = results_roles_put(f.ncid, f.tmp_path, &rin)) ||
-        (st = results_roles_aggregate(f.ncid, f.tmp_path)) || (st = write_guards(&fx, &f)) ||
-        (st = ncout_put_flag(&f, SCHEMA_ATT_COMPLETE, res->complete)) ||
-        (st = ncout_put_attr(&f, SCHEMA_ATT_PROMPTS_DONE, num)))
-        goto out;
-    st = ncout_commit(&f);
-    if (st == PS_OK) {
-        double n = (double)res->prompts_done;
-        if (n > 0) {
-            res->mean_clean_metric /= n;
-            res->mean_corrupted_metric /= n;
-            res->accuracy = j->metric == PATCH_LOGIT_DIFF ? res->accuracy / n : NAN;
-        }
-        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
-            sweep_summary *sm = &res->summary[c];
-            for (size_t k = 0; sm->mean && k < sm->rows * sm->cols; k++)
-                sm->mean[k] = fx.counts[c][k] ? sm->mean[k] / (double)fx.counts[c][k] : NAN;
-        }
+    if ((st = ncout_results_flush(&fx->r)) || (st = results_roles_put(fx->f.ncid, fx->f.tmp_path, &rin)) ||
+        (st = results_roles_aggregate(fx->f.ncid, fx->f.tmp_path)) || (st = write_guards(fx, &fx->f)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_COMPUTE_SECONDS, secs[0])) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_WRITE_SECONDS, secs[1])) ||
+        (st = ncout_put_flag(&fx->f, SCHEMA_ATT_COMPLETE, res->complete)) ||
+        (st = ncout_put_attr(&fx->f, SCHEMA_ATT_PROMPTS_DONE, num)))
+        return st;
+    fx->f_open = false; /* ncout_commit closes or aborts it */
+    if ((st = ncout_commit(&fx->f)))
+        return st;
+    double n = (double)res->prompts_done;
+    if (n > 0) {
+        res->mean_clean_metric /= n;
+        res->mean_corrupted_metric /= n;
+        res->accuracy = j->metric == PATCH_LOGIT_DIFF ? res->accuracy / n : NAN;
     }
-out:
-    free(fx.clean);
-    free(fx.corrupted);
-    free(fx.not_top);
-    ncout_results_free(&r);
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
-        free(fx.counts[c]);
-    if (st)
-        ncout_abort(&f);
-    return st;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        sweep_summary *sm = &res->summary[c];
+        for (size_t k = 0; sm->mean && k < sm->rows * sm->cols; k++)
+            sm->mean[k] = fx->counts[c][k] ? sm->mean[k] / (double)fx->counts[c][k] : NAN;
+    }
+    return PS_OK;
+}
+
+size_t sweep_chunk_record(const job *j, const model_config *cfg, size_t index, const dataset_tokens *tk,
+                          const double *values, journal_prompt *r)
+{
+    /* metric 0's pair in the head; the top ids, its cells and the other
+     * metrics' blocks in the values (sweep_internal.h) */
+    const size_t nv = sweep_prompt_values(j, cfg, tk->n_tokens) - 2;
+    *r = (journal_prompt){.prompt = index, .kind = JOURNAL_PROMPT_DONE, .T = tk->n_tokens,
+                          .answer_id = tk->answer_id, .wrong_id = tk->wrong_id,
+                          .clean_metric = values[0], .corrupted_metric = values[1],
+                          .clean_ids = tk->clean_ids, .corrupted_ids = tk->corrupted_ids,
+                          .values = values + 2, .n_values = nv};
+    return 2 + nv;
 }

@@ -10,6 +10,8 @@ or by a real small file system, never by a guessed sleep:
   - disk full, quota, I/O error on write and fsync of the journal, the
     results file, the lens file and merge: exit 1, one line, no file under
     the final name, and the rerun ends identical;
+  - the results writer thread fails (an error, SIGKILL) mid-run: exit 1 with
+    one line (or the kill), the journal kept, the rerun resumes identical;
   - a rank that dies (SIGKILL, exit) or fails, rank 0 or not, in both
     distributions: the job ends within seconds, non-zero, and the rerun
     resumes with nothing lost.
@@ -199,6 +201,60 @@ for what, fault, frag in (QUICK_IO if QUICK else IO_FAULTS):
     resumed = lens or "from an earlier run" in so or "already the complete result" in so
     check(f"{what}: the rerun ends identical{' (lens written)' if lens else ''}", ok and resumed, se[-400:] + so[-300:])
 
+def run_bounded(args, ranks, fault, limit=120):
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), "-x", "PS_FAULT", FAULT_BIN] + args
+    t0 = time.time()
+    p = subprocess.Popen(cmd, env=dict(MPI_ENV, PS_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, cwd=TMP)
+    try:
+        so, se = p.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        so, se = p.communicate()
+        return None, so, se, time.time() - t0
+    secs = time.time() - t0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    return p.returncode, so, se, secs
+
+
+
+# --- the writer thread fails -------------------------------------------------------
+# Rank 0's writer thread builds the results file while the chunks compute
+# (src/engine/sweep_writer.c).  A failure there in the middle of the run
+# (the site sweep_writer: its Nth chunk taken from the queue) stops the run
+# on every rank: exit 1 with one line, nothing under the final name, no
+# .partial file; the journal keeps every chunk finished, and the rerun
+# resumes and ends identical.  A SIGKILL there leaves the journal (and a
+# .partial file that the rerun replaces).
+WRITER_FAULTS = [("sweep_writer:3:error", 0), ("sweep_writer:2:error@0", 2), ("sweep_writer:4:kill", 0)]
+for fault, ranks in (WRITER_FAULTS[:2] if QUICK else WRITER_FAULTS):
+    clean(OUT)
+    where = f"{fault}, {ranks or 1} rank{'s' if ranks else ''}"
+    if ranks:
+        rc, so, se, secs = run_bounded(["sweep", job], ranks, fault)
+    else:
+        rc, so, se, secs = run(["sweep", job], fault=fault)
+    measured(f"writer thread {where}", rc, secs)
+    lines = [l for l in se.splitlines() if l.startswith("patchsweep:")]
+    if fault.split(":")[2].startswith("error"):
+        check(f"writer {where}: exit 1, one line", rc == 1 and len(lines) == 1
+              and "injected fault at sweep_writer" in lines[0] and "fault: sweep_writer #" in se, f"exit {rc}: {se[-500:]}")
+        check(f"writer {where}: no file under the final name, no .partial", not os.path.exists(OUT)
+              and not os.path.exists(OUT + ".partial") and not os.path.exists(OUT + ".sha256"))
+    else:
+        check(f"writer {where}: killed, no file under the final name", rc == -signal.SIGKILL and not os.path.exists(OUT),
+              f"exit {rc}: {se[-300:]}")
+    check(f"writer {where}: the journal kept", os.path.exists(OUT + ".journal"))
+    rc, so, se, secs = run(["sweep", job], ranks=ranks)
+    check(f"writer {where}: the rerun resumes and ends identical", rc == 0 and "from an earlier run" in so
+          and same(REF, values(OUT)[0]), se[-400:] + so[-300:])
+
 # merge onto a failing disk
 for fault in ("write.nc:20:enospc",) if QUICK else ("write.nc:20:enospc", "fsync.nc:1:eio"):
     rc, so, se, secs = run(["merge", "part1.nc", "part2.nc", "-o", "m3.nc"], fault=fault)
@@ -369,28 +425,6 @@ else:
 # every rank through comm_agree: all exit 1 with its one line.  Each run:
 # 2 ranks, the fault at rank R's 3rd chunk (2 chunks journaled), bounded by
 # a 120 s timeout (a hang fails the check), then the rerun resumes.
-def run_bounded(args, ranks, fault, limit=120):
-    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), "-x", "PS_FAULT", FAULT_BIN] + args
-    t0 = time.time()
-    p = subprocess.Popen(cmd, env=dict(MPI_ENV, PS_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, cwd=TMP)
-    try:
-        so, se = p.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        so, se = p.communicate()
-        return None, so, se, time.time() - t0
-    secs = time.time() - t0
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            os.killpg(p.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.02)
-    return p.returncode, so, se, secs
-
-
 DEATHS = [("kill", 1, "SIGKILL of rank 1"), ("exit", 1, "rank 1 exits (70) without MPI_Finalize"),
           ("error", 1, "an error on rank 1"), ("kill", 0, "SIGKILL of rank 0"), ("error", 0, "an error on rank 0")]
 # PS_QUICK: each way to die once (SIGKILL, exit, error; rank 0 and not),

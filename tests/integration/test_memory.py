@@ -222,18 +222,18 @@ for dtype in ("f32", "bf16"):
         if dtype == "bf16" and n > 1:  # on one rank the window is private memory
             # 2-byte weights stay 2 bytes (issue 21): the node's shared memory
             # (sum Pss - the ranks' private RssAnon, their working memory) is
-            # about the checkpoint's size.  The blocks' matrices are packed in
-            # their 2 bytes; the other tensors (embedding, positions, norms,
-            # biases: read by OpenBLAS and row lookups) are widened to F32,
-            # 2 more bytes each: bound 1.15 x (checkpoint + those 2 bytes).
+            # about the checkpoint's size.  The blocks' matrices and the
+            # embedding (tied unembedding) are packed in their 2 bytes; the
+            # other tensors (positions, norms, biases) are widened to F32, 2
+            # more bytes each: bound 1.15 x (checkpoint + those 2 bytes).
             ckpt = os.path.getsize(os.path.join(model, "model.safetensors"))
-            widened = (f32_size(model) - blocks_matrix_f32(model)) // 2
+            widened = (f32_size(model) - blocks_matrix_f32(model) - f32_size(model, "wte.")) // 2
             shared = sum(r["pss"] - r["anon"] for r in ranks) * 1024
             bound = 1.15 * (ckpt + widened)
             table_node.append((n, shared, ckpt, widened))
             if not QUICK:
                 check(f"{dtype}, {n} rank(s): node memory less working memory {shared / MIB:.1f} MiB <= 1.15 x "
-                      f"(checkpoint {ckpt / MIB:.1f} + F32 widening of the non-matrix tensors {widened / MIB:.1f}) = "
+                      f"(checkpoint {ckpt / MIB:.1f} + F32 widening of positions, norms, biases {widened / MIB:.1f}) = "
                       f"{bound / MIB:.1f} MiB ({shared / ckpt:.2f}x checkpoint)", shared <= bound)
     for n in RANKS[1:]:
         if n in pss_sum and 1 in pss_sum:
@@ -276,6 +276,6 @@ for dtype, n, rank, hwm, anon, file, shmem, pss, private, f32 in table:
 
 for n, shared, ckpt, widened in table_node:
     print(f"bf16 node, {n} rank(s): shared {shared / MIB:.1f} MiB = {shared / ckpt:.2f} x checkpoint "
-          f"({ckpt / MIB:.1f} MiB; F32 widening of the non-matrix tensors {widened / MIB:.1f} MiB)")
+          f"({ckpt / MIB:.1f} MiB; F32 widening of positions, norms, biases {widened / MIB:.1f} MiB)")
 shutil.rmtree(TMP, ignore_errors=True)
 finish("memory")

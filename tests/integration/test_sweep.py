@@ -129,7 +129,8 @@ check("--overwrite replaces it", r.returncode == 0 and "resid_pre" in values(f"{
 # include/patchsweep/fault.h) at named points, not after a guessed sleep:
 # PS_FAULT=journal_sync:N:kill dies once the journal holds N syncs (the first
 # is at open, then one per chunk: 24 prompts in chunks of 2 make 13), and
-# results_window:1:kill dies inside the NetCDF write, every chunk journaled.
+# results_window:1:kill dies inside the writer thread's first NetCDF write (chunks
+# journaled before it: it writes each chunk after the journal has it).
 FAULT_BIN = private_binary(os.path.join(os.environ["PS_BUILD"], "tests", "patchsweep-faults"), TMP)
 kjob = write_job("kill", engine="naive", components="resid_pre,z_all_pos", chunk=2)
 r = run(["sweep", kjob, "--output", f"{TMP}/kref.nc"])

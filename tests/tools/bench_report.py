@@ -365,51 +365,74 @@ def finish(report, out, argv):
 
 
 # ---- the scaling model (README, "Scaling to thousands of ranks") ------------
-GPT2 = {"gpt2-small": dict(L=12, H=12, d=768, V=50257), "gpt2-xl": dict(L=48, H=25, d=1600, V=50257)}
+# kv: key/value width (grouped-query attention), m: MLP width, gated: three
+# MLP matrices (Llama) instead of two.
+MODELS = {"gpt2-small": dict(L=12, H=12, d=768, kv=768, m=3072, gated=False, V=50257),
+          "llama-3-8b": dict(L=32, H=32, d=4096, kv=1024, m=14336, gated=True, V=128256)}
 N_PROMPTS, T_IOI, P0 = 100_000, 16, 10  # 1e5 IOI prompts of 16 tokens, first difference at token 10
 NET_GBPS = 10.0                         # assumed root link for the gather (InfiniBand EDR ~ 12 GB/s)
 RANKS = (1, 64, 512, 4096)
+WINDOW = 1024                           # prompts of ncout's staged window: written after the last chunk
+
+
+def mlp_flops(c):
+    return 2 * (3 if c["gated"] else 2) * c["d"] * c["m"]
 
 
 def block_flops(c, row0, T):
-    """One block over rows [row0, T) (as src/bench.c): ln/QKV/proj/MLP per
-    row plus causal attention 4 d (i+1) for row i."""
-    d, m = c["d"], 4 * c["d"]
-    return (T - row0) * (8 * d * d + 4 * d * m) + sum(4 * d * (i + 1) for i in range(row0, T))
+    """One block over rows [row0, T) (as src/bench.c): q, k, v, o and the MLP
+    per row plus causal attention 4 d (i+1) for row i."""
+    d, kv = c["d"], c["kv"]
+    return (T - row0) * (2 * (2 * d * d + 2 * d * kv) + mlp_flops(c)) + sum(4 * d * (i + 1) for i in range(row0, T))
 
 
 def prompt_flops(c, T=T_IOI, p0=P0):
     """Useful FLOPs of the demo's four grids for one prompt pair whose tokens
     first differ at p0 (as bench_cell_flops: skipped cells are free; the last
     block runs only the last row past K and V)."""
-    L, H, d = c["L"], c["H"], c["d"]
-    m = 4 * d
+    L, H, d, kv = c["L"], c["H"], c["d"], c["kv"]
 
     def suffix(block0, row0, partial):
         f = partial
         for l in range(block0, L):
-            f += block_flops(c, row0, T) if l + 1 < L else (T - row0) * 4 * d * d + 4 * d * d + 4 * d * m + 4 * d * T
+            f += (block_flops(c, row0, T) if l + 1 < L else
+                  (T - row0) * 4 * d * kv + 4 * d * d + mlp_flops(c) + 4 * d * T)
         return f + 4 * d
     total = 0
     for layer in range(L):
         for p in range(p0, T):
             total += suffix(layer, p, 0)                       # resid_pre
-            total += suffix(layer + 1, p, 4 * d * m)           # attn_out: MLP of the changed row
+            total += suffix(layer + 1, p, mlp_flops(c))        # attn_out: MLP of the changed row
             total += suffix(layer + 1, p, 0)                   # mlp_out
-        total += H * suffix(layer + 1, p0, (T - p0) * (2 * d * d + 4 * d * m))  # z_all_pos
+        total += H * suffix(layer + 1, p0, (T - p0) * (2 * d * d + mlp_flops(c)))  # z_all_pos
     return total
+
+
+def model_efficiency(t_prompt, g, R, write_mbps, n=N_PROMPTS):
+    """Efficiency N t / (R T(R)) of a by-prompt sweep on R one-core ranks, g
+    bytes of results per prompt, for the three write paths:
+      before:  T = C + N g / B + N g / W          (rank 0 wrote after the chunks)
+      shared:  the same: rank 0's writer thread takes its CPU time from the
+               rank's one core, so rank 0 ends N g / W late
+      own:     T = max(C + N g / B, N g / W) + min(N, 1024) g / W
+               (the writer thread on a core of its own: only the last
+               staged window is written after the last chunk)
+    with C = ceil(N / R) t (whole prompts per rank)."""
+    compute = -(-n // R) * t_prompt
+    gather, write = n * g / (NET_GBPS * 1e9), n * g / (write_mbps * 1e6)
+    tail = min(n, WINDOW) * g / (write_mbps * 1e6)
+    before = compute + gather + write
+    own = max(compute + gather, write) + tail
+    return {"before": n * t_prompt / (R * before), "shared": n * t_prompt / (R * before),
+            "own": n * t_prompt / (R * own)}
 
 
 def scaling_model(one_thread, two_threads, big_sweep):
     """Predicted efficiency of a by-prompt sweep of N_PROMPTS on R one-core
-    ranks: T(R) = ceil(N/R) t_prompt (compute, whole prompts per rank)
-                + N g / B (gather of g bytes per prompt into rank 0)
-                + N g / W (rank 0 writes journal + NetCDF at the measured W).
-    t_prompt for GPT-2 small is measured (one core, demo components); for xl
-    it is scaled by the FLOP ratio (same GFLOP/s: conservative, wider
-    matrices run faster)."""
+    ranks (model_efficiency).  t_prompt for GPT-2 small is measured (one
+    core, demo components); for the 8B model it is scaled by the FLOP ratio
+    (same GFLOP/s: conservative, wider matrices run faster)."""
     comps = {c["component"]: c for c in one_thread["components"]}
-    small = GPT2["gpt2-small"]
     sec_small = sum(c["fast_seconds"] for c in comps.values())
     measured_T = one_thread["tokens"]
     # rate in useful FLOP/s of one core on the measured prompt
@@ -422,27 +445,21 @@ def scaling_model(one_thread, two_threads, big_sweep):
     print(f"\n== 5. scaling model: {N_PROMPTS} IOI prompts ({T_IOI} tokens), demo components, one core per rank ==")
     print(f"   one core: {rate / 1e9:.1f} useful GFLOP/s (measured); rank 0 writes {write_mbps:.0f} MB/s (measured); "
           f"gather link {NET_GBPS} GB/s (assumed)")
-    print(f"{'model':<11} {'cells/prompt':>12} {'s/prompt':>9} {'gather B/prompt':>15} {'cells-mode bcast/prompt':>24}"
+    print(f"{'model':<11} {'cells/prompt':>12} {'s/prompt':>9} {'gather B/prompt':>15} {'writer':>7}"
           + "".join(f" {'eff@' + str(r):>9}" for r in RANKS[1:]))
-    for name, c in GPT2.items():
-        L, H, d = c["L"], c["H"], c["d"]
+    for name, c in MODELS.items():
+        L, H = c["L"], c["H"]
         cells = 3 * L * T_IOI + L * H
         t_prompt = prompt_flops(c) / rate
         g = (2 + cells) * 8
-        # patch_pair_packed_bytes: two caches' core (src/patch.c core_floats_for) + the clean log-probs
-        core = 3 * T_IOI * d + L * (9 * T_IOI * d + H * T_IOI * T_IOI)
-        bcast = 8 + 8 + 2 * 4 * 8 + 2 * 4 * T_IOI + 4 * c["V"] + 2 * 4 * core
-        effs = {}
-        for R in RANKS:
-            compute = -(-N_PROMPTS // R) * t_prompt
-            serial = N_PROMPTS * g / (NET_GBPS * 1e9) + N_PROMPTS * g / (write_mbps * 1e6)
-            effs[R] = N_PROMPTS * t_prompt / (R * (compute + serial))
-        first = "rank 0's write of the results" if effs[4096] < 0.9 else "none below 4096 ranks"
+        effs = {R: model_efficiency(t_prompt, g, R, write_mbps) for R in RANKS}
+        first = "rank 0's write of the results" if effs[4096]["own"] < 0.9 else "none below 4096 ranks"
         out["models"][name] = {"cells_per_prompt": cells, "seconds_per_prompt_one_core": t_prompt,
-                               "gather_bytes_per_prompt": g, "cells_mode_broadcast_bytes_per_prompt": bcast,
+                               "gather_bytes_per_prompt": g,
                                "efficiency": {str(r): effs[r] for r in RANKS}, "first_bottleneck": first}
-        print(f"{name:<11} {cells:>12} {t_prompt:>9.3f} {g:>15} {bcast / 1e6:>21.1f} MB"
-              + "".join(f" {100 * effs[r]:>8.0f}%" for r in RANKS[1:]))
+        for path in ("before", "own"):
+            print(f"{name:<11} {cells:>12} {t_prompt:>9.3f} {g:>15} {path:>7}"
+                  + "".join(f" {100 * effs[r][path]:>8.0f}%" for r in RANKS[1:]))
     return out
 
 

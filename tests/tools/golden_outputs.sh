@@ -72,6 +72,6 @@ for f in "$OUT"/*.svg; do
   grep -Ev '<entry key="(source_)?(command_line|file|created|patchsweep_version|blas|blas_core|blas_threads|gemm_kernel)">' "$f" > "$f.n"; mv "$f.n" "$f"
 done
 sed -i -E -e "s#$OUT#OUT#g" -e "s#$BIN#BIN#g" -e "s#$ROOT#ROOT#g" \
-    -e 's/cells in [0-9.]+ s; file ([0-9.]+ MB) written in [0-9.]+ s/cells in T s; file \1 written in T s/' "$OUT"/*.*
+    -e 's/cells in [0-9.]+ s; file ([0-9.]+ MB) written in [0-9.]+ s/cells in T s; file \1 written in T s/' -e 's/\([0-9.]+ s after the chunks\)/(T s after the chunks)/' "$OUT"/*.*
 rm -rf "$OUT/raw"
 echo "golden: $(ls "$OUT" | wc -l) outputs in $OUT" >&2

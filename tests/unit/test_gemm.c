@@ -248,6 +248,60 @@ static void test_packed16_equals_widened_f32(void **state)
     pool_shutdown();
 }
 
+/* The same for the embeddings (issue 21): an F16/BF16 unembedding U [V, d]
+ * is kept as the 2-byte panels of x @ U^T (gemm_pack_rows16, no row map;
+ * model.c), and the logits are one gemm_run: equal bit for bit to the F32
+ * panels of the widened U, for a vocabulary that is no multiple of the
+ * panel width, the one row of a metric and the rows of a forward, every
+ * instruction set and 1-2 threads.  The embedding lookup's row, gathered
+ * from the panels and widened, is the widened row. */
+static void test_unembed16_equals_widened_f32(void **state)
+{
+    (void)state;
+    const size_t V = 1000 + 13, D = 96, rows[] = {1, 17};
+    int checked = 0;
+    for (int dti = GEMM_F16; dti <= GEMM_BF16; dti++) {
+        const gemm_dtype dt = (gemm_dtype)dti;
+        uint16_t *u16 = malloc(V * D * 2), *p16 = malloc(gemm_packed_floats(D, V) * 2);
+        float *wide = malloc(V * D * 4), *p32 = malloc(gemm_packed_floats(D, V) * 4);
+        float *x = malloc(17 * D * 4), *o32 = malloc(17 * V * 4), *o16 = malloc(17 * V * 4);
+        for (size_t i = 0; i < V * D; i++)
+            wide[i] = gemm_widen(dt, u16[i] = random_half(dt));
+        for (size_t i = 0; i < 17 * D; i++)
+            x[i] = uniform();
+        gemm_pack_rows(p32, wide, D, NULL, D, V);
+        gemm_pack_rows16(p16, u16, D, NULL, D, V);
+        /* row v of U from the panels: packed[v / NR][kk][v % NR] */
+        for (size_t v = 0; v < V; v += 37)
+            for (size_t kk = 0; kk < D; kk++)
+                assert_true(gemm_widen(dt, p16[(v / GEMM_NR) * D * GEMM_NR + kk * GEMM_NR + v % GEMM_NR]) ==
+                            wide[v * D + kk]);
+        const gemm_weight w32 = {D, V, p32, GEMM_F32, NULL}, w16 = {D, V, NULL, dt, p16};
+        for (int isa = 0; isa < GEMM_ISA_COUNT; isa++) {
+            if (!gemm_isa_supported((gemm_isa)isa))
+                continue;
+            gemm_isa_set((gemm_isa)isa);
+            for (size_t a = 0; a < 2; a++)
+                for (size_t th = 1; th <= 2; th++) {
+                    pool_set_threads(th);
+                    gemm_run(o32, x, rows[a], &w32, NULL, GEMM_PLAIN);
+                    gemm_run(o16, x, rows[a], &w16, NULL, GEMM_PLAIN);
+                    assert_memory_equal(o32, o16, rows[a] * V * sizeof(float));
+                    checked++;
+                }
+        }
+        free(u16), free(p16), free(wide), free(p32), free(x), free(o32), free(o16);
+    }
+    assert_true(checked >= 2 * 4);
+    for (int isa = GEMM_ISA_COUNT - 1; isa >= 0; isa--)
+        if (gemm_isa_supported((gemm_isa)isa)) {
+            gemm_isa_set((gemm_isa)isa);
+            break;
+        }
+    pool_set_threads(0);
+    pool_shutdown();
+}
+
 /* gelu over [-12, 12] and at the extremes: relative error < 1e-6 where the
  * value is not tiny, absolute < 1e-6 near zero, finite far out (gelu(-1e30)
  * is 0 to within 1e-6: v / (1 + e^88)); every instruction set's copy gives
@@ -322,6 +376,7 @@ int main(void)
         cmocka_unit_test(test_rows_independent_of_batch_and_threads),
         cmocka_unit_test(test_unembed_slices),
         cmocka_unit_test(test_packed16_equals_widened_f32),
+        cmocka_unit_test(test_unembed16_equals_widened_f32),
         cmocka_unit_test(test_gelu_accuracy),
         cmocka_unit_test(test_pool_runs_each_tid_once),
     };

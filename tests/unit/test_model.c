@@ -302,6 +302,9 @@ static size_t matrix_params(const gen *g)
     return g->n_layer * (d * 3 * d + d * d + d * m + m * d);
 }
 
+/* The embedding and an untied unembedding: kept in 2 bytes too (packed). */
+static size_t embed_params(const gen *g) { return g->vocab * g->d * (g->untied ? 2 : 1); }
+
 static bool in_map(const model *m, const float *p)
 {
     const uint8_t *a = m->shards[0].map, *x = (const uint8_t *)p;
@@ -335,6 +338,24 @@ static void check_packed(const char *base, const gemm_weight *w, size_t ld, size
         }
 }
 
+/* An embedding ([V, d], HF tensor `base`) row by row through the model's
+ * accessors (unembed: model_unembed_row, else model_embed_row), whatever
+ * its storage: floats, or (2-byte checkpoints) packed [d, V] panels whose
+ * float pointer is NULL. */
+static void check_embedding(const model *mo, const char *base, bool unembed)
+{
+    const size_t d = mo->cfg.n_embd, V = mo->cfg.vocab_size;
+    float *buf = malloc(d * sizeof *buf);
+    assert_non_null(buf);
+    for (size_t v = 0; v < V; v++) {
+        const float *row = unembed ? model_unembed_row(mo, v, buf) : model_embed_row(mo, v, buf);
+        for (size_t i = 0; i < d; i++)
+            if (row[i] != weight_value(base, v * d + i))
+                fail_msg("%s[%zu, %zu] = %g, want %g", base, v, i, (double)row[i], (double)weight_value(base, v * d + i));
+    }
+    free(buf);
+}
+
 /* Every pointer of the model against the writer's values. */
 static void check_model(const model *mo, const gen *g)
 {
@@ -346,16 +367,26 @@ static void check_model(const model *mo, const gen *g)
     assert_int_equal(mo->cfg.d_head, d / g->n_head);
     assert_int_equal(mo->cfg.vocab_size, g->vocab);
     assert_int_equal(mo->cfg.n_positions, g->n_pos);
-    check_values("wte.weight", mo->wte, g->vocab * d);
+    if (mo->wte)
+        check_values("wte.weight", mo->wte, g->vocab * d);
+    else
+        assert_true(mo->wte_p.dtype != GEMM_F32 && mo->wte_p.k == d && mo->wte_p.n == g->vocab);
+    check_embedding(mo, "wte.weight", false);
     check_values("wpe.weight", mo->wpe, g->n_pos * d);
     check_values("ln_f.weight", mo->ln_f_w, d);
     check_values("ln_f.bias", mo->ln_f_b, d);
     assert_int_equal(mo->tied, !g->untied);
     if (g->untied) {
-        assert_true(mo->unembed != mo->wte);
-        check_values("lm_head.weight", mo->unembed, g->vocab * d);
+        assert_true(mo->unembed != mo->wte || !mo->wte);
+        if (mo->unembed)
+            check_values("lm_head.weight", mo->unembed, g->vocab * d);
+        else
+            assert_true(mo->unembed_p.data16 && mo->unembed_p.data16 != mo->wte_p.data16);
+        check_embedding(mo, "lm_head.weight", true);
     } else {
         assert_ptr_equal(mo->unembed, mo->wte);
+        assert_ptr_equal(mo->unembed_p.data16, mo->wte_p.data16);
+        check_embedding(mo, "wte.weight", true);
     }
     char b[96];
     for (size_t l = 0; l < g->n_layer; l++) {
@@ -662,9 +693,27 @@ static void check_converted(st_dtype t, const char *name, const char *dtype_name
     check_model(&m, &g);
     assert_string_equal(m.weights_dtype, dtype_name);
     /* Everything converted into the one arena, nothing left unused; F16
-     * and BF16 matrices stay 2 bytes, packed. */
-    assert_int_equal(m.arena_floats, m.n_params - (t == ST_F64 ? 0 : matrix_params(&g)));
+     * and BF16 matrices and embeddings stay 2 bytes, packed. */
+    assert_int_equal(m.arena_floats, m.n_params - (t == ST_F64 ? 0 : matrix_params(&g) + embed_params(&g)));
     assert_true(m.blocks[0].fc_p.dtype == (t == ST_F16 ? GEMM_F16 : t == ST_BF16 ? GEMM_BF16 : GEMM_F32));
+    if (t != ST_F64) {
+        /* the logits from the 2-byte unembedding (model_unembed) equal
+         * gemm_run on the F32 panels of the widened lm_head, bit for bit */
+        const size_t d = g.d, V = g.vocab, R = 3;
+        float *lm = malloc(V * d * 4), *p32 = malloc(gemm_packed_floats(d, V) * 4), *x = malloc(R * d * 4),
+              *o16 = malloc(R * V * 4), *o32 = malloc(R * V * 4);
+        assert_true(lm && p32 && x && o16 && o32);
+        for (size_t i = 0; i < V * d; i++)
+            lm[i] = weight_value("lm_head.weight", i);
+        for (size_t i = 0; i < R * d; i++)
+            x[i] = (float)((double)((i * 2654435761u) % 1000) / 500.0 - 1.0);
+        gemm_pack_rows(p32, lm, d, NULL, d, V);
+        const gemm_weight w32 = {d, V, p32, GEMM_F32, NULL};
+        model_unembed(&m, o16, x, R);
+        gemm_run(o32, x, R, &w32, NULL, GEMM_PLAIN);
+        assert_memory_equal(o16, o32, R * V * sizeof(float));
+        free(lm), free(p32), free(x), free(o16), free(o32);
+    }
     for (size_t i = 0; i < N_ALL_POINTERS(&m); i++)
         if (all_pointers(&m, i))
             assert_true(in_arena(&m, all_pointers(&m, i)));
@@ -730,8 +779,8 @@ static void test_load_misaligned_f32(void **state)
 static void test_load_mixed_dtypes(void **state)
 {
     (void)state;
-    /* wte in F16 is converted; the F32 tensors after it stay aligned (its
-     * byte size V*d*2 is a multiple of 4) and in place. */
+    /* wte in F16 stays 2 bytes, packed; the F32 tensors after it stay
+     * aligned (its byte size V*d*2 is a multiple of 4) and in place. */
     gen g = tiny();
     g.odd = "wte.weight";
     g.odd_dtype = ST_F16;
@@ -739,8 +788,11 @@ static void test_load_mixed_dtypes(void **state)
     assert_int_equal(model_load(&m, gen_model("mixed", &g)), PS_OK);
     check_model(&m, &g);
     assert_string_equal(m.weights_dtype, "mixed");
-    assert_int_equal(m.arena_floats, g.vocab * g.d);
-    assert_true(in_arena(&m, m.wte));
+    assert_int_equal(m.arena_floats, 0);
+    assert_null(m.wte);
+    assert_int_equal(m.wte_p.dtype, GEMM_F16);
+    assert_true((const unsigned char *)m.wte_p.data16 >= (const unsigned char *)m.packed &&
+                (const unsigned char *)m.wte_p.data16 < (const unsigned char *)m.packed + m.packed_bytes);
     assert_true(in_map(&m, m.wpe));
     model_free(&m);
 }
@@ -1002,7 +1054,7 @@ static void test_load_shared_bf16(void **state)
     assert_int_equal(f.n_alloc, 1);
     assert_int_equal(f.n_publish, 1);
     /* the converted tensors, then (64-byte aligned) the packed matrices */
-    assert_int_equal(w.arena_floats, expected_params(&g) - matrix_params(&g));
+    assert_int_equal(w.arena_floats, expected_params(&g) - matrix_params(&g) - embed_params(&g));
     const unsigned char *pk = w.packed, *ar = (const unsigned char *)w.arena;
     assert_true(pk >= ar + w.arena_floats * 4 && pk - ar < (ptrdiff_t)(w.arena_floats + 16) * 4);
     assert_int_equal(f.bytes, (size_t)(pk - ar) + w.packed_bytes);
@@ -1012,7 +1064,9 @@ static void test_load_shared_bf16(void **state)
         size_t want = 0;
         for (size_t i = 0; i < 6; i++)
             want += (gemm_packed_bytes(kn[i][0], kn[i][1], GEMM_BF16) + 63) / 64 * 64;
-        assert_int_equal(w.packed_bytes, g.n_layer * want);
+        /* then the embedding and the unembedding as [d, V] panels */
+        const size_t emb = (gemm_packed_bytes(d, g.vocab, GEMM_BF16) + 63) / 64 * 64;
+        assert_int_equal(w.packed_bytes, g.n_layer * want + 2 * emb);
         assert_int_equal(gemm_packed_bytes(d, mm, GEMM_BF16) * 2, gemm_packed_bytes(d, mm, GEMM_F32));
     }
     assert_ptr_equal(w.arena, f.mem);
@@ -1031,6 +1085,9 @@ static void test_load_shared_bf16(void **state)
     for (size_t i = 0; i < N_ALL_POINTERS(&w); i++)
         if (all_pointers(&w, i))
             assert_ptr_equal(all_pointers(&r, i), all_pointers(&w, i));
+    /* the reader's 2-byte embeddings point into the writer's arena */
+    assert_ptr_equal(r.wte_p.data16, w.wte_p.data16);
+    assert_ptr_equal(r.unembed_p.data16, w.unembed_p.data16);
     assert_string_equal(r.weights_dtype, "BF16");
     assert_int_equal(r.n_params, w.n_params);
     model_free(&r);
