@@ -199,6 +199,18 @@ with tempfile.TemporaryDirectory() as tmp:
                   d2["k"].dims == ("prompt", "layer", "position", "kv_head") and
                   d2["pattern_dest_src"].dims == ("prompt", "layer", "position", "src_position", "head") and
                   d2.sizes["src_position"] == d2.sizes["position"], (d2["k"].dims, d2["pattern_dest_src"].dims))
+        # two slices merged = the whole sweep (the parts' position and
+        # src_position lengths are their own longest prompts')
+        parts = [os.path.join(tmp, f"part{k}.nc") for k in (1, 2)]
+        rs = [run(["sweep", job, "--slice", f"{k}/2", "--output", parts[k - 1]]) for k in (1, 2)]
+        rm = run(["merge", *parts, "-o", os.path.join(tmp, "merged.nc")])
+        if check("sweep --slice 1/2, 2/2 and merge", all(x.returncode == 0 for x in rs + [rm]),
+                 "".join(x.stderr for x in rs + [rm])):
+            with xr.open_dataset(os.path.join(tmp, "merged.nc")) as dm, \
+                    xr.open_dataset(os.path.join(tmp, "sweep1.nc")) as d1, xr.open_dataset(parts[0]) as p1:
+                check("merge of the slices = the whole sweep, pattern_dest_src padded on both position axes",
+                      all(np.array_equal(dm[c].values, d1[c].values, equal_nan=True) for c in comps.split(","))
+                      and dm.sizes["src_position"] == d1.sizes["src_position"], (dict(dm.sizes), dict(p1.sizes)))
         with xr.open_dataset(os.path.join(tmp, "sweep.nc")) as ds:
             check("sweep: k_all_pos per key/value head", ds["k_all_pos"].dims[-1] == "kv_head" and
                   ds.sizes["kv_head"] == 2, ds["k_all_pos"].dims)
