@@ -210,6 +210,30 @@ check("nc provenance", all(k in ds.attrs for k in ("patchsweep_version", "comman
       and ds.attrs["metric"] == "logit_diff" and ds.attrs["direction"] == "denoise")
 ds.close()
 
+# 3b. the new grids in the file: dimensions (src_position beside position),
+#     the same values as --json; plot draws the (layer, position, head) ones and
+#     leaves pattern_dest_src out with a note; attribution patching refuses them
+out = os.path.join(TMP, "patch_grids.nc")
+res = patch_json(d, "--components", "q,pattern,pattern_dest_src", "-o", out)
+with xr.open_dataset(out) as ds:
+    check("nc: q, pattern (prompt, layer, position, head); pattern_dest_src (prompt, layer, position, "
+          "src_position, head), coordinate src_position",
+          ds["q"].dims == ("prompt", "layer", "position", "head") and ds["pattern"].dims == ds["q"].dims
+          and ds["pattern_dest_src"].dims == ("prompt", "layer", "position", "src_position", "head")
+          and list(ds["src_position"].values) == list(range(T)), {k: ds[k].dims for k in ("q", "pattern_dest_src")})
+    check("nc: pattern_dest_src == json", np.allclose(ds["pattern_dest_src"].values[0],
+                                                      grid(res["components"]["pattern_dest_src"]), rtol=1e-6, atol=1e-6))
+r = subprocess.run([BIN, "plot", out, "-o", os.path.join(TMP, "grids.svg"), "--var", "all"], capture_output=True,
+                   text=True)
+svg = open(os.path.join(TMP, "grids.svg")).read() if r.returncode == 0 else ""
+check("plot --var all: q and pattern drawn per head, pattern_dest_src left out with a note",
+      r.returncode == 0 and "pattern_normalized head 3" in svg and "q_normalized head 0" in svg
+      and "pattern_dest_src_normalized(prompt, layer, position, src_position, head): not drawn" in r.stderr, r.stderr)
+r = subprocess.run([BIN, "patch", "--model", d, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", ANSWER,
+                    "--wrong", WRONG, "--method", "atp", "--components", "resid_pre,k"], capture_output=True, text=True)
+check("patch --method atp refuses k (one line)", r.returncode == 1 and r.stderr.count("\n") == 1
+      and "attribution patching does not support component k" in r.stderr, r.stderr)
+
 # 4. `bench`: the numbers `make bench` reports, on a small model (their
 #    values are timings; what is checked is how they fit together)
 d = os.path.join(TMP, "f32")
