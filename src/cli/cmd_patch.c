@@ -286,7 +286,8 @@ static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_c
     printf("\n%s (normalized %s; rows = layer%s%s, columns = %s)\n", patch_component_name(c), patch_metric_name(metric),
            nd >= 3 ? ".head" : "", dest_src ? ".destination" : "",
            by_head ? "head" : dest_src ? "source token_position" : "token_position");
-    printf("%-7s", "");
+    const int lw = dest_src ? 10 : 7; /* "L11.H11.99" */
+    printf("%-*s", lw, "");
     for (size_t j = 0; j < n_j; j++) {
         if (by_head) {
             printf(" %7s%-2zu", "h", j);
@@ -307,7 +308,7 @@ static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_c
                     snprintf(label, sizeof label, "L%zu.H%zu", layer, h);
                 else
                     snprintf(label, sizeof label, "L%zu", layer);
-                printf("%-7s", label);
+                printf("%-*s", lw, label);
                 for (size_t j = 0; j < n_j; j++) {
                     const size_t idx = ((layer * n_i + i) * n_j + j) * n_h + h;
                     printf(" %9.3f", patch_normalize(p, metric, values[idx]));
