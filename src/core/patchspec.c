@@ -112,8 +112,11 @@ size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, si
     } else {
         shape[1] = T, dn[1] = "position", nd = 2;
     }
+    /* Three entries as before this grid had four axes (NULL past ndim), four
+     * for pattern_dest_src alone: a caller sized for three stays safe for
+     * every other component. */
     if (dim_names)
-        for (size_t i = 0; i < PATCH_GRID_MAX_DIMS; i++)
+        for (size_t i = 0; i < (nd > 3 ? nd : 3); i++)
             dim_names[i] = i < nd ? dn[i] : NULL;
     return nd;
 }
