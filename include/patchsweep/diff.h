@@ -39,7 +39,7 @@ typedef struct {
      * rest flattened; mean_diff[rows * cols] the mean of B - A over the
      * shared prompts (NaN where no prompt has both). */
     size_t rows, cols;
-    size_t col_inner;        /* two dimensions after the row (z: position, head): the last one's length, else 1 */
+    size_t col_inner;        /* the axes after the first column axis (z: head; pattern_dest_src: src_position x head): their cells, else 1 */
     char row_dim[NCIN_MAX_NAME + 1], col_dims[2 * NCIN_MAX_NAME + 8];
     float *mean_diff;
 } diff_var;

@@ -25,7 +25,7 @@
  * | `[data]`  | `bos`            | `true`      | prepend `<\|endoftext\|>` (id 50256) to every prompt, as TransformerLens does |
  * | `[data]`  | `skip_invalid`   | `false`     | `false`: an invalid prompt pair (lengths differ, multi-token answer) stops the job; `true`: it is recorded as skipped and the sweep goes on |
  * | `[data]`  | `max_prompts`    | `0`         | use only the first N prompt pairs; 0 = all |
- * | `[patch]` | `components`     | `resid_pre` | comma-separated components and groups, as `patch --components` (resid_pre, resid_mid, attn_out, mlp_out, z, z_all_pos, q_all_pos, k_all_pos, v_all_pos, pattern_all_pos, block_every, head_all_pos_every); blanks around commas are ignored |
+ * | `[patch]` | `components`     | `resid_pre` | comma-separated components and groups, as `patch --components` (resid_pre, resid_mid, attn_out, mlp_out, z, q, k, v, pattern, pattern_dest_src, z_all_pos, q_all_pos, k_all_pos, v_all_pos, pattern_all_pos, block_every, head_all_pos_every, head_by_pos_every); blanks around commas are ignored |
  * | `[patch]` | `metric`         | `logit_diff`| logit_diff, prob, logprob or kl, or several of them comma-separated (`logit_diff, prob, kl`): all from each patched forward, the first under the one-metric names (schema.h) |
  * | `[patch]` | `direction`      | `denoise`   | denoise (run corrupted, patch in clean) or noise (run clean, patch in corrupted) |
  * | `[patch]` | `engine`         | `fast`      | fast (recompute only what a patch changes) or naive (one full forward per cell, the reference) |

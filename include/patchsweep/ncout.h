@@ -90,7 +90,7 @@ ps_status ncout_write_cache(ncout_file *f, model *m, const tokenizer *tok, const
 typedef struct {
     int var;
     int type;              /* nc_type */
-    size_t nd, shape[3];   /* per-prompt shape */
+    size_t nd, shape[PATCH_GRID_MAX_DIMS]; /* per-prompt shape */
     size_t row, esize;     /* elements per prompt, bytes per element */
     unsigned char fill[8]; /* the variable's fill value (numbers) */
     void *buf;             /* [cap][row] elements; strings: char *, "" or owned */

@@ -14,15 +14,29 @@
  *
  * Components (TransformerLens names, batch axis dropped) and grid shapes:
  *   resid_pre, resid_mid, attn_out, mlp_out   (layer, position)
- *   z                                         (layer, position, head)
+ *   z, q, k, v                                (layer, position, head)
+ *   pattern                                   (layer, position, head)
+ *   pattern_dest_src                          (layer, position, src_position, head)
  *   z_all_pos, q_all_pos, k_all_pos,
  *   v_all_pos, pattern_all_pos                (layer, head)
- * With grouped-query attention (H_kv < H key/value heads) k_all_pos and
- * v_all_pos are (layer, kv_head), one cell per key/value head, as
- * TransformerLens' get_act_patch_attn_head_{k,v}_all_pos; z, q and pattern
- * stay per query head.
+ * TransformerLens' functions: z = get_act_patch_attn_head_out_by_pos, q/k/v
+ * = get_act_patch_attn_head_{q,k,v}_by_pos (hook_q / hook_k: before the
+ * rotary embedding, as TransformerLens patches them), pattern =
+ * get_act_patch_attn_head_pattern_by_pos (row `position` of head h's
+ * pattern, the destination, patched whole), pattern_dest_src =
+ * get_act_patch_attn_head_pattern_dest_src_pos (the one entry [h, position,
+ * src_position] overwritten, the row not renormalised).  TransformerLens
+ * returns those two head-first, (layer, head, dest_pos[, src_pos]); here the
+ * head axis is last in every grid, as in its get_act_patch_attn_head_by_pos_every
+ * (which rearranges pattern to (layer, pos, head)).
+ * With grouped-query attention (H_kv < H key/value heads) k, v, k_all_pos and
+ * v_all_pos have a kv_head axis, one cell per key/value head, as
+ * TransformerLens' get_act_patch_attn_head_{k,v}_{by,all}_pos; z, q and
+ * pattern stay per query head.
  * Groups: block_every = resid_pre,attn_out,mlp_out;
- *         head_all_pos_every = z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos.
+ *         head_all_pos_every = z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos;
+ *         head_by_pos_every = z,q,k,v,pattern (TransformerLens'
+ *         get_act_patch_attn_head_{all_pos,by_pos}_every, one variable each).
  *
  * Metrics of the next-token prediction at the last position:
  *   logit_diff  logit[answer] - logit[wrong]  (default)
@@ -73,8 +87,18 @@ typedef enum {
     PATCH_K_ALL_POS,
     PATCH_V_ALL_POS,
     PATCH_PATTERN_ALL_POS,
+    /* appended after the first ten so that their numbers (and the order of
+     * a sweep record's values) stay as they were */
+    PATCH_Q,
+    PATCH_K,
+    PATCH_V,
+    PATCH_PATTERN,
+    PATCH_PATTERN_DEST_SRC,
     PATCH_COMPONENT_COUNT
 } patch_component;
+
+/* The most axes of a grid: pattern_dest_src's (layer, position, src_position, head). */
+#define PATCH_GRID_MAX_DIMS 4
 
 typedef enum { PATCH_LOGIT_DIFF, PATCH_PROB, PATCH_LOGPROB, PATCH_KL, PATCH_METRIC_COUNT } patch_metric;
 typedef enum { PATCH_DENOISE, PATCH_NOISE } patch_direction;
@@ -130,7 +154,10 @@ bool patch_method_qk_fix(patch_method m);      /* atp*, atp*+exact */
 const char *patch_component_name(patch_component c);
 /* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */
 bool patch_component_all_pos(patch_component c);
-/* k_all_pos / v_all_pos of a model with fewer key/value heads than query
+/* Every component patched per attention head (z, q, k, v, pattern,
+ * pattern_dest_src and the *_all_pos ones): the grid has a head axis. */
+bool patch_component_per_head(patch_component c);
+/* k, v, k_all_pos, v_all_pos of a model with fewer key/value heads than query
  * heads: the grid's head axis is the H_kv key/value heads ("kv_head"). */
 bool patch_component_kv_heads(patch_component c, const model_config *cfg);
 const char *patch_metric_name(patch_metric m);
@@ -157,10 +184,14 @@ ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT
  * residual (GPT-NeoX use_parallel_residual), one line naming it. */
 ps_status patch_components_check(const bool on[PATCH_COMPONENT_COUNT], const model_config *cfg);
 
-/* Grid of a component for T tokens: (layer, position), (layer, position, head),
- * (layer, head) or (layer, kv_head).  Returns ndim; dim_names as used in NetCDF. */
-size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[3],
-                        const char *dim_names[3]);
+/* Grid of a component for T tokens: (layer, position), (layer, position,
+ * head | kv_head), (layer, position, src_position, head), (layer, head) or
+ * (layer, kv_head).  Returns ndim (<= PATCH_GRID_MAX_DIMS); dim_names as
+ * used in NetCDF. */
+size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[PATCH_GRID_MAX_DIMS],
+                        const char *dim_names[PATCH_GRID_MAX_DIMS]);
+/* Cells of that grid: the product of its shape. */
+size_t patch_grid_size(patch_component c, const model_config *cfg, size_t T);
 
 /* One prompt pair with its unpatched runs. */
 typedef struct {
@@ -197,8 +228,9 @@ typedef struct {
     uint32_t pair;      /* index into the pairs array */
     uint16_t component; /* patch_component */
     uint16_t layer;
-    uint16_t position;  /* unused for *_all_pos */
-    uint16_t head;      /* z and *_all_pos */
+    uint16_t position;  /* unused for *_all_pos; pattern*: the destination (query) row */
+    uint16_t head;      /* per-head components (a key/value head for k, v with GQA) */
+    uint16_t src_position; /* pattern_dest_src: the source (key) column; 0 otherwise */
 } patch_cell;
 
 /* Every cell of a component's grid for pair `pair`, in the grid's row-major

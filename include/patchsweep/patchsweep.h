@@ -262,11 +262,15 @@ patchsweep_status patchsweep_pair_init(patchsweep_model *m, const int32_t *clean
 void patchsweep_pair_free(patchsweep_pair *p);
 
 /* The grid of a component ("resid_pre", "resid_mid", "attn_out",
- * "mlp_out", "z", "z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos",
- * "pattern_all_pos") for the pair's T: ndim (2 or 3), shape, dim names
- * ("layer", "position", "head"). */
+ * "mlp_out", "z", "q", "k", "v", "pattern", "pattern_dest_src",
+ * "z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos", "pattern_all_pos")
+ * for the pair's T: ndim (2, 3 or 4: pattern_dest_src), shape, dim names
+ * ("layer", "position", "src_position", "head", "kv_head"); shape and dims
+ * hold PATCHSWEEP_GRID_MAX_DIMS entries. */
+#define PATCHSWEEP_GRID_MAX_DIMS 4
 patchsweep_status patchsweep_pair_grid_shape(const patchsweep_pair *p, const char *component, size_t *ndim,
-                                             size_t shape[3], const char *dims[3]);
+                                             size_t shape[PATCHSWEEP_GRID_MAX_DIMS],
+                                             const char *dims[PATCHSWEEP_GRID_MAX_DIMS]);
 
 /* A custom metric: the patched run's logits [T, V] -> *value. Non-zero
  * return stops the grid with PATCHSWEEP_ERR_CALLBACK. */

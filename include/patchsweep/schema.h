@@ -51,13 +51,19 @@
  *
  * Patching results (`patch -o`, `sweep`, `merge`)
  *   Dimensions: prompt (unlimited; id 0), layer, position (the longest
- *   prompt's tokens), head.  Coordinates prompt(prompt) NC_INT (the pair's
- *   0-based index in the whole dataset; files of a sliced sweep hold a
- *   contiguous part of it; schema 1: the variable prompt_index), layer(layer)
- *   with layer_label(layer), position(position), head(head): NC_INT 0..n-1.
+ *   prompt's tokens), head; kv_head (grouped-query models with k, v,
+ *   k_all_pos or v_all_pos), src_position (with pattern_dest_src: as long as
+ *   position).  Coordinates prompt(prompt) NC_INT (the pair's 0-based index
+ *   in the whole dataset; files of a sliced sweep hold a contiguous part of
+ *   it; schema 1: the variable prompt_index), layer(layer) with
+ *   layer_label(layer), position(position), head(head), kv_head(kv_head),
+ *   src_position(src_position): NC_INT 0..n-1.
  *   Per selected component C (patch_component_name): C and C_normalized,
- *   NC_FLOAT, dimensions (prompt, layer, position), (prompt, layer, head) or
- *   (prompt, layer, position, head) (patch_grid_shape), _FillValue
+ *   NC_FLOAT, dimensions (prompt, layer, position), (prompt, layer, head),
+ *   (prompt, layer, position, head) or (prompt, layer, position,
+ *   src_position, head), kv_head for head where the grid is per key/value
+ *   head (patch_grid_shape; pattern and pattern_dest_src: position is the
+ *   destination row), _FillValue
  *   NC_FILL_FLOAT (SCHEMA_FILL_GRID), long_name "<metric> after patching C"
  *   / "normalized <metric> after patching C".  C_normalized = (C -
  *   corrupted_metric) / (clean_metric - corrupted_metric), NaN when the two
@@ -167,7 +173,8 @@
 #define SCHEMA_DIM_LAYER "layer"
 #define SCHEMA_DIM_POSITION "position"
 #define SCHEMA_DIM_HEAD "head"
-#define SCHEMA_DIM_KV_HEAD "kv_head"   /* k_all_pos / v_all_pos of grouped-query models */
+#define SCHEMA_DIM_KV_HEAD "kv_head"   /* k, v, k_all_pos, v_all_pos of grouped-query models */
+#define SCHEMA_DIM_SRC_POSITION "src_position" /* pattern_dest_src: the source (key) position */
 #define SCHEMA_DIM_TOPK "topk"
 
 /* ---- variables of the patching results ---- */
@@ -176,6 +183,7 @@
 #define SCHEMA_VAR_POSITION "position"
 #define SCHEMA_VAR_HEAD "head"
 #define SCHEMA_VAR_KV_HEAD "kv_head"
+#define SCHEMA_VAR_SRC_POSITION "src_position"
 #define SCHEMA_VAR_CLEAN_METRIC "clean_metric"
 #define SCHEMA_VAR_CORRUPTED_METRIC "corrupted_metric"
 #define SCHEMA_VAR_LENGTH "length"

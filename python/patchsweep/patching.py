@@ -6,10 +6,15 @@
 Every function returns an xarray.DataArray of the patched metric per cell
 (raw, as TransformerLens returns it; normalize=True gives (patched -
 corrupted) / (clean - corrupted)), dims ("layer", "position"), ("layer",
-"position", "head") or ("layer", "head"), coordinates layer, position,
-head and per position the clean and corrupted tokens and the worksheet's
-labels "token_i" (clean tokens); attrs component, metric, direction,
-engine, method, clean_metric, corrupted_metric.
+"position", "head"), ("layer", "position", "src_position", "head") or
+("layer", "head") ("kv_head" for k and v of grouped-query models),
+coordinates layer, position, head and per position the clean and corrupted
+tokens and the worksheet's labels "token_i" (clean tokens); attrs
+component, metric, direction, engine, method, clean_metric,
+corrupted_metric.  TransformerLens returns pattern_by_pos and
+pattern_dest_src_pos head first, (layer, head, dest_pos[, src_pos]); here
+the head is the last axis, as in its get_act_patch_attn_head_by_pos_every:
+grid.transpose("layer", "head", ...) gives its order.
 
 metric: "logit_diff" (logit[answer] - logit[wrong] at the last position),
 "prob", "logprob" or "kl": the library's metrics, with the fast engine by
@@ -33,7 +38,7 @@ import numpy as np
 from . import _lib, _check, ActivationCache
 
 COMPONENTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "z_all_pos", "q_all_pos", "k_all_pos",
-              "v_all_pos", "pattern_all_pos")
+              "v_all_pos", "pattern_all_pos", "q", "k", "v", "pattern", "pattern_dest_src")
 
 
 class _Pair:
@@ -71,8 +76,8 @@ def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, met
     else:
         pair, clean, corrupted = _pair(model, corrupted_tokens, clean_cache_or_tokens, answer, wrong)
     ndim = ctypes.c_size_t()
-    shape = (ctypes.c_size_t * 3)()
-    dims = (ctypes.c_char_p * 3)()
+    shape = (ctypes.c_size_t * 4)()
+    dims = (ctypes.c_char_p * 4)()
     _check(_lib.pair_grid_shape(pair.ptr, component.encode(), ctypes.byref(ndim), shape, dims))
     shp = tuple(shape[i] for i in range(ndim.value))
     dn = tuple(dims[i].decode() for i in range(ndim.value))
@@ -117,8 +122,11 @@ def get_act_patch(model, component, corrupted_tokens, clean_cache_or_tokens, met
         coords["clean_token"] = ("position", ct)
         coords["corrupted_token"] = ("position", rt)
         coords["label"] = ("position", [f"{s}_{i}" for i, s in enumerate(ct)])
-    if "head" in dn:
-        coords["head"] = np.arange(shp[dn.index("head")])
+    if "src_position" in dn:
+        coords["src_position"] = np.arange(len(clean))
+    for h in ("head", "kv_head"):
+        if h in dn:
+            coords[h] = np.arange(shp[dn.index(h)])
     return xr.DataArray(values, dims=dn, coords=coords, name=component + ("_normalized" if normalize else ""),
                         attrs={"component": component, "metric": metric_name, "direction": direction,
                                "engine": engine, "method": method or "exact", "clean_metric": cm.value,
@@ -172,9 +180,15 @@ get_act_patch_attn_head_q_all_pos = _one("q_all_pos")
 get_act_patch_attn_head_k_all_pos = _one("k_all_pos")
 get_act_patch_attn_head_v_all_pos = _one("v_all_pos")
 get_act_patch_attn_head_pattern_all_pos = _one("pattern_all_pos")
+get_act_patch_attn_head_q_by_pos = _one("q")
+get_act_patch_attn_head_k_by_pos = _one("k")
+get_act_patch_attn_head_v_by_pos = _one("v")
+get_act_patch_attn_head_pattern_by_pos = _one("pattern")
+get_act_patch_attn_head_pattern_dest_src_pos = _one("pattern_dest_src")
 get_act_patch_block_every = _every(("resid_pre", "attn_out", "mlp_out"), "block_every")
 get_act_patch_attn_head_all_pos_every = _every(("z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos",
                                                 "pattern_all_pos"), "attn_head_all_pos_every")
+get_act_patch_attn_head_by_pos_every = _every(("z", "q", "k", "v", "pattern"), "attn_head_by_pos_every")
 
 __all__ = ["COMPONENTS", "get_act_patch", "normalize", "ActivationCache"] + [
     n for n in dir() if n.startswith("get_act_patch_")]

@@ -875,8 +875,10 @@ static ps_status component_parse(const char *s, patch_component *out)
 }
 
 patchsweep_status patchsweep_pair_grid_shape(const patchsweep_pair *p, const char *component, size_t *ndim,
-                                             size_t shape[3], const char *dims[3])
+                                             size_t shape[PATCHSWEEP_GRID_MAX_DIMS],
+                                             const char *dims[PATCHSWEEP_GRID_MAX_DIMS])
 {
+    _Static_assert(PATCHSWEEP_GRID_MAX_DIMS == PATCH_GRID_MAX_DIMS, "the API's grid has patchspec's axes");
     if (!p || !ndim || !shape || !dims)
         return (patchsweep_status)err_set(PS_ERR_INVALID, "patchsweep_pair_grid_shape: NULL argument");
     patch_component comp = PATCH_RESID_PRE;
@@ -893,7 +895,8 @@ static hook_kind component_hook(patch_component comp)
         [PATCH_RESID_PRE] = HOOK_RESID_PRE, [PATCH_RESID_MID] = HOOK_RESID_MID, [PATCH_ATTN_OUT] = HOOK_ATTN_OUT,
         [PATCH_MLP_OUT] = HOOK_MLP_OUT,     [PATCH_Z] = HOOK_Z,                 [PATCH_Z_ALL_POS] = HOOK_Z,
         [PATCH_Q_ALL_POS] = HOOK_Q,         [PATCH_K_ALL_POS] = HOOK_K,         [PATCH_V_ALL_POS] = HOOK_V,
-        [PATCH_PATTERN_ALL_POS] = HOOK_PATTERN,
+        [PATCH_PATTERN_ALL_POS] = HOOK_PATTERN, [PATCH_Q] = HOOK_Q,               [PATCH_K] = HOOK_K,
+        [PATCH_V] = HOOK_V,                     [PATCH_PATTERN] = HOOK_PATTERN,    [PATCH_PATTERN_DEST_SRC] = HOOK_PATTERN,
     };
     return k[comp];
 }
@@ -933,7 +936,20 @@ static ps_status custom_slice(const model_config *c, const patch_cell *cell, siz
     size_t p = cell->position, h = cell->head;
     cp->hp = (hook_point){kind, cell->layer};
     switch (comp) {
-    case PATCH_Z: cp->first = (p * shape[1] + h) * shape[2], cp->count = 1, cp->stride = 0, cp->len = shape[2]; break;
+    case PATCH_Z:
+    case PATCH_Q:
+    case PATCH_K: /* the hook's head axis: key/value heads for k and v */
+    case PATCH_V:
+        if (h >= shape[1])
+            return err_set(PS_ERR_RANGE, "%s head %zu: the hook has %zu heads", patch_component_name(comp), h,
+                           shape[1]);
+        cp->first = (p * shape[1] + h) * shape[2], cp->count = 1, cp->stride = 0, cp->len = shape[2];
+        break;
+    /* pattern [head, query_position, key_position]: the destination row, or one entry of it */
+    case PATCH_PATTERN: cp->first = (h * T + p) * T, cp->count = 1, cp->stride = 0, cp->len = T; break;
+    case PATCH_PATTERN_DEST_SRC:
+        cp->first = (h * T + p) * T + cell->src_position, cp->count = 1, cp->stride = 0, cp->len = 1;
+        break;
     case PATCH_Z_ALL_POS:
     case PATCH_Q_ALL_POS:
     case PATCH_K_ALL_POS:

@@ -304,10 +304,13 @@ static const char *patch_help =
     "                        [--source clean|corrupted|zero|mean|resample [--ablate-dataset F.jsonl]\n"
     "                         [--mean-over SET] [--resample-seed N]]\n"
     "  Activation patching of one prompt pair (the worksheet's IOI grid).\n"
-    "  --components  comma-separated: resid_pre (default), resid_mid, attn_out, mlp_out,\n"
-    "                z (layer x position x head), z_all_pos, q_all_pos, k_all_pos,\n"
-    "                v_all_pos, pattern_all_pos (layer x head); groups block_every\n"
-    "                (resid_pre,attn_out,mlp_out) and head_all_pos_every\n"
+    "  --components  comma-separated: resid_pre (default), resid_mid, attn_out, mlp_out\n"
+    "                (layer x position); z, q, k, v, pattern (layer x position x head;\n"
+    "                pattern: the destination row); pattern_dest_src (layer x position\n"
+    "                x src_position x head: one pattern entry); z_all_pos, q_all_pos,\n"
+    "                k_all_pos, v_all_pos, pattern_all_pos (layer x head); groups\n"
+    "                block_every (resid_pre,attn_out,mlp_out), head_all_pos_every\n"
+    "                (the five *_all_pos) and head_by_pos_every (z,q,k,v,pattern)\n"
     "  --metric      logit_diff (default: logit[answer] - logit[wrong]), prob, logprob, kl;\n"
     "                or several, comma-separated (logit_diff,prob,kl): all from the same\n"
     "                patched forwards, each printed and written with its own values\n"
@@ -324,7 +327,7 @@ static const char *patch_help =
     "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"
     "                the pair as comma-separated token ids (no tokenizer; no BOS added):\n"
     "                the way to patch the families whose tokenizer is not supported yet\n"
-    "                (k_all_pos, v_all_pos: one cell per key/value head with grouped-query\n"
+    "                (k, v, k_all_pos, v_all_pos: one cell per key/value head with grouped-query\n"
     "                attention; resid_mid does not exist with a parallel residual)\n"
     "  --source      where a cell's value comes from: clean (denoise) or corrupted (noise),\n"
     "                the direction's usual run; or an ablation of the clean run (of the\n"
@@ -337,56 +340,68 @@ static const char *patch_help =
     "  layers as rows and tokens as columns (ablations: 1 = no effect); -o writes the\n"
     "  NetCDF results file.\n";
 
-/* The table of one component's normalized grid. */
+/* A column label as the worksheet's: token_index, cut to 9 chars. */
+static void token_label(const tokenizer *tok, int32_t id, size_t j, char *label, size_t n)
+{
+    char *s = tokenizer_token_display(tok, id, "?");
+    snprintf(label, n, "%s_%zu", s ? s : "?", j);
+    free(s);
+    for (char *q = label; *q; q++)
+        if (*q == '\n' || *q == '\t')
+            *q = ' ';
+}
+
+/* The table of one component's normalized grid: rows = layer (and head,
+ * and for pattern_dest_src the destination token), columns = the token
+ * positions (pattern_dest_src: the source positions) or the heads. */
 static void print_patch_table(const patch_pair *p, const tokenizer *tok, patch_component c, const model_config *cfg,
                               const double *values, patch_metric metric, const int32_t *labels)
 {
-    size_t shape[3];
-    size_t nd = patch_grid_shape(c, cfg, p->T, shape, NULL);
-    printf("\n%s (normalized %s; rows = layer%s, columns = %s)\n", patch_component_name(c), patch_metric_name(metric),
-           nd == 3 ? ".head" : "", c >= PATCH_Z_ALL_POS ? "head" : "token_position");
-    const size_t ncol = shape[1] == p->T && c < PATCH_Z_ALL_POS ? p->T : shape[1];
-    printf("%-7s", "");
-    for (size_t j = 0; j < ncol; j++) {
-        if (c >= PATCH_Z_ALL_POS) {
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const size_t nd = patch_grid_shape(c, cfg, p->T, shape, NULL);
+    const bool by_head = patch_component_all_pos(c), dest_src = c == PATCH_PATTERN_DEST_SRC;
+    /* as (layer, row-axis i, column j, head h) with unused axes of length 1 */
+    const size_t n_i = dest_src ? shape[1] : 1, n_j = dest_src ? shape[2] : shape[1];
+    const size_t n_h = nd >= 3 ? shape[nd - 1] : 1;
+    printf("\n%s (normalized %s; rows = layer%s%s, columns = %s)\n", patch_component_name(c), patch_metric_name(metric),
+           nd >= 3 ? ".head" : "", dest_src ? ".destination" : "",
+           by_head ? "head" : dest_src ? "source token_position" : "token_position");
+    const int lw = dest_src ? 10 : 7; /* "L11.H11.99" */
+    printf("%-*s", lw, "");
+    for (size_t j = 0; j < n_j; j++) {
+        if (by_head) {
             printf(" %7s%-2zu", "h", j);
             continue;
         }
-        /* Column labels as the worksheet's: token_index, cut to 9 chars. */
-        char *s = tokenizer_token_display(tok, labels[j], "?");
         char label[64];
-        snprintf(label, sizeof label, "%s_%zu", s ? s : "?", j);
-        free(s);
-        for (char *q = label; *q; q++)
-            if (*q == '\n' || *q == '\t')
-                *q = ' ';
+        token_label(tok, labels[j], j, label, sizeof label);
         printf(" %9.9s", label);
     }
     putchar('\n');
-    size_t rows = shape[0] * (nd == 3 ? shape[2] : 1);
-    for (size_t r = 0; r < rows; r++) {
-        size_t layer = nd == 3 ? r / shape[2] : r, head = nd == 3 ? r % shape[2] : 0;
-        char label[48];
-        if (nd == 3)
-            snprintf(label, sizeof label, "L%zu.H%zu", layer, head);
-        else
-            snprintf(label, sizeof label, "L%zu", layer);
-        printf("%-7s", label);
-        for (size_t j = 0; j < ncol; j++) {
-            size_t idx = nd == 3 ? (layer * shape[1] + j) * shape[2] + head : layer * shape[1] + j;
-            printf(" %9.3f", patch_normalize(p, metric, values[idx]));
-        }
-        putchar('\n');
-    }
+    for (size_t layer = 0; layer < shape[0]; layer++)
+        for (size_t h = 0; h < n_h; h++)
+            for (size_t i = 0; i < n_i; i++) {
+                char label[96];
+                if (dest_src)
+                    snprintf(label, sizeof label, "L%zu.H%zu.%zu", layer, h, i);
+                else if (nd == 3)
+                    snprintf(label, sizeof label, "L%zu.H%zu", layer, h);
+                else
+                    snprintf(label, sizeof label, "L%zu", layer);
+                printf("%-*s", lw, label);
+                for (size_t j = 0; j < n_j; j++) {
+                    const size_t idx = ((layer * n_i + i) * n_j + j) * n_h + h;
+                    printf(" %9.3f", patch_normalize(p, metric, values[idx]));
+                }
+                putchar('\n');
+            }
 }
 
 /* ---- attribution patching (atp.h) ----------------------------------------- */
 
 static size_t grid_cells(patch_component c, const model_config *cfg, size_t T)
 {
-    size_t shape[3];
-    const size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
-    return shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+    return patch_grid_size(c, cfg, T);
 }
 
 static ps_status atp_values(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT],
@@ -559,9 +574,10 @@ static json_t *metric_json(const patch_pair *pair, const bool *on, const model_c
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!on[c])
             continue;
-        size_t shape[3];
+        size_t shape[PATCH_GRID_MAX_DIMS], n = 1;
         const size_t nd = patch_grid_shape((patch_component)c, cfg, pair->T, shape, NULL);
-        const size_t n = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+        for (size_t k = 0; k < nd; k++)
+            n *= shape[k];
         json_t *raw = json_array(), *norm = json_array();
         for (size_t i = 0; i < n; i++) {
             const double v = patch_normalize(pair, met, vals[c][i]);
@@ -677,10 +693,10 @@ int cmd_patch(int argc, char **argv)
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
             if (!on[c])
                 continue;
-            size_t shape[3];
-            const char *dn[3];
+            size_t shape[PATCH_GRID_MAX_DIMS];
+            const char *dn[PATCH_GRID_MAX_DIMS];
             size_t nd = patch_grid_shape((patch_component)c, &m.cfg, nc, shape, dn);
-            size_t n = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+            size_t n = patch_grid_size((patch_component)c, &m.cfg, nc);
             json_t *dims = json_array(), *shp = json_array(), *raw = json_array(), *norm = json_array();
             for (size_t k = 0; k < nd; k++) {
                 json_array_append_new(dims, json_string(dn[k]));

@@ -12,6 +12,9 @@ static const char *const component_names[PATCH_COMPONENT_COUNT] = {
     [PATCH_Z] = "z",                         [PATCH_Z_ALL_POS] = "z_all_pos",
     [PATCH_Q_ALL_POS] = "q_all_pos",         [PATCH_K_ALL_POS] = "k_all_pos",
     [PATCH_V_ALL_POS] = "v_all_pos",         [PATCH_PATTERN_ALL_POS] = "pattern_all_pos",
+    [PATCH_Q] = "q",                         [PATCH_K] = "k",
+    [PATCH_V] = "v",                         [PATCH_PATTERN] = "pattern",
+    [PATCH_PATTERN_DEST_SRC] = "pattern_dest_src",
 };
 static const char *const metric_names[PATCH_METRIC_COUNT] = {
     [PATCH_LOGIT_DIFF] = "logit_diff", [PATCH_PROB] = "prob", [PATCH_LOGPROB] = "logprob", [PATCH_KL] = "kl"};
@@ -60,11 +63,14 @@ ps_status patch_metric_list_parse(const char *s, patch_metric_list *out)
     return PS_OK;
 }
 
-bool patch_component_all_pos(patch_component c) { return c >= PATCH_Z_ALL_POS; }
+bool patch_component_all_pos(patch_component c) { return c >= PATCH_Z_ALL_POS && c <= PATCH_PATTERN_ALL_POS; }
+
+bool patch_component_per_head(patch_component c) { return c >= PATCH_Z && c < PATCH_COMPONENT_COUNT; }
 
 bool patch_component_kv_heads(patch_component c, const model_config *cfg)
 {
-    return (c == PATCH_K_ALL_POS || c == PATCH_V_ALL_POS) && model_kv_heads(cfg) != cfg->n_head;
+    return (c == PATCH_K_ALL_POS || c == PATCH_V_ALL_POS || c == PATCH_K || c == PATCH_V) &&
+           model_kv_heads(cfg) != cfg->n_head;
 }
 
 ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT])
@@ -86,6 +92,8 @@ ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT
             for (int c = PATCH_Z_ALL_POS; c <= PATCH_PATTERN_ALL_POS; c++)
                 on[c] = true;
             found = true;
+        } else if (!strcmp(name, "head_by_pos_every")) {
+            on[PATCH_Z] = on[PATCH_Q] = on[PATCH_K] = on[PATCH_V] = on[PATCH_PATTERN] = found = true;
         } else {
             for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
                 if (!strcmp(name, component_names[c]))
@@ -93,8 +101,9 @@ ps_status patch_components_parse(const char *list, bool on[PATCH_COMPONENT_COUNT
         }
         if (!found)
             return err_set(PS_ERR_INVALID,
-                           "unknown component '%s' (resid_pre, resid_mid, attn_out, mlp_out, z, z_all_pos, "
-                           "q_all_pos, k_all_pos, v_all_pos, pattern_all_pos, block_every, head_all_pos_every)",
+                           "unknown component '%s' (resid_pre, resid_mid, attn_out, mlp_out, z, q, k, v, pattern, "
+                           "pattern_dest_src, z_all_pos, q_all_pos, k_all_pos, v_all_pos, pattern_all_pos, "
+                           "block_every, head_all_pos_every, head_by_pos_every)",
                            name);
         p += len;
         if (*p == ',')
@@ -115,49 +124,73 @@ ps_status patch_components_check(const bool on[PATCH_COMPONENT_COUNT], const mod
     return PS_OK;
 }
 
-size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[3],
-                        const char *dim_names[3])
+size_t patch_grid_shape(patch_component c, const model_config *cfg, size_t T, size_t shape[PATCH_GRID_MAX_DIMS],
+                        const char *dim_names[PATCH_GRID_MAX_DIMS])
 {
-    const char *dn[3] = {"layer", "position", "head"};
+    const char *dn[PATCH_GRID_MAX_DIMS] = {"layer", NULL, NULL, NULL};
+    const char *head = patch_component_kv_heads(c, cfg) ? "kv_head" : "head";
+    const size_t n_head = patch_component_kv_heads(c, cfg) ? model_kv_heads(cfg) : cfg->n_head;
     shape[0] = cfg->n_layer;
     size_t nd;
-    if (c == PATCH_Z) {
-        shape[1] = T, shape[2] = cfg->n_head, nd = 3;
-    } else if (patch_component_kv_heads(c, cfg)) {
-        shape[1] = model_kv_heads(cfg), dn[1] = "kv_head", nd = 2;
+    if (c == PATCH_PATTERN_DEST_SRC) {
+        /* (layer, destination, source, head) */
+        shape[1] = T, shape[2] = T, shape[3] = n_head, nd = 4;
+        dn[1] = "position", dn[2] = "src_position", dn[3] = head;
     } else if (patch_component_all_pos(c)) {
-        shape[1] = cfg->n_head, dn[1] = "head", nd = 2;
+        shape[1] = n_head, dn[1] = head, nd = 2;
+    } else if (patch_component_per_head(c)) {
+        shape[1] = T, shape[2] = n_head, dn[1] = "position", dn[2] = head, nd = 3;
     } else {
-        shape[1] = T, nd = 2;
+        shape[1] = T, dn[1] = "position", nd = 2;
     }
+    /* Three entries as before this grid had four axes (NULL past ndim), four
+     * for pattern_dest_src alone: a caller sized for three stays safe for
+     * every other component. */
     if (dim_names)
-        for (size_t i = 0; i < 3; i++)
+        for (size_t i = 0; i < (nd > 3 ? nd : 3); i++)
             dim_names[i] = i < nd ? dn[i] : NULL;
     return nd;
+}
+
+size_t patch_grid_size(patch_component c, const model_config *cfg, size_t T)
+{
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
+    size_t n = 1;
+    for (size_t k = 0; k < nd; k++)
+        n *= shape[k];
+    return n;
 }
 
 ps_status patch_grid_cells(patch_component c, const model_config *cfg, uint32_t pair, size_t T,
                            patch_cell **cells, size_t *n)
 {
-    size_t shape[3];
-    size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
-    size_t total = shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
-    patch_cell *out = malloc(total * sizeof *out);
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
+    for (size_t k = nd; k < PATCH_GRID_MAX_DIMS; k++)
+        shape[k] = 1;
+    const size_t total = patch_grid_size(c, cfg, T);
+    patch_cell *out = malloc((total ? total : 1) * sizeof *out);
     if (!out)
         return err_set(PS_ERR_NOMEM, "cannot allocate %zu patching cells", total);
-    size_t k = 0;
+    /* Row-major over (layer, i, j, k): the axes after the layer are
+     * (position), (position, head), (position, src_position, head) or (head). */
+    size_t w = 0;
     for (size_t l = 0; l < shape[0]; l++)
         for (size_t i = 0; i < shape[1]; i++)
-            for (size_t j = 0; j < (nd == 3 ? shape[2] : 1); j++) {
-                patch_cell *cell = &out[k++];
-                *cell = (patch_cell){.pair = pair, .component = (uint16_t)c, .layer = (uint16_t)l};
-                if (c == PATCH_Z)
-                    cell->position = (uint16_t)i, cell->head = (uint16_t)j;
-                else if (patch_component_all_pos(c))
-                    cell->head = (uint16_t)i;
-                else
-                    cell->position = (uint16_t)i;
-            }
+            for (size_t j = 0; j < shape[2]; j++)
+                for (size_t k = 0; k < shape[3]; k++) {
+                    patch_cell *cell = &out[w++];
+                    *cell = (patch_cell){.pair = pair, .component = (uint16_t)c, .layer = (uint16_t)l};
+                    if (c == PATCH_PATTERN_DEST_SRC)
+                        cell->position = (uint16_t)i, cell->src_position = (uint16_t)j, cell->head = (uint16_t)k;
+                    else if (patch_component_all_pos(c))
+                        cell->head = (uint16_t)i;
+                    else if (patch_component_per_head(c))
+                        cell->position = (uint16_t)i, cell->head = (uint16_t)j;
+                    else
+                        cell->position = (uint16_t)i;
+                }
     *cells = out;
     *n = total;
     return PS_OK;

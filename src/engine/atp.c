@@ -24,7 +24,7 @@ static double cell_estimate(const float *src, const float *base, const float *gr
 /* Cells of a component's grid for T tokens. */
 static size_t grid_cells(patch_component c, const model_config *cfg, size_t T)
 {
-    size_t shape[3], n = 1;
+    size_t shape[PATCH_GRID_MAX_DIMS], n = 1;
     const size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
     for (size_t k = 0; k < nd; k++)
         n *= shape[k];
@@ -143,6 +143,12 @@ ps_status atp_eval_opts(const model *m, const patch_pair *pair, const bool on[PA
     if (opts->graddrop && L < 2)
         return err_set(PS_ERR_INVALID, "GradDrop needs at least 2 layers (it averages over L - 1), the model has %zu",
                        L);
+    /* The by-position head grids (issue 19) are not estimated yet: refused, not skipped. */
+    for (int c = PATCH_Q; c <= PATCH_PATTERN_DEST_SRC; c++)
+        if (on[c])
+            return err_set(PS_ERR_INVALID, "attribution patching does not support component %s yet "
+                           "(it supports resid_pre, resid_mid, attn_out, mlp_out, z and the *_all_pos components)",
+                           patch_component_name((patch_component)c));
     const forward_cache *src = direction == PATCH_DENOISE ? &pair->clean : &pair->corrupted;
     const forward_cache *base = direction == PATCH_DENOISE ? &pair->corrupted : &pair->clean;
     const double base_metric =

@@ -31,9 +31,14 @@ const float *patch_component_array(const forward_cache *c, patch_component comp,
     case PATCH_MLP_OUT: return ly->mlp_out;
     case PATCH_Z:
     case PATCH_Z_ALL_POS: return ly->z;
+    case PATCH_Q:
     case PATCH_Q_ALL_POS: return ly->q;
+    case PATCH_K:
     case PATCH_K_ALL_POS: return ly->k;
+    case PATCH_V:
     case PATCH_V_ALL_POS: return ly->v;
+    case PATCH_PATTERN:
+    case PATCH_PATTERN_DEST_SRC:
     case PATCH_PATTERN_ALL_POS: return ly->pattern;
     case PATCH_COMPONENT_COUNT: break;
     }
@@ -45,7 +50,13 @@ patch_slice patch_cell_slice(const patch_cell *cell, const model_config *cfg, si
     const size_t d = cfg->n_embd, dh = cfg->d_head, h = cell->head, p = cell->position;
     const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
     switch ((patch_component)cell->component) {
-    case PATCH_Z: return (patch_slice){p * qd + h * dh, 1, 0, dh};
+    case PATCH_Z:
+    case PATCH_Q: return (patch_slice){p * qd + h * dh, 1, 0, dh};
+    case PATCH_K: /* h is a key/value head */
+    case PATCH_V: return (patch_slice){p * kvd + h * dh, 1, 0, dh};
+    /* pattern [H, T, T]: row p of head h (the destination), or its entry src_position */
+    case PATCH_PATTERN: return (patch_slice){(h * T + p) * T, 1, 0, T};
+    case PATCH_PATTERN_DEST_SRC: return (patch_slice){(h * T + p) * T + cell->src_position, 1, 0, 1};
     case PATCH_Z_ALL_POS:
     case PATCH_Q_ALL_POS: return (patch_slice){h * dh, T, qd, dh};
     case PATCH_K_ALL_POS: /* h is a key/value head */
@@ -76,9 +87,11 @@ ps_status patch_eval(const model *m, const patch_pair *pairs, size_t n_pairs, co
     for (size_t i = 0; i < n_cells; i++) {
         const patch_cell *c = &cells[i];
         if (c->pair >= n_pairs || c->component >= PATCH_COMPONENT_COUNT || c->layer >= m->cfg.n_layer ||
-            c->head >= (c->component == PATCH_K_ALL_POS || c->component == PATCH_V_ALL_POS ? model_kv_heads(&m->cfg)
-                                                                                             : m->cfg.n_head) ||
-            c->position >= pairs[c->pair].T)
+            c->head >= (c->component == PATCH_K_ALL_POS || c->component == PATCH_V_ALL_POS || c->component == PATCH_K ||
+                                c->component == PATCH_V
+                            ? model_kv_heads(&m->cfg)
+                            : m->cfg.n_head) ||
+            c->position >= pairs[c->pair].T || c->src_position >= pairs[c->pair].T)
             return err_set(PS_ERR_RANGE, "patching cell %zu is outside its grid", i);
         if (c->component == PATCH_RESID_MID && m->cfg.parallel_residual) {
             bool on[PATCH_COMPONENT_COUNT] = {[PATCH_RESID_MID] = true};

@@ -56,7 +56,12 @@ static bool plan_job(const model *m, const patch_pair *p, const patch_cell *cell
     case PATCH_MLP_OUT: job->entry = E_MLP_OUT; break;
     default: job->entry = E_Z; break;
     }
-    job->row_end = (job->entry == E_PRE || patch_component_all_pos(comp)) ? T : row0 + 1;
+    /* The rows of block L whose output changes: every row from row0 for
+     * resid_pre, the *_all_pos components and a key or value row (every
+     * query row >= its position reads it); the one row for the others (z, a
+     * query row, a pattern row or one entry of it). */
+    job->row_end =
+        (job->entry == E_PRE || patch_component_all_pos(comp) || comp == PATCH_K || comp == PATCH_V) ? T : row0 + 1;
     job->block0 = job->entry == E_PRE ? L : L + 1;
     /* After the last block only the last row reaches the metric. */
     if (job->block0 == m->cfg.n_layer && job->row_end < T)
@@ -90,6 +95,7 @@ typedef struct {
     float *h, *g;                  /* [rows, m]: the MLP's hidden layer, the gate (gated MLPs) */
     float *scratch;                /* [threads, n_positions]: attention rows per thread */
     float *rq;                     /* [d_head]: one rotated query row of the entry attention */
+    float *col;                    /* [n_positions, d_head]: a patched key or value column (k, v) */
     size_t threads;
 } fast_buffers;
 
@@ -104,7 +110,9 @@ static ps_status buffers_init(fast_buffers *b, const model_config *cfg, size_t r
     const size_t w = row_width(cfg), m = cfg->n_inner, nt = pool_threads();
     const bool rotary = cfg->pos == MODEL_POS_ROTARY, gated = cfg->act == MODEL_ACT_SILU_GATED;
     const size_t n_w = 6 + (rotary ? 2 : 0), n_m = 1 + (gated ? 1 : 0);
-    float *all = malloc((n_w * rows * w + n_m * rows * m + nt * cfg->n_positions + cfg->d_head) * sizeof(float) +
+    float *all = malloc((n_w * rows * w + n_m * rows * m + nt * cfg->n_positions + cfg->d_head +
+                         cfg->n_positions * cfg->d_head) *
+                            sizeof(float) +
                         sizeof(float));
     if (!all)
         return err_set(PS_ERR_NOMEM, "cannot allocate the fast engine's buffers for %zu rows", rows);
@@ -127,7 +135,8 @@ static ps_status buffers_init(fast_buffers *b, const model_config *cfg, size_t r
     if (gated)
         b->g = p, p += rows * m;
     b->scratch = p, p += nt * cfg->n_positions;
-    b->rq = p;
+    b->rq = p, p += cfg->d_head;
+    b->col = p;
     return PS_OK;
 }
 
@@ -233,9 +242,13 @@ static void parallel_rows(const model *m, size_t l, float *x, const float *attn_
 /* The patched per-head attention of an E_Z job at its block L, for rows
  * [row0, row_end): writes z rows (all heads) into z (stride H*dh, row row0
  * first).  The query heads that change: head h (z, q, pattern), or every
- * query head reading key/value head h (k, v with grouped-query attention). */
+ * query head reading key/value head h (k, v with grouped-query attention).
+ * col [n_positions * d_head] holds the patched key or value column of a
+ * by-position k / v patch: the base head's rows with row `position` from the
+ * source (rotary: the rotated keys; a row's rotation depends on its position
+ * alone, so the source's rotated row is the patched row rotated). */
 static void entry_attention(const model *m, const patch_cell *cell, const fast_job *job, float *z, float *scratch,
-                            float *rq)
+                            float *rq, float *col)
 {
     const model_config *cfg = &m->cfg;
     const size_t dh = cfg->d_head, T = job->T, r0 = job->row0, qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
@@ -251,17 +264,37 @@ static void entry_attention(const model *m, const patch_cell *cell, const fast_j
             memcpy(z + (i - r0) * qd + h * dh, sl->z + i * qd + h * dh, dh * sizeof *z);
         return;
     }
-    const bool kv = comp == PATCH_K_ALL_POS || comp == PATCH_V_ALL_POS;
+    const bool kv = comp == PATCH_K_ALL_POS || comp == PATCH_V_ALL_POS || comp == PATCH_K || comp == PATCH_V;
+    const bool pattern = comp == PATCH_PATTERN_ALL_POS || comp == PATCH_PATTERN || comp == PATCH_PATTERN_DEST_SRC;
     const size_t h0 = kv ? cell->head * group : cell->head, h1 = kv ? h0 + group : h0 + 1;
-    const float *q = comp == PATCH_Q_ALL_POS ? sl->q : bl->q;
+    /* q by position changes row `position` alone, which is then the only row */
+    const float *q = comp == PATCH_Q_ALL_POS || comp == PATCH_Q ? sl->q : bl->q;
     const forward_layer *kl = comp == PATCH_K_ALL_POS ? sl : bl;
     const float *k = rotary ? kl->rot_k : kl->k;
     const float *v = comp == PATCH_V_ALL_POS ? sl->v : bl->v;
+    /* k, v: [T, H_kv*dh] read at head g's columns, or col: [T, dh] */
+    size_t kstride = kvd, vstride = kvd;
+    bool k_col = false, v_col = false;
+    if (comp == PATCH_K || comp == PATCH_V) {
+        /* col[j] = the base head's row j, row `position` from the source */
+        const float *b = comp == PATCH_K ? k : v, *s = comp == PATCH_K ? (rotary ? sl->rot_k : sl->k) : sl->v;
+        for (size_t j = 0; j < T; j++)
+            memcpy(col + j * dh, (j == cell->position ? s : b) + j * kvd + cell->head * dh, dh * sizeof *col);
+        if (comp == PATCH_K)
+            k = col, kstride = dh, k_col = true;
+        else
+            v = col, vstride = dh, v_col = true;
+    }
     for (size_t h = h0; h < h1; h++) {
         const size_t g = h / group;
-        for (size_t i = r0; i < T; i++) {
+        const float *kh = k_col ? k : k + g * dh, *vh = v_col ? v : v + g * dh;
+        for (size_t i = r0; i < job->row_end; i++) {
             const float *p = scratch;
-            if (comp == PATCH_PATTERN_ALL_POS) {
+            if (comp == PATCH_PATTERN_DEST_SRC) {
+                /* the base row with the one entry overwritten, not renormalised */
+                memcpy(scratch, bl->pattern + (h * T + i) * T, T * sizeof *scratch);
+                scratch[cell->src_position] = sl->pattern[(h * T + i) * T + cell->src_position];
+            } else if (pattern) {
                 p = sl->pattern + (h * T + i) * T;
             } else { /* pattern[h, i, :] from the (patched) q and k of head h */
                 const float *qi = q + i * qd + h * dh;
@@ -269,11 +302,10 @@ static void entry_attention(const model *m, const patch_cell *cell, const fast_j
                     ops_rotary(rq, qi, 1, i, 1, dh, cfg->rotary_dim, m->rope_cos, m->rope_sin);
                     qi = rq;
                 }
-                ops_attention_softmax_row(scratch, qi, k + g * dh, k + g * dh, 0, i, T, kvd, dh,
-                                          model_attn_scale(cfg, job->layer));
+                ops_attention_softmax_row(scratch, qi, kh, kh, 0, i, T, kstride, dh, model_attn_scale(cfg, job->layer));
             }
             /* over all j < T, as the forward pass does with a hooked pattern */
-            ops_attention_mix_row(z + (i - r0) * qd + h * dh, p, v + g * dh, v + g * dh, 0, T, kvd, dh);
+            ops_attention_mix_row(z + (i - r0) * qd + h * dh, p, vh, vh, 0, T, vstride, dh);
         }
     }
 }
@@ -349,7 +381,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
             }
             float *a = b->a + r * d; /* resid_mid rows of this layer's batch */
             if (jb->entry == E_Z) {
-                entry_attention(m, cell, jb, b->z + r * qd, b->scratch, b->rq);
+                entry_attention(m, cell, jb, b->z + r * qd, b->scratch, b->rq, b->col);
             } else if (cell->component == PATCH_ATTN_OUT) {
                 for (size_t e = 0; e < d; e++)
                     a[e] = bl->resid_pre[r0 * d + e] + sl->attn_out[r0 * d + e];

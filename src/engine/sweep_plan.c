@@ -18,9 +18,7 @@
 
 size_t sweep_grid_size(patch_component c, const model_config *cfg, size_t T)
 {
-    size_t shape[3];
-    size_t nd = patch_grid_shape(c, cfg, T, shape, NULL);
-    return shape[0] * shape[1] * (nd == 3 ? shape[2] : 1);
+    return patch_grid_size(c, cfg, T);
 }
 
 size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T)

@@ -232,10 +232,10 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
     res->mean_corrupted_metric += h->corrupted_metric;
     res->accuracy += h->clean_metric > 0.0;
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK && denom != 0.0; c++) {
-        if (!values[c] || c == PATCH_Z)
-            continue;
+        if (!values[c] || patch_grid_shape((patch_component)c, fx->cfg, T, (size_t[PATCH_GRID_MAX_DIMS]){0}, NULL) != 2)
+            continue; /* the summary ranks the 2-D grids */
         sweep_summary *sm = &res->summary[c];
-        size_t shape[3];
+        size_t shape[PATCH_GRID_MAX_DIMS];
         patch_grid_shape((patch_component)c, fx->cfg, T, shape, NULL);
         for (size_t l = 0; l < shape[0]; l++)
             for (size_t k = 0; k < shape[1]; k++) {
@@ -286,10 +286,10 @@ static ps_status summary_init(sweep_result *res, const job *j, const model_confi
     }
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         counts[c] = NULL;
-        if (!j->components[c] || c == PATCH_Z)
+        if (!j->components[c] || patch_grid_shape((patch_component)c, cfg, max_T, (size_t[PATCH_GRID_MAX_DIMS]){0}, NULL) != 2)
             continue;
         sweep_summary *sm = &res->summary[c];
-        sm->by_head = c >= PATCH_Z_ALL_POS;
+        sm->by_head = patch_component_all_pos((patch_component)c);
         sm->rows = cfg->n_layer;
         sm->by_role = !sm->by_head && by_role;
         sm->cols = sm->by_head ? cfg->n_head : sm->by_role ? p->roles.n : max_T;

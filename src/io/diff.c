@@ -196,6 +196,8 @@ static ps_status read_all(const ncin_file *f, const ncin_var *v, size_t rows, si
     return rows ? ncin_read_double(f, v, 0, rows, *out) : PS_OK;
 }
 
+#define DIFF_GRID_DIMS 4
+
 static ps_status compare_var(const ncin_file *fa, const ncin_file *fb, const ncin_var *a, const ncin_var *b,
                              const size_t *pairs, size_t n_pairs, diff_var *out)
 {
@@ -204,8 +206,16 @@ static ps_status compare_var(const ncin_file *fa, const ncin_file *fb, const nci
     ps_status st = read_all(fa, a, a->shape[0], &sa, &va);
     if (st == PS_OK)
         st = read_all(fb, b, b->shape[0], &sb, &vb);
-    /* the shared extent of the per-prompt grid, and its strides in each file */
-    size_t common[3] = {1, 1, 1}, stra[3] = {0}, strb[3] = {0}, nd = a->ndim - 1, cells = 1;
+    /* the shared extent of the per-prompt grid (at most DIFF_GRID_DIMS axes
+     * after the prompt: pattern_dest_src's layer, position, src_position,
+     * head), and its strides in each file */
+    size_t common[DIFF_GRID_DIMS] = {1, 1, 1, 1}, stra[DIFF_GRID_DIMS] = {0}, strb[DIFF_GRID_DIMS] = {0};
+    size_t nd = a->ndim - 1, cells = 1;
+    if (st == PS_OK && nd > DIFF_GRID_DIMS)
+        st = err_set(PS_ERR_FORMAT, "%s: %s has %zu dimensions after prompt (at most %d)", fa->path, a->name, nd,
+                     DIFF_GRID_DIMS);
+    if (st)
+        nd = 0;
     for (size_t k = 0; k < nd; k++) {
         common[k] = a->shape[k + 1] < b->shape[k + 1] ? a->shape[k + 1] : b->shape[k + 1];
         cells *= common[k];
@@ -215,7 +225,9 @@ static ps_status compare_var(const ncin_file *fa, const ncin_file *fb, const nci
         ma *= a->shape[k + 1], mb *= b->shape[k + 1];
     }
     snprintf(out->name, sizeof out->name, "%s", a->name);
-    out->col_inner = nd == 3 ? common[2] : 1;
+    out->col_inner = 1; /* the axes after the second: position.head, position.src_position.head */
+    for (size_t k = 2; k < nd; k++)
+        out->col_inner *= common[k];
     if (nd == 0) { /* a per-prompt scalar: one column per shared prompt */
         out->rows = 1, out->cols = n_pairs;
         snprintf(out->row_dim, sizeof out->row_dim, "%s", a->name);

@@ -39,6 +39,7 @@ typedef struct {
     int ndims;
     dim_info dims[FILE_DIMS_MAX]; /* by dimension id */
     int prompt_dim, position_dim; /* dimension ids; position_dim -1 when absent */
+    int src_position_dim;         /* pattern_dest_src's, as long as position; -1 when absent */
     size_t n;                    /* prompts */
     size_t first;                /* prompt_index of its first prompt */
     size_t k, n_slices;          /* slice k of n_slices */
@@ -92,7 +93,7 @@ static ps_status part_open(part *p, const char *path)
     memset(p, 0, sizeof *p);
     p->path = path;
     p->ncid = -1;
-    p->prompt_dim = p->position_dim = -1;
+    p->prompt_dim = p->position_dim = p->src_position_dim = -1;
     ps_status st = ncin_open(&p->in, path);
     if (st) {
         /* ncin's message without its "PATH: " */
@@ -123,6 +124,8 @@ static ps_status part_open(part *p, const char *path)
             p->prompt_dim = i;
         else if (!strcmp(p->dims[i].name, SCHEMA_DIM_POSITION))
             p->position_dim = i;
+        else if (!strcmp(p->dims[i].name, SCHEMA_DIM_SRC_POSITION))
+            p->src_position_dim = i;
     }
     if (p->prompt_dim < 0 || p->prompt_dim != unlimited)
         return err_set(PS_ERR_FORMAT, "%s: no unlimited dimension 'prompt': not a patchsweep results file", path);
@@ -228,7 +231,7 @@ static ps_status part_check_against(const part *p, const part *ref)
         if (strcmp(p->dims[i].name, ref->dims[i].name))
             return err_set(PS_ERR_INVALID, "%s: dimension %d is '%s', in %s '%s': parts of different runs", p->path, i,
                            p->dims[i].name, ref->path, ref->dims[i].name);
-        if (i != p->prompt_dim && i != p->position_dim && p->dims[i].len != ref->dims[i].len)
+        if (i != p->prompt_dim && i != p->position_dim && i != p->src_position_dim && p->dims[i].len != ref->dims[i].len)
             return err_set(PS_ERR_INVALID, "%s: dimension %s has length %zu, in %s %zu: parts of different models",
                            p->path, p->dims[i].name, p->dims[i].len, ref->path, ref->dims[i].len);
     }
@@ -750,6 +753,8 @@ ps_status merge_files(const char *const *paths, size_t n_parts, const char *outp
                 widest = sorted[i];
     if (ref->position_dim >= 0)
         out_len[ref->position_dim] = widest->dims[ref->position_dim].len;
+    if (ref->src_position_dim >= 0)
+        out_len[ref->src_position_dim] = widest->dims[ref->src_position_dim].len;
 
     ncout_file f;
     if ((st = ncout_create(&f, output)))

@@ -384,7 +384,7 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
      * write for every value; whole chunks are written from netCDF's chunk
      * cache instead, and a reader of one prompt reads one chunk. */
     if (st == PS_OK && nd > 0 && dims[0] == 0 && type != NC_STRING) {
-        size_t chunk[4] = {1, 1, 1, 1}, row = 1, elem = 0;
+        size_t chunk[PATCH_GRID_MAX_DIMS + 1] = {1, 1, 1, 1, 1}, row = 1, elem = 0;
         for (int i = 1; i < nd; i++) {
             nc_inq_dimlen(f->ncid, dims[i], &chunk[i]);
             row *= chunk[i] ? chunk[i] : 1;
@@ -424,24 +424,26 @@ static ps_status put_var_metric(ncout_results *r, int var, const char *metric_na
 }
 
 /* Dimensions of component c's grid variables: prompt, then its grid's. */
-static size_t grid_dims(const model_config *cfg, patch_component c, size_t max_T, const int ids[5], int dims[4])
+static size_t grid_dims(const model_config *cfg, patch_component c, size_t max_T, const int ids[6],
+                        int dims[PATCH_GRID_MAX_DIMS + 1])
 {
-    /* ids: prompt, layer, position, head, kv_head */
-    size_t shape[3];
-    const char *dn[3];
+    /* ids: prompt, layer, position, head, kv_head, src_position */
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const char *dn[PATCH_GRID_MAX_DIMS];
     size_t nd = patch_grid_shape(c, cfg, max_T, shape, dn);
     dims[0] = ids[0];
     for (size_t k = 0; k < nd; k++)
-        dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)      ? ids[1]
-                      : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? ids[2]
-                      : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? ids[4]
-                                                            : ids[3];
+        dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)          ? ids[1]
+                      : !strcmp(dn[k], SCHEMA_DIM_POSITION)     ? ids[2]
+                      : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)      ? ids[4]
+                      : !strcmp(dn[k], SCHEMA_DIM_SRC_POSITION) ? ids[5]
+                                                                : ids[3];
     return nd;
 }
 
 /* The variables of metric k >= 1 (schema.h): clean_M, corrupted_M, and
  * C_M, C_M_normalized per selected component. */
-static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t k, const int ids[5])
+static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t k, const int ids[6])
 {
     const patch_metric met = r->metrics.m[k];
     const char *mn = patch_metric_name(met);
@@ -464,7 +466,7 @@ static ps_status define_metric(ncout_results *r, const model_config *cfg, size_t
         r->var_m_raw[k][c] = r->var_m_norm[k][c] = -1;
         if (!r->on[c])
             continue;
-        int dims[4];
+        int dims[PATCH_GRID_MAX_DIMS + 1];
         const size_t nd = grid_dims(cfg, (patch_component)c, r->max_T, ids, dims);
         const char *cn = patch_component_name((patch_component)c);
         const float fill = SCHEMA_FILL_GRID;
@@ -525,6 +527,12 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
     if (kv && ((st = dim_id(f, SCHEMA_DIM_KV_HEAD, r->n_kv_head, &d_kv_head)) ||
                (st = def_var(r, SCHEMA_VAR_KV_HEAD, NC_INT, 1, &d_kv_head, &v_kv_head, NULL))))
         return st;
+    /* pattern_dest_src: the source (key) position, as long as position */
+    int d_src_pos = -1, v_src_pos = -1;
+    if (on[PATCH_PATTERN_DEST_SRC] &&
+        ((st = dim_id(f, SCHEMA_DIM_SRC_POSITION, max_T, &d_src_pos)) ||
+         (st = def_var(r, SCHEMA_VAR_SRC_POSITION, NC_INT, 1, &d_src_pos, &v_src_pos, NULL))))
+        return st;
     int v_layer, v_pos, v_head, v_layer_label;
     if ((st = def_var(r, SCHEMA_VAR_LAYER, NC_INT, 1, &d_layer, &v_layer, SCHEMA_LAYER_LONG_NAME)) ||
         (st = def_var(r, SCHEMA_VAR_LAYER_LABEL, NC_STRING, 1, &d_layer, &v_layer_label,
@@ -582,14 +590,15 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
         r->var_raw[c] = r->var_norm[c] = -1;
         if (!on[c])
             continue;
-        size_t shape[3];
-        const char *dn[3];
+        size_t shape[PATCH_GRID_MAX_DIMS];
+        const char *dn[PATCH_GRID_MAX_DIMS];
         size_t nd = patch_grid_shape((patch_component)c, &m->cfg, max_T, shape, dn);
-        int dims[4] = {d_prompt};
+        int dims[PATCH_GRID_MAX_DIMS + 1] = {d_prompt};
         for (size_t k = 0; k < nd; k++)
             dims[k + 1] = !strcmp(dn[k], SCHEMA_DIM_LAYER)      ? d_layer
                           : !strcmp(dn[k], SCHEMA_DIM_POSITION) ? d_pos
                           : !strcmp(dn[k], SCHEMA_DIM_KV_HEAD)  ? d_kv_head
+                          : !strcmp(dn[k], SCHEMA_DIM_SRC_POSITION) ? d_src_pos
                                                                 : d_head;
         char raw[64], name[80], lname[160];
         const char *cn = raw;
@@ -608,7 +617,7 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
             (st = ncout_check(nc_def_var_fill(f->ncid, r->var_norm[c], 0, &fill), f->tmp_path, name)))
             return st;
     }
-    const int dim_ids[5] = {d_prompt, d_layer, d_pos, d_head, d_kv_head};
+    const int dim_ids[6] = {d_prompt, d_layer, d_pos, d_head, d_kv_head, d_src_pos};
     for (size_t k = 1; k < metrics->n; k++)
         if ((st = define_metric(r, &m->cfg, k, dim_ids)))
             return st;
@@ -630,6 +639,8 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
         st = ncout_check(nc_put_var_int(f->ncid, v_head, idx), f->tmp_path, SCHEMA_VAR_HEAD);
     if (!st && v_kv_head >= 0)
         st = ncout_check(nc_put_var_int(f->ncid, v_kv_head, idx), f->tmp_path, SCHEMA_VAR_KV_HEAD);
+    if (!st && v_src_pos >= 0)
+        st = ncout_check(nc_put_var_int(f->ncid, v_src_pos, idx), f->tmp_path, SCHEMA_VAR_SRC_POSITION);
     free(idx);
     for (size_t l = 0; l < r->n_layer && st == PS_OK; l++) {
         char label[32];
@@ -735,7 +746,7 @@ static ps_status stage_init(ncout_results *r)
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!r->on[c])
             continue;
-        size_t shape[3];
+        size_t shape[PATCH_GRID_MAX_DIMS];
         size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
         stage_add(r, r->var_raw[c], NC_FLOAT, nd, shape);
         stage_add(r, r->var_norm[c], NC_FLOAT, nd, shape);
@@ -746,7 +757,7 @@ static ps_status stage_init(ncout_results *r)
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
             if (!r->on[c])
                 continue;
-            size_t shape[3];
+            size_t shape[PATCH_GRID_MAX_DIMS];
             size_t nd = patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL);
             stage_add(r, r->var_m_raw[k][c], NC_FLOAT, nd, shape);
             stage_add(r, r->var_m_norm[k][c], NC_FLOAT, nd, shape);
@@ -785,7 +796,8 @@ ps_status ncout_results_flush(ncout_results *r)
         /* prompts base+a .. base+b-1, one call per variable */
         for (size_t i = 0; i < g->n_vars && st == PS_OK; i++) {
             const ncout_staged *v = &g->vars[i];
-            size_t start[4] = {g->base + a, 0, 0, 0}, count[4] = {b - a, 1, 1, 1};
+            size_t start[PATCH_GRID_MAX_DIMS + 1] = {g->base + a, 0, 0, 0, 0},
+                   count[PATCH_GRID_MAX_DIMS + 1] = {b - a, 1, 1, 1, 1};
             for (size_t k = 0; k < v->nd; k++)
                 count[k + 1] = v->shape[k];
             char what[NC_MAX_NAME + 1] = "?";
@@ -886,22 +898,25 @@ static void stage_grids(ncout_results *r, size_t slot, size_t T, const int *var_
         if (!r->on[c])
             continue;
         /* The grid for T positions into the window's rows of max_T
-         * positions: position axis (if any) is the second. */
-        size_t shape[3], full[3];
+         * positions: the position axis (if any) is the second, and
+         * pattern_dest_src's src_position the third. */
+        size_t shape[PATCH_GRID_MAX_DIMS], full[PATCH_GRID_MAX_DIMS];
         const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
         patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
-        const size_t inner = nd == 3 ? shape[2] : 1;
+        for (size_t k = nd; k < PATCH_GRID_MAX_DIMS; k++)
+            shape[k] = full[k] = 1;
         float *raw = cell(r, var_raw[c], slot), *norm = cell(r, var_norm[c], slot);
         for (size_t l = 0; l < shape[0]; l++)
             for (size_t k = 0; k < shape[1]; k++)
-                for (size_t h = 0; h < inner; h++) {
-                    const double v = values[c][(l * shape[1] + k) * inner + h];
-                    const size_t o = (l * full[1] + k) * inner + h;
-                    raw[o] = (float)v;
-                    /* normalized = (patched - corrupted) / (clean - corrupted),
-                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
-                    norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
-                }
+                for (size_t s2 = 0; s2 < shape[2]; s2++)
+                    for (size_t h = 0; h < shape[3]; h++) {
+                        const double v = values[c][((l * shape[1] + k) * shape[2] + s2) * shape[3] + h];
+                        const size_t o = ((l * full[1] + k) * full[2] + s2) * full[3] + h;
+                        raw[o] = (float)v;
+                        /* normalized = (patched - corrupted) / (clean - corrupted),
+                         * NaN when the clean and corrupted runs agree (as patch_normalize) */
+                        norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
+                    }
     }
 }
 
@@ -960,12 +975,12 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
                                  const double *values, const char *long_name, int *var_out)
 {
     ncout_file *f = r->f;
-    size_t shape[3];
-    const char *dn[3];
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const char *dn[PATCH_GRID_MAX_DIMS];
     const size_t nd = patch_grid_shape(c, &m->cfg, r->max_T, shape, dn);
     char name[96];
     snprintf(name, sizeof name, "%s%s", patch_component_name(c), suffix);
-    int var, dims[4];
+    int var, dims[PATCH_GRID_MAX_DIMS + 1];
     ps_status st = PS_OK;
     if (nc_inq_varid(f->ncid, name, &var) != NC_NOERR) {
         if ((st = ncout_check(nc_inq_dimid(f->ncid, SCHEMA_DIM_PROMPT, &dims[0]), f->tmp_path, name)))
@@ -979,17 +994,20 @@ ps_status ncout_results_put_grid(ncout_results *r, model *m, patch_component c, 
             return st;
     }
     /* this prompt's T may be below max_T: its positions past T stay fill */
-    size_t gs[3];
+    size_t gs[PATCH_GRID_MAX_DIMS];
     patch_grid_shape(c, &m->cfg, r->max_T, gs, NULL);
     size_t n = 1;
     for (size_t k = 0; k < nd; k++)
         n *= gs[k];
+    for (size_t k = nd; k < PATCH_GRID_MAX_DIMS; k++)
+        gs[k] = 1;
     float *buf = malloc(n * sizeof *buf);
     if (!buf)
         return err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
     for (size_t i = 0; i < n; i++)
         buf[i] = (float)values[i];
-    size_t start[4] = {prompt, 0, 0, 0}, count[4] = {1, gs[0], gs[1], nd == 3 ? gs[2] : 1};
+    size_t start[PATCH_GRID_MAX_DIMS + 1] = {prompt, 0, 0, 0, 0},
+           count[PATCH_GRID_MAX_DIMS + 1] = {1, gs[0], gs[1], gs[2], gs[3]};
     st = ncout_check(nc_put_vara_float(f->ncid, var, start, count, buf), f->tmp_path, name);
     free(buf);
     if (var_out)

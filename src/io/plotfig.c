@@ -117,7 +117,8 @@ static ps_status describe_grid(const ncin_file *f, agg_pool *pl, const char *nam
 }
 
 /* The variables --var names (see the help text). */
-static ps_status resolve_grid_vars(const ncin_file *f, agg_pool *pl, const char *spec, grid_var **out, size_t *n_out)
+static ps_status resolve_grid_vars(const ncin_file *f, agg_pool *pl, const agg_select *sel, const char *spec,
+                                   grid_var **out, size_t *n_out)
 {
     char **names;
     size_t n_names;
@@ -148,6 +149,17 @@ static ps_status resolve_grid_vars(const ncin_file *f, agg_pool *pl, const char 
         for (size_t i = 0; i < n_names && st == PS_OK; i++) {
             if (!ends_with(names[i], SCHEMA_NORMALIZED_SUFFIX))
                 continue;
+            /* --var all: grids of other shapes (pattern_dest_src's dest x src,
+             * a kv_head axis) are left out with a note, not refused */
+            ncin_var v;
+            grid_kind k;
+            if (spec && ncin_inq_var(f, names[i], &v) == PS_OK && !grid_kind_of(&v, &k)) {
+                char have[512];
+                ncin_describe(&v, have, sizeof have);
+                agg_note(sel, "%s: not drawn (only (layer, position), (layer, head) and (layer, position, head) "
+                              "grids are)", have);
+                continue;
+            }
             if (spec)
                 st = describe_grid(f, pl, names[i], &gv[n++]);
             else if (!first)
@@ -521,7 +533,7 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
     ps_status st;
     grid_var *gv;
     size_t n_vars;
-    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &c.n_prompt)) ||
+    if ((st = resolve_grid_vars(f, pl, &a->sel, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &c.n_prompt)) ||
         (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &c.n_layer)))
         return st;
     bool position_wise = false, any_head = false;
@@ -656,7 +668,7 @@ static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_op
         return err_set(PS_ERR_INVALID,
                        "%s: no roles in this file (--by-role needs a sweep of a dataset whose items name roles)",
                        f->path);
-    if ((st = resolve_grid_vars(f, pl, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &n_layer)) ||
+    if ((st = resolve_grid_vars(f, pl, &a->sel, a->vars, &gv, &n_vars)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &n_layer)) ||
         (st = agg_dim_len(f, SCHEMA_DIM_ROLE, &n_role)))
         return st;
     ncin_var rv;

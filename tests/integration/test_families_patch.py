@@ -51,6 +51,14 @@ CASES = [
 ]
 COMPONENTS = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "z", "z_all_pos", "q_all_pos", "k_all_pos",
               "v_all_pos", "pattern_all_pos"]
+# The by-position head grids (issue 19) on the grouped-query Llama (k, v per
+# key/value head; hook_q / hook_k before the rotary embedding) and the NeoX
+# model with partial rotary; pattern_dest_src (L x T x T x H cells, the
+# reference's loop ~5 ms a cell) with logit_diff denoising only.
+BY_POS = {"llama_gqa": ["q", "k", "v", "pattern", "pattern_dest_src"],
+          "neox_sequential": ["q", "k", "v", "pattern"]}
+# TransformerLens' layouts (the reference's) to ours, where the head is last
+TO_OURS = {"pattern": (0, 2, 1), "pattern_dest_src": (0, 2, 3, 1)}
 ids = lambda v: ",".join(map(str, v))  # noqa: E731
 
 
@@ -76,10 +84,11 @@ with tempfile.TemporaryDirectory() as tmp:
         of.write_model(mdir, fam, seed=len(name) + 1, **opts)
         ref = of.Family(mdir)
         par = fam == "neox" and opts.get("parallel", True)
-        comps = [c for c in COMPONENTS if not (par and c == "resid_mid")]
         combos = [("logit_diff", "denoise"), ("kl", "noise")] if QUICK else \
             [(m, d) for m in ("logit_diff", "kl") for d in ("denoise", "noise")]
         for metric, direction in combos:
+            comps = [c for c in COMPONENTS if not (par and c == "resid_mid")] + [
+                c for c in BY_POS.get(name, []) if c != "pattern_dest_src" or (metric, direction) == combos[0]]
             grids = {e: patch_json(mdir, comps, metric, direction, e) for e in ("naive", "fast")}
             if not check(f"{name}: patch --clean-ids ({metric}, {direction})",
                          all(g[0] is not None for g in grids.values()), [g[1] for g in grids.values()]):
@@ -88,6 +97,8 @@ with tempfile.TemporaryDirectory() as tmp:
             scale = max(1.0, abs(grids["naive"][1]["clean_metric"]), abs(grids["naive"][1]["corrupted_metric"]))
             for c in comps:
                 want = of.patch_grid(ref, CLEAN, CORRUPTED, ANSWER, WRONG, c, metric, direction)
+                if c in TO_OURS:
+                    want = want.transpose(TO_OURS[c])
                 e_or = float(np.abs(naive[c] - want).max()) / scale if naive[c].shape == want.shape else np.inf
                 e_en = float(np.abs(naive[c] - fast[c]).max()) / scale if naive[c].shape == fast[c].shape else np.inf
                 worst_oracle[name] = max(worst_oracle.get(name, 0.0), e_or)
@@ -172,13 +183,34 @@ with tempfile.TemporaryDirectory() as tmp:
     bad = os.path.join(tmp, "bad.jsonl")
     with open(bad, "w") as f:
         f.write(json.dumps({"clean": "a", "corrupted": "b", "answer": " c", "wrong": " d"}) + "\n")
-    comps = "resid_pre,attn_out,z,k_all_pos,v_all_pos"
+    comps = "resid_pre,attn_out,z,k_all_pos,v_all_pos,q,k,pattern,pattern_dest_src"
     job = os.path.join(tmp, "job.ini")
     with open(job, "w") as f:
         f.write(f"[model]\ndir = llama_gqa\n[data]\ndataset = ids.jsonl\n[patch]\ncomponents = {comps}\n"
                 f"[run]\noutput = sweep.nc\nchunk_prompts = 2\n")
     r = run(["sweep", job, "--output", os.path.join(tmp, "sweep.nc")], ranks=2)
-    if check("sweep (2 ranks) of a Llama-shaped model on an ids dataset", r.returncode == 0, r.stderr):
+    r1 = run(["sweep", job, "--output", os.path.join(tmp, "sweep1.nc")])
+    if check("sweep (2 ranks, and 1) of a Llama-shaped model on an ids dataset", r.returncode == 0 and
+             r1.returncode == 0, r.stderr + r1.stderr):
+        with xr.open_dataset(os.path.join(tmp, "sweep.nc")) as d2, xr.open_dataset(os.path.join(tmp, "sweep1.nc")) as d1:
+            check("sweep: 2 ranks = 1 rank bit for bit, the by-position head grids included",
+                  all(np.array_equal(d2[c].values, d1[c].values, equal_nan=True) for c in comps.split(",")))
+            check("sweep: k per key/value head, pattern_dest_src (prompt, layer, position, src_position, head)",
+                  d2["k"].dims == ("prompt", "layer", "position", "kv_head") and
+                  d2["pattern_dest_src"].dims == ("prompt", "layer", "position", "src_position", "head") and
+                  d2.sizes["src_position"] == d2.sizes["position"], (d2["k"].dims, d2["pattern_dest_src"].dims))
+        # two slices merged = the whole sweep (the parts' position and
+        # src_position lengths are their own longest prompts')
+        parts = [os.path.join(tmp, f"part{k}.nc") for k in (1, 2)]
+        rs = [run(["sweep", job, "--slice", f"{k}/2", "--output", parts[k - 1]]) for k in (1, 2)]
+        rm = run(["merge", *parts, "-o", os.path.join(tmp, "merged.nc")])
+        if check("sweep --slice 1/2, 2/2 and merge", all(x.returncode == 0 for x in rs + [rm]),
+                 "".join(x.stderr for x in rs + [rm])):
+            with xr.open_dataset(os.path.join(tmp, "merged.nc")) as dm, \
+                    xr.open_dataset(os.path.join(tmp, "sweep1.nc")) as d1, xr.open_dataset(parts[0]) as p1:
+                check("merge of the slices = the whole sweep, pattern_dest_src padded on both position axes",
+                      all(np.array_equal(dm[c].values, d1[c].values, equal_nan=True) for c in comps.split(","))
+                      and dm.sizes["src_position"] == d1.sizes["src_position"], (dict(dm.sizes), dict(p1.sizes)))
         with xr.open_dataset(os.path.join(tmp, "sweep.nc")) as ds:
             check("sweep: k_all_pos per key/value head", ds["k_all_pos"].dims[-1] == "kv_head" and
                   ds.sizes["kv_head"] == 2, ds["k_all_pos"].dims)
@@ -193,7 +225,8 @@ with tempfile.TemporaryDirectory() as tmp:
                 for comp, v in pj["components"].items():
                     grid = np.array(v["values"]).reshape(v["shape"])
                     mine = ds[comp].values[i]
-                    mine = mine[:, :T] if comp in ("resid_pre", "attn_out", "z") else mine
+                    mine = mine[:, :T, :T] if comp == "pattern_dest_src" else \
+                        mine[:, :T] if comp in ("resid_pre", "attn_out", "z", "q", "k", "pattern") else mine
                     ok = ok and np.allclose(grid, mine, rtol=1e-6, atol=1e-6)
             check("sweep = patch --clean-ids for every item", ok)
     r = run(["evaluate", "--model", mdir, "--dataset", data, "--json"])

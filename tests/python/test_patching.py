@@ -7,7 +7,8 @@ from conftest import CAPITALS, CLEAN, CORRUPTED, EMBEDDED, cli, close
 
 ARGS = ["patch", "--model", EMBEDDED, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " John", "--wrong",
         " Mary", "--json"]
-ALL = "resid_pre,resid_mid,attn_out,mlp_out,z,z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos"
+ALL = "resid_pre,resid_mid,attn_out,mlp_out,z,z_all_pos,q_all_pos,k_all_pos,v_all_pos,pattern_all_pos," \
+      "q,k,v,pattern,pattern_dest_src"
 
 
 @pytest.mark.parametrize("metric,direction,engine", [("logit_diff", "denoise", "fast"), ("kl", "noise", "fast"),
@@ -39,6 +40,15 @@ def test_named_grids_and_labels(ps, model):
     assert heads.dims == ("layer", "head") and heads.shape == (4, 4)
     z = ps.patching.get_act_patch_attn_head_out_by_pos(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary")
     assert z.dims == ("layer", "position", "head")
+    by_pos = ps.patching.get_act_patch_attn_head_by_pos_every(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary")
+    assert by_pos.dims == ("component", "layer", "position", "head") and list(by_pos.component.values) == [
+        "z", "q", "k", "v", "pattern"]
+    assert np.array_equal(by_pos.sel(component="z").values, z.values)
+    ds = ps.patching.get_act_patch_attn_head_pattern_dest_src_pos(model, CORRUPTED, CLEAN, answer=" John",
+                                                                   wrong=" Mary")
+    assert ds.dims == ("layer", "position", "src_position", "head") and ds.shape == (4, 17, 17, 4)
+    # TransformerLens' own layout of this grid is (layer, head, dest_pos, src_pos)
+    assert ds.transpose("layer", "head", "position", "src_position").shape == (4, 4, 17, 17)
 
 
 def test_custom_metric_naive(ps, model):
@@ -118,9 +128,16 @@ def test_llama_grids_equal_cli(ps, tmp_path):
     for engine in ("fast", "naive"):
         ref = cli("patch", "--model", d, "--clean-ids", ids(clean), "--corrupted-ids", ids(corrupted),
                   "--answer-id", str(answer), "--wrong-id", str(wrong), "--components",
-                  "resid_pre,attn_out,z_all_pos,k_all_pos", "--engine", engine, "--json")
+                  "resid_pre,attn_out,z_all_pos,k_all_pos,k,v,pattern_dest_src", "--engine", engine, "--json")
         for comp, r in ref["components"].items():
             g = ps.patching.get_act_patch(m, comp, corrupted, clean, answer=answer, wrong=wrong, engine=engine)
             assert list(g.dims) == r["dims"] and list(g.shape) == r["shape"], comp
             assert np.array_equal(g.values.ravel(), np.array(r["values"])), (engine, comp)
-        assert ref["components"]["k_all_pos"]["shape"][1] == 2
+        assert ref["components"]["k_all_pos"]["shape"][1] == 2 and ref["components"]["k"]["shape"][2] == 2
+    # the custom-metric engine's slices (per key/value head for k, v; one
+    # pattern entry) equal the built-in naive engine's
+    for comp in ("k", "v", "pattern", "pattern_dest_src"):
+        g = ps.patching.get_act_patch(m, comp, corrupted, clean, metric=lambda lg: lg[0, -1, answer] - lg[0, -1, wrong])
+        ref = ps.patching.get_act_patch(m, comp, corrupted, clean, answer=answer, wrong=wrong, engine="naive")
+        assert g.dims == ref.dims, comp
+        close(g.values, ref.values, rel=1e-5)

@@ -315,8 +315,14 @@ class Family:
 
 # ---- activation patching: the naive loop (TransformerLens' get_act_patch_*) ----
 
-# component -> (hook suffix, grid axes); k/v index the key/value heads
+# component -> (hook suffix, grid axes); k/v index the key/value heads.
+# pattern and pattern_dest_src in TransformerLens' own layouts,
+# get_act_patch_attn_head_pattern_by_pos (layer, head, dest_pos) and
+# get_act_patch_attn_head_pattern_dest_src_pos (layer, head, dest_pos,
+# src_pos): the one row or entry overwritten, the row not renormalised.
 PATCH_HOOKS = {
+    "q": ("attn.hook_q", "pos_head"), "k": ("attn.hook_k", "pos_head"), "v": ("attn.hook_v", "pos_head"),
+    "pattern": ("attn.hook_pattern", "head_dest"), "pattern_dest_src": ("attn.hook_pattern", "head_dest_src"),
     "resid_pre": ("hook_resid_pre", "pos"), "resid_mid": ("hook_resid_mid", "pos"),
     "attn_out": ("hook_attn_out", "pos"), "mlp_out": ("hook_mlp_out", "pos"),
     "z": ("attn.hook_z", "pos_head"), "z_all_pos": ("attn.hook_z", "head"),
@@ -345,8 +351,9 @@ def patch_grid(fam, clean, corrupted, answer, wrong, comp, metric="logit_diff", 
     suffix, axes = PATCH_HOOKS[comp]
     L, T = fam.c["num_hidden_layers"], len(clean)
     probe = src[f"blocks.0.{suffix}"]
-    heads = probe.shape[0] if axes == "pattern" else (probe.shape[1] if probe.dim() == 3 else 0)
-    shape = {"pos": (L, T), "pos_head": (L, T, heads), "head": (L, heads), "pattern": (L, heads)}[axes]
+    heads = probe.shape[0] if axes.startswith(("pattern", "head_dest")) else (probe.shape[1] if probe.dim() == 3 else 0)
+    shape = {"pos": (L, T), "pos_head": (L, T, heads), "head": (L, heads), "pattern": (L, heads),
+             "head_dest": (L, heads, T), "head_dest_src": (L, heads, T, T)}[axes]
     out = np.zeros(shape)
     for idx in np.ndindex(*shape):
         name = f"blocks.{idx[0]}.{suffix}"
@@ -359,6 +366,10 @@ def patch_grid(fam, clean, corrupted, answer, wrong, comp, metric="logit_diff", 
                 x[idx[1], idx[2]] = s[idx[1], idx[2]]
             elif axes == "head":
                 x[:, idx[1]] = s[:, idx[1]]
+            elif axes == "head_dest":
+                x[idx[1], idx[2]] = s[idx[1], idx[2]]
+            elif axes == "head_dest_src":
+                x[idx[1], idx[2], idx[3]] = s[idx[1], idx[2], idx[3]]
             else:
                 x[idx[1]] = s[idx[1]]
             return x

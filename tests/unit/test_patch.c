@@ -50,13 +50,16 @@ static int teardown(void **state)
     return 0;
 }
 
-/* All cells of all components of all pairs. */
-static patch_cell *all_cells(const fixture *fx, size_t *n)
+/* All cells of all components of all pairs (pattern_dest_src, T x T cells
+ * a head, only with_dest_src: its cost is that of all the others twice over). */
+static patch_cell *all_cells(const fixture *fx, size_t *n, bool with_dest_src)
 {
     patch_cell *all = NULL;
     size_t total = 0;
     for (uint32_t p = 0; p < N_PAIRS; p++)
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (c == PATCH_PATTERN_DEST_SRC && !with_dest_src)
+                continue;
             patch_cell *cells;
             size_t k;
             assert_int_equal(patch_grid_cells((patch_component)c, &fx->tm.m.cfg, p, fx->pairs[p].T, &cells, &k), PS_OK);
@@ -72,7 +75,7 @@ static patch_cell *all_cells(const fixture *fx, size_t *n)
 static void check_engines_agree(fixture *fx, patch_metric metric, patch_direction dir)
 {
     size_t n;
-    patch_cell *cells = all_cells(fx, &n);
+    patch_cell *cells = all_cells(fx, &n, metric == PATCH_LOGIT_DIFF);
     double *naive = malloc(n * sizeof *naive), *fast = malloc(n * sizeof *fast), *split = malloc(n * sizeof *split);
     patch_opts o = {.metric = metric, .direction = dir, .engine = PATCH_ENGINE_NAIVE};
     assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, cells, n, &o, naive), PS_OK);
@@ -85,11 +88,11 @@ static void check_engines_agree(fixture *fx, patch_metric metric, patch_directio
         double tol = metric == PATCH_PROB ? 1e-5 * fmax(fabs(naive[i]), 1e-3) : 1e-4 * fmax(1.0, fabs(naive[i]));
         double e = fmax(fabs(fast[i] - naive[i]), fabs(split[i] - naive[i]));
         if (!(e <= tol))
-            fail_msg("%s %s cell %zu (component %s, layer %u, position %u, head %u, pair %u): naive %.9g fast %.9g "
-                     "split %.9g",
+            fail_msg("%s %s cell %zu (component %s, layer %u, position %u, src_position %u, head %u, pair %u): "
+                     "naive %.9g fast %.9g split %.9g",
                      patch_metric_name(metric), dir == PATCH_DENOISE ? "denoise" : "noise", i,
                      patch_component_name((patch_component)cells[i].component), cells[i].layer, cells[i].position,
-                     cells[i].head, cells[i].pair, naive[i], fast[i], split[i]);
+                     cells[i].src_position, cells[i].head, cells[i].pair, naive[i], fast[i], split[i]);
         worst = fmax(worst, e / tol);
     }
     /* Grouping must not change a single bit. */
@@ -117,7 +120,7 @@ static void test_several_metrics(void **state)
 {
     fixture *fx = *state;
     size_t n;
-    patch_cell *cells = all_cells(fx, &n);
+    patch_cell *cells = all_cells(fx, &n, false);
     patch_metric_list list;
     assert_int_equal(patch_metric_list_parse(" kl, logit_diff ,prob,logprob", &list), PS_OK);
     assert_int_equal(list.n, 4);
@@ -205,22 +208,48 @@ static void test_parse_and_shapes(void **state)
     assert_false(on[PATCH_RESID_MID]);
     assert_int_equal(patch_components_parse("head_all_pos_every", on), PS_OK);
     assert_true(on[PATCH_PATTERN_ALL_POS] && !on[PATCH_Z]);
+    assert_int_equal(patch_components_parse("head_by_pos_every", on), PS_OK);
+    assert_true(on[PATCH_Z] && on[PATCH_Q] && on[PATCH_K] && on[PATCH_V] && on[PATCH_PATTERN]);
+    assert_false(on[PATCH_PATTERN_DEST_SRC] || on[PATCH_Z_ALL_POS] || on[PATCH_RESID_PRE]);
+    assert_int_equal(patch_components_parse("pattern_dest_src", on), PS_OK);
+    assert_true(on[PATCH_PATTERN_DEST_SRC] && !on[PATCH_PATTERN]);
     assert_int_equal(patch_components_parse("resid_pre,bogus", on), PS_ERR_INVALID);
     assert_non_null(strstr(err_msg(), "bogus"));
     patch_metric m;
     assert_int_equal(patch_metric_parse("kl", &m), PS_OK);
     assert_int_equal(m, PATCH_KL);
     assert_int_equal(patch_metric_parse("accuracy", &m), PS_ERR_INVALID);
-    size_t shape[3];
-    const char *dn[3];
+    size_t shape[PATCH_GRID_MAX_DIMS];
+    const char *dn[PATCH_GRID_MAX_DIMS];
     assert_int_equal(patch_grid_shape(PATCH_Z, &fx->tm.m.cfg, 9, shape, dn), 3);
     assert_int_equal(shape[0] * shape[1] * shape[2], 3 * 9 * 4);
     assert_int_equal(patch_grid_shape(PATCH_V_ALL_POS, &fx->tm.m.cfg, 9, shape, dn), 2);
     assert_string_equal(dn[1], "head");
+    for (int c = PATCH_Q; c <= PATCH_PATTERN; c++) {
+        assert_int_equal(patch_grid_shape((patch_component)c, &fx->tm.m.cfg, 9, shape, dn), 3);
+        assert_true(shape[0] == 3 && shape[1] == 9 && shape[2] == 4);
+        assert_string_equal(dn[1], "position");
+        assert_string_equal(dn[2], "head");
+    }
+    /* (layer, position = destination, src_position, head), row-major */
+    assert_int_equal(patch_grid_shape(PATCH_PATTERN_DEST_SRC, &fx->tm.m.cfg, 9, shape, dn), 4);
+    assert_true(shape[0] == 3 && shape[1] == 9 && shape[2] == 9 && shape[3] == 4);
+    assert_string_equal(dn[2], "src_position");
+    assert_string_equal(dn[3], "head");
+    assert_int_equal(patch_grid_size(PATCH_PATTERN_DEST_SRC, &fx->tm.m.cfg, 9), 3 * 9 * 9 * 4);
+    patch_cell *cells;
+    size_t n;
+    assert_int_equal(patch_grid_cells(PATCH_PATTERN_DEST_SRC, &fx->tm.m.cfg, 0, 9, &cells, &n), PS_OK);
+    assert_int_equal(n, 3 * 9 * 9 * 4);
+    const patch_cell *c7 = &cells[((2 * 9 + 5) * 9 + 3) * 4 + 1];
+    assert_true(c7->layer == 2 && c7->position == 5 && c7->src_position == 3 && c7->head == 1);
+    free(cells);
     patch_cell bad = {.pair = 0, .component = PATCH_RESID_PRE, .layer = 3};
     double v;
     patch_opts o = {0};
     assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &bad, 1, &o, &v), PS_ERR_RANGE);
+    patch_cell bad_src = {.pair = 0, .component = PATCH_PATTERN_DEST_SRC, .src_position = (uint16_t)fx->pairs[0].T};
+    assert_int_equal(patch_eval(&fx->tm.m, fx->pairs, N_PAIRS, &bad_src, 1, &o, &v), PS_ERR_RANGE);
 }
 
 /* A pair sent through its byte image gives the same values, bit for bit. */
