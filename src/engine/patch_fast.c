@@ -151,7 +151,7 @@ static const float *prefix_k(const forward_layer *bl, const model_config *cfg)
 
 /* Attention of the active jobs: job j's query rows [qa_j, T_j) for every
  * head (ops_attention: keys/values of rows < row0 from the base run's cache,
- * the rest from the job's stacked rows), jobs dealt round-robin to the threads.
+ * the rest from the job's stacked rows), jobs split among the threads by cost.
  * Rotary families: each thread first rotates its jobs' key rows [row0, T)
  * and query rows (with last_row_only the one query row per job, at T - 1);
  * a job's attention reads only its own rows, so this needs no barrier. */
@@ -176,6 +176,14 @@ static void rotate_job(const model *m, const fast_job *jb, size_t j, fast_buffer
         ops_rotary(b->qr + jb->off * qd, b->q + jb->off * qd, n, jb->row0, H, dh, rot, m->rope_cos, m->rope_sin);
 }
 
+/* A job's attention cost in key rows read: query rows [qa, T) read i + 1
+ * keys each, sum = (T (T + 1) - qa (qa + 1)) / 2 (at least 1). */
+static size_t attn_cost(const fast_job *jb, bool last_row_only)
+{
+    const size_t qa = last_row_only ? jb->T - 1 : jb->row0;
+    return (jb->T * (jb->T + 1) - qa * (qa + 1)) / 2 + 1;
+}
+
 static void attn_worker(void *arg, size_t tid, size_t nt)
 {
     const attn_task *t = arg;
@@ -183,8 +191,20 @@ static void attn_worker(void *arg, size_t tid, size_t nt)
     const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
     float *scratch = t->b->scratch + tid * cfg->n_positions;
     const float *q = attn_q(t->b, cfg), *k = attn_k(t->b, cfg);
-    for (size_t j = tid; j < t->n_jobs; j += nt) {
+    /* Contiguous runs of jobs of about equal cost per thread (a job goes to
+     * the thread whose share holds its cost's midpoint); job sizes differ
+     * by up to T times, so dealing them round-robin left one thread waiting. */
+    size_t total = 0;
+    for (size_t j = 0; j < t->n_jobs; j++)
+        total += attn_cost(&t->jobs[j], t->last_row_only);
+    const size_t lo = 2 * total * tid / nt, hi = 2 * total * (tid + 1) / nt;
+    size_t before = 0;
+    for (size_t j = 0; j < t->n_jobs; j++) {
         const fast_job *jb = &t->jobs[j];
+        const size_t c = attn_cost(jb, t->last_row_only), mid = 2 * before + c;
+        before += c;
+        if (mid < lo || mid >= hi)
+            continue;
         if (cfg->pos == MODEL_POS_ROTARY)
             rotate_job(t->m, jb, j, t->b, t->last_row_only);
         const forward_layer *bl = &jb->base->layers[t->layer];
