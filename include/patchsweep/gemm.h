@@ -77,7 +77,8 @@ void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, 
 
 typedef enum {
     GEMM_PLAIN, /* out = x W + b */
-    GEMM_GELU   /* out = gelu_new(x W + b), applied per panel while it is in cache */
+    GEMM_GELU,    /* out = gelu_new(x W + b), applied per panel while it is in cache */
+    GEMM_GELU_ERF /* out = gelu_erf(x W + b) (gemm_gelu_erf), likewise */
 } gemm_epilogue;
 
 /* out[rows, w->n] (row stride w->n) = epilogue(x[rows, w->k] @ W + bias);
@@ -108,6 +109,11 @@ void gemm_run_t_sum(float *dx, const float *const *dy, const gemm_weight *const 
  * computed as v / (1 + exp(-2u)) (the same function: 1 + tanh(u) =
  * 2 / (1 + exp(-2u))) with a vectorizable exp; relative error < 1e-6. */
 void gemm_gelu(float *x, size_t n);
+
+/* The exact GELU in place: x = 0.5 x (1 + erf(x / sqrt 2)) (HF's "gelu",
+ * GPT-NeoX); element by element, so applying it in the product
+ * (GEMM_GELU_ERF) or afterwards gives the same bits. */
+void gemm_gelu_erf(float *x, size_t n);
 
 /* Kernel variants: chosen once from the CPU (the widest it supports);
  * tests force each supported one to compare them. */

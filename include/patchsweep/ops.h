@@ -38,8 +38,13 @@ void ops_layernorm(float *out, const float *x, const float *w, const float *b, s
 void ops_layernorm_threaded(float *out, const float *x, const float *w, const float *b, size_t rows,
                             size_t d, float eps);
 
-/* out[i] = a[i] + b[i], i < n (the residual adds); out may be a. */
+/* out[i] = a[i] + b[i], i < n (the residual adds); out may be a or b.
+ * Split among the pool's threads (element-wise: the same bits). */
 void ops_add(float *out, const float *a, const float *b, size_t n);
+
+/* out[i] = (a[i] + b[i]) + c[i], in that order (the parallel residual:
+ * (mlp_out + attn_out) + resid_pre); out may be any input; threaded as ops_add. */
+void ops_add3(float *out, const float *a, const float *b, const float *c, size_t n);
 
 /* The QKV projection of rows, x [rows, d]:
  *   q = x Wq + bq [rows, H*dh], k = x Wk + bk, v = x Wv + bv [rows, H_kv*dh]

@@ -149,6 +149,71 @@ TARGET_AVX2 static void gelu_avx2(float *x, size_t n) { GELU_BODY(x, n); }
 TARGET_AVX512 static void gelu_avx512(float *x, size_t n) { GELU_BODY(x, n); }
 #endif
 
+/* erf(u), branch-free so that the loops below vectorize (libm's erff is
+ * scalar: it was 11% of the NeoX patching grid's time).  Two pieces, both
+ * computed and one selected:
+ *   |u| <= 1:  erf(u) = u P(u^2), P of degree 7 (relative error 4e-11);
+ *   |u| > 1:   erf(u) = sign(u) (1 - exp(-u^2) S(s)), s = (|u| - 2.5) / 1.5,
+ *              S ~ erfc(u) exp(u^2) of degree 12 (relative error 6e-9 of
+ *              erfc <= 0.16), |u| clamped to 4 (erfc(4) = 1.5e-8 rounds
+ *              1 - erfc to 1.0f).
+ * Least-squares fits on Chebyshev nodes (numpy), evaluated in double (in
+ * float the polynomials' rounding reached 3 ulp of erf), rounded to float
+ * once (test_gemm: test_gelu_erf_accuracy).  Plain
+ * multiplies and adds (no FMA contraction in ISO C mode), so every ISA's
+ * copy gives the same bits, as the tanh GELU. */
+static inline float erf_approx(float u)
+{
+    /* The high-order terms (at most 0.1 of the sum) in float, the last
+     * ones in double. */
+    const float af = u < 0.0f ? -u : u, tf = u * u;
+    float pf = -9.689740964376353e-06f;
+    pf = pf * tf + 0.00011274737904708396f;
+    pf = pf * tf - 0.000848543891356958f;
+    pf = pf * tf + 0.005221138695993439f;
+    pf = pf * tf - 0.026865475514888163f;
+    const double ud = u, a = af, t = ud * ud;
+    double p = (double)pf * t + 0.11283783443883375;
+    p = p * t - 0.37612638552827504;
+    p = p * t + 1.128379167080104;
+    const double small = ud * p;
+    const float acf = af < 4.0f ? af : 4.0f, sf = (acf - 2.5f) * (1.0f / 1.5f);
+    float qf = 1.2445648947110548e-05f;
+    qf = qf * sf - 3.665494840900244e-05f;
+    qf = qf * sf + 5.902049467583913e-05f;
+    qf = qf * sf - 0.00014469410950404364f;
+    qf = qf * sf + 0.0004099893438197334f;
+    qf = qf * sf - 0.0010163813257714528f;
+    qf = qf * sf + 0.0024040043781818647f;
+    qf = qf * sf - 0.0055676501173921745f;
+    qf = qf * sf + 0.012489175804615038f;
+    const double ac = acf, s = (ac - 2.5) * (1.0 / 1.5);
+    double q = (double)qf * s - 0.027005669797881052;
+    q = q * s + 0.05611051653091422;
+    q = q * s - 0.11152100739281137;
+    q = q * s + 0.21080636368941658;
+    /* exp in float: its relative error (about 1 ulp, times u^2 <= 16 for
+     * the rounding of u^2) is of erfc <= 0.16, below 0.3 ulp of erf */
+    const double big = 1.0 - (double)exp_clamped((float)-(ac * ac)) * q;
+    return (float)(a <= 1.0 ? small : u < 0.0f ? -big : big);
+}
+
+/* gelu_erf(v) = 0.5 v (1 + erf(v / sqrt 2)), one body per ISA as GELU_BODY. */
+#define GELU_ERF_BODY(x, n)                                                                                           \
+    do {                                                                                                              \
+        for (size_t i = 0; i < (n); i++) {                                                                            \
+            const float v = (x)[i];                                                                                   \
+            (x)[i] = 0.5f * v * (1.0f + erf_approx(v * 0.70710678118654752f));                                        \
+        }                                                                                                             \
+    } while (0)
+
+static void gelu_erf_c(float *x, size_t n) { GELU_ERF_BODY(x, n); }
+#ifdef GEMM_X86
+TARGET_AVX2 static void gelu_erf_avx2(float *x, size_t n) { GELU_ERF_BODY(x, n); }
+TARGET_AVX512 static void gelu_erf_avx512(float *x, size_t n) { GELU_ERF_BODY(x, n); }
+#endif
+
+
 /* ---- micro-kernels ---------------------------------------------------------
  * A tile is mr rows (mr <= the kernel's MR) of x times one panel:
  *   c[r, j] = sum_kk a[r*lda + kk] * b[kk*GEMM_NR + j] (+ bias[j]),  j < nc.
@@ -338,14 +403,15 @@ static const struct {
     size_t mr;
     tile_fn tile[3]; /* by gemm_dtype of the panels */
     void (*gelu)(float *x, size_t n);
+    void (*gelu_erf)(float *x, size_t n);
 } isa_table[GEMM_ISA_COUNT] = {
-    [GEMM_ISA_C] = {"c", MR_C, {tile_c, tile_c_f16, tile_c_bf16}, gelu_c},
+    [GEMM_ISA_C] = {"c", MR_C, {tile_c, tile_c_f16, tile_c_bf16}, gelu_c, gelu_erf_c},
 #ifdef GEMM_X86
-    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, {tile_avx2, tile_avx2_f16, tile_avx2_bf16}, gelu_avx2},
-    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, {tile_avx512, tile_avx512_f16, tile_avx512_bf16}, gelu_avx512},
+    [GEMM_ISA_AVX2] = {"avx2", MR_AVX2, {tile_avx2, tile_avx2_f16, tile_avx2_bf16}, gelu_avx2, gelu_erf_avx2},
+    [GEMM_ISA_AVX512] = {"avx512", MR_AVX512, {tile_avx512, tile_avx512_f16, tile_avx512_bf16}, gelu_avx512, gelu_erf_avx512},
 #else
-    [GEMM_ISA_AVX2] = {"avx2", MR_C, {NULL, NULL, NULL}, NULL},
-    [GEMM_ISA_AVX512] = {"avx512", MR_C, {NULL, NULL, NULL}, NULL},
+    [GEMM_ISA_AVX2] = {"avx2", MR_C, {NULL, NULL, NULL}, NULL, NULL},
+    [GEMM_ISA_AVX512] = {"avx512", MR_C, {NULL, NULL, NULL}, NULL, NULL},
 #endif
 };
 
@@ -399,6 +465,8 @@ void gemm_isa_set(gemm_isa isa)
 
 void gemm_gelu(float *x, size_t n) { isa_table[gemm_isa_get()].gelu(x, n); }
 
+void gemm_gelu_erf(float *x, size_t n) { isa_table[gemm_isa_get()].gelu_erf(x, n); }
+
 const char *gemm_isa_name(gemm_isa isa) { return isa < GEMM_ISA_COUNT ? isa_table[isa].name : "?"; }
 
 /* ---- driver ------------------------------------------------------------------ */
@@ -436,10 +504,10 @@ static void gemm_worker(void *arg, size_t tid, size_t nt)
                         t->bias ? t->bias + c0 : NULL);
             }
         }
-        if (t->ep == GEMM_GELU) {
+        if (t->ep != GEMM_PLAIN) {
             const size_t c0 = pg * GEMM_NR, c1 = pe * GEMM_NR < n ? pe * GEMM_NR : n;
             for (size_t i = 0; i < t->rows; i++)
-                gemm_gelu(t->out + i * n + c0, c1 - c0);
+                (t->ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(t->out + i * n + c0, c1 - c0);
         }
     }
 }
@@ -454,8 +522,8 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
         for (size_t i = 0; i < rows; i++)
             for (size_t j = 0; j < w->n; j++)
                 out[i * w->n + j] = bias ? bias[j] : 0.0f;
-        if (ep == GEMM_GELU)
-            gemm_gelu(out, rows * w->n);
+        if (ep != GEMM_PLAIN)
+            (ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(out, rows * w->n);
         return;
     }
     const size_t np = (w->n + GEMM_NR - 1) / GEMM_NR;

@@ -69,11 +69,6 @@ void ops_layernorm_threaded(float *out, const float *x, const float *w, const fl
 
 /* ---- residual, projections, MLP ----------------------------------------- */
 
-void ops_add(float *out, const float *a, const float *b, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        out[i] = a[i] + b[i];
-}
 
 void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const model_block *b)
 {
@@ -112,11 +107,43 @@ typedef struct {
 /* Elements per thread below which an element-wise step stays on one thread. */
 #define OPS_PAR_MIN_ELEMS 16384
 
+/* The residual sums on the pool's threads too: on one thread they were a
+ * serial step between the products (Amdahl), 1-2% of a patching grid. */
+typedef struct {
+    float *out;
+    const float *a, *b, *c;
+    size_t n;
+} add_task;
+
+static void add_worker(void *arg, size_t tid, size_t nt)
+{
+    const add_task *t = arg;
+    const size_t i0 = t->n * tid / nt, i1 = t->n * (tid + 1) / nt;
+    if (t->c)
+        for (size_t i = i0; i < i1; i++)
+            t->out[i] = (t->a[i] + t->b[i]) + t->c[i];
+    else
+        for (size_t i = i0; i < i1; i++)
+            t->out[i] = t->a[i] + t->b[i];
+}
+
+void ops_add(float *out, const float *a, const float *b, size_t n)
+{
+    add_task t = {out, a, b, NULL, n};
+    pool_run(n / OPS_PAR_MIN_ELEMS + 1, add_worker, &t);
+}
+
+void ops_add3(float *out, const float *a, const float *b, const float *c, size_t n)
+{
+    add_task t = {out, a, b, c, n};
+    pool_run(n / OPS_PAR_MIN_ELEMS + 1, add_worker, &t);
+}
+
 static void gelu_erf_worker(void *arg, size_t tid, size_t nt)
 {
     const elem_task *t = arg;
-    for (size_t i = t->n * tid / nt, e = t->n * (tid + 1) / nt; i < e; i++)
-        t->out[i] = 0.5f * t->out[i] * (1.0f + erff(t->out[i] * (float)M_SQRT1_2));
+    const size_t i0 = t->n * tid / nt, i1 = t->n * (tid + 1) / nt;
+    gemm_gelu_erf(t->out + i0, i1 - i0);
 }
 
 void ops_gelu_erf(float *x, size_t n)
@@ -230,9 +257,8 @@ void ops_mlp_act(float *out, float *h, float *g, const float *x, size_t rows, co
     const size_t m = b->fc_p.n;
     switch (act) {
     case MODEL_ACT_GELU_NEW: ops_mlp(out, h, x, rows, b); return;
-    case MODEL_ACT_GELU_ERF:
-        ops_mlp_fc(h, x, rows, b, GEMM_PLAIN);
-        ops_gelu_erf(h, rows * m);
+    case MODEL_ACT_GELU_ERF: /* fused: the same bits as ops_gelu_erf after a plain product */
+        ops_mlp_fc(h, x, rows, b, GEMM_GELU_ERF);
         break;
     case MODEL_ACT_SILU_GATED:
         ops_mlp_gate(g, x, rows, b);

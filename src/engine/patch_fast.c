@@ -160,25 +160,62 @@ static const float *prefix_k(const forward_layer *bl, const model_config *cfg)
 
 /* Attention of the active jobs: job j's query rows [qa_j, T_j) for every
  * head (ops_attention: keys/values of rows < row0 from the base run's cache,
- * the rest from the job's stacked rows), jobs dealt round-robin to the threads. */
+ * the rest from the job's stacked rows), jobs split among the threads by cost.
+ * Rotary families: each thread first rotates its jobs' key rows [row0, T)
+ * and query rows (with last_row_only the one query row per job, at T - 1);
+ * a job's attention reads only its own rows, so this needs no barrier. */
 typedef struct {
     const fast_job *jobs;
     size_t n_jobs;
     fast_buffers *b;
-    const model_config *cfg;
+    const model *m;
     size_t layer;
     bool last_row_only; /* last block: one query row per job, stacked at j*qd */
 } attn_task;
 
+static void rotate_job(const model *m, const fast_job *jb, size_t j, fast_buffers *b, bool last_row_only)
+{
+    const model_config *cfg = &m->cfg;
+    const size_t H = cfg->n_head, Hkv = model_kv_heads(cfg), dh = cfg->d_head, rot = cfg->rotary_dim;
+    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg), n = jb->T - jb->row0;
+    ops_rotary(b->kr + jb->off * kvd, b->k + jb->off * kvd, n, jb->row0, Hkv, dh, rot, m->rope_cos, m->rope_sin);
+    if (last_row_only)
+        ops_rotary(b->qr + j * qd, b->q + j * qd, 1, jb->T - 1, H, dh, rot, m->rope_cos, m->rope_sin);
+    else
+        ops_rotary(b->qr + jb->off * qd, b->q + jb->off * qd, n, jb->row0, H, dh, rot, m->rope_cos, m->rope_sin);
+}
+
+/* A job's attention cost in key rows read: query rows [qa, T) read i + 1
+ * keys each, sum = (T (T + 1) - qa (qa + 1)) / 2 (at least 1). */
+static size_t attn_cost(const fast_job *jb, bool last_row_only)
+{
+    const size_t qa = last_row_only ? jb->T - 1 : jb->row0;
+    return (jb->T * (jb->T + 1) - qa * (qa + 1)) / 2 + 1;
+}
+
 static void attn_worker(void *arg, size_t tid, size_t nt)
 {
     const attn_task *t = arg;
-    const model_config *cfg = t->cfg;
+    const model_config *cfg = &t->m->cfg;
     const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
     float *scratch = t->b->scratch + tid * cfg->n_positions;
     const float *q = attn_q(t->b, cfg), *k = attn_k(t->b, cfg);
-    for (size_t j = tid; j < t->n_jobs; j += nt) {
+    /* Contiguous runs of jobs of about equal cost per thread (a job goes to
+     * the thread whose share holds its cost's midpoint); job sizes differ
+     * by up to T times, so dealing them round-robin left one thread waiting. */
+    size_t total = 0;
+    for (size_t j = 0; j < t->n_jobs; j++)
+        total += attn_cost(&t->jobs[j], t->last_row_only);
+    const size_t lo = 2 * total * tid / nt, hi = 2 * total * (tid + 1) / nt;
+    size_t before = 0;
+    for (size_t j = 0; j < t->n_jobs; j++) {
         const fast_job *jb = &t->jobs[j];
+        const size_t c = attn_cost(jb, t->last_row_only), mid = 2 * before + c;
+        before += c;
+        if (mid < lo || mid >= hi)
+            continue;
+        if (cfg->pos == MODEL_POS_ROTARY)
+            rotate_job(t->m, jb, j, t->b, t->last_row_only);
         const forward_layer *bl = &jb->base->layers[t->layer];
         const size_t oq = t->last_row_only ? j * qd : jb->off * qd, okv = jb->off * kvd;
         ops_attention(t->b->z + oq, q + oq, t->last_row_only ? jb->T - 1 : jb->row0, jb->T, prefix_k(bl, cfg), bl->v,
@@ -187,32 +224,11 @@ static void attn_worker(void *arg, size_t tid, size_t nt)
     }
 }
 
-static void attention_jobs(const fast_job *jobs, size_t n_jobs, fast_buffers *b, const model_config *cfg,
-                           size_t layer, bool last_row_only)
+static void attention_jobs(const fast_job *jobs, size_t n_jobs, fast_buffers *b, const model *m, size_t layer,
+                           bool last_row_only)
 {
-    attn_task t = {jobs, n_jobs, b, cfg, layer, last_row_only};
+    attn_task t = {jobs, n_jobs, b, m, layer, last_row_only};
     pool_run(n_jobs < b->threads ? n_jobs : b->threads, attn_worker, &t);
-}
-
-/* Rotary families: rotate the active jobs' key rows [row0, T) (and query
- * rows, or with last_row_only the one query row per job at T - 1). */
-static void rotate_jobs(const model *m, const fast_job *jobs, size_t n_jobs, fast_buffers *b, bool last_row_only)
-{
-    const model_config *cfg = &m->cfg;
-    if (cfg->pos != MODEL_POS_ROTARY)
-        return;
-    const size_t H = cfg->n_head, Hkv = model_kv_heads(cfg), dh = cfg->d_head, rot = cfg->rotary_dim;
-    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
-    for (size_t j = 0; j < n_jobs; j++) {
-        const fast_job *jb = &jobs[j];
-        const size_t n = jb->T - jb->row0;
-        ops_rotary(b->kr + jb->off * kvd, b->k + jb->off * kvd, n, jb->row0, Hkv, dh, rot, m->rope_cos, m->rope_sin);
-        if (last_row_only)
-            ops_rotary(b->qr + j * qd, b->q + j * qd, 1, jb->T - 1, H, dh, rot, m->rope_cos, m->rope_sin);
-        else
-            ops_rotary(b->qr + jb->off * qd, b->q + jb->off * qd, n, jb->row0, H, dh, rot, m->rope_cos,
-                       m->rope_sin);
-    }
 }
 
 /* x[rows] += MLP(ln_2(x[rows])) of block l (sequential residual); a, h (and
@@ -235,8 +251,7 @@ static void parallel_rows(const model *m, size_t l, float *x, const float *attn_
     const size_t d = m->cfg.n_embd;
     ops_norm_threaded(a, x, b->ln_2_w, b->ln_2_b, rows, d, m->cfg.ln_eps, m->cfg.norm);
     ops_mlp_act(out, h, g, a, rows, b, m->cfg.act);
-    ops_add(out, out, attn_out, rows * d);
-    ops_add(x, out, x, rows * d);
+    ops_add3(x, out, attn_out, x, rows * d);
 }
 
 /* The patched per-head attention of an E_Z job at its block L, for rows
@@ -441,8 +456,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
         ops_qkv(NULL, b->k, b->v, b->a, arows, blk);
         if (!last) {
             ops_qkv(b->q, NULL, NULL, b->a, arows, blk);
-            rotate_jobs(m, jobs, active, b, false);
-            attention_jobs(jobs, active, b, cfg, l, false);
+            attention_jobs(jobs, active, b, m, l, false);
             ops_attn_proj(b->q, b->z, arows, blk);
             if (par) {
                 parallel_rows(m, l, b->x, b->q, b->a, b->h, b->g, b->k, arows);
@@ -459,8 +473,7 @@ static ps_status run_group(const model *m, const patch_cell *cells, fast_job *jo
                 memcpy(b->z + j * d, b->a + lr * d, d * sizeof(float));
             }
             ops_qkv(b->q, NULL, NULL, b->z, active, blk);
-            rotate_jobs(m, jobs, active, b, true);
-            attention_jobs(jobs, active, b, cfg, l, true);
+            attention_jobs(jobs, active, b, m, l, true);
             /* k now holds attn_out of the last rows, a their residual */
             ops_attn_proj(b->k, b->z, active, blk);
             for (size_t j = 0; j < active; j++) {
