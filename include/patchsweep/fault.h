@@ -21,7 +21,11 @@
  *          had (PS_ERR_IO "injected fault at SITE")
  *   parent-term, parent-int, parent-usr1   that signal to the parent process
  *          (mpirun, for a rank it started): a user's kill or Ctrl-C of mpirun
- *          at a known point
+ *          at a known point.  parent-term and parent-int then SIGSTOP
+ *          themselves: mpirun answers those two by ending the ranks
+ *          (SIGCONT, SIGTERM, then SIGKILL), and a stopped rank cannot
+ *          finish the job before that, however long mpirun takes (the
+ *          forwarded SIGUSR1 needs a running rank)
  * Sites:
  *   journal_sync     a sweep's journal was synced after a chunk's records
  *                    (rank 0; the Nth chunk is on disk; the first sync is

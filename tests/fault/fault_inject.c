@@ -98,10 +98,12 @@ bool fault_point(const char *site)
         raise(SIGSTOP);
     else if (strcmp(s->action, "error") == 0)
         return true;
-    else if (strcmp(s->action, "parent-term") == 0)
-        kill(getppid(), SIGTERM);
-    else if (strcmp(s->action, "parent-int") == 0)
-        kill(getppid(), SIGINT);
+    else if (strcmp(s->action, "parent-term") == 0 || strcmp(s->action, "parent-int") == 0) {
+        /* mpirun ends the ranks on either (fault.h): held here until it
+         * does, so the run cannot end first, however long mpirun takes */
+        kill(getppid(), strcmp(s->action, "parent-term") == 0 ? SIGTERM : SIGINT);
+        raise(SIGSTOP);
+    }
     else if (strcmp(s->action, "parent-usr1") == 0)
         kill(getppid(), SIGUSR1);
     else {

@@ -33,6 +33,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -169,7 +170,14 @@ r = run(["tokenize", "--model", MODEL, "--", "--blas-core"])
 check("after --, --blas-core is an operand", r.returncode == 0 and "--" in r.stdout, (r.stdout, r.stderr))
 
 # --- numbers: generic kernels vs the default ones --------------------------------------
-PATCH = ["patch", "--model", MODEL, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " John", "--wrong",
+# An F32 model: OpenBLAS computes its full-vocabulary logits (a 2-byte
+# model's go through patchsweep's own kernels, like its blocks' products,
+# so the OpenBLAS core would not show in its results).
+MODEL32 = os.path.join(TMP, "f32-model")
+subprocess.run([sys.executable, os.path.join(ROOT, "tests/tools/make_model.py"), "-o", MODEL32, "--layers", "2",
+                "--heads", "4", "--d-model", "128", "--vocab", "50257", "--n-positions", "64", "--dtype", "f32",
+                "--seed", "7", "--tokenizer", os.environ["PS_TOKENIZER"]], check=True, capture_output=True)
+PATCH = ["patch", "--model", MODEL32, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " John", "--wrong",
          " Mary", "--components", "block_every,resid_mid,z,head_all_pos_every", "--json"]
 for engine in ("fast", "naive"):
     res = {}
@@ -191,8 +199,8 @@ for engine in ("fast", "naive"):
     # switch shows there.
     identical = identical and a["clean_metric"] == g["clean_metric"] and a["corrupted_metric"] == g["corrupted_metric"]
     check(f"patch --engine {engine}: the kernels differ (results not bit-identical)", not identical)
-for cmd in (["run", "--model", MODEL, "--prompt", "The capital of France is", "--top-k", "20", "--json"],
-            ["lens", "--model", MODEL, "--prompt", CLEAN, "--answer", " John", "--json"]):
+for cmd in (["run", "--model", MODEL32, "--prompt", "The capital of France is", "--top-k", "20", "--json"],
+            ["lens", "--model", MODEL32, "--prompt", CLEAN, "--answer", " John", "--json"]):
     outs = [run(cmd + extra) for extra in ([], ["--blas-core", "Prescott"])]
     ok = all(o.returncode == 0 for o in outs)
     nums = [np.array([float(t) for t in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", o.stdout)]) for o in outs] if ok else []
