@@ -160,6 +160,10 @@ bool patch_component_per_head(patch_component c);
 /* k, v, k_all_pos, v_all_pos of a model with fewer key/value heads than query
  * heads: the grid's head axis is the H_kv key/value heads ("kv_head"). */
 bool patch_component_kv_heads(patch_component c, const model_config *cfg);
+/* The hook a component's cells overwrite (hooks.h): the by-position and the
+ * all-position head grids of one activation patch the same hook (z and
+ * z_all_pos: HOOK_Z; q, q_all_pos: HOOK_Q before rotary, as TransformerLens). */
+hook_kind patch_component_hook(patch_component c);
 const char *patch_metric_name(patch_metric m);
 ps_status patch_metric_parse(const char *s, patch_metric *m);
 

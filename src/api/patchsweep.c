@@ -889,18 +889,6 @@ patchsweep_status patchsweep_pair_grid_shape(const patchsweep_pair *p, const cha
     return PATCHSWEEP_OK;
 }
 
-static hook_kind component_hook(patch_component comp)
-{
-    static const hook_kind k[PATCH_COMPONENT_COUNT] = {
-        [PATCH_RESID_PRE] = HOOK_RESID_PRE, [PATCH_RESID_MID] = HOOK_RESID_MID, [PATCH_ATTN_OUT] = HOOK_ATTN_OUT,
-        [PATCH_MLP_OUT] = HOOK_MLP_OUT,     [PATCH_Z] = HOOK_Z,                 [PATCH_Z_ALL_POS] = HOOK_Z,
-        [PATCH_Q_ALL_POS] = HOOK_Q,         [PATCH_K_ALL_POS] = HOOK_K,         [PATCH_V_ALL_POS] = HOOK_V,
-        [PATCH_PATTERN_ALL_POS] = HOOK_PATTERN, [PATCH_Q] = HOOK_Q,               [PATCH_K] = HOOK_K,
-        [PATCH_V] = HOOK_V,                     [PATCH_PATTERN] = HOOK_PATTERN,    [PATCH_PATTERN_DEST_SRC] = HOOK_PATTERN,
-    };
-    return k[comp];
-}
-
 /* The custom-metric engine: the naive engine's loop (one forward of the
  * base prompt per cell, a hook copying the cell's slice of the source
  * run's activation), with the metric a callback on the full logits.  The
@@ -928,7 +916,7 @@ static ps_status custom_slice(const model_config *c, const patch_cell *cell, siz
     size_t shape[HOOK_MAX_DIMS];
     const char *dims[HOOK_MAX_DIMS];
     patch_component comp = (patch_component)cell->component;
-    hook_kind kind = component_hook(comp);
+    hook_kind kind = patch_component_hook(comp);
     if (!hook_present(kind, c))
         return err_set(PS_ERR_INVALID, "component %s: a %s model has no %s hook", patch_component_name(comp),
                        model_family_name(c->family), comp == PATCH_RESID_MID ? "resid_mid" : "such");

@@ -67,6 +67,18 @@ bool patch_component_all_pos(patch_component c) { return c >= PATCH_Z_ALL_POS &&
 
 bool patch_component_per_head(patch_component c) { return c >= PATCH_Z && c < PATCH_COMPONENT_COUNT; }
 
+hook_kind patch_component_hook(patch_component comp)
+{
+    static const hook_kind k[PATCH_COMPONENT_COUNT] = {
+        [PATCH_RESID_PRE] = HOOK_RESID_PRE, [PATCH_RESID_MID] = HOOK_RESID_MID, [PATCH_ATTN_OUT] = HOOK_ATTN_OUT,
+        [PATCH_MLP_OUT] = HOOK_MLP_OUT,     [PATCH_Z] = HOOK_Z,                 [PATCH_Z_ALL_POS] = HOOK_Z,
+        [PATCH_Q_ALL_POS] = HOOK_Q,         [PATCH_K_ALL_POS] = HOOK_K,         [PATCH_V_ALL_POS] = HOOK_V,
+        [PATCH_PATTERN_ALL_POS] = HOOK_PATTERN, [PATCH_Q] = HOOK_Q,               [PATCH_K] = HOOK_K,
+        [PATCH_V] = HOOK_V,                     [PATCH_PATTERN] = HOOK_PATTERN,    [PATCH_PATTERN_DEST_SRC] = HOOK_PATTERN,
+    };
+    return k[comp];
+}
+
 bool patch_component_kv_heads(patch_component c, const model_config *cfg)
 {
     return (c == PATCH_K_ALL_POS || c == PATCH_V_ALL_POS || c == PATCH_K || c == PATCH_V) &&

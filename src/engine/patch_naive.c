@@ -4,18 +4,6 @@
 
 #include <string.h>
 
-static hook_kind component_hook(patch_component comp)
-{
-    static const hook_kind k[PATCH_COMPONENT_COUNT] = {
-        [PATCH_RESID_PRE] = HOOK_RESID_PRE, [PATCH_RESID_MID] = HOOK_RESID_MID, [PATCH_ATTN_OUT] = HOOK_ATTN_OUT,
-        [PATCH_MLP_OUT] = HOOK_MLP_OUT,     [PATCH_Z] = HOOK_Z,                 [PATCH_Z_ALL_POS] = HOOK_Z,
-        [PATCH_Q_ALL_POS] = HOOK_Q,         [PATCH_K_ALL_POS] = HOOK_K,         [PATCH_V_ALL_POS] = HOOK_V,
-        [PATCH_PATTERN_ALL_POS] = HOOK_PATTERN, [PATCH_Q] = HOOK_Q,               [PATCH_K] = HOOK_K,
-        [PATCH_V] = HOOK_V,                     [PATCH_PATTERN] = HOOK_PATTERN,    [PATCH_PATTERN_DEST_SRC] = HOOK_PATTERN,
-    };
-    return k[comp];
-}
-
 typedef struct {
     const patch_cell *cell;
     const float *src;      /* the source's array for the cell's hook */
@@ -26,7 +14,7 @@ static ps_status naive_hook(void *user, hook_point hp, float *act, const size_t 
 {
     (void)shape, (void)ndim;
     naive_ctx *nc = user;
-    if (hp.kind != component_hook((patch_component)nc->cell->component) || hp.layer != nc->cell->layer)
+    if (hp.kind != patch_component_hook((patch_component)nc->cell->component) || hp.layer != nc->cell->layer)
         return PS_OK;
     const patch_slice *s = &nc->slice;
     for (size_t i = 0; i < s->count; i++) {
