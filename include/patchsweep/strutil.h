@@ -1,11 +1,18 @@
 /*
- * strutil: text helpers for output (display strings of tokens, JSON).
+ * strutil: text helpers for output (display strings of tokens, JSON) and
+ * for comma-separated lists of settings.
  */
 #ifndef PS_STRUTIL_H
 #define PS_STRUTIL_H
 
 #include <stdbool.h>
 #include <stddef.h>
+
+/* The next item of a comma-separated list: *item and *len the text from *p
+ * to the next comma (or the end) without its leading and trailing blanks
+ * (spaces, tabs; *len may be 0); *p moves past that comma.  Returns true when
+ * a comma followed (another item comes), false at the list's last item. */
+bool str_list_next(const char **p, const char **item, size_t *len);
 
 /* True if s[0..len) is valid UTF-8 (no overlongs, surrogates or > U+10FFFF). */
 bool str_utf8_valid(const char *s, size_t len);

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "strutil.h"
+
 /* ---- names, grids, cells ------------------------------------------------- */
 
 static const char *const component_names[PATCH_COMPONENT_COUNT] = {
@@ -36,18 +38,15 @@ ps_status patch_metric_list_parse(const char *s, patch_metric_list *out)
 {
     memset(out, 0, sizeof *out);
     const char *p = s;
-    for (;;) {
-        size_t item = strcspn(p, ",");
-        const char *a = p, *b = p + item;
-        while (a < b && (*a == ' ' || *a == '\t'))
-            a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-            b--;
+    for (bool more = true; more;) {
+        const char *a;
+        size_t len;
+        more = str_list_next(&p, &a, &len);
         char name[32];
-        if (b == a || (size_t)(b - a) >= sizeof name)
+        if (len == 0 || len >= sizeof name)
             return err_set(PS_ERR_INVALID, "bad metric list '%s' (comma-separated logit_diff, prob, logprob, kl)", s);
-        memcpy(name, a, (size_t)(b - a));
-        name[b - a] = '\0';
+        memcpy(name, a, len);
+        name[len] = '\0';
         patch_metric m = PATCH_LOGIT_DIFF;
         ps_status st = patch_metric_parse(name, &m);
         if (st)
@@ -56,9 +55,6 @@ ps_status patch_metric_list_parse(const char *s, patch_metric_list *out)
             if (out->m[k] == m)
                 return err_set(PS_ERR_INVALID, "metric '%s' is listed twice in '%s'", name, s);
         out->m[out->n++] = m; /* distinct names: at most PATCH_METRIC_COUNT */
-        if (p[item] != ',')
-            break;
-        p += item + 1;
     }
     return PS_OK;
 }

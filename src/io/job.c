@@ -311,19 +311,14 @@ static ps_status parse_components(const char *v, bool on[PATCH_COMPONENT_COUNT])
         return err_set(PS_ERR_NOMEM, "out of memory");
     size_t n = 0;
     const char *p = v;
-    for (;;) {
-        size_t item = strcspn(p, ",");
-        const char *a = p, *b = p + item;
-        while (a < b && (*a == ' ' || *a == '\t'))
-            a++;
-        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
-            b--;
-        memcpy(list + n, a, (size_t)(b - a));
-        n += (size_t)(b - a);
-        if (p[item] != ',')
-            break;
-        list[n++] = ',';
-        p += item + 1;
+    for (bool more = true; more;) {
+        const char *a;
+        size_t len;
+        more = str_list_next(&p, &a, &len);
+        memcpy(list + n, a, len);
+        n += len;
+        if (more)
+            list[n++] = ',';
     }
     list[n] = '\0';
     ps_status st = patch_components_parse(list, on);

@@ -96,3 +96,18 @@ char *str_utf8_sanitize(const char *s, size_t len)
         str_utf8_repair(s, len, false, out, NULL);
     return out;
 }
+
+bool str_list_next(const char **p, const char **item, size_t *len)
+{
+    const size_t n = strcspn(*p, ",");
+    const char *a = *p, *b = *p + n;
+    while (a < b && (*a == ' ' || *a == '\t'))
+        a++;
+    while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+        b--;
+    *item = a;
+    *len = (size_t)(b - a);
+    const bool more = (*p)[n] == ',';
+    *p += more ? n + 1 : n;
+    return more;
+}
