@@ -33,6 +33,8 @@ stores both with the estimate's error.
    1/(L-1) sum = |AtP|, with AtP's sign); mlp_out of block 0 equals
    base + sign(AtP) |(a_src - a_base) . g| with g the reference's gradient
    at blocks.1.hook_resid_post (block 1 dropped: the skip connection alone).
+   With atp*, the q/k cells of the last block equal AtP*'s (the QK fix under
+   GradDrop), block 0's differ.
 6. A sweep with method = atp and atp* over q, k, v, pattern and
    pattern_dest_src (3 prompts of the embedded model's IOI dataset): each
    prompt's C_atp equals `patch --method atp` / `atp*` on its ids (to float32
@@ -273,7 +275,7 @@ with tempfile.TemporaryDirectory() as tmp:
     if not os.path.isdir(mdir):
         mdir, _ = make(tmp, "gpt2", "gpt2", GPT2)
     model = oracle.load(mdir)
-    gcomps = ["attn_out", "mlp_out", "z", "z_all_pos", "q_all_pos"]
+    gcomps = ["attn_out", "mlp_out", "z", "z_all_pos", "q_all_pos"] + BY_POS
     a, ja = patch(mdir, gcomps, "logit_diff", "denoise", "atp")
     g, jg = patch(mdir, gcomps, "logit_diff", "denoise", "atp", extra=["--graddrop"])
     if check("graddrop runs", a is not None and g is not None and jg.get("graddrop") is True, jg):
@@ -289,6 +291,14 @@ with tempfile.TemporaryDirectory() as tmp:
         e = float(np.abs(g["mlp_out"][0] - want).max()) / max(1.0, float(np.abs(want).max()))
         check(f"graddrop mlp_out block 0 = base + sign(AtP) |effect without block 1| ({e:.1e})", e < 1e-4,
               f"{g['mlp_out'][0]} {want}")
+        # with the QK fix: the last block's q/k cells equal AtP*'s, block 0's differ from them
+        s1, js1 = patch(mdir, list(QK), "logit_diff", "denoise", "atp*")
+        g1, jg1 = patch(mdir, list(QK), "logit_diff", "denoise", "atp*", extra=["--graddrop"])
+        if check("atp* --graddrop runs", s1 is not None and g1 is not None, f"{js1} {jg1}"):
+            for c in QK:
+                check(f"atp* graddrop {c}: block 1 = AtP*, block 0 changed",
+                      np.allclose(g1[c][1], s1[c][1], rtol=1e-9, atol=1e-9) and not np.array_equal(g1[c][0], s1[c][0]),
+                      f"{g1[c].ravel()} {s1[c].ravel()}")
         r = subprocess.run([BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids",
                             ids(CORRUPTED), "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--graddrop"],
                            capture_output=True, text=True)
