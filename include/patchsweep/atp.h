@@ -32,11 +32,13 @@ ps_status atp_eval(const model *m, const patch_pair *pair, const bool on[PATCH_C
                    patch_direction direction, double *const values[PATCH_COMPONENT_COUNT]);
 
 /* AtP* (Kramar et al. 2024), each part on request:
- *   qk_fix    q_all_pos and k_all_pos cells: the attention pattern of the
- *             heads the cell feeds recomputed exactly with the source's
- *             queries (keys), the linearization taken after the softmax,
+ *   qk_fix    q_all_pos, k_all_pos, q and k cells: the attention pattern
+ *             of the heads the cell feeds recomputed exactly with the
+ *             source's queries (keys) at the cell's positions (q at
+ *             position t: row t; k at position t: the rows >= t), the
+ *             linearization taken after the softmax,
  *             sum (pattern' - pattern) . dM/dpattern; every other cell as AtP.
- *             Costs T^2 dh per head and cell, no extra pass.  Method atp*.
+ *             Costs up to T^2 dh per head and cell, no extra pass.  Method atp*.
  *   graddrop  GradDrop: L more backward passes, pass l with no gradient
  *             through block l; a cell's effect is then
  *             sign(effect) * 1/(L-1) sum_l |effect_l| (the paper's

@@ -321,7 +321,7 @@ static const char *patch_help =
     "                from one forward and one backward pass, (a_src - a_base) . dM/da),\n"
     "                atp+exact (both, with per-cell error, rank correlation and the\n"
     "                exact top-10 cells the estimate misses); atp*, atp*+exact: AtP*'s\n"
-    "                QK fix (q_all_pos, k_all_pos through the exact softmax)\n"
+    "                QK fix (q, k, q_all_pos, k_all_pos through the exact softmax)\n"
     "  --graddrop    with an atp method: AtP*'s GradDrop (L more backward passes;\n"
     "                |effect| averaged over the passes, each without one block)\n"
     "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"

@@ -50,12 +50,13 @@ static const float *scores_k(const model *m, const forward_cache *c, size_t l)
     return m->cfg.pos == MODEL_POS_ROTARY ? c->layers[l].rot_k : c->layers[l].k;
 }
 
-/* AtP*'s QK fix for one cell (Kramar et al. 2024, sec. 3.1.1): the pattern of
- * every head the cell feeds recomputed exactly (ops_attention_softmax_row,
- * the forward's kernel) with the patched factor, q (query cell: head h) or k
- * (key cell: key/value head h, i.e. query heads h*G .. h*G+G-1 with G =
- * H / H_kv), the other factor the base's; the linearization taken after
- * the softmax, with the gradient dM/dpattern of the base run:
+/* AtP*'s QK fix for one all-position cell (Kramar et al. 2024, sec.
+ * 3.1.1): the pattern of every head the cell feeds recomputed exactly
+ * (ops_attention_softmax_row, the forward's kernel) with the patched factor,
+ * q (query cell: head h) or k (key cell: key/value head h, i.e. query heads
+ * h*G .. h*G+G-1 with G = H / H_kv), the other factor the base's; the
+ * linearization taken after the softmax, with the gradient dM/dpattern of
+ * the base run:
  *   effect = sum_heads sum_{i >= row0} sum_{j <= i} (p'[i, j] - p[i, j]) dM/dp[i, j]
  * q_* [T, H*dh] and k_* [T, H_kv*dh] as the scores read them; prow [T]. */
 static double qk_fix_effect(const model_config *cfg, bool key, size_t h, size_t T, size_t row0, const float *q_src,
@@ -80,15 +81,70 @@ static double qk_fix_effect(const model_config *cfg, bool key, size_t h, size_t 
     return acc;
 }
 
+/* The QK fix for one by-position cell, the same linearization after the
+ * softmax with one row (query cell) or one column (key cell) patched:
+ *   q at (position t, head h): row t of head h alone changes, recomputed
+ *     with the source's query t against the base's keys;
+ *   k at (position t, key/value head h): column t of every row i >= t of
+ *     the query heads h*G .. h*G+G-1 changes (every entry of those rows
+ *     through the normalizer): rows recomputed with the base's keys but row
+ *     t of head h, the source's.
+ *   effect = sum over the changed rows of sum_{j <= i} (p'[i, j] - p[i, j]) dM/dp[i, j]
+ * A cell before row0 changes nothing (the runs agree there): 0.
+ * q_src [T, H*dh] as the scores read it; k_base [T, H_kv*dh] the base's keys
+ * as the scores read them, k_src the source's; kbuf [T, H_kv*dh] scratch;
+ * prow [T]. */
+static double qk_fix_pos_effect(const model_config *cfg, bool key, size_t t, size_t h, size_t T, size_t row0,
+                                const float *q_src, const float *k_src, const float *q_base, const float *k_base,
+                                const float *pattern, const float *dpattern, size_t l, float *kbuf, float *prow)
+{
+    if (t < row0)
+        return 0.0;
+    const size_t H = cfg->n_head, Hkv = model_kv_heads(cfg), G = H / Hkv, dh = cfg->d_head;
+    const size_t qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    const float scale = model_attn_scale(cfg, l);
+    double acc = 0.0;
+    if (!key) {
+        const float *kg = k_base + (h / G) * dh;
+        ops_attention_softmax_row(prow, q_src + t * qd + h * dh, kg, kg, 0, t, T, kvd, dh, scale);
+        const float *p = pattern + (h * T + t) * T, *dp = dpattern + (h * T + t) * T;
+        for (size_t j = 0; j <= t; j++)
+            acc += ((double)prow[j] - p[j]) * dp[j];
+        return acc;
+    }
+    /* kbuf holds the base's keys; row t of head h swapped in, restored after */
+    memcpy(kbuf + t * kvd + h * dh, k_src + t * kvd + h * dh, dh * sizeof *kbuf);
+    const float *kg = kbuf + h * dh;
+    for (size_t hh = h * G; hh < h * G + G; hh++)
+        for (size_t i = t; i < T; i++) {
+            ops_attention_softmax_row(prow, q_base + i * qd + hh * dh, kg, kg, 0, i, T, kvd, dh, scale);
+            const float *p = pattern + (hh * T + i) * T, *dp = dpattern + (hh * T + i) * T;
+            for (size_t j = 0; j <= i; j++)
+                acc += ((double)prow[j] - p[j]) * dp[j];
+        }
+    memcpy(kbuf + t * kvd + h * dh, k_base + t * kvd + h * dh, dh * sizeof *kbuf);
+    return acc;
+}
+
+/* estimate_grids' scratch: the source's and the base's rotated queries
+ * 2 [T, H*dh], the patched keys [T, H_kv*dh], a pattern row [T]. */
+static size_t atp_scratch_floats(const model_config *cfg, size_t T)
+{
+    return 2 * T * model_q_dim(cfg) + T * model_kv_dim(cfg) + T;
+}
+
 /* effects[c][cell] (estimate - base) of every grid that is on, from one
- * gradient; q/k cells through the QK fix when asked.  scratch: 2 [T, H*dh]
- * + [T] floats. */
+ * gradient; q/k cells (by position and all positions) through the QK fix
+ * when asked.  scratch: atp_scratch_floats(cfg, T) floats. */
+
 static ps_status estimate_grids(const model *m, const patch_pair *pair, const bool on[PATCH_COMPONENT_COUNT],
                                 const forward_cache *src, const forward_cache *base, const forward_cache *grad,
                                 size_t row0, bool qk_fix, float *scratch, double *const eff[PATCH_COMPONENT_COUNT])
 {
     const model_config *cfg = &m->cfg;
-    const size_t T = pair->T, qd = model_q_dim(cfg);
+    const size_t T = pair->T, qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    float *q_src_buf = scratch, *q_base_buf = scratch + T * qd, *kbuf = scratch + 2 * T * qd,
+          *prow = kbuf + T * kvd;
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
         if (!on[c])
             continue;
@@ -97,27 +153,33 @@ static ps_status estimate_grids(const model *m, const patch_pair *pair, const bo
         ps_status st = patch_grid_cells((patch_component)c, cfg, 0, T, &cells, &n);
         if (st)
             return st;
-        const bool fix = qk_fix && (c == PATCH_Q_ALL_POS || c == PATCH_K_ALL_POS);
-        size_t rotated = (size_t)-1; /* the layer whose queries scratch holds */
+        const bool all_pos = c == PATCH_Q_ALL_POS || c == PATCH_K_ALL_POS, by_pos = c == PATCH_Q || c == PATCH_K;
+        const bool fix = qk_fix && (all_pos || by_pos), key = c == PATCH_K_ALL_POS || c == PATCH_K;
+        size_t rotated = (size_t)-1; /* the layer whose queries (and keys) scratch holds */
         const float *qs = NULL, *qb = NULL;
         for (size_t i = 0; i < n; i++) {
             const patch_cell *cell = &cells[i];
+            const size_t l = cell->layer;
             if (!fix) {
-                eff[c][i] = cell_estimate(patch_component_array(src, (patch_component)c, cell->layer),
-                                          patch_component_array(base, (patch_component)c, cell->layer),
-                                          patch_component_array(grad, (patch_component)c, cell->layer),
+                eff[c][i] = cell_estimate(patch_component_array(src, (patch_component)c, l),
+                                          patch_component_array(base, (patch_component)c, l),
+                                          patch_component_array(grad, (patch_component)c, l),
                                           patch_cell_slice(cell, cfg, T));
                 continue;
             }
-            if (rotated != cell->layer) {
-                qs = scores_q(m, src, cell->layer, row0, scratch);
-                qb = scores_q(m, base, cell->layer, row0, scratch + T * qd);
-                rotated = cell->layer;
+            if (rotated != l) {
+                qs = scores_q(m, src, l, row0, q_src_buf);
+                qb = scores_q(m, base, l, row0, q_base_buf);
+                if (by_pos && key)
+                    memcpy(kbuf, scores_k(m, base, l), T * kvd * sizeof *kbuf);
+                rotated = l;
             }
-            eff[c][i] = qk_fix_effect(cfg, c == PATCH_K_ALL_POS, cell->head, T, row0, qs,
-                                      scores_k(m, src, cell->layer), qb, scores_k(m, base, cell->layer),
-                                      base->layers[cell->layer].pattern, grad->layers[cell->layer].pattern,
-                                      cell->layer, scratch + 2 * T * qd);
+            const float *pat = base->layers[l].pattern, *dpat = grad->layers[l].pattern;
+            eff[c][i] = all_pos ? qk_fix_effect(cfg, key, cell->head, T, row0, qs, scores_k(m, src, l), qb,
+                                                scores_k(m, base, l), pat, dpat, l, prow)
+                                : qk_fix_pos_effect(cfg, key, cell->position, cell->head, T, row0, qs,
+                                                    scores_k(m, src, l), qb, scores_k(m, base, l), pat, dpat, l,
+                                                    kbuf, prow);
         }
         free(cells);
     }
@@ -143,12 +205,6 @@ ps_status atp_eval_opts(const model *m, const patch_pair *pair, const bool on[PA
     if (opts->graddrop && L < 2)
         return err_set(PS_ERR_INVALID, "GradDrop needs at least 2 layers (it averages over L - 1), the model has %zu",
                        L);
-    /* The by-position head grids (issue 19) are not estimated yet: refused, not skipped. */
-    for (int c = PATCH_Q; c <= PATCH_PATTERN_DEST_SRC; c++)
-        if (on[c])
-            return err_set(PS_ERR_INVALID, "attribution patching does not support component %s yet "
-                           "(it supports resid_pre, resid_mid, attn_out, mlp_out, z and the *_all_pos components)",
-                           patch_component_name((patch_component)c));
     const forward_cache *src = direction == PATCH_DENOISE ? &pair->clean : &pair->corrupted;
     const forward_cache *base = direction == PATCH_DENOISE ? &pair->corrupted : &pair->clean;
     const double base_metric =
@@ -169,8 +225,7 @@ ps_status atp_eval_opts(const model *m, const patch_pair *pair, const bool on[PA
     }
     forward_cache grad = {0};
     double *drop[PATCH_COMPONENT_COUNT] = {0}; /* GradDrop: one layer's effects */
-    const size_t qd = model_q_dim(cfg);
-    float *scratch = malloc((2 * T * qd + T) * sizeof *scratch);
+    float *scratch = malloc(atp_scratch_floats(cfg, T) * sizeof *scratch);
     if (!scratch)
         return err_set(PS_ERR_NOMEM, "atp: out of memory");
     backward_opts bo = {row0, BACKWARD_NO_DROP};

@@ -212,7 +212,8 @@ ds.close()
 
 # 3b. the new grids in the file: dimensions (src_position beside position),
 #     the same values as --json; plot draws the (layer, position, head) ones and
-#     leaves pattern_dest_src out with a note; attribution patching refuses them
+#     leaves pattern_dest_src out with a note; attribution patching estimates
+#     them with the exact grids' shapes (its values: test_atp.py)
 out = os.path.join(TMP, "patch_grids.nc")
 res = patch_json(d, "--components", "q,pattern,pattern_dest_src", "-o", out)
 with xr.open_dataset(out) as ds:
@@ -229,10 +230,10 @@ svg = open(os.path.join(TMP, "grids.svg")).read() if r.returncode == 0 else ""
 check("plot --var all: q and pattern drawn per head, pattern_dest_src left out with a note",
       r.returncode == 0 and "pattern_normalized head 3" in svg and "q_normalized head 0" in svg
       and "pattern_dest_src_normalized(prompt, layer, position, src_position, head): not drawn" in r.stderr, r.stderr)
-r = subprocess.run([BIN, "patch", "--model", d, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", ANSWER,
-                    "--wrong", WRONG, "--method", "atp", "--components", "resid_pre,k"], capture_output=True, text=True)
-check("patch --method atp refuses k (one line)", r.returncode == 1 and r.stderr.count("\n") == 1
-      and "attribution patching does not support component k" in r.stderr, r.stderr)
+est = patch_json(d, "--components", "q,pattern,pattern_dest_src", "--method", "atp")
+check("patch --method atp: q, pattern, pattern_dest_src with the exact grids' shapes",
+      all(est["components"][c]["shape"] == res["components"][c]["shape"] for c in ("q", "pattern", "pattern_dest_src")),
+      {c: (est["components"][c]["shape"], res["components"][c]["shape"]) for c in ("q", "pattern", "pattern_dest_src")})
 
 # 4. `bench`: the numbers `make bench` reports, on a small model (their
 #    values are timings; what is checked is how they fit together)
