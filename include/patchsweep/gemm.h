@@ -59,6 +59,12 @@ size_t gemm_packed_floats(size_t k, size_t n);
 /* Pack W ([k, n], row stride ldw >= n) into dst (gemm_packed_floats(k, n)). */
 void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n);
 
+/* The inverse of gemm_pack (any dtype, widened to float): dst[kk * n + c]
+ * = W[kk, c], dst [k, n] plain row-major.  For the per-head products
+ * (ops_heads_backward, ops_attn_result), which read a head's slice of W
+ * that the panels (GEMM_NR columns) need not align with. */
+void gemm_unpack(float *dst, const gemm_weight *w);
+
 /* Bytes of the packed form of a [k, n] matrix of type dt. */
 size_t gemm_packed_bytes(size_t k, size_t n, gemm_dtype dt);
 

@@ -82,6 +82,17 @@ void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t
 
 float gemm_widen(gemm_dtype dt, uint16_t h) { return dt == GEMM_F16 ? st_f16_to_f32(h) : st_bf16_to_f32(h); }
 
+void gemm_unpack(float *dst, const gemm_weight *w)
+{
+    const size_t k = w->k, n = w->n;
+    for (size_t c = 0; c < n; c++) {
+        const size_t o = (c / GEMM_NR) * k * GEMM_NR + c % GEMM_NR;
+        for (size_t kk = 0; kk < k; kk++)
+            dst[kk * n + c] = w->dtype == GEMM_F32 ? w->data[o + kk * GEMM_NR]
+                                                   : gemm_widen(w->dtype, w->data16[o + kk * GEMM_NR]);
+    }
+}
+
 void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n)
 {
     const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
