@@ -85,12 +85,16 @@ float gemm_widen(gemm_dtype dt, uint16_t h) { return dt == GEMM_F16 ? st_f16_to_
 void gemm_unpack(float *dst, const gemm_weight *w)
 {
     const size_t k = w->k, n = w->n;
-    for (size_t c = 0; c < n; c++) {
-        const size_t o = (c / GEMM_NR) * k * GEMM_NR + c % GEMM_NR;
-        for (size_t kk = 0; kk < k; kk++)
-            dst[kk * n + c] = w->dtype == GEMM_F32 ? w->data[o + kk * GEMM_NR]
-                                                   : gemm_widen(w->dtype, w->data16[o + kk * GEMM_NR]);
-    }
+    for (size_t kk = 0; kk < k; kk++) /* row by row: dst is written in order, each panel row read whole */
+        for (size_t c0 = 0; c0 < n; c0 += GEMM_NR) {
+            const size_t o = c0 * k + kk * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+            float *d = dst + kk * n + c0;
+            if (w->dtype == GEMM_F32)
+                memcpy(d, w->data + o, nc * sizeof *d);
+            else
+                for (size_t j = 0; j < nc; j++)
+                    d[j] = gemm_widen(w->dtype, w->data16[o + j]);
+        }
 }
 
 void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n)

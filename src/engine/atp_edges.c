@@ -114,6 +114,27 @@ static double dot(const float *a, const float *g, size_t n)
     return acc;
 }
 
+/* sum_i a[i] * g[i] over n = rows * d floats, the score's dot product (the
+ * edges' inner loop): 8 float lanes within a row (vectorized; each lane
+ * sums d / 8 products), the lanes and rows in double. */
+#define EDGE_LANES 8
+static double dot_rows(const float *a, const float *g, size_t rows, size_t d)
+{
+    double acc = 0.0;
+    const size_t d8 = d / EDGE_LANES * EDGE_LANES;
+    for (size_t r = 0; r < rows; r++, a += d, g += d) {
+        float p[EDGE_LANES] = {0};
+        for (size_t i = 0; i < d8; i += EDGE_LANES)
+            for (size_t j = 0; j < EDGE_LANES; j++)
+                p[j] += a[i + j] * g[i + j];
+        for (size_t j = 0; j < EDGE_LANES; j++)
+            acc += p[j];
+        for (size_t i = d8; i < d; i++)
+            acc += (double)a[i] * g[i];
+    }
+    return acc;
+}
+
 /* The scores of block l's readers (or the logits): node j of the block is
  * downstream index v0 + j, its gradient G[j] [n, d]. */
 typedef struct {
@@ -121,7 +142,7 @@ typedef struct {
     atp_edges *e;
     const float *D, *G;           /* upstream deltas [n_up, n, d], node gradients [nodes, n, d] */
     const float *xs1, *xb1, *xs2, *xb2; /* the readers' inputs, source and base, rows [row0, T): norm 1 / norm 2 */
-    size_t v0, nodes, nd;
+    size_t v0, nodes, nd, d;
 } score_task;
 
 static void score_worker(void *arg, size_t tid, size_t nt)
@@ -134,7 +155,7 @@ static void score_worker(void *arg, size_t tid, size_t nt)
         t->e->down_atp[v] = dot_delta(second ? t->xs2 : t->xs1, second ? t->xb2 : t->xb1, g, t->nd);
         for (size_t u = 0; u < t->e->n_up; u++)
             if (atp_edges_valid(t->cfg, u, v))
-                t->e->score[u * t->e->n_down + v] = dot(t->D + u * t->nd, g, t->nd);
+                t->e->score[u * t->e->n_down + v] = dot_rows(t->D + u * t->nd, g, t->nd / t->d, t->d);
     }
 }
 
@@ -204,7 +225,7 @@ ps_status atp_edges_eval(const model *m, const patch_pair *pair, patch_metric me
     for (size_t l = 0; l <= L && st == PS_OK; l++) {
         if ((st = backward_node_input_grads(m, base, &grad, l, row0, G)))
             break;
-        score_task t = {cfg, e, D, G, NULL, NULL, NULL, NULL, l * R, backward_node_count(cfg, l), nd};
+        score_task t = {cfg, e, D, G, NULL, NULL, NULL, NULL, l * R, backward_node_count(cfg, l), nd, d};
         if (l < L) {
             const forward_layer *ls = &src->layers[l], *lb = &base->layers[l];
             const bool par = parallel_residual(cfg);
