@@ -22,7 +22,9 @@ equals a float64 reference on random models of every family.
    reference's (x_v^src - x_v^base) . g_v summed over positions, and the
    C's downstream_atp; for every upstream kind (embedding, heads, MLPs) the
    sum of its outgoing edges equals its node AtP with the full gradient
-   (a_u^src - a_u^base) . dM/da_u (reference and upstream_atp).
+   (a_u^src - a_u^base) . dM/da_u (reference and upstream_atp), which is
+   also `patch --method atp`'s z_all_pos (a head) and mlp_out summed over
+   positions (an MLP).
 3. Labels: TransformerLens hook names with the head index.
 4. `-o`: edge_atp(upstream, downstream), edge_atp_normalized (= edge_atp /
    (clean - corrupted)), upstream_atp, downstream_atp and the string
@@ -204,6 +206,23 @@ with tempfile.TemporaryDirectory() as tmp:
                     float(np.abs(cu[sel] - up_atp[sel]).max()) / scale
                 check(f"{tag}: {kind} outputs: sum of outgoing edges = node AtP ({e1:.1e}), upstream_atp = "
                       f"reference ({e2:.1e})", e1 < 1e-4 and e2 < 1e-4, f"{sums[:3]} {up_atp[sel][:3]} {cu[sel][:3]}")
+        # 2b. the upstream nodes' AtP = the node AtP engine's (patch --method atp): z_all_pos per head,
+        # mlp_out summed over positions (estimates minus the base metric)
+        args = [BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids", ids(CORRUPTED),
+                "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--method", "atp", "--components",
+                "z_all_pos,mlp_out", "--json"]
+        r = subprocess.run(args, capture_output=True, text=True)
+        if check(f"{name}: patch --method atp --components z_all_pos,mlp_out", r.returncode == 0, r.stderr) and j:
+            a = json.loads(r.stdout)
+            base = a["corrupted_metric"]
+            zap = np.array(a["components"]["z_all_pos"]["values"]).reshape(L, H) - base
+            mlp = (np.array(a["components"]["mlp_out"]["values"]).reshape(L, -1) - base).sum(1)
+            jd, _ = edges(mdir)
+            ua = np.array(jd["upstream_atp"]).reshape(-1)[1:].reshape(L, H + 1)
+            e = max(float(np.abs(ua[:, :H] - zap).max()), float(np.abs(ua[:, H] - mlp).max())) / \
+                max(1e-30, float(np.abs(ua).max()))
+            check(f"{name}: upstream_atp = AtP of z_all_pos (heads) and of mlp_out summed over positions ({e:.1e})",
+                  e < 1e-5, f"{ua} {zap} {mlp}")
         # 3. labels
         up, down = labels(L, H, Hkv)
         check(f"{name}: labels ({len(up)} upstream, {len(down)} downstream)",
