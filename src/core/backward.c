@@ -266,7 +266,7 @@ size_t backward_node_count(const model_config *cfg, size_t l)
 typedef struct {
     const model_config *cfg;
     float *out;
-    const float *dnorm_in; /* [nodes, n, d]: dM/d(norm output) of each node, in place to dM/d(normalized) */
+    float *dnorm;          /* [nodes, n, d]: dM/d(norm output) of each node, turned in place into dM/d(normalized) */
     const float *x1, *x2;  /* [n, d]: the inputs of norm 1 (attention) and norm 2 (MLP) */
     const float *w1, *w2;
     size_t nodes, n;
@@ -279,7 +279,7 @@ static void node_norm_worker(void *arg, size_t tid, size_t nt)
     const size_t d = t->cfg->n_embd, nd = t->n * d;
     for (size_t v = tid; v < t->nodes; v += nt) {
         const bool mlp = v + 1 == t->nodes;
-        float *dn = (float *)t->dnorm_in + v * nd, *o = t->out + v * nd;
+        float *dn = t->dnorm + v * nd, *o = t->out + v * nd;
         ops_norm_affine_backward(dn, dn, mlp ? t->w2 : t->w1, t->n, d);
         memset(o, 0, nd * sizeof *o);
         norm_backward(t->cfg, o, dn, mlp ? t->x2 : t->x1, t->n);

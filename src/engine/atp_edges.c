@@ -58,10 +58,15 @@ void atp_edges_free(atp_edges *e)
     memset(e, 0, sizeof *e);
 }
 
-static char *label(const char *fmt, size_t a, size_t b)
+/* "blocks.L.NAME" or, for h != NO_HEAD, "blocks.L.NAME[h=H]" (malloc'd) */
+#define NO_HEAD ((size_t)-1)
+static char *node_label(size_t l, const char *name, size_t h)
 {
     char buf[96];
-    snprintf(buf, sizeof buf, fmt, a, b);
+    if (h == NO_HEAD)
+        snprintf(buf, sizeof buf, "blocks.%zu.%s", l, name);
+    else
+        snprintf(buf, sizeof buf, "blocks.%zu.%s[h=%zu]", l, name, h);
     return strdup(buf);
 }
 
@@ -75,17 +80,17 @@ static ps_status edges_labels(const model_config *cfg, atp_edges *e)
         return err_set(PS_ERR_NOMEM, "atp_edges: out of memory");
     e->up_labels[0] = strdup("hook_embed");
     for (size_t l = 0; l < L; l++) {
+        char **up = e->up_labels + 1 + l * (H + 1), **down = e->down_labels + l * R;
         for (size_t h = 0; h < H; h++)
-            e->up_labels[1 + l * (H + 1) + h] = label("blocks.%zu.attn.hook_result[h=%zu]", l, h);
-        e->up_labels[1 + l * (H + 1) + H] = label("blocks.%zu.hook_mlp_out%.0zu", l, 0);
-        for (size_t j = 0; j < R; j++) {
-            const char *fmt = j < H ? "blocks.%zu.hook_q_input[h=%zu]"
-                              : j < H + Hkv ? "blocks.%zu.hook_k_input[h=%zu]"
-                              : j + 1 < R ? "blocks.%zu.hook_v_input[h=%zu]"
-                                          : "blocks.%zu.hook_mlp_in%.0zu";
-            const size_t h = j < H ? j : j < H + Hkv ? j - H : j + 1 < R ? j - H - Hkv : 0;
-            e->down_labels[l * R + j] = label(fmt, l, h);
+            up[h] = node_label(l, "attn.hook_result", h);
+        up[H] = node_label(l, "hook_mlp_out", NO_HEAD);
+        for (size_t h = 0; h < H; h++)
+            down[h] = node_label(l, "hook_q_input", h);
+        for (size_t g = 0; g < Hkv; g++) {
+            down[H + g] = node_label(l, "hook_k_input", g);
+            down[H + Hkv + g] = node_label(l, "hook_v_input", g);
         }
+        down[R - 1] = node_label(l, "hook_mlp_in", NO_HEAD);
     }
     e->down_labels[L * R] = strdup("logits");
     for (size_t i = 0; i < e->n_up; i++)
