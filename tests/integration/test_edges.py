@@ -31,7 +31,8 @@ equals a float64 reference on random models of every family.
    coordinates, equal to --json; fill (NaN) where there is no edge.
 5. Refused: --edges with --method exact, atp*, atp+exact, with
    --components, with --graddrop, with an ablation source; the same prompt
-   twice gives 0 on every edge.
+   twice gives 0 on every edge.  The console lists the top 20 edges by
+   |score| with their labels.
 Environment: PS_BIN, PS_ROOT (see run_integration.sh)."""
 import json
 import os
@@ -263,6 +264,21 @@ with tempfile.TemporaryDirectory() as tmp:
                   < 1e-9, ds.attrs.get("method"))
             sel = ea.sel(upstream="hook_embed", downstream="logits")
             check("results file: select an edge by its labels", np.isclose(float(sel), s[0, -1], rtol=1e-6), sel)
+
+    # the console: the top 20 edges by |score|, with their labels, the largest first
+    r = subprocess.run([BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids", ids(CORRUPTED),
+                        "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--method", "atp", "--edges"],
+                       capture_output=True, text=True)
+    j, _ = edges(mdir)
+    if check("console: patch --method atp --edges", r.returncode == 0 and j is not None, r.stderr):
+        rows = [ln.split() for ln in r.stdout.splitlines() if ln.strip()[:1].isdigit() and "->" in ln]
+        s = j["score"]
+        order = np.argsort(-np.abs(np.nan_to_num(s, nan=0.0)), axis=None, kind="stable")[:20]
+        want = [(j["upstream"][i // s.shape[1]], j["downstream"][i % s.shape[1]]) for i in order]
+        got = [(x[3], x[5]) for x in rows]
+        check("console: the top 20 edges by |score| with their labels, largest first",
+              len(rows) == 20 and got == want and abs(float(rows[0][1]) - s.flat[order[0]]) < 1e-4,
+              f"{got[:3]} {want[:3]}")
 
     # 5. bad input and the trivial pair
     base_args = [BIN, "patch", "--model", mdir, "--clean-ids", ids(CLEAN), "--corrupted-ids", ids(CORRUPTED),
