@@ -3,8 +3,8 @@
 equals a float64 reference on random models of every family.
 
 1. For GPT-2, GPT-NeoX (parallel residual, partial rotary), GPT-NeoX
-   (sequential residual), Llama (GQA; and with bf16 weights) and Qwen2
-   (GQA) random models,
+   (sequential residual), Llama (GQA; with bf16 weights; with head_dim *
+   H != d) and Qwen2 (GQA) random models,
    logit_diff denoising and noising and kl denoising: every edge score
    sum_t (a_u^src - a_u^base) . g_v equals the reference's, max |C - ref| /
    max |ref| < 1e-4, and the edges that exist (non-null) are the
@@ -63,6 +63,7 @@ CASES = [
     ("llama_gqa", "llama", dict(H=6, kv=2, L=2)),
     ("qwen2_gqa", "qwen2", dict(H=4, kv=2, L=2)),
     ("llama_bf16", "llama", dict(H=4, kv=2, L=2, dtype="bf16")),  # 2-byte weights (gemm_unpack widens them)
+    ("llama_head_dim", "llama", dict(H=4, kv=2, L=2, d=48, head_dim=16)),  # H * dh = 64 != d
 ]
 ids = lambda v: ",".join(map(str, v))  # noqa: E731
 
