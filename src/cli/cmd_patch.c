@@ -30,18 +30,18 @@ typedef struct {
     bool fast_only;
     patch_method method; /* patch only: exact, atp, atp+exact, atp*, atp*+exact */
     bool graddrop;       /* with an estimating method: AtP*'s GradDrop */
-    bool edges;          /* with --method atp: edge attribution patching (atp_edges.h) */
     /* patch only: where cells take their values (patchspec.h, ablate.h) */
     patch_source source;
     bool source_given, direction_given, seed_given;
     const char *ablate_dataset, *mean_over;
     size_t resample_seed;
+    bool edges; /* patch --method atp --edges: edge attribution patching (cmd_patch_edges.h) */
 } patch_args;
 
-enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
+enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_EDGES, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
        OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP, OPT_SOURCE, OPT_ABLATE_DATASET, OPT_MEAN_OVER,
-       OPT_RESAMPLE_SEED, OPT_EDGES };
+       OPT_RESAMPLE_SEED };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -64,11 +64,11 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {"method", required_argument, 0, OPT_METHOD},
                                          {"graddrop", no_argument, 0, OPT_GRADDROP},
-                                         {"edges", no_argument, 0, OPT_EDGES},
                                          {"source", required_argument, 0, OPT_SOURCE},
                                          {"ablate-dataset", required_argument, 0, OPT_ABLATE_DATASET},
                                          {"mean-over", required_argument, 0, OPT_MEAN_OVER},
                                          {"resample-seed", required_argument, 0, OPT_RESAMPLE_SEED},
+                                         {"edges", no_argument, 0, OPT_EDGES},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -85,11 +85,11 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_METHOD ? "--method"
                                                  : ch == OPT_GRADDROP ? "--graddrop"
-                                                 : ch == OPT_EDGES ? "--edges"
                                                  : ch == OPT_SOURCE ? "--source"
                                                  : ch == OPT_ABLATE_DATASET ? "--ablate-dataset"
                                                  : ch == OPT_MEAN_OVER ? "--mean-over"
                                                  : ch == OPT_RESAMPLE_SEED ? "--resample-seed"
+                                                 : ch == OPT_EDGES ? "--edges"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
             return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
@@ -153,12 +153,12 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_GRADDROP:
             a->graddrop = true;
             break;
-        case OPT_EDGES:
-            a->edges = true;
-            break;
         case OPT_REPS:
             if (!cli_parse_size(optarg, 1, 1000, &a->reps))
                 return cli_usage(cmd, "--reps takes a whole number from 1 to 1000, not '%s'", optarg);
+            break;
+        case OPT_EDGES:
+            a->edges = true;
             break;
         default:
             if ((rc = cli_common_opt(cmd, help, ch, argv, &a->common)) != CLI_CONTINUE)
