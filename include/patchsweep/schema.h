@@ -221,6 +221,8 @@
 #define SCHEMA_ATT_ATP_MISSED_TOP_K "atp_missed_top_k"
 #define SCHEMA_ATT_ATP_TOP_K "atp_top_k"
 #define SCHEMA_ATT_METHOD "method"
+/* plot's default variable */
+#define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
 /* Edge attribution patching (patch --method atp --edges; atp_edges.h,
  * ncout_edges.h): dimensions upstream and downstream, their string
  * coordinates (TransformerLens labels), edge_atp(upstream, downstream) the
@@ -235,8 +237,6 @@
 #define SCHEMA_VAR_EDGE_ATP_NORMALIZED "edge_atp_normalized"
 #define SCHEMA_VAR_UPSTREAM_ATP "upstream_atp"
 #define SCHEMA_VAR_DOWNSTREAM_ATP "downstream_atp"
-/* plot's default variable */
-#define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
 
 /* ---- roles and dataset metadata (results_roles.h) ---- */
 #define SCHEMA_DIM_ROLE "role"

@@ -300,13 +300,16 @@ ps_status backward_node_input_grads(const model *m, const forward_cache *c, cons
         memcpy(out, g->layers[L - 1].resid_post + o, n * d * sizeof *out);
         return PS_OK;
     }
+    const model_block *b = &m->blocks[l];
+    if (!gemm_is_panels(&b->q_w) || !gemm_is_panels(&b->k_w) || !gemm_is_panels(&b->v_w))
+        return err_set(PS_ERR_INVALID, "per-node gradients read each head's slice of W_Q, W_K, W_V, which block %zu "
+                       "holds packed in another layout than gemm_pack's panels (e.g. for BF16 arithmetic)", l);
     const size_t nodes = backward_node_count(cfg, l);
     float *wbuf = malloc(d * qd * sizeof *wbuf), *buf = malloc(nodes * n * d * sizeof *buf);
     if (!wbuf || !buf) {
         free(wbuf), free(buf);
         return err_set(PS_ERR_NOMEM, "backward_node_input_grads: out of memory for %zu nodes of %zu rows", nodes, n);
     }
-    const model_block *b = &m->blocks[l];
     const forward_layer *ly = &c->layers[l], *gl = &g->layers[l];
     /* dM/d(ln1 output) of each head's q, k, v alone, then of the MLP */
     ops_heads_backward(buf, gl->q + row0 * qd, n, &b->q_w, H, dh, wbuf);

@@ -82,6 +82,16 @@ void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t
 
 float gemm_widen(gemm_dtype dt, uint16_t h) { return dt == GEMM_F16 ? st_f16_to_f32(h) : st_bf16_to_f32(h); }
 
+bool gemm_is_panels(const gemm_weight *w)
+{
+    switch (w->dtype) {
+    case GEMM_F32:
+    case GEMM_F16:
+    case GEMM_BF16: return true;
+    default: return false;
+    }
+}
+
 void gemm_unpack(float *dst, const gemm_weight *w)
 {
     const size_t k = w->k, n = w->n;

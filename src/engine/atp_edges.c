@@ -2,6 +2,7 @@
 
 #include "backward.h"
 #include "forward.h"
+#include "gemm.h"
 #include "ops.h"
 #include "pool.h"
 
@@ -174,6 +175,10 @@ ps_status atp_edges_eval(const model *m, const patch_pair *pair, patch_metric me
     if (pair->source)
         return err_set(PS_ERR_INVALID, "edge attribution patching takes the pair's own runs as the source (clean "
                        "or corrupted), not an ablation");
+    for (size_t l = 0; l < L; l++)
+        if (!gemm_is_panels(&m->blocks[l].attn_proj_p))
+            return err_set(PS_ERR_INVALID, "edge attribution patching reads each head's slice of W_O, which block "
+                           "%zu holds packed in another layout than gemm_pack's panels (e.g. for BF16 arithmetic)", l);
     e->n_up = atp_edges_upstream_count(cfg), e->n_down = atp_edges_downstream_count(cfg);
     ps_status st = edges_labels(cfg, e);
     if (st)
