@@ -64,4 +64,30 @@ typedef struct {
 ps_status backward_run_opts(const model *m, const forward_cache *c, forward_cache *grads, const backward_opts *opts,
                             patch_metric metric, int32_t answer, int32_t wrong, const float *clean_logprobs);
 
+/* Per-node input gradients, for edge attribution patching (atp_edges.h).
+ * A node v that reads the residual stream gets its own copy x_v [T, d] of
+ * what it reads; g_v = dM/dx_v is the gradient through v's norm and v's
+ * weights alone (not the other heads', not the skip connection), on the
+ * base run c with its gradients `grads` (backward_run_opts, same row0):
+ * rows [row0, T) of each node (earlier rows are 0 there anyway).
+ * The nodes of block l < n_layer (backward_node_count: H + 2 H_kv + 1),
+ * in this order (TransformerLens' use_split_qkv_input hooks):
+ *   hook_q_input, head h < H:       g = N1(resid_pre, w1 * (dq[:, h] W_Q[h]^T))
+ *   hook_k_input, kv head g < H_kv: g = N1(resid_pre, w1 * (dk[:, g] W_K[g]^T))
+ *   hook_v_input, kv head g < H_kv: g = N1(resid_pre, w1 * (dv[:, g] W_V[g]^T))
+ *   hook_mlp_in:                    g = N2(mlp_in, w2 * dln2)
+ * with dq, dk, dv = dM/d hook_q, hook_k, hook_v (before the rotary
+ * embedding; W_Q[h] [d, dh] head h's columns), dln2 = dM/d(ln2 output),
+ * w1, w2 the norms' weights, N(x, dn) the normalizing step's backward at x
+ * (ops_layernorm_backward / ops_rmsnorm_backward), mlp_in = resid_mid, or
+ * resid_pre with a parallel residual.  Block l = n_layer is the logits:
+ * one node, g = dM/d(blocks.L-1.hook_resid_post) (ln_final and the
+ * unembedding: the only reader).  Since the residual stream is a sum, the
+ * gradient of any resid hook is the sum of the g_v of the nodes that read
+ * it later.  out [backward_node_count(l), T - row0, d].  Threaded over
+ * heads and nodes. */
+size_t backward_node_count(const model_config *cfg, size_t l);
+ps_status backward_node_input_grads(const model *m, const forward_cache *c, const forward_cache *grads, size_t l,
+                                    size_t row0, float *out);
+
 #endif

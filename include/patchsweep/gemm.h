@@ -70,6 +70,17 @@ void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t
 /* One F16 (dt GEMM_F16) or BF16 (GEMM_BF16) value as float, exactly. */
 float gemm_widen(gemm_dtype dt, uint16_t h);
 
+/* Whether w is in gemm_pack's panel layout (GEMM_F32, GEMM_F16, GEMM_BF16),
+ * the one gemm_unpack reads; other layouts are refused by its callers. */
+bool gemm_is_panels(const gemm_weight *w);
+
+/* The inverse of gemm_pack for a panel-layout w (gemm_is_panels), widened
+ * to float: dst[kk * n + c] = W[kk, c], dst [k, n] plain row-major.  For
+ * the per-head products (ops_heads_backward, ops_attn_result), which read
+ * a head's slice of W that the panels (GEMM_NR columns) need not align
+ * with. */
+void gemm_unpack(float *dst, const gemm_weight *w);
+
 /* Pack the transpose of an nn.Linear-style matrix A ([n_rows, k], row
  * stride lda, one row per output): W[kk, c] = A[rows[c], kk] for c < n
  * (rows NULL: rows[c] = c), so that x @ W = x @ A[rows]^T.  dst as gemm_pack. */

@@ -55,6 +55,15 @@ void ops_qkv(float *q, float *k, float *v, const float *x, size_t rows, const mo
 /* The attention output projection: out[rows, d] = z[rows, d] W_O + b_O. */
 void ops_attn_proj(float *out, const float *z, size_t rows, const model_block *b);
 
+/* Each head's share of the attention output apart (TransformerLens'
+ * hook_result, no bias): for every head h < H,
+ *   out[h][rows, d] = z[rows, h*dh .. h*dh+dh) @ W_O[h*dh .. h*dh+dh, :]
+ * so that sum_h out[h] + b_O = ops_attn_proj's out.  out [H, rows, d], z
+ * [rows, H*dh]; wbuf [H*dh, d] scratch (W_O unpacked, gemm_unpack).
+ * Threaded over heads. */
+void ops_attn_result(float *out, const float *z, size_t rows, const model_block *b, size_t H, size_t dh,
+                     float *wbuf);
+
 /* The MLP's input layer: h[rows, m] = x[rows, d] W_fc + b_fc, with
  * gelu_new applied in the product (GEMM_GELU) or not (GEMM_PLAIN, then
  * ops_gelu gives the same bits, see gemm.h). */

@@ -36,6 +36,16 @@ void ops_norm_affine_backward(float *dnorm, const float *dout, const float *w, s
  * dv [rows, H_kv*dh]. */
 void ops_qkv_backward(float *dx, const float *dq, const float *dk, const float *dv, size_t rows, const model_block *b);
 
+/* A projection whose output columns are heads, W [k, n_heads*dh] (packed:
+ * q_w, k_w, v_w), backward for each head's slice apart (ops_qkv_backward
+ * sums them): for every head h < n_heads,
+ *   dx[h][rows, k] = dy[rows, h*dh .. h*dh+dh) @ W[:, h*dh .. h*dh+dh)^T
+ * dx [n_heads, rows, k], dy [rows, n_heads*dh]; wbuf [k, n_heads*dh]
+ * scratch (W unpacked, gemm_unpack).  Threaded over heads.  The input
+ * gradient of one head's q, k or v alone (edge attribution patching). */
+void ops_heads_backward(float *dx, const float *dy, size_t rows, const gemm_weight *w, size_t n_heads, size_t dh,
+                        float *wbuf);
+
 /* ops_attn_proj: dz[rows, H*dh] = dout[rows, d] W_O^T. */
 void ops_attn_proj_backward(float *dz, const float *dout, size_t rows, const model_block *b);
 

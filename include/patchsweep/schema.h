@@ -223,6 +223,20 @@
 #define SCHEMA_ATT_METHOD "method"
 /* plot's default variable */
 #define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
+/* Edge attribution patching (patch --method atp --edges; atp_edges.h,
+ * ncout_edges.h): dimensions upstream and downstream, their string
+ * coordinates (TransformerLens labels), edge_atp(upstream, downstream) the
+ * raw score (an estimated metric change; _FillValue SCHEMA_FILL_GRID where
+ * there is no edge), edge_atp_normalized (/ (clean - corrupted)), and the
+ * node attributions upstream_atp(upstream), downstream_atp(downstream). */
+#define SCHEMA_DIM_UPSTREAM "upstream"
+#define SCHEMA_DIM_DOWNSTREAM "downstream"
+#define SCHEMA_VAR_UPSTREAM "upstream"
+#define SCHEMA_VAR_DOWNSTREAM "downstream"
+#define SCHEMA_VAR_EDGE_ATP "edge_atp"
+#define SCHEMA_VAR_EDGE_ATP_NORMALIZED "edge_atp_normalized"
+#define SCHEMA_VAR_UPSTREAM_ATP "upstream_atp"
+#define SCHEMA_VAR_DOWNSTREAM_ATP "downstream_atp"
 
 /* ---- roles and dataset metadata (results_roles.h) ---- */
 #define SCHEMA_DIM_ROLE "role"

@@ -8,6 +8,7 @@
 #include "atp.h"
 #include "bench.h"
 #include "cli.h"
+#include "cmd_patch_edges.h"
 #include "clock.h"
 #include "gemm.h"
 #include "ncout.h"
@@ -34,9 +35,10 @@ typedef struct {
     bool source_given, direction_given, seed_given;
     const char *ablate_dataset, *mean_over;
     size_t resample_seed;
+    bool edges; /* patch --method atp --edges: edge attribution patching (cmd_patch_edges.h) */
 } patch_args;
 
-enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
+enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_EDGES, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
        OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP, OPT_SOURCE, OPT_ABLATE_DATASET, OPT_MEAN_OVER,
        OPT_RESAMPLE_SEED };
@@ -66,6 +68,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"ablate-dataset", required_argument, 0, OPT_ABLATE_DATASET},
                                          {"mean-over", required_argument, 0, OPT_MEAN_OVER},
                                          {"resample-seed", required_argument, 0, OPT_RESAMPLE_SEED},
+                                         {"edges", no_argument, 0, OPT_EDGES},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
     a->common.bos = true;
@@ -86,6 +89,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                                  : ch == OPT_ABLATE_DATASET ? "--ablate-dataset"
                                                  : ch == OPT_MEAN_OVER ? "--mean-over"
                                                  : ch == OPT_RESAMPLE_SEED ? "--resample-seed"
+                                                 : ch == OPT_EDGES ? "--edges"
                                                  : ch == OPT_ENGINE ? "--engine" : NULL;
         if (foreign)
             return cli_usage(cmd, "option %s does not apply to %s", foreign, cmd);
@@ -153,6 +157,9 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
             if (!cli_parse_size(optarg, 1, 1000, &a->reps))
                 return cli_usage(cmd, "--reps takes a whole number from 1 to 1000, not '%s'", optarg);
             break;
+        case OPT_EDGES:
+            a->edges = true;
+            break;
         default:
             if ((rc = cli_common_opt(cmd, help, ch, argv, &a->common)) != CLI_CONTINUE)
                 return rc;
@@ -187,6 +194,13 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     if (patch_source_ablation(a->source) && a->method != PATCH_METHOD_EXACT)
         return cli_usage(cmd, "--method %s does not take an ablation source yet (exact only)",
                          patch_method_name(a->method));
+    /* edges are scored by attribution patching alone, over the whole node graph */
+    if (a->edges && a->method != PATCH_METHOD_ATP)
+        return cli_usage(cmd, "--edges needs --method atp (edge attribution patching; --method %s is not "
+                              "implemented for edges)", patch_method_name(a->method));
+    if (a->edges && (a->components_given || a->graddrop))
+        return cli_usage(cmd, "--edges scores every edge of the node graph: %s does not apply",
+                         a->components_given ? "--components" : "--graddrop");
     return CLI_CONTINUE;
 }
 
@@ -324,6 +338,10 @@ static const char *patch_help =
     "                QK fix (q, k, q_all_pos, k_all_pos through the exact softmax)\n"
     "  --graddrop    with an atp method: AtP*'s GradDrop (L more backward passes;\n"
     "                |effect| averaged over the passes, each without one block)\n"
+    "  --edges       with --method atp: edge attribution patching, a score for every\n"
+    "                edge of the node graph (embedding, heads' outputs, MLPs' outputs ->\n"
+    "                heads' q, k, v inputs, MLPs' inputs, logits); prints the top 20\n"
+    "                by |score|; -o: edge_atp(upstream, downstream) and more\n"
     "  --clean-ids, --corrupted-ids, --answer-id, --wrong-id\n"
     "                the pair as comma-separated token ids (no tokenizer; no BOS added):\n"
     "                the way to patch the families whose tokenizer is not supported yet\n"
@@ -628,6 +646,13 @@ int cmd_patch(int argc, char **argv)
     if (patch_source_ablation(a.source) && (st = ablation_build(&m, tok, &a, &pair, &ab)))
         goto out;
     ablation_describe(ab_text, sizeof ab_text, &a, &ab);
+    if (a.edges) { /* cmd_patch_edges.h: its own output */
+        if ((st = patch_edges_report(&m, tok, &pair, po.metric, po.direction, a.output ? &f : NULL, a.common.json,
+                                     a.answer, a.wrong)) == PS_OK &&
+            a.output && (st = ncout_commit(&f)) == PS_OK)
+            fprintf(stderr, "wrote %s\n", a.output);
+        goto out;
+    }
     answer = pair.answer;
     wrong = pair.wrong;
     const size_t nc = pair.T;

@@ -3,6 +3,7 @@
 #include "gemm.h"
 #include "ops.h"
 #include "ops_backward.h"
+#include "pool.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -252,5 +253,73 @@ ps_status backward_run_opts(const model *m, const forward_cache *c, forward_cach
     if (cfg->pos == MODEL_POS_LEARNED)
         memcpy(g->pos_embed, g->layers[0].resid_pre, T * d * sizeof(float));
     free(scratch);
+    return PS_OK;
+}
+
+/* ---- per-node input gradients (edge attribution patching) ---------------- */
+
+size_t backward_node_count(const model_config *cfg, size_t l)
+{
+    return l < cfg->n_layer ? cfg->n_head + 2 * model_kv_heads(cfg) + 1 : 1;
+}
+
+typedef struct {
+    const model_config *cfg;
+    float *out;
+    float *dnorm;          /* [nodes, n, d]: dM/d(norm output) of each node, turned in place into dM/d(normalized) */
+    const float *x1, *x2;  /* [n, d]: the inputs of norm 1 (attention) and norm 2 (MLP) */
+    const float *w1, *w2;
+    size_t nodes, n;
+} node_norm_task;
+
+/* out[v] = N(x, w * dnorm[v]) for each node v (the last one through norm 2) */
+static void node_norm_worker(void *arg, size_t tid, size_t nt)
+{
+    node_norm_task *t = arg;
+    const size_t d = t->cfg->n_embd, nd = t->n * d;
+    for (size_t v = tid; v < t->nodes; v += nt) {
+        const bool mlp = v + 1 == t->nodes;
+        float *dn = t->dnorm + v * nd, *o = t->out + v * nd;
+        ops_norm_affine_backward(dn, dn, mlp ? t->w2 : t->w1, t->n, d);
+        memset(o, 0, nd * sizeof *o);
+        norm_backward(t->cfg, o, dn, mlp ? t->x2 : t->x1, t->n);
+    }
+}
+
+ps_status backward_node_input_grads(const model *m, const forward_cache *c, const forward_cache *g, size_t l,
+                                    size_t row0, float *out)
+{
+    const model_config *cfg = &m->cfg;
+    const size_t T = c->T, d = cfg->n_embd, L = cfg->n_layer, H = cfg->n_head, Hkv = model_kv_heads(cfg);
+    const size_t dh = cfg->d_head, qd = model_q_dim(cfg), kvd = model_kv_dim(cfg);
+    if (l > L || row0 >= T || g->T != T || g->trimmed)
+        return err_set(PS_ERR_INVALID, "backward_node_input_grads: block %zu or row %zu outside the run, or no "
+                       "gradients of it", l, row0);
+    const size_t n = T - row0, o = row0 * d;
+    if (l == L) { /* the logits: ln_final is the only reader of the last resid_post */
+        memcpy(out, g->layers[L - 1].resid_post + o, n * d * sizeof *out);
+        return PS_OK;
+    }
+    const model_block *b = &m->blocks[l];
+    if (!gemm_is_panels(&b->q_w) || !gemm_is_panels(&b->k_w) || !gemm_is_panels(&b->v_w))
+        return err_set(PS_ERR_INVALID, "per-node gradients read each head's slice of W_Q, W_K, W_V, which block %zu "
+                       "holds packed in another layout than gemm_pack's panels (e.g. for BF16 arithmetic)", l);
+    const size_t nodes = backward_node_count(cfg, l);
+    float *wbuf = malloc(d * qd * sizeof *wbuf), *buf = malloc(nodes * n * d * sizeof *buf);
+    if (!wbuf || !buf) {
+        free(wbuf), free(buf);
+        return err_set(PS_ERR_NOMEM, "backward_node_input_grads: out of memory for %zu nodes of %zu rows", nodes, n);
+    }
+    const forward_layer *ly = &c->layers[l], *gl = &g->layers[l];
+    /* dM/d(ln1 output) of each head's q, k, v alone, then of the MLP */
+    ops_heads_backward(buf, gl->q + row0 * qd, n, &b->q_w, H, dh, wbuf);
+    ops_heads_backward(buf + H * n * d, gl->k + row0 * kvd, n, &b->k_w, Hkv, dh, wbuf);
+    ops_heads_backward(buf + (H + Hkv) * n * d, gl->v + row0 * kvd, n, &b->v_w, Hkv, dh, wbuf);
+    memcpy(buf + (nodes - 1) * n * d, gl->ln2 + o, n * d * sizeof *buf);
+    const bool parallel = cfg->family != MODEL_FAMILY_GPT2 && cfg->parallel_residual;
+    node_norm_task t = {cfg, out, buf, ly->resid_pre + o, (parallel ? ly->resid_pre : ly->resid_mid) + o,
+                        b->ln_1_w, b->ln_2_w, nodes, n};
+    pool_run(nodes, node_norm_worker, &t);
+    free(wbuf), free(buf);
     return PS_OK;
 }

@@ -82,6 +82,31 @@ void gemm_pack_rows16(uint16_t *dst, const uint16_t *A, size_t lda, const size_t
 
 float gemm_widen(gemm_dtype dt, uint16_t h) { return dt == GEMM_F16 ? st_f16_to_f32(h) : st_bf16_to_f32(h); }
 
+bool gemm_is_panels(const gemm_weight *w)
+{
+    switch (w->dtype) {
+    case GEMM_F32:
+    case GEMM_F16:
+    case GEMM_BF16: return true;
+    default: return false;
+    }
+}
+
+void gemm_unpack(float *dst, const gemm_weight *w)
+{
+    const size_t k = w->k, n = w->n;
+    for (size_t kk = 0; kk < k; kk++) /* row by row: dst is written in order, each panel row read whole */
+        for (size_t c0 = 0; c0 < n; c0 += GEMM_NR) {
+            const size_t o = c0 * k + kk * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+            float *d = dst + kk * n + c0;
+            if (w->dtype == GEMM_F32)
+                memcpy(d, w->data + o, nc * sizeof *d);
+            else
+                for (size_t j = 0; j < nc; j++)
+                    d[j] = gemm_widen(w->dtype, w->data16[o + j]);
+        }
+}
+
 void gemm_pack_rows(float *dst, const float *A, size_t lda, const size_t *rows, size_t k, size_t n)
 {
     const size_t np = (n + GEMM_NR - 1) / GEMM_NR;

@@ -89,6 +89,37 @@ void ops_attn_proj(float *out, const float *z, size_t rows, const model_block *b
     gemm_run(out, z, rows, &b->attn_proj_p, b->attn_proj_b, GEMM_PLAIN);
 }
 
+typedef struct {
+    float *out;
+    const float *z, *w;
+    size_t rows, H, dh, d;
+} result_task;
+
+static void attn_result_worker(void *arg, size_t tid, size_t nt)
+{
+    const result_task *t = arg;
+    const size_t qd = t->H * t->dh, d = t->d;
+    for (size_t h = tid; h < t->H; h += nt)
+        for (size_t r = 0; r < t->rows; r++) {
+            float *o = t->out + (h * t->rows + r) * d;
+            const float *zr = t->z + r * qd + h * t->dh;
+            memset(o, 0, d * sizeof *o);
+            for (size_t j = 0; j < t->dh; j++) {
+                const float a = zr[j], *wr = t->w + (h * t->dh + j) * d;
+                for (size_t c = 0; c < d; c++)
+                    o[c] += a * wr[c];
+            }
+        }
+}
+
+void ops_attn_result(float *out, const float *z, size_t rows, const model_block *b, size_t H, size_t dh,
+                     float *wbuf)
+{
+    gemm_unpack(wbuf, &b->attn_proj_p);
+    result_task t = {out, z, wbuf, rows, H, dh, b->attn_proj_p.n};
+    pool_run(H, attn_result_worker, &t);
+}
+
 void ops_mlp_fc(float *h, const float *x, size_t rows, const model_block *b, gemm_epilogue ep)
 {
     gemm_run(h, x, rows, &b->fc_p, b->fc_b, ep);

@@ -63,6 +63,38 @@ void ops_qkv_backward(float *dx, const float *dq, const float *dk, const float *
     gemm_run_t_sum(dx, dy, w, 3, rows, false);
 }
 
+typedef struct {
+    float *dx;
+    const float *dy, *w;
+    size_t rows, n_heads, dh, k;
+} heads_task;
+
+static void heads_bwd_worker(void *arg, size_t tid, size_t nt)
+{
+    const heads_task *t = arg;
+    const size_t n = t->n_heads * t->dh, dh = t->dh;
+    for (size_t h = tid; h < t->n_heads; h += nt)
+        for (size_t r = 0; r < t->rows; r++) {
+            const float *y = t->dy + r * n + h * dh;
+            float *o = t->dx + (h * t->rows + r) * t->k;
+            for (size_t kk = 0; kk < t->k; kk++) {
+                const float *wr = t->w + kk * n + h * dh;
+                float acc = 0.0f;
+                for (size_t j = 0; j < dh; j++)
+                    acc += y[j] * wr[j];
+                o[kk] = acc;
+            }
+        }
+}
+
+void ops_heads_backward(float *dx, const float *dy, size_t rows, const gemm_weight *w, size_t n_heads, size_t dh,
+                        float *wbuf)
+{
+    gemm_unpack(wbuf, w);
+    heads_task t = {dx, dy, wbuf, rows, n_heads, dh, w->k};
+    pool_run(n_heads, heads_bwd_worker, &t);
+}
+
 void ops_attn_proj_backward(float *dz, const float *dout, size_t rows, const model_block *b)
 {
     gemm_run_t(dz, dout, rows, &b->attn_proj_p, false);

@@ -4,7 +4,13 @@
  * rows >= row0 equals the full pass's bit for bit and every earlier row is
  * 0; GradDrop of a block zeroes that block's gradients, passes d resid_post
  * to d resid_pre unchanged, and leaves the later blocks' gradients as they
- * were. */
+ * were.  Per-node input gradients (backward_node_input_grads): the
+ * residual stream is a sum, so the gradient of resid_pre of block l is the
+ * sum of the input gradients of every node that reads it (the q, k, v
+ * inputs and MLP inputs of blocks >= l, the logits), and resid_mid's the
+ * same without block l's heads; a trimmed cache with row0 gives the full
+ * run's rows >= row0 bit for bit. */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -106,11 +112,80 @@ static void test_graddrop(void **state)
     random_model_free(&tm);
 }
 
+/* max |a - b| over n floats relative to max |b| */
+static double rel_err(const double *a, const float *b, size_t n)
+{
+    double e = 0.0, s = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        e = fmax(e, fabs(a[i] - b[i]));
+        s = fmax(s, fabs((double)b[i]));
+    }
+    return s > 0 ? e / s : e;
+}
+
+static void test_node_input_grads(void **state)
+{
+    (void)state;
+    random_model tm;
+    random_model_init(&tm, L, H, D, V, NPOS);
+    const model_config *cfg = &tm.m.cfg;
+    forward_cache c, trimmed, g, gt;
+    assert_int_equal(forward_cache_init(&c, cfg, T, FORWARD_LOGITS_LAST), PS_OK);
+    assert_int_equal(forward_cache_init(&trimmed, cfg, T, FORWARD_LOGITS_LAST), PS_OK);
+    assert_int_equal(forward_cache_init(&g, cfg, T, FORWARD_LOGITS_NONE), PS_OK);
+    assert_int_equal(forward_cache_init(&gt, cfg, T, FORWARD_LOGITS_NONE), PS_OK);
+    assert_int_equal(forward_run(&tm.m, &c, tokens, T, NULL), PS_OK);
+    assert_int_equal(forward_run(&tm.m, &trimmed, tokens, T, NULL), PS_OK);
+    forward_cache_trim(&trimmed);
+    assert_int_equal(backward_run(&tm.m, &c, &g, PATCH_PROB, 17, 3, NULL), PS_OK);
+    const size_t R = backward_node_count(cfg, 0), row0 = 4;
+    assert_int_equal(R, 3 * H + 1);
+    assert_int_equal(backward_node_count(cfg, L), 1);
+    float *nodes = malloc((L + 1) * R * T * D * sizeof *nodes), *part = malloc(R * T * D * sizeof *part);
+    double *sum = calloc(T * D, sizeof *sum);
+    assert_non_null(nodes), assert_non_null(part), assert_non_null(sum);
+    for (size_t l = 0; l <= L; l++)
+        assert_int_equal(backward_node_input_grads(&tm.m, &c, &g, l, 0, nodes + l * R * T * D), PS_OK);
+    /* from the last readers back: after block l's MLP input, resid_mid of l; after its heads, resid_pre of l */
+    for (size_t i = 0; i < T * D; i++)
+        sum[i] = nodes[L * R * T * D + i];
+    for (size_t l = L; l-- > 0;) {
+        const float *blk = nodes + l * R * T * D;
+        for (size_t i = 0; i < T * D; i++)
+            sum[i] += blk[(R - 1) * T * D + i];
+        const double e_mid = rel_err(sum, g.layers[l].resid_mid, T * D);
+        if (e_mid > 1e-5)
+            fail_msg("block %zu: sum of the node gradients after resid_mid is %.2g off its gradient", l, e_mid);
+        for (size_t j = 0; j + 1 < R; j++)
+            for (size_t i = 0; i < T * D; i++)
+                sum[i] += blk[j * T * D + i];
+        const double e_pre = rel_err(sum, g.layers[l].resid_pre, T * D);
+        if (e_pre > 1e-5)
+            fail_msg("block %zu: sum of the node gradients after resid_pre is %.2g off its gradient", l, e_pre);
+    }
+    /* trimmed, rows >= row0: the same bits */
+    const backward_opts o = {row0, BACKWARD_NO_DROP};
+    assert_int_equal(backward_run_opts(&tm.m, &trimmed, &gt, &o, PATCH_PROB, 17, 3, NULL), PS_OK);
+    const size_t n = T - row0;
+    for (size_t l = 0; l <= L; l++) {
+        const size_t cnt = backward_node_count(cfg, l);
+        assert_int_equal(backward_node_input_grads(&tm.m, &trimmed, &gt, l, row0, part), PS_OK);
+        for (size_t j = 0; j < cnt; j++)
+            assert_memory_equal(part + j * n * D, nodes + (l * R + j) * T * D + row0 * D, n * D * sizeof(float));
+    }
+    assert_int_equal(backward_node_input_grads(&tm.m, &c, &g, L + 1, 0, part), PS_ERR_INVALID);
+    assert_int_equal(backward_node_input_grads(&tm.m, &c, &g, 0, T, part), PS_ERR_INVALID);
+    free(nodes), free(part), free(sum);
+    forward_cache_free(&c), forward_cache_free(&trimmed), forward_cache_free(&g), forward_cache_free(&gt);
+    random_model_free(&tm);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rows_and_trimmed_equal_full),
         cmocka_unit_test(test_graddrop),
+        cmocka_unit_test(test_node_input_grads),
     };
     return cmocka_run_group_tests_name("backward", tests, NULL, NULL);
 }
