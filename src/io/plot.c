@@ -479,16 +479,16 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
     fprintf(out, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\" "
                  "stroke-width=\"1\"/>\n",
             x0, y0, pw, ph);
-    /* outlines inside the cell (inset by the half stroke) so that
-     * neighbouring marks stay apart */
+    /* outlines inside the cell (inset by 1.5 px, the stroke 2 px wide) so
+     * that neighbouring marks stay apart; from the cell's corner as printed
+     * (%.0f rounds as rint does) */
     for (size_t i = 0; p->marked && i < p->n_rows; i++)
         for (size_t j = 0; j < p->n_cols; j++) {
             if (!p->marked[i * p->n_cols + j])
                 continue;
             fprintf(out, "<rect class=\"marked\" x=\"%.1f\" y=\"%.1f\" width=\"%d\" height=\"%d\" fill=\"none\" "
-                         "stroke=\"#000\" stroke-width=\"2.5\"><title>",
-                    x0 + (double)j * l->cw + 1.25, y0 + (double)i * l->ch + 1.25, l->cw - 2.5 > 1 ? l->cw - 3 : 1,
-                    l->ch - 2.5 > 1 ? l->ch - 3 : 1);
+                         "stroke=\"#000\" stroke-width=\"2\"><title>",
+                    rint(x0 + (double)j * l->cw) + 1.5, rint(y0 + (double)i * l->ch) + 1.5, l->cw - 3, l->ch - 3);
             plot_xml_escape(out, p->marked_name ? p->marked_name : "marked");
             fputs(" [", out);
             plot_xml_escape(out, p->y_name ? p->y_name : "row");

@@ -804,9 +804,13 @@ static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_op
     agg_note(&a->sel, "role-aligned means of up to %zu done prompts per cell", max_count);
     plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
     const char *m = metric ? metric : "metric";
+    size_t n_est = 0, base_len;
+    for (size_t i = 0; i < n_vars; i++)
+        n_est += is_estimate(gv[i].v.name, &base_len);
     fig.title = a->title ? a->title
-                         : agg_printf(pl, "Activation patching by role (%s%s%s): %s", m, direction ? ", " : "",
-                                      direction ? direction : "", base_name(a->input));
+                         : agg_printf(pl, "%s by role (%s%s%s): %s",
+                                      n_est == n_vars ? "Attribution patching estimate" : "Activation patching", m,
+                                      direction ? ", " : "", direction ? direction : "", base_name(a->input));
     fig.subtitle = agg_printf(pl, "each prompt's grid read at its roles' token positions, then averaged over done "
                                   "prompts (up to %zu a cell)",
                               max_count);
