@@ -1161,14 +1161,166 @@ static ps_status atp_stats_of(const double *exact, const double *est, size_t n, 
 #define PLOTFIG_ATP_TOP_K 10
 #define PLOTFIG_SCATTER_LABELS 5
 
-/* A cell's name: "L1 Mary_4" (layer x position), "L1.H3" (layer x head),
- * "L1.H3 Mary_4" (one head's layer x position panel). */
+/* A cell's name: "L1: Mary_4" (layer x position; the token label keeps its
+ * leading space), "L1.H3" (layer x head), "L1.H3: Mary_4" (one head's layer
+ * x position panel). */
 static const char *atp_cell_label(agg_pool *pl, const plot_heatmap *p, grid_kind kind, size_t head, size_t cell)
 {
     size_t l = cell / p->n_cols, t = cell % p->n_cols;
     return kind == GRID_HEAD       ? agg_printf(pl, "L%s.H%s", p->row_labels[l], p->col_labels[t])
-           : kind == GRID_POS_HEAD ? agg_printf(pl, "L%s.H%zu %s", p->row_labels[l], head, p->col_labels[t])
-                                   : agg_printf(pl, "L%s %s", p->row_labels[l], p->col_labels[t]);
+           : kind == GRID_POS_HEAD ? agg_printf(pl, "L%s.H%zu:%s", p->row_labels[l], head, p->col_labels[t])
+                                   : agg_printf(pl, "L%s:%s", p->row_labels[l], p->col_labels[t]);
+}
+
+/* What the scatter figure shows (atp_scatter_figure). */
+typedef struct {
+    const char *comp, *exact_n, *est_n, *method, *metric, *direction, *prompts;
+    const double *x, *y;       /* [n] exact, estimate (normalized) */
+    const char **labels;       /* [n] */
+    size_t n;
+    const char *rho_text, *stats_from, *missed_names;
+    size_t top_k, n_missed;
+} atp_scatter_in;
+
+/* The scatter of the estimate against the exact values, with its caption. */
+static ps_status atp_scatter_figure(agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
+                                    const atp_scatter_in *in, plotfig *out)
+{
+    const char *mlabel = atp_method_label(in->method), *m = in->metric ? in->metric : "metric";
+    const char *dir_part = in->direction ? agg_printf(pl, ", %s", in->direction) : "";
+    plot_scatter *sc = agg_calloc(pl, 1, sizeof *sc);
+    if (!sc || !dir_part)
+        return PS_ERR_NOMEM;
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+    sc->title = agg_printf(pl, "%s: %s estimate against exact patching, rank correlation %s", in->comp, mlabel,
+                           in->rho_text);
+    sc->subtitle = agg_printf(pl, "one point per cell (%zu); dashed: y = x; labelled: the %d largest |estimate - "
+                                  "exact|",
+                              in->n, PLOTFIG_SCATTER_LABELS);
+    sc->x_name = agg_printf(pl, "exact (%s)", in->exact_n);
+    sc->y_name = agg_printf(pl, "estimate (%s)", in->est_n);
+    sc->n = in->n;
+    sc->x = in->x;
+    sc->y = in->y;
+    sc->labels = in->labels;
+    sc->n_labelled = PLOTFIG_SCATTER_LABELS;
+    fig.title = a->title ? a->title
+                         : agg_printf(pl, "%s vs exact patching (%s%s): %s, %s", mlabel, m, dir_part, in->comp,
+                                      base_name(a->input));
+    fig.subtitle = in->prompts;
+    fig.caption = agg_printf(
+        pl,
+        "Attribution patching (%s, method %s) of %s against exact activation patching. Metric: %s. "
+        "Direction: %s. Prompts: %s. Each point is one cell of the %s grid: x its exact normalized "
+        "effect (%s), y the estimate (%s, each cell's effect linearized from one forward and one backward "
+        "pass). On the dashed line y = x the estimate is exact. Rank correlation (Spearman, %s): %s. Of the "
+        "exact top %zu cells by |effect|, %zu %s missed by the estimate's top %zu%s%s. The %d points farthest "
+        "from the line are labelled (L = layer, H = head, then the position's token label%s). What to look for: "
+        "whether the points follow the line (a good screen) and which cells fall far from it: AtP is "
+        "least reliable where attention saturates (query and key cells, which AtP*'s QK fix recomputes) and "
+        "where paths cancel.",
+        mlabel, in->method ? in->method : "not recorded", in->comp, metric_meaning(in->metric),
+        in->direction ? in->direction : "not recorded", in->prompts, in->comp, in->exact_n, in->est_n,
+        in->stats_from, in->rho_text, in->top_k, in->n_missed, in->n_missed == 1 ? "is" : "are", in->top_k,
+        in->n_missed ? ": " : "", in->missed_names, PLOTFIG_SCATTER_LABELS,
+        strstr(in->comp, "dest_src") ? "s, destination -> source" : "");
+    if (!sc->title || !sc->subtitle || !sc->x_name || !sc->y_name || !fig.title || !fig.caption)
+        return PS_ERR_NOMEM;
+    out->fig = fig;
+    out->scatter = sc;
+    out->n_panels = 1;
+    return PS_OK;
+}
+
+/* The estimate against exact of one prompt's (layer, position,
+ * src_position, head) grid (pattern_dest_src), a point per cell of the
+ * prompt's length: a grid the heatmaps do not draw. */
+static ps_status atp_scatter_dest_src(const ncin_file *f, agg_pool *pl, const plotfig_opts *a,
+                                      const plotfig_provenance *prov, const char *comp, const char *exact_n,
+                                      const char *est_n, plotfig *out)
+{
+    if (a->sel.mean)
+        return err_set(PS_ERR_INVALID, "%s: %s is a (layer, position, src_position, head) grid: its scatter is of "
+                                       "one prompt (--prompt N), not a mean",
+                       f->path, comp);
+    static const char *const dims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION,
+                                       SCHEMA_DIM_SRC_POSITION, SCHEMA_DIM_HEAD};
+    ncin_var ve, va, tv;
+    size_t n_prompt, L, P, S, H, stride;
+    ps_status st;
+    if ((st = ncin_inq_var(f, exact_n, &ve)) || (st = ncin_expect_dims(f, &ve, dims, 5)) ||
+        (st = ncin_inq_var(f, est_n, &va)) || (st = ncin_expect_dims(f, &va, dims, 5)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &n_prompt)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &L)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_POSITION, &P)) || (st = agg_dim_len(f, SCHEMA_DIM_SRC_POSITION, &S)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_HEAD, &H)) || (st = ncin_stride(f, &ve, &stride)))
+        return st;
+    if (stride != L * P * S * H)
+        return err_set(PS_ERR_FORMAT, "%s: variable '%s' does not have the file's dimension sizes", f->path, exact_n);
+    size_t *sel, n_sel;
+    double *length;
+    if ((st = agg_select_prompts(f, pl, &a->sel, n_prompt, false, &sel, &n_sel)) ||
+        (st = agg_read_prompt_doubles(f, pl, SCHEMA_VAR_LENGTH, n_prompt, &length)))
+        return st;
+    if (n_sel == 0)
+        return err_set(PS_ERR_INVALID, "%s: no prompt to plot", f->path);
+    const size_t pr = sel[0];
+    size_t T = length && length[pr] >= 1 && length[pr] <= (double)P ? (size_t)length[pr] : P;
+    T = T < S ? T : S;
+    float *fe = agg_calloc(pl, stride, sizeof *fe), *fa = agg_calloc(pl, stride, sizeof *fa);
+    char **tok = agg_calloc(pl, P, sizeof *tok);
+    if (!fe || !fa || !tok)
+        return PS_ERR_NOMEM;
+    const char *tname = a->tokens && !strcmp(a->tokens, "corrupted") ? SCHEMA_VAR_CORRUPTED_TOKEN : SCHEMA_VAR_CLEAN_TOKEN;
+    if ((st = ncin_read_float(f, &ve, pr, 1, fe)) || (st = ncin_read_float(f, &va, pr, 1, fa)) ||
+        (st = ncin_inq_var(f, tname, &tv)) || (st = ncin_read_strings(f, &tv, pr, 1, tok)))
+        return st;
+    const char **tl = agg_calloc(pl, P, sizeof *tl);
+    for (size_t t = 0; tl && t < P; t++) {
+        tl[t] = agg_keep(pl, plot_token_label(tok[t], t));
+        free(tok[t]);
+        if (!tl[t])
+            tl = NULL;
+    }
+    const size_t cells = L * T * T * H;
+    double *xs = agg_calloc(pl, cells ? cells : 1, sizeof *xs), *ys = agg_calloc(pl, cells ? cells : 1, sizeof *ys);
+    const char **labels = agg_calloc(pl, cells ? cells : 1, sizeof *labels);
+    if (!tl || !xs || !ys || !labels)
+        return PS_ERR_NOMEM;
+    size_t n = 0;
+    for (size_t l = 0; l < L; l++)
+        for (size_t d = 0; d < T; d++)
+            for (size_t sp = 0; sp < T; sp++)
+                for (size_t h = 0; h < H; h++) {
+                    size_t i = ((l * P + d) * S + sp) * H + h;
+                    if (!isfinite(fe[i]) || !isfinite(fa[i]))
+                        continue; /* a source after the destination: no cell */
+                    xs[n] = fe[i];
+                    ys[n] = fa[i];
+                    if (!(labels[n++] = agg_printf(pl, "L%zu.H%zu:%s ->%s", l, h, tl[d], tl[sp])))
+                        return PS_ERR_NOMEM;
+                }
+    char *direction = NULL, *metric = NULL;
+    if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
+        (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
+        return st ? st : PS_ERR_NOMEM;
+    double rho;
+    size_t idx[PLOTFIG_ATP_TOP_K], n_missed;
+    if ((st = atp_stats_of(xs, ys, n, direction && !strcmp(direction, "noise") ? 1.0 : 0.0, PLOTFIG_ATP_TOP_K, &rho,
+                           idx, &n_missed)))
+        return st;
+    const char *missed_names = agg_printf(pl, "%s", "");
+    for (size_t k = 0; k < n_missed && missed_names; k++)
+        missed_names = agg_printf(pl, "%s%s%s", missed_names, k ? ", " : "", labels[idx[k]]);
+    const atp_scatter_in in = {
+        .comp = comp, .exact_n = exact_n, .est_n = est_n, .method = file_method(f, pl), .metric = metric,
+        .direction = direction, .prompts = agg_printf(pl, "prompt %zu of %zu (%zu tokens)", pr, n_prompt, T),
+        .x = xs, .y = ys, .labels = labels, .n = n,
+        .rho_text = isnan(rho) ? "undefined (one side is constant)" : agg_printf(pl, "%.3f", rho),
+        .stats_from = "of the cells shown", .top_k = PLOTFIG_ATP_TOP_K < n ? PLOTFIG_ATP_TOP_K : n,
+        .n_missed = n_missed, .missed_names = missed_names};
+    if (!in.prompts || !in.rho_text || !missed_names)
+        return PS_ERR_NOMEM;
+    return atp_scatter_figure(pl, a, prov, &in, out);
 }
 
 static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
@@ -1192,6 +1344,12 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
                                        "needs a file with both (patch --method atp+exact)",
                        f->path, comp, exact_n);
     grid_var g;
+    ncin_var ev;
+    static const char *const dest_src[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION,
+                                           SCHEMA_DIM_SRC_POSITION, SCHEMA_DIM_HEAD};
+    if (scatter && ncin_inq_var(f, est_n, &ev) == PS_OK && ncin_dims_are(&ev, dest_src, 5))
+        return atp_scatter_dest_src(f, pl, a, prov, comp, exact_n, est_n, out);
+    err_clear();
     if ((st = describe_grid(f, pl, est_n, &g)))
         return st;
     const char *method = file_method(f, pl), *mlabel = atp_method_label(method);
@@ -1331,9 +1489,8 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
     plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
 
     if (scatter) {
-        plot_scatter *sc = agg_calloc(pl, 1, sizeof *sc);
         const char **labels = agg_calloc(pl, n_pairs ? n_pairs : 1, sizeof *labels);
-        if (!sc || !labels)
+        if (!labels)
             return PS_ERR_NOMEM;
         for (size_t i = 0; i < n_pairs; i++) {
             size_t r = 0, off = 0;
@@ -1346,43 +1503,11 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
             if (!(labels[i] = atp_cell_label(pl, &panels[r * n_vars], g.kind, n_head ? r % n_head : 0, where[i] - off)))
                 return PS_ERR_NOMEM;
         }
-        sc->title = agg_printf(pl, "%s: %s estimate against exact patching, rank correlation %s", comp, mlabel,
-                               rho_text);
-        sc->subtitle = agg_printf(pl, "one point per cell (%zu); dashed: y = x; labelled: the %d largest |estimate - "
-                                      "exact|",
-                                  n_pairs, PLOTFIG_SCATTER_LABELS);
-        sc->x_name = agg_printf(pl, "exact (%s)", exact_n);
-        sc->y_name = agg_printf(pl, "estimate (%s)", est_n);
-        sc->n = n_pairs;
-        sc->x = xs;
-        sc->y = ys;
-        sc->labels = labels;
-        sc->n_labelled = PLOTFIG_SCATTER_LABELS;
-        fig.title = a->title ? a->title
-                             : agg_printf(pl, "%s vs exact patching (%s%s): %s, %s", mlabel, m, dir_part, comp,
-                                          base_name(a->input));
-        fig.subtitle = prompts;
-        fig.caption = agg_printf(
-            pl,
-            "Attribution patching (%s, method %s) of %s against exact activation patching. Metric: %s. "
-            "Direction: %s. Prompts: %s. Each point is one cell of the %s grid: x its exact normalized "
-            "effect (%s), y the estimate (%s, each cell's effect linearized from one forward and one backward "
-            "pass). On the dashed line y = x the estimate is exact. Rank correlation (Spearman, %s): %s. Of the "
-            "exact top %zu cells by |effect|, %zu %s missed by the estimate's top %zu%s%s. The %d points farthest "
-            "from the line are labelled (L = layer, H = head, then the position's token). What to look for: "
-            "whether the points follow the line (a good screen) and which cells fall far from it: AtP is "
-            "least reliable where attention saturates (query and key cells, which AtP*'s QK fix recomputes) and "
-            "where paths cancel.",
-            mlabel, method ? method : "not recorded", comp, metric_meaning(metric),
-            direction ? direction : "not recorded", prompts, comp, exact_n, est_n, stats_from, rho_text, top_k,
-            n_missed, n_missed == 1 ? "is" : "are", top_k, n_missed ? ": " : "", missed_names,
-            PLOTFIG_SCATTER_LABELS);
-        if (!sc->title || !sc->subtitle || !sc->x_name || !sc->y_name || !fig.title || !fig.caption)
-            return PS_ERR_NOMEM;
-        out->fig = fig;
-        out->scatter = sc;
-        out->n_panels = 1;
-        return PS_OK;
+        const atp_scatter_in in = {.comp = comp, .exact_n = exact_n, .est_n = est_n, .method = method,
+                                   .metric = metric, .direction = direction, .prompts = prompts, .x = xs, .y = ys,
+                                   .labels = labels, .n = n_pairs, .rho_text = rho_text, .stats_from = stats_from,
+                                   .top_k = top_k, .n_missed = n_missed, .missed_names = missed_names};
+        return atp_scatter_figure(pl, a, prov, &in, out);
     }
 
     /* heatmaps: exact | estimate on one scale, the error on its own */

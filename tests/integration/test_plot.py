@@ -1057,7 +1057,7 @@ def section_9():
     for l in range(L):
         for t in range(T):
             for h in range(H):
-                by_label[f"L{l}.H{h} {SEED_LABELS[t]}"] = (ze[l, t, h], za[l, t, h])
+                by_label[f"L{l}.H{h}:{SEED_LABELS[t]}"] = (ze[l, t, h], za[l, t, h])
     bad = [p for p in pts if p["label"] not in by_label
            or not same_float32([p["x"], p["y"]], list(by_label[p["label"]]))]
     check("--scatter z: every point is its cell's (exact, estimate) from the file",
@@ -1095,6 +1095,46 @@ def section_9():
                                     for p in pts for l, h in [map(int, re.match(r"L(\d+)\.H(\d+)$", p["label"]).groups())]),
           [p["label"] for p in pts][:5])
     render("scatter", os.path.join(TMP, "scatter-z.svg"))
+
+    # -- the 4-axis pattern_dest_src grid (a file written here): a point per cell of the prompt
+    ds = os.path.join(TMP, "atp-dest-src.nc")
+    shutil.copy(atp, ds)
+    rng = np.random.default_rng(5)
+    P = T
+    with netCDF4.Dataset(ds, "a") as d:
+        d.createDimension("src_position", P)
+        vals = {}
+        for name in ("pattern_dest_src_normalized", "pattern_dest_src_atp_normalized"):
+            v = d.createVariable(name, "f4", ("prompt", "layer", "position", "src_position", "head"),
+                                 fill_value=np.float32(9.96921e36))
+            a = rng.normal(size=(1, L, P, P, H)).astype(np.float32)
+            for dd in range(P):
+                a[:, :, dd, dd + 1:, :] = np.nan  # a source after the destination: no cell
+            v[:] = a
+            vals[name] = a[0]
+    out = os.path.join(TMP, "scatter-dest-src.svg")
+    plot_ok("--scatter pattern_dest_src", [ds, "--scatter", "--var", "pattern_dest_src"], out)
+    root, pts, ident, labels = scatter_points(out)
+    n_cells = L * H * P * (P + 1) // 2
+    ok = len(pts) == n_cells
+    for p_ in pts:
+        m = re.match(r"L(\d+)\.H(\d+):(.*)_(\d+) ->(.*)_(\d+)$", p_["label"])
+        if not m:
+            ok = False
+            break
+        l, h, dd, sp = int(m.group(1)), int(m.group(2)), int(m.group(4)), int(m.group(6))
+        ok = ok and same_float32([p_["x"], p_["y"]], [vals["pattern_dest_src_normalized"][l, dd, sp, h],
+                                                      vals["pattern_dest_src_atp_normalized"][l, dd, sp, h]])
+    check("--scatter pattern_dest_src: a point per (layer, dest, src <= dest, head), the file's values",
+          ok, (len(pts), n_cells, pts[:2]))
+    rho = spearman(vals["pattern_dest_src_normalized"][np.isfinite(vals["pattern_dest_src_normalized"])],
+                   vals["pattern_dest_src_atp_normalized"][np.isfinite(vals["pattern_dest_src_atp_normalized"])])
+    desc = root.find(SVG + "desc").text
+    check("--scatter pattern_dest_src: the rank correlation of the cells shown", f"of the cells shown): {rho:.3f}" in desc,
+          (rho, desc))
+    r = run("plot", ds, "--atp", "--var", "pattern_dest_src", "-o", os.path.join(TMP, "x.svg"))
+    check("--atp pattern_dest_src: refused as plot refuses the exact grid (no heatmap of 4 axes)",
+          r.returncode == 1 and "wrong dimensions" in r.stderr, r.stderr)
 
     # -- a mean over two prompts (merged atp*+exact files): the statistics of the mean cells
     atp2 = os.path.join(TMP, "atp2.nc")
