@@ -142,7 +142,7 @@ ps_status plot_write_heatmap_grid(FILE *out, const char *out_name, const plot_fi
  * n_labelled points farthest from the line (largest |y - x|) are drawn in
  * another colour (class "point outlier") and labelled with labels[i]; the
  * hover text of every point is "{labels[i]}: {x_name} = X, {y_name} = Y,
- * {y_name} - {x_name} = D" (%.9g). */
+ * difference = D" (D = Y - X; %.9g). */
 typedef struct {
     const char *title, *subtitle;       /* panel title lines; NULL: none */
     const char *x_name, *y_name;        /* axis titles */

@@ -1062,10 +1062,7 @@ ps_status plot_write_scatter(FILE *out, const char *out_name, const plot_figure 
             fprintf(out, " = %.9g, ", s->x[i]);
             plot_xml_escape(out, s->y_name ? s->y_name : "y");
             fprintf(out, " = %.9g, ", s->y[i]);
-            plot_xml_escape(out, s->y_name ? s->y_name : "y");
-            fputs(" - ", out);
-            plot_xml_escape(out, s->x_name ? s->x_name : "x");
-            fprintf(out, " = %.9g</title></circle>\n", s->y[i] - s->x[i]);
+            fprintf(out, "difference = %.9g</title></circle>\n", s->y[i] - s->x[i]);
         }
     fputs("</g>\n", out);
     fprintf(out, "<g class=\"outlier-labels\" font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);

@@ -398,7 +398,7 @@ static void test_scatter(void **state)
     assert_non_null(strstr(svg, "class=\"outlier-label\" dy=\"0.35em\">p4</text>"));
     assert_non_null(strstr(svg, "class=\"outlier-label\" dy=\"0.35em\">p1</text>"));
     assert_null(strstr(svg, ">p0</text>"));
-    assert_non_null(strstr(svg, "<title>p1: exact = 1, estimate = 0.2, estimate - exact = -0.8</title>"));
+    assert_non_null(strstr(svg, "<title>p1: exact = 1, estimate = 0.2, difference = -0.8</title>"));
     /* the identity line: a 45-degree diagonal of the square */
     const char *ln = strstr(svg, "class=\"identity\"");
     assert_non_null(ln);
