@@ -56,7 +56,9 @@ static const char *plot_help =
     "                 the estimate only (method atp) gets the estimate alone, titled\n"
     "                 as an estimate\n"
     "  --scatter      one component C: the estimate (y) against the exact value (x),\n"
-    "                 a point per cell, the line y = x, the 5 largest |errors| labelled\n"
+    "                 a point per cell, the line y = x, the 5 largest |errors| labelled.\n"
+    "                 Both take --prompt, --mean (--by-length, --length) and --by-role\n"
+    "                 (the role means; the error is their difference, normalized)\n"
     "  --caption F    also write the figure's caption to F as an HTML <figcaption>: what\n"
     "                 was patched, the metric and direction, the prompts and what to look\n"
     "                 for per component kind, from the file's attributes (the SVG carries\n"
@@ -163,8 +165,6 @@ static int parse_args(int argc, char **argv, plot_args *a)
         return cli_usage(CMD, "--by-length and --length go with --mean");
     if (a->o.sel.by_role && (a->o.sel.has_prompt || a->o.sel.mean))
         return cli_usage(CMD, "--by-role is a mean already: not with --prompt, --mean, --by-length or --length");
-    if (a->o.kind != PLOTFIG_GRIDS && a->o.sel.by_role)
-        return cli_usage(CMD, "--%s takes --prompt or --mean, not --by-role", a->o.kind == PLOTFIG_ATP ? "atp" : "scatter");
     if (a->o.kind == PLOTFIG_SCATTER && a->o.has_zmax)
         return cli_usage(CMD, "--zmax sets a heatmap's colour range: not with --scatter");
     if (a->o.sel.by_length && a->o.sel.has_length)

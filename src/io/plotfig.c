@@ -1326,9 +1326,7 @@ static ps_status atp_scatter_dest_src(const ncin_file *f, agg_pool *pl, const pl
 static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
                           plotfig *out)
 {
-    const bool scatter = a->kind == PLOTFIG_SCATTER;
-    if (a->sel.by_role)
-        return err_set(PS_ERR_INVALID, "%s: --atp and --scatter take --prompt or --mean, not --by-role", f->path);
+    const bool scatter = a->kind == PLOTFIG_SCATTER, by_role = a->sel.by_role;
     const char *comp;
     ps_status st = atp_component(f, pl, a->vars, &comp);
     if (st)
@@ -1338,7 +1336,11 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
     const char *err_v = agg_printf(pl, "%s" SCHEMA_ATP_ERROR_SUFFIX, comp);
     if (!exact_n || !est_n || !err_v)
         return PS_ERR_NOMEM;
-    const bool has_exact = ncin_has_var(f, exact_n), has_err = has_exact && ncin_has_var(f, err_v);
+    const bool has_exact = ncin_has_var(f, exact_n);
+    /* the error panel: the file's C_atp_error (raw metric units), or with
+     * --by-role or a file without it, the difference of the normalized
+     * grids shown, computed here */
+    const bool has_err = has_exact, file_err = has_exact && !by_role && ncin_has_var(f, err_v);
     if (scatter && !has_exact)
         return err_set(PS_ERR_INVALID, "%s: no exact values of %s (no %s): the scatter of estimate against exact "
                                        "needs a file with both (patch --method atp+exact)",
@@ -1347,7 +1349,7 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
     ncin_var ev;
     static const char *const dest_src[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION,
                                            SCHEMA_DIM_SRC_POSITION, SCHEMA_DIM_HEAD};
-    if (scatter && ncin_inq_var(f, est_n, &ev) == PS_OK && ncin_dims_are(&ev, dest_src, 5))
+    if (scatter && !by_role && ncin_inq_var(f, est_n, &ev) == PS_OK && ncin_dims_are(&ev, dest_src, 5))
         return atp_scatter_dest_src(f, pl, a, prov, comp, exact_n, est_n, out);
     err_clear();
     if ((st = describe_grid(f, pl, est_n, &g)))
@@ -1369,22 +1371,48 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
     b.kind = PLOTFIG_GRIDS;
     b.title = NULL;
     b.has_zmax = false;
-    b.vars = has_err     ? agg_printf(pl, "%s,%s,%s", exact_n, est_n, err_v)
-             : has_exact ? agg_printf(pl, "%s,%s", exact_n, est_n)
-                         : est_n;
+    b.vars = file_err    ? agg_printf(pl, "%s,%s,%s", exact_n, est_n, err_v)
+             : has_exact          ? agg_printf(pl, "%s,%s", exact_n, est_n)
+                                  : est_n;
     if (!b.vars)
         return PS_ERR_NOMEM;
     plotfig grids = {0}; /* its strings and arrays live in pl */
-    if ((st = plot_results(f, pl, &b, prov, &grids)))
+    if ((st = by_role ? plot_by_role(f, pl, &b, prov, &grids) : plot_results(f, pl, &b, prov, &grids)))
         return st;
-    const size_t n_rows = grids.n_panels / n_vars;
-    plot_heatmap *panels = agg_calloc(pl, grids.n_panels, sizeof *panels);
-    double *zmax = agg_calloc(pl, grids.n_panels, sizeof *zmax);
+    /* plot_by_role: per variable its mean and spread panels; the means are drawn */
+    const size_t n_read = file_err ? 3 : has_exact ? 2 : 1; /* variables read */
+    const size_t n_rows = by_role ? 1 : grids.n_panels / n_read, n_all = n_rows * n_vars;
+    plot_heatmap *panels = agg_calloc(pl, n_all, sizeof *panels);
+    double *zmax = agg_calloc(pl, n_all, sizeof *zmax);
     if (!panels || !zmax)
         return PS_ERR_NOMEM;
-    for (size_t r = 0; r < n_rows; r++)
-        for (size_t v = 0; v < n_vars; v++)
-            panels[r * n_vars + v] = grids.panels[v * n_rows + r];
+    if (by_role) {
+        if (grids.n_panels != 2 * (has_exact ? 2 : 1))
+            return err_set(PS_ERR_INVALID, "%s: %s is not a (layer, position) grid: no role-aligned means", f->path,
+                           comp);
+        panels[0] = grids.panels[0];
+        if (has_exact)
+            panels[1] = grids.panels[2];
+    } else {
+        for (size_t r = 0; r < n_rows; r++)
+            for (size_t v = 0; v < n_read; v++)
+                panels[r * n_vars + v] = grids.panels[v * n_rows + r];
+    }
+    for (size_t r = 0; has_exact && !file_err && r < n_rows; r++) {
+        plot_heatmap *e = &panels[r * n_vars], *d = e + 2;
+        *d = e[1];
+        const size_t n = e->n_rows * e->n_cols;
+        float *diff = agg_calloc(pl, n ? n : 1, sizeof *diff);
+        if (!diff)
+            return PS_ERR_NOMEM;
+        for (size_t i = 0; i < n; i++)
+            diff[i] = e[1].values[i] - e[0].values[i];
+        d->values = diff;
+        d->n_used = NULL;
+        d->lo = d->hi = NULL;
+        if (!(d->hover_name = agg_printf(pl, "%s - %s", est_n, exact_n)))
+            return PS_ERR_NOMEM;
+    }
     size_t n_head = 0;
     if (g.kind == GRID_POS_HEAD && (st = agg_dim_len(f, SCHEMA_DIM_HEAD, &n_head)))
         return st;
@@ -1422,13 +1450,13 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
         for (size_t k = 0; k < n_missed; k++)
             missed[k] = where[idx[k]];
         top_k = top_k < n_pairs ? top_k : n_pairs;
-        stats_from = a->sel.mean ? "of the mean cells shown" : "of the cells shown";
+        stats_from = by_role ? "of the role means shown" : a->sel.mean ? "of the mean cells shown" : "of the cells shown";
         /* one prompt of a one-prompt file (patch -o): the file's own statistics,
          * computed by the engine in double precision (schema.h) */
         double att[64], rc_att, k_att;
         size_t n_att, n1;
         bool has_rc = false, has_k = false, has_m = false;
-        if (has_err && !a->sel.mean && n_prompt == 1 &&
+        if (file_err && !a->sel.mean && n_prompt == 1 &&
             (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_RANK_CORRELATION, &rc_att, 1, &n1, &has_rc)) == PS_OK &&
             (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_TOP_K, &k_att, 1, &n1, &has_k)) == PS_OK &&
             (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_MISSED_TOP_K, att, 64, &n_att, &has_m)) == PS_OK &&
@@ -1551,6 +1579,11 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
                 p->subtitle = agg_printf(pl, "linearized, not patched; the exact panel's colour scale%s%s",
                                          sub ? "; " : "", sub ? sub : "");
                 p->scale_name = "normalized (both panels)";
+            } else if (!file_err) {
+                p->title = agg_printf(pl, "error: %s - %s%s", est_n, exact_n, head);
+                p->subtitle = agg_printf(pl, "estimate - exact of the %s shown, normalized (its own scale)",
+                                         by_role ? "role means" : "values");
+                p->scale_name = "estimate - exact (normalized)";
             } else {
                 p->title = agg_printf(pl, "error: %s%s", err_v, head);
                 p->subtitle = agg_printf(pl, "estimate - exact, raw %s (its own scale)%s%s", m, sub ? "; " : "",
@@ -1597,8 +1630,10 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
             "cancel.",
             mlabel, method ? method : "not recorded", comp, metric_meaning(metric),
             direction ? direction : "not recorded", prompts, exact_n, est_n,
-            has_err ? agg_printf(pl, "right: the error, estimate - exact (%s, raw %s), on its own scale", err_v, m)
-                    : "the file has no error grid",
+            file_err ? agg_printf(pl, "right: the error, estimate - exact (%s, raw %s), on its own scale", err_v, m)
+                     : agg_printf(pl, "right: the difference of the %s shown, estimate - exact (normalized; the "
+                                      "file has no %s), on its own scale",
+                                  by_role ? "role means" : "values", by_role ? "role means of the error" : err_v),
             stats_from, rho_text, top_k, n_missed, n_missed == 1 ? "is" : "are", top_k,
             n_missed ? " (outlined on the exact panel): " : "", missed_names, n_missed ? "" : "");
     }
@@ -1606,7 +1641,7 @@ static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *
         return PS_ERR_NOMEM;
     out->fig = fig;
     out->panels = panels;
-    out->n_panels = grids.n_panels;
+    out->n_panels = n_all;
     out->panel_cols = n_vars;
     out->panel_zmax = zmax;
     out->zmax = z_shared;

@@ -83,7 +83,7 @@ def hex_rgb(h):
 
 # ---- reading the SVG back ------------------------------------------------------
 
-CELL_RE = re.compile(r"^(.*?) \[Layer (\d+), (Position|Head) (.*)\] = (NaN \(no value\)|\S+)"
+CELL_RE = re.compile(r"^(.*?) \[Layer (\d+), (Position|Head|Role) (.*)\] = (NaN \(no value\)|\S+)"
                      r"(?: \(mean of (\d+), min (\S+), max (\S+)\))?$", re.S)
 
 
@@ -1220,6 +1220,57 @@ def section_9():
     root = ET.parse(out).getroot()
     check("atp sweep by role: titled an estimate",
           root.find(SVG + "title").text.startswith("Attribution patching estimate by role"), root.find(SVG + "title").text)
+    out = os.path.join(TMP, "sweep-atp-role-atp.svg")
+    plot_ok("--atp --by-role of an atp sweep", [sweep_out, "--atp", "--by-role"], out)
+    root, panels = heatmap_panels(out)
+    check("atp sweep --atp --by-role: the estimate's role means alone, titled an estimate",
+          len(panels) == 1 and panels[0]["title"] == "ESTIMATE (AtP): resid_pre_atp_normalized"
+          and same_float32(cell_grid(panels[0], n_layer, len(panels[0]["xlabels"])),
+                           read(sweep_out, "resid_pre_atp_normalized_by_role")), [p["title"] for p in panels])
+    # exact and estimate in one sweep file (the exact sweep's variables added to the atp sweep's; no C_atp_error):
+    # the error panel is the difference of the grids shown, by role and for means
+    job_exact = os.path.join(TMP, "exact-job.ini")
+    exact_out = os.path.join(TMP, "sweep-exact.nc")
+    with open(job, "r") as f, open(job_exact, "w") as g:
+        g.write(f.read().replace("method = atp", "method = exact").replace(sweep_out, exact_out))
+    r = run("sweep", job_exact)
+    check("sweep method = exact", r.returncode == 0, r.stderr[-500:])
+    both = os.path.join(TMP, "sweep-both.nc")
+    shutil.copy(sweep_out, both)
+    with netCDF4.Dataset(exact_out) as e, netCDF4.Dataset(both, "a") as o:
+        for name in ("resid_pre", "resid_pre_normalized", "resid_pre_normalized_by_role",
+                     "resid_pre_normalized_by_role_std", "resid_pre_normalized_by_role_count"):
+            v = e.variables[name]
+            fill = v.getncattr("_FillValue") if "_FillValue" in v.ncattrs() else None
+            nv = o.createVariable(name, v.datatype, v.dimensions, fill_value=fill)
+            nv.setncatts({k: v.getncattr(k) for k in v.ncattrs() if k != "_FillValue"})
+            nv[:] = v[:]
+    out = os.path.join(TMP, "sweep-both-role.svg")
+    plot_ok("--atp --by-role of exact + estimate", [both, "--atp", "--by-role"], out)
+    root, panels = heatmap_panels(out)
+    n_role = len(read(both, "resid_pre_normalized_by_role")[0])
+    ge = [cell_grid(p, n_layer, n_role) for p in panels]
+    re_, ra_ = (np.float32(read(both, v)) for v in ("resid_pre_normalized_by_role", "resid_pre_atp_normalized_by_role"))
+    check("--atp --by-role: exact | estimate role means | their difference",
+          [p["title"] for p in panels] == ["exact: resid_pre_normalized", "estimate (AtP): resid_pre_atp_normalized",
+                                           "error: resid_pre_atp_normalized - resid_pre_normalized"]
+          and same_float32(ge[0], re_) and same_float32(ge[1], ra_) and same_float32(ge[2], ra_ - re_),
+          [p["title"] for p in panels])
+    desc = root.find(SVG + "desc").text
+    rho = spearman(re_.ravel().astype(float), ra_.ravel().astype(float))
+    check("--atp --by-role: the rank correlation of the role means", f"of the role means shown): {rho:.3f}" in desc,
+          (rho, desc))
+    out = os.path.join(TMP, "sweep-both-role-scatter.svg")
+    plot_ok("--scatter --by-role", [both, "--scatter", "--by-role"], out)
+    root, pts, ident, labels = scatter_points(out)
+    check("--scatter --by-role: a point per (layer, role)", len(pts) == n_layer * n_role, len(pts))
+    out = os.path.join(TMP, "sweep-both-16.svg")
+    plot_ok("--atp --mean --length 16 of exact + estimate", [both, "--atp", "--mean", "--length", "16"], out)
+    root, panels = heatmap_panels(out)
+    g3 = [cell_grid(p, n_layer, 16) for p in panels]
+    check("--atp --mean without C_atp_error: the error panel is estimate - exact of the means",
+          len(panels) == 3 and same_float32(g3[2], np.float32(g3[1]) - np.float32(g3[0]))
+          and panels[2]["title"] == "error: resid_pre_atp_normalized - resid_pre_normalized", [p["title"] for p in panels])
 
 
 SECTIONS = [("1", "the seed's heatmap"), ("2", "--var all, head components, z per head"),
