@@ -8,6 +8,8 @@
  *   the first prompt's tokens ("*": differs in another prompt of the mean).
  *   Lens files (analysis = "lens"): one line chart per (prompt, layer)
  *   variable, a line per prompt or the mean with a min-max band.
+ *   Attribution patching (plotfig_kind): one component's exact, estimate
+ *   and error heatmaps side by side, or its estimate-vs-exact scatter.
  *
  * Library code: it never prints (remarks go to opts.sel.note) and does not
  * write the file; the caller writes plotfig_write's SVG where it wants.

@@ -1271,8 +1271,10 @@ static ps_status atp_scatter_dest_src(const ncin_file *f, agg_pool *pl, const pl
     if (!fe || !fa || !tok)
         return PS_ERR_NOMEM;
     const char *tname = a->tokens && !strcmp(a->tokens, "corrupted") ? SCHEMA_VAR_CORRUPTED_TOKEN : SCHEMA_VAR_CLEAN_TOKEN;
+    static const char *const tdims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_POSITION};
     if ((st = ncin_read_float(f, &ve, pr, 1, fe)) || (st = ncin_read_float(f, &va, pr, 1, fa)) ||
-        (st = ncin_inq_var(f, tname, &tv)) || (st = ncin_read_strings(f, &tv, pr, 1, tok)))
+        (st = ncin_inq_var(f, tname, &tv)) || (st = ncin_expect_dims(f, &tv, tdims, 2)) ||
+        (st = ncin_read_strings(f, &tv, pr, 1, tok)))
         return st;
     const char **tl = agg_calloc(pl, P, sizeof *tl);
     for (size_t t = 0; tl && t < P; t++) {
