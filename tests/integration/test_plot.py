@@ -1136,6 +1136,17 @@ def section_9():
     check("--atp pattern_dest_src: refused as plot refuses the exact grid (no heatmap of 4 axes)",
           r.returncode == 1 and "wrong dimensions" in r.stderr, r.stderr)
 
+    # -- a damaged statistic: a missed cell outside the grid is refused in one line naming the attribute
+    bad_f = os.path.join(TMP, "atp-bad-missed.nc")
+    shutil.copy(atp, bad_f)
+    with netCDF4.Dataset(bad_f, "a") as d:
+        d.variables["resid_pre_atp_error"].setncattr("atp_missed_top_k", np.array([0, 99999], dtype=np.int32))
+    out = os.path.join(TMP, "bad.svg")
+    r = run("plot", bad_f, "--atp", "-o", out)
+    check("--atp with atp_missed_top_k outside the grid: refused in one line, no output",
+          r.returncode == 1 and not os.path.exists(out) and "atp_missed_top_k" in r.stderr and bad_f in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1, r.stderr)
+
     # -- a mean over two prompts (merged atp*+exact files): the statistics of the mean cells
     atp2 = os.path.join(TMP, "atp2.nc")
     clean, corrupted, answer, wrong = PAIRS["swap"]
