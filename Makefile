@@ -272,9 +272,11 @@ $(HFTOK_DIR)/.verified: tests/hf_tokenizers.sha256
 # The main job on the embedded GPT-2 model with 2 MPI ranks (1 BLAS thread
 # each), recomputed every time (--overwrite); then the capitals job with its
 # logit lens; with DEMO_LLAMA=1 the same two jobs on the embedded Llama-family
-# model (jobs/ioi-tiny-llama, jobs/capitals-tiny-llama); the figures, and
-# results/index.html showing them all, the two families' IOI heatmaps side
-# by side (DEMO_LLAMA=0 leaves the Llama model out).
+# model (jobs/ioi-tiny-llama, jobs/capitals-tiny-llama); AtP* against exact
+# patching on the worksheet's pair (patch --method atp*+exact, plot --atp and
+# --scatter per component); the figures, and results/index.html showing them
+# all, the two families' IOI heatmaps side by side (DEMO_LLAMA=0 leaves the
+# Llama model out).
 MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe
 PS := build/rel/patchsweep
 DEMO_LLAMA ?= 1
@@ -284,6 +286,12 @@ DEMO_FIGURES := ioi-tiny.svg ioi-tiny-heads.svg ioi-tiny-by-role.svg ioi-tiny-re
 DEMO_LLAMA_FIGURES := ioi-tiny-llama.svg ioi-tiny-llama-heads.svg ioi-tiny-llama-by-role.svg ioi-tiny-llama-resid-by-length.svg \
                       capitals-tiny-llama.svg capitals-tiny-llama-lens.svg
 DEMO_ALL_FIGURES := $(DEMO_FIGURES) $(if $(filter 1,$(DEMO_LLAMA)),$(DEMO_LLAMA_FIGURES))
+# AtP* against exact patching on the worksheet's pair (results/ioi-atp.nc):
+# per component C, results/ioi-atp-C.svg (exact | estimate | error) and
+# results/ioi-atp-C-scatter.svg, each with its caption.
+DEMO_ATP_COMPONENTS := resid_pre attn_out mlp_out z z_all_pos q_all_pos k_all_pos v_all_pos pattern_all_pos
+DEMO_CLEAN := After John and Mary went to the store, Mary gave a bottle of milk to
+DEMO_CORRUPTED := After John and Mary went to the store, John gave a bottle of milk to
 # Two figures side by side: $(call demo_pair,TITLE,GPT2.svg,LLAMA.svg)
 # Each figure's caption is the one `plot --caption` wrote from its file (results/NAME.caption.html).
 demo_pair = echo '<h3>$(1)</h3><div style="display:flex;gap:1em">'; \
@@ -308,6 +316,14 @@ demo: deps
 	    -o results/capitals-tiny.svg --caption results/capitals-tiny.caption.html
 	$(PS) plot results/capitals-tiny-lens.nc --mean \
 	    -o results/capitals-tiny-lens.svg --caption results/capitals-tiny-lens.caption.html
+	$(PS) patch --model jobs/ioi-tiny/model --clean "$(DEMO_CLEAN)" --corrupted "$(DEMO_CORRUPTED)" \
+	    --answer " John" --wrong " Mary" --method 'atp*+exact' --components block_every,z,head_all_pos_every \
+	    -o results/ioi-atp.nc > results/ioi-atp.txt
+	@for c in $(DEMO_ATP_COMPONENTS); do \
+	    $(PS) plot results/ioi-atp.nc --atp --var $$c -o results/ioi-atp-$$c.svg \
+	        --caption results/ioi-atp-$$c.caption.html && \
+	    $(PS) plot results/ioi-atp.nc --scatter --var $$c -o results/ioi-atp-$$c-scatter.svg \
+	        --caption results/ioi-atp-$$c-scatter.caption.html || exit 1; done
 ifeq ($(DEMO_LLAMA),1)
 	$(MPIRUN) -np 2 $(PS) sweep jobs/ioi-tiny-llama/job.ini --overwrite
 	$(MPIRUN) -np 2 $(PS) sweep jobs/capitals-tiny-llama/job.ini --overwrite
@@ -344,10 +360,20 @@ endif
 	   $(call demo_pair,mean over the prompts: the output of each head patched at every position,ioi-tiny-heads.svg,ioi-tiny-llama-heads.svg) \
 	   $(call demo_pair,prompt 0: every component by layer and position,ioi-tiny.svg,ioi-tiny-llama.svg) \
 	   fi; \
+	   echo '<h2>AtP* against exact patching: the worksheet'"'"'s pair on the GPT-2 model</h2>'; \
+	   echo '<p><code>patch --method atp*+exact</code> (results/ioi-atp.nc; its printed statistics in'; \
+	   echo 'results/ioi-atp.txt): per component, the exact grid, the estimate on the same colour scale and the'; \
+	   echo 'error on its own (the exact top-10 cells the estimate misses outlined), and the estimate against'; \
+	   echo 'the exact value, one point per cell.</p>'; \
+	   for c in $(DEMO_ATP_COMPONENTS); do \
+	       echo "<h3>$$c</h3><div style=\"display:flex;gap:1em\"><figure style=\"flex:5;margin:0\">"; \
+	       echo "<img src=\"ioi-atp-$$c.svg\" style=\"width:100%\">"; cat results/ioi-atp-$$c.caption.html; \
+	       echo "</figure><figure style=\"flex:2;margin:0\"><img src=\"ioi-atp-$$c-scatter.svg\" style=\"width:100%\">"; \
+	       cat results/ioi-atp-$$c-scatter.caption.html; echo '</figure></div>'; done; \
 	   for f in $(DEMO_ALL_FIGURES); do echo "<h2>$$f</h2><figure style=\"margin:0\"><img src=\"$$f\" style=\"max-width:100%\">"; \
 	       cat results/$${f%.svg}.caption.html; echo '</figure>'; done; \
 	   echo '</body></html>'; } > results/index.html
-	@echo "demo: results/ioi-tiny.nc, results/capitals-tiny.nc$(if $(filter 1,$(DEMO_LLAMA)),$(comma) results/ioi-tiny-llama.nc$(comma) results/capitals-tiny-llama.nc), figures in results/index.html" >&2
+	@echo "demo: results/ioi-tiny.nc, results/capitals-tiny.nc, results/ioi-atp.nc$(if $(filter 1,$(DEMO_LLAMA)),$(comma) results/ioi-tiny-llama.nc$(comma) results/capitals-tiny-llama.nc), figures in results/index.html" >&2
 
 # --- benchmarks (numbers, not tests) --------------------------------------
 # tests/tools/bench_report.py, all in one run, printed and saved as

@@ -106,4 +106,11 @@ ps_status ncin_read_strings(const ncin_file *f, const ncin_var *v, size_t first,
  * attribute is absent, PS_ERR_FORMAT when it is not text. */
 ps_status ncin_get_text_att(const ncin_file *f, const char *var, const char *name, char **value);
 
+/* A numeric attribute of variable `var` (NULL: global) as doubles: its
+ * length into *n and its values into vals[0..*n) (*n = 0 when absent or of
+ * length 0; *present says which).  PS_ERR_FORMAT when it is text or has
+ * more than cap values. */
+ps_status ncin_get_num_att(const ncin_file *f, const char *var, const char *name, double *vals, size_t cap,
+                           size_t *n, bool *present);
+
 #endif

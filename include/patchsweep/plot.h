@@ -103,6 +103,19 @@ typedef struct {
      * their min and max, appended as " (mean of N, min A, max B)". */
     const size_t *n_used;
     const float *lo, *hi;
+    /* Optional [n_rows * n_cols]: cells drawn with a black outline (class
+     * "marked"), e.g. the exact top cells an estimate misses; marked_name is
+     * the outline's hover text. */
+    const bool *marked;
+    const char *marked_name;
+    /* Target size of the plot area in px (0: 720 x 360); cells are 14 to 48
+     * px wide and 14 to 40 px high whatever the target. */
+    double plot_w, plot_h;
+    /* No colour bar of its own: the panel shares the one drawn by the next
+     * panel of its row (plot_write_heatmap_grid), on the same scale. */
+    bool no_colorbar;
+    /* Title of the colour bar (drawn above it); NULL: none. */
+    const char *scale_name;
 } plot_heatmap;
 
 /* The symmetric range of a set of panels: max |v| over every finite value,
@@ -114,6 +127,32 @@ double plot_heatmap_zmax(const plot_heatmap *panels, size_t n);
  * cells, a "no value" swatch. */
 ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
                               size_t n, double zmax);
+
+/* Panels in a grid of n_cols columns, row-major (panel k in row k / n_cols,
+ * column k % n_cols; rows stacked top to bottom, columns aligned), panel k
+ * on its own colour scale [-zmax[k], +zmax[k]] (each > 0, finite).  Panels
+ * meant to be compared share one zmax, and all but the last of them set
+ * no_colorbar. */
+ps_status plot_write_heatmap_grid(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
+                                  size_t n, size_t n_cols, const double *zmax);
+
+/* A scatter plot of n points (x[i], y[i]) on one square range for both axes
+ * with the line y = x: e.g. an estimate (y) against the exact value (x),
+ * one point per cell.  Points with a NaN coordinate are left out.  The
+ * n_labelled points farthest from the line (largest |y - x|) are drawn in
+ * another colour (class "point outlier") and labelled with labels[i]; the
+ * hover text of every point is "{labels[i]}: {x_name} = X, {y_name} = Y,
+ * difference = D" (D = Y - X; %.9g). */
+typedef struct {
+    const char *title, *subtitle;       /* panel title lines; NULL: none */
+    const char *x_name, *y_name;        /* axis titles */
+    size_t n;
+    const double *x, *y;                /* [n] */
+    const char *const *labels;          /* [n] */
+    size_t n_labelled;
+} plot_scatter;
+
+ps_status plot_write_scatter(FILE *out, const char *out_name, const plot_figure *fig, const plot_scatter *s);
 
 /* One line of a line plot; NaN points leave a gap. */
 typedef struct {

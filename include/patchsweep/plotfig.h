@@ -8,6 +8,8 @@
  *   the first prompt's tokens ("*": differs in another prompt of the mean).
  *   Lens files (analysis = "lens"): one line chart per (prompt, layer)
  *   variable, a line per prompt or the mean with a min-max band.
+ *   Attribution patching (plotfig_kind): one component's exact, estimate
+ *   and error heatmaps side by side, or its estimate-vs-exact scatter.
  *
  * Library code: it never prints (remarks go to opts.sel.note) and does not
  * write the file; the caller writes plotfig_write's SVG where it wants.
@@ -23,7 +25,22 @@
 #include "plot.h"
 #include "results_agg.h"
 
+/* The kind of figure of a patching result file. */
+typedef enum {
+    PLOTFIG_GRIDS,   /* heatmaps of the --var grids (default) */
+    /* one component C of an attribution-patching file: per panel row
+     * C_normalized (exact) | C_atp_normalized (estimate) on one scale, and
+     * C_atp_error (estimate - exact, raw metric units) on its own scale, the
+     * exact top-k cells the estimate misses outlined; a file without C
+     * (method atp): the estimate alone, labelled as one */
+    PLOTFIG_ATP,
+    /* one component C: C_atp_normalized (y) against C_normalized (x), one
+     * point per cell, the line y = x, the largest |errors| labelled */
+    PLOTFIG_SCATTER,
+} plotfig_kind;
+
 typedef struct {
+    plotfig_kind kind;
     const char *input;   /* the result file, also named in the figure */
     const char *vars;    /* --var: comma-separated names, "all", or NULL (default) */
     const char *title;   /* NULL: "Activation patching (...)" / "Logit lens: ..." */
@@ -45,8 +62,12 @@ typedef struct {
     plot_figure fig;
     const plot_heatmap *panels; /* results: n_panels heatmaps */
     const plot_lines *lines;    /* lens: n_panels line charts */
+    const plot_scatter *scatter; /* PLOTFIG_SCATTER: one scatter plot (n_panels 1) */
     size_t n_panels;
     double zmax;
+    /* PLOTFIG_ATP: panels in rows of panel_cols, panel k on [-panel_zmax[k], +panel_zmax[k]] */
+    size_t panel_cols;
+    const double *panel_zmax;
 } plotfig;
 
 /* Read o->input and build its figure into *pf (plotfig_free in any case). */

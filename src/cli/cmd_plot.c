@@ -13,6 +13,7 @@ static const char *plot_help =
     "usage: patchsweep plot IN.nc -o OUT.svg [--var NAME[,NAME...]|all]\n"
     "                       [--prompt N | --mean [--by-length | --length N] | --by-role]\n"
     "                       [--tokens clean|corrupted] [--title T] [--zmax Z] [--caption F.html]\n"
+    "                       [--atp | --scatter]\n"
     "  A self-contained SVG 1.1 figure of a result file; open it in a browser.\n"
     "\n"
     "  Patching results (patch, sweep): one heatmap per variable, on the worksheet's\n"
@@ -45,6 +46,19 @@ static const char *plot_help =
     "  --tokens WHICH x labels from clean_token (default, as the seed) or corrupted_token\n"
     "  --title T      figure title\n"
     "  --zmax Z       colour range [-Z, Z] (default: the largest |value| shown)\n"
+    "  --atp          attribution patching (patch --method atp+exact, sweeps with\n"
+    "                 method = atp...): one component C (--var C; default resid_pre,\n"
+    "                 else the first with an estimate), per row three panels: exact\n"
+    "                 C_normalized and the estimate C_atp_normalized on one colour scale,\n"
+    "                 and the error C_atp_error (estimate - exact, raw metric) on its\n"
+    "                 own; the exact top-10 cells the estimate's top 10 misses are\n"
+    "                 outlined; the caption gives the rank correlation.  A file with\n"
+    "                 the estimate only (method atp) gets the estimate alone, titled\n"
+    "                 as an estimate\n"
+    "  --scatter      one component C: the estimate (y) against the exact value (x),\n"
+    "                 a point per cell, the line y = x, the 5 largest |errors| labelled.\n"
+    "                 Both take --prompt, --mean (--by-length, --length) and --by-role\n"
+    "                 (the role means; the error is their difference, normalized)\n"
     "  --caption F    also write the figure's caption to F as an HTML <figcaption>: what\n"
     "                 was patched, the metric and direction, the prompts and what to look\n"
     "                 for per component kind, from the file's attributes (the SVG carries\n"
@@ -55,7 +69,7 @@ static const char *plot_help =
 #define CMD "plot"
 
 enum { OPT_VAR = CLI_OPT_FIRST_FREE, OPT_PROMPT, OPT_MEAN, OPT_BY_LENGTH, OPT_LENGTH, OPT_TOKENS, OPT_TITLE, OPT_ZMAX,
-       OPT_BY_ROLE, OPT_CAPTION };
+       OPT_BY_ROLE, OPT_CAPTION, OPT_ATP, OPT_SCATTER };
 
 /* The options: the figure's (plotfig.h) and the output. */
 typedef struct {
@@ -80,6 +94,8 @@ static int parse_args(int argc, char **argv, plot_args *a)
                                          {"title", required_argument, 0, OPT_TITLE},
                                          {"zmax", required_argument, 0, OPT_ZMAX},
                                          {"caption", required_argument, 0, OPT_CAPTION},
+                                         {"atp", no_argument, 0, OPT_ATP},
+                                         {"scatter", no_argument, 0, OPT_SCATTER},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     memset(a, 0, sizeof *a);
@@ -111,6 +127,14 @@ static int parse_args(int argc, char **argv, plot_args *a)
             a->o.tokens = optarg;
             break;
         case OPT_TITLE: a->o.title = optarg; break;
+        case OPT_ATP:
+        case OPT_SCATTER: {
+            plotfig_kind k = ch == OPT_ATP ? PLOTFIG_ATP : PLOTFIG_SCATTER;
+            if (a->o.kind != PLOTFIG_GRIDS && a->o.kind != k)
+                return cli_usage(CMD, "--atp and --scatter exclude each other");
+            a->o.kind = k;
+            break;
+        }
         case OPT_CAPTION:
             if (!*optarg)
                 return cli_usage(CMD, "--caption needs a file name");
@@ -141,6 +165,8 @@ static int parse_args(int argc, char **argv, plot_args *a)
         return cli_usage(CMD, "--by-length and --length go with --mean");
     if (a->o.sel.by_role && (a->o.sel.has_prompt || a->o.sel.mean))
         return cli_usage(CMD, "--by-role is a mean already: not with --prompt, --mean, --by-length or --length");
+    if (a->o.kind == PLOTFIG_SCATTER && a->o.has_zmax)
+        return cli_usage(CMD, "--zmax sets a heatmap's colour range: not with --scatter");
     if (a->o.sel.by_length && a->o.sel.has_length)
         return cli_usage(CMD, "--by-length and --length exclude each other");
     return CLI_CONTINUE;

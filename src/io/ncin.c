@@ -492,3 +492,31 @@ ps_status ncin_get_text_att(const ncin_file *f, const char *var, const char *nam
     }
     return *value ? PS_OK : err_set(PS_ERR_NOMEM, "%s: out of memory", f->path);
 }
+
+ps_status ncin_get_num_att(const ncin_file *f, const char *var, const char *name, double *vals, size_t cap,
+                           size_t *n, bool *present)
+{
+    *n = 0;
+    *present = false;
+    int varid = NC_GLOBAL, rc;
+    if (var && (rc = nc_inq_varid(f->ncid, var, &varid)) != NC_NOERR)
+        return nc_fail(rc, f, var);
+    nc_type type;
+    size_t len;
+    rc = nc_inq_att(f->ncid, varid, name, &type, &len);
+    if (rc == NC_ENOTATT)
+        return PS_OK;
+    if (rc != NC_NOERR)
+        return nc_fail(rc, f, name);
+    if (type == NC_CHAR || type == NC_STRING)
+        return err_set(PS_ERR_FORMAT, "%s: attribute '%s' is text, not a number", f->path, name);
+    if (len > cap)
+        return err_set(PS_ERR_FORMAT, "%s: attribute '%s' has %zu values (at most %zu expected)", f->path, name, len,
+                       cap);
+    /* nc_get_att_double converts every numeric type */
+    if (len && (rc = nc_get_att_double(f->ncid, varid, name, vals)) != NC_NOERR)
+        return nc_fail(rc, f, name);
+    *n = len;
+    *present = true;
+    return PS_OK;
+}

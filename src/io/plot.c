@@ -369,8 +369,8 @@ static hm_layout heatmap_layout(const plot_heatmap *p)
 {
     hm_layout l = {0};
     l.head_h = header_height(p->title, p->subtitle, 14, 12);
-    l.cw = clampi(720.0 / (double)p->n_cols, 14, 48);
-    l.ch = clampi(360.0 / (double)p->n_rows, 14, 40);
+    l.cw = clampi((p->plot_w > 0 ? p->plot_w : 720.0) / (double)p->n_cols, 14, 48);
+    l.ch = clampi((p->plot_h > 0 ? p->plot_h : 360.0) / (double)p->n_rows, 14, 40);
     double row_w = 0, col_w = 0, need_left = 0;
     for (size_t i = 0; i < p->n_rows; i++) {
         double w = text_width(p->row_labels[i], TICK_FS);
@@ -401,14 +401,22 @@ static hm_layout heatmap_layout(const plot_heatmap *p)
     l.cb_x = l.plot_x + plot_w + 24;
     l.cb_h = plot_h > 140 ? plot_h : 140;
     double cb_right = l.cb_x + CB_W + 6 + 6 * 0.6 * TICK_FS;
-    if (l.has_nan) {
+    if (p->scale_name) {
+        double sr = l.cb_x + text_width(p->scale_name, TICK_FS);
+        cb_right = sr > cb_right ? sr : cb_right;
+    }
+    if (p->no_colorbar) /* the row's next panel draws the bar; NaN cells keep their key */
+        cb_right = l.plot_x + plot_w + (l.has_nan ? 16 + text_width("no value", TICK_FS) : 0) + 8;
+    if (l.has_nan && !p->no_colorbar) {
         double nan_right = l.cb_x + 16 + text_width("no value", TICK_FS);
         cb_right = nan_right > cb_right ? nan_right : cb_right;
     }
     double head_w = header_width(p->title, p->subtitle, 14, 12);
     l.width = cb_right > head_w ? cb_right : head_w;
     double bottom_plot = l.plot_y + plot_h + l.xlab_h + AXIS_FS + 8;
-    double bottom_cb = l.plot_y + l.cb_h + (l.has_nan ? 30 : 0) + 8;
+    double bottom_cb = p->no_colorbar ? 0 : l.plot_y + l.cb_h + (l.has_nan ? 30 : 0) + (p->scale_name ? 18 : 0) + 8;
+    if (p->no_colorbar && l.has_nan) /* the key under the plot, beside the axis title */
+        bottom_plot += 20;
     l.height = bottom_plot > bottom_cb ? bottom_plot : bottom_cb;
     return l;
 }
@@ -471,6 +479,27 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
     fprintf(out, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\" "
                  "stroke-width=\"1\"/>\n",
             x0, y0, pw, ph);
+    /* outlines inside the cell (inset by 1.5 px, the stroke 2 px wide) so
+     * that neighbouring marks stay apart; from the cell's corner as printed
+     * (%.0f rounds as rint does) */
+    for (size_t i = 0; p->marked && i < p->n_rows; i++)
+        for (size_t j = 0; j < p->n_cols; j++) {
+            if (!p->marked[i * p->n_cols + j])
+                continue;
+            fprintf(out, "<rect class=\"marked\" x=\"%.1f\" y=\"%.1f\" width=\"%d\" height=\"%d\" fill=\"none\" "
+                         "stroke=\"#000\" stroke-width=\"2\"><title>",
+                    rint(x0 + (double)j * l->cw) + 1.5, rint(y0 + (double)i * l->ch) + 1.5, l->cw - 3, l->ch - 3);
+            plot_xml_escape(out, p->marked_name ? p->marked_name : "marked");
+            fputs(" [", out);
+            plot_xml_escape(out, p->y_name ? p->y_name : "row");
+            fputc(' ', out);
+            plot_xml_escape(out, p->row_labels[i]);
+            fputs(", ", out);
+            plot_xml_escape(out, p->x_name ? p->x_name : "column");
+            fputc(' ', out);
+            plot_xml_escape(out, p->col_labels[j]);
+            fputs("]</title></rect>\n", out);
+        }
     /* y tick labels (rows), right-aligned against the plot area */
     fprintf(out, "<g class=\"yticks\" font-size=\"%.0f\" fill=\"#222\" text-anchor=\"end\">\n", TICK_FS);
     for (size_t i = 0; i < p->n_rows; i++)
@@ -493,6 +522,19 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
     }
     fputs("</g>\n", out);
     put_axis_titles(out, x0, y0, pw, ph, l->xlab_h, p->x_name, p->y_name);
+    if (p->no_colorbar) {
+        if (l->has_nan) {
+            double sy = y0 + ph + l->xlab_h + AXIS_FS + 8;
+            fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" "
+                         "fill=\"url(#ps-nan)\" stroke=\"#444\" stroke-width=\"0.5\"/>\n",
+                    x0, sy);
+            char a2[64];
+            snprintf(a2, sizeof a2, "font-size=\"%.0f\" fill=\"#222\" dy=\"0.35em\"", TICK_FS);
+            put_text(out, x0 + 16, sy + 6, a2, "no value");
+        }
+        fputs("</g>\n", out);
+        return;
+    }
     /* colour bar: high (blue) at the top, as plotly draws it */
     const double cbx = l->cb_x, cby = y0, cbh = l->cb_h;
     fprintf(out, "<g class=\"colorbar\">\n<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" "
@@ -515,8 +557,15 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
         put_text(out, cbx + CB_W + 6, ty, "class=\"cbtick\" dy=\"0.35em\"", lab);
     }
     fputs("</g>\n", out);
+    double key_y = cby + cbh + 12;
+    if (p->scale_name) {
+        char a1[64];
+        snprintf(a1, sizeof a1, "class=\"scale-name\" font-size=\"%.0f\" fill=\"#222\" dy=\"0.7em\"", TICK_FS);
+        put_text(out, cbx, key_y - 4, a1, p->scale_name);
+        key_y += 18;
+    }
     if (l->has_nan) {
-        double sy = cby + cbh + 12;
+        double sy = key_y;
         fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" fill=\"url(#ps-nan)\" "
                      "stroke=\"#444\" stroke-width=\"0.5\"/>\n",
                 cbx, sy);
@@ -546,45 +595,80 @@ static void put_heatmap_defs(FILE *out)
             bg);
 }
 
-ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
-                              size_t n, double zmax)
+ps_status plot_write_heatmap_grid(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
+                                  size_t n, size_t n_cols, const double *zmax)
 {
-    if (!(zmax > 0) || !isfinite(zmax))
-        return err_set(PS_ERR_INVALID, "%s: the colour range must be a positive number, not %g", out_name, zmax);
-    for (size_t k = 0; k < n; k++)
+    if (n_cols == 0)
+        return err_set(PS_ERR_INVALID, "%s: a grid of panels needs at least one column", out_name);
+    for (size_t k = 0; k < n; k++) {
+        if (!(zmax[k] > 0) || !isfinite(zmax[k]))
+            return err_set(PS_ERR_INVALID, "%s: the colour range must be a positive number, not %g", out_name,
+                           zmax[k]);
         if (panels[k].n_rows == 0 || panels[k].n_cols == 0)
             return err_set(PS_ERR_INVALID, "%s: panel %zu has no cells", out_name, k);
+    }
+    const size_t n_rows = (n + n_cols - 1) / n_cols;
     hm_layout *ls = malloc((n ? n : 1) * sizeof *ls);
-    if (!ls)
+    double *col_w = calloc(n_cols, sizeof *col_w), *row_h = calloc(n_rows ? n_rows : 1, sizeof *row_h);
+    if (!ls || !col_w || !row_h) {
+        free(ls), free(col_w), free(row_h);
         return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
+    }
     double head_h = header_height(fig->title, fig->subtitle, 18, 13);
-    double width = header_width(fig->title, fig->subtitle, 18, 13), height = MARGIN + head_h + 10;
     size_t n_laid = 0;
     for (size_t k = 0; k < n; k++, n_laid++) {
         ls[k] = heatmap_layout(&panels[k]);
         if (!ls[k].show)
             break;
-        width = ls[k].width > width ? ls[k].width : width;
-        height += ls[k].height + 16;
+        /* a column is as wide as its widest panel, a row as high as its highest */
+        col_w[k % n_cols] = ls[k].width > col_w[k % n_cols] ? ls[k].width : col_w[k % n_cols];
+        row_h[k / n_cols] = ls[k].height > row_h[k / n_cols] ? ls[k].height : row_h[k / n_cols];
     }
     if (n_laid < n) {
         for (size_t k = 0; k < n_laid; k++)
             free(ls[k].show);
-        free(ls);
+        free(ls), free(col_w), free(row_h);
         return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
     }
+    double width = 0, height = MARGIN + head_h + 10;
+    for (size_t c = 0; c < n_cols; c++)
+        width += col_w[c] + (c + 1 < n_cols ? 24 : 0);
+    double hw = header_width(fig->title, fig->subtitle, 18, 13);
+    width = hw > width ? hw : width;
+    for (size_t r = 0; r < n_rows; r++)
+        height += row_h[r] + 16;
     width += 2 * MARGIN;
     height += MARGIN;
     put_prologue(out, fig, width, height);
     put_heatmap_defs(out);
     double y = MARGIN + put_header(out, MARGIN, MARGIN, fig->title, fig->subtitle, 18, 13) + 10;
-    for (size_t k = 0; k < n; k++) {
-        put_heatmap(out, &panels[k], &ls[k], MARGIN, y, zmax);
-        y += ls[k].height + 16;
-        free(ls[k].show);
+    for (size_t r = 0; r < n_rows; r++) {
+        double x = MARGIN;
+        for (size_t c = 0; c < n_cols && r * n_cols + c < n; c++) {
+            size_t k = r * n_cols + c;
+            put_heatmap(out, &panels[k], &ls[k], x, y, zmax[k]);
+            x += col_w[c] + 24;
+            free(ls[k].show);
+        }
+        y += row_h[r] + 16;
     }
-    free(ls);
+    free(ls), free(col_w), free(row_h);
     return finish(out, out_name);
+}
+
+ps_status plot_write_heatmaps(FILE *out, const char *out_name, const plot_figure *fig, const plot_heatmap *panels,
+                              size_t n, double zmax)
+{
+    if (!(zmax > 0) || !isfinite(zmax))
+        return err_set(PS_ERR_INVALID, "%s: the colour range must be a positive number, not %g", out_name, zmax);
+    double *z = malloc((n ? n : 1) * sizeof *z);
+    if (!z)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
+    for (size_t k = 0; k < n; k++)
+        z[k] = zmax;
+    ps_status st = plot_write_heatmap_grid(out, out_name, fig, panels, n, 1, z);
+    free(z);
+    return st;
 }
 
 /* ---- line plots --------------------------------------------------------------- */
@@ -839,5 +923,155 @@ ps_status plot_write_lines(FILE *out, const char *out_name, const plot_figure *f
         y += ls[k].height + 16;
     }
     free(ls);
+    return finish(out, out_name);
+}
+
+/* ---- scatter plots ---------------------------------------------------------- */
+
+#define SC_SIZE 420.0 /* the square plot area, px */
+
+typedef struct {
+    double lo, hi, step; /* one range for both axes, ticks lo + k step */
+    double plot_x, plot_y;
+} sc_layout;
+
+static double sc_pos(const sc_layout *l, double v)
+{
+    return (v - l->lo) / (l->hi - l->lo) * SC_SIZE;
+}
+
+/* Indices of the k finite points farthest from y = x (largest |y - x|,
+ * ties by index), k = min(n_labelled, finite points); into out[k]. */
+static size_t sc_outliers(const plot_scatter *s, size_t *out)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        if (!isfinite(s->x[i]) || !isfinite(s->y[i]))
+            continue;
+        double d = fabs(s->y[i] - s->x[i]);
+        /* insertion into the sorted top list out[0..k) */
+        size_t at = k;
+        while (at > 0 && fabs(s->y[out[at - 1]] - s->x[out[at - 1]]) < d)
+            at--;
+        if (at >= s->n_labelled)
+            continue;
+        size_t last = k < s->n_labelled ? k : s->n_labelled - 1;
+        memmove(out + at + 1, out + at, (last - at) * sizeof *out);
+        out[at] = i;
+        if (k < s->n_labelled)
+            k++;
+    }
+    return k;
+}
+
+ps_status plot_write_scatter(FILE *out, const char *out_name, const plot_figure *fig, const plot_scatter *s)
+{
+    sc_layout l = {0};
+    double lo = INFINITY, hi = -INFINITY;
+    size_t n_finite = 0;
+    for (size_t i = 0; i < s->n; i++) {
+        if (!isfinite(s->x[i]) || !isfinite(s->y[i]))
+            continue;
+        n_finite++;
+        double a = s->x[i] < s->y[i] ? s->x[i] : s->y[i], b = s->x[i] > s->y[i] ? s->x[i] : s->y[i];
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    if (n_finite == 0)
+        return err_set(PS_ERR_INVALID, "%s: no point has two finite coordinates", out_name);
+    lo = lo < 0 ? lo : 0; /* 0 (no effect) always on the axes */
+    hi = hi > 0 ? hi : 0;
+    if (!(hi > lo))
+        hi = lo + 1;
+    l.step = nice_step(hi / 2 - lo / 2, 2.5);
+    l.lo = floor(lo / l.step + 1e-9) * l.step;
+    l.hi = ceil(hi / l.step - 1e-9) * l.step;
+    if (!(l.hi > l.lo))
+        l.hi = l.lo + l.step;
+    size_t *top = malloc((s->n_labelled ? s->n_labelled : 1) * sizeof *top);
+    if (!top)
+        return err_set(PS_ERR_NOMEM, "%s: out of memory", out_name);
+    size_t n_top = s->n_labelled ? sc_outliers(s, top) : 0;
+    double tick_w = 0;
+    const double n_ticks = floor((l.hi - l.lo) / l.step + 1e-6);
+    const long kmax = n_ticks >= 0 && n_ticks <= 1000 ? (long)n_ticks : 0;
+    for (long k = 0; k <= kmax; k++) {
+        char lab[32];
+        format_tick(l.lo + (double)k * l.step, l.step, lab, sizeof lab);
+        double w = text_width(lab, TICK_FS);
+        tick_w = w > tick_w ? w : tick_w;
+    }
+    double fig_head = header_height(fig->title, fig->subtitle, 18, 13);
+    double panel_head = header_height(s->title, s->subtitle, 14, 12);
+    l.plot_x = MARGIN + AXIS_FS + 8 + tick_w + 8;
+    l.plot_y = MARGIN + fig_head + 10 + panel_head + 8;
+    double label_w = 0;
+    for (size_t k = 0; k < n_top; k++) {
+        double w = text_width(s->labels[top[k]], TICK_FS);
+        label_w = w > label_w ? w : label_w;
+    }
+    double width = l.plot_x + SC_SIZE + 8 + label_w + MARGIN;
+    double hw = MARGIN + header_width(fig->title, fig->subtitle, 18, 13) + MARGIN,
+           pw = l.plot_x - AXIS_FS - 8 - tick_w - 8 + header_width(s->title, s->subtitle, 14, 12) + MARGIN;
+    width = hw > width ? hw : width;
+    width = pw > width ? pw : width;
+    double height = l.plot_y + SC_SIZE + TICK_FS + 10 + AXIS_FS + 8 + MARGIN;
+    put_prologue(out, fig, width, height);
+    put_header(out, MARGIN, MARGIN, fig->title, fig->subtitle, 18, 13);
+    fprintf(out, "<g class=\"panel scatter\">\n");
+    put_header(out, MARGIN, MARGIN + fig_head + 10, s->title, s->subtitle, 14, 12);
+    const double x0 = l.plot_x, y0 = l.plot_y;
+    /* grid lines and ticks: the same values on both axes */
+    fprintf(out, "<g class=\"ticks\" font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);
+    for (long k = 0; k <= kmax; k++) {
+        double v = l.lo + (double)k * l.step, p = sc_pos(&l, v);
+        char lab[32];
+        format_tick(v, l.step, lab, sizeof lab);
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>\n", x0 + p, y0,
+                x0 + p, y0 + SC_SIZE, fabs(v) < l.step * 1e-6 ? "#bbb" : "#eee");
+        fprintf(out, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\"/>\n", x0,
+                y0 + SC_SIZE - p, x0 + SC_SIZE, y0 + SC_SIZE - p, fabs(v) < l.step * 1e-6 ? "#bbb" : "#eee");
+        put_text(out, x0 + p, y0 + SC_SIZE + 6, "class=\"xtick\" dy=\"0.8em\" text-anchor=\"middle\"", lab);
+        put_text(out, x0 - 6, y0 + SC_SIZE - p, "class=\"ytick\" dy=\"0.35em\" text-anchor=\"end\"", lab);
+    }
+    fputs("</g>\n", out);
+    fprintf(out, "<rect x=\"%.0f\" y=\"%.0f\" width=\"%.0f\" height=\"%.0f\" fill=\"none\" stroke=\"#444\"/>\n",
+            x0, y0, SC_SIZE, SC_SIZE);
+    put_axis_titles(out, x0, y0, SC_SIZE, SC_SIZE, TICK_FS + 10, s->x_name, s->y_name);
+    /* the line y = x: a perfect estimate puts every point on it */
+    fprintf(out, "<line class=\"identity\" x1=\"%.2f\" y1=\"%.2f\" x2=\"%.2f\" y2=\"%.2f\" stroke=\"#888\" "
+                 "stroke-dasharray=\"5,4\"><title>y = x</title></line>\n",
+            x0, y0 + SC_SIZE, x0 + SC_SIZE, y0);
+    fputs("<g class=\"points\">\n", out);
+    for (int pass = 0; pass < 2; pass++) /* outliers last, on top */
+        for (size_t i = 0; i < s->n; i++) {
+            if (!isfinite(s->x[i]) || !isfinite(s->y[i]))
+                continue;
+            bool is_top = false;
+            for (size_t k = 0; k < n_top && !is_top; k++)
+                is_top = top[k] == i;
+            if (is_top != (pass == 1))
+                continue;
+            double cx = x0 + sc_pos(&l, s->x[i]), cy = y0 + SC_SIZE - sc_pos(&l, s->y[i]);
+            fprintf(out, "<circle class=\"%s\" cx=\"%.2f\" cy=\"%.2f\" r=\"%s\" fill=\"%s\" fill-opacity=\"0.75\">"
+                         "<title>",
+                    is_top ? "point outlier" : "point", cx, cy, is_top ? "4" : "3", is_top ? "#ef553b" : "#636efa");
+            plot_xml_escape(out, s->labels[i]);
+            fputs(": ", out);
+            plot_xml_escape(out, s->x_name ? s->x_name : "x");
+            fprintf(out, " = %.9g, ", s->x[i]);
+            plot_xml_escape(out, s->y_name ? s->y_name : "y");
+            fprintf(out, " = %.9g, ", s->y[i]);
+            fprintf(out, "difference = %.9g</title></circle>\n", s->y[i] - s->x[i]);
+        }
+    fputs("</g>\n", out);
+    fprintf(out, "<g class=\"outlier-labels\" font-size=\"%.0f\" fill=\"#222\">\n", TICK_FS);
+    for (size_t k = 0; k < n_top; k++) {
+        size_t i = top[k];
+        double cx = x0 + sc_pos(&l, s->x[i]), cy = y0 + SC_SIZE - sc_pos(&l, s->y[i]);
+        put_text(out, cx + 6, cy, "class=\"outlier-label\" dy=\"0.35em\"", s->labels[i]);
+    }
+    fputs("</g>\n</g>\n", out);
+    free(top);
     return finish(out, out_name);
 }

@@ -248,10 +248,44 @@ static const char *metric_meaning(const char *metric)
  * what was patched, with which metric and in which direction, over which
  * prompts, how to read the values, and what to look for per component
  * kind.  `prompts` says which prompts the figure shows. */
+/* The file's global attribute method (schema.h: exact when absent). */
+static const char *file_method(const ncin_file *f, agg_pool *pl)
+{
+    char *m = NULL;
+    if (ncin_get_text_att(f, NULL, SCHEMA_ATT_METHOD, &m) != PS_OK) {
+        err_clear();
+        return NULL;
+    }
+    return m ? agg_keep(pl, m) : NULL;
+}
+
+/* "AtP" or "AtP*" (with " + GradDrop") for a method attribute. */
+static const char *atp_method_label(const char *method)
+{
+    if (!method || strncmp(method, "atp", 3))
+        return "AtP";
+    bool star = method[3] == '*', gd = strstr(method, "graddrop") != NULL;
+    return star ? (gd ? "AtP* + GradDrop" : "AtP*") : (gd ? "AtP + GradDrop" : "AtP");
+}
+
+/* Whether grid variable `name` is an attribution-patching estimate
+ * (C_atp or C_atp_normalized); *base_len: the length of C. */
+static bool is_estimate(const char *name, size_t *base_len)
+{
+    size_t n = strlen(name);
+    if (ends_with(name, SCHEMA_NORMALIZED_SUFFIX))
+        n -= strlen(SCHEMA_NORMALIZED_SUFFIX);
+    size_t k = strlen(SCHEMA_ATP_SUFFIX);
+    bool est = n >= k && !strncmp(name + n - k, SCHEMA_ATP_SUFFIX, k);
+    *base_len = est ? n - k : n;
+    return est;
+}
+
 static ps_status results_caption(agg_pool *pl, const grid_var *gv, size_t n_vars, const char *metric,
-                                 const char *direction, const char *prompts, const char **out)
+                                 const char *direction, const char *method, const char *prompts, const char **out)
 {
     bool noise = direction && !strcmp(direction, "noise"), normalized = false, raw = false;
+    size_t n_est = 0;
     char *comps = agg_printf(pl, "%s", ""), *looks = agg_printf(pl, "%s", "");
     for (size_t i = 0; i < n_vars && comps && looks; i++) {
         const char *name = gv[i].v.name;
@@ -268,8 +302,16 @@ static ps_status results_caption(agg_pool *pl, const grid_var *gv, size_t n_vars
                    (gv[k].v.name[strlen(base)] == '\0' || !strcmp(gv[k].v.name + strlen(base), SCHEMA_NORMALIZED_SUFFIX));
         if (seen)
             continue;
-        const char *lf = look_for(base);
-        comps = agg_printf(pl, "%s%s%s", comps, *comps ? ", " : "", base);
+        size_t comp_len;
+        bool est = is_estimate(base, &comp_len);
+        n_est += est;
+        const char *comp = agg_printf(pl, "%.*s", (int)comp_len, base);
+        if (!comp)
+            return PS_ERR_NOMEM;
+        const char *lf = look_for(comp);
+        comps = est ? agg_printf(pl, "%s%s%s (%s, an attribution patching estimate)", comps, *comps ? ", " : "", base,
+                                 atp_method_label(method))
+                    : agg_printf(pl, "%s%s%s", comps, *comps ? ", " : "", base);
         looks = agg_printf(pl, "%s%s%s", looks, *looks ? "; " : "",
                            lf ? lf : agg_printf(pl, "%s: which cells move the metric", base));
     }
@@ -285,11 +327,22 @@ static ps_status results_caption(agg_pool *pl, const grid_var *gv, size_t n_vars
                             : "Normalized values are (patched - corrupted) / (clean - corrupted): 0 = no effect, 1 = "
                               "the clean behaviour fully restored; look for the cells near 1")
                    : "Values are the patched metric itself";
+    /* estimates say so first: a linearized estimate is not a patched value */
+    const char *est_note =
+        n_est == 0 ? ""
+                   : agg_printf(pl, "%s are estimates by attribution patching (%s, method %s): each cell's effect "
+                                    "linearized from one forward and one backward pass, not patched; the estimate "
+                                    "is poor where attention saturates or paths cancel. ",
+                                n_est == 1 ? "The *_atp grid" : "The *_atp grids", atp_method_label(method),
+                                method ? method : "not recorded");
+    if (!est_note)
+        return PS_ERR_NOMEM;
     *out = agg_printf(pl,
-                      "Activation patching of %s. Metric: %s. Direction: %s: %s. Prompts: %s. %s%s (blue > 0 > red "
+                      "%s of %s. %sMetric: %s. Direction: %s: %s. Prompts: %s. %s%s (blue > 0 > red "
                       "on one symmetric scale; hatched grey: no value). What to look for: %s.",
-                      comps, metric_meaning(metric), direction ? direction : "not recorded", how, prompts, values,
-                      normalized && raw ? "; raw panels show the patched metric" : "", looks);
+                      n_est == n_vars ? "Attribution patching estimates (not exact patching)" : "Activation patching",
+                      comps, est_note, metric_meaning(metric), direction ? direction : "not recorded", how, prompts,
+                      values, normalized && raw ? "; raw panels show the patched metric" : "", looks);
     return *out ? PS_OK : PS_ERR_NOMEM;
 }
 
@@ -620,9 +673,16 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
 
     plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
     const char *m = metric ? metric : "metric";
-    fig.title = a->title ? a->title
-                         : agg_printf(pl, "Activation patching (%s%s%s): %s", m, direction ? ", " : "",
-                                       direction ? direction : "", base_name(a->input));
+    size_t n_est = 0, base_len;
+    for (size_t i = 0; i < n_vars; i++)
+        n_est += is_estimate(gv[i].v.name, &base_len);
+    /* an estimate is never titled as activation patching */
+    fig.title = a->title         ? a->title
+                : n_est == n_vars ? agg_printf(pl, "Attribution patching estimate (%s, %s%s%s): %s",
+                                               atp_method_label(file_method(f, pl)), m, direction ? ", " : "",
+                                               direction ? direction : "", base_name(a->input))
+                                  : agg_printf(pl, "Activation patching (%s%s%s): %s", m, direction ? ", " : "",
+                                               direction ? direction : "", base_name(a->input));
     if (mean) {
         fig.subtitle = agg_printf(pl, "means over done prompts (%zu of %zu); each panel names its prompts", n_sel,
                                    c.n_prompt);
@@ -643,7 +703,7 @@ static ps_status plot_results(const ncin_file *f, agg_pool *pl, const plotfig_op
         : mean ? agg_printf(pl, "the mean over %zu done prompts%s (%zu in the file)%s", n_sel, ds, c.n_prompt,
                             a->sel.by_length ? ", one panel per prompt length" : "")
                : agg_printf(pl, "one prompt%s, %s", ds, fig.subtitle);
-    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, prompts, &fig.caption)))
+    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, file_method(f, pl), prompts, &fig.caption)))
         return st ? st : PS_ERR_NOMEM;
     double zmax = a->has_zmax ? a->zmax : plot_heatmap_zmax(panels.items, panels.n);
     out->fig = fig;
@@ -744,9 +804,13 @@ static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_op
     agg_note(&a->sel, "role-aligned means of up to %zu done prompts per cell", max_count);
     plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
     const char *m = metric ? metric : "metric";
+    size_t n_est = 0, base_len;
+    for (size_t i = 0; i < n_vars; i++)
+        n_est += is_estimate(gv[i].v.name, &base_len);
     fig.title = a->title ? a->title
-                         : agg_printf(pl, "Activation patching by role (%s%s%s): %s", m, direction ? ", " : "",
-                                      direction ? direction : "", base_name(a->input));
+                         : agg_printf(pl, "%s by role (%s%s%s): %s",
+                                      n_est == n_vars ? "Attribution patching estimate" : "Activation patching", m,
+                                      direction ? ", " : "", direction ? direction : "", base_name(a->input));
     fig.subtitle = agg_printf(pl, "each prompt's grid read at its roles' token positions, then averaged over done "
                                   "prompts (up to %zu a cell)",
                               max_count);
@@ -763,7 +827,7 @@ static ps_status plot_by_role(const ncin_file *f, agg_pool *pl, const plotfig_op
                                                        "deviation)",
                                                        ds, role_list, max_count)
                                           : NULL;
-    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, prompts, &fig.caption)))
+    if (!prompts || (st = results_caption(pl, gv, n_vars, metric, direction, file_method(f, pl), prompts, &fig.caption)))
         return st ? st : PS_ERR_NOMEM;
     out->fig = fig;
     out->panels = panels.items;
@@ -958,6 +1022,635 @@ static ps_status plot_lens(const ncin_file *f, agg_pool *pl, const plotfig_opts 
 }
 
 
+/* ---- attribution patching: exact | estimate | error, and the scatter -------------------- */
+
+/* The component C of --var (C, C_normalized, C_atp, C_atp_normalized or
+ * C_atp_error), or by default resid_pre, else the first with an estimate. */
+static ps_status atp_component(const ncin_file *f, agg_pool *pl, const char *spec, const char **out)
+{
+    *out = NULL;
+    if (spec) {
+        if (strchr(spec, ',') || !strcmp(spec, "all"))
+            return err_set(PS_ERR_INVALID, "%s: --atp and --scatter draw one component: --var C (e.g. resid_pre), "
+                                           "not '%s'",
+                           f->path, spec);
+        static const char *const suffixes[] = {SCHEMA_ATP_NORMALIZED_SUFFIX, SCHEMA_ATP_ERROR_SUFFIX,
+                                               SCHEMA_ATP_SUFFIX, SCHEMA_NORMALIZED_SUFFIX};
+        size_t n = strlen(spec);
+        for (size_t i = 0; i < sizeof suffixes / sizeof *suffixes; i++)
+            if (ends_with(spec, suffixes[i])) {
+                n -= strlen(suffixes[i]);
+                break;
+            }
+        const char *c = agg_printf(pl, "%.*s", (int)n, spec);
+        const char *est = c ? agg_printf(pl, "%s" SCHEMA_ATP_NORMALIZED_SUFFIX, c) : NULL;
+        if (!est)
+            return PS_ERR_NOMEM;
+        if (!ncin_has_var(f, est))
+            return err_set(PS_ERR_INVALID, "%s: no attribution patching estimate of '%s' (no variable %s; write one "
+                                           "with patch --method atp+exact -o, or a sweep with method = atp)",
+                           f->path, c, est);
+        *out = c;
+        return PS_OK;
+    }
+    if (ncin_has_var(f, "resid_pre" SCHEMA_ATP_NORMALIZED_SUFFIX)) {
+        *out = "resid_pre";
+        return PS_OK;
+    }
+    char **names;
+    size_t n_names;
+    ps_status st = ncin_var_names(f, &names, &n_names);
+    if (st)
+        return st;
+    for (size_t i = 0; i < n_names && !*out; i++)
+        if (ends_with(names[i], SCHEMA_ATP_NORMALIZED_SUFFIX))
+            *out = agg_printf(pl, "%.*s", (int)(strlen(names[i]) - strlen(SCHEMA_ATP_NORMALIZED_SUFFIX)), names[i]);
+    ncin_names_free(names, n_names);
+    if (!*out)
+        return err_set(PS_ERR_INVALID, "%s: no attribution patching estimate (no *%s variable; write one with patch "
+                                       "--method atp+exact -o, or a sweep with method = atp)",
+                       f->path, SCHEMA_ATP_NORMALIZED_SUFFIX);
+    return PS_OK;
+}
+
+typedef struct {
+    double v;
+    size_t i;
+} atp_keyed;
+
+static int atp_by_value(const void *a, const void *b)
+{
+    const atp_keyed *x = a, *y = b;
+    return x->v < y->v ? -1 : x->v > y->v ? 1 : x->i < y->i ? -1 : x->i > y->i;
+}
+
+static int atp_by_abs_desc(const void *a, const void *b)
+{
+    const atp_keyed *x = a, *y = b;
+    return x->v > y->v ? -1 : x->v < y->v ? 1 : x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* Ranks 1..n of v[n] (ties: their mean rank) into r[n]; tmp[n] scratch. */
+static void atp_ranks(const double *v, size_t n, atp_keyed *tmp, double *r)
+{
+    for (size_t i = 0; i < n; i++)
+        tmp[i] = (atp_keyed){v[i], i};
+    qsort(tmp, n, sizeof *tmp, atp_by_value);
+    for (size_t a = 0; a < n;) {
+        size_t b = a + 1;
+        while (b < n && tmp[b].v == tmp[a].v)
+            b++;
+        for (size_t k = a; k < b; k++)
+            r[tmp[k].i] = (double)(a + b + 1) / 2.0; /* mean of ranks a+1..b */
+        a = b;
+    }
+}
+
+/* The estimate against the exact values over n cells (as engine/atp.c's
+ * atp_compare, here on the normalized values shown): Spearman's rank
+ * correlation (Pearson of the ranks, ties at their mean rank; NaN when one
+ * side is constant) and the cells of the exact top k by |exact - base| that
+ * are not in the estimate's top k by |estimate - base| (ties by index);
+ * base = the normalized value of no effect (0 denoising, 1 noising).  The
+ * cells must be finite.  missed[] has room for k. */
+static ps_status atp_stats_of(const double *exact, const double *est, size_t n, double base, size_t k, double *rho,
+                              size_t *missed, size_t *n_missed)
+{
+    *rho = NAN;
+    *n_missed = 0;
+    if (n == 0)
+        return PS_OK;
+    atp_keyed *t1 = malloc(n * sizeof *t1), *t2 = malloc(n * sizeof *t2);
+    double *ra = malloc(2 * n * sizeof *ra);
+    if (!t1 || !t2 || !ra) {
+        free(t1), free(t2), free(ra);
+        return PS_ERR_NOMEM;
+    }
+    double *rb = ra + n;
+    atp_ranks(exact, n, t1, ra);
+    atp_ranks(est, n, t1, rb);
+    double ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
+    for (size_t i = 0; i < n; i++)
+        ma += ra[i], mb += rb[i];
+    ma /= (double)n, mb /= (double)n;
+    for (size_t i = 0; i < n; i++) {
+        sab += (ra[i] - ma) * (rb[i] - mb);
+        saa += (ra[i] - ma) * (ra[i] - ma);
+        sbb += (rb[i] - mb) * (rb[i] - mb);
+    }
+    if (saa > 0 && sbb > 0)
+        *rho = sab / sqrt(saa * sbb);
+    k = k < n ? k : n;
+    for (size_t i = 0; i < n; i++) {
+        t1[i] = (atp_keyed){fabs(exact[i] - base), i};
+        t2[i] = (atp_keyed){fabs(est[i] - base), i};
+    }
+    qsort(t1, n, sizeof *t1, atp_by_abs_desc);
+    qsort(t2, n, sizeof *t2, atp_by_abs_desc);
+    for (size_t a = 0; a < k; a++) {
+        bool found = false;
+        for (size_t b = 0; b < k && !found; b++)
+            found = t2[b].i == t1[a].i;
+        if (!found)
+            missed[(*n_missed)++] = t1[a].i;
+    }
+    free(t1), free(t2), free(ra);
+    return PS_OK;
+}
+
+#define PLOTFIG_ATP_TOP_K 10
+#define PLOTFIG_SCATTER_LABELS 5
+
+/* A cell's name: "L1: Mary_4" (layer x position; the token label keeps its
+ * leading space), "L1.H3" (layer x head), "L1.H3: Mary_4" (one head's layer
+ * x position panel). */
+static const char *atp_cell_label(agg_pool *pl, const plot_heatmap *p, grid_kind kind, size_t head, size_t cell)
+{
+    size_t l = cell / p->n_cols, t = cell % p->n_cols;
+    return kind == GRID_HEAD       ? agg_printf(pl, "L%s.H%s", p->row_labels[l], p->col_labels[t])
+           : kind == GRID_POS_HEAD ? agg_printf(pl, "L%s.H%zu:%s", p->row_labels[l], head, p->col_labels[t])
+                                   : agg_printf(pl, "L%s:%s", p->row_labels[l], p->col_labels[t]);
+}
+
+/* What the scatter figure shows (atp_scatter_figure). */
+typedef struct {
+    const char *comp, *exact_n, *est_n, *method, *metric, *direction, *prompts;
+    const double *x, *y;       /* [n] exact, estimate (normalized) */
+    const char **labels;       /* [n] */
+    size_t n;
+    const char *rho_text, *stats_from, *missed_names;
+    size_t top_k, n_missed;
+} atp_scatter_in;
+
+/* The scatter of the estimate against the exact values, with its caption. */
+static ps_status atp_scatter_figure(agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
+                                    const atp_scatter_in *in, plotfig *out)
+{
+    const char *mlabel = atp_method_label(in->method), *m = in->metric ? in->metric : "metric";
+    const char *dir_part = in->direction ? agg_printf(pl, ", %s", in->direction) : "";
+    plot_scatter *sc = agg_calloc(pl, 1, sizeof *sc);
+    if (!sc || !dir_part)
+        return PS_ERR_NOMEM;
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+    sc->title = agg_printf(pl, "%s: %s estimate against exact patching, rank correlation %s", in->comp, mlabel,
+                           in->rho_text);
+    sc->subtitle = agg_printf(pl, "one point per cell (%zu); dashed: y = x; labelled: the %d largest |estimate - "
+                                  "exact|",
+                              in->n, PLOTFIG_SCATTER_LABELS);
+    sc->x_name = agg_printf(pl, "exact (%s)", in->exact_n);
+    sc->y_name = agg_printf(pl, "estimate (%s)", in->est_n);
+    sc->n = in->n;
+    sc->x = in->x;
+    sc->y = in->y;
+    sc->labels = in->labels;
+    sc->n_labelled = PLOTFIG_SCATTER_LABELS;
+    fig.title = a->title ? a->title
+                         : agg_printf(pl, "%s vs exact patching (%s%s): %s, %s", mlabel, m, dir_part, in->comp,
+                                      base_name(a->input));
+    fig.subtitle = in->prompts;
+    fig.caption = agg_printf(
+        pl,
+        "Attribution patching (%s, method %s) of %s against exact activation patching. Metric: %s. "
+        "Direction: %s. Prompts: %s. Each point is one cell of the %s grid: x its exact normalized "
+        "effect (%s), y the estimate (%s, each cell's effect linearized from one forward and one backward "
+        "pass). On the dashed line y = x the estimate is exact. Rank correlation (Spearman, %s): %s. Of the "
+        "exact top %zu cells by |effect|, %zu %s missed by the estimate's top %zu%s%s. The %d points farthest "
+        "from the line are labelled (L = layer, H = head, then the position's token label%s). What to look for: "
+        "whether the points follow the line (a good screen) and which cells fall far from it: AtP is "
+        "least reliable where attention saturates (query and key cells, which AtP*'s QK fix recomputes) and "
+        "where paths cancel.",
+        mlabel, in->method ? in->method : "not recorded", in->comp, metric_meaning(in->metric),
+        in->direction ? in->direction : "not recorded", in->prompts, in->comp, in->exact_n, in->est_n,
+        in->stats_from, in->rho_text, in->top_k, in->n_missed, in->n_missed == 1 ? "is" : "are", in->top_k,
+        in->n_missed ? ": " : "", in->missed_names, PLOTFIG_SCATTER_LABELS,
+        strstr(in->comp, "dest_src") ? "s, destination -> source" : "");
+    if (!sc->title || !sc->subtitle || !sc->x_name || !sc->y_name || !fig.title || !fig.caption)
+        return PS_ERR_NOMEM;
+    out->fig = fig;
+    out->scatter = sc;
+    out->n_panels = 1;
+    return PS_OK;
+}
+
+/* The estimate against exact of one prompt's (layer, position,
+ * src_position, head) grid (pattern_dest_src), a point per cell of the
+ * prompt's length: a grid the heatmaps do not draw. */
+static ps_status atp_scatter_dest_src(const ncin_file *f, agg_pool *pl, const plotfig_opts *a,
+                                      const plotfig_provenance *prov, const char *comp, const char *exact_n,
+                                      const char *est_n, plotfig *out)
+{
+    if (a->sel.mean)
+        return err_set(PS_ERR_INVALID, "%s: %s is a (layer, position, src_position, head) grid: its scatter is of "
+                                       "one prompt (--prompt N), not a mean",
+                       f->path, comp);
+    static const char *const dims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION,
+                                       SCHEMA_DIM_SRC_POSITION, SCHEMA_DIM_HEAD};
+    ncin_var ve, va, tv;
+    size_t n_prompt, L, P, S, H, stride;
+    ps_status st;
+    if ((st = ncin_inq_var(f, exact_n, &ve)) || (st = ncin_expect_dims(f, &ve, dims, 5)) ||
+        (st = ncin_inq_var(f, est_n, &va)) || (st = ncin_expect_dims(f, &va, dims, 5)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &n_prompt)) || (st = agg_dim_len(f, SCHEMA_DIM_LAYER, &L)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_POSITION, &P)) || (st = agg_dim_len(f, SCHEMA_DIM_SRC_POSITION, &S)) ||
+        (st = agg_dim_len(f, SCHEMA_DIM_HEAD, &H)) || (st = ncin_stride(f, &ve, &stride)))
+        return st;
+    if (stride != L * P * S * H)
+        return err_set(PS_ERR_FORMAT, "%s: variable '%s' does not have the file's dimension sizes", f->path, exact_n);
+    size_t *sel, n_sel;
+    double *length;
+    if ((st = agg_select_prompts(f, pl, &a->sel, n_prompt, false, &sel, &n_sel)) ||
+        (st = agg_read_prompt_doubles(f, pl, SCHEMA_VAR_LENGTH, n_prompt, &length)))
+        return st;
+    if (n_sel == 0)
+        return err_set(PS_ERR_INVALID, "%s: no prompt to plot", f->path);
+    const size_t pr = sel[0];
+    size_t T = length && length[pr] >= 1 && length[pr] <= (double)P ? (size_t)length[pr] : P;
+    T = T < S ? T : S;
+    float *fe = agg_calloc(pl, stride, sizeof *fe), *fa = agg_calloc(pl, stride, sizeof *fa);
+    char **tok = agg_calloc(pl, P, sizeof *tok);
+    if (!fe || !fa || !tok)
+        return PS_ERR_NOMEM;
+    const char *tname = a->tokens && !strcmp(a->tokens, "corrupted") ? SCHEMA_VAR_CORRUPTED_TOKEN : SCHEMA_VAR_CLEAN_TOKEN;
+    static const char *const tdims[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_POSITION};
+    if ((st = ncin_read_float(f, &ve, pr, 1, fe)) || (st = ncin_read_float(f, &va, pr, 1, fa)) ||
+        (st = ncin_inq_var(f, tname, &tv)) || (st = ncin_expect_dims(f, &tv, tdims, 2)) ||
+        (st = ncin_read_strings(f, &tv, pr, 1, tok)))
+        return st;
+    const char **tl = agg_calloc(pl, P, sizeof *tl);
+    for (size_t t = 0; tl && t < P; t++) {
+        tl[t] = agg_keep(pl, plot_token_label(tok[t], t));
+        free(tok[t]);
+        if (!tl[t])
+            tl = NULL;
+    }
+    const size_t cells = L * T * T * H;
+    double *xs = agg_calloc(pl, cells ? cells : 1, sizeof *xs), *ys = agg_calloc(pl, cells ? cells : 1, sizeof *ys);
+    const char **labels = agg_calloc(pl, cells ? cells : 1, sizeof *labels);
+    if (!tl || !xs || !ys || !labels)
+        return PS_ERR_NOMEM;
+    size_t n = 0;
+    for (size_t l = 0; l < L; l++)
+        for (size_t d = 0; d < T; d++)
+            for (size_t sp = 0; sp < T; sp++)
+                for (size_t h = 0; h < H; h++) {
+                    size_t i = ((l * P + d) * S + sp) * H + h;
+                    if (!isfinite(fe[i]) || !isfinite(fa[i]))
+                        continue; /* a source after the destination: no cell */
+                    xs[n] = fe[i];
+                    ys[n] = fa[i];
+                    if (!(labels[n++] = agg_printf(pl, "L%zu.H%zu:%s ->%s", l, h, tl[d], tl[sp])))
+                        return PS_ERR_NOMEM;
+                }
+    char *direction = NULL, *metric = NULL;
+    if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
+        (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
+        return st ? st : PS_ERR_NOMEM;
+    double rho;
+    size_t idx[PLOTFIG_ATP_TOP_K], n_missed;
+    if ((st = atp_stats_of(xs, ys, n, direction && !strcmp(direction, "noise") ? 1.0 : 0.0, PLOTFIG_ATP_TOP_K, &rho,
+                           idx, &n_missed)))
+        return st;
+    const char *missed_names = agg_printf(pl, "%s", "");
+    for (size_t k = 0; k < n_missed && missed_names; k++)
+        missed_names = agg_printf(pl, "%s%s%s", missed_names, k ? ", " : "", labels[idx[k]]);
+    const atp_scatter_in in = {
+        .comp = comp, .exact_n = exact_n, .est_n = est_n, .method = file_method(f, pl), .metric = metric,
+        .direction = direction, .prompts = agg_printf(pl, "prompt %zu of %zu (%zu tokens)", pr, n_prompt, T),
+        .x = xs, .y = ys, .labels = labels, .n = n,
+        .rho_text = isnan(rho) ? "undefined (one side is constant)" : agg_printf(pl, "%.3f", rho),
+        .stats_from = "of the cells shown", .top_k = PLOTFIG_ATP_TOP_K < n ? PLOTFIG_ATP_TOP_K : n,
+        .n_missed = n_missed, .missed_names = missed_names};
+    if (!in.prompts || !in.rho_text || !missed_names)
+        return PS_ERR_NOMEM;
+    return atp_scatter_figure(pl, a, prov, &in, out);
+}
+
+static ps_status plot_atp(const ncin_file *f, agg_pool *pl, const plotfig_opts *a, const plotfig_provenance *prov,
+                          plotfig *out)
+{
+    const bool scatter = a->kind == PLOTFIG_SCATTER, by_role = a->sel.by_role;
+    const char *comp;
+    ps_status st = atp_component(f, pl, a->vars, &comp);
+    if (st)
+        return st;
+    const char *exact_n = agg_printf(pl, "%s" SCHEMA_NORMALIZED_SUFFIX, comp);
+    const char *est_n = agg_printf(pl, "%s" SCHEMA_ATP_NORMALIZED_SUFFIX, comp);
+    const char *err_v = agg_printf(pl, "%s" SCHEMA_ATP_ERROR_SUFFIX, comp);
+    if (!exact_n || !est_n || !err_v)
+        return PS_ERR_NOMEM;
+    const bool has_exact = ncin_has_var(f, exact_n);
+    /* the error panel: the file's C_atp_error (raw metric units), or with
+     * --by-role or a file without it, the difference of the normalized
+     * grids shown, computed here */
+    const bool has_err = has_exact, file_err = has_exact && !by_role && ncin_has_var(f, err_v);
+    if (scatter && !has_exact)
+        return err_set(PS_ERR_INVALID, "%s: no exact values of %s (no %s): the scatter of estimate against exact "
+                                       "needs a file with both (patch --method atp+exact)",
+                       f->path, comp, exact_n);
+    grid_var g;
+    ncin_var ev;
+    static const char *const dest_src[] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER, SCHEMA_DIM_POSITION,
+                                           SCHEMA_DIM_SRC_POSITION, SCHEMA_DIM_HEAD};
+    if (scatter && !by_role && ncin_inq_var(f, est_n, &ev) == PS_OK && ncin_dims_are(&ev, dest_src, 5))
+        return atp_scatter_dest_src(f, pl, a, prov, comp, exact_n, est_n, out);
+    err_clear();
+    if ((st = describe_grid(f, pl, est_n, &g)))
+        return st;
+    const char *method = file_method(f, pl), *mlabel = atp_method_label(method);
+    char *metric = NULL, *direction = NULL;
+    if ((st = ncin_get_text_att(f, NULL, SCHEMA_ATT_METRIC, &metric)) || (metric && !agg_keep(pl, metric)) ||
+        (st = ncin_get_text_att(f, NULL, SCHEMA_ATT_DIRECTION, &direction)) || (direction && !agg_keep(pl, direction)))
+        return st ? st : PS_ERR_NOMEM;
+    const bool noise = direction && !strcmp(direction, "noise");
+    size_t n_prompt;
+    if ((st = agg_dim_len(f, SCHEMA_DIM_PROMPT, &n_prompt)))
+        return st;
+
+    /* the grids through the heatmap figure's reading (one prompt or means,
+     * by length): panels [variable][group][head] */
+    const size_t n_vars = has_err ? 3 : has_exact ? 2 : 1;
+    plotfig_opts b = *a;
+    b.kind = PLOTFIG_GRIDS;
+    b.title = NULL;
+    b.has_zmax = false;
+    b.vars = file_err    ? agg_printf(pl, "%s,%s,%s", exact_n, est_n, err_v)
+             : has_exact          ? agg_printf(pl, "%s,%s", exact_n, est_n)
+                                  : est_n;
+    if (!b.vars)
+        return PS_ERR_NOMEM;
+    plotfig grids = {0}; /* its strings and arrays live in pl */
+    if ((st = by_role ? plot_by_role(f, pl, &b, prov, &grids) : plot_results(f, pl, &b, prov, &grids)))
+        return st;
+    /* plot_by_role: per variable its mean and spread panels; the means are drawn */
+    const size_t n_read = file_err ? 3 : has_exact ? 2 : 1; /* variables read */
+    const size_t n_rows = by_role ? 1 : grids.n_panels / n_read, n_all = n_rows * n_vars;
+    plot_heatmap *panels = agg_calloc(pl, n_all, sizeof *panels);
+    double *zmax = agg_calloc(pl, n_all, sizeof *zmax);
+    if (!panels || !zmax)
+        return PS_ERR_NOMEM;
+    if (by_role) {
+        if (grids.n_panels != 2 * (has_exact ? 2 : 1))
+            return err_set(PS_ERR_INVALID, "%s: %s is not a (layer, position) grid: no role-aligned means", f->path,
+                           comp);
+        panels[0] = grids.panels[0];
+        if (has_exact)
+            panels[1] = grids.panels[2];
+    } else {
+        for (size_t r = 0; r < n_rows; r++)
+            for (size_t v = 0; v < n_read; v++)
+                panels[r * n_vars + v] = grids.panels[v * n_rows + r];
+    }
+    for (size_t r = 0; has_exact && !file_err && r < n_rows; r++) {
+        plot_heatmap *e = &panels[r * n_vars], *d = e + 2;
+        *d = e[1];
+        const size_t n = e->n_rows * e->n_cols;
+        float *diff = agg_calloc(pl, n ? n : 1, sizeof *diff);
+        if (!diff)
+            return PS_ERR_NOMEM;
+        for (size_t i = 0; i < n; i++)
+            diff[i] = e[1].values[i] - e[0].values[i];
+        d->values = diff;
+        d->n_used = NULL;
+        d->lo = d->hi = NULL;
+        if (!(d->hover_name = agg_printf(pl, "%s - %s", est_n, exact_n)))
+            return PS_ERR_NOMEM;
+    }
+    size_t n_head = 0;
+    if (g.kind == GRID_POS_HEAD && (st = agg_dim_len(f, SCHEMA_DIM_HEAD, &n_head)))
+        return st;
+
+    /* the cells shown, exact and estimate side by side, rows concatenated */
+    size_t total = 0;
+    for (size_t r = 0; r < n_rows; r++)
+        total += panels[r * n_vars].n_rows * panels[r * n_vars].n_cols;
+    double rho = NAN;
+    size_t missed[PLOTFIG_ATP_TOP_K], n_missed = 0, top_k = PLOTFIG_ATP_TOP_K, n_pairs = 0;
+    const char *stats_from = NULL;
+    bool *marked = NULL;
+    double *xs = NULL, *ys = NULL;
+    size_t *where = NULL; /* [n_pairs]: the concatenated cell of pair i */
+    if (has_exact) {
+        xs = agg_calloc(pl, total ? total : 1, sizeof *xs);
+        ys = agg_calloc(pl, total ? total : 1, sizeof *ys);
+        where = agg_calloc(pl, total ? total : 1, sizeof *where);
+        marked = agg_calloc(pl, total ? total : 1, sizeof *marked);
+        if (!xs || !ys || !where || !marked)
+            return PS_ERR_NOMEM;
+        for (size_t r = 0, off = 0; r < n_rows; r++) {
+            const plot_heatmap *pe = &panels[r * n_vars], *pa = &panels[r * n_vars + 1];
+            for (size_t i = 0; i < pe->n_rows * pe->n_cols; i++)
+                if (isfinite(pe->values[i]) && isfinite(pa->values[i])) {
+                    xs[n_pairs] = pe->values[i];
+                    ys[n_pairs] = pa->values[i];
+                    where[n_pairs++] = off + i;
+                }
+            off += pe->n_rows * pe->n_cols;
+        }
+        size_t idx[PLOTFIG_ATP_TOP_K];
+        if ((st = atp_stats_of(xs, ys, n_pairs, noise ? 1.0 : 0.0, top_k, &rho, idx, &n_missed)))
+            return st;
+        for (size_t k = 0; k < n_missed; k++)
+            missed[k] = where[idx[k]];
+        top_k = top_k < n_pairs ? top_k : n_pairs;
+        stats_from = by_role ? "of the role means shown" : a->sel.mean ? "of the mean cells shown" : "of the cells shown";
+        /* one prompt of a one-prompt file (patch -o): the file's own statistics,
+         * computed by the engine in double precision (schema.h) */
+        double att[64], rc_att, k_att;
+        size_t n_att, n1;
+        bool has_rc = false, has_k = false, has_m = false;
+        if (file_err && !a->sel.mean && n_prompt == 1 &&
+            (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_RANK_CORRELATION, &rc_att, 1, &n1, &has_rc)) == PS_OK &&
+            (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_TOP_K, &k_att, 1, &n1, &has_k)) == PS_OK &&
+            (st = ncin_get_num_att(f, err_v, SCHEMA_ATT_ATP_MISSED_TOP_K, att, 64, &n_att, &has_m)) == PS_OK &&
+            has_rc && has_k && has_m && n_att <= PLOTFIG_ATP_TOP_K) {
+            /* the engine's flat index in patch_grid_shape order (patchspec.h):
+             * (layer, position) or (layer, head) is the panel's own cell;
+             * (layer, position, head) is head h's panel, cell (layer, position) */
+            bool ok = true;
+            for (size_t k = 0; k < n_att && ok; k++) {
+                ok = att[k] >= 0 && att[k] < (double)total && att[k] == floor(att[k]);
+                if (!ok)
+                    break;
+                size_t flat = (size_t)att[k];
+                if (g.kind == GRID_POS_HEAD) {
+                    size_t h = flat % n_head, cell = flat / n_head;
+                    size_t per = panels[0].n_rows * panels[0].n_cols;
+                    missed[k] = h * per + cell;
+                } else {
+                    missed[k] = flat;
+                }
+            }
+            if (!ok)
+                return err_set(PS_ERR_FORMAT, "%s: %s's attribute %s names a cell outside the grid", f->path, err_v,
+                               SCHEMA_ATT_ATP_MISSED_TOP_K);
+            rho = rc_att;
+            n_missed = n_att;
+            top_k = k_att >= 0 && k_att <= 1e6 ? (size_t)k_att : top_k;
+            stats_from = "recorded in the file by the engine";
+        }
+        if (st)
+            return st;
+        for (size_t k = 0; k < n_missed; k++)
+            marked[missed[k]] = true;
+    }
+    /* the missed cells' names, for the caption */
+    const char *missed_names = agg_printf(pl, "%s", "");
+    for (size_t k = 0, off; k < n_missed && missed_names; k++) {
+        size_t r = 0;
+        for (off = 0; r < n_rows; r++) {
+            size_t c = panels[r * n_vars].n_rows * panels[r * n_vars].n_cols;
+            if (missed[k] < off + c)
+                break;
+            off += c;
+        }
+        const char *lab = atp_cell_label(pl, &panels[r * n_vars], g.kind, n_head ? r % n_head : 0, missed[k] - off);
+        missed_names = lab ? agg_printf(pl, "%s%s%s", missed_names, k ? ", " : "", lab) : NULL;
+    }
+    if (!missed_names)
+        return PS_ERR_NOMEM;
+
+    const char *m = metric ? metric : "metric";
+    const char *dir_part = direction ? agg_printf(pl, ", %s", direction) : "";
+    const char *rho_text = isnan(rho) ? agg_printf(pl, "%s", "undefined (one side is constant)")
+                                      : agg_printf(pl, "%.3f", rho);
+    if (!dir_part || !rho_text)
+        return PS_ERR_NOMEM;
+    const char *prompts = grids.fig.subtitle;
+    plot_figure fig = {.meta = prov->pairs, .n_meta = prov->n};
+
+    if (scatter) {
+        const char **labels = agg_calloc(pl, n_pairs ? n_pairs : 1, sizeof *labels);
+        if (!labels)
+            return PS_ERR_NOMEM;
+        for (size_t i = 0; i < n_pairs; i++) {
+            size_t r = 0, off = 0;
+            for (; r < n_rows; r++) {
+                size_t c = panels[r * n_vars].n_rows * panels[r * n_vars].n_cols;
+                if (where[i] < off + c)
+                    break;
+                off += c;
+            }
+            if (!(labels[i] = atp_cell_label(pl, &panels[r * n_vars], g.kind, n_head ? r % n_head : 0, where[i] - off)))
+                return PS_ERR_NOMEM;
+        }
+        const atp_scatter_in in = {.comp = comp, .exact_n = exact_n, .est_n = est_n, .method = method,
+                                   .metric = metric, .direction = direction, .prompts = prompts, .x = xs, .y = ys,
+                                   .labels = labels, .n = n_pairs, .rho_text = rho_text, .stats_from = stats_from,
+                                   .top_k = top_k, .n_missed = n_missed, .missed_names = missed_names};
+        return atp_scatter_figure(pl, a, prov, &in, out);
+    }
+
+    /* heatmaps: exact | estimate on one scale, the error on its own */
+    double z_shared = 0, z_err = 0;
+    for (size_t r = 0; r < n_rows; r++) {
+        double z = plot_heatmap_zmax(&panels[r * n_vars], n_vars >= 2 ? 2 : 1);
+        z_shared = z > z_shared ? z : z_shared;
+        if (has_err) {
+            double e = plot_heatmap_zmax(&panels[r * n_vars + 2], 1);
+            z_err = e > z_err ? e : z_err;
+        }
+    }
+    if (a->has_zmax)
+        z_shared = a->zmax;
+    for (size_t r = 0, off = 0; r < n_rows; r++) {
+        const char *head = g.kind == GRID_POS_HEAD ? agg_printf(pl, ", head %zu", r % n_head) : "";
+        if (!head)
+            return PS_ERR_NOMEM;
+        for (size_t v = 0; v < n_vars; v++) {
+            plot_heatmap *p = &panels[r * n_vars + v];
+            const char *sub = p->subtitle;
+            p->plot_w = 360;
+            p->plot_h = 240;
+            zmax[r * n_vars + v] = v == 2 ? z_err : z_shared;
+            if (!has_exact) {
+                p->title = agg_printf(pl, "ESTIMATE (%s): %s%s", mlabel, est_n, head);
+                p->subtitle = agg_printf(pl, "attribution patching estimate, not exact patching%s%s", sub ? "; " : "",
+                                         sub ? sub : "");
+            } else if (v == 0) {
+                p->title = agg_printf(pl, "exact: %s%s", exact_n, head);
+                p->no_colorbar = true;
+                p->marked = marked + off;
+                p->marked_name = agg_printf(pl, "missed: in the exact top %zu, not in the estimate's top %zu", top_k,
+                                            top_k);
+                p->subtitle = agg_printf(pl, "outlined: exact top-%zu cells the estimate misses%s%s", top_k,
+                                         sub ? "; " : "", sub ? sub : "");
+                if (!p->marked_name)
+                    return PS_ERR_NOMEM;
+            } else if (v == 1) {
+                p->title = agg_printf(pl, "estimate (%s): %s%s", mlabel, est_n, head);
+                p->subtitle = agg_printf(pl, "linearized, not patched; the exact panel's colour scale%s%s",
+                                         sub ? "; " : "", sub ? sub : "");
+                p->scale_name = "normalized (both panels)";
+            } else if (!file_err) {
+                p->title = agg_printf(pl, "error: %s - %s%s", est_n, exact_n, head);
+                p->subtitle = agg_printf(pl, "estimate - exact of the %s shown, normalized (its own scale)",
+                                         by_role ? "role means" : "values");
+                p->scale_name = "estimate - exact (normalized)";
+            } else {
+                p->title = agg_printf(pl, "error: %s%s", err_v, head);
+                p->subtitle = agg_printf(pl, "estimate - exact, raw %s (its own scale)%s%s", m, sub ? "; " : "",
+                                         sub ? sub : "");
+                p->scale_name = agg_printf(pl, "estimate - exact (%s)", m);
+                if (!p->scale_name)
+                    return PS_ERR_NOMEM;
+            }
+            if (!p->title || !p->subtitle)
+                return PS_ERR_NOMEM;
+        }
+        off += panels[r * n_vars].n_rows * panels[r * n_vars].n_cols;
+    }
+    if (!has_exact) {
+        fig.title = a->title ? a->title
+                             : agg_printf(pl, "Attribution patching ESTIMATE (%s, %s%s): %s, %s", mlabel, m, dir_part,
+                                          comp, base_name(a->input));
+        fig.subtitle = prompts;
+        fig.caption = agg_printf(
+            pl,
+            "Attribution patching estimate (%s, method %s) of %s: not exact activation patching. Each cell's "
+            "effect is linearized from one forward and one backward pass (%s, normalized as exact patching "
+            "would be); the file holds no exact values to compare it with (patch --method atp+exact, or a "
+            "sweep with method = atp+exact, adds them). Metric: %s. Direction: %s. Prompts: %s. What to look "
+            "for: the cells the estimate ranks highest are candidates for exact patching; the estimate is "
+            "least reliable where attention saturates (query and key cells) and where paths cancel.",
+            mlabel, method ? method : "not recorded", comp, est_n, metric_meaning(metric),
+            direction ? direction : "not recorded", prompts);
+    } else {
+        fig.title = a->title ? a->title
+                             : agg_printf(pl, "%s vs exact patching (%s%s): %s, %s", mlabel, m, dir_part, comp,
+                                          base_name(a->input));
+        fig.subtitle = agg_printf(pl, "%s; rank correlation %s; %zu of the exact top %zu missed", prompts, rho_text,
+                                  n_missed, top_k);
+        fig.caption = agg_printf(
+            pl,
+            "Attribution patching (%s, method %s) of %s beside exact activation patching. Metric: %s. "
+            "Direction: %s. Prompts: %s. Left: the exact normalized effect of patching each cell (%s); "
+            "middle: the estimate (%s, each cell's effect linearized from one forward and one backward pass), "
+            "on the same colour scale; %s. Rank correlation (Spearman, estimate vs exact, %s): %s. Of the exact "
+            "top %zu cells by |effect|, %zu %s missed by the estimate's top %zu%s%s%s. What to look for: cells "
+            "lit in one panel and not the other, and the dark cells of the error panel; AtP is least reliable "
+            "where attention saturates (query and key cells, which AtP*'s QK fix recomputes) and where paths "
+            "cancel.",
+            mlabel, method ? method : "not recorded", comp, metric_meaning(metric),
+            direction ? direction : "not recorded", prompts, exact_n, est_n,
+            file_err ? agg_printf(pl, "right: the error, estimate - exact (%s, raw %s), on its own scale", err_v, m)
+                     : agg_printf(pl, "right: the difference of the %s shown, estimate - exact (normalized; the "
+                                      "file has no %s), on its own scale",
+                                  by_role ? "role means" : "values", by_role ? "role means of the error" : err_v),
+            stats_from, rho_text, top_k, n_missed, n_missed == 1 ? "is" : "are", top_k,
+            n_missed ? " (outlined on the exact panel): " : "", missed_names, n_missed ? "" : "");
+    }
+    if (!fig.title || !fig.subtitle || !fig.caption)
+        return PS_ERR_NOMEM;
+    out->fig = fig;
+    out->panels = panels;
+    out->n_panels = n_all;
+    out->panel_cols = n_vars;
+    out->panel_zmax = zmax;
+    out->zmax = z_shared;
+    return PS_OK;
+}
+
+
 /* ---- the figure ------------------------------------------------------------------------ */
 
 ps_status plotfig_build(const plotfig_opts *o, plotfig *pf)
@@ -975,11 +1668,16 @@ ps_status plotfig_build(const plotfig_opts *o, plotfig *pf)
     if (st == PS_OK && analysis && !agg_keep(pl, analysis))
         st = PS_ERR_NOMEM;
     bool lens = analysis && !strcmp(analysis, SCHEMA_ANALYSIS_LENS);
+    if (st == PS_OK && lens && o->kind != PLOTFIG_GRIDS)
+        st = err_set(PS_ERR_INVALID, "%s: a lens file has no attribution patching estimates: --atp and --scatter "
+                                     "apply to patching results",
+                     o->input);
     if (st == PS_OK && lens && o->tokens)
         st = err_set(PS_ERR_INVALID, "%s: a lens file has no token labels: --tokens applies to patching results",
                      o->input);
     if (st == PS_OK)
         st = lens ? plot_lens(&f, pl, o, &pf->prov, pf)
+             : o->kind != PLOTFIG_GRIDS ? plot_atp(&f, pl, o, &pf->prov, pf)
              : o->sel.by_role ? plot_by_role(&f, pl, o, &pf->prov, pf)
                               : plot_results(&f, pl, o, &pf->prov, pf);
     if (st == PS_ERR_NOMEM && !strstr(err_msg(), o->input))
@@ -990,8 +1688,13 @@ ps_status plotfig_build(const plotfig_opts *o, plotfig *pf)
 
 ps_status plotfig_write(FILE *out, const char *path, const plotfig *pf)
 {
-    return pf->lines ? plot_write_lines(out, path, &pf->fig, pf->lines, pf->n_panels)
-                     : plot_write_heatmaps(out, path, &pf->fig, pf->panels, pf->n_panels, pf->zmax);
+    if (pf->lines)
+        return plot_write_lines(out, path, &pf->fig, pf->lines, pf->n_panels);
+    if (pf->scatter)
+        return plot_write_scatter(out, path, &pf->fig, pf->scatter);
+    if (pf->panel_zmax)
+        return plot_write_heatmap_grid(out, path, &pf->fig, pf->panels, pf->n_panels, pf->panel_cols, pf->panel_zmax);
+    return plot_write_heatmaps(out, path, &pf->fig, pf->panels, pf->n_panels, pf->zmax);
 }
 
 void plotfig_free(plotfig *pf)

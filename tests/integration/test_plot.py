@@ -17,7 +17,13 @@
      (--caption and the SVG's <desc>) name the components, metric, direction,
      prompts and what to look for, from the file's attributes;
   9. every figure passes `xmllint --noout`; some render in headless Chromium
-     to a PNG that is not blank and shows the cells' colours.
+     to a PNG that is not blank and shows the cells' colours;
+ 10. attribution patching (section_9): --atp's exact | estimate | error panels
+     (titles, cells, values = the file's, error = C_atp - C, one colour scale
+     for exact and estimate, the missed top-10 cells outlined), --scatter
+     (a point per cell mapping back to the file's values, y = x, outliers,
+     the rank correlation), means, estimate-only files labelled estimates,
+     files without estimates refused.
 Runs under the release and the ASan/UBSan build alike (PS_BIN)."""
 import math
 import os
@@ -77,7 +83,7 @@ def hex_rgb(h):
 
 # ---- reading the SVG back ------------------------------------------------------
 
-CELL_RE = re.compile(r"^(.*?) \[Layer (\d+), (Position|Head) (.*)\] = (NaN \(no value\)|\S+)"
+CELL_RE = re.compile(r"^(.*?) \[Layer (\d+), (Position|Head|Role) (.*)\] = (NaN \(no value\)|\S+)"
                      r"(?: \(mean of (\d+), min (\S+), max (\S+)\))?$", re.S)
 
 
@@ -913,9 +919,375 @@ def section_8():
     check("--caption without a name: usage error", r.returncode == 2, r.stderr)
 
 
+# ---- 9. attribution patching: exact | estimate | error, the scatter -----------------------
+
+def spearman(a, b):
+    """Pearson correlation of the ranks, ties at their mean rank (as the engine)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: (v[i], i))
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and v[order[j]] == v[order[i]]:
+                j += 1
+            for k in range(i, j):
+                r[order[k]] = (i + j + 1) / 2
+            i = j
+        return np.array(r)
+    ra, rb = ranks(list(a)), ranks(list(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / math.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def marked_cells(path):
+    """Per heatmap panel: the (layer, column) of every outlined cell, from its position over the cells."""
+    root = ET.parse(path).getroot()
+    out = []
+    for g in root.iter(SVG + "g"):
+        if "heatmap" not in classes(g):
+            continue
+        at = {}
+        per_row = {}
+        for r in g.iter(SVG + "rect"):
+            if "cell" in classes(r):
+                layer = int(CELL_RE.match(r.find(SVG + "title").text).group(2))
+                key = (layer, per_row.get(layer, 0))
+                per_row[layer] = key[1] + 1
+                at[(float(r.get("x")), float(r.get("y")))] = key
+        marks = []
+        for r in g.iter(SVG + "rect"):
+            if "marked" in classes(r):
+                marks.append(at.get((float(r.get("x")) - 1.5, float(r.get("y")) - 1.5)))
+        out.append(marks)
+    return out
+
+
+def scatter_points(path):
+    root = ET.parse(path).getroot()
+    pts = []
+    for c in root.iter(SVG + "circle"):
+        m = re.match(r"^(.*): (.*) = (\S+), (.*) = (\S+), .* = (\S+)$", c.find(SVG + "title").text)
+        pts.append({"label": m.group(1), "x": float(m.group(3)), "y": float(m.group(5)), "cx": float(c.get("cx")),
+                    "cy": float(c.get("cy")), "outlier": "outlier" in classes(c)})
+    ident = [ln for ln in root.iter(SVG + "line") if "identity" in classes(ln)]
+    labels = [t.text for t in root.iter(SVG + "text") if "outlier-label" in classes(t)]
+    return root, pts, ident, labels
+
+
+def section_9():
+    atp = os.path.join(TMP, "atp.nc")
+    clean, corrupted, answer, wrong = PAIRS["seed"]
+    r = run("patch", "--model", MODEL, "--clean", clean, "--corrupted", corrupted, "--answer", answer, "--wrong", wrong,
+            "--components", "resid_pre,z,z_all_pos", "--method", "atp*+exact", "-o", atp)
+    check("atp*+exact file written", r.returncode == 0, r.stderr)
+    # -- resid_pre: three panels side by side
+    out, cap = os.path.join(TMP, "atp-resid.svg"), os.path.join(TMP, "atp-resid.html")
+    plot_ok("--atp resid_pre", [atp, "--atp", "--caption", cap], out)
+    root, panels = heatmap_panels(out)
+    check("--atp: three panels with their titles",
+          [p["title"] for p in panels] == ["exact: resid_pre_normalized", "estimate (AtP*): resid_pre_atp_normalized",
+                                           "error: resid_pre_atp_error"], [p["title"] for p in panels])
+    check("--atp: each panel has layer x position cells", [len(p["cells"]) for p in panels] == [L * T] * 3,
+          [len(p["cells"]) for p in panels])
+    exact, est = read(atp, "resid_pre_normalized")[0][:, :T], read(atp, "resid_pre_atp_normalized")[0][:, :T]
+    err = read(atp, "resid_pre_atp_error")[0][:, :T]
+    raw_exact, raw_est = read(atp, "resid_pre")[0][:, :T], read(atp, "resid_pre_atp")[0][:, :T]
+    g = [cell_grid(p, L, T) for p in panels]
+    check("--atp: exact and estimate panels hold the file's values",
+          same_float32(g[0], exact) and same_float32(g[1], est), (g[0], exact, g[1], est))
+    diff = raw_est.astype(np.float64) - raw_exact.astype(np.float64)
+    check("--atp: the error panel is C_atp - C (the file's C_atp_error; float32 of the double difference)",
+          same_float32(g[2], err) and np.allclose(g[2], diff, rtol=1e-5, atol=1e-5 * np.abs(raw_exact).max()),
+          (g[2], diff))
+    zs = float(max(np.abs(exact).max(), np.abs(est).max()))
+    check("--atp: one colour bar for exact and estimate (on the estimate panel), one for the error",
+          "zmax" not in panels[0] and abs(panels[1]["zmax"] - zs) <= 1e-6 * zs
+          and abs(panels[2]["zmax"] - float(np.abs(err).max())) <= 1e-6 * float(np.abs(err).max()),
+          [p.get("zmax") for p in panels])
+    bad = colours_ok(panels[0], zs) + colours_ok(panels[1], zs)
+    check("--atp: exact and estimate cells on one scale (rdbu(value, shared zmax))", not bad, bad[:5])
+    fills = {}
+    for p in panels[:2]:
+        for fill, v, *_ in p["cells"].values():
+            fills.setdefault(np.float32(v), set()).add(fill)
+    check("--atp: equal values, equal colours across exact and estimate", all(len(f) == 1 for f in fills.values()))
+    bad = colours_ok(panels[2], float(np.abs(err).max()))
+    check("--atp: error cells on their own scale", not bad, bad[:5])
+    with netCDF4.Dataset(atp) as d:
+        va = d.variables["resid_pre_atp_error"]
+        rho = float(va.getncattr("atp_rank_correlation"))
+        missed = [int(i) for i in np.atleast_1d(va.getncattr("atp_missed_top_k"))] if "atp_missed_top_k" in va.ncattrs() else []
+    marks = marked_cells(out)
+    want = sorted((i // T, i % T) for i in missed)
+    check("--atp: the missed top-10 cells outlined on the exact panel (and only there)",
+          sorted(marks[0]) == want and marks[1] == [] and marks[2] == [], (marks, want))
+    text = ET.fromstring(open(cap).read()).text
+    check("--atp caption: method, rank correlation, missed cells, the three panels",
+          "AtP*" in text and "atp*+exact" in text and f"{rho:.3f}" in text
+          and f"{len(missed)} {'is' if len(missed) == 1 else 'are'} missed" in text and "Left: the exact" in text
+          and "on its own scale" in text, text)
+    render("atp", out, [f for f, *_ in panels[0]["cells"].values()])
+    # -- z: a row of three per head, the missed cells on their head's panel
+    out = os.path.join(TMP, "atp-z.svg")
+    plot_ok("--atp z", [atp, "--atp", "--var", "z"], out)
+    root, panels = heatmap_panels(out)
+    want_titles = [t.format(h) for h in range(H) for t in ("exact: z_normalized, head {}",
+                                                             "estimate (AtP*): z_atp_normalized, head {}",
+                                                             "error: z_atp_error, head {}")]
+    check("--atp z: rows of exact | estimate | error per head", [p["title"] for p in panels] == want_titles,
+          [p["title"] for p in panels])
+    ze, za, zerr = (read(atp, v)[0][:, :T, :] for v in ("z_normalized", "z_atp_normalized", "z_atp_error"))
+    ok = all(same_float32(cell_grid(panels[3 * h + k], L, T), arr[:, :, h])
+             for h in range(H) for k, arr in enumerate((ze, za, zerr)))
+    check("--atp z: every panel holds its head's values", ok)
+    with netCDF4.Dataset(atp) as d:
+        va = d.variables["z_atp_error"]
+        zmissed = [int(i) for i in np.atleast_1d(va.getncattr("atp_missed_top_k"))] if va.getncattr("atp_missed_top_k").size else []
+    marks = marked_cells(out)
+    got = sorted((h, lt) for h in range(H) for lt in marks[3 * h])
+    want = sorted((i % H, ((i // H) // T, (i // H) % T)) for i in zmissed)
+    check("--atp z: the missed cells outlined on their heads' exact panels", got == want, (got, want))
+    # -- the scatter of z: a point per cell, values and coordinates, y = x, outliers
+    out, cap = os.path.join(TMP, "scatter-z.svg"), os.path.join(TMP, "scatter-z.html")
+    plot_ok("--scatter z", [atp, "--scatter", "--var", "z", "--caption", cap], out)
+    root, pts, ident, labels = scatter_points(out)
+    check("--scatter z: one point per cell", len(pts) == L * T * H, len(pts))
+    by_label = {}
+    for l in range(L):
+        for t in range(T):
+            for h in range(H):
+                by_label[f"L{l}.H{h}:{SEED_LABELS[t]}"] = (ze[l, t, h], za[l, t, h])
+    bad = [p for p in pts if p["label"] not in by_label
+           or not same_float32([p["x"], p["y"]], list(by_label[p["label"]]))]
+    check("--scatter z: every point is its cell's (exact, estimate) from the file",
+          not bad and len({p["label"] for p in pts}) == len(pts), bad[:3])
+    xs = np.array([p["x"] for p in pts])
+    cxs = np.array([p["cx"] for p in pts])
+    s, c = np.polyfit(xs, cxs, 1)
+    (x1, y1, x2, y2) = (float(ident[0].get(k)) for k in ("x1", "y1", "x2", "y2")) if ident else (0, 0, 0, 0)
+    resid_x = max(abs(s * p["x"] + c - p["cx"]) for p in pts)
+    resid_y = max(abs((y1 - (s * p["y"] + c - x1)) - p["cy"]) for p in pts)
+    check("--scatter z: x and y coordinates map the values by one scale (0.01 px)",
+          s > 0 and resid_x < 0.01 and resid_y < 0.01, (s, resid_x, resid_y))
+    check("--scatter z: the y = x line through the corners of the square",
+          len(ident) == 1 and abs((x2 - x1) - (y1 - y2)) < 0.01 and x2 > x1, (x1, y1, x2, y2))
+    errs = sorted(((abs(p["y"] - p["x"]), p["label"]) for p in pts), reverse=True)
+    out_lab = sorted(p["label"] for p in pts if p["outlier"])
+    check("--scatter z: the 5 largest |errors| drawn as outliers and labelled",
+          len(out_lab) == 5 and {e[1] for e in errs[:5]} == set(out_lab) and sorted(labels) == out_lab
+          and errs[4][0] >= errs[5][0], (out_lab, errs[:6], labels))
+    with netCDF4.Dataset(atp) as d:
+        zrho = float(d.variables["z_atp_error"].getncattr("atp_rank_correlation"))
+    title = next(t.text for t in root.iter(SVG + "text") if t.text and "rank correlation" in t.text)
+    check("--scatter z: rank correlation (the file's) in the title and the caption",
+          f"rank correlation {zrho:.3f}" in title and f"{zrho:.3f}" in ET.fromstring(open(cap).read()).text, title)
+    check("--scatter z: axes titled exact and estimate",
+          any(t.text == "exact (z_normalized)" for t in root.iter(SVG + "text"))
+          and any(t.text == "estimate (z_atp_normalized)" for t in root.iter(SVG + "text")))
+    # head grid (layer x head)
+    out = os.path.join(TMP, "scatter-heads.svg")
+    plot_ok("--scatter z_all_pos", [atp, "--scatter", "--var", "z_all_pos_normalized"], out)
+    root, pts, ident, labels = scatter_points(out)
+    he, ha = read(atp, "z_all_pos_normalized")[0], read(atp, "z_all_pos_atp_normalized")[0]
+    check("--scatter z_all_pos: a point per (layer, head), labelled L.H",
+          len(pts) == L * H and all(same_float32([p["x"], p["y"]], [he[l, h], ha[l, h]])
+                                    for p in pts for l, h in [map(int, re.match(r"L(\d+)\.H(\d+)$", p["label"]).groups())]),
+          [p["label"] for p in pts][:5])
+    render("scatter", os.path.join(TMP, "scatter-z.svg"))
+
+    # -- the 4-axis pattern_dest_src grid (a file written here): a point per cell of the prompt
+    ds = os.path.join(TMP, "atp-dest-src.nc")
+    shutil.copy(atp, ds)
+    rng = np.random.default_rng(5)
+    P = T
+    with netCDF4.Dataset(ds, "a") as d:
+        d.createDimension("src_position", P)
+        vals = {}
+        for name in ("pattern_dest_src_normalized", "pattern_dest_src_atp_normalized"):
+            v = d.createVariable(name, "f4", ("prompt", "layer", "position", "src_position", "head"),
+                                 fill_value=np.float32(9.96921e36))
+            a = rng.normal(size=(1, L, P, P, H)).astype(np.float32)
+            for dd in range(P):
+                a[:, :, dd, dd + 1:, :] = np.nan  # a source after the destination: no cell
+            v[:] = a
+            vals[name] = a[0]
+    out = os.path.join(TMP, "scatter-dest-src.svg")
+    plot_ok("--scatter pattern_dest_src", [ds, "--scatter", "--var", "pattern_dest_src"], out)
+    root, pts, ident, labels = scatter_points(out)
+    n_cells = L * H * P * (P + 1) // 2
+    ok = len(pts) == n_cells
+    for p_ in pts:
+        m = re.match(r"L(\d+)\.H(\d+):(.*)_(\d+) ->(.*)_(\d+)$", p_["label"])
+        if not m:
+            ok = False
+            break
+        l, h, dd, sp = int(m.group(1)), int(m.group(2)), int(m.group(4)), int(m.group(6))
+        ok = ok and same_float32([p_["x"], p_["y"]], [vals["pattern_dest_src_normalized"][l, dd, sp, h],
+                                                      vals["pattern_dest_src_atp_normalized"][l, dd, sp, h]])
+    check("--scatter pattern_dest_src: a point per (layer, dest, src <= dest, head), the file's values",
+          ok, (len(pts), n_cells, pts[:2]))
+    rho = spearman(vals["pattern_dest_src_normalized"][np.isfinite(vals["pattern_dest_src_normalized"])],
+                   vals["pattern_dest_src_atp_normalized"][np.isfinite(vals["pattern_dest_src_atp_normalized"])])
+    desc = root.find(SVG + "desc").text
+    check("--scatter pattern_dest_src: the rank correlation of the cells shown", f"of the cells shown): {rho:.3f}" in desc,
+          (rho, desc))
+    r = run("plot", ds, "--atp", "--var", "pattern_dest_src", "-o", os.path.join(TMP, "x.svg"))
+    check("--atp pattern_dest_src: refused as plot refuses the exact grid (no heatmap of 4 axes)",
+          r.returncode == 1 and "wrong dimensions" in r.stderr, r.stderr)
+
+    # -- a damaged statistic: a missed cell outside the grid is refused in one line naming the attribute
+    bad_f = os.path.join(TMP, "atp-bad-missed.nc")
+    shutil.copy(atp, bad_f)
+    with netCDF4.Dataset(bad_f, "a") as d:
+        d.variables["resid_pre_atp_error"].setncattr("atp_missed_top_k", np.array([0, 99999], dtype=np.int32))
+    out = os.path.join(TMP, "bad.svg")
+    r = run("plot", bad_f, "--atp", "-o", out)
+    check("--atp with atp_missed_top_k outside the grid: refused in one line, no output",
+          r.returncode == 1 and not os.path.exists(out) and "atp_missed_top_k" in r.stderr and bad_f in r.stderr
+          and len(r.stderr.strip().splitlines()) == 1, r.stderr)
+
+    # -- a mean over two prompts (merged atp*+exact files): the statistics of the mean cells
+    atp2 = os.path.join(TMP, "atp2.nc")
+    clean, corrupted, answer, wrong = PAIRS["swap"]
+    r = run("patch", "--model", MODEL, "--clean", clean, "--corrupted", corrupted, "--answer", answer, "--wrong", wrong,
+            "--components", "resid_pre,z,z_all_pos", "--method", "atp*+exact", "-o", atp2)
+    both = merge([atp, atp2], os.path.join(TMP, "atp-both.nc"))
+    out, cap = os.path.join(TMP, "atp-mean.svg"), os.path.join(TMP, "atp-mean.html")
+    plot_ok("--atp --mean", [both, "--atp", "--mean", "--caption", cap], out)
+    root, panels = heatmap_panels(out)
+    me = np.mean([read(both, "resid_pre_normalized")[k][:, :T] for k in range(2)], axis=0, dtype=np.float64)
+    ma = np.mean([read(both, "resid_pre_atp_normalized")[k][:, :T] for k in range(2)], axis=0, dtype=np.float64)
+    check("--atp --mean: the mean grids", len(panels) == 3 and np.allclose(cell_grid(panels[0], L, T), me, atol=1e-6)
+          and np.allclose(cell_grid(panels[1], L, T), ma, atol=1e-6))
+    rho_mean = spearman(cell_grid(panels[0], L, T).ravel(), cell_grid(panels[1], L, T).ravel())
+    text = ET.fromstring(open(cap).read()).text
+    check("--atp --mean: the rank correlation of the mean cells shown", f"of the mean cells shown): {rho_mean:.3f}" in text,
+          (rho_mean, text))
+
+    # -- an estimate alone (method atp): labelled an estimate, no scatter
+    only = os.path.join(TMP, "atp-only.nc")
+    r = run("patch", "--model", MODEL, "--clean", PAIRS["seed"][0], "--corrupted", PAIRS["seed"][1], "--answer",
+            PAIRS["seed"][2], "--wrong", PAIRS["seed"][3], "--components", "resid_pre,z_all_pos", "--method", "atp",
+            "-o", only)
+    out = os.path.join(TMP, "atp-only.svg")
+    plot_ok("--atp of an estimate-only file", [only, "--atp", "--var", "z_all_pos"], out)
+    root, panels = heatmap_panels(out)
+    desc = root.find(SVG + "desc").text
+    check("estimate only: one panel, titled an estimate, its values the file's",
+          len(panels) == 1 and panels[0]["title"] == "ESTIMATE (AtP): z_all_pos_atp_normalized"
+          and root.find(SVG + "title").text.startswith("Attribution patching ESTIMATE")
+          and "not exact activation patching" in desc
+          and same_float32(cell_grid(panels[0], L, H), read(only, "z_all_pos_atp_normalized")[0]),
+          ([p["title"] for p in panels], desc))
+    out = os.path.join(TMP, "atp-only-default.svg")
+    plot_ok("default plot of an estimate-only file", [only, "--var", "all"], out)
+    root = ET.parse(out).getroot()
+    desc = root.find(SVG + "desc").text
+    check("default plot of estimates: never titled activation patching",
+          root.find(SVG + "title").text.startswith("Attribution patching estimate (AtP, logit_diff")
+          and desc.startswith("Attribution patching estimates (not exact patching) of resid_pre_atp (AtP, an "
+                              "attribution patching estimate)"), (root.find(SVG + "title").text, desc))
+    out = os.path.join(TMP, "none.svg")
+    r = run("plot", only, "--scatter", "-o", out)
+    check("--scatter of an estimate-only file: refused in one line, no output",
+          r.returncode == 1 and not os.path.exists(out) and len(r.stderr.strip().splitlines()) == 1
+          and only in r.stderr and "no exact values" in r.stderr, r.stderr)
+    # -- no estimates: no AtP figures
+    for flag in ("--atp", "--scatter"):
+        r = run("plot", R, flag, "-o", out)
+        check(f"{flag} of a file without estimates: refused, no output",
+              r.returncode == 1 and not os.path.exists(out) and "no attribution patching estimate" in r.stderr
+              and len(r.stderr.strip().splitlines()) == 1, r.stderr)
+    r = run("plot", atp, "--atp", "--var", "resid_pre,z", "-o", out)
+    check("--atp with two components: refused", r.returncode == 1 and "one component" in r.stderr, r.stderr)
+    r = run("plot", atp, "--atp", "--scatter", "-o", out)
+    check("--atp with --scatter: usage error", r.returncode == 2, r.stderr)
+    r = run("plot", atp, "--atp", "--var", "mlp_out", "-o", out)
+    check("--atp of a component without an estimate: refused naming it",
+          r.returncode == 1 and "mlp_out_atp_normalized" in r.stderr, r.stderr)
+
+    # -- a sweep with method = atp (the embedded model's IOI prompts): means and roles, labelled estimates
+    job = os.path.join(TMP, "atp-job.ini")
+    sweep_out = os.path.join(TMP, "sweep-atp.nc")
+    with open(job, "w") as f:
+        f.write(f"[model]\ndir = {ROOT}/jobs/ioi-tiny/model\n[data]\ndataset = {ROOT}/jobs/ioi-tiny/ioi.jsonl\n"
+                f"[patch]\ncomponents = resid_pre,z_all_pos\nmethod = atp\n[run]\noutput = {sweep_out}\n")
+    r = run("sweep", job)
+    check("sweep method = atp", r.returncode == 0, r.stderr[-500:])
+    out = os.path.join(TMP, "sweep-atp.svg")
+    plot_ok("--atp --mean --length 16 of an atp sweep", [sweep_out, "--atp", "--mean", "--length", "16"], out)
+    root, panels = heatmap_panels(out)
+    length = read(sweep_out, "length")
+    sel = [k for k in range(len(length)) if length[k] == 16]
+    want = np.mean([read(sweep_out, "resid_pre_atp_normalized")[k][:, :16] for k in sel], axis=0, dtype=np.float64)
+    n_layer = want.shape[0]
+    check("atp sweep: the mean estimate of the 16-token prompts, labelled an estimate",
+          len(panels) == 1 and panels[0]["title"].startswith("ESTIMATE (AtP)")
+          and np.allclose(cell_grid(panels[0], n_layer, 16), want, atol=1e-6)
+          and "not exact" in root.find(SVG + "desc").text, [p["title"] for p in panels])
+    out = os.path.join(TMP, "sweep-atp-role.svg")
+    plot_ok("--by-role of an atp sweep", [sweep_out, "--by-role", "--var", "resid_pre_atp_normalized"], out)
+    root = ET.parse(out).getroot()
+    check("atp sweep by role: titled an estimate",
+          root.find(SVG + "title").text.startswith("Attribution patching estimate by role"), root.find(SVG + "title").text)
+    out = os.path.join(TMP, "sweep-atp-role-atp.svg")
+    plot_ok("--atp --by-role of an atp sweep", [sweep_out, "--atp", "--by-role"], out)
+    root, panels = heatmap_panels(out)
+    check("atp sweep --atp --by-role: the estimate's role means alone, titled an estimate",
+          len(panels) == 1 and panels[0]["title"] == "ESTIMATE (AtP): resid_pre_atp_normalized"
+          and same_float32(cell_grid(panels[0], n_layer, len(panels[0]["xlabels"])),
+                           read(sweep_out, "resid_pre_atp_normalized_by_role")), [p["title"] for p in panels])
+    # exact and estimate in one sweep file (the exact sweep's variables added to the atp sweep's; no C_atp_error):
+    # the error panel is the difference of the grids shown, by role and for means
+    job_exact = os.path.join(TMP, "exact-job.ini")
+    exact_out = os.path.join(TMP, "sweep-exact.nc")
+    with open(job, "r") as f, open(job_exact, "w") as g:
+        g.write(f.read().replace("method = atp", "method = exact").replace(sweep_out, exact_out))
+    r = run("sweep", job_exact)
+    check("sweep method = exact", r.returncode == 0, r.stderr[-500:])
+    both = os.path.join(TMP, "sweep-both.nc")
+    shutil.copy(sweep_out, both)
+    with netCDF4.Dataset(exact_out) as e, netCDF4.Dataset(both, "a") as o:
+        for name in ("resid_pre", "resid_pre_normalized", "resid_pre_normalized_by_role",
+                     "resid_pre_normalized_by_role_std", "resid_pre_normalized_by_role_count"):
+            v = e.variables[name]
+            fill = v.getncattr("_FillValue") if "_FillValue" in v.ncattrs() else None
+            nv = o.createVariable(name, v.datatype, v.dimensions, fill_value=fill)
+            nv.setncatts({k: v.getncattr(k) for k in v.ncattrs() if k != "_FillValue"})
+            nv[:] = v[:]
+    out = os.path.join(TMP, "sweep-both-role.svg")
+    plot_ok("--atp --by-role of exact + estimate", [both, "--atp", "--by-role"], out)
+    root, panels = heatmap_panels(out)
+    n_role = len(read(both, "resid_pre_normalized_by_role")[0])
+    ge = [cell_grid(p, n_layer, n_role) for p in panels]
+    re_, ra_ = (np.float32(read(both, v)) for v in ("resid_pre_normalized_by_role", "resid_pre_atp_normalized_by_role"))
+    check("--atp --by-role: exact | estimate role means | their difference",
+          [p["title"] for p in panels] == ["exact: resid_pre_normalized", "estimate (AtP): resid_pre_atp_normalized",
+                                           "error: resid_pre_atp_normalized - resid_pre_normalized"]
+          and same_float32(ge[0], re_) and same_float32(ge[1], ra_) and same_float32(ge[2], ra_ - re_),
+          [p["title"] for p in panels])
+    desc = root.find(SVG + "desc").text
+    rho = spearman(re_.ravel().astype(float), ra_.ravel().astype(float))
+    check("--atp --by-role: the rank correlation of the role means", f"of the role means shown): {rho:.3f}" in desc,
+          (rho, desc))
+    out = os.path.join(TMP, "sweep-both-role-scatter.svg")
+    plot_ok("--scatter --by-role", [both, "--scatter", "--by-role"], out)
+    root, pts, ident, labels = scatter_points(out)
+    check("--scatter --by-role: a point per (layer, role)", len(pts) == n_layer * n_role, len(pts))
+    out = os.path.join(TMP, "sweep-both-16.svg")
+    plot_ok("--atp --mean --length 16 of exact + estimate", [both, "--atp", "--mean", "--length", "16"], out)
+    root, panels = heatmap_panels(out)
+    g3 = [cell_grid(p, n_layer, 16) for p in panels]
+    check("--atp --mean without C_atp_error: the error panel is estimate - exact of the means",
+          len(panels) == 3 and same_float32(g3[2], np.float32(g3[1]) - np.float32(g3[0]))
+          and panels[2]["title"] == "error: resid_pre_atp_normalized - resid_pre_normalized", [p["title"] for p in panels])
+
+
 SECTIONS = [("1", "the seed's heatmap"), ("2", "--var all, head components, z per head"),
             ("3", "NaN and _FillValue cells"), ("4", "means"), ("5", "lens files"),
-            ("6", "labels that need escaping"), ("7", "refusals"), ("8", "long prompts, captions")]
+            ("6", "labels that need escaping"), ("7", "refusals"), ("8", "long prompts, captions"),
+            ("9", "attribution patching figures")]
 for number, title in SECTIONS:
     try:
         globals()[f"section_{number}"]()

@@ -1,5 +1,6 @@
 /* Unit tests: the RdBu colour map, NaN cells, XML escaping of token labels,
- * SVG output of heatmaps and line plots (to a buffer), write errors. */
+ * SVG output of heatmaps (stacked and side by side), line plots and scatter
+ * plots (to a buffer), write errors. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -310,6 +311,119 @@ static void test_write_error_names_output(void **state)
     fclose(full);
 }
 
+/* Heatmaps in a row: per-panel scales, a shared colour bar, marked cells. */
+static void test_heatmap_grid(void **state)
+{
+    (void)state;
+    const char *rows[] = {"0", "1"}, *cols[] = {"a_0", "b_1"};
+    const float exact[] = {1.0f, 0.0f, 0.5f, -0.5f}, est[] = {0.5f, 0.0f, 1.0f, -1.0f}, err[] = {-4, 0, 4, 2};
+    const bool marked[] = {false, false, true, false};
+    plot_heatmap p[3] = {
+        {.title = "exact", .x_name = "Position", .y_name = "Layer", .n_rows = 2, .n_cols = 2, .row_labels = rows,
+         .col_labels = cols, .values = exact, .hover_name = "e", .no_colorbar = true, .marked = marked,
+         .marked_name = "missed"},
+        {.title = "estimate", .x_name = "Position", .y_name = "Layer", .n_rows = 2, .n_cols = 2, .row_labels = rows,
+         .col_labels = cols, .values = est, .hover_name = "a", .scale_name = "normalized"},
+        {.title = "error", .x_name = "Position", .y_name = "Layer", .n_rows = 2, .n_cols = 2, .row_labels = rows,
+         .col_labels = cols, .values = err, .hover_name = "d", .scale_name = "estimate - exact"},
+    };
+    const double z[] = {1.0, 1.0, 4.0};
+    plot_figure fig = {.title = "T"};
+    membuf m;
+    mem_open(&m);
+    assert_int_equal(plot_write_heatmap_grid(m.out, "g.svg", &fig, p, 3, 3, z), PS_OK);
+    char *svg = mem_close(&m);
+    /* two colour bars (estimate's, shared with exact, and the error's) */
+    size_t bars = 0;
+    for (const char *q = svg; (q = strstr(q, "class=\"colorbar\"")); q++)
+        bars++;
+    assert_int_equal(bars, 2);
+    assert_non_null(strstr(svg, "RdBu colour scale from -1 (red) through 0 (white) to 1 (blue)"));
+    assert_non_null(strstr(svg, "RdBu colour scale from -4 (red) through 0 (white) to 4 (blue)"));
+    assert_non_null(strstr(svg, ">normalized</text>"));
+    /* 1.0 in exact and in estimate: one colour; 4 on the error's scale: the same end colour */
+    char hex[8], want[96];
+    plot_rgb_hex(plot_rdbu(1.0, 1.0), hex);
+    snprintf(want, sizeof want, "fill=\"%s\"><title>e [Layer 0, Position a_0] = 1</title>", hex);
+    assert_non_null(strstr(svg, want));
+    snprintf(want, sizeof want, "fill=\"%s\"><title>a [Layer 1, Position a_0] = 1</title>", hex);
+    assert_non_null(strstr(svg, want));
+    snprintf(want, sizeof want, "fill=\"%s\"><title>d [Layer 1, Position a_0] = 4</title>", hex);
+    assert_non_null(strstr(svg, want));
+    /* one outline, on the marked cell */
+    const char *mk = strstr(svg, "class=\"marked\"");
+    assert_non_null(mk);
+    assert_null(strstr(mk + 1, "class=\"marked\""));
+    assert_non_null(strstr(mk, "<title>missed [Layer 1, Position a_0]</title>"));
+    /* panels side by side: three translate() x offsets, increasing, one y */
+    double xs[3], ys[3];
+    const char *q = svg;
+    for (int k = 0; k < 3; k++) {
+        q = strstr(q, "class=\"panel heatmap\" transform=\"translate(");
+        assert_non_null(q);
+        q += strlen("class=\"panel heatmap\" transform=\"translate(");
+        assert_int_equal(sscanf(q, "%lf,%lf", &xs[k], &ys[k]), 2);
+    }
+    assert_true(xs[0] < xs[1] && xs[1] < xs[2] && ys[0] == ys[1] && ys[1] == ys[2]);
+    free(svg);
+    /* a bad scale is refused */
+    const double bad[] = {1.0, 0.0, 4.0};
+    mem_open(&m);
+    assert_int_equal(plot_write_heatmap_grid(m.out, "g.svg", &fig, p, 3, 3, bad), PS_ERR_INVALID);
+    free(mem_close(&m));
+}
+
+/* The scatter: NaN points left out, outliers the largest |y - x|, y = x. */
+static void test_scatter(void **state)
+{
+    (void)state;
+    const double x[] = {0.0, 1.0, 0.5, NAN, -0.5, 0.2}, y[] = {0.1, 0.2, 0.5, 1.0, 0.5, 0.2};
+    const char *labels[] = {"p0", "p1", "p2", "p3", "p4", "p5"};
+    plot_scatter s = {.title = "S", .x_name = "exact", .y_name = "estimate", .n = 6, .x = x, .y = y,
+                      .labels = labels, .n_labelled = 2};
+    plot_figure fig = {.title = "T"};
+    membuf m;
+    mem_open(&m);
+    assert_int_equal(plot_write_scatter(m.out, "s.svg", &fig, &s), PS_OK);
+    char *svg = mem_close(&m);
+    size_t n_points = 0, n_out = 0;
+    for (const char *q = svg; (q = strstr(q, "<circle class=\"point")); q++) {
+        n_points++;
+        n_out += !strncmp(q, "<circle class=\"point outlier\"", 29);
+    }
+    assert_int_equal(n_points, 5); /* p3 has a NaN x */
+    assert_int_equal(n_out, 2);
+    assert_null(strstr(svg, "p3:"));
+    /* |y - x|: p4 1.0, p1 0.8, then p0 0.1: the two labelled are p4 and p1 */
+    assert_non_null(strstr(svg, "class=\"outlier-label\" dy=\"0.35em\">p4</text>"));
+    assert_non_null(strstr(svg, "class=\"outlier-label\" dy=\"0.35em\">p1</text>"));
+    assert_null(strstr(svg, ">p0</text>"));
+    assert_non_null(strstr(svg, "<title>p1: exact = 1, estimate = 0.2, difference = -0.8</title>"));
+    /* the identity line: a 45-degree diagonal of the square */
+    const char *ln = strstr(svg, "class=\"identity\"");
+    assert_non_null(ln);
+    double x1, y1, x2, y2;
+    assert_int_equal(sscanf(ln, "class=\"identity\" x1=\"%lf\" y1=\"%lf\" x2=\"%lf\" y2=\"%lf\"", &x1, &y1, &x2, &y2),
+                     4);
+    assert_true(x2 > x1 && fabs((x2 - x1) - (y1 - y2)) < 1e-6);
+    /* p2 lies on y = x: its centre is on the line */
+    const char *p2 = strstr(svg, "<title>p2:");
+    assert_non_null(p2);
+    const char *c = p2;
+    while (c > svg && strncmp(c, "<circle", 7))
+        c--;
+    double cx, cy;
+    assert_int_equal(sscanf(strstr(c, "cx="), "cx=\"%lf\" cy=\"%lf\"", &cx, &cy), 2);
+    assert_true(fabs((cx - x1) - (y1 - cy)) < 0.02);
+    free(svg);
+    /* nothing finite: refused */
+    const double nx[] = {NAN};
+    plot_scatter e = {.n = 1, .x = nx, .y = nx, .labels = labels};
+    mem_open(&m);
+    assert_int_equal(plot_write_scatter(m.out, "s.svg", &fig, &e), PS_ERR_INVALID);
+    free(mem_close(&m));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -323,6 +437,8 @@ int main(void)
         cmocka_unit_test(test_lines_svg),
         cmocka_unit_test(test_lines_extreme_values),
         cmocka_unit_test(test_write_error_names_output),
+        cmocka_unit_test(test_heatmap_grid),
+        cmocka_unit_test(test_scatter),
     };
     return cmocka_run_group_tests_name("plot", tests, NULL, NULL);
 }
