@@ -16,7 +16,8 @@
 5. method = atp*+verify, verify_top_k = 4 on 1 and 3 ranks: the same bits;
    C_atp equals atp*+exact's; C_verified holds 4 cells a prompt and grid,
    equal bit for bit to the exact sweep's C there, and the cells and values
-   are `patch --method atp*+verify --verify-top-k 4`'s.
+   are `patch --method atp*+verify --verify-top-k 4`'s (--json and -o);
+   --verify-top-k without +verify is refused.
 6. [patch] graddrop = true with method = atp: method atp+graddrop, values
    equal `patch --method atp --graddrop` per prompt, and differ from atp's.
 7. Refused with one line naming the job file: verify_threshold, verify_top_k
@@ -217,6 +218,30 @@ if 0 in files:
                 check(f"prompt {p} {c}: the same verified cells as patch, values ({e:.1e})",
                       same_cells and e < 1e-6, f"{np.argwhere(np.isfinite(got)).tolist()} "
                       f"{np.argwhere(np.isfinite(want)).tolist()}")
+
+        # patch -o: the same variables for one pair; --verify-top-k needs +verify
+        T = int(v["length"].values[0])
+        ids = lambda name: ",".join(str(int(x)) for x in v[name].values[0][:T])  # noqa: E731
+        pair = ["--model", MODEL, "--clean-ids", ids("clean_token_id"), "--corrupted-ids", ids("corrupted_token_id"),
+                "--answer-id", str(int(v["answer_id"].values[0])), "--wrong-id", str(int(v["wrong_id"].values[0])),
+                "--components", ",".join(COMPS)]
+        one = os.path.join(TMP, "one-verify.nc")
+        r = subprocess.run([BIN, "patch", *pair, "--method", "atp*+verify", "--verify-top-k", "4", "-o", one],
+                           capture_output=True, text=True)
+        if check("patch --method atp*+verify --verify-top-k 4 -o", r.returncode == 0, r.stderr):
+            with xr.open_dataset(one) as o:
+                same = all(np.array_equal(o[c + s].values[0], v[c + s].values[0][tuple(slice(0, n) for n in
+                                                                                     o[c + s].values[0].shape)],
+                                          equal_nan=True) for c in COMPS for s in ("_verified", "_atp"))
+                check("patch -o: C_atp, C_verified = the sweep's prompt 0; method, verify_top_k",
+                      same and o.attrs.get("method") == "atp*+verify" and o.attrs.get("verify_top_k") == "4",
+                      f"{o.attrs.get('method')} {o.attrs.get('verify_top_k')}")
+        r = subprocess.run([BIN, "patch", *pair, "--method", "atp", "--verify-top-k", "4"], capture_output=True,
+                           text=True)
+        check("patch --verify-top-k without +verify: refused in one line", r.returncode == 2 and
+              len(r.stderr.strip().splitlines()) == 1 and "--verify-top-k applies to --method atp+verify" in r.stderr,
+              r.stderr)
+        v.close()
 
     # 6. GradDrop
     path, out = job("graddrop", "method = atp\ngraddrop = true\n")
