@@ -102,10 +102,13 @@ typedef struct {
     (16 + PATCH_METRIC_COUNT * (2 + 2 * PATCH_COMPONENT_COUNT) + NCOUT_EXTRA_MAX * PATCH_COMPONENT_COUNT)
 
 /* What an extra variable holds per prompt: a grid like C's (float, fill
- * SCHEMA_FILL_GRID), or one number (double, fill SCHEMA_FILL_METRIC; int,
- * fill SCHEMA_FILL_INT). */
+ * SCHEMA_FILL_GRID) as given or normalized as C_normalized is, with the
+ * prompt's clean and corrupted metrics ((v - corrupted) / (clean -
+ * corrupted), NaN when they agree), or one number (double, fill
+ * SCHEMA_FILL_METRIC; int, fill SCHEMA_FILL_INT). */
 typedef enum {
     NCOUT_EXTRA_GRID,
+    NCOUT_EXTRA_GRID_NORMALIZED,
     NCOUT_EXTRA_DOUBLE,
     NCOUT_EXTRA_INT,
 } ncout_extra_kind;

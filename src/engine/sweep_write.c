@@ -178,8 +178,8 @@ static int8_t top_guard(const finalize_ctx *fx, const double *top, int32_t answe
 enum { SW_ATP_EST, SW_ATP_NORM, SW_ATP_ERR, SW_ATP_RHO, SW_ATP_MISSED, SW_ATP_EXTRAS };
 static const ncout_extra atp_extras[SW_ATP_EXTRAS] = {
     [SW_ATP_EST] = {SCHEMA_ATP_SUFFIX, NCOUT_EXTRA_GRID, "attribution patching estimate of the patched metric", NULL},
-    [SW_ATP_NORM] = {SCHEMA_ATP_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID, "normalized attribution patching estimate",
-                     NULL},
+    [SW_ATP_NORM] = {SCHEMA_ATP_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID_NORMALIZED,
+                     "normalized attribution patching estimate", NULL},
     [SW_ATP_ERR] = {SCHEMA_ATP_ERROR_SUFFIX, NCOUT_EXTRA_GRID, "attribution patching estimate - exact value", NULL},
     [SW_ATP_RHO] = {SCHEMA_ATP_RANK_CORRELATION_SUFFIX, NCOUT_EXTRA_DOUBLE,
                     "Spearman rank correlation of the estimate and the exact grid",
@@ -198,32 +198,11 @@ static const ncout_extra verify_extras[SW_VERIFY_EXTRAS] = {
     [SW_VERIFIED] = {SCHEMA_VERIFIED_SUFFIX, NCOUT_EXTRA_GRID, "exact patched metric at the verified cells",
                      "exact value (fast engine) at the cells of each grid with the top verify_top_k |C_atp - base "
                      "metric| (global attribute verify_top_k); NaN at the cells not verified; fill: prompt not done"},
-    [SW_VERIFIED_NORM] = {SCHEMA_VERIFIED_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID,
+    [SW_VERIFIED_NORM] = {SCHEMA_VERIFIED_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID_NORMALIZED,
                           "normalized exact patched metric at the verified cells",
                           "as C_verified, normalized: (value - corrupted) / (clean - corrupted); NaN where not "
                           "verified"},
 };
-
-/* atp+verify's extras of one prompt: ver[c] its verified grids (NaN where not verified). */
-static ps_status write_verified(finalize_ctx *fx, const journal_prompt *h, double *const ver[PATCH_COMPONENT_COUNT])
-{
-    const double denom = h->clean_metric - h->corrupted_metric;
-    ps_status st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED, ver);
-    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
-        if (!fx->j->components[c])
-            continue;
-        const size_t n = sweep_grid_size((patch_component)c, fx->cfg, h->T);
-        double *norm = malloc((n ? n : 1) * sizeof *norm), *one[PATCH_COMPONENT_COUNT] = {0};
-        if (!norm)
-            return err_set(PS_ERR_NOMEM, "out of memory");
-        for (size_t i = 0; i < n; i++)
-            norm[i] = denom == 0.0 ? NAN : (ver[c][i] - h->corrupted_metric) / denom;
-        one[c] = norm;
-        st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED_NORM, one);
-        free(norm);
-    }
-    return st;
-}
 
 /* atp+exact's extras of one prompt: exact[c] and est[c] are its grids. */
 static ps_status write_atp(finalize_ctx *fx, const journal_prompt *h, double *const exact[PATCH_COMPONENT_COUNT],
@@ -231,16 +210,14 @@ static ps_status write_atp(finalize_ctx *fx, const journal_prompt *h, double *co
 {
     const job *j = fx->j;
     const double base = j->direction == PATCH_DENOISE ? h->corrupted_metric : h->clean_metric;
-    const double denom = h->clean_metric - h->corrupted_metric;
-    size_t n_max = 0;
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
-        if (j->components[c] && sweep_grid_size((patch_component)c, fx->cfg, h->T) > n_max)
-            n_max = sweep_grid_size((patch_component)c, fx->cfg, h->T);
-    double *buf = malloc((2 * n_max + 2 * PATCH_COMPONENT_COUNT + 1) * sizeof *buf);
-    if (!buf)
+    double rho[PATCH_COMPONENT_COUNT], missed[PATCH_COMPONENT_COUNT];
+    double *rv[PATCH_COMPONENT_COUNT] = {0}, *mv[PATCH_COMPONENT_COUNT] = {0}, *ev[PATCH_COMPONENT_COUNT] = {0};
+    /* the error grids, est - exact, one after another */
+    double *err = malloc((sweep_prompt_cells(j->components, fx->cfg, h->T) + 1) * sizeof *err);
+    if (!err)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    double *norm = buf, *err = buf + n_max, *rho = err + n_max, *missed = rho + PATCH_COMPONENT_COUNT;
-    ps_status st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_EST, est);
+    ps_status st = PS_OK;
+    size_t o = 0;
     for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
         if (!j->components[c])
             continue;
@@ -248,30 +225,19 @@ static ps_status write_atp(finalize_ctx *fx, const journal_prompt *h, double *co
         atp_stats s;
         if ((st = atp_compare(exact[c], est[c], n, base, ATP_TOP_K, &s)))
             break;
-        rho[c] = s.rank_correlation;
-        missed[c] = (double)s.n_missed;
+        rho[c] = s.rank_correlation, rv[c] = &rho[c];
+        missed[c] = (double)s.n_missed, mv[c] = &missed[c];
+        ev[c] = err + o;
+        for (size_t i = 0; i < n; i++)
+            ev[c][i] = est[c][i] - exact[c][i];
+        o += n;
     }
-    /* normalized and error grids one component at a time (buffers of the largest grid) */
-    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
-        if (!j->components[c])
-            continue;
-        const size_t n = sweep_grid_size((patch_component)c, fx->cfg, h->T);
-        for (size_t i = 0; i < n; i++) {
-            /* as patch_normalize: NaN when the clean and corrupted runs agree */
-            norm[i] = denom == 0.0 ? NAN : (est[c][i] - h->corrupted_metric) / denom;
-            err[i] = est[c][i] - exact[c][i];
-        }
-        double *one_norm[PATCH_COMPONENT_COUNT] = {0}, *one_err[PATCH_COMPONENT_COUNT] = {0};
-        one_norm[c] = norm, one_err[c] = err;
-        if ((st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_NORM, one_norm)) == PS_OK)
-            st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_ERR, one_err);
-    }
-    double *rv[PATCH_COMPONENT_COUNT] = {0}, *mv[PATCH_COMPONENT_COUNT] = {0};
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
-        rv[c] = &rho[c], mv[c] = &missed[c];
-    if (st == PS_OK && (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_RHO, rv)) == PS_OK)
+    if (st == PS_OK && (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_EST, est)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_NORM, est)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_ERR, ev)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_RHO, rv)) == PS_OK)
         st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_MISSED, mv);
-    free(buf);
+    free(err);
     return st;
 }
 
@@ -335,7 +301,10 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
                 second[c] = (double *)h->values + o;
                 o += sweep_grid_size((patch_component)c, fx->cfg, T);
             }
-        st = verify ? write_verified(fx, h, second) : write_atp(fx, h, values, second);
+        if (verify && (st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED, second)) == PS_OK)
+            st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED_NORM, second);
+        else if (!verify)
+            st = write_atp(fx, h, values, second);
     }
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;

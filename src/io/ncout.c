@@ -655,6 +655,13 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
     return st ? st : stage_init(r);
 }
 
+static bool extra_is_grid(ncout_extra_kind k) { return k == NCOUT_EXTRA_GRID || k == NCOUT_EXTRA_GRID_NORMALIZED; }
+
+static nc_type extra_type(ncout_extra_kind k)
+{
+    return extra_is_grid(k) ? NC_FLOAT : k == NCOUT_EXTRA_INT ? NC_INT : NC_DOUBLE;
+}
+
 ps_status ncout_results_define_extra(ncout_results *r, const ncout_extra *ex, size_t n)
 {
     ncout_file *f = r->f;
@@ -681,10 +688,8 @@ ps_status ncout_results_define_extra(ncout_results *r, const ncout_extra *ex, si
             snprintf(name, sizeof name, "%s%s", cn, ex[i].suffix);
             snprintf(lname, sizeof lname, "%s, %s", ex[i].long_name, cn);
             int dims[PATCH_GRID_MAX_DIMS + 1] = {ids[0]}, *var = &r->var_extra[e][c];
-            const size_t nd = ex[i].kind == NCOUT_EXTRA_GRID ? grid_dims(&cfg, (patch_component)c, r->max_T, ids, dims)
-                                                             : 0;
-            const nc_type t = ex[i].kind == NCOUT_EXTRA_GRID ? NC_FLOAT : ex[i].kind == NCOUT_EXTRA_INT ? NC_INT
-                                                                                                          : NC_DOUBLE;
+            const size_t nd = extra_is_grid(ex[i].kind) ? grid_dims(&cfg, (patch_component)c, r->max_T, ids, dims) : 0;
+            const nc_type t = extra_type(ex[i].kind);
             const float fill_f = SCHEMA_FILL_GRID;
             const double fill_d = SCHEMA_FILL_METRIC;
             const int fill_i = SCHEMA_FILL_INT;
@@ -720,6 +725,9 @@ ps_status ncout_results_put_extra(ncout_results *r, size_t prompt, size_t i, dou
         void *dst = cell(r, r->var_extra[i][c], slot);
         if (r->extra_kind[i] == NCOUT_EXTRA_GRID)
             stage_grid(r, (patch_component)c, T, dst, NULL, 0.0, 0.0, values[c]);
+        else if (r->extra_kind[i] == NCOUT_EXTRA_GRID_NORMALIZED)
+            stage_grid(r, (patch_component)c, T, NULL, dst, *(double *)cell(r, r->v_clean_metric, slot),
+                       *(double *)cell(r, r->v_corrupted_metric, slot), values[c]);
         else if (r->extra_kind[i] == NCOUT_EXTRA_INT)
             *(int *)dst = (int)values[c][0];
         else
@@ -916,14 +924,10 @@ static ps_status stage_init(ncout_results *r)
         for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
             if (!r->on[c])
                 continue;
-            size_t shape[PATCH_GRID_MAX_DIMS];
-            const size_t nd = r->extra_kind[e] == NCOUT_EXTRA_GRID
-                                  ? patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL) : 1;
-            if (nd == 1 && r->extra_kind[e] != NCOUT_EXTRA_GRID)
-                shape[0] = 1;
-            stage_add(r, r->var_extra[e][c], r->extra_kind[e] == NCOUT_EXTRA_GRID ? NC_FLOAT
-                                             : r->extra_kind[e] == NCOUT_EXTRA_INT ? NC_INT : NC_DOUBLE,
-                      nd, shape);
+            size_t shape[PATCH_GRID_MAX_DIMS] = {1};
+            const bool grid = extra_is_grid(r->extra_kind[e]);
+            const size_t nd = grid ? patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL) : 1;
+            stage_add(r, r->var_extra[e][c], extra_type(r->extra_kind[e]), nd, shape);
         }
     size_t per_prompt = 0;
     for (size_t i = 0; i < g->n_vars; i++)
@@ -1055,8 +1059,8 @@ ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char 
 }
 
 /* Component c's grid of a T-token prompt (values, patch_grid_shape order)
- * into a slot's row of max_T positions: raw, and normalized when norm is
- * not NULL.  The position axis (if any) is the second, and
+ * into a slot's row of max_T positions: raw when raw is not NULL,
+ * normalized when norm is not NULL.  The position axis (if any) is the second, and
  * pattern_dest_src's src_position the third. */
 static void stage_grid(const ncout_results *r, patch_component c, size_t T, float *raw, float *norm,
                        double clean_metric, double corrupted_metric, const double *values)
@@ -1074,7 +1078,8 @@ static void stage_grid(const ncout_results *r, patch_component c, size_t T, floa
                 for (size_t h = 0; h < shape[3]; h++) {
                     const double v = values[((l * shape[1] + k) * shape[2] + s2) * shape[3] + h];
                     const size_t o = ((l * full[1] + k) * full[2] + s2) * full[3] + h;
-                    raw[o] = (float)v;
+                    if (raw)
+                        raw[o] = (float)v;
                     /* normalized = (patched - corrupted) / (clean - corrupted),
                      * NaN when the clean and corrupted runs agree (as patch_normalize) */
                     if (norm)
