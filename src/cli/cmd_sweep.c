@@ -115,8 +115,8 @@ static void print_summary(const job *j, const sweep_result *r)
         const bool noise = j->direction == PATCH_NOISE;
         /* the summary is of the estimate unless the method also ran exact (atp+exact: exact) */
         const bool est = patch_method_estimates(j->method) && !patch_method_runs_exact(j->method);
-        printf("  %-16s strongest (mean normalized%s%s%s):", patch_component_name((patch_component)c),
-               est ? " " : "", est ? patch_method_name(j->method) : "",
+        printf("  %-16s strongest (mean normalized%s%s%s%s):", patch_component_name((patch_component)c),
+               est ? " " : "", est ? patch_method_name(j->method) : "", est && j->graddrop ? "+graddrop" : "",
                noise ? "; ranked by 1 - it, the move toward corrupted" : "");
         bool *used = calloc(sm->rows * sm->cols, sizeof *used);
         for (int k = 0; k < 5 && used; k++) {
