@@ -189,12 +189,21 @@ ps_status ncout_results_put_extra(ncout_results *r, size_t prompt, size_t i, dou
 
 /* The dataset-level summary of a sweep's estimate-vs-exact statistics
  * (schema.h SCHEMA_ATP_RANK_CORRELATION_SUFFIX, SCHEMA_ATP_MISSED_SUFFIX),
- * from the values in the file: on every C_atp_rank_correlation(prompt) the
+ * from the values in the file: on every C_atp_rank_correlation(prompt) (C a
+ * component of patchspec.h) the
  * attributes prompts, mean and median over the prompts that have one; on
  * every C_atp_missed(prompt) prompts and total.  Files without them are
  * left alone.  Called by the sweep's writer and by merge (so that a merged
- * file's summary is the whole run's). */
-ps_status ncout_atp_summary(int ncid, const char *path);
+ * file's summary is the whole run's).  out (NULL: not wanted) gets the same
+ * numbers per component. */
+typedef struct {
+    bool present;              /* the file has C_atp_rank_correlation */
+    size_t rank_prompts;       /* prompts with a rank correlation */
+    double mean, median;       /* of their rank correlations (NaN: none) */
+    size_t missed_prompts;     /* prompts with C_atp_missed */
+    size_t missed_total;       /* their sum */
+} ncout_atp_stats;
+ps_status ncout_atp_summary(int ncid, const char *path, ncout_atp_stats out[PATCH_COMPONENT_COUNT]);
 
 /* The puts below stage their values for a window of consecutive prompts
  * and write a window with one call per variable (ncout_results_flush, also

@@ -540,7 +540,7 @@ ps_status sweep_write_end(sweep_out *fx, const char *memory, double compute_seco
     results_roles_in rin = {.first = p->first, .n = p->n, .roles = &p->roles, .role_pos = p->role_pos,
                             .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
     if ((st = ncout_results_flush(&fx->r)) || (st = results_roles_put(fx->f.ncid, fx->f.tmp_path, &rin)) ||
-        (st = results_roles_aggregate(fx->f.ncid, fx->f.tmp_path)) || (st = ncout_atp_summary(fx->f.ncid, fx->f.tmp_path)) ||
+        (st = results_roles_aggregate(fx->f.ncid, fx->f.tmp_path)) || (st = ncout_atp_summary(fx->f.ncid, fx->f.tmp_path, res->atp)) ||
         (st = write_guards(fx, &fx->f)) ||
         (st = ncout_put_attr(&fx->f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
         (st = ncout_put_attr(&fx->f, SCHEMA_ATT_COMPUTE_SECONDS, secs[0])) ||

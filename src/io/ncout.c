@@ -766,54 +766,56 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-ps_status ncout_atp_summary(int ncid, const char *path)
+ps_status ncout_atp_summary(int ncid, const char *path, ncout_atp_stats out[PATCH_COMPONENT_COUNT])
 {
-    int nv, dim;
+    int dim;
     size_t len = 0;
-    if (nc_inq_dimid(ncid, SCHEMA_DIM_PROMPT, &dim) != NC_NOERR || nc_inq_nvars(ncid, &nv) != NC_NOERR ||
-        nc_inq_dimlen(ncid, dim, &len) != NC_NOERR)
+    if (out)
+        memset(out, 0, PATCH_COMPONENT_COUNT * sizeof *out);
+    if (nc_inq_dimid(ncid, SCHEMA_DIM_PROMPT, &dim) != NC_NOERR || nc_inq_dimlen(ncid, dim, &len) != NC_NOERR)
         return PS_OK;
     double *v = malloc((len ? len : 1) * sizeof *v);
     if (!v)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    const size_t lc = strlen(SCHEMA_ATP_RANK_CORRELATION_SUFFIX), lm = strlen(SCHEMA_ATP_MISSED_SUFFIX);
     ps_status st = PS_OK;
-    for (int var = 0; var < nv && st == PS_OK; var++) {
-        char name[NC_MAX_NAME + 1];
-        int nd, d0;
-        if (nc_inq_varname(ncid, var, name) != NC_NOERR || nc_inq_varndims(ncid, var, &nd) != NC_NOERR || nd != 1 ||
-            nc_inq_vardimid(ncid, var, &d0) != NC_NOERR || d0 != dim)
-            continue;
-        const size_t ln = strlen(name);
-        const bool rho = ln > lc && !strcmp(name + ln - lc, SCHEMA_ATP_RANK_CORRELATION_SUFFIX);
-        const bool missed = ln > lm && !strcmp(name + ln - lm, SCHEMA_ATP_MISSED_SUFFIX);
-        if (!rho && !missed)
-            continue;
-        size_t n;
-        if ((st = read_prompt_values(ncid, path, var, name, len, v, &n)))
-            break;
-        const int np = (int)n;
-        st = ncout_check(nc_put_att_int(ncid, var, SCHEMA_ATT_SUMMARY_PROMPTS, NC_INT, 1, &np), path, name);
-        if (st == PS_OK && rho) {
-            /* mean in prompt order, then the median of the sorted values */
-            double sum = 0.0;
-            for (size_t k = 0; k < n; k++)
-                sum += v[k];
-            qsort(v, n, sizeof *v, cmp_double);
-            const double mean = n ? sum / (double)n : NAN;
-            const double median = !n ? NAN : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-            if ((st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEAN, NC_DOUBLE, 1, &mean), path,
-                                  name)) == PS_OK)
-                st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEDIAN, NC_DOUBLE, 1, &median),
-                                 path, name);
-        } else if (st == PS_OK) {
-            long long total = 0;
-            for (size_t k = 0; k < n; k++)
-                total += (long long)v[k];
-            st = ncout_check(nc_put_att_longlong(ncid, var, SCHEMA_ATT_SUMMARY_TOTAL, NC_INT64, 1, &total), path,
-                             name);
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++)
+        for (int rho = 1; rho >= 0 && st == PS_OK; rho--) {
+            char name[NC_MAX_NAME + 1];
+            snprintf(name, sizeof name, "%s%s", patch_component_name((patch_component)c),
+                     rho ? SCHEMA_ATP_RANK_CORRELATION_SUFFIX : SCHEMA_ATP_MISSED_SUFFIX);
+            int var, nd, d0;
+            if (nc_inq_varid(ncid, name, &var) != NC_NOERR || nc_inq_varndims(ncid, var, &nd) != NC_NOERR ||
+                nd != 1 || nc_inq_vardimid(ncid, var, &d0) != NC_NOERR || d0 != dim)
+                continue;
+            size_t n;
+            if ((st = read_prompt_values(ncid, path, var, name, len, v, &n)))
+                break;
+            const int np = (int)n;
+            st = ncout_check(nc_put_att_int(ncid, var, SCHEMA_ATT_SUMMARY_PROMPTS, NC_INT, 1, &np), path, name);
+            if (st == PS_OK && rho) {
+                /* mean in prompt order, then the median of the sorted values */
+                double sum = 0.0;
+                for (size_t k = 0; k < n; k++)
+                    sum += v[k];
+                qsort(v, n, sizeof *v, cmp_double);
+                const double mean = n ? sum / (double)n : NAN;
+                const double median = !n ? NAN : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+                if ((st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEAN, NC_DOUBLE, 1, &mean),
+                                      path, name)) == PS_OK)
+                    st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEDIAN, NC_DOUBLE, 1, &median),
+                                     path, name);
+                if (out)
+                    out[c].present = true, out[c].rank_prompts = n, out[c].mean = mean, out[c].median = median;
+            } else if (st == PS_OK) {
+                long long total = 0;
+                for (size_t k = 0; k < n; k++)
+                    total += (long long)v[k];
+                st = ncout_check(nc_put_att_longlong(ncid, var, SCHEMA_ATT_SUMMARY_TOTAL, NC_INT64, 1, &total), path,
+                                 name);
+                if (out)
+                    out[c].missed_prompts = n, out[c].missed_total = (size_t)total;
+            }
         }
-    }
     free(v);
     return st;
 }

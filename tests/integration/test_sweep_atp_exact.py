@@ -9,7 +9,7 @@
 2. Each prompt's values equal `patch --method atp*+exact --json` on its token
    ids: exact values, estimate, rank correlation, number missed.
 3. The dataset summary (attributes mean, median, total, prompts) equals
-   numpy's over the per-prompt values.
+   numpy's over the per-prompt values, and the sweep prints it.
 4. A run killed after its second chunk (PS_FAULT=journal_sync:3:kill, the
    test build) and resumed equals the uninterrupted run; so does the merge
    of slices 1/2 and 2/2 (summary included).
@@ -92,12 +92,12 @@ def grid(ds, name, p, shape):
 
 
 # 1. atp*+exact on 1, 2, 3 ranks
-files = {}
+files, stdout = {}, {}
 for ranks in (0, 2, 3):
     path, out = job(f"both{ranks}", "method = atp*+exact\n")
     r = sweep(path, ranks)
     if check(f"sweep method = atp*+exact on {max(ranks, 1)} rank(s)", r.returncode == 0, r.stderr):
-        files[ranks] = out
+        files[ranks], stdout[ranks] = out, r.stdout
 if 0 in files:
     a = xr.open_dataset(files[0])
     names = [c + s for c in COMPS for s in ("", "_normalized", "_atp", "_atp_normalized", "_atp_error",
@@ -150,6 +150,11 @@ if 0 in files:
             ms.attrs["prompts"] == N
     check("summary: prompts, mean and median of C_atp_rank_correlation, total of C_atp_missed = numpy's", ok,
           summary_atts(a))
+    lines = [f"{c:<16} AtP* vs exact: rank correlation median {a[c + '_atp_rank_correlation'].attrs['median']:.3f}, "
+             f"mean {a[c + '_atp_rank_correlation'].attrs['mean']:.3f} ({N} prompts); "
+             f"{a[c + '_atp_missed'].attrs['total']} of the exact top-10 cells missed" for c in COMPS]
+    check("the sweep prints the summary, one line per component", all(ln in stdout[0] for ln in lines),
+          f"{lines[0]!r} in {stdout[0]!r}")
 
     # 4. resume after a kill, and the merge of two slices
     path, out = job("resumed", "method = atp*+exact\n")
