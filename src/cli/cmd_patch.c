@@ -334,7 +334,7 @@ static const char *patch_help =
     "                from one forward and one backward pass, (a_src - a_base) . dM/da),\n"
     "                atp+exact (both, with per-cell error, rank correlation and the\n"
     "                exact top-10 cells the estimate misses); atp*, atp*+exact: AtP*'s\n"
-    "                QK fix (q_all_pos, k_all_pos through the exact softmax)\n"
+    "                QK fix (q_all_pos, k_all_pos through the exact softmax);\n"
     "                atp+verify, atp*+verify: the estimate, then the exact value of\n"
     "                only the top --verify-top-k cells of each grid by |estimate - base|\n"
     "  --verify-top-k K  cells per grid patched exactly with +verify (default 10)\n"
