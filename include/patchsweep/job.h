@@ -29,7 +29,10 @@
  * | `[patch]` | `metric`         | `logit_diff`| logit_diff, prob, logprob or kl, or several of them comma-separated (`logit_diff, prob, kl`): all from each patched forward, the first under the one-metric names (schema.h) |
  * | `[patch]` | `direction`      | `denoise`   | denoise (run corrupted, patch in clean) or noise (run clean, patch in corrupted) |
  * | `[patch]` | `engine`         | `fast`      | fast (recompute only what a patch changes) or naive (one full forward per cell, the reference) |
- * | `[patch]` | `method`         | `exact`     | exact (every cell patched), atp or atp* (attribution patching, atp.h: every cell estimated, stored as C_atp and C_atp_normalized; by prompt only) |
+ * | `[patch]` | `method`         | `exact`     | exact (every cell patched), atp or atp* (attribution patching, atp.h: every cell estimated, stored as C_atp and C_atp_normalized; by prompt only), atp+exact or atp*+exact (both: the exact C and C_normalized, the estimate C_atp, C_atp_normalized, C_atp_error, and per prompt C_atp_rank_correlation and C_atp_missed, schema.h), atp+verify or atp*+verify (the estimate and C_verified, C_verified_normalized: exact at each grid's top verify_top_k cells); attribution methods: one metric, source clean or corrupted, by prompt |
+ * | `[patch]` | `graddrop`       | `false`     | GradDrop in the estimate (atp.h: L more backward passes), as `patch --graddrop`; attribution methods only |
+ * | `[patch]` | `verify_top_k`   | `10`        | atp+verify, atp*+verify: cells of each prompt's grid (per component) patched exactly, the top K by the estimate's absolute effect, 1..1000000; stored as C_verified (NaN at the others; atp_verify.h) |
+ * | `[patch]` | `verify_threshold` | none      | refused: not implemented (verify_top_k selects the cells) |
  * | `[patch]` | `source`         | the direction's | clean (denoise) or corrupted (noise); or an ablation of the clean run (of the corrupted run with direction = denoise): zero, mean (the mean by position over the dataset's prompts of that kind) or resample (another pair's of the same length; patchspec.h, ablate.h) |
  * | `[patch]` | `resample_seed`  | `0`         | the seed of the resample donors, 0..2^53; source = resample only |
  * | `[patch]` | `mean_over`      | `all`       | the mean's subset: all, A:B (dataset indices [A, B)) or FIELD=VALUE (patch_subset_parse); source = mean only |
@@ -93,6 +96,7 @@
 #define JOB_THREADS_MAX ((size_t)1024)
 #define JOB_WORK_MIB_MAX ((size_t)1 << 20)
 #define JOB_LENS_TOP_K_MAX ((size_t)1000)
+#define JOB_VERIFY_TOP_K_MAX ((size_t)1000000)
 
 /* How a sweep shares a chunk among ranks (sweep.h). */
 typedef enum { JOB_DISTRIBUTE_AUTO, JOB_DISTRIBUTE_PROMPTS, JOB_DISTRIBUTE_CELLS } job_distribute;
@@ -115,7 +119,9 @@ typedef struct {
     patch_metric_list metrics; /* metric = a,b,...: every metric, in order (issue 19) */
     patch_direction direction; /* direction (denoise) */
     patch_engine engine;   /* engine (fast) */
-    patch_method method;   /* method (exact): exact, atp or atp* */
+    patch_method method;   /* method (exact): exact, atp, atp*, atp+exact, atp*+exact, atp+verify, atp*+verify */
+    bool graddrop;         /* graddrop (false): GradDrop in the estimate (atp_opts) */
+    size_t verify_top_k;   /* verify_top_k (PATCH_VERIFY_TOP_K): cells patched exactly per grid, +verify methods */
     patch_source source;   /* source (clean with denoise, corrupted with noise; direction follows it) */
     char *mean_over;       /* mean_over (NULL = all) */
     size_t resample_seed;  /* resample_seed (0), 0..2^53 */

@@ -96,7 +96,31 @@ typedef struct {
     void *buf;             /* [cap][row] elements; strings: char *, "" or owned */
 } ncout_staged;
 
-#define NCOUT_STAGED_MAX (16 + PATCH_METRIC_COUNT * (2 + 2 * PATCH_COMPONENT_COUNT))
+/* Extra variables per selected component (ncout_results_define_extra). */
+#define NCOUT_EXTRA_MAX 6
+#define NCOUT_STAGED_MAX \
+    (16 + PATCH_METRIC_COUNT * (2 + 2 * PATCH_COMPONENT_COUNT) + NCOUT_EXTRA_MAX * PATCH_COMPONENT_COUNT)
+
+/* What an extra variable holds per prompt: a grid like C's (float, fill
+ * SCHEMA_FILL_GRID) as given or normalized as C_normalized is, with the
+ * prompt's clean and corrupted metrics ((v - corrupted) / (clean -
+ * corrupted), NaN when they agree), or one number (double, fill
+ * SCHEMA_FILL_METRIC; int, fill SCHEMA_FILL_INT). */
+typedef enum {
+    NCOUT_EXTRA_GRID,
+    NCOUT_EXTRA_GRID_NORMALIZED,
+    NCOUT_EXTRA_DOUBLE,
+    NCOUT_EXTRA_INT,
+} ncout_extra_kind;
+
+/* One extra variable per selected component C: C + suffix.  long_name is
+ * "<long_name>, C"; comment (optional) becomes the attribute comment. */
+typedef struct {
+    const char *suffix;
+    ncout_extra_kind kind;
+    const char *long_name;
+    const char *comment;
+} ncout_extra;
 
 typedef struct {
     size_t base, cap;         /* window of prompts [base, base + cap) */
@@ -120,6 +144,9 @@ typedef struct {
     int v_skipped, v_skip_reason, v_prompt_index;
     size_t prompt_offset;   /* prompt_index = prompt_offset + prompt (0 unless sliced) */
     int v_clean_tok_id, v_corrupted_tok_id, v_clean_tok, v_corrupted_tok;
+    size_t n_extra; /* ncout_results_define_extra's variables */
+    ncout_extra_kind extra_kind[NCOUT_EXTRA_MAX];
+    int var_extra[NCOUT_EXTRA_MAX][PATCH_COMPONENT_COUNT];
     ncout_stage stage; /* values not yet written (ncout_results_flush) */
 } ncout_results;
 
@@ -147,6 +174,36 @@ ps_status ncout_results_define_metrics(ncout_results *r, ncout_file *f, model *m
 ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, size_t max_T,
                                      const bool on[PATCH_COMPONENT_COUNT], const patch_metric_list *metrics,
                                      patch_direction direction, patch_engine engine, const char *suffix);
+
+/* After a define (nothing put yet): n more variables per selected
+ * component, staged with the grids (a sweep's attribution patching beside
+ * its exact grids: C_atp, C_atp_error, ... schema.h).  Extra i is put by
+ * ncout_results_put_extra(.., i, ..). */
+ps_status ncout_results_define_extra(ncout_results *r, const ncout_extra *ex, size_t n);
+
+/* Extra variable i of prompt `prompt`, after ncout_results_put of that
+ * prompt: values[c] is component c's grid for this prompt
+ * (patch_grid_shape order; NaN stays NaN) or, for a per-prompt number,
+ * values[c][0]; components whose values[c] is NULL are left as they are. */
+ps_status ncout_results_put_extra(ncout_results *r, size_t prompt, size_t i, double *const values[PATCH_COMPONENT_COUNT]);
+
+/* The dataset-level summary of a sweep's estimate-vs-exact statistics
+ * (schema.h SCHEMA_ATP_RANK_CORRELATION_SUFFIX, SCHEMA_ATP_MISSED_SUFFIX),
+ * from the values in the file: on every C_atp_rank_correlation(prompt) (C a
+ * component of patchspec.h) the
+ * attributes prompts, mean and median over the prompts that have one; on
+ * every C_atp_missed(prompt) prompts and total.  Files without them are
+ * left alone.  Called by the sweep's writer and by merge (so that a merged
+ * file's summary is the whole run's).  out (NULL: not wanted) gets the same
+ * numbers per component. */
+typedef struct {
+    bool present;              /* the file has C_atp_rank_correlation */
+    size_t rank_prompts;       /* prompts with a rank correlation */
+    double mean, median;       /* of their rank correlations (NaN: none) */
+    size_t missed_prompts;     /* prompts with C_atp_missed */
+    size_t missed_total;       /* their sum */
+} ncout_atp_stats;
+ps_status ncout_atp_summary(int ncid, const char *path, ncout_atp_stats out[PATCH_COMPONENT_COUNT]);
 
 /* The puts below stage their values for a window of consecutive prompts
  * and write a window with one call per variable (ncout_results_flush, also

@@ -135,7 +135,8 @@ ps_status patch_subset_parse(const char *s, patch_subset *out);
 typedef enum { PATCH_ENGINE_FAST, PATCH_ENGINE_NAIVE } patch_engine;
 
 /* How cells are evaluated: exactly (the engines), by attribution patching
- * (atp.h; atp* with AtP*'s QK fix), or both with the estimate's error
+ * (atp.h; atp* with AtP*'s QK fix), both with the estimate's error, or the
+ * estimate with only its top cells patched exactly (+verify, atp_verify.h)
  * (patch --method, [patch] method). */
 typedef enum {
     PATCH_METHOD_EXACT,
@@ -143,13 +144,19 @@ typedef enum {
     PATCH_METHOD_ATP_EXACT,
     PATCH_METHOD_ATP_STAR,
     PATCH_METHOD_ATP_STAR_EXACT,
+    PATCH_METHOD_ATP_VERIFY,
+    PATCH_METHOD_ATP_STAR_VERIFY,
     PATCH_METHOD_COUNT
 } patch_method;
-const char *patch_method_name(patch_method m); /* "exact", "atp", "atp+exact", "atp*", "atp*+exact" */
+/* "exact", "atp", "atp+exact", "atp*", "atp*+exact", "atp+verify", "atp*+verify" */
+const char *patch_method_name(patch_method m);
 ps_status patch_method_parse(const char *s, patch_method *m);
-bool patch_method_runs_exact(patch_method m);  /* exact, atp+exact, atp*+exact */
+bool patch_method_runs_exact(patch_method m);  /* exact, atp+exact, atp*+exact (every cell) */
 bool patch_method_estimates(patch_method m);   /* every method but exact */
-bool patch_method_qk_fix(patch_method m);      /* atp*, atp*+exact */
+bool patch_method_qk_fix(patch_method m);      /* atp*, atp*+exact, atp*+verify */
+bool patch_method_verifies(patch_method m);    /* atp+verify, atp*+verify */
+/* +verify: cells of each grid patched exactly by default ([patch] verify_top_k, patch --verify-top-k) */
+#define PATCH_VERIFY_TOP_K ((size_t)10)
 
 const char *patch_component_name(patch_component c);
 /* z_all_pos .. pattern_all_pos: one cell per (layer, head), every position. */

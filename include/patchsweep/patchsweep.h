@@ -285,7 +285,8 @@ typedef struct {
     void *metric_user;
     /* appended (a struct_size that ends before it: "exact") */
     const char *method;        /* "exact" (NULL): every cell patched; "atp": attribution patching;
-                                  "atp*": with AtP*'s QK fix (q_all_pos, k_all_pos) */
+                                  "atp*": with AtP*'s QK fix (q, k, q_all_pos, k_all_pos); "atp+graddrop",
+                                  "atp*+graddrop": with GradDrop (atp.h; `patch --graddrop`) */
 } patchsweep_patch_opts;
 
 /* values[n] (n = the grid's size, row-major): the patched metric of every
@@ -296,7 +297,8 @@ typedef struct {
  * base run (one forward and one backward pass for the whole grid; engine is
  * not read; built-in metrics only), in the same units and shape, equal to
  * the CLI's `patch --method atp` values bit for bit ("atp*": `--method
- * atp*`'s, which differ on the q_all_pos and k_all_pos grids only).  Known failure modes:
+ * atp*`'s, which differ on the q_all_pos and k_all_pos grids only; "+graddrop":
+ * `--method atp --graddrop`'s, L more backward passes).  Known failure modes:
  * saturated attention, cancelling paths, and kl with "noise" (its gradient
  * at the clean run is 0: every cell is the base metric). */
 patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *component, const patchsweep_patch_opts *opts,

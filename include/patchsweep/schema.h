@@ -221,6 +221,27 @@
 #define SCHEMA_ATT_ATP_MISSED_TOP_K "atp_missed_top_k"
 #define SCHEMA_ATT_ATP_TOP_K "atp_top_k"
 #define SCHEMA_ATT_METHOD "method"
+/* Sweeps with method = atp+exact | atp*+exact (job.h): the exact grids C,
+ * C_normalized as an exact sweep's, the estimate C_atp, C_atp_normalized,
+ * C_atp_error = C_atp - C per prompt, and per prompt and component
+ * C_atp_rank_correlation(prompt) (Spearman, NC_DOUBLE, NaN when a grid is
+ * constant) and C_atp_missed(prompt) (how many of the exact top atp_top_k
+ * cells by |effect| the estimate's top atp_top_k misses, NC_INT).  Their
+ * dataset-level summary (ncout_atp_summary): attributes prompts, mean,
+ * median on C_atp_rank_correlation, prompts and total on C_atp_missed.
+ * method = atp+verify | atp*+verify: C_atp, C_atp_normalized for every
+ * cell and C_verified, C_verified_normalized: the exact value at the cells
+ * verified (the top verify_top_k of each prompt's grid by |C_atp - base|),
+ * NaN at every other cell of a done prompt (attribute comment). */
+#define SCHEMA_ATP_RANK_CORRELATION_SUFFIX "_atp_rank_correlation"
+#define SCHEMA_ATP_MISSED_SUFFIX "_atp_missed"
+#define SCHEMA_VERIFIED_SUFFIX "_verified"
+#define SCHEMA_VERIFIED_NORMALIZED_SUFFIX "_verified_normalized"
+#define SCHEMA_ATT_SUMMARY_PROMPTS "prompts"
+#define SCHEMA_ATT_SUMMARY_MEAN "mean"
+#define SCHEMA_ATT_SUMMARY_MEDIAN "median"
+#define SCHEMA_ATT_SUMMARY_TOTAL "total"
+#define SCHEMA_ATT_VERIFY_TOP_K "verify_top_k"
 /* plot's default variable */
 #define SCHEMA_VAR_RESID_PRE_NORMALIZED "resid_pre_normalized"
 /* Edge attribution patching (patch --method atp --edges; atp_edges.h,

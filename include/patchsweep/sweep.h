@@ -65,6 +65,7 @@
 #include "job.h"
 #include "memstat.h"
 #include "model.h"
+#include "ncout.h"
 #include "patch.h"
 #include "tokenizer.h"
 
@@ -133,6 +134,9 @@ typedef struct {
     const size_t *resample_from; /* source = resample, rank 0: [n_resample_from] each dataset index's
                                     donor (SIZE_MAX none); valid during sweep_run */
     size_t n_resample_from;
+    /* method = atp+exact, atp*+exact: per component the estimate-vs-exact
+     * summary of the file (ncout_atp_summary; present false otherwise) */
+    ncout_atp_stats atp[PATCH_COMPONENT_COUNT];
     char output[4096];
 } sweep_result;
 

@@ -27,9 +27,11 @@ method "exact" (default: every cell patched and run) or "atp": attribution
 patching, every cell estimated as metric(base) + (a_source - a_base) .
 dmetric/da from one forward and one backward pass of the base run (built-in
 metrics only; same units and shapes; the engine is not used), or "atp*":
-the same with AtP*'s QK fix (q_all_pos and k_all_pos through the exact
-softmax; every other grid as "atp").  Known failure modes: saturated
-attention (what atp* fixes), cancelling paths, kl with noising.
+the same with AtP*'s QK fix (q, k, q_all_pos and k_all_pos through the exact
+softmax; every other grid as "atp"); "atp+graddrop", "atp*+graddrop": with
+GradDrop (`patch --method atp --graddrop`: L more backward passes, against
+cancelling paths).  Known failure modes: saturated attention (what atp*
+fixes), cancelling paths (what GradDrop addresses), kl with noising.
 """
 import ctypes
 

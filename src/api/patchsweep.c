@@ -1021,10 +1021,25 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
             return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown engine '%s' (fast or naive)", o.engine);
         po.engine = PATCH_ENGINE_NAIVE;
     }
+    /* "atp+graddrop", "atp*+graddrop": GradDrop on (the name patch -o and sweeps give the method) */
     patch_method method = PATCH_METHOD_EXACT;
-    if (o.method && ((st = patch_method_parse(o.method, &method)) != PS_OK ||
-                     (patch_method_runs_exact(method) && patch_method_estimates(method))))
-        return (patchsweep_status)err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp or atp*)", o.method);
+    bool graddrop = false;
+    char mname[32];
+    const char *const gd = "+graddrop";
+    if (o.method) {
+        const size_t ml = strlen(o.method), gl = strlen(gd);
+        graddrop = ml > gl && !strcmp(o.method + ml - gl, gd) && ml - gl < sizeof mname;
+        snprintf(mname, sizeof mname, "%.*s", (int)(graddrop ? ml - gl : sizeof mname - 1), o.method);
+    }
+    /* the grid's own methods: exact, atp, atp* (atp+exact and +verify are the CLI's and sweeps') */
+    const bool known = !o.method || (patch_method_parse(mname, &method) == PS_OK &&
+                                     (method == PATCH_METHOD_EXACT ? !graddrop
+                                                                   : method == PATCH_METHOD_ATP ||
+                                                                         method == PATCH_METHOD_ATP_STAR));
+    if (!known)
+        return (patchsweep_status)err_set(PS_ERR_INVALID,
+                                          "unknown method '%s' (exact, atp, atp*, atp+graddrop or atp*+graddrop)",
+                                          o.method);
     if (o.metric_fn && patch_method_estimates(method))
         return (patchsweep_status)err_set(PS_ERR_INVALID, "method %s: a custom metric has no gradient; "
                                           "attribution patching takes the built-in metrics only", o.method);
@@ -1050,7 +1065,7 @@ patchsweep_status patchsweep_pair_patch(patchsweep_pair *p, const char *componen
             if (patch_method_estimates(method)) {
                 bool on[PATCH_COMPONENT_COUNT] = {false};
                 double *vals[PATCH_COMPONENT_COUNT] = {NULL};
-                const atp_opts ao = {patch_method_qk_fix(method), false};
+                const atp_opts ao = {patch_method_qk_fix(method), graddrop};
                 on[comp] = true;
                 vals[comp] = values;
                 if ((st = patch_components_check(on, &m->cfg)) == PS_OK)

@@ -6,6 +6,7 @@
 
 #include "ablate.h"
 #include "atp.h"
+#include "atp_verify.h"
 #include "bench.h"
 #include "cli.h"
 #include "cmd_patch_edges.h"
@@ -28,7 +29,9 @@ typedef struct {
     patch_opts po;
     size_t reps;
     bool fast_only;
-    patch_method method; /* patch only: exact, atp, atp+exact, atp*, atp*+exact */
+    patch_method method; /* patch only: exact, atp, atp+exact, atp*, atp*+exact, atp+verify, atp*+verify */
+    size_t verify_top_k; /* +verify: cells per grid patched exactly (PATCH_VERIFY_TOP_K) */
+    bool verify_given;
     bool graddrop;       /* with an estimating method: AtP*'s GradDrop */
     /* patch only: where cells take their values (patchspec.h, ablate.h) */
     patch_source source;
@@ -41,7 +44,7 @@ typedef struct {
 enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_EDGES, OPT_CORRUPTED, OPT_ANSWER, OPT_WRONG, OPT_COMPONENTS, OPT_METRIC,
        OPT_DIRECTION, OPT_ENGINE, OPT_REPS, OPT_SAVE, OPT_FAST_ONLY, OPT_CLEAN_IDS, OPT_CORRUPTED_IDS,
        OPT_ANSWER_ID, OPT_WRONG_ID, OPT_METHOD, OPT_GRADDROP, OPT_SOURCE, OPT_ABLATE_DATASET, OPT_MEAN_OVER,
-       OPT_RESAMPLE_SEED };
+       OPT_RESAMPLE_SEED, OPT_VERIFY_TOP_K };
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
@@ -64,6 +67,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                          {"wrong-id", required_argument, 0, OPT_WRONG_ID},
                                          {"method", required_argument, 0, OPT_METHOD},
                                          {"graddrop", no_argument, 0, OPT_GRADDROP},
+                                         {"verify-top-k", required_argument, 0, OPT_VERIFY_TOP_K},
                                          {"source", required_argument, 0, OPT_SOURCE},
                                          {"ablate-dataset", required_argument, 0, OPT_ABLATE_DATASET},
                                          {"mean-over", required_argument, 0, OPT_MEAN_OVER},
@@ -74,6 +78,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
     a->common.bos = true;
     a->po = (patch_opts){.metric = PATCH_LOGIT_DIFF, .direction = PATCH_DENOISE, .engine = PATCH_ENGINE_FAST};
     a->reps = 5;
+    a->verify_top_k = PATCH_VERIFY_TOP_K;
     patch_components_parse("resid_pre", a->on);
     int ch, rc;
     while ((ch = getopt_long(argc, argv, "m:o:h", opts, NULL)) != -1) {
@@ -85,6 +90,7 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
                                        : ch == 'o' ? "--output" : ch == OPT_DIRECTION ? "--direction"
                                                  : ch == OPT_METHOD ? "--method"
                                                  : ch == OPT_GRADDROP ? "--graddrop"
+                                                 : ch == OPT_VERIFY_TOP_K ? "--verify-top-k"
                                                  : ch == OPT_SOURCE ? "--source"
                                                  : ch == OPT_ABLATE_DATASET ? "--ablate-dataset"
                                                  : ch == OPT_MEAN_OVER ? "--mean-over"
@@ -153,6 +159,11 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         case OPT_GRADDROP:
             a->graddrop = true;
             break;
+        case OPT_VERIFY_TOP_K:
+            if (!cli_parse_size(optarg, 1, 1000000, &a->verify_top_k))
+                return cli_usage(cmd, "--verify-top-k takes a whole number from 1 to 1000000, not '%s'", optarg);
+            a->verify_given = true;
+            break;
         case OPT_REPS:
             if (!cli_parse_size(optarg, 1, 1000, &a->reps))
                 return cli_usage(cmd, "--reps takes a whole number from 1 to 1000, not '%s'", optarg);
@@ -191,6 +202,8 @@ static int parse_patch_args(const char *cmd, const char *help, int argc, char **
         return cli_usage(cmd, "--mean-over applies to --source mean only");
     if (a->seed_given && a->source != PATCH_SOURCE_RESAMPLE)
         return cli_usage(cmd, "--resample-seed applies to --source resample only");
+    if (a->verify_given && !patch_method_verifies(a->method))
+        return cli_usage(cmd, "--verify-top-k applies to --method atp+verify or atp*+verify only");
     if (patch_source_ablation(a->source) && a->method != PATCH_METHOD_EXACT)
         return cli_usage(cmd, "--method %s does not take an ablation source yet (exact only)",
                          patch_method_name(a->method));
@@ -335,7 +348,10 @@ static const char *patch_help =
     "                from one forward and one backward pass, (a_src - a_base) . dM/da),\n"
     "                atp+exact (both, with per-cell error, rank correlation and the\n"
     "                exact top-10 cells the estimate misses); atp*, atp*+exact: AtP*'s\n"
-    "                QK fix (q, k, q_all_pos, k_all_pos through the exact softmax)\n"
+    "                QK fix (q, k, q_all_pos, k_all_pos through the exact softmax);\n"
+    "                atp+verify, atp*+verify: the estimate, then the exact value of\n"
+    "                only the top --verify-top-k cells of each grid by |estimate - base|\n"
+    "  --verify-top-k K  cells per grid patched exactly with +verify (default 10)\n"
     "  --graddrop    with an atp method: AtP*'s GradDrop (L more backward passes;\n"
     "                |effect| averaged over the passes, each without one block)\n"
     "  --edges       with --method atp: edge attribution patching, a score for every\n"
@@ -506,6 +522,48 @@ static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, co
     return st;
 }
 
+/* +verify: the verified cells, one line each: flat index, estimate, exact value (normalized). */
+static void print_verified(const patch_pair *p, patch_component c, const model_config *cfg, patch_metric metric,
+                           const double *est, const double *ver, size_t k)
+{
+    const size_t n = grid_cells(c, cfg, p->T);
+    printf("%s: the top %zu cells by |estimate - base| patched exactly (flat index: estimate -> exact, "
+           "normalized):\n", patch_component_name(c), k < n ? k : n);
+    for (size_t i = 0; i < n; i++)
+        if (!isnan(ver[i]))
+            printf("  %zu: %.4f -> %.4f (%.3f -> %.3f)\n", i, est[i], ver[i], patch_normalize(p, metric, est[i]),
+                   patch_normalize(p, metric, ver[i]));
+}
+
+/* +verify: C_verified and C_verified_normalized (NaN at the cells not verified) into the results file. */
+static ps_status verify_write(ncout_results *res, model *m, const patch_pair *p, const bool on[PATCH_COMPONENT_COUNT],
+                              patch_metric metric, size_t k, double *const ver[PATCH_COMPONENT_COUNT])
+{
+    char num[32];
+    snprintf(num, sizeof num, "%zu", k);
+    ps_status st = ncout_put_attr(res->f, SCHEMA_ATT_VERIFY_TOP_K, num);
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+        if (!on[c])
+            continue;
+        const patch_component pc = (patch_component)c;
+        const size_t n = grid_cells(pc, &m->cfg, p->T);
+        double *tmp = malloc(n * sizeof *tmp);
+        if (!tmp)
+            return err_set(PS_ERR_NOMEM, "out of memory");
+        char ln[160];
+        snprintf(ln, sizeof ln, "exact %s at the verified cells (NaN: not verified), %s", patch_metric_name(metric),
+                 patch_component_name(pc));
+        st = ncout_results_put_grid(res, m, pc, SCHEMA_VERIFIED_SUFFIX, 0, ver[c], ln, NULL);
+        for (size_t i = 0; i < n; i++)
+            tmp[i] = isnan(ver[c][i]) ? NAN : patch_normalize(p, metric, ver[c][i]);
+        snprintf(ln, sizeof ln, "normalized exact value at the verified cells, %s", patch_component_name(pc));
+        if (st == PS_OK)
+            st = ncout_results_put_grid(res, m, pc, SCHEMA_VERIFIED_NORMALIZED_SUFFIX, 0, tmp, ln, NULL);
+        free(tmp);
+    }
+    return st;
+}
+
 /* ---- ablations (patchspec.h's sources zero, mean, resample; ablate.h) ---- */
 
 typedef struct {
@@ -619,8 +677,8 @@ int cmd_patch(int argc, char **argv)
         return cli_usage("patch", "--clean, --corrupted, --answer and --wrong are required (or --clean-ids, "
                                   "--corrupted-ids, --answer-id and --wrong-id)");
     if (a.graddrop && !patch_method_estimates(a.method))
-        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact or "
-                                  "atp*+exact)");
+        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact, "
+                                  "atp*+exact, atp+verify or atp*+verify)");
     bool *on = a.on;
     patch_opts po = a.po;
     tokenizer *tok;
@@ -633,6 +691,7 @@ int cmd_patch(int argc, char **argv)
     char ab_text[1200] = "";
     int32_t answer, wrong;
     double *values[PATCH_COMPONENT_COUNT] = {0}, *atp_vals[PATCH_COMPONENT_COUNT] = {0};
+    double *ver_vals[PATCH_COMPONENT_COUNT] = {0}; /* +verify: exact at the verified cells, NaN elsewhere */
     /* several metrics: ms[k]'s grids in mvals[k] (mvals[0] = values) */
     patch_metric ms[PATCH_METRIC_COUNT];
     const size_t M = patch_opts_metrics(&po, ms);
@@ -686,6 +745,12 @@ int cmd_patch(int argc, char **argv)
     }
     if (st || (atp && (st = atp_values(&m, &pair, on, &po, &ao, atp_vals))))
         goto out;
+    const bool verify = patch_method_verifies(a.method);
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && verify && st == PS_OK; c++)
+        if (on[c] && !(ver_vals[c] = malloc(patch_grid_size((patch_component)c, &m.cfg, nc) * sizeof *ver_vals[c])))
+            st = err_set(PS_ERR_NOMEM, "out of memory");
+    if (st || (verify && (st = atp_verify_pair(&m, &pair, on, &po, a.verify_top_k, atp_vals, ver_vals))))
+        goto out;
     if (a.output) {
         ncout_results res;
         const ncout_prompt prompt = {.T = pair.T, .answer_id = pair.answer, .wrong_id = pair.wrong,
@@ -708,6 +773,8 @@ int cmd_patch(int argc, char **argv)
             st = ablation_write(&res, &a, &ab);
         if (st == PS_OK && atp)
             st = atp_write(&res, &m, &pair, on, po.metric, po.direction, a.method, a.graddrop, values, atp_vals);
+        if (st == PS_OK && verify)
+            st = verify_write(&res, &m, &pair, on, po.metric, a.verify_top_k, ver_vals);
         ncout_results_free(&res);
         if (st || (st = ncout_commit(&f)))
             goto out;
@@ -736,6 +803,13 @@ int cmd_patch(int argc, char **argv)
             json_t *one = json_pack("{s:o,s:o,s:o,s:o}", "dims", dims, "shape", shp, "values", raw, "normalized", norm);
             if (exact && atp)
                 json_object_set_new(one, "atp", atp_json(&pair, po.metric, po.direction, values[c], atp_vals[c], n));
+            if (verify) {
+                /* the exact value at the verified cells, null at the others */
+                json_t *ver = json_array();
+                for (size_t i = 0; i < n; i++)
+                    json_array_append_new(ver, isfinite(ver_vals[c][i]) ? json_real(ver_vals[c][i]) : json_null());
+                json_object_set_new(one, "verified", ver);
+            }
             json_object_set_new(comps, patch_component_name((patch_component)c), one);
         }
         json_t *toks = json_array();
@@ -764,6 +838,8 @@ int cmd_patch(int argc, char **argv)
             json_object_set_new(out_json, "method", json_string(patch_method_name(a.method)));
         if (a.graddrop)
             json_object_set_new(out_json, "graddrop", json_true());
+        if (verify)
+            json_object_set_new(out_json, "verify_top_k", json_integer((json_int_t)a.verify_top_k));
         /* the ablation's keys only with one: other outputs stay as they were */
         if (patch_source_ablation(a.source)) {
             json_object_set_new(out_json, "source", json_string(patch_source_name(a.source)));
@@ -797,6 +873,9 @@ int cmd_patch(int argc, char **argv)
             if (exact && atp)
                 print_atp_stats(&pair, (patch_component)c, &m.cfg, po.metric, po.direction, values[c], atp_vals[c],
                                 what);
+            if (verify)
+                print_verified(&pair, (patch_component)c, &m.cfg, po.metric, atp_vals[c], ver_vals[c],
+                               a.verify_top_k);
         }
         for (size_t k = 1; k < M; k++) {
             printf("\n%s: clean %.4f, corrupted %.4f\n", patch_metric_name(ms[k]), pair.clean_metric[ms[k]],
@@ -812,7 +891,7 @@ out:
         rc = cli_fail();
     }
     for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
-        free(values[c]), free(atp_vals[c]);
+        free(values[c]), free(atp_vals[c]), free(ver_vals[c]);
         for (size_t k = 1; k < PATCH_METRIC_COUNT; k++)
             free(mvals[k][c]);
     }
@@ -867,8 +946,8 @@ int cmd_bench(int argc, char **argv)
     if (!a.components_given)
         patch_components_parse("resid_pre,attn_out,mlp_out,z_all_pos", a.on);
     if (a.graddrop && !patch_method_estimates(a.method))
-        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact or "
-                                  "atp*+exact)");
+        return cli_usage("patch", "--graddrop needs an attribution method (--method atp, atp*, atp+exact, "
+                                  "atp*+exact, atp+verify or atp*+verify)");
     bool *on = a.on;
     patch_opts po = a.po;
     const size_t reps = a.reps;

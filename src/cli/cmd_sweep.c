@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "atp.h"
 #include "blas.h"
 #include "cli.h"
 #include "comm.h"
@@ -113,9 +114,10 @@ static void print_summary(const job *j, const sweep_result *r)
          * noise, patched toward corrupted = 1 - the normalized value (a cell
          * with no effect stays at 1, the clean run) */
         const bool noise = j->direction == PATCH_NOISE;
-        printf("  %-16s strongest (mean normalized%s%s%s):", patch_component_name((patch_component)c),
-               patch_method_estimates(j->method) ? " " : "",
-               patch_method_estimates(j->method) ? patch_method_name(j->method) : "",
+        /* the summary is of the estimate unless the method also ran exact (atp+exact: exact) */
+        const bool est = patch_method_estimates(j->method) && !patch_method_runs_exact(j->method);
+        printf("  %-16s strongest (mean normalized%s%s%s%s):", patch_component_name((patch_component)c),
+               est ? " " : "", est ? patch_method_name(j->method) : "", est && j->graddrop ? "+graddrop" : "",
                noise ? "; ranked by 1 - it, the move toward corrupted" : "");
         bool *used = calloc(sm->rows * sm->cols, sizeof *used);
         for (int k = 0; k < 5 && used; k++) {
@@ -148,6 +150,17 @@ static void print_summary(const job *j, const sweep_result *r)
         printf("  (position grids aligned by the dataset's roles: @IO = the token of role IO in each prompt)\n");
     else if (r->summary[PATCH_RESID_PRE].mean || r->summary[PATCH_ATTN_OUT].mean || r->summary[PATCH_MLP_OUT].mean)
         printf("  (positions counted from the end: @last = the final token, @-1 the one before)\n");
+    /* atp+exact: the file's estimate-vs-exact summary, one line per component */
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        const ncout_atp_stats *a = &r->atp[c];
+        if (!a->present)
+            continue;
+        printf("  %-16s %s%s vs exact: rank correlation median %.3f, mean %.3f (%zu prompts); %zu of the exact "
+               "top-%d cells missed (%.2f a prompt)\n",
+               patch_component_name((patch_component)c), patch_method_qk_fix(j->method) ? "AtP*" : "AtP",
+               j->graddrop ? " with GradDrop" : "", a->median, a->mean, a->rank_prompts, a->missed_total, ATP_TOP_K,
+               a->missed_prompts ? (double)a->missed_total / (double)a->missed_prompts : 0.0);
+    }
 }
 
 /* Every rank's memory at the end, printed by rank 0: the peak RSS line that

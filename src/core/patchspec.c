@@ -388,7 +388,8 @@ ps_status patch_pair_unpack(patch_pair *p, const model_config *cfg, const void *
 #undef GET
 
 
-static const char *const method_names[PATCH_METHOD_COUNT] = {"exact", "atp", "atp+exact", "atp*", "atp*+exact"};
+static const char *const method_names[PATCH_METHOD_COUNT] = {"exact",      "atp",        "atp+exact",  "atp*",
+                                                              "atp*+exact", "atp+verify", "atp*+verify"};
 
 const char *patch_method_name(patch_method m) { return m < PATCH_METHOD_COUNT ? method_names[m] : "?"; }
 
@@ -399,7 +400,8 @@ ps_status patch_method_parse(const char *s, patch_method *m)
             *m = (patch_method)i;
             return PS_OK;
         }
-    return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp, atp+exact, atp* or atp*+exact)", s);
+    return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp, atp+exact, atp*, atp*+exact, atp+verify or "
+                   "atp*+verify)", s);
 }
 
 bool patch_method_runs_exact(patch_method m)
@@ -409,7 +411,12 @@ bool patch_method_runs_exact(patch_method m)
 
 bool patch_method_estimates(patch_method m) { return m != PATCH_METHOD_EXACT; }
 
-bool patch_method_qk_fix(patch_method m) { return m == PATCH_METHOD_ATP_STAR || m == PATCH_METHOD_ATP_STAR_EXACT; }
+bool patch_method_qk_fix(patch_method m)
+{
+    return m == PATCH_METHOD_ATP_STAR || m == PATCH_METHOD_ATP_STAR_EXACT || m == PATCH_METHOD_ATP_STAR_VERIFY;
+}
+
+bool patch_method_verifies(patch_method m) { return m == PATCH_METHOD_ATP_VERIFY || m == PATCH_METHOD_ATP_STAR_VERIFY; }
 
 static const char *source_names[PATCH_SOURCE_COUNT] = {"clean", "corrupted", "zero", "mean", "resample"};
 

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "atp.h"
+#include "atp_verify.h"
 #include "fault.h"
 
 /* The test build's fault site of every rank's share of a chunk (fault.h). */
@@ -107,10 +108,14 @@ static ps_status chunk_cells(const job *j, const model_config *cfg, const patch_
  * [clean_0, corrupted_0], the clean run's SWEEP_TOP_K top ids, cells_0...,
  * then per other metric k [clean_k, corrupted_k, cells_k...], from its
  * cells' values as patch_eval returns them (cell-major: cell i's metric k
- * at cell_values[i * M + k]). */
+ * at cell_values[i * M + k]); with atp+exact or atp+verify (second not
+ * NULL, one metric) the second grid's second[0 .. n_cells) last: the
+ * estimate, or the verified cells (sweep_internal.h). */
 static void prompt_record(const job *j, const model_config *cfg, const patch_pair *p, size_t n_cells,
-                          const double *cell_values, double *out)
+                          const double *cell_values, const double *second, double *out)
 {
+    if (second)
+        memcpy(out + SWEEP_TOP_K + 2 + n_cells, second, n_cells * sizeof *second);
     const size_t M = sweep_metric_count(j);
     for (size_t k = 0, w = 0; k < M; k++) {
         const patch_metric met = j->metrics.n ? j->metrics.m[k] : j->metric;
@@ -256,7 +261,7 @@ static size_t prompt_cost(const job *j, const model_config *cfg, const tok_view 
  * bits. */
 static ps_status eval_atp(const job *j, const model *m, const patch_pair *pairs, size_t n, double *vals)
 {
-    const atp_opts ao = {patch_method_qk_fix(j->method), false};
+    const atp_opts ao = {patch_method_qk_fix(j->method), j->graddrop};
     ps_status st = PS_OK;
     for (size_t k = 0, w = 0; k < n && st == PS_OK; k++) {
         double *grid[PATCH_COMPONENT_COUNT] = {0};
@@ -266,6 +271,28 @@ static ps_status eval_atp(const job *j, const model *m, const patch_pair *pairs,
                 w += sweep_grid_size((patch_component)c, &m->cfg, pairs[k].T);
             }
         st = atp_eval_opts(m, &pairs[k], j->components, j->metric, j->direction, &ao, grid);
+    }
+    return st;
+}
+
+/* atp+verify: from the estimates of pairs [0, n) (est, eval_atp's layout),
+ * the exact values of each grid's top j->verify_top_k cells into out (same
+ * layout, NaN at the others): one atp_verify_pair per pair, which depends on
+ * that pair alone, so any rank count gives the same bits. */
+static ps_status eval_verify(const job *j, const model *m, const patch_pair *pairs, size_t n, size_t fast_rows,
+                             double *est, double *out)
+{
+    const patch_opts po = {.metric = j->metric, .direction = j->direction, .engine = j->engine,
+                           .max_rows = fast_rows};
+    ps_status st = PS_OK;
+    for (size_t k = 0, w = 0; k < n && st == PS_OK; k++) {
+        double *eg[PATCH_COMPONENT_COUNT] = {0}, *og[PATCH_COMPONENT_COUNT] = {0};
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+            if (j->components[c]) {
+                eg[c] = est + w, og[c] = out + w;
+                w += sweep_grid_size((patch_component)c, &m->cfg, pairs[k].T);
+            }
+        st = atp_verify_pair(m, &pairs[k], j->components, &po, j->verify_top_k, eg, og);
     }
     return st;
 }
@@ -283,8 +310,10 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
     size_t *counts = calloc(ranks, sizeof *counts), *base = calloc(ranks, sizeof *base);
     patch_pair *pairs = calloc(n_pairs ? n_pairs : 1, sizeof *pairs);
     patch_cell *cells = NULL;
-    double *vals = NULL, *mine = NULL, *gathered = NULL;
+    double *vals = NULL, *second = NULL, *mine = NULL, *gathered = NULL;
     size_t n_mine = 0, n_cells = 0, n_total = 0, n_chunk_cells = 0;
+    /* the second grid: atp+exact: exact vals, estimates second; atp+verify: estimates vals, verified second */
+    const bool both = sweep_method_both(j), verify = patch_method_verifies(j->method);
     const size_t M = sweep_metric_count(j);
     ps_status st = PS_OK;
     if (!v || !items || !owner || !counts || !base || !pairs) {
@@ -316,7 +345,9 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         goto agree;
     vals = malloc((n_cells ? n_cells * M : 1) * sizeof *vals);
     mine = malloc((counts[me] ? counts[me] : 1));
-    if (!vals || !mine) {
+    if (both || verify)
+        second = malloc((n_cells ? n_cells : 1) * sizeof *second);
+    if (!vals || !mine || ((both || verify) && !second)) {
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto agree;
     }
@@ -324,12 +355,16 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
                      .metrics = j->metrics};
     if (eval_fault())
         st = err_set(PS_ERR_IO, "injected fault at chunk_eval");
-    if (st || (st = patch_method_estimates(j->method) ? eval_atp(j, m, pairs, n_mine, vals)
-                                                      : patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals)))
+    if (st == PS_OK)
+        st = both                                  ? eval_atp(j, m, pairs, n_mine, second)
+             : patch_method_estimates(j->method) ? eval_atp(j, m, pairs, n_mine, vals)
+                                                 : PS_OK;
+    if (st || (patch_method_runs_exact(j->method) && (st = patch_eval(m, pairs, n_mine, cells, n_cells, &po, vals))) ||
+        (verify && (st = eval_verify(j, m, pairs, n_mine, fast_rows, vals, second))))
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
-        prompt_record(j, &m->cfg, &pairs[i], nv, vals + r * M, mine + w);
+        prompt_record(j, &m->cfg, &pairs[i], nv, vals + r * M, both || verify ? second + r : NULL, mine + w);
         w += sweep_prompt_values(j, &m->cfg, pairs[i].T), r += nv;
     }
     if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))
@@ -358,8 +393,8 @@ agree:
 out:
     for (size_t i = 0; pairs && i < n_mine; i++)
         patch_pair_free(&pairs[i]);
-    free(v), free(items), free(owner), free(counts), free(base), free(pairs), free(cells), free(vals), free(mine),
-        free(gathered);
+    free(v), free(items), free(owner), free(counts), free(base), free(pairs), free(cells), free(vals), free(second),
+        free(mine), free(gathered);
     return st;
 }
 
@@ -415,7 +450,7 @@ static ps_status interleave_metrics(const job *j, const model_config *cfg, const
         return err_set(PS_ERR_NOMEM, "out of memory");
     for (size_t k = 0, w = 0, r = 0; k < n_pairs; k++) {
         const size_t nv = sweep_prompt_cells(j->components, cfg, pairs[k].T);
-        prompt_record(j, cfg, &pairs[k], nv, values + r * M, v + w);
+        prompt_record(j, cfg, &pairs[k], nv, values + r * M, NULL, v + w);
         w += sweep_prompt_values(j, cfg, pairs[k].T), r += nv;
     }
     *out = v;

@@ -45,6 +45,12 @@ size_t sweep_prompt_cells(const bool *on, const model_config *cfg, size_t T);
  * its values the rest (with one metric exactly the one-metric layout). */
 size_t sweep_metric_count(const job *j);
 size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T);
+/* Method atp+exact or atp*+exact (one metric): after the exact cells, the
+ * record holds the estimate's cells, in the same order (sweep_dist.c);
+ * atp+verify, atp*+verify (patch_method_verifies): after the estimate's
+ * cells, the verified ones (exact at each grid's top verify_top_k, NaN
+ * elsewhere). */
+bool sweep_method_both(const job *j);
 
 /* Where one prompt pair is in the dataset file: the plan's per-prompt index
  * (16 bytes a pair), from which a chunk's records are read again. */

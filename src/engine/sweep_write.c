@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "atp.h"
 #include "ncout.h"
 #include "results_roles.h"
 #include "schema.h"
@@ -173,6 +174,73 @@ static int8_t top_guard(const finalize_ctx *fx, const double *top, int32_t answe
     return -1;
 }
 
+/* atp+exact's extra variables per component (schema.h), in write_atp's order. */
+enum { SW_ATP_EST, SW_ATP_NORM, SW_ATP_ERR, SW_ATP_RHO, SW_ATP_MISSED, SW_ATP_EXTRAS };
+static const ncout_extra atp_extras[SW_ATP_EXTRAS] = {
+    [SW_ATP_EST] = {SCHEMA_ATP_SUFFIX, NCOUT_EXTRA_GRID, "attribution patching estimate of the patched metric", NULL},
+    [SW_ATP_NORM] = {SCHEMA_ATP_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID_NORMALIZED,
+                     "normalized attribution patching estimate", NULL},
+    [SW_ATP_ERR] = {SCHEMA_ATP_ERROR_SUFFIX, NCOUT_EXTRA_GRID, "attribution patching estimate - exact value", NULL},
+    [SW_ATP_RHO] = {SCHEMA_ATP_RANK_CORRELATION_SUFFIX, NCOUT_EXTRA_DOUBLE,
+                    "Spearman rank correlation of the estimate and the exact grid",
+                    "per prompt over the grid's cells (average ranks for ties; NaN when either grid is constant); "
+                    "attributes prompts, mean, median: over the prompts done"},
+    [SW_ATP_MISSED] = {SCHEMA_ATP_MISSED_SUFFIX, NCOUT_EXTRA_INT,
+                       "exact top-10 cells missed by the estimate's top 10",
+                       "cells among the exact top 10 by |value - base metric| that are not among the estimate's "
+                       "top 10 (false negatives; all cells when the grid has fewer than 10); attributes prompts, "
+                       "total: over the prompts done"},
+};
+
+/* atp+verify's extra variables per component (schema.h). */
+enum { SW_VERIFIED, SW_VERIFIED_NORM, SW_VERIFY_EXTRAS };
+static const ncout_extra verify_extras[SW_VERIFY_EXTRAS] = {
+    [SW_VERIFIED] = {SCHEMA_VERIFIED_SUFFIX, NCOUT_EXTRA_GRID, "exact patched metric at the verified cells",
+                     "exact value (fast engine) at the cells of each grid with the top verify_top_k |C_atp - base "
+                     "metric| (global attribute verify_top_k); NaN at the cells not verified; fill: prompt not done"},
+    [SW_VERIFIED_NORM] = {SCHEMA_VERIFIED_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID_NORMALIZED,
+                          "normalized exact patched metric at the verified cells",
+                          "as C_verified, normalized: (value - corrupted) / (clean - corrupted); NaN where not "
+                          "verified"},
+};
+
+/* atp+exact's extras of one prompt: exact[c] and est[c] are its grids. */
+static ps_status write_atp(finalize_ctx *fx, const journal_prompt *h, double *const exact[PATCH_COMPONENT_COUNT],
+                           double *const est[PATCH_COMPONENT_COUNT])
+{
+    const job *j = fx->j;
+    const double base = j->direction == PATCH_DENOISE ? h->corrupted_metric : h->clean_metric;
+    double rho[PATCH_COMPONENT_COUNT], missed[PATCH_COMPONENT_COUNT];
+    double *rv[PATCH_COMPONENT_COUNT] = {0}, *mv[PATCH_COMPONENT_COUNT] = {0}, *ev[PATCH_COMPONENT_COUNT] = {0};
+    /* the error grids, est - exact, one after another */
+    double *err = malloc((sweep_prompt_cells(j->components, fx->cfg, h->T) + 1) * sizeof *err);
+    if (!err)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    ps_status st = PS_OK;
+    size_t o = 0;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+        if (!j->components[c])
+            continue;
+        const size_t n = sweep_grid_size((patch_component)c, fx->cfg, h->T);
+        atp_stats s;
+        if ((st = atp_compare(exact[c], est[c], n, base, ATP_TOP_K, &s)))
+            break;
+        rho[c] = s.rank_correlation, rv[c] = &rho[c];
+        missed[c] = (double)s.n_missed, mv[c] = &missed[c];
+        ev[c] = err + o;
+        for (size_t i = 0; i < n; i++)
+            ev[c][i] = est[c][i] - exact[c][i];
+        o += n;
+    }
+    if (st == PS_OK && (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_EST, est)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_NORM, est)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_ERR, ev)) == PS_OK &&
+        (st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_RHO, rv)) == PS_OK)
+        st = ncout_results_put_extra(&fx->r, h->prompt, SW_ATP_MISSED, mv);
+    free(err);
+    return st;
+}
+
 /* One record into the file and the summary. */
 static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
 {
@@ -221,6 +289,22 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
                 o += sweep_grid_size((patch_component)c, fx->cfg, T);
             }
         st = ncout_results_put_metric(&fx->r, h->prompt, k, blk[0], blk[1], vk);
+    }
+    const bool verify = patch_method_verifies(fx->j->method);
+    if (st == PS_OK && (sweep_method_both(fx->j) || verify)) {
+        /* the second grid's cells after the first's (sweep_internal.h): the
+         * estimate after the exact values, or the verified after the estimate */
+        double *second[PATCH_COMPONENT_COUNT] = {0};
+        size_t o = SWEEP_TOP_K + nv;
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+            if (fx->j->components[c]) {
+                second[c] = (double *)h->values + o;
+                o += sweep_grid_size((patch_component)c, fx->cfg, T);
+            }
+        if (verify && (st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED, second)) == PS_OK)
+            st = ncout_results_put_extra(&fx->r, h->prompt, SW_VERIFIED_NORM, second);
+        else if (!verify)
+            st = write_atp(fx, h, values, second);
     }
     /* summary: mean normalized value per (layer, position from the end | head) */
     sweep_result *res = fx->res;
@@ -387,13 +471,27 @@ ps_status sweep_write_begin(sweep_out **out, const job *j, model *m, const token
     if (o->n_slices)
         snprintf(slice, sizeof slice, "%zu/%zu", o->slice, o->n_slices);
     const patch_metric_list one = {.n = 1, .m = {j->metric}};
-    /* an attribution method's estimates are C_atp, C_atp_normalized, as patch -o names them */
+    /* an attribution method's estimates are C_atp, C_atp_normalized, as patch -o names them; with
+     * atp+exact the exact grids keep their names and the estimate and its statistics are extras */
+    const bool exact = patch_method_runs_exact(j->method);
     st = ncout_results_define_named(&fx->r, &fx->f, m, p->max_T, j->components, j->metrics.n ? &j->metrics : &one,
-                                    j->direction, j->engine, patch_method_estimates(j->method) ? SCHEMA_ATP_SUFFIX : "");
+                                    j->direction, j->engine, exact ? "" : SCHEMA_ATP_SUFFIX);
     fx->r_defined = true; /* ncout_results_free is safe after a failed define */
     fx->r.prompt_offset = p->first;
-    if (st == PS_OK && patch_method_estimates(j->method))
-        st = ncout_put_attr(&fx->f, SCHEMA_ATT_METHOD, patch_method_name(j->method));
+    if (st == PS_OK && sweep_method_both(j))
+        st = ncout_results_define_extra(&fx->r, atp_extras, SW_ATP_EXTRAS);
+    if (st == PS_OK && patch_method_verifies(j->method)) {
+        char k[32];
+        snprintf(k, sizeof k, "%zu", j->verify_top_k);
+        if ((st = ncout_results_define_extra(&fx->r, verify_extras, SW_VERIFY_EXTRAS)) == PS_OK)
+            st = ncout_put_attr(&fx->f, SCHEMA_ATT_VERIFY_TOP_K, k);
+    }
+    if (st == PS_OK && patch_method_estimates(j->method)) {
+        /* "+graddrop" when GradDrop was on, as patch -o: "atp*+graddrop", "atp+exact+graddrop" */
+        char mname[48];
+        snprintf(mname, sizeof mname, "%s%s", patch_method_name(j->method), j->graddrop ? "+graddrop" : "");
+        st = ncout_put_attr(&fx->f, SCHEMA_ATT_METHOD, mname);
+    }
     /* memory_per_rank and the timings are known at the end only
      * (sweep_write_end) */
     if (st || (st = ncout_put_attr(&fx->f, SCHEMA_ATT_SLICE, slice)) ||
@@ -442,7 +540,8 @@ ps_status sweep_write_end(sweep_out *fx, const char *memory, double compute_seco
     results_roles_in rin = {.first = p->first, .n = p->n, .roles = &p->roles, .role_pos = p->role_pos,
                             .meta = &p->meta, .templates = &p->templates, .item = plan_item_obj, .user = p};
     if ((st = ncout_results_flush(&fx->r)) || (st = results_roles_put(fx->f.ncid, fx->f.tmp_path, &rin)) ||
-        (st = results_roles_aggregate(fx->f.ncid, fx->f.tmp_path)) || (st = write_guards(fx, &fx->f)) ||
+        (st = results_roles_aggregate(fx->f.ncid, fx->f.tmp_path)) || (st = ncout_atp_summary(fx->f.ncid, fx->f.tmp_path, res->atp)) ||
+        (st = write_guards(fx, &fx->f)) ||
         (st = ncout_put_attr(&fx->f, SCHEMA_ATT_MEMORY_PER_RANK, memory)) ||
         (st = ncout_put_attr(&fx->f, SCHEMA_ATT_COMPUTE_SECONDS, secs[0])) ||
         (st = ncout_put_attr(&fx->f, SCHEMA_ATT_WRITE_SECONDS, secs[1])) ||

@@ -34,6 +34,9 @@ typedef enum {
     KEY_PATCH_SOURCE,
     KEY_PATCH_MEAN_OVER,
     KEY_PATCH_RESAMPLE_SEED,
+    KEY_PATCH_GRADDROP,
+    KEY_PATCH_VERIFY_TOP_K,
+    KEY_PATCH_VERIFY_THRESHOLD,
     KEY_RUN_OUTPUT,
     KEY_RUN_CHUNK_PROMPTS,
     KEY_RUN_THREADS,
@@ -63,6 +66,9 @@ static const struct {
     [KEY_PATCH_SOURCE] = {"patch", "source"},
     [KEY_PATCH_MEAN_OVER] = {"patch", "mean_over"},
     [KEY_PATCH_RESAMPLE_SEED] = {"patch", "resample_seed"},
+    [KEY_PATCH_GRADDROP] = {"patch", "graddrop"},
+    [KEY_PATCH_VERIFY_TOP_K] = {"patch", "verify_top_k"},
+    [KEY_PATCH_VERIFY_THRESHOLD] = {"patch", "verify_threshold"},
     [KEY_RUN_OUTPUT] = {"run", "output"},
     [KEY_RUN_CHUNK_PROMPTS] = {"run", "chunk_prompts"},
     [KEY_RUN_THREADS] = {"run", "threads"},
@@ -376,16 +382,11 @@ static ps_status parse_path(const parse_state *s, const char *v, bool want_nc, c
     return PS_OK;
 }
 
-/* A sweep stores one estimate or the exact values: the methods that do both
- * (atp+exact, atp*+exact) are refused, not run as one of them. */
 static ps_status parse_method(const char *v, patch_method *out)
 {
-    patch_method m;
-    if (patch_method_parse(v, &m) != PS_OK)
-        return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp or atp*)", v);
-    if (patch_method_runs_exact(m) && patch_method_estimates(m))
-        return err_set(PS_ERR_INVALID, "method %s is not supported in sweeps yet (exact, atp or atp*)", v);
-    *out = m;
+    if (patch_method_parse(v, out) != PS_OK)
+        return err_set(PS_ERR_INVALID, "unknown method '%s' (exact, atp, atp*, atp+exact, atp*+exact, atp+verify or "
+                       "atp*+verify)", v);
     return PS_OK;
 }
 
@@ -408,6 +409,12 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     case KEY_PATCH_DIRECTION: return parse_direction(v, &j->direction);
     case KEY_PATCH_ENGINE: return parse_engine(v, &j->engine);
     case KEY_PATCH_METHOD: return parse_method(v, &j->method);
+    case KEY_PATCH_GRADDROP: return parse_bool(v, &j->graddrop);
+    case KEY_PATCH_VERIFY_TOP_K: return parse_size(v, 1, JOB_VERIFY_TOP_K_MAX, false, &j->verify_top_k);
+    case KEY_PATCH_VERIFY_THRESHOLD:
+        /* a threshold would make the verified cells' number per prompt vary; not implemented */
+        return err_set(PS_ERR_INVALID, "verify_threshold is not implemented (use verify_top_k: the top K cells of "
+                       "each grid)");
     case KEY_PATCH_SOURCE: return patch_source_parse(v, &j->source);
     case KEY_PATCH_RESAMPLE_SEED: return parse_size(v, 0, (size_t)1 << 53, false, &j->resample_seed);
     case KEY_PATCH_MEAN_OVER: {
@@ -541,6 +548,12 @@ static ps_status check_complete(parse_state *s)
     if (patch_method_estimates(j->method) && j->metrics.n > 1)
         return err_set(PS_ERR_INVALID, "%s:%zu: [patch] method = %s takes one metric (metric lists %zu)", s->path,
                        s->key_line[KEY_PATCH_METHOD], patch_method_name(j->method), j->metrics.n);
+    if (j->graddrop && !patch_method_estimates(j->method))
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] graddrop = true needs an attribution method (method = atp, "
+                       "atp*, atp+exact, atp*+exact, atp+verify or atp*+verify)", s->path, s->key_line[KEY_PATCH_GRADDROP]);
+    if (s->key_line[KEY_PATCH_VERIFY_TOP_K] && !patch_method_verifies(j->method))
+        return err_set(PS_ERR_INVALID, "%s:%zu: [patch] verify_top_k applies to method = atp+verify or atp*+verify "
+                       "only", s->path, s->key_line[KEY_PATCH_VERIFY_TOP_K]);
     if (j->lens_output && !strcmp(j->lens_output, j->output))
         return err_set(PS_ERR_INVALID, "%s:%zu: [lens] output is the same file as [run] output (line %zu)", s->path,
                        s->key_line[KEY_LENS_OUTPUT], s->key_line[KEY_RUN_OUTPUT]);
@@ -574,6 +587,7 @@ ps_status job_parse(job *j, const char *path, const char *text)
     j->bos = true;
     j->progress_seconds = 10.0;
     j->lens_top_k = 10;
+    j->verify_top_k = PATCH_VERIFY_TOP_K;
 
     parse_state s = {.j = j, .path = path, .cur = text};
     j->path = strdup(path);

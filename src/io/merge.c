@@ -789,6 +789,9 @@ ps_status merge_files(const char *const *paths, size_t n_parts, const char *outp
     /* the role-aligned means of the whole dataset, not of the widest part */
     if (st == PS_OK)
         st = results_roles_aggregate(f.ncid, f.tmp_path);
+    /* atp+exact's summary over every part's prompts */
+    if (st == PS_OK)
+        st = ncout_atp_summary(f.ncid, f.tmp_path, NULL);
     if (st == PS_OK)
         st = results_roles_regap(f.ncid, f.tmp_path);
     if (st == PS_OK)

@@ -398,6 +398,9 @@ static ps_status def_var(ncout_results *r, const char *name, nc_type type, int n
 }
 
 static ps_status stage_init(ncout_results *r);
+static void *cell(ncout_results *r, int var, size_t slot);
+static void stage_grid(const ncout_results *r, patch_component c, size_t T, float *raw, float *norm,
+                       double clean_metric, double corrupted_metric, const double *values);
 static ncout_staged *staged(ncout_results *r, int var);
 static void stage_clear(ncout_results *r, size_t from, size_t to);
 
@@ -649,16 +652,172 @@ ps_status ncout_results_define_named(ncout_results *r, ncout_file *f, model *m, 
         snprintf(label, sizeof label, "%zu", l);
         st = ncout_check(nc_put_vara_string(f->ncid, v_layer_label, &l, &one, &lp), f->tmp_path, SCHEMA_VAR_LAYER_LABEL);
     }
-    if (st || (st = stage_init(r)))
-        return st;
-    /* ids: -1 where there is none (their staged cells start as that) */
-    const int none = SCHEMA_FILL_TOKEN_ID;
-    for (size_t i = 0; i < sizeof ids / sizeof *ids; i++) {
-        ncout_staged *v = staged(r, ids[i]);
-        memcpy(v->fill, &none, sizeof none);
+    return st ? st : stage_init(r);
+}
+
+static bool extra_is_grid(ncout_extra_kind k) { return k == NCOUT_EXTRA_GRID || k == NCOUT_EXTRA_GRID_NORMALIZED; }
+
+static nc_type extra_type(ncout_extra_kind k)
+{
+    return extra_is_grid(k) ? NC_FLOAT : k == NCOUT_EXTRA_INT ? NC_INT : NC_DOUBLE;
+}
+
+ps_status ncout_results_define_extra(ncout_results *r, const ncout_extra *ex, size_t n)
+{
+    ncout_file *f = r->f;
+    if (r->n_extra + n > NCOUT_EXTRA_MAX)
+        return err_set(PS_ERR_INTERNAL, "%s: more than %d extra variables", f->path, NCOUT_EXTRA_MAX);
+    /* dims as define_named made them; kv_head and src_position may be absent */
+    static const char *const dn[6] = {SCHEMA_DIM_PROMPT, SCHEMA_DIM_LAYER,   SCHEMA_DIM_POSITION,
+                                      SCHEMA_DIM_HEAD,   SCHEMA_DIM_KV_HEAD, SCHEMA_DIM_SRC_POSITION};
+    int ids[6];
+    for (int k = 0; k < 6; k++)
+        if (nc_inq_dimid(f->ncid, dn[k], &ids[k]) != NC_NOERR)
+            ids[k] = -1;
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
+    ps_status st = PS_OK;
+    for (size_t i = 0; i < n && st == PS_OK; i++) {
+        const size_t e = r->n_extra++;
+        r->extra_kind[e] = ex[i].kind;
+        for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++) {
+            r->var_extra[e][c] = -1;
+            if (!r->on[c])
+                continue;
+            const char *cn = patch_component_name((patch_component)c);
+            char name[96], lname[256];
+            snprintf(name, sizeof name, "%s%s", cn, ex[i].suffix);
+            snprintf(lname, sizeof lname, "%s, %s", ex[i].long_name, cn);
+            int dims[PATCH_GRID_MAX_DIMS + 1] = {ids[0]}, *var = &r->var_extra[e][c];
+            const size_t nd = extra_is_grid(ex[i].kind) ? grid_dims(&cfg, (patch_component)c, r->max_T, ids, dims) : 0;
+            const nc_type t = extra_type(ex[i].kind);
+            const float fill_f = SCHEMA_FILL_GRID;
+            const double fill_d = SCHEMA_FILL_METRIC;
+            const int fill_i = SCHEMA_FILL_INT;
+            const void *fill = t == NC_FLOAT ? (const void *)&fill_f : t == NC_INT ? (const void *)&fill_i
+                                                                                   : (const void *)&fill_d;
+            if ((st = def_var(r, name, t, (int)nd + 1, dims, var, lname)) ||
+                (st = ncout_check(nc_def_var_fill(f->ncid, *var, 0, fill), f->tmp_path, name)) ||
+                (st = put_var_metric(r, *var, patch_metric_name(r->metric))))
+                break;
+            if (ex[i].comment)
+                st = ncout_check(nc_put_att_text(f->ncid, *var, "comment", strlen(ex[i].comment), ex[i].comment),
+                                 f->tmp_path, name);
+        }
     }
-    stage_clear(r, 0, r->stage.cap);
+    if (st)
+        return st;
+    /* the window again, with the new variables (nothing is staged yet) */
+    ncout_results_free(r);
+    return stage_init(r);
+}
+
+ps_status ncout_results_put_extra(ncout_results *r, size_t prompt, size_t i, double *const values[PATCH_COMPONENT_COUNT])
+{
+    if (i >= r->n_extra)
+        return err_set(PS_ERR_INTERNAL, "%s: extra variable %zu of %zu", r->f->path, i, r->n_extra);
+    if (prompt < r->stage.base || prompt >= r->stage.base + r->stage.cap || !r->stage.staged[prompt - r->stage.base])
+        return err_set(PS_ERR_INTERNAL, "%s: extra variable of prompt %zu before the prompt", r->f->path, prompt);
+    const size_t slot = prompt - r->stage.base;
+    const size_t T = (size_t)*(int *)cell(r, r->v_length, slot);
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+        if (!r->on[c] || !values[c])
+            continue;
+        void *dst = cell(r, r->var_extra[i][c], slot);
+        if (r->extra_kind[i] == NCOUT_EXTRA_GRID)
+            stage_grid(r, (patch_component)c, T, dst, NULL, 0.0, 0.0, values[c]);
+        else if (r->extra_kind[i] == NCOUT_EXTRA_GRID_NORMALIZED)
+            stage_grid(r, (patch_component)c, T, NULL, dst, *(double *)cell(r, r->v_clean_metric, slot),
+                       *(double *)cell(r, r->v_corrupted_metric, slot), values[c]);
+        else if (r->extra_kind[i] == NCOUT_EXTRA_INT)
+            *(int *)dst = (int)values[c][0];
+        else
+            *(double *)dst = values[c][0];
+    }
     return PS_OK;
+}
+
+/* Prompts with a value of a per-prompt variable (not the fill, not NaN):
+ * their values into v[0..*n) (v: [dim length]). */
+static ps_status read_prompt_values(int ncid, const char *path, int var, const char *name, size_t len, double *v,
+                                    size_t *n)
+{
+    ps_status st = ncout_check(nc_get_var_double(ncid, var, v), path, name);
+    int no_fill = 0;
+    double fill = SCHEMA_FILL_METRIC;
+    nc_type t;
+    nc_inq_vartype(ncid, var, &t);
+    if (t == NC_INT) {
+        int fi = SCHEMA_FILL_INT;
+        nc_inq_var_fill(ncid, var, &no_fill, &fi);
+        fill = fi;
+    } else {
+        nc_inq_var_fill(ncid, var, &no_fill, &fill);
+    }
+    *n = 0;
+    for (size_t k = 0; k < len && st == PS_OK; k++)
+        if (v[k] == v[k] && v[k] != fill)
+            v[(*n)++] = v[k];
+    return st;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+ps_status ncout_atp_summary(int ncid, const char *path, ncout_atp_stats out[PATCH_COMPONENT_COUNT])
+{
+    int dim;
+    size_t len = 0;
+    if (out)
+        memset(out, 0, PATCH_COMPONENT_COUNT * sizeof *out);
+    if (nc_inq_dimid(ncid, SCHEMA_DIM_PROMPT, &dim) != NC_NOERR || nc_inq_dimlen(ncid, dim, &len) != NC_NOERR)
+        return PS_OK;
+    double *v = malloc((len ? len : 1) * sizeof *v);
+    if (!v)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    ps_status st = PS_OK;
+    for (int c = 0; c < PATCH_COMPONENT_COUNT && st == PS_OK; c++)
+        for (int rho = 1; rho >= 0 && st == PS_OK; rho--) {
+            char name[NC_MAX_NAME + 1];
+            snprintf(name, sizeof name, "%s%s", patch_component_name((patch_component)c),
+                     rho ? SCHEMA_ATP_RANK_CORRELATION_SUFFIX : SCHEMA_ATP_MISSED_SUFFIX);
+            int var, nd, d0;
+            if (nc_inq_varid(ncid, name, &var) != NC_NOERR || nc_inq_varndims(ncid, var, &nd) != NC_NOERR ||
+                nd != 1 || nc_inq_vardimid(ncid, var, &d0) != NC_NOERR || d0 != dim)
+                continue;
+            size_t n;
+            if ((st = read_prompt_values(ncid, path, var, name, len, v, &n)))
+                break;
+            const int np = (int)n;
+            st = ncout_check(nc_put_att_int(ncid, var, SCHEMA_ATT_SUMMARY_PROMPTS, NC_INT, 1, &np), path, name);
+            if (st == PS_OK && rho) {
+                /* mean in prompt order, then the median of the sorted values */
+                double sum = 0.0;
+                for (size_t k = 0; k < n; k++)
+                    sum += v[k];
+                qsort(v, n, sizeof *v, cmp_double);
+                const double mean = n ? sum / (double)n : NAN;
+                const double median = !n ? NAN : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+                if ((st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEAN, NC_DOUBLE, 1, &mean),
+                                      path, name)) == PS_OK)
+                    st = ncout_check(nc_put_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEDIAN, NC_DOUBLE, 1, &median),
+                                     path, name);
+                if (out)
+                    out[c].present = true, out[c].rank_prompts = n, out[c].mean = mean, out[c].median = median;
+            } else if (st == PS_OK) {
+                long long total = 0;
+                for (size_t k = 0; k < n; k++)
+                    total += (long long)v[k];
+                st = ncout_check(nc_put_att_longlong(ncid, var, SCHEMA_ATT_SUMMARY_TOTAL, NC_INT64, 1, &total), path,
+                                 name);
+                if (out)
+                    out[c].missed_prompts = n, out[c].missed_total = (size_t)total;
+            }
+        }
+    free(v);
+    return st;
 }
 
 /* ---- the staging window ------------------------------------------------------
@@ -763,6 +922,15 @@ static ps_status stage_init(ncout_results *r)
             stage_add(r, r->var_m_norm[k][c], NC_FLOAT, nd, shape);
         }
     }
+    for (size_t e = 0; e < r->n_extra; e++)
+        for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
+            if (!r->on[c])
+                continue;
+            size_t shape[PATCH_GRID_MAX_DIMS] = {1};
+            const bool grid = extra_is_grid(r->extra_kind[e]);
+            const size_t nd = grid ? patch_grid_shape((patch_component)c, &cfg, r->max_T, shape, NULL) : 1;
+            stage_add(r, r->var_extra[e][c], extra_type(r->extra_kind[e]), nd, shape);
+        }
     size_t per_prompt = 0;
     for (size_t i = 0; i < g->n_vars; i++)
         per_prompt += g->vars[i].row * g->vars[i].esize;
@@ -776,6 +944,11 @@ static ps_status stage_init(ncout_results *r)
     }
     if (!g->staged)
         st = err_set(PS_ERR_NOMEM, "out of memory");
+    /* ids: -1 where there is none (their staged cells start as that) */
+    const int none = SCHEMA_FILL_TOKEN_ID;
+    const int ids[] = {r->v_answer_id, r->v_wrong_id, r->v_clean_tok_id, r->v_corrupted_tok_id};
+    for (size_t i = 0; i < sizeof ids / sizeof *ids && st == PS_OK; i++)
+        memcpy(staged(r, ids[i])->fill, &none, sizeof none);
     if (st == PS_OK)
         stage_clear(r, 0, g->cap);
     return st;
@@ -887,37 +1060,44 @@ ps_status ncout_results_put_skipped(ncout_results *r, size_t prompt, const char 
     return st;
 }
 
+/* Component c's grid of a T-token prompt (values, patch_grid_shape order)
+ * into a slot's row of max_T positions: raw when raw is not NULL,
+ * normalized when norm is not NULL.  The position axis (if any) is the second, and
+ * pattern_dest_src's src_position the third. */
+static void stage_grid(const ncout_results *r, patch_component c, size_t T, float *raw, float *norm,
+                       double clean_metric, double corrupted_metric, const double *values)
+{
+    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
+    const double denom = clean_metric - corrupted_metric;
+    size_t shape[PATCH_GRID_MAX_DIMS], full[PATCH_GRID_MAX_DIMS];
+    const size_t nd = patch_grid_shape(c, &cfg, T, shape, NULL);
+    patch_grid_shape(c, &cfg, r->max_T, full, NULL);
+    for (size_t k = nd; k < PATCH_GRID_MAX_DIMS; k++)
+        shape[k] = full[k] = 1;
+    for (size_t l = 0; l < shape[0]; l++)
+        for (size_t k = 0; k < shape[1]; k++)
+            for (size_t s2 = 0; s2 < shape[2]; s2++)
+                for (size_t h = 0; h < shape[3]; h++) {
+                    const double v = values[((l * shape[1] + k) * shape[2] + s2) * shape[3] + h];
+                    const size_t o = ((l * full[1] + k) * full[2] + s2) * full[3] + h;
+                    if (raw)
+                        raw[o] = (float)v;
+                    /* normalized = (patched - corrupted) / (clean - corrupted),
+                     * NaN when the clean and corrupted runs agree (as patch_normalize) */
+                    if (norm)
+                        norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
+                }
+}
+
 /* One metric's grids of a T-token prompt into the slot: raw into var_raw[c],
  * normalized into var_norm[c]. */
 static void stage_grids(ncout_results *r, size_t slot, size_t T, const int *var_raw, const int *var_norm,
                         double clean_metric, double corrupted_metric, double *const values[PATCH_COMPONENT_COUNT])
 {
-    model_config cfg = {.n_layer = r->n_layer, .n_head = r->n_head, .n_kv_head = r->n_kv_head};
-    const double denom = clean_metric - corrupted_metric;
-    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++) {
-        if (!r->on[c])
-            continue;
-        /* The grid for T positions into the window's rows of max_T
-         * positions: the position axis (if any) is the second, and
-         * pattern_dest_src's src_position the third. */
-        size_t shape[PATCH_GRID_MAX_DIMS], full[PATCH_GRID_MAX_DIMS];
-        const size_t nd = patch_grid_shape((patch_component)c, &cfg, T, shape, NULL);
-        patch_grid_shape((patch_component)c, &cfg, r->max_T, full, NULL);
-        for (size_t k = nd; k < PATCH_GRID_MAX_DIMS; k++)
-            shape[k] = full[k] = 1;
-        float *raw = cell(r, var_raw[c], slot), *norm = cell(r, var_norm[c], slot);
-        for (size_t l = 0; l < shape[0]; l++)
-            for (size_t k = 0; k < shape[1]; k++)
-                for (size_t s2 = 0; s2 < shape[2]; s2++)
-                    for (size_t h = 0; h < shape[3]; h++) {
-                        const double v = values[c][((l * shape[1] + k) * shape[2] + s2) * shape[3] + h];
-                        const size_t o = ((l * full[1] + k) * full[2] + s2) * full[3] + h;
-                        raw[o] = (float)v;
-                        /* normalized = (patched - corrupted) / (clean - corrupted),
-                         * NaN when the clean and corrupted runs agree (as patch_normalize) */
-                        norm[o] = denom == 0.0 ? NAN : (float)((v - corrupted_metric) / denom);
-                    }
-    }
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        if (r->on[c])
+            stage_grid(r, (patch_component)c, T, cell(r, var_raw[c], slot), cell(r, var_norm[c], slot), clean_metric,
+                       corrupted_metric, values[c]);
 }
 
 ps_status ncout_results_put_metric(ncout_results *r, size_t prompt, size_t k, double clean_metric,

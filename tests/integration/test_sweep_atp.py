@@ -7,8 +7,9 @@ dataset, on the embedded model (12 IOI pairs of the demo's dataset).
    C_atp_normalized (no exact C), global attribute method = atp*.
 2. Each prompt's values equal `patch --method atp*` on its token ids (to
    float32 storage), and method = atp gives the same values but on q/k.
-3. Refused with one line naming the job file: method = atp+exact (not in
-   sweeps yet), an unknown method, and method = atp with distribute = cells.
+3. Refused with one line naming the job file: an unknown method, and
+   method = atp with distribute = cells (atp+exact, atp+verify and GradDrop
+   in sweeps: test_sweep_atp_exact.py).
 Environment: PS_BIN, PS_ROOT (see run_integration.sh)."""
 import json
 import os
@@ -98,7 +99,6 @@ if len(files) == 2:
 
 # 3. refused
 for name, method, extra, frag in [
-        ("both", "atp+exact", "", "method atp+exact is not supported in sweeps yet"),
         ("unknown", "atp2", "", "unknown method 'atp2'"),
         ("cells", "atp", "distribute = cells\n", "distribute = cells needs [patch] method = exact")]:
     path, out = job(name, method, extra)

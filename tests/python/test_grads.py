@@ -158,3 +158,25 @@ def test_atp_star_equals_cli(ps, model):
         plain = ps.patching.get_act_patch(model, comp, CORRUPTED, CLEAN, answer=" John", wrong=" Mary",
                                           method="atp")
         assert np.array_equal(plain.values, g.values) == (comp == "z_all_pos"), comp
+
+
+@pytest.mark.parametrize("method", ["atp+graddrop", "atp*+graddrop"])
+def test_graddrop_equals_cli(ps, model, method):
+    """method="atp+graddrop" ("atp*+graddrop") = `patch --method atp --graddrop`
+    (`atp*`) bit for bit, and differs from the estimate without GradDrop."""
+    base = method.split("+")[0]
+    args = [a if a != "atp" else base for a in ATP_ARGS]
+    ref = cli(*args, "--graddrop", "--components", "resid_pre,z_all_pos,q_all_pos")
+    assert ref["method"] == base and ref["graddrop"] is True
+    for comp, r in ref["components"].items():
+        g = ps.patching.get_act_patch(model, comp, CORRUPTED, CLEAN, answer=" John", wrong=" Mary", method=method)
+        assert g.attrs["method"] == method
+        assert np.array_equal(g.values.ravel(), np.array(r["values"])), comp
+        plain = ps.patching.get_act_patch(model, comp, CORRUPTED, CLEAN, answer=" John", wrong=" Mary", method=base)
+        assert not np.array_equal(plain.values, g.values), comp
+
+
+@pytest.mark.parametrize("method", ["exact+graddrop", "atp+exact+graddrop", "atp+verify", "atp+graddrop+graddrop"])
+def test_method_refused(ps, model, method):
+    with pytest.raises(ps.PatchsweepError, match="unknown method"):
+        ps.patching.get_act_patch_resid_pre(model, CORRUPTED, CLEAN, answer=" John", wrong=" Mary", method=method)

@@ -29,7 +29,15 @@ machine, printed as tables and saved as results/bench.json.
      GPT-2-small-shaped model, in forward-pass equivalents and against the
      fast exact engine on the same grids in the same process
      (tests/tools/bench_atp.c; targets: at most 4 forward passes, at least
-     20x faster than exact).  --atp-only runs this section alone.
+     20x faster than exact).  --atp-only runs this section alone;
+  9. attribution patching's error (issue 20, not timed): `atp+exact` and
+     `atp*+exact` sweeps over the 128 IOI pairs of jobs/ioi-tiny (the
+     embedded GPT-2) and jobs/ioi-tiny-llama (the embedded Llama), and per
+     component the median (and mean) over prompts of the rank correlation
+     of estimate and exact grid, and the false negatives: exact top-10
+     cells missed by the estimate's top 10, in total and per prompt (the
+     files' C_atp_rank_correlation, C_atp_missed).  --atp-stats-only runs
+     this section alone and updates its key in an existing --out file.
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -166,6 +174,8 @@ def main(argv):
     ap.add_argument("--no-blas", action="store_true", help="skip section 6 (about 9 minutes)")
     ap.add_argument("--families-only", action="store_true", help="section 7 alone")
     ap.add_argument("--atp-only", action="store_true", help="section 8 alone")
+    ap.add_argument("--atp-stats-only", action="store_true",
+                    help="section 9 alone (its key updated in an existing --out file)")
     a = ap.parse_args(argv)
     ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
     report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
@@ -175,6 +185,12 @@ def main(argv):
         return finish(report, a.out, argv)
     if a.atp_only:
         report["attribution_patching"] = atp_bench(ps, model, report["host"]["cpu_model"])
+        return finish(report, a.out, argv)
+    if a.atp_stats_only:
+        if os.path.exists(a.out):  # the other sections' numbers stay
+            with open(a.out) as f:
+                report = dict(json.load(f), host=report["host"])
+        report["atp_error_statistics"] = atp_stats(ps)
         return finish(report, a.out, argv)
 
     # 0. hashing the checkpoint for provenance (issue 21)
@@ -282,6 +298,7 @@ def main(argv):
     #    fast engines, and the sgemm peak (tests/tools/bench_blas.py)
     report["families"] = families(ps, model)
     report["attribution_patching"] = atp_bench(ps, model, report["host"]["cpu_model"])
+    report["atp_error_statistics"] = atp_stats(ps)
     if a.no_blas:
         return finish(report, a.out, argv)
     print("\n== 6. OpenBLAS kernels: generic (Prescott) vs selected ==", flush=True)
@@ -347,6 +364,62 @@ def atp_bench(ps, model, cpu):
           f"{r['atp_forward_equivalents']:>16.2f} {r['exact_over_atp']:>9.1f}x {r['exact_over_atp_with_pair']:>9.1f}x")
     print(f"CPU: {cpu}", flush=True)
     return r
+
+
+ATP_STATS_COMPONENTS = "resid_pre,attn_out,mlp_out,z_all_pos,q_all_pos,k_all_pos,v_all_pos"
+ATP_STATS_JOBS = {"gpt2 (jobs/ioi-tiny)": "ioi-tiny", "llama (jobs/ioi-tiny-llama)": "ioi-tiny-llama"}
+
+
+def atp_stats(ps):
+    """Section 9: estimate vs truth over the embedded models' IOI datasets.
+    One `atp+exact` and one `atp*+exact` sweep per model (1 rank, 2
+    threads; the values do not depend on either), read back with netCDF4:
+    per component the rank correlations and missed counts of every prompt."""
+    import numpy as np
+    from netCDF4 import Dataset
+    print("\n== 9. attribution patching vs exact over the IOI datasets (not timed): rank correlation per prompt, "
+          "exact top-10 cells missed by the estimate's top 10 ==", flush=True)
+    out = {"components": ATP_STATS_COMPONENTS.split(","), "top_k": 10}
+    print(f"{'model':<28} {'method':<11} {'component':<16} {'cells':>5} {'prompts':>7} {'median rho':>10} "
+          f"{'mean rho':>9} {'missed':>7} {'per prompt':>10} {'prompts w/ miss':>15}")
+    with tempfile.TemporaryDirectory(prefix="bench-atp-stats-") as d:
+        for label, name in ATP_STATS_JOBS.items():
+            jd = os.path.join(ROOT, "jobs", name)
+            for method in ("atp+exact", "atp*+exact"):
+                nc = os.path.join(d, f"{name}-{method.replace('*', 'star').replace('+', '-')}.nc")
+                job = os.path.join(d, "stats.ini")
+                with open(job, "w") as f:
+                    f.write(f"; make bench section 9 (tests/tools/bench_report.py)\n[model]\n"
+                            f"dir = {os.path.join(jd, 'model')}\n[data]\ndataset = {os.path.join(jd, 'ioi.jsonl')}\n"
+                            f"[patch]\ncomponents = {ATP_STATS_COMPONENTS}\nmethod = {method}\n[run]\n"
+                            f"output = {nc}\nprogress_seconds = 1000\n")
+                run([ps, "sweep", job, "--overwrite", "--threads", "2"], MPI_ENV)
+                rows = {}
+                with Dataset(nc) as f:
+                    done = f["done"][:] == 1
+                    for c in out["components"]:
+                        rho = np.ma.filled(f[c + "_atp_rank_correlation"][:].astype(float), np.nan)[done]
+                        miss = np.ma.filled(f[c + "_atp_missed"][:].astype(float), np.nan)[done]
+                        ok = np.isfinite(rho)
+                        # the grid's cells (position grids: at the longest prompt); under 10, all are
+                        # the "top 10" and none can be missed
+                        cells = int(np.prod(f[c].shape[1:]))
+                        rows[c] = {"cells_max": cells, "prompts": int(done.sum()), "prompts_with_rank_correlation": int(ok.sum()),
+                                   "median_rank_correlation": float(np.median(rho[ok])) if ok.any() else None,
+                                   "mean_rank_correlation": float(rho[ok].mean()) if ok.any() else None,
+                                   "missed_top10_total": int(miss.sum()),
+                                   "missed_top10_per_prompt": float(miss.mean()),
+                                   "prompts_with_a_miss": int((miss > 0).sum()),
+                                   "file_median": float(f[c + "_atp_rank_correlation"].getncattr("median")),
+                                   "file_total": int(f[c + "_atp_missed"].getncattr("total"))}
+                        r = rows[c]
+                        med = f"{r['median_rank_correlation']:.3f}" if ok.any() else "nan"
+                        mean = f"{r['mean_rank_correlation']:.3f}" if ok.any() else "nan"
+                        print(f"{label:<28} {method:<11} {c:<16} {cells:>5} {r['prompts']:>7} {med:>10} {mean:>9} "
+                              f"{r['missed_top10_total']:>7} {r['missed_top10_per_prompt']:>10.2f} "
+                              f"{r['prompts_with_a_miss']:>15}", flush=True)
+                out.setdefault(label, {})[method] = rows
+    return out
 
 
 def finish(report, out, argv):

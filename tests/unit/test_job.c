@@ -310,12 +310,52 @@ static void test_method_limits(void **state)
                  "[patch] method = atp* takes one metric (metric lists 2)");
 }
 
+/* [patch] method = atp+exact | atp+verify, graddrop, verify_top_k, verify_threshold (issue 20) */
+static void test_atp_keys(void **state)
+{
+    (void)state;
+    job j;
+    assert_int_equal(job_parse(&j, "j", MINIMAL), PS_OK);
+    assert_true(j.method == PATCH_METHOD_EXACT && !j.graddrop && j.verify_top_k == PATCH_VERIFY_TOP_K);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nmethod = atp*+exact\ngraddrop = yes\n"), PS_OK);
+    assert_true(j.method == PATCH_METHOD_ATP_STAR_EXACT && j.graddrop);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nmethod = atp+exact\n"), PS_OK);
+    assert_true(j.method == PATCH_METHOD_ATP_EXACT && !j.graddrop);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nmethod = atp+verify\nverify_top_k = 3\n"), PS_OK);
+    assert_true(j.method == PATCH_METHOD_ATP_VERIFY && j.verify_top_k == 3);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", MINIMAL "[patch]\nmethod = atp*+verify\n"), PS_OK);
+    assert_true(j.method == PATCH_METHOD_ATP_STAR_VERIFY && j.verify_top_k == 10);
+    job_free(&j);
+    expect_error(MINIMAL "[patch]\nmethod = atp+exakt\n", PS_ERR_INVALID, 8,
+                 "[patch] method: unknown method 'atp+exakt' (exact, atp, atp*, atp+exact, atp*+exact, atp+verify or "
+                 "atp*+verify)");
+    expect_error(MINIMAL "[patch]\ngraddrop = true\n", PS_ERR_INVALID, 8,
+                 "[patch] graddrop = true needs an attribution method");
+    expect_error(MINIMAL "[patch]\ngraddrop = maybe\n", PS_ERR_INVALID, 8, "[patch] graddrop:");
+    expect_error(MINIMAL "[patch]\nmethod = atp+exact\nverify_top_k = 5\n", PS_ERR_INVALID, 9,
+                 "[patch] verify_top_k applies to method = atp+verify or atp*+verify only");
+    expect_error(MINIMAL "[patch]\nmethod = atp+verify\nverify_top_k = 0\n", PS_ERR_INVALID, 9,
+                 "[patch] verify_top_k:");
+    expect_error(MINIMAL "[patch]\nmethod = atp+verify\nverify_threshold = 0.1\n", PS_ERR_INVALID, 9,
+                 "[patch] verify_threshold: verify_threshold is not implemented (use verify_top_k");
+    expect_error(MINIMAL "[patch]\nmethod = atp+exact\nsource = zero\n", PS_ERR_INVALID, 8,
+                 "[patch] method = atp+exact takes source = clean or corrupted, not zero");
+    expect_error(MINIMAL "[patch]\nmetric = logit_diff, prob\nmethod = atp+verify\n", PS_ERR_INVALID, 9,
+                 "[patch] method = atp+verify takes one metric (metric lists 2)");
+    expect_error(MINIMAL "[patch]\nmethod = atp*+exact\n[run]\ndistribute = cells\n", PS_ERR_INVALID, 10,
+                 "[run] distribute = cells needs [patch] method = exact");
+}
+
 static void test_unknown_key(void **state)
 {
     (void)state;
     expect_error(MINIMAL "[patch]\nmetrics = kl\n", PS_ERR_INVALID, 8,
                  "unknown key 'metrics' in [patch] (components, metric, direction, engine, method, source, "
-                 "mean_over, resample_seed)");
+                 "mean_over, resample_seed, graddrop, verify_top_k, verify_threshold)");
     expect_error("[model]\nDir = m\n", PS_ERR_INVALID, 2, "unknown key 'Dir' in [model] (dir, tokenizer)");
     expect_error("dir = m\n[model]\n", PS_ERR_FORMAT, 1, "key 'dir' before any [section]");
 }
@@ -645,6 +685,7 @@ int main(void)
         cmocka_unit_test(test_unknown_section),
         cmocka_unit_test(test_unknown_key),
         cmocka_unit_test(test_method_limits),
+        cmocka_unit_test(test_atp_keys),
         cmocka_unit_test(test_ablation_keys),
         cmocka_unit_test(test_duplicated_key),
         cmocka_unit_test(test_empty_value),

@@ -246,6 +246,105 @@ static void test_full_window(void **state)
     ncin_close(&in);
 }
 
+/* Extra variables per component (ncout_results_define_extra: a sweep's
+ * C_atp, C_atp_normalized, C_atp_rank_correlation, C_atp_missed), staged
+ * with the prompt's grids, and the dataset summary (ncout_atp_summary) over
+ * the prompts that have a value. */
+static void test_extras_and_summary(void **state)
+{
+    (void)state;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/extras.nc", tmpdir);
+    model m;
+    fake_model(&m);
+    ncout_file f;
+    ncout_results r;
+    bool on[PATCH_COMPONENT_COUNT] = {0};
+    on[PATCH_RESID_PRE] = on[PATCH_Z_ALL_POS] = true;
+    assert_int_equal(ncout_create(&f, path), PS_OK);
+    assert_int_equal(ncout_results_define(&r, &f, &m, MAX_T, on, PATCH_LOGIT_DIFF, PATCH_DENOISE, PATCH_ENGINE_FAST),
+                     PS_OK);
+    const ncout_extra ex[] = {{SCHEMA_ATP_SUFFIX, NCOUT_EXTRA_GRID, "estimate", NULL},
+                              {SCHEMA_ATP_NORMALIZED_SUFFIX, NCOUT_EXTRA_GRID_NORMALIZED, "normalized", "a note"},
+                              {SCHEMA_ATP_RANK_CORRELATION_SUFFIX, NCOUT_EXTRA_DOUBLE, "rho", NULL},
+                              {SCHEMA_ATP_MISSED_SUFFIX, NCOUT_EXTRA_INT, "missed", NULL}};
+    assert_int_equal(ncout_results_define_extra(&r, ex, 4), PS_OK);
+    /* prompts 0, 2, 3 done (3 without a rank correlation: NaN), 1 pending */
+    const double rho[4] = {0.5, 0, 0.9, NAN}, missed[4] = {1, 0, 3, 2};
+    for (size_t p = 0; p < 4; p++) {
+        if (p == 1) {
+            assert_int_equal(ncout_results_put_pending(&r, p), PS_OK);
+            continue;
+        }
+        put_prompt(&r, p, 2);
+        double est[N_LAYER * MAX_T], ez[N_LAYER * N_HEAD], rr = rho[p], mm = missed[p];
+        for (size_t i = 0; i < N_LAYER * 2; i++)
+            est[i] = 1.0 + (double)(p + i);
+        for (size_t i = 0; i < N_LAYER * N_HEAD; i++)
+            ez[i] = -1.0 - (double)i;
+        double *g[PATCH_COMPONENT_COUNT] = {0}, *rv[PATCH_COMPONENT_COUNT] = {0}, *mv[PATCH_COMPONENT_COUNT] = {0};
+        g[PATCH_RESID_PRE] = est, g[PATCH_Z_ALL_POS] = ez;
+        rv[PATCH_RESID_PRE] = rv[PATCH_Z_ALL_POS] = &rr;
+        mv[PATCH_RESID_PRE] = mv[PATCH_Z_ALL_POS] = &mm;
+        assert_int_equal(ncout_results_put_extra(&r, p, 0, g), PS_OK);
+        assert_int_equal(ncout_results_put_extra(&r, p, 1, g), PS_OK);
+        assert_int_equal(ncout_results_put_extra(&r, p, 2, rv), PS_OK);
+        assert_int_equal(ncout_results_put_extra(&r, p, 3, mv), PS_OK);
+    }
+    double *g[PATCH_COMPONENT_COUNT] = {0};
+    ASSERT_ERROR(ncout_results_put_extra(&r, 0, 4, g), PS_ERR_INTERNAL, path, "extra variable 4 of 4");
+    assert_int_equal(ncout_results_flush(&r), PS_OK);
+    ncout_atp_stats st[PATCH_COMPONENT_COUNT];
+    assert_int_equal(ncout_atp_summary(f.ncid, f.tmp_path, st), PS_OK);
+    ncout_results_free(&r);
+    assert_int_equal(ncout_commit(&f), PS_OK);
+    /* the summary: rho over prompts 0 and 2, missed over 0, 2, 3 */
+    for (int c = 0; c < PATCH_COMPONENT_COUNT; c++)
+        assert_int_equal(st[c].present, on[c]);
+    assert_int_equal(st[PATCH_Z_ALL_POS].rank_prompts, 2);
+    assert_true(st[PATCH_Z_ALL_POS].mean == 0.7 && st[PATCH_Z_ALL_POS].median == 0.7);
+    assert_int_equal(st[PATCH_RESID_PRE].missed_prompts, 3);
+    assert_int_equal(st[PATCH_RESID_PRE].missed_total, 6);
+
+    ncin_file in;
+    assert_int_equal(ncin_open(&in, path), PS_OK);
+    assert_true(read1(&in, "z_all_pos" SCHEMA_ATP_RANK_CORRELATION_SUFFIX, 2) == 0.9);
+    assert_true(isnan(read1(&in, "z_all_pos" SCHEMA_ATP_RANK_CORRELATION_SUFFIX, 1)));
+    assert_true(read1(&in, "resid_pre" SCHEMA_ATP_MISSED_SUFFIX, 3) == 2.0);
+    assert_true(isnan(read1(&in, "resid_pre" SCHEMA_ATP_MISSED_SUFFIX, 1))); /* _FillValue -1 */
+    ncin_var v, vn;
+    float e[N_LAYER * MAX_T], en[N_LAYER * MAX_T];
+    assert_int_equal(ncin_inq_var(&in, "resid_pre" SCHEMA_ATP_SUFFIX, &v), PS_OK);
+    assert_int_equal(ncin_inq_var(&in, "resid_pre" SCHEMA_ATP_NORMALIZED_SUFFIX, &vn), PS_OK);
+    assert_int_equal(ncin_read_float(&in, &v, 2, 1, e), PS_OK);
+    assert_int_equal(ncin_read_float(&in, &vn, 2, 1, en), PS_OK);
+    for (size_t l = 0; l < N_LAYER; l++)
+        for (size_t t = 0; t < MAX_T; t++) {
+            const double want = 1.0 + (double)(2 + l * 2 + t);
+            if (t < 2)
+                assert_true(e[l * MAX_T + t] == (float)want && en[l * MAX_T + t] == (float)((want - 1.0) / 3.0));
+            else
+                assert_true(isnan(e[l * MAX_T + t]) && isnan(en[l * MAX_T + t]));
+        }
+    char *att = NULL;
+    assert_int_equal(ncin_get_text_att(&in, "resid_pre" SCHEMA_ATP_NORMALIZED_SUFFIX, "comment", &att), PS_OK);
+    assert_string_equal(att, "a note");
+    free(att);
+    int ncid, var;
+    double mean, median;
+    long long total;
+    assert_int_equal(nc_open(path, NC_NOWRITE, &ncid), NC_NOERR);
+    assert_int_equal(nc_inq_varid(ncid, "resid_pre" SCHEMA_ATP_RANK_CORRELATION_SUFFIX, &var), NC_NOERR);
+    assert_int_equal(nc_get_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEAN, &mean), NC_NOERR);
+    assert_int_equal(nc_get_att_double(ncid, var, SCHEMA_ATT_SUMMARY_MEDIAN, &median), NC_NOERR);
+    assert_true(mean == 0.7 && median == 0.7);
+    assert_int_equal(nc_inq_varid(ncid, "z_all_pos" SCHEMA_ATP_MISSED_SUFFIX, &var), NC_NOERR);
+    assert_int_equal(nc_get_att_longlong(ncid, var, SCHEMA_ATT_SUMMARY_TOTAL, &total), NC_NOERR);
+    assert_true(total == 6);
+    nc_close(ncid);
+    ncin_close(&in);
+}
+
 static void test_parse_slice(void **state)
 {
     (void)state;
@@ -336,6 +435,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_staging_window),
         cmocka_unit_test(test_full_window),
+        cmocka_unit_test(test_extras_and_summary),
         cmocka_unit_test(test_parse_slice),
         cmocka_unit_test(test_is_complete_run),
     };
