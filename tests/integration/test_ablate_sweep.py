@@ -188,6 +188,7 @@ if 1 in outs:
         part = os.path.join(TMP, f"part{k}.nc")
         r = subprocess.run([BIN, "sweep", path, "--output", part, "--overwrite", "--slice", f"{k}/2"],
                            capture_output=True, text=True, timeout=600)
+        check(f"resample: slice {k}/2 of the sweep exits 0", r.returncode == 0, r.stderr)
         parts.append(part)
     merged = os.path.join(TMP, "merged.nc")
     r = subprocess.run([BIN, "merge", *parts, "-o", merged], capture_output=True, text=True, timeout=600)
