@@ -438,7 +438,7 @@ integration: $(BIN) $(SO) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_metrics.py test_diff.py \
+                test_metrics.py test_diff.py test_compute_bf16.py \
                 test_families.py test_python.sh test_hash.py test_llama_writer.py
 check: $(BIN) $(SO) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \
