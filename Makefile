@@ -356,9 +356,10 @@ endif
 # fast engines beside an sgemm peak and the worksheet's PyTorch loop at 1 and
 # 2 threads; the sweep on 1 rank x 2 threads vs 2 ranks x 1 thread; cost
 # growth with prompt length and dataset size; the scaling model; OpenBLAS's
-# generic kernels vs the selected ones (results/bench_blas.json).
+# generic kernels vs the selected ones (results/bench_blas.json); BF16
+# arithmetic (--compute bf16) against F32.
 BENCH_MODEL := build/bench/gpt2-small-random
-bench: all tokenizer $(BUILD)/tests/bench_atp
+bench: all tokenizer $(BUILD)/tests/bench_atp $(BUILD)/tests/bench_gemm_bf16
 	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
 	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
 	@mkdir -p results

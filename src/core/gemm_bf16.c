@@ -29,8 +29,11 @@
  * accumulators live in a stack buffer between k passes (32 KiB). */
 #define BF16_GROUP_BYTES ((size_t)512 * 1024)
 #define BF16_GROUP_MAX 8
-/* Below this many multiply-adds a call runs on one thread. */
+/* Below this many multiply-adds a call runs on one thread (waking the
+ * workers would cost more than it saves): gemm.c's 2^22 for AVX512_BF16,
+ * four times that for AMX, whose products are about 4x faster per MAC. */
 #define BF16_MIN_PARALLEL_MACS ((size_t)1 << 22)
+#define BF16_MIN_PARALLEL_MACS_AMX ((size_t)1 << 24)
 
 /* ---- packing ------------------------------------------------------------- */
 
@@ -52,26 +55,35 @@ uint16_t gemm_bf16_round(float f)
     return (uint16_t)(u >> 16);
 }
 
+/* One source element as BF16. */
+static inline uint16_t src_bf16(const void *src, gemm_dtype dt, size_t at)
+{
+    if (dt == GEMM_F32)
+        return gemm_bf16_round(((const float *)src)[at]);
+    const uint16_t h = ((const uint16_t *)src)[at];
+    return dt == GEMM_BF16 ? h : gemm_bf16_round(st_f16_to_f32(h));
+}
+
 void gemm_bf16_pack(uint16_t *dst, const void *src, gemm_dtype src_dt, size_t ld, bool linear, const size_t *rows,
                     size_t k, size_t n)
 {
     const size_t np = (n + GEMM_NR - 1) / GEMM_NR, kp_n = k_blocks(k) * 16;
-    const float *f = src;
-    const uint16_t *h = src;
+    memset(dst, 0, gemm_bf16_packed_elems(k, n) * sizeof *dst); /* padding: k >= k, c >= n */
     for (size_t p = 0; p < np; p++) {
         uint16_t *d = dst + p * kp_n * GEMM_NR * 2;
-        for (size_t j = 0; j < GEMM_NR; j++) {
-            const size_t c = p * GEMM_NR + j;
-            for (size_t kk = 0; kk < kp_n * 2; kk++) {
-                uint16_t v = 0;
-                if (kk < k && c < n) {
-                    const size_t at = linear ? (rows ? rows[c] : c) * ld + kk : kk * ld + c;
-                    v = src_dt == GEMM_F32    ? gemm_bf16_round(f[at])
-                        : src_dt == GEMM_BF16 ? h[at]
-                                              : gemm_bf16_round(st_f16_to_f32(h[at]));
-                }
-                d[((kk / 2) * GEMM_NR + j) * 2 + kk % 2] = v;
+        const size_t c0 = p * GEMM_NR, nc = n - c0 < GEMM_NR ? n - c0 : GEMM_NR;
+        /* the source's contiguous direction innermost: c for Conv1D [k, n],
+         * kk for nn.Linear [n, k] */
+        if (linear) {
+            for (size_t j = 0; j < nc; j++) {
+                const size_t row = (rows ? rows[c0 + j] : c0 + j) * ld;
+                for (size_t kk = 0; kk < k; kk++)
+                    d[((kk / 2) * GEMM_NR + j) * 2 + kk % 2] = src_bf16(src, src_dt, row + kk);
             }
+        } else {
+            for (size_t kk = 0; kk < k; kk++)
+                for (size_t j = 0; j < nc; j++)
+                    d[((kk / 2) * GEMM_NR + j) * 2 + kk % 2] = src_bf16(src, src_dt, kk * ld + c0 + j);
         }
     }
 }
@@ -169,8 +181,8 @@ bool gemm_bf16_supported(void)
 
 /* ---- kernels -----------------------------------------------------------------
  * A pass: a row block of `rb` <= 32 rows, its k columns [kc0, kc0 + KC)
- * rounded into `a` ([32][GEMM_BF16_KC] BF16, rows >= rb and columns past k
- * zero), times the panels of a group; c[g] ([32][32] F32) holds panel g's
+ * rounded into `a` ([32][GEMM_BF16_KC] BF16; rows rb.. up to a multiple of
+ * 16 and columns past k zero), times the panels of a group; c[g] ([32][32] F32) holds panel g's
  * accumulators between passes:
  *     c[g][r][j] (first pass: 0) += sum over kk in the pass of a[r][kk] W[kc0 + kk, (p0+g)*32 + j]
  * in k blocks of 32.  `kb` k blocks in the pass; `first`: start from 0. */
@@ -320,15 +332,31 @@ TARGET_AMX static void pass_amx(const bf16_pass *s)
 }
 
 /* Round rows [0, rb) x columns [0, kc) of x (row stride k) to BF16 into
- * a[32][KC], zero elsewhere up to kpad columns (and rows rb..31). */
+ * a[32][KC], zero elsewhere up to kpad columns (and rows up to a multiple of
+ * 16): 16 at a
+ * time, the same integer operations as gemm_bf16_round (so the same bits,
+ * denormals and NaNs included; vcvtneps2bf16 would flush denormals). */
 TARGET_BF16 static void round_rows_avx512(uint16_t *a, const float *x, size_t k, size_t rb, size_t kc, size_t kpad)
 {
-    for (size_t r = 0; r < BF16_RB; r++) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+    /* rows past rb up to the AMX tile's 16 read as zeros (their outputs are
+     * never stored; zero keeps them defined) */
+    const size_t r_end = (rb + 15) / 16 * 16;
+    for (size_t r = 0; r < r_end; r++) {
         uint16_t *d = a + r * GEMM_BF16_KC;
         size_t t = 0;
         if (r < rb)
-            for (; t < kc; t++)
-                d[t] = gemm_bf16_round(x[r * k + t]);
+            for (; t < kc; t += 16) {
+                const __mmask16 m = kc - t >= 16 ? 0xFFFF : (__mmask16)((1u << (kc - t)) - 1);
+                const __m512i u = _mm512_maskz_loadu_epi32(m, x + r * k + t);
+                const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+                const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+                __m512i v = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+                v = _mm512_mask_mov_epi32(v, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+                /* masked-off lanes are 0 (zero-masked load): the padding */
+                _mm256_storeu_si256((__m256i *)(d + t), _mm512_cvtepi32_epi16(v));
+            }
         for (; t < kpad; t++)
             d[t] = 0;
     }
@@ -337,7 +365,10 @@ TARGET_BF16 static void round_rows_avx512(uint16_t *a, const float *x, size_t k,
 
 static void round_rows_c(uint16_t *a, const float *x, size_t k, size_t rb, size_t kc, size_t kpad)
 {
-    for (size_t r = 0; r < BF16_RB; r++) {
+    /* rows past rb up to the AMX tile's 16 read as zeros (their outputs are
+     * never stored; zero keeps them defined) */
+    const size_t r_end = (rb + 15) / 16 * 16;
+    for (size_t r = 0; r < r_end; r++) {
         uint16_t *d = a + r * GEMM_BF16_KC;
         size_t t = 0;
         if (r < rb)
@@ -435,6 +466,6 @@ void gemm_bf16_run(float *out, const float *x, size_t rows, const uint16_t *pack
     }
     bf16_task t = {out, x, rows, k, n, packed, bias, ep, gemm_bf16_isa_get()};
     const size_t np = (n + GEMM_NR - 1) / GEMM_NR;
-    const bool small = rows * k * n < BF16_MIN_PARALLEL_MACS;
+    const bool small = rows * k * n < (t.isa == GEMM_BF16_ISA_AMX ? BF16_MIN_PARALLEL_MACS_AMX : BF16_MIN_PARALLEL_MACS);
     pool_run(small ? 1 : np, bf16_worker, &t);
 }
