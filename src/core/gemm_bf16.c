@@ -27,7 +27,7 @@
 /* Panels visited together per row block (their bytes stay in L2 while the
  * row blocks pass over them), at most BF16_GROUP_MAX: their 32 x 32 F32
  * accumulators live in a stack buffer between k passes (32 KiB). */
-#define BF16_GROUP_BYTES ((size_t)512 * 1024)
+#define BF16_GROUP_BYTES ((size_t)1536 * 1024)
 #define BF16_GROUP_MAX 8
 /* Below this many multiply-adds a call runs on one thread (waking the
  * workers would cost more than it saves): gemm.c's 2^22 for AVX512_BF16,
