@@ -189,7 +189,8 @@ static void test_kernel(void **state)
 }
 
 /* Products large enough to be split among threads (k past one pass, rows
- * and n ragged): the same bits with 1 and 2 threads on every kernel. */
+ * and n ragged, several panel groups per thread): the same bits with 1 and
+ * 2 threads on every kernel, and correct in both row blocks. */
 static void test_threads(void **state)
 {
     (void)state;
@@ -210,6 +211,20 @@ static void test_threads(void **state)
         pool_set_threads(2);
         run_isa((gemm_bf16_isa)isa, o2, x, R, pb, K, N, NULL);
         assert_memory_equal(o1, o2, R * N * sizeof *o1);
+        /* several panel groups, row blocks and k passes: rows of both
+         * blocks against the double reference */
+        const size_t check_rows[] = {0, 31, 32, 36};
+        for (size_t i = 0; i < 4; i++)
+            for (size_t j = 0; j < N; j++) {
+                const size_t r = check_rows[i];
+                double ref = 0, mag = 0;
+                for (size_t kk = 0; kk < K; kk++) {
+                    const double t = (double)bf16_f(gemm_bf16_round(x[r * K + kk])) *
+                                     bf16_f(gemm_bf16_round(W[kk * N + j]));
+                    ref += t, mag += fabs(t);
+                }
+                assert_true(fabs((double)o1[r * N + j] - ref) <= 0x1p-23 * (double)(K + 2) * mag);
+            }
     }
     pool_set_threads(0);
     pool_shutdown();
