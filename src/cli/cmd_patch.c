@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "clock.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "ncout.h"
 #include "patch.h"
 #include "prov.h"
@@ -943,6 +944,10 @@ int cmd_bench(int argc, char **argv)
                                    "n_layer", (int)m.cfg.n_layer, "n_embd", (int)d, "n_head", (int)m.cfg.n_head,
                                    "vocab_size", (int)m.cfg.vocab_size, "tokens", (int)na, "metric",
                                    patch_metric_name(po.metric), "components", rows);
+        /* --compute: the blocks' arithmetic, and its kernel for bf16 */
+        json_object_set_new(report, "compute", json_string(model_compute_name(m.compute)));
+        if (m.compute == MODEL_COMPUTE_BF16)
+            json_object_set_new(report, "compute_kernel", json_string(gemm_bf16_isa_name(gemm_bf16_isa_get())));
         if (a.save && (st = cli_write_atomic(a.save, write_json, report)) == PS_OK)
             fprintf(stderr, "wrote %s\n", a.save);
         if (st == PS_OK && a.common.json)
