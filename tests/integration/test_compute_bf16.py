@@ -9,8 +9,9 @@
     compute_kernel; with PS_CPU_NO_AMX=1 the AVX512_BF16 kernel gives the
     same agreement;
   - a sweep whose job file says [model] compute = bf16 (8 IOI pairs of the
-    demo) against the same job in f32: the same bound; merge refuses to stitch
-    an f32 slice with a bf16 slice (their job_sha256 differ);
+    demo) against the same job in f32: the same bound; on 2 MPI ranks (the
+    node's shared BF16 window) the same bits as on 1; merge refuses to
+    stitch an f32 slice with a bf16 slice (their job_sha256 differ);
   - refusals, one line each: --compute bf16 on a CPU without AMX-BF16 or
     AVX512_BF16 (PS_CPU_NO_BF16=1), an unknown --compute value, --compute on
     a command that runs no matrix product (tokenize), an unknown
@@ -25,11 +26,11 @@ import tempfile
 import numpy as np
 import xarray as xr
 
-from checks import check, finish, skip
+from checks import check, finish, mpi_env, private_binary, skip
 
 ROOT = os.environ["PS_ROOT"]
-BIN = os.environ["PS_BIN"]
 TMP = tempfile.mkdtemp(prefix="ps-compute-bf16-")
+BIN = private_binary(os.environ["PS_BIN"], TMP)  # mpirun starts ranks from it
 GRIDS = ("resid_pre", "attn_out", "mlp_out")
 PAIR = ["--clean", "When John and Mary went to the store, John gave a drink to",
         "--corrupted", "When John and Mary went to the store, Mary gave a drink to",
@@ -165,6 +166,15 @@ if check("sweep of the f32 job and of the [model] compute = bf16 job", r1.return
     summary.append(f"sweep: normalized {compare('sweep of 8 IOI pairs', TMP + '/sweep-f32.nc', TMP + '/sweep-bf16.nc'):.2e}")
     _, at = grids(TMP + "/sweep-bf16.nc")
     check("sweep file records compute = bf16", at.get("compute") == "bf16", at.get("compute"))
+    # 2 ranks sharing the node's BF16 window (one rank packs, the other
+    # takes pointers): the 1-rank file's bits
+    r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", j16, "--output", TMP + "/sweep-2r.nc"],
+                       capture_output=True, text=True, timeout=900, env=mpi_env())
+    if check("2-rank sweep of the bf16 job runs", r.returncode == 0, r.stderr):
+        a, _ = grids(TMP + "/sweep-bf16.nc", "")
+        b, at2 = grids(TMP + "/sweep-2r.nc", "")
+        check("2 ranks: the 1-rank bf16 grids bit for bit, compute = bf16",
+              all(np.array_equal(a[g], b[g], equal_nan=True) for g in GRIDS) and at2.get("compute") == "bf16")
     # slices 1/2 in f32 and 2/2 in bf16 do not merge
     s1, s2 = TMP + "/s1.nc", TMP + "/s2.nc"
     r1 = run("sweep", j32, "--slice", "1/2", "--output", s1)
