@@ -382,9 +382,10 @@ endif
 # fast engines beside an sgemm peak and the worksheet's PyTorch loop at 1 and
 # 2 threads; the sweep on 1 rank x 2 threads vs 2 ranks x 1 thread; cost
 # growth with prompt length and dataset size; the scaling model; OpenBLAS's
-# generic kernels vs the selected ones (results/bench_blas.json).
+# generic kernels vs the selected ones (results/bench_blas.json); BF16
+# arithmetic (--compute bf16) against F32.
 BENCH_MODEL := build/bench/gpt2-small-random
-bench: all tokenizer $(BUILD)/tests/bench_atp
+bench: all tokenizer $(BUILD)/tests/bench_atp $(BUILD)/tests/bench_gemm_bf16
 	@test -f $(BENCH_MODEL)/model.safetensors || /usr/bin/python3 tests/tools/make_model.py \
 	    --layers 12 --heads 12 --d-model 768 --n-positions 1024 -o $(BENCH_MODEL)
 	@mkdir -p results
@@ -464,7 +465,7 @@ integration: $(BIN) $(SO) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 CHECK_JOBS  ?= 2
 CHECK_SUITES ?= test_layers.sh test_install.sh test_cli_errors.py test_forward_oracle.py test_lens_oracle.py \
                 test_merge.py test_patch_oracle.py test_plot.py test_sweep.py test_tokenizer_js.py test_hftok.py \
-                test_metrics.py test_diff.py \
+                test_metrics.py test_diff.py test_compute_bf16.py \
                 test_families.py test_python.sh test_hash.py test_llama_writer.py
 check: $(BIN) $(SO) $(UNIT_BIN) $(FAULT_BIN) $(TOOL_BIN) tokenizer hf-tokenizers
 	@PS_JOBS=$(CHECK_JOBS) PS_LABEL=check PS_BIN=$(abspath $(BIN)) PS_BUILD=$(abspath $(BUILD)) \

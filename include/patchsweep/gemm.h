@@ -43,14 +43,20 @@
  * which is exact, and then run the F32 kernel's arithmetic unchanged: the
  * product with 2-byte panels equals bit for bit the F32 product with the
  * widened weights, on every instruction set. */
-typedef enum { GEMM_F32 = 0, GEMM_F16, GEMM_BF16 } gemm_dtype;
+typedef enum { GEMM_F32 = 0, GEMM_F16, GEMM_BF16, GEMM_BF16_PAIRS } gemm_dtype;
+/* GEMM_BF16_PAIRS: `--compute bf16` (gemm_bf16.h): data16 holds the
+ * matrix rounded to BF16 in gemm_bf16_pack's layout (k pairs interleaved,
+ * k padded to 32), and gemm_run multiplies in BF16 with F32 accumulation
+ * (gemm_bf16_run), rounding x to BF16; gemm_run_t reads the BF16 values
+ * exactly (F32 arithmetic, portable C). */
 
 /* A packed weight matrix (not owning: data lives in the model's arena). */
 typedef struct {
     size_t k, n;
     const float *data;      /* GEMM_F32: [ceil(n / GEMM_NR)][k][GEMM_NR] */
     gemm_dtype dtype;       /* 0 (GEMM_F32) unless set */
-    const uint16_t *data16; /* GEMM_F16 / GEMM_BF16: the same layout, 2 bytes per element */
+    const uint16_t *data16; /* GEMM_F16 / GEMM_BF16: the same layout, 2 bytes per element;
+                             * GEMM_BF16_PAIRS: gemm_bf16_pack's layout */
 } gemm_weight;
 
 /* Floats of the packed form of a [k, n] matrix. */
@@ -59,7 +65,8 @@ size_t gemm_packed_floats(size_t k, size_t n);
 /* Pack W ([k, n], row stride ldw >= n) into dst (gemm_packed_floats(k, n)). */
 void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n);
 
-/* Bytes of the packed form of a [k, n] matrix of type dt. */
+/* Bytes of the packed form of a [k, n] matrix of type dt (GEMM_BF16_PAIRS:
+ * 2 x gemm_bf16_packed_elems). */
 size_t gemm_packed_bytes(size_t k, size_t n, gemm_dtype dt);
 
 /* gemm_pack and gemm_pack_rows for 2-byte (F16 / BF16) elements, copied

@@ -20,6 +20,7 @@
  * | section   | key              | default     | meaning |
  * |-----------|------------------|-------------|---------|
  * | `[model]` | `dir`            | required    | model directory (HF layout: config.json, model.safetensors, tokenizer files) |
+ * | `[model]` | `compute`        | `f32`       | the blocks' matrix products: f32, or bf16 (BF16 with F32 accumulation on AMX-BF16 / AVX512_BF16, as `--compute bf16`; refused on other CPUs).  Part of the job's text, so a resume or merge never mixes the two |
  * | `[model]` | `tokenizer`      | none        | directory of the GPT-2 BPE files to use (as `--tokenizer DIR`); absent: the model directory's, else `$PATCHSWEEP_TOKENIZER`, else `make tokenizer`'s |
  * | `[data]`  | `dataset`        | required    | JSONL prompt pairs (`clean`, `corrupted`, `answer`, `wrong`) |
  * | `[data]`  | `bos`            | `true`      | prepend `<\|endoftext\|>` (id 50256) to every prompt, as TransformerLens does |
@@ -89,6 +90,7 @@
 #include <stddef.h>
 
 #include "err.h"
+#include "model.h"
 #include "patchspec.h"
 
 #define JOB_MAX_BYTES ((size_t)1 << 20)        /* job_load refuses larger files */
@@ -108,6 +110,7 @@ typedef struct {
     /* [model] */
     char *model_dir;       /* dir: resolved path */
     char *tokenizer_dir;   /* tokenizer: resolved path, NULL when absent */
+    model_compute compute; /* compute (f32): the blocks' matrix products (model.h) */
     /* [data] */
     char *dataset;         /* dataset: resolved path of the JSONL file */
     bool bos;              /* bos (true): prepend <|endoftext|> */

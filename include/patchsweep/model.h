@@ -82,6 +82,21 @@ typedef enum {
     MODEL_ACT_SILU_GATED  /* down(silu(gate(x)) * up(x)) */
 } model_act;
 
+/* The arithmetic of the blocks' matrix products (`--compute`, issue 21):
+ * F32 (the default: gemm.h's kernels, 2-byte checkpoints widened exactly),
+ * or BF16 (gemm_bf16.h: every block matrix rounded to BF16 once at load,
+ * activations rounded to BF16 per product, F32 accumulation; needs
+ * AMX-BF16 or AVX512_BF16).  The embedding, the norms, attention's
+ * softmax and mixing, and the logits stay F32 (or the checkpoint's 2
+ * bytes, widened) in both. */
+typedef enum { MODEL_COMPUTE_F32 = 0, MODEL_COMPUTE_BF16, MODEL_COMPUTE_COUNT } model_compute;
+
+/* "f32" / "bf16" (the flag's and the results attribute's values). */
+const char *model_compute_name(model_compute c);
+
+/* The value of --compute or [model] compute; false for an unknown name. */
+bool model_compute_parse(const char *s, model_compute *out);
+
 typedef struct {
     size_t n_layer;
     size_t n_head;        /* H: query heads */
@@ -215,6 +230,9 @@ typedef struct {
                               * model_pack_weights' own copy (packed_owned) */
     size_t packed_bytes;
     bool packed_owned;
+    model_compute compute;   /* the blocks' products: F32 (GEMM_F32/F16/BF16 panels) or BF16
+                              * (GEMM_BF16_PAIRS panels, gemm_bf16.h); set by model_load_compute,
+                              * or by the caller before model_pack_weights */
 } model;
 
 /* Row `token` of the token embedding as floats: a pointer into wte, or
@@ -288,6 +306,13 @@ ps_status model_pack_weights(model *m);
  * them; a reader reports the writer's error).  Every process must call it
  * with the same directory.  NULL `a`: model_load.  On error *m is freed. */
 ps_status model_load_shared(model *m, const char *dir, const model_alloc *a);
+
+/* model_load_shared with the blocks' matrices packed for `compute`:
+ * MODEL_COMPUTE_BF16 rounds every block matrix (F32, F16 or BF16 in the
+ * checkpoint) to BF16 once, in the (shared) arena: 2 bytes per weight.
+ * PS_ERR_INVALID (one line) when BF16 is asked for on a CPU without
+ * AMX-BF16 or AVX512_BF16 (gemm_bf16_supported). */
+ps_status model_load_compute(model *m, const char *dir, const model_alloc *a, model_compute compute);
 
 /* Fill m->sha256 and m->shard_sha256.  The model's hash is
  *   a single model.safetensors: the sha256 of that file;

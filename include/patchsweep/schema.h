@@ -12,7 +12,10 @@
  *   version SCHEMA_VERSION = 2; absent in schema 1 files), patchsweep_version,
  *   command_line,
  *   created (UTC ISO 8601), model_path, model_sha256, model_config
- *   (config.json text), model_dtype; a sharded checkpoint adds
+ *   (config.json text), model_dtype, compute ("f32" or "bf16": the
+ *   blocks' matrix products, model.h model_compute; with "bf16" also
+ *   compute_kernel, "amx_bf16" or "avx512_bf16"; files written before it
+ *   existed are f32); a sharded checkpoint adds
  *   model_shard_sha256.  model_sha256 is the sha256 of model.safetensors,
  *   or for a sharded checkpoint the sha256 of the text of
  *   model_shard_sha256: one line "<sha256 of the shard>  <file name>\n" per
@@ -324,6 +327,8 @@
 #define SCHEMA_ATT_BLAS_CORE "blas_core"
 #define SCHEMA_ATT_BLAS_THREADS "blas_threads"
 #define SCHEMA_ATT_GEMM_KERNEL "gemm_kernel"
+#define SCHEMA_ATT_COMPUTE "compute"               /* "f32" | "bf16"; absent: f32 */
+#define SCHEMA_ATT_COMPUTE_KERNEL "compute_kernel" /* bf16 only: gemm_bf16_isa_name */
 #define SCHEMA_ATT_PREPEND_BOS "prepend_bos"
 #define SCHEMA_ATT_SOURCE "source"
 #define SCHEMA_ATT_ABLATION_DATASET "ablation_dataset"

@@ -36,6 +36,10 @@ int cli_common_opt(const char *cmd, const char *help, int ch, char **argv, cli_c
     case CLI_OPT_NO_BOS: o->bos = false; o->bos_forced = false; return CLI_CONTINUE;
     case CLI_OPT_BOS: o->bos = true; o->bos_forced = true; return CLI_CONTINUE;
     case CLI_OPT_JSON: o->json = true; return CLI_CONTINUE;
+    case CLI_OPT_COMPUTE:
+        if (!model_compute_parse(optarg, &o->compute))
+            return cli_usage(cmd, "--compute takes f32 or bf16, not '%s'", optarg);
+        return CLI_CONTINUE;
     case 'h': fputs(help, stdout); return 0;
     default:
         /* getopt has moved past the offending word */
@@ -83,7 +87,7 @@ int cli_load(const char *cmd, cli_common *o, model *m, tokenizer **tok)
     *tok = NULL;
     if (!o->model_dir)
         return cli_usage(cmd, "--model DIR is required");
-    if (m && model_load(m, o->model_dir) != PS_OK)
+    if (m && model_load_compute(m, o->model_dir, NULL, o->compute) != PS_OK)
         return cli_fail();
     /* --bos / --no-bos over the tokenizer's own BOS default; o->bos then
      * says whether prompts really start with a BOS. */
@@ -332,7 +336,7 @@ int cli_load_ids(const char *cmd, const cli_common *o, model *m, tokenizer **tok
     *tok = NULL;
     if (!o->model_dir)
         return cli_usage(cmd, "--model DIR is required");
-    if (model_load(m, o->model_dir) != PS_OK)
+    if (model_load_compute(m, o->model_dir, NULL, o->compute) != PS_OK)
         return cli_fail();
     /* token strings for the output when the model has a tokenizer it can
      * use; the ids alone otherwise */
@@ -354,7 +358,7 @@ int cli_load_for_dataset(const char *cmd, const cli_common *o, model *m, tokeniz
     *tok = NULL;
     if (!o->model_dir)
         return cli_usage(cmd, "--model DIR is required");
-    if (model_load(m, o->model_dir) != PS_OK)
+    if (model_load_compute(m, o->model_dir, NULL, o->compute) != PS_OK)
         return cli_fail();
     /* GPT-2 always tokenizes (its files are found as for cli_load); the
      * other families with their tokenizer.json, or else the items' token

@@ -32,9 +32,18 @@ typedef struct {
     bool bos;              /* prepend the tokenizer's BOS if it has one (default; --no-bos) */
     bool bos_forced;       /* --bos: prepend it even where add_bos_token is false */
     bool json;
+    model_compute compute; /* --compute f32|bf16 (CLI_COMPUTE_OPTION; default f32) */
 } cli_common;
 
-enum { CLI_OPT_TOKENIZER = 900, CLI_OPT_NO_BOS, CLI_OPT_JSON, CLI_OPT_BOS, CLI_OPT_FIRST_FREE = 1000 };
+enum { CLI_OPT_TOKENIZER = 900, CLI_OPT_NO_BOS, CLI_OPT_JSON, CLI_OPT_BOS, CLI_OPT_COMPUTE, CLI_OPT_FIRST_FREE = 1000 };
+
+/* --compute f32|bf16, for the commands that run the model's blocks (not in
+ * CLI_COMMON_OPTIONS: commands that run no product must not accept it);
+ * handled by cli_common_opt, used by cli_load*. */
+#define CLI_COMPUTE_OPTION {"compute", required_argument, 0, CLI_OPT_COMPUTE}
+#define CLI_COMPUTE_HELP                                                                                               \
+    "  --compute f32|bf16  the blocks' matrix products in F32 (default) or in BF16 with F32\n"                        \
+    "                 accumulation (needs AMX-BF16 or AVX512_BF16; README \"BF16 arithmetic\")\n"
 
 /* getopt_long entries for cli_common, to put first in a command's table. */
 #define CLI_COMMON_OPTIONS                                        \

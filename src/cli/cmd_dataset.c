@@ -121,14 +121,16 @@ int cmd_make_dataset(int argc, char **argv)
 
 static const char *evaluate_help =
     "usage: patchsweep evaluate --model DIR --dataset FILE.jsonl [--no-bos] [--json]\n"
+    "       [--compute f32|bf16]\n"
     "  How well the model does the task, unpatched: over every prompt pair,\n"
     "  accuracy (logit[answer] > logit[wrong] after the clean prompt), the mean\n"
     "  logit difference after the clean and after the corrupted prompt, and how\n"
-    "  often the answer is the top-1 next token after the clean prompt.\n";
+    "  often the answer is the top-1 next token after the clean prompt.\n"
+    CLI_COMPUTE_HELP;
 
 int cmd_evaluate(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS, {"dataset", required_argument, 0, OPT_DATASET}, {0, 0, 0, 0}};
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION, {"dataset", required_argument, 0, OPT_DATASET}, {0, 0, 0, 0}};
     cli_common o = {.bos = true};
     const char *path = NULL;
     int ch, rc;

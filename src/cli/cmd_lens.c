@@ -244,7 +244,8 @@ static const char *lens_help =
     "  --json         the table as JSON\n"
     "  --dataset F    decode every item's clean prompt at its last token, with its\n"
     "                 answer, into the NetCDF file -o OUT.nc (format: include/patchsweep/schema.h)\n"
-    "  --no-bos       do not prepend <|endoftext|>;  --tokenizer DIR  tokenizer files\n";
+    "  --no-bos       do not prepend <|endoftext|>;  --tokenizer DIR  tokenizer files\n"
+    CLI_COMPUTE_HELP;
 
 static void print_lens_table(const lens_view *v, char **tops)
 {
@@ -333,7 +334,7 @@ static int lens_dataset(model *m, const tokenizer *tok, const cli_common *o, con
 
 int cmd_lens(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"answer", required_argument, 0, OPT_ANSWER},
                                          {"top-k", required_argument, 0, OPT_TOP_K},
@@ -426,7 +427,8 @@ static const char *decompose_help =
     "                 with --layer/--subtract or stands alone.\n"
     "  --top-k K      most likely tokens on each side (default 10)\n"
     "  --position P   token position (default: the last)\n"
-    "  --no-bos       do not prepend <|endoftext|>;  --tokenizer DIR  tokenizer files\n";
+    "  --no-bos       do not prepend <|endoftext|>;  --tokenizer DIR  tokenizer files\n"
+    CLI_COMPUTE_HELP;
 
 /* The two decoded rows side by side: answer statistics, then the top-k. */
 static void print_decompose_table(const lens_view *v, char **tops, size_t layer, lens_component comp)
@@ -539,7 +541,7 @@ static json_t *side_json(const lens_view *v, size_t r, const tokenizer *tok)
 
 int cmd_decompose(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"layer", required_argument, 0, OPT_LAYER},
                                          {"subtract", required_argument, 0, OPT_SUBTRACT},

@@ -73,9 +73,11 @@ int cmd_tokenize(int argc, char **argv)
 
 static const char *run_help =
     "usage: patchsweep run --model DIR (--prompt TEXT | --ids ID,ID,...) [--top-k K] [--no-bos] [--json]\n"
+    "       [--compute f32|bf16]\n"
     "  One forward pass; the next-token distribution after the prompt: the top K\n"
     "  tokens with probability and logit (default K = 10).\n"
-    "  --ids   token ids instead of text (no tokenizer needed; no BOS is added)\n";
+    "  --ids   token ids instead of text (no tokenizer needed; no BOS is added)\n"
+    CLI_COMPUTE_HELP;
 
 typedef struct {
     int32_t id;
@@ -94,7 +96,7 @@ enum { OPT_PROMPT = CLI_OPT_FIRST_FREE, OPT_TOP_K, OPT_HOOKS, OPT_IDS, OPT_GRAD,
 
 int cmd_run(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"top-k", required_argument, 0, OPT_TOP_K},
                                          {"ids", required_argument, 0, OPT_IDS},
@@ -197,7 +199,8 @@ static const char *cache_help =
     "  --grad METRIC --answer-id ID --wrong-id ID [--clean-ids ID,...]\n"
     "            write instead the gradient of METRIC (logit_diff, prob, logprob, kl)\n"
     "            at the last position with respect to each hook (same names and\n"
-    "            shapes; kl needs the clean prompt's ids)\n";
+    "            shapes; kl needs the clean prompt's ids)\n"
+    CLI_COMPUTE_HELP;
 
 /* The run's gradients (backward.h) in place of its activations. */
 static ps_status cache_grads(const model *m, forward_cache *c, forward_cache *g, const char *metric_s,
@@ -243,7 +246,7 @@ out:
 
 int cmd_cache(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION,
                                          {"prompt", required_argument, 0, 'p'},
                                          {"hooks", required_argument, 0, OPT_HOOKS},
                                          {"output", required_argument, 0, 'o'},

@@ -12,6 +12,7 @@
 #include "cmd_patch_edges.h"
 #include "clock.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "ncout.h"
 #include "patch.h"
 #include "prov.h"
@@ -48,7 +49,7 @@ enum { OPT_CLEAN = CLI_OPT_FIRST_FREE, OPT_EDGES, OPT_CORRUPTED, OPT_ANSWER, OPT
 
 static int parse_patch_args(const char *cmd, const char *help, int argc, char **argv, patch_args *a, bool is_patch)
 {
-    static const struct option opts[] = {CLI_COMMON_OPTIONS,
+    static const struct option opts[] = {CLI_COMMON_OPTIONS, CLI_COMPUTE_OPTION,
                                          {"clean", required_argument, 0, OPT_CLEAN},
                                          {"corrupted", required_argument, 0, OPT_CORRUPTED},
                                          {"answer", required_argument, 0, OPT_ANSWER},
@@ -327,7 +328,7 @@ static const char *patch_help =
     "usage: patchsweep patch --model DIR (--clean TEXT --corrupted TEXT --answer TOK --wrong TOK |\n"
     "                        --clean-ids IDS --corrupted-ids IDS --answer-id ID --wrong-id ID)\n"
     "                        [--components LIST] [--metric M] [--direction denoise|noise]\n"
-    "                        [--engine fast|naive] [-o OUT.nc] [--json] [--no-bos]\n"
+    "                        [--engine fast|naive] [-o OUT.nc] [--json] [--no-bos] [--compute f32|bf16]\n"
     "                        [--source clean|corrupted|zero|mean|resample [--ablate-dataset F.jsonl]\n"
     "                         [--mean-over SET] [--resample-seed N]]\n"
     "  Activation patching of one prompt pair (the worksheet's IOI grid).\n"
@@ -372,7 +373,8 @@ static const char *patch_help =
     "                token length, chosen by --resample-seed N, default 0)\n"
     "  Prints each grid of normalized values, (patched - corrupted) / (clean - corrupted),\n"
     "  layers as rows and tokens as columns (ablations: 1 = no effect); -o writes the\n"
-    "  NetCDF results file.\n";
+    "  NetCDF results file.\n"
+    CLI_COMPUTE_HELP;
 
 /* A column label as the worksheet's: token_index, cut to 9 chars. */
 static void token_label(const tokenizer *tok, int32_t id, size_t j, char *label, size_t n)
@@ -911,14 +913,15 @@ static const char *bench_help =
     "usage: patchsweep bench --model DIR [--clean TEXT --corrupted TEXT --answer TOK --wrong TOK |\n"
     "                        --clean-ids IDS --corrupted-ids IDS --answer-id ID --wrong-id ID]\n"
     "                        [--components LIST] [--metric M] [--reps N] [--fast-only] [--json]\n"
-    "                        [--save FILE.json]\n"
+    "                        [--save FILE.json] [--compute f32|bf16]\n"
     "  Times the naive and the fast patching engine side by side in this process\n"
     "  on one prompt pair (default: the worksheet's IOI pair), beside the sgemm\n"
     "  peak measured in the same run (a sample before each fast run).  Fast:\n"
     "  median of N runs (default 5), peak: median of its samples; naive: one run.  Useful GFLOP/s = the FLOPs the fast engine's plan needs\n"
     "  (recomputed rows and blocks of the cells that change anything) / time.\n"
     "  --fast-only       skip the naive engine (long prompts: it costs layers x T forwards)\n"
-    "  --save FILE.json  also write the JSON report there (with provenance)\n";
+    "  --save FILE.json  also write the JSON report there (with provenance)\n"
+    CLI_COMPUTE_HELP;
 
 static ps_status write_json(FILE *out, void *user)
 {
@@ -1045,6 +1048,10 @@ int cmd_bench(int argc, char **argv)
                                    "n_layer", (int)m.cfg.n_layer, "n_embd", (int)d, "n_head", (int)m.cfg.n_head,
                                    "vocab_size", (int)m.cfg.vocab_size, "tokens", (int)na, "metric",
                                    patch_metric_name(po.metric), "components", rows);
+        /* --compute: the blocks' arithmetic, and its kernel for bf16 */
+        json_object_set_new(report, "compute", json_string(model_compute_name(m.compute)));
+        if (m.compute == MODEL_COMPUTE_BF16)
+            json_object_set_new(report, "compute_kernel", json_string(gemm_bf16_isa_name(gemm_bf16_isa_get())));
         if (a.save && (st = cli_write_atomic(a.save, write_json, report)) == PS_OK)
             fprintf(stderr, "wrote %s\n", a.save);
         if (st == PS_OK && a.common.json)

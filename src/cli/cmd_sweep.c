@@ -314,7 +314,7 @@ int cmd_sweep(int argc, char **argv)
      * block's matrices packed, once per node into shared memory; the
      * tokenizer is rank 0's. */
     nw.dir = j.model_dir;
-    st = model_load_shared(&m, j.model_dir, &weights_alloc);
+    st = model_load_compute(&m, j.model_dir, &weights_alloc, j.compute);
     /* rank 0's tokenizer: GPT-2's always; another family's tokenizer.json
      * when it has one, else the dataset's token ids (clean_ids, ...) are
      * used, never GPT-2's tokenizer (cli_model_tokenizer) */

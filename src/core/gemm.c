@@ -4,6 +4,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "gemm_bf16.h"
 #include "pool.h"
 #include "safetensors.h"
 
@@ -45,6 +46,8 @@ void gemm_pack(float *dst, const float *W, size_t ldw, size_t k, size_t n)
 
 size_t gemm_packed_bytes(size_t k, size_t n, gemm_dtype dt)
 {
+    if (dt == GEMM_BF16_PAIRS)
+        return gemm_bf16_packed_elems(k, n) * sizeof(uint16_t);
     return gemm_packed_floats(k, n) * (dt == GEMM_F32 ? sizeof(float) : sizeof(uint16_t));
 }
 
@@ -541,6 +544,10 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
 {
     if (rows == 0 || w->n == 0)
         return;
+    if (w->dtype == GEMM_BF16_PAIRS) { /* --compute bf16 */
+        gemm_bf16_run(out, x, rows, w->data16, w->k, w->n, bias, ep);
+        return;
+    }
     const gemm_isa isa = gemm_isa_get();
     gemm_task t = {out, x, rows, w, bias, ep, isa_table[isa].mr, isa_table[isa].tile[w->dtype]};
     if (w->k == 0) { /* an empty sum: bias (or 0) */
@@ -830,6 +837,20 @@ static void gemm_t_worker(void *arg, size_t tid, size_t nt)
                 memset(t->dx + r * k + k0, 0, (k1 - k0) * sizeof(float));
             continue;
         }
+        if (gw->dtype == GEMM_BF16_PAIRS) {
+            /* BF16 weights of --compute bf16: each (r, kk) one F32 sum in
+             * column order of the exact BF16 values (portable C: the
+             * backward is not what bf16 accelerates) */
+            for (size_t kk = k0; kk < k1; kk++)
+                for (size_t r = 0; r < t->rows; r++) {
+                    const float *y = t->dy[i] + r * n;
+                    float s = 0.0f;
+                    for (size_t c = 0; c < n; c++)
+                        s += y[c] * gemm_bf16_packed_at(gw->data16, k, kk, c);
+                    t->dx[r * k + kk] = acc ? t->dx[r * k + kk] + s : s;
+                }
+            continue;
+        }
         for (size_t kk = k0; kk < k1; kk += t->kb) {
             const size_t kb = k1 - kk < t->kb ? k1 - kk : t->kb;
             const void *w = gw->dtype == GEMM_F32 ? (const void *)(gw->data + kk * GEMM_NR)
@@ -855,7 +876,7 @@ void gemm_run_t_sum(float *dx, const float *const *dy, const gemm_weight *const 
         t.n_w = n_w - i < GEMM_T_MAX ? n_w - i : GEMM_T_MAX;
         macs = 0;
         for (size_t j = 0; j < t.n_w; j++) {
-            t.dy[j] = dy[i + j], t.w[j] = w[i + j], t.tile[j] = isa_t_table[isa].tile[w[i + j]->dtype];
+            t.dy[j] = dy[i + j], t.w[j] = w[i + j], t.tile[j] = w[i + j]->dtype == GEMM_BF16_PAIRS ? NULL : isa_t_table[isa].tile[w[i + j]->dtype];
             macs += rows * w[i + j]->k * w[i + j]->n;
         }
         t.accumulate = accumulate || i > 0;

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "fsutil.h"
+#include "gemm_bf16.h"
 #include "hashcache.h"
 #include "sha256.h"
 #include "jsonutil.h"
@@ -1117,6 +1118,7 @@ static ps_status pack_into(model *m, unsigned char *base, const tensor_ref *slot
     const model_config *c = &m->cfg;
     const size_t d = c->n_embd, mm = c->n_inner, qd = model_q_dim(c), kvd = model_kv_dim(c), dh = c->d_head;
     const bool gpt2 = c->family == MODEL_FAMILY_GPT2, neox = c->family == MODEL_FAMILY_NEOX;
+    const bool bf16 = m->compute == MODEL_COMPUTE_BF16;
     size_t *rows = NULL, off = 0;
     if (neox) {
         rows = malloc(3 * qd * sizeof *rows);
@@ -1169,10 +1171,18 @@ static ps_status pack_into(model *m, unsigned char *base, const tensor_ref *slot
             b->gate_p = (gemm_weight){0};
         for (size_t i = 0; i < nj; i++) {
             const pack_job *j = &jobs[i];
+            /* --compute bf16: every block matrix rounded to BF16 in the pairs layout */
+            const gemm_dtype out_dt = bf16 ? GEMM_BF16_PAIRS : j->dt;
             if (base) {
                 gemm_weight *w = j->out;
-                *w = (gemm_weight){.k = j->k, .n = j->n, .dtype = j->dt};
-                if (j->dt == GEMM_F32) {
+                *w = (gemm_weight){.k = j->k, .n = j->n, .dtype = out_dt};
+                if (bf16) {
+                    uint16_t *dst = (uint16_t *)(base + off);
+                    w->data16 = dst;
+                    if (fill)
+                        gemm_bf16_pack(dst, j->dt == GEMM_F32 ? (const void *)j->f : (const void *)j->h, j->dt, j->ld,
+                                       j->linear, j->rows, j->k, j->n);
+                } else if (j->dt == GEMM_F32) {
                     float *dst = (float *)(base + off);
                     w->data = dst;
                     if (fill && j->linear)
@@ -1188,7 +1198,7 @@ static ps_status pack_into(model *m, unsigned char *base, const tensor_ref *slot
                         gemm_pack16(dst, j->h, j->ld, j->k, j->n);
                 }
             }
-            off += packed_region_bytes(j->k, j->n, j->dt);
+            off += packed_region_bytes(j->k, j->n, out_dt);
         }
         if (neox && c->qkv_bias) {
             /* the fused bias [H, 3, dh] as q | k | v */
@@ -1309,12 +1319,13 @@ ps_status model_pack_weights(model *m)
     return pack_into(m, m->packed, NULL, true, &bytes);
 }
 
-static ps_status load_into(model *m, const char *dir, const model_alloc *a)
+static ps_status load_into(model *m, const char *dir, const model_alloc *a, ps_status st)
 {
     tensor_ref *slots = NULL;
     const float **w = NULL;
     size_t n_slots = 0, total = 0, packed = 0;
-    ps_status st = open_checkpoint(m, dir, &slots, &w, &n_slots);
+    if (st == PS_OK)
+        st = open_checkpoint(m, dir, &slots, &w, &n_slots);
     if (st == PS_OK)
         st = count_weights(m, slots, n_slots, &total);
     if (st == PS_OK)
@@ -1364,13 +1375,37 @@ static ps_status load_into(model *m, const char *dir, const model_alloc *a)
     return st;
 }
 
-ps_status model_load_shared(model *m, const char *dir, const model_alloc *a)
+const char *model_compute_name(model_compute c) { return c == MODEL_COMPUTE_BF16 ? "bf16" : "f32"; }
+
+bool model_compute_parse(const char *s, model_compute *out)
+{
+    if (s && strcmp(s, "f32") == 0)
+        *out = MODEL_COMPUTE_F32;
+    else if (s && strcmp(s, "bf16") == 0)
+        *out = MODEL_COMPUTE_BF16;
+    else
+        return false;
+    return true;
+}
+
+ps_status model_load_compute(model *m, const char *dir, const model_alloc *a, model_compute compute)
 {
     memset(m, 0, sizeof *m);
-    ps_status st = load_into(m, dir, a);
+    m->compute = compute;
+    ps_status st = PS_OK;
+    if (compute == MODEL_COMPUTE_BF16 && !gemm_bf16_supported())
+        st = err_set(PS_ERR_INVALID, "compute bf16 needs a CPU with AMX-BF16 or AVX512_BF16 (this one has neither)");
+    /* a shared arena's allocator is collective: called whatever st is */
+    if (st == PS_OK || a)
+        st = load_into(m, dir, a, st);
     if (st != PS_OK)
         model_free(m);
     return st;
+}
+
+ps_status model_load_shared(model *m, const char *dir, const model_alloc *a)
+{
+    return model_load_compute(m, dir, a, MODEL_COMPUTE_F32);
 }
 
 ps_status model_load(model *m, const char *dir) { return model_load_shared(m, dir, NULL); }

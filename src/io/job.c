@@ -22,6 +22,7 @@
 typedef enum {
     KEY_MODEL_DIR,
     KEY_MODEL_TOKENIZER,
+    KEY_MODEL_COMPUTE,
     KEY_DATA_DATASET,
     KEY_DATA_BOS,
     KEY_DATA_SKIP_INVALID,
@@ -54,6 +55,7 @@ static const struct {
 } key_names[KEY_COUNT] = {
     [KEY_MODEL_DIR] = {"model", "dir"},
     [KEY_MODEL_TOKENIZER] = {"model", "tokenizer"},
+    [KEY_MODEL_COMPUTE] = {"model", "compute"},
     [KEY_DATA_DATASET] = {"data", "dataset"},
     [KEY_DATA_BOS] = {"data", "bos"},
     [KEY_DATA_SKIP_INVALID] = {"data", "skip_invalid"},
@@ -396,6 +398,9 @@ static ps_status set_value(parse_state *s, key_id k, const char *v)
     switch (k) {
     case KEY_MODEL_DIR: return parse_path(s, v, false, &j->model_dir);
     case KEY_MODEL_TOKENIZER: return parse_path(s, v, false, &j->tokenizer_dir);
+    case KEY_MODEL_COMPUTE:
+        return model_compute_parse(v, &j->compute) ? PS_OK
+                                                   : err_set(PS_ERR_INVALID, "unknown compute '%s' (f32 or bf16)", v);
     case KEY_DATA_DATASET: return parse_path(s, v, false, &j->dataset);
     case KEY_DATA_BOS: return parse_bool(v, &j->bos);
     case KEY_DATA_SKIP_INVALID: return parse_bool(v, &j->skip_invalid);

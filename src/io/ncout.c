@@ -13,6 +13,7 @@
 
 #include "fsutil.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 #include "prov.h"
 #include "schema.h"
 #include "sha256.h"
@@ -275,6 +276,9 @@ ps_status ncout_put_provenance(ncout_file *f, model *m)
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_SHA256, m->sha256)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_CONFIG, m->config_json)) ||
         (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_DTYPE, m->weights_dtype)) ||
+        (st = ncout_put_attr(f, SCHEMA_ATT_COMPUTE, model_compute_name(m->compute))) ||
+        (m->compute == MODEL_COMPUTE_BF16 &&
+         (st = ncout_put_attr(f, SCHEMA_ATT_COMPUTE_KERNEL, gemm_bf16_isa_name(gemm_bf16_isa_get())))) ||
         (m->n_shards > 1 && m->shard_sha256 && (st = ncout_put_attr(f, SCHEMA_ATT_MODEL_SHARD_SHA256, m->shard_sha256))) ||
         (st = put_blas_provenance(f))) {
         free(abs_dir);

@@ -38,6 +38,15 @@ machine, printed as tables and saved as results/bench.json.
      cells missed by the estimate's top 10, in total and per prompt (the
      files' C_atp_rank_correlation, C_atp_missed).  --atp-stats-only runs
      this section alone and updates its key in an existing --out file.
+  10. BF16 arithmetic (issue 21 item 4, `--compute bf16`): the raw product
+     kernels at GPT-2 small's shapes (tests/tools/bench_gemm_bf16.c: F32
+     AVX-512 vs AVX512_BF16 vs AMX-BF16, 28 and 336 rows), the IOI resid_pre
+     grid (fast engine) on the GPT-2-small-shaped model with --compute f32
+     and bf16 interleaved in one run, at 1 and 2 threads (median; target
+     >= 1.5x), and the max
+     |bf16 - f32| of the normalized grids (resid_pre, attn_out, mlp_out) on
+     that model, the embedded GPT-2 and the embedded Llama (target <= 1e-2),
+     with the CPU and the load.  --bf16-only runs this section alone.
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -176,6 +185,7 @@ def main(argv):
     ap.add_argument("--atp-only", action="store_true", help="section 8 alone")
     ap.add_argument("--atp-stats-only", action="store_true",
                     help="section 9 alone (its key updated in an existing --out file)")
+    ap.add_argument("--bf16-only", action="store_true", help="section 10 alone")
     a = ap.parse_args(argv)
     ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
     report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
@@ -191,6 +201,9 @@ def main(argv):
             with open(a.out) as f:
                 report = dict(json.load(f), host=report["host"])
         report["atp_error_statistics"] = atp_stats(ps)
+        return finish(report, a.out, argv)
+    if a.bf16_only:
+        report["bf16"] = bf16_bench(ps, model, os.path.abspath(a.embedded), report["host"]["cpu_model"])
         return finish(report, a.out, argv)
 
     # 0. hashing the checkpoint for provenance (issue 21)
@@ -299,6 +312,7 @@ def main(argv):
     report["families"] = families(ps, model)
     report["attribution_patching"] = atp_bench(ps, model, report["host"]["cpu_model"])
     report["atp_error_statistics"] = atp_stats(ps)
+    report["bf16"] = bf16_bench(ps, model, os.path.abspath(a.embedded), report["host"]["cpu_model"])
     if a.no_blas:
         return finish(report, a.out, argv)
     print("\n== 6. OpenBLAS kernels: generic (Prescott) vs selected ==", flush=True)
@@ -419,6 +433,83 @@ def atp_stats(ps):
                               f"{r['missed_top10_total']:>7} {r['missed_top10_per_prompt']:>10.2f} "
                               f"{r['prompts_with_a_miss']:>15}", flush=True)
                 out.setdefault(label, {})[method] = rows
+    return out
+
+
+def bf16_bench(ps, model, embedded, cpu, rounds=3):
+    """Section 10: --compute bf16 against f32 (README "BF16 arithmetic")."""
+    flags = open("/proc/cpuinfo").read()
+    have = [f for f in ("amx_bf16", "avx512_bf16") if re.search(r"\b" + f + r"\b", flags)]
+    load = os.getloadavg()
+    print(f"\n== 10. BF16 arithmetic (--compute bf16): CPU {cpu} ({', '.join(have) or 'no BF16 units'}), "
+          f"load {load[0]:.1f} ==", flush=True)
+    out = {"cpu_model": cpu, "cpu_bf16": have, "loadavg_start": load}
+    if not have:
+        print("skipped: this CPU has neither AMX-BF16 nor AVX512_BF16")
+        out["skipped"] = True
+        return out
+    # raw kernels
+    tool = os.path.join(os.path.dirname(ps), "tests", "bench_gemm_bf16")
+    kern = [json.loads(line) for line in run([tool, "5", "2"]).stdout.splitlines() if line.startswith("{")]
+    out["kernels"] = kern
+    print(f"{'rows':>5} {'k x n':>11} {'f32 GF/s':>9} {'avx512bf16':>11} {'amx GF/s':>9} {'avx512 x':>9} "
+          f"{'amx x':>7}")
+    for k in kern:
+        print(f"{k['rows']:>5} {str(k['k']) + 'x' + str(k['n']):>11} {k['f32_gflops']:>9.1f} "
+              f"{k.get('avx512_bf16_gflops', float('nan')):>11.1f} {k.get('amx_bf16_gflops', float('nan')):>9.1f} "
+              f"{k.get('avx512_bf16_speedup', float('nan')):>8.2f}x {k.get('amx_bf16_speedup', float('nan')):>6.2f}x",
+              flush=True)
+    # the IOI resid_pre grid, f32 / bf16 (the fastest kernel) / bf16 on
+    # AVX512_BF16, interleaved, at 1 and 2 threads
+    variants = {"f32": ([], {}), "bf16": (["--compute", "bf16"], {})}
+    if "amx_bf16" in have and "avx512_bf16" in have:
+        variants["bf16_avx512"] = (["--compute", "bf16"], {"PS_CPU_NO_AMX": "1"})
+    out["ioi_resid_pre_grid"] = {}
+    for threads in (1, 2):
+        t = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v, (extra, env) in variants.items():
+                cmd = [ps, "bench", "--model", model, "--components", "resid_pre", "--fast-only", "--reps", "3",
+                       "--json", *extra]
+                r = json.loads(run(cmd, {**threads_env(threads), **env}).stdout)
+                t[v].append(r["components"][0]["fast_seconds"])
+        med = {v: statistics.median(x) for v, x in t.items()}
+        grid = {"rounds": rounds, "seconds": t, "median_seconds": med,
+                "speedup": med["f32"] / med["bf16"], "meets_1_5x": med["f32"] / med["bf16"] >= 1.5}
+        if "bf16_avx512" in med:
+            grid["speedup_avx512_bf16"] = med["f32"] / med["bf16_avx512"]
+        out["ioi_resid_pre_grid"][f"{threads}_threads"] = grid
+        print(f"IOI resid_pre grid, GPT-2-small-shaped, fast engine, {threads} thread(s), median of {rounds} "
+              "interleaved rounds: " + ", ".join(f"{v} {x:.3f} s" for v, x in med.items())
+              + f"; bf16 speed-up {grid['speedup']:.2f}x" +
+              (f" (AVX512_BF16 kernel {grid['speedup_avx512_bf16']:.2f}x)" if "bf16_avx512" in med else ""),
+              flush=True)
+    # errors of the normalized grids
+    import numpy as np
+    import xarray as xr
+    llama = os.path.join(ROOT, "jobs", "ioi-tiny-llama", "model")
+    err = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name, m in (("gpt2-small-random", model), ("embedded gpt2", embedded), ("embedded llama", llama)):
+            files = {}
+            for c in ("f32", "bf16"):
+                files[c] = os.path.join(d, f"{c}.nc")
+                run([ps, "patch", "--model", m, "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary",
+                     "--wrong", " John", "--components", "resid_pre,attn_out,mlp_out", "--compute", c,
+                     "-o", files[c]], threads_env(2))
+            with xr.open_dataset(files["f32"]) as a, xr.open_dataset(files["bf16"]) as b:
+                g = ("resid_pre", "attn_out", "mlp_out")
+                nd = max(float(np.nanmax(np.abs(a[x + "_normalized"].values - b[x + "_normalized"].values)))
+                         for x in g)
+                rd = max(float(np.nanmax(np.abs(a[x].values - b[x].values))) for x in g)
+                den = float(abs(a["clean_metric"].values[0] - a["corrupted_metric"].values[0]))
+            err[name] = {"max_abs_diff_normalized": nd, "max_abs_diff_raw": rd, "clean_minus_corrupted": den,
+                         "meets_1e-2": nd <= 1e-2}
+            print(f"{name:<18} max |bf16 - f32|: normalized {nd:.2e}, raw logit_diff {rd:.2e} "
+                  f"(|clean - corrupted| = {den:.3g})", flush=True)
+    out["grid_error"] = err
+    out["loadavg_end"] = os.getloadavg()
+    print(f"load {out['loadavg_end'][0]:.1f} at the end", flush=True)
     return out
 
 

@@ -356,8 +356,24 @@ static void test_unknown_key(void **state)
     expect_error(MINIMAL "[patch]\nmetrics = kl\n", PS_ERR_INVALID, 8,
                  "unknown key 'metrics' in [patch] (components, metric, direction, engine, method, source, "
                  "mean_over, resample_seed, graddrop, verify_top_k, verify_threshold)");
-    expect_error("[model]\nDir = m\n", PS_ERR_INVALID, 2, "unknown key 'Dir' in [model] (dir, tokenizer)");
+    expect_error("[model]\nDir = m\n", PS_ERR_INVALID, 2, "unknown key 'Dir' in [model] (dir, tokenizer, compute)");
     expect_error("dir = m\n[model]\n", PS_ERR_FORMAT, 1, "key 'dir' before any [section]");
+}
+
+/* [model] compute: f32 by default, bf16 parsed, another value refused
+ * naming the key */
+static void test_compute_key(void **state)
+{
+    (void)state;
+    job j;
+    assert_int_equal(job_parse(&j, "j", MINIMAL), PS_OK);
+    assert_int_equal(j.compute, MODEL_COMPUTE_F32);
+    job_free(&j);
+    assert_int_equal(job_parse(&j, "j", "[model]\ncompute = bf16\ndir = m\n[data]\ndataset = d.jsonl\n[run]\noutput = o.nc\n"),
+                     PS_OK);
+    assert_int_equal(j.compute, MODEL_COMPUTE_BF16);
+    job_free(&j);
+    expect_error("[model]\ncompute = fp16\n", PS_ERR_INVALID, 2, "[model] compute: unknown compute 'fp16' (f32 or bf16)");
 }
 
 /* [patch] source, mean_over, resample_seed (patchspec.h's sources) */
@@ -684,6 +700,7 @@ int main(void)
         cmocka_unit_test(test_syntax_accepted),
         cmocka_unit_test(test_unknown_section),
         cmocka_unit_test(test_unknown_key),
+        cmocka_unit_test(test_compute_key),
         cmocka_unit_test(test_method_limits),
         cmocka_unit_test(test_atp_keys),
         cmocka_unit_test(test_ablation_keys),
