@@ -81,6 +81,40 @@ for n in ((1, 2) if QUICK else (1, 2, 3, 4)):
     ok = r.returncode == 0 and same(ref, values(f"{TMP}/p{n}.nc")[0])
     check(f"{n} rank(s) distributing prompts: bitwise equal to the serial run", ok, r.stderr[-500:])
 
+# --timings: rank 0 alone prints where its time went, every step and phase
+# named once with a time, the steps adding up to the process's time from
+# its start (the gaps between them are a few statements), the sweep's
+# phases to at most its step; the file is the same bits.
+r = run(["sweep", pjob, "--output", f"{TMP}/t2.nc", "--timings"], ranks=2)
+STEPS = ["exec", "mpi_init", "job", "model", "tokenizer", "sweep", "report", "finalize"]
+PHASES = ["dataset", "hash", "journal_open", "sources", "writer_start", "tokens", "compute", "journal", "push",
+          "memory", "finish", "lens"]
+
+
+def timing_line(prefix):
+    lines = [l for l in r.stderr.splitlines() if l.startswith(prefix)]
+    if len(lines) != 1:
+        return None
+    toks = lines[0][len(prefix):].split()
+    return dict(zip(toks[0::2], map(float, toks[1::2]))), toks[0::2]
+
+
+steps, phases = timing_line("sweep: timings (rank 0, seconds):"), timing_line("sweep: timings of the sweep (rank 0, seconds):")
+total = [float(l.split()[3]) for l in r.stderr.splitlines() if l.startswith("sweep: timings: process ")]
+ok = r.returncode == 0 and steps and phases and len(total) == 1 and same(ref, values(f"{TMP}/t2.nc")[0])
+check("--timings: one line of steps, one of phases and the total (rank 0 alone); the same bits", ok, r.stderr[-800:])
+if ok:
+    (st, st_names), (ph, ph_names) = steps, phases
+    check("--timings: every step and phase named once, in order, none negative",
+          st_names == STEPS and ph_names == PHASES and min(st.values()) >= 0 and min(ph.values()) >= 0, r.stderr)
+    check("--timings: the steps add up to the process's time from its start",
+          abs(sum(st.values()) - total[0]) <= 0.05 + 0.02 * total[0] and st["exec"] < total[0],
+          f"{st} sum {sum(st.values()):.3f} total {total[0]:.3f}")
+    check("--timings: the sweep's phases within its step, the chunks' time in them",
+          sum(ph.values()) <= st["sweep"] + 0.005 and 0 < ph["compute"] <= st["sweep"], f"{ph} {st['sweep']}")
+r = run(["sweep", pjob, "--output", f"{TMP}/t0.nc"])
+check("no --timings: no timings printed", r.returncode == 0 and "timings" not in r.stderr, r.stderr[-300:])
+
 # --- contract and agreement with `patch` ----------------------------------
 with xr.open_dataset(f"{TMP}/r0.nc") as ds:
     check("dims", ds.sizes["prompt"] == 24 and ds.sizes["layer"] == 3 and ds.sizes["head"] == 4
