@@ -1,6 +1,7 @@
 /* comm over MPI: the only file of the project that calls MPI. */
 #include "comm.h"
 
+#include <dlfcn.h>
 #include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -213,7 +214,9 @@ static bool param_file_sets(const char *path, const char *name)
 /* Open MPI 4.1's osc_sm_backing_directory without MPI_T: from the
  * environment (OMPI_MCA_..., which mpirun --mca sets too), else its
  * default /dev/shm unless a parameter file names it (the user's, the
- * system's, or those of OMPI_MCA_mca_base_param_files).  false: ask MPI_T.
+ * system's: Debian's /etc/openmpi, $OPAL_PREFIX/etc or etc/ beside the
+ * directory of the libmpi in use; or those of
+ * OMPI_MCA_mca_base_param_files).  false: ask MPI_T.
  * MPI_T's initialization opens every MCA component: 0.21 s on the demo's
  * machine, once per node rank 0 of every run of 2 or more ranks a node. */
 static bool backing_directory_fast(char *dir, size_t cap)
@@ -227,13 +230,13 @@ static bool backing_directory_fast(char *dir, size_t cap)
     char path[4096];
     const char *home = getenv("HOME"), *files = getenv("OMPI_MCA_mca_base_param_files");
     if (files) {
-        /* a list separated by ':' */
+        /* a list separated by ',' (or ':') */
         for (const char *s = files; *s;) {
-            size_t n = strcspn(s, ":");
+            size_t n = strcspn(s, ",:");
             snprintf(path, sizeof path, "%.*s", (int)n, s);
             if (param_file_sets(path, name))
                 return false;
-            s += n + (s[n] == ':');
+            s += n + (s[n] != '\0');
         }
     } else {
         snprintf(path, sizeof path, "%s/.openmpi/mca-params.conf", home ? home : "");
@@ -243,6 +246,23 @@ static bool backing_directory_fast(char *dir, size_t cap)
         snprintf(path, sizeof path, "%s/etc/openmpi-mca-params.conf", prefix ? prefix : "");
         if (prefix && param_file_sets(path, name))
             return false;
+        /* PREFIX/lib/libmpi.so -> PREFIX/etc/openmpi-mca-params.conf */
+        Dl_info di;
+        if (dladdr((void *)MPI_Init, &di) && di.dli_fname) {
+            snprintf(path, sizeof path, "%s", di.dli_fname);
+            char *slash = strrchr(path, '/');
+            if (slash) {
+                *slash = '\0';
+                slash = strrchr(path, '/');
+            }
+            if (slash) {
+                *slash = '\0';
+                size_t used = strlen(path);
+                snprintf(path + used, sizeof path - used, "/etc/openmpi-mca-params.conf");
+                if (param_file_sets(path, name))
+                    return false;
+            }
+        }
     }
     snprintf(dir, cap, "/dev/shm");
     return true;

@@ -115,6 +115,21 @@ if ok:
 r = run(["sweep", pjob, "--output", f"{TMP}/t0.nc"])
 check("no --timings: no timings printed", r.returncode == 0 and "timings" not in r.stderr, r.stderr[-300:])
 
+# The node-shared weights' backing directory (comm_mpi.c) is found without
+# MPI_T when the environment or the default decides it, and through MPI_T
+# when an MCA parameter file names it: both ways a directory without room
+# (/proc: 0 bytes free) is refused with its one line before MPI tries.
+conf = os.path.join(TMP, "mca-params.conf")
+with open(conf, "w") as f:
+    f.write("osc_sm_backing_directory = /proc\n")
+for how, extra in (("the environment", {"OMPI_MCA_osc_sm_backing_directory": "/proc"}),
+                   ("an MCA parameter file (MPI_T)", {"OMPI_MCA_mca_base_param_files": conf})):
+    r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/shm.nc"],
+                       capture_output=True, text=True, env=dict(MPI_ENV, **extra), timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("patchsweep")]
+    check(f"shared window's directory from {how}: refused, one line naming it", r.returncode == 1 and len(lines) == 1
+          and "/proc has 0 MiB free" in lines[0] and not os.path.exists(f"{TMP}/shm.nc"), r.stderr[-600:])
+
 # --- contract and agreement with `patch` ----------------------------------
 with xr.open_dataset(f"{TMP}/r0.nc") as ds:
     check("dims", ds.sizes["prompt"] == 24 and ds.sizes["layer"] == 3 and ds.sizes["head"] == 4
