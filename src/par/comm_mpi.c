@@ -34,11 +34,11 @@ static ps_status check(int rc, const char *what)
  * the only one used, and Open MPI is asked for it directly (pml ob1, with
  * its shared-memory btl), unless the user chose a pml (OMPI_MCA_pml, which
  * mpirun --mca also sets).  Otherwise Open MPI opens every pml to pick one,
- * and the cm pml's probes of network libraries (PSM, PSM2, OFI) took 0.21
- * of MPI_Init's 0.23 s on the demo's machine, on every run of one node:
- * more than a fifth of a one-second sweep, at 1 rank and at 2 (README:
- * writes overlap compute).  Every rank decides the same from the same
- * variables, so they all pick the same pml. */
+ * and the cm pml's probes of network libraries (its PSM and PSM2 mtl
+ * components) took 0.21 of MPI_Init's 0.23 s on the demo's machine, on
+ * every run of one node: more than a fifth of a one-second sweep, at 1
+ * rank and at 2 (README: writes overlap compute).  Every rank decides the
+ * same from the same variables, so they all pick the same pml. */
 static void choose_node_transport(void)
 {
 #ifdef OPEN_MPI
