@@ -118,7 +118,7 @@ check("no --timings: no timings printed", r.returncode == 0 and "timings" not in
 # One node: comm_init asks Open MPI for its shared-memory pml (ob1), so the
 # cm pml's network libraries (its mtl components) are not even opened; a
 # pml the user chose is kept (OMPI_MCA_pml=^ucx opens them; a bogus one
-# fails in MPI_Init, naming it).
+# fails in MPI_Init).
 VERBOSE = {"OMPI_MCA_pml_base_verbose": "10", "OMPI_MCA_mtl_base_verbose": "10"}
 for how, extra, want_mtl in (("ours", {}, False), ("the user's ^ucx", {"OMPI_MCA_pml": "^ucx"}, True)):
     r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/pml.nc",
@@ -127,11 +127,14 @@ for how, extra, want_mtl in (("ours", {}, False), ("the user's ^ucx", {"OMPI_MCA
     check(f"pml {how}: the network libraries {'probed' if want_mtl else 'not probed'}, the same bits",
           r.returncode == 0 and ("opening mtl components" in r.stderr) == want_mtl
           and same(ref, values(f"{TMP}/pml.nc")[0]), r.stderr[-600:])
+# (were it replaced by ob1 the run would succeed; Open MPI's message naming
+# the component sometimes does not arrive: its show_help relay fails)
+os.remove(f"{TMP}/pml.nc")
 r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/pml.nc",
                     "--overwrite"], capture_output=True, text=True, env=dict(MPI_ENV, OMPI_MCA_pml="bogus"),
                    timeout=300)
-check("pml the user's (bogus): kept, MPI_Init fails naming it", r.returncode != 0 and "bogus" in r.stderr,
-      r.stderr[-600:])
+check("pml the user's (bogus): kept, MPI_Init fails, no file", r.returncode != 0
+      and not os.path.exists(f"{TMP}/pml.nc"), r.stderr[-600:])
 
 # The node-shared weights' backing directory (comm_mpi.c) is found without
 # MPI_T when the environment or the default decides it, and through MPI_T
