@@ -99,7 +99,7 @@ DEB_PKGS := build-essential pkg-config git ca-certificates \
             slurmctld slurmd slurm-client munge \
             clang libclang-rt-dev
 
-.PHONY: all deps tokenizer demo test unit integration clean distclean bench bench-large download-gpt2 download-gpt2-medium \
+.PHONY: all deps tokenizer demo test unit integration clean distclean bench bench-scaling bench-large download-gpt2 download-gpt2-medium \
         download-pythia-160m download-qwen2.5-0.5b download-llama-3.2-1b \
         fuzz fuzz-smoke fuzz-build install check test-scale
 all: $(BIN) build/patchsweep $(SO)
@@ -391,6 +391,13 @@ bench: all tokenizer $(BUILD)/tests/bench_atp $(BUILD)/tests/bench_gemm_bf16
 	@mkdir -p results
 	/usr/bin/python3 tests/tools/bench_report.py --ps build/rel/patchsweep --model $(BENCH_MODEL) \
 	    --embedded jobs/ioi-tiny/model --out results/bench.json
+
+# `make bench-scaling`: section 11 alone, the demo job at 1 and 2 ranks
+# (interleaved, medians; wall, program and chunk time; results/bench_scaling.json).
+bench-scaling: all tokenizer
+	@mkdir -p results
+	/usr/bin/python3 tests/tools/bench_report.py --ps build/rel/patchsweep --scaling-only \
+	    --out results/bench_scaling.json
 
 # `make bench-large` (issue 21; not part of make test): a random
 # Llama-3-8B-shaped BF16 checkpoint, sharded like HF's (~16 GB under build/,

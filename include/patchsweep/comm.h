@@ -16,7 +16,9 @@
 typedef struct comm comm;
 
 /* Initialise (MPI_Init_thread with MPI_THREAD_FUNNELED: only the main
- * thread calls MPI; OpenBLAS threads never do). */
+ * thread calls MPI; OpenBLAS threads never do).  Under Open MPI with every
+ * rank on one node and no pml chosen, it first sets OMPI_MCA_pml=ob1 in
+ * the environment (comm_mpi.c: MPI_Init 0.23 -> 0.02 s). */
 ps_status comm_init(comm **c, int *argc, char ***argv);
 void comm_finalize(comm *c);
 

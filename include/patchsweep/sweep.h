@@ -110,6 +110,28 @@ typedef struct {
     size_t fast_rows;        /* the fast engine's max_rows: the rest of the budget, 256..2048 */
 } sweep_work;
 
+/* Where rank 0's time in sweep_run went (sweep_result.phase_seconds,
+ * clock_now differences; `patchsweep sweep --timings` prints them): the
+ * set-up in order, then the chunk loop's parts summed over its chunks. */
+typedef enum {
+    SWEEP_PHASE_DATASET,       /* the output's lock, the dataset read, tokenized and validated (the plan) */
+    SWEEP_PHASE_HASH,          /* sha256 of the dataset file and of the model's shards (hash cache) */
+    SWEEP_PHASE_JOURNAL_OPEN,  /* the journal opened, replayed, the invalid pairs journaled */
+    SWEEP_PHASE_SOURCES,       /* an ablation's sources (mean: a pass over the dataset) */
+    SWEEP_PHASE_WRITER_START,  /* the writer thread started (it creates the file beside the chunks) */
+    SWEEP_PHASE_TOKENS,        /* each chunk's records read and tokenized again */
+    SWEEP_PHASE_COMPUTE,       /* each chunk on every rank: broadcast, forwards, cells, gather */
+    SWEEP_PHASE_JOURNAL,       /* each chunk's records appended and fdatasync'd */
+    SWEEP_PHASE_PUSH,          /* each chunk handed to the writer (waits while its queue is full) */
+    SWEEP_PHASE_MEMORY,        /* every rank's memory figures gathered for the provenance */
+    SWEEP_PHASE_FINISH,        /* waiting for the writer to finish and commit the file */
+    SWEEP_PHASE_LENS,          /* the job's [lens] file */
+    SWEEP_PHASE_COUNT
+} sweep_phase;
+
+/* "dataset", "hash", ... (the names --timings prints). */
+const char *sweep_phase_name(sweep_phase ph);
+
 typedef struct {
     size_t prompts_total, prompts_done, prompts_skipped, prompts_resumed;
     size_t journal_dropped_at;     /* resume_from_damage: the damaged record (1-based) cut off, 0 none */
@@ -124,6 +146,7 @@ typedef struct {
     double write_seconds;    /* rank 0's writer thread busy with the NetCDF file (beside the chunks) */
     double write_wait_seconds; /* after the last chunk, waiting for the writer to finish the file */
     size_t write_bytes;      /* size of that file */
+    double phase_seconds[SWEEP_PHASE_COUNT]; /* rank 0: where sweep_run's time went */
     double mean_clean_metric, mean_corrupted_metric, accuracy; /* over prompts done (accuracy: clean metric > corrupted) */
     sweep_summary summary[PATCH_COMPONENT_COUNT];
     char *guards;            /* owned: one line per guard that fired (schema.h SCHEMA_GUARD_*), "" or NULL none */

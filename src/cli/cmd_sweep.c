@@ -10,6 +10,7 @@
 #include "atp.h"
 #include "blas.h"
 #include "cli.h"
+#include "clock.h"
 #include "comm.h"
 #include "job.h"
 #include "pool.h"
@@ -32,6 +33,9 @@ static const char *sweep_help =
     "  --threads N      threads per rank (default: the job's, else\n"
     "                   $OPENBLAS_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the\n"
     "                   rank's CPUs (affinity mask) / ranks on the node)\n"
+    "  --timings        rank 0 prints where its time went on stderr at the end\n"
+    "                   (process start, MPI start-up, model, tokenizer, the\n"
+    "                   sweep's phases, MPI_Finalize; README: writes overlap compute)\n"
     "  Exit status: 0 complete, 1 failed, 2 usage error, 3 stopped by SIGTERM/\n"
     "  SIGINT/SIGUSR1 after the chunk in flight (rerun to resume).\n";
 
@@ -227,7 +231,38 @@ static void node_weights_release(void *user, void *ptr)
     nw->shm = NULL;
 }
 
-enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE, OPT_FROM_DAMAGE };
+/* --timings: rank 0's seconds per step of the command, in order (the
+ * sweep's own phases are sweep_result.phase_seconds). */
+typedef enum {
+    TIMING_EXEC,      /* process start to main's sweep command (exec, dynamic linking) */
+    TIMING_MPI_INIT,  /* comm_init: MPI_Init (the launcher's wire-up, topology) */
+    TIMING_JOB,       /* the job file read and checked, threads set */
+    TIMING_MODEL,     /* the model mapped, converted, packed (shared per node) */
+    TIMING_TOKENIZER, /* rank 0's tokenizer loaded (GPT-2's merges parsed) */
+    TIMING_SWEEP,     /* sweep_run (its phases printed after) */
+    TIMING_REPORT,    /* the summary printed and every rank's memory gathered */
+    TIMING_FINALIZE,  /* the model freed (weights unmapped), comm_finalize: MPI_Finalize */
+    TIMING_COUNT
+} timing_step;
+
+static const char *const timing_names[TIMING_COUNT] = {"exec", "mpi_init", "job", "model", "tokenizer",
+                                                       "sweep", "report", "finalize"};
+
+/* One line per group on stderr: the command's steps, then sweep_run's
+ * phases (summing to about its step), then the total since the process
+ * started. */
+static void print_timings(const double *step, const sweep_result *res, double total)
+{
+    fprintf(stderr, "sweep: timings (rank 0, seconds):");
+    for (int k = 0; k < TIMING_COUNT; k++)
+        fprintf(stderr, " %s %.3f", timing_names[k], step[k]);
+    fprintf(stderr, "\nsweep: timings of the sweep (rank 0, seconds):");
+    for (int k = 0; k < SWEEP_PHASE_COUNT; k++)
+        fprintf(stderr, " %s %.3f", sweep_phase_name((sweep_phase)k), res->phase_seconds[k]);
+    fprintf(stderr, "\nsweep: timings: process %.3f s from its start to exit\n", total);
+}
+
+enum { OPT_RESUME = CLI_OPT_FIRST_FREE, OPT_OVERWRITE, OPT_THREADS, OPT_SLICE, OPT_FROM_DAMAGE, OPT_TIMINGS };
 
 int cmd_sweep(int argc, char **argv)
 {
@@ -237,10 +272,15 @@ int cmd_sweep(int argc, char **argv)
                                          {"resume-from-damage", no_argument, 0, OPT_FROM_DAMAGE},
                                          {"threads", required_argument, 0, OPT_THREADS},
                                          {"slice", required_argument, 0, OPT_SLICE},
+                                         {"timings", no_argument, 0, OPT_TIMINGS},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     const char *output = NULL;
-    bool resume = false, overwrite = false, from_damage = false;
+    bool resume = false, overwrite = false, from_damage = false, timings = false;
+    double step[TIMING_COUNT] = {0};
+    /* the process's age now is the time before this command ran */
+    const double age0 = clock_process_age(), t_main = clock_now();
+    step[TIMING_EXEC] = age0 > 0 ? age0 : 0.0;
     size_t threads = 0, slice = 0, n_slices = 0;
     int ch;
     while ((ch = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
@@ -249,6 +289,7 @@ int cmd_sweep(int argc, char **argv)
         case OPT_RESUME: resume = true; break;
         case OPT_OVERWRITE: overwrite = true; break;
         case OPT_FROM_DAMAGE: from_damage = true; break;
+        case OPT_TIMINGS: timings = true; break;
         case OPT_THREADS:
             if (!cli_parse_size(optarg, 1, 4096, &threads))
                 return cli_usage("sweep", "--threads takes a whole number from 1 to 4096, not '%s'", optarg);
@@ -289,9 +330,12 @@ int cmd_sweep(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGUSR1, &sa, NULL);
     comm *c = NULL;
+    double t = clock_now();
     if (comm_init(&c, &argc, &argv) != PS_OK)
         return cli_fail();
     const bool root = comm_rank(c) == 0;
+    step[TIMING_MPI_INIT] = clock_now() - t;
+    t = clock_now();
 
     job j = {0};
     model m = {0};
@@ -309,6 +353,8 @@ int cmd_sweep(int argc, char **argv)
     if ((st = comm_agree(c, st)))
         goto out;
     set_blas_threads(threads, &j, c);
+    step[TIMING_JOB] = clock_now() - t;
+    t = clock_now();
     /* Every rank loads the model: F32 tensors in place from the mmap (the
      * node's ranks share the page cache), the others converted, and every
      * block's matrices packed, once per node into shared memory; the
@@ -320,10 +366,13 @@ int cmd_sweep(int argc, char **argv)
      * used, never GPT-2's tokenizer (cli_model_tokenizer) */
     if (st == PS_OK)
         st = patch_components_check(j.components, &m.cfg);
+    step[TIMING_MODEL] = clock_now() - t;
+    t = clock_now();
     if (st == PS_OK && root)
         st = cli_model_tokenizer(j.model_dir, j.tokenizer_dir, &m, m.cfg.family == MODEL_FAMILY_GPT2, &tok);
     if ((st = comm_agree(c, st)))
         goto out;
+    step[TIMING_TOKENIZER] = clock_now() - t;
     if (root)
         fprintf(stderr, "sweep: %s on %s; %zu rank%s (%s), %s\n", job_path, j.model_dir, comm_size(c),
                 comm_size(c) > 1 ? "s" : "", comm_library(), prov_blas());
@@ -343,7 +392,10 @@ int cmd_sweep(int argc, char **argv)
                      .stop = &stop_requested,
                      .ranks_for_provenance = comm_size(c),
                      .progress = progress, .progress_user = &ps};
+    t = clock_now();
     st = sweep_run(&j, &m, tok, c, &so, &res);
+    step[TIMING_SWEEP] = clock_now() - t;
+    t = clock_now();
     if (root && res.journal_dropped_at)
         fprintf(stderr,
                 "sweep: --resume-from-damage: journal record %zu was damaged; it and the %zu intact record%s after it "
@@ -375,6 +427,7 @@ int cmd_sweep(int argc, char **argv)
         rc = SWEEP_EXIT_INTERRUPTED;
     if (st == PS_OK)
         report_memory(c);
+    step[TIMING_REPORT] = clock_now() - t;
 out:
     if (st) {
         if (root)
@@ -382,10 +435,14 @@ out:
         rc = CLI_EXIT_FAIL;
     }
     fflush(stdout);
-    sweep_result_free(&res);
+    t = clock_now();
     tokenizer_free(tok);
     model_free(&m);
     job_free(&j);
     comm_finalize(c);
+    step[TIMING_FINALIZE] = clock_now() - t;
+    if (timings && root && st == PS_OK)
+        print_timings(step, &res, step[TIMING_EXEC] + clock_now() - t_main);
+    sweep_result_free(&res);
     return rc;
 }

@@ -67,6 +67,7 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         return st;
     }
     const double t0 = clock_now();
+    double *ph = res->phase_seconds, t = t0, t1;
     size_t next = 0; /* rank 0: next prompt index to consider */
     for (;;) {
         size_t n = 0;
@@ -74,6 +75,8 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
             n = sweep_plan_next(p, &next, chunk, index);
         if (root && (st = sweep_plan_tokens(p, j, m, tok, index, n, tk)))
             n = 0;
+        t1 = clock_now();
+        ph[SWEEP_PHASE_TOKENS] += t1 - t;
         if ((st = comm_agree(c, st)))
             break;
         sweep_chunk ch;
@@ -86,6 +89,8 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         if ((st = comm_agree(c, st)))
             break;
         st = sweep_dist_chunk_ablate(j, m, c, tk, n, res->work.chunk, res->work.fast_rows, ab, &ch);
+        t = clock_now();
+        ph[SWEEP_PHASE_COMPUTE] += t - t1;
         if (st || ch.n_pairs == 0) {
             for (size_t k = 0; k < n; k++)
                 dataset_tokens_free(&tk[k]);
@@ -93,12 +98,16 @@ static ps_status run_chunks(const job *j, model *m, const tokenizer *tok, comm *
         }
         if (root) {
             st = journal_chunk(jr, j, &m->cfg, p, index, tk, &ch);
+            t1 = clock_now();
+            ph[SWEEP_PHASE_JOURNAL] += t1 - t;
             /* durable: now to the writer thread (which takes the tokens
              * and values) */
             if (st == PS_OK) {
                 st = sweep_writer_push(w, index, tk, ch.n_pairs, ch.values);
                 ch.values = NULL;
             }
+            t = clock_now();
+            ph[SWEEP_PHASE_PUSH] += t - t1;
             for (size_t k = 0; k < n; k++)
                 dataset_tokens_free(&tk[k]);
             pr->prompts_done += ch.n_pairs;
@@ -175,14 +184,18 @@ static ps_status finish(const job *j, model *m, const tokenizer *tok, const swee
                         const sweep_progress *pr, sweep_result *res)
 {
     res->interrupted = o->stop && *o->stop && pr->prompts_done < p->n;
+    double t = clock_now();
     ps_status st = sweep_writer_finish(w, memory, res->seconds);
+    res->phase_seconds[SWEEP_PHASE_FINISH] += clock_now() - t;
     struct stat sb;
     res->write_bytes = st == PS_OK && stat(output, &sb) == 0 ? (size_t)sb.st_size : 0;
     res->prompts_total = p->n;
     if (st == PS_OK && res->complete)
         journal_close(jr, true);
+    t = clock_now();
     if (st == PS_OK && res->complete && j->lens)
         st = write_lens(j, m, tok, p, o, res);
+    res->phase_seconds[SWEEP_PHASE_LENS] += clock_now() - t;
     return st;
 }
 
@@ -201,6 +214,7 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     ablate_sources ab = {0};
     sweep_writer *w = NULL;
     ps_status st = PS_OK;
+    double t; /* res->phase_seconds */
     /* 1. rank 0: the dataset, the journal, what is done already */
     if (root)
         st = sweep_plan_open(&p, &jr, &lock, j, m, tok, o, output, dataset_sha, res);
@@ -223,19 +237,25 @@ ps_status sweep_run(const job *j, model *m, const tokenizer *tok, comm *c, const
     res->work.fast_rows = start[1];
     /* 3. an ablation's sources: the mean is a first pass over the dataset on
      *    every rank (ablate.h), the same bits for any number of ranks */
+    t = clock_now();
     if ((st = ablation_sources(j, m, tok, c, &p, &ab, res)))
         goto out;
+    res->phase_seconds[SWEEP_PHASE_SOURCES] += clock_now() - t;
+    t = clock_now();
     /* 4. rank 0: the writer thread starts the file (and writes what the
      *    journal has already); every chunk not done yet, journaled and
      *    written beside the next one's computation */
     if (root)
         st = sweep_writer_start(&w, j, m, tok, &p, &jr, output, o, dataset_sha, res);
+    res->phase_seconds[SWEEP_PHASE_WRITER_START] += clock_now() - t;
     if ((st = comm_agree(c, st)) || (st = run_chunks(j, m, tok, c, o, &p, &jr, &ab, w, res, &pr)))
         goto out;
+    t = clock_now();
     /* 5. provenance: what each rank needed for the patching (before rank 0
      *    builds the file) */
     if ((st = sweep_memory_text(c, &memory)))
         goto out;
+    res->phase_seconds[SWEEP_PHASE_MEMORY] += clock_now() - t;
     /* 6. rank 0: the NetCDF file finished, the [lens] file */
     if (root) {
         st = finish(j, m, tok, o, output, &p, &jr, w, memory, &pr, res);
@@ -251,6 +271,18 @@ out:
     fs_lock_release(&lock);
     sweep_plan_free(&p);
     return st;
+}
+
+const char *sweep_phase_name(sweep_phase ph)
+{
+    static const char *const names[SWEEP_PHASE_COUNT] = {
+        [SWEEP_PHASE_DATASET] = "dataset",   [SWEEP_PHASE_HASH] = "hash",
+        [SWEEP_PHASE_JOURNAL_OPEN] = "journal_open", [SWEEP_PHASE_SOURCES] = "sources",
+        [SWEEP_PHASE_WRITER_START] = "writer_start", [SWEEP_PHASE_TOKENS] = "tokens",
+        [SWEEP_PHASE_COMPUTE] = "compute",   [SWEEP_PHASE_JOURNAL] = "journal",
+        [SWEEP_PHASE_PUSH] = "push",         [SWEEP_PHASE_MEMORY] = "memory",
+        [SWEEP_PHASE_FINISH] = "finish",     [SWEEP_PHASE_LENS] = "lens"};
+    return (unsigned)ph < SWEEP_PHASE_COUNT ? names[ph] : "?";
 }
 
 void sweep_result_free(sweep_result *res)

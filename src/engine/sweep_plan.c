@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "fault.h"
 #include "fsutil.h"
 #include "ncin.h"
@@ -359,6 +360,7 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
                           const sweep_opts *o, const char *output, char dataset_sha[65], sweep_result *res)
 {
     ps_status st;
+    double t = clock_now(), t1; /* res->phase_seconds */
     char lpath[4200];
     snprintf(lpath, sizeof lpath, "%s.lock", output);
     /* One sweep per output: the lock before anything of the output is read
@@ -368,9 +370,14 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
         return st;
     if (fault_point("sweep_lock"))
         return err_set(PS_ERR_IO, "injected fault at sweep_lock");
-    if ((st = plan_load(p, j, m, tok, o->slice, o->n_slices)) ||
-        (st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
+    if ((st = plan_load(p, j, m, tok, o->slice, o->n_slices)))
         return st;
+    t1 = clock_now();
+    res->phase_seconds[SWEEP_PHASE_DATASET] += t1 - t;
+    if ((st = sha256_file_hex(j->dataset, dataset_sha)) || (st = model_hash(m)))
+        return st;
+    t = clock_now();
+    res->phase_seconds[SWEEP_PHASE_HASH] += t - t1;
     /* the slice is part of the identity: first and count */
     journal_identity id = {.n_prompts = ((uint64_t)p->first << 32) | p->n};
     memcpy(id.job_sha256, j->sha256, 65);
@@ -409,7 +416,10 @@ ps_status sweep_plan_open(sweep_plan *p, journal *jr, fs_lock *lock, const job *
             sweep_plan_set_kind(p, i, JOURNAL_PROMPT_SKIPPED);
         }
     }
-    return st ? st : journal_sync(jr);
+    if (st == PS_OK)
+        st = journal_sync(jr);
+    res->phase_seconds[SWEEP_PHASE_JOURNAL_OPEN] += clock_now() - t;
+    return st;
 }
 
 size_t sweep_plan_next(const sweep_plan *p, size_t *next, size_t max, size_t *index)

@@ -1,6 +1,7 @@
 /* comm over MPI: the only file of the project that calls MPI. */
 #include "comm.h"
 
+#include <dlfcn.h>
 #include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -28,10 +29,31 @@ static ps_status check(int rc, const char *what)
     return err_set(PS_ERR_INTERNAL, "MPI %s failed: %s", what, msg);
 }
 
+/* Every rank of the job on this node (Open MPI's launcher says so in each
+ * rank's environment before MPI_Init): then the shared-memory transport is
+ * the only one used, and Open MPI is asked for it directly (pml ob1, with
+ * its shared-memory btl), unless the user chose a pml (OMPI_MCA_pml, which
+ * mpirun --mca also sets).  Otherwise Open MPI opens every pml to pick one,
+ * and the cm pml's probes of network libraries (its PSM and PSM2 mtl
+ * components) took 0.21 of MPI_Init's 0.23 s on the demo's machine, on
+ * every run of one node: more than a fifth of a one-second sweep, at 1
+ * rank and at 2 (README: writes overlap compute).  Every rank decides the
+ * same from the same variables, so they all pick the same pml. */
+static void choose_node_transport(void)
+{
+#ifdef OPEN_MPI
+    const char *size = getenv("OMPI_COMM_WORLD_SIZE"), *local = getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    if (size && local && *size && !strcmp(size, local) && !getenv("OMPI_MCA_pml"))
+        setenv("OMPI_MCA_pml", "ob1", 0);
+#endif
+}
+
 ps_status comm_init(comm **out, int *argc, char ***argv)
 {
     int provided, initialized;
     MPI_Initialized(&initialized);
+    if (!initialized)
+        choose_node_transport();
     if (!initialized && MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
         return err_set(PS_ERR_INTERNAL, "MPI_Init_thread failed");
     comm *c = calloc(1, sizeof *c);
@@ -172,12 +194,93 @@ struct comm_shared {
     MPI_Win win;
 };
 
+/* Whether a line of an MCA parameter file (name = value, # comments) may
+ * set `name`. */
+static bool param_file_sets(const char *path, const char *name)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    char line[4096];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, f)) {
+        const char *s = line + strspn(line, " \t");
+        found = *s != '#' && strstr(s, name) != NULL;
+    }
+    fclose(f);
+    return found;
+}
+
+/* Open MPI 4.1's osc_sm_backing_directory without MPI_T: from the
+ * environment (OMPI_MCA_..., which mpirun --mca sets too), else its
+ * default /dev/shm unless a parameter file names it (the user's, the
+ * system's: Debian's /etc/openmpi, $OPAL_PREFIX/etc or etc/ beside the
+ * directory of the libmpi in use; or those of
+ * OMPI_MCA_mca_base_param_files).  false: ask MPI_T.
+ * MPI_T's initialization opens every MCA component: 0.21 s on the demo's
+ * machine, once per node rank 0 of every run of 2 or more ranks a node. */
+static bool backing_directory_fast(char *dir, size_t cap)
+{
+#if defined(OPEN_MPI) && OMPI_MAJOR_VERSION == 4 && OMPI_MINOR_VERSION == 1
+    const char *name = "osc_sm_backing_directory", *env = getenv("OMPI_MCA_osc_sm_backing_directory");
+    if (env) {
+        snprintf(dir, cap, "%s", env);
+        return true;
+    }
+    char path[4096];
+    const char *home = getenv("HOME"), *files = getenv("OMPI_MCA_mca_base_param_files");
+    if (files) {
+        /* a list separated by ',' (or ':') */
+        for (const char *s = files; *s;) {
+            size_t n = strcspn(s, ",:");
+            snprintf(path, sizeof path, "%.*s", (int)n, s);
+            if (param_file_sets(path, name))
+                return false;
+            s += n + (s[n] != '\0');
+        }
+    } else {
+        snprintf(path, sizeof path, "%s/.openmpi/mca-params.conf", home ? home : "");
+        if ((home && param_file_sets(path, name)) || param_file_sets("/etc/openmpi/openmpi-mca-params.conf", name))
+            return false;
+        const char *prefix = getenv("OPAL_PREFIX");
+        snprintf(path, sizeof path, "%s/etc/openmpi-mca-params.conf", prefix ? prefix : "");
+        if (prefix && param_file_sets(path, name))
+            return false;
+        /* PREFIX/lib/libmpi.so -> PREFIX/etc/openmpi-mca-params.conf */
+        Dl_info di;
+        if (dladdr((void *)MPI_Init, &di) && di.dli_fname) {
+            snprintf(path, sizeof path, "%s", di.dli_fname);
+            char *slash = strrchr(path, '/');
+            if (slash) {
+                *slash = '\0';
+                slash = strrchr(path, '/');
+            }
+            if (slash) {
+                *slash = '\0';
+                size_t used = strlen(path);
+                snprintf(path + used, sizeof path - used, "/etc/openmpi-mca-params.conf");
+                if (param_file_sets(path, name))
+                    return false;
+            }
+        }
+    }
+    snprintf(dir, cap, "/dev/shm");
+    return true;
+#else
+    (void)dir, (void)cap;
+    return false;
+#endif
+}
+
 /* Where Open MPI puts a shared window's backing file: its MCA variable
- * osc_sm_backing_directory (default /dev/shm), read through MPI_T; "" when
- * the MPI library has no such variable. */
+ * osc_sm_backing_directory (default /dev/shm), read through MPI_T unless
+ * backing_directory_fast knows it; "" when the MPI library has no such
+ * variable. */
 static void backing_directory(char *dir, size_t cap)
 {
     dir[0] = '\0';
+    if (backing_directory_fast(dir, cap))
+        return;
     int provided, index, count = 0;
     if (MPI_T_init_thread(MPI_THREAD_SINGLE, &provided) != MPI_SUCCESS)
         return;

@@ -81,6 +81,76 @@ for n in ((1, 2) if QUICK else (1, 2, 3, 4)):
     ok = r.returncode == 0 and same(ref, values(f"{TMP}/p{n}.nc")[0])
     check(f"{n} rank(s) distributing prompts: bitwise equal to the serial run", ok, r.stderr[-500:])
 
+# --timings: rank 0 alone prints where its time went, every step and phase
+# named once with a time, the steps adding up to the process's time from
+# its start (the gaps between them are a few statements), the sweep's
+# phases to at most its step; the file is the same bits.
+r = run(["sweep", pjob, "--output", f"{TMP}/t2.nc", "--timings"], ranks=2)
+STEPS = ["exec", "mpi_init", "job", "model", "tokenizer", "sweep", "report", "finalize"]
+PHASES = ["dataset", "hash", "journal_open", "sources", "writer_start", "tokens", "compute", "journal", "push",
+          "memory", "finish", "lens"]
+
+
+def timing_line(prefix):
+    lines = [l for l in r.stderr.splitlines() if l.startswith(prefix)]
+    if len(lines) != 1:
+        return None
+    toks = lines[0][len(prefix):].split()
+    return dict(zip(toks[0::2], map(float, toks[1::2]))), toks[0::2]
+
+
+steps, phases = timing_line("sweep: timings (rank 0, seconds):"), timing_line("sweep: timings of the sweep (rank 0, seconds):")
+total = [float(l.split()[3]) for l in r.stderr.splitlines() if l.startswith("sweep: timings: process ")]
+ok = r.returncode == 0 and steps and phases and len(total) == 1 and same(ref, values(f"{TMP}/t2.nc")[0])
+check("--timings: one line of steps, one of phases and the total (rank 0 alone); the same bits", ok, r.stderr[-800:])
+if ok:
+    (st, st_names), (ph, ph_names) = steps, phases
+    check("--timings: every step and phase named once, in order, none negative",
+          st_names == STEPS and ph_names == PHASES and min(st.values()) >= 0 and min(ph.values()) >= 0, r.stderr)
+    check("--timings: the steps add up to the process's time from its start",
+          abs(sum(st.values()) - total[0]) <= 0.05 + 0.02 * total[0] and st["exec"] < total[0],
+          f"{st} sum {sum(st.values()):.3f} total {total[0]:.3f}")
+    check("--timings: the sweep's phases within its step, the chunks' time in them",
+          sum(ph.values()) <= st["sweep"] + 0.005 and 0 < ph["compute"] <= st["sweep"], f"{ph} {st['sweep']}")
+r = run(["sweep", pjob, "--output", f"{TMP}/t0.nc"])
+check("no --timings: no timings printed", r.returncode == 0 and "timings" not in r.stderr, r.stderr[-300:])
+
+# One node: comm_init asks Open MPI for its shared-memory pml (ob1), so the
+# cm pml's network libraries (its mtl components) are not even opened; a
+# pml the user chose is kept (OMPI_MCA_pml=^ucx opens them; a bogus one
+# fails in MPI_Init).
+VERBOSE = {"OMPI_MCA_pml_base_verbose": "10", "OMPI_MCA_mtl_base_verbose": "10"}
+for how, extra, want_mtl in (("ours", {}, False), ("the user's ^ucx", {"OMPI_MCA_pml": "^ucx"}, True)):
+    r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/pml.nc",
+                        "--overwrite"], capture_output=True, text=True, env=dict(MPI_ENV, **VERBOSE, **extra),
+                       timeout=300)
+    check(f"pml {how}: the network libraries {'probed' if want_mtl else 'not probed'}, the same bits",
+          r.returncode == 0 and ("opening mtl components" in r.stderr) == want_mtl
+          and same(ref, values(f"{TMP}/pml.nc")[0]), r.stderr[-600:])
+# (were it replaced by ob1 the run would succeed; Open MPI's message naming
+# the component sometimes does not arrive: its show_help relay fails)
+os.remove(f"{TMP}/pml.nc")
+r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/pml.nc",
+                    "--overwrite"], capture_output=True, text=True, env=dict(MPI_ENV, OMPI_MCA_pml="bogus"),
+                   timeout=300)
+check("pml the user's (bogus): kept, MPI_Init fails, no file", r.returncode != 0
+      and not os.path.exists(f"{TMP}/pml.nc"), r.stderr[-600:])
+
+# The node-shared weights' backing directory (comm_mpi.c) is found without
+# MPI_T when the environment or the default decides it, and through MPI_T
+# when an MCA parameter file names it: both ways a directory without room
+# (/proc: 0 bytes free) is refused with its one line before MPI tries.
+conf = os.path.join(TMP, "mca-params.conf")
+with open(conf, "w") as f:
+    f.write("osc_sm_backing_directory = /proc\n")
+for how, extra in (("the environment", {"OMPI_MCA_osc_sm_backing_directory": "/proc"}),
+                   ("an MCA parameter file (MPI_T)", {"OMPI_MCA_mca_base_param_files": conf})):
+    r = subprocess.run(["mpirun", "--oversubscribe", "-np", "2", BIN, "sweep", pjob, "--output", f"{TMP}/shm.nc"],
+                       capture_output=True, text=True, env=dict(MPI_ENV, **extra), timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("patchsweep")]
+    check(f"shared window's directory from {how}: refused, one line naming it", r.returncode == 1 and len(lines) == 1
+          and "/proc has 0 MiB free" in lines[0] and not os.path.exists(f"{TMP}/shm.nc"), r.stderr[-600:])
+
 # --- contract and agreement with `patch` ----------------------------------
 with xr.open_dataset(f"{TMP}/r0.nc") as ds:
     check("dims", ds.sizes["prompt"] == 24 and ds.sizes["layer"] == 3 and ds.sizes["head"] == 4

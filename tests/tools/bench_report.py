@@ -47,6 +47,12 @@ machine, printed as tables and saved as results/bench.json.
      |bf16 - f32| of the normalized grids (resid_pre, attn_out, mlp_out) on
      that model, the embedded GPT-2 and the embedded Llama (target <= 1e-2),
      with the CPU and the load.  --bf16-only runs this section alone.
+  11. 1 -> 2 rank efficiency of the demo (issue 21 item 5): the demo's
+     main job (jobs/ioi-tiny, 128 pairs, embedded model) with `mpirun -np 1`
+     and `-np 2`, one thread per rank, interleaved, medians: wall time of
+     mpirun, the program's own time from its start to its exit (`sweep
+     --timings`, without mpirun's launch), the chunks' time, and rank 0's
+     phases.  --scaling-only runs this section alone (`make bench-scaling`).
 
 Usage: bench_report.py --ps BIN --model DIR --embedded DIR --out FILE.json [--reps N]
 Times are wall-clock seconds on a machine that should otherwise be idle.
@@ -176,8 +182,8 @@ def filler_prompt(n_tokens_before):
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ps", required=True)
-    ap.add_argument("--model", required=True, help="GPT-2-small-shaped model directory")
-    ap.add_argument("--embedded", required=True, help="the embedded model (sweeps)")
+    ap.add_argument("--model", help="GPT-2-small-shaped model directory")
+    ap.add_argument("--embedded", help="the embedded model (sweeps)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-blas", action="store_true", help="skip section 6 (about 9 minutes)")
@@ -186,8 +192,18 @@ def main(argv):
     ap.add_argument("--atp-stats-only", action="store_true",
                     help="section 9 alone (its key updated in an existing --out file)")
     ap.add_argument("--bf16-only", action="store_true", help="section 10 alone")
+    ap.add_argument("--scaling-only", action="store_true", help="section 11 alone")
+    ap.add_argument("--scaling-reps", type=int, default=7, help="runs of each rank count in section 11")
     a = ap.parse_args(argv)
-    ps, model = os.path.abspath(a.ps), os.path.abspath(a.model)
+    ps = os.path.abspath(a.ps)
+    if a.scaling_only:
+        report = {"what": "make bench-scaling: 1 -> 2 rank efficiency of the demo job",
+                  "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model()}}
+        report["demo_scaling"] = demo_scaling(ps, a.scaling_reps)
+        return finish(report, a.out, argv)
+    if not a.model or not a.embedded:
+        ap.error("--model and --embedded are required (but with --scaling-only)")
+    model = os.path.abspath(a.model)
     report = {"what": "make bench: patchsweep vs the PyTorch loop, engines, sweep scaling, cost growth",
               "host": {"cpus": os.cpu_count(), "cpu_model": cpu_model()}}
     if a.families_only:
@@ -306,6 +322,8 @@ def main(argv):
 
     # 5. the scaling model, from the numbers above
     report["scaling_model"] = scaling_model(one, eng[2], sizes[-1])
+    # 11. the demo at 1 and 2 ranks (issue 21 item 5)
+    report["demo_scaling"] = demo_scaling(ps, a.scaling_reps)
 
     # 6. OpenBLAS's generic kernels vs the selected ones (issue 11): naive and
     #    fast engines, and the sgemm peak (tests/tools/bench_blas.py)
@@ -510,6 +528,70 @@ def bf16_bench(ps, model, embedded, cpu, rounds=3):
     out["grid_error"] = err
     out["loadavg_end"] = os.getloadavg()
     print(f"load {out['loadavg_end'][0]:.1f} at the end", flush=True)
+    return out
+
+
+TIMING_RE = re.compile(r"sweep: timings (?:of the sweep )?\(rank 0, seconds\):(.*)")
+
+
+def demo_sweep(ps, job, ranks):
+    """One run of the demo job as `make demo` runs it, with one thread per
+    rank and --timings: wall seconds of mpirun, the program's seconds from
+    its start to its exit, rank 0's steps and phases (sweep --timings)."""
+    cmd = ["mpirun", "--oversubscribe", "-np", str(ranks), ps, "sweep", job, "--overwrite", "--threads", "1",
+           "--timings"]
+    t0 = time.perf_counter()
+    r = run(cmd, MPI_ENV)
+    wall = time.perf_counter() - t0
+    phases = {}
+    for m in TIMING_RE.finditer(r.stderr):
+        toks = m.group(1).split()
+        phases.update({toks[i]: float(toks[i + 1]) for i in range(0, len(toks) - 1, 2)})
+    prog = re.search(r"sweep: timings: process ([\d.]+) s from its start to exit", r.stderr)
+    if not prog or "compute" not in phases:
+        sys.exit(f"bench_report: {' '.join(cmd)} printed no timings:\n{r.stderr.strip()}")
+    return {"wall": wall, "program": float(prog.group(1)), **phases}
+
+
+def demo_scaling(ps, reps):
+    """Section 11: the demo job at 1 and 2 ranks, interleaved (1, 2, 1, 2, ...)
+    so that a change of the machine's load falls on both alike; medians."""
+    print(f"== 11. 1 -> 2 rank efficiency: the demo job (jobs/ioi-tiny, 128 pairs), 1 thread per rank, "
+          f"{reps} interleaved runs each ==", flush=True)
+    load0 = os.getloadavg()
+    runs = {1: [], 2: []}
+    with tempfile.TemporaryDirectory(prefix="ps-bench-demo-") as d:
+        src = os.path.join(ROOT, "jobs", "ioi-tiny")
+        with open(os.path.join(src, "job.ini")) as f:
+            text = f.read()
+        text = re.sub(r"(?m)^dir = .*$", f"dir = {os.path.join(src, 'model')}", text)
+        text = re.sub(r"(?m)^dataset = .*$", f"dataset = {os.path.join(src, 'ioi.jsonl')}", text)
+        text = re.sub(r"(?m)^output = .*$", f"output = {os.path.join(d, 'ioi-tiny.nc')}", text)
+        job = os.path.join(d, "job.ini")
+        with open(job, "w") as f:
+            f.write(text)
+        demo_sweep(ps, job, 2)  # warm: the page cache, the hash cache
+        for _ in range(reps):
+            for n in (1, 2):
+                runs[n].append(demo_sweep(ps, job, n))
+    load1 = os.getloadavg()
+    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in runs}
+    low = {n: {k: min(r[k] for r in runs[n]) for k in runs[n][0]} for n in runs}
+    eff = {k: med[1][k] / (2 * med[2][k]) for k in ("wall", "program", "compute")}
+    eff_min = {k: low[1][k] / (2 * low[2][k]) for k in ("wall", "program", "compute")}
+    out = {"reps": reps, "load_average_before": load0, "load_average_after": load1,
+           "median": {str(n): med[n] for n in med}, "minimum": {str(n): low[n] for n in low},
+           "runs": {str(n): runs[n] for n in runs}, "efficiency": eff, "efficiency_of_minima": eff_min}
+    print(f"   load average {load0[0]:.2f} before, {load1[0]:.2f} after; {os.cpu_count()} CPUs, {cpu_model()}")
+    print("   (under load the minimum of the runs is the closest to a quiet machine)")
+    print(f"{'':<26} {'1 rank':>9} {'2 ranks':>9} {'efficiency':>11} {'min 1':>8} {'min 2':>8} {'eff(min)':>9}")
+    for k, what in (("wall", "wall (mpirun)"), ("program", "program (start to exit)"), ("compute", "chunks")):
+        print(f"{what:<26} {med[1][k]:>8.3f}s {med[2][k]:>8.3f}s {100 * eff[k]:>10.1f}% {low[1][k]:>7.3f}s "
+              f"{low[2][k]:>7.3f}s {100 * eff_min[k]:>8.1f}%")
+    print("   rank 0's steps and phases (medians, s):")
+    for k in med[1]:
+        if k not in ("wall", "program"):
+            print(f"     {k:<14} {med[1][k]:>7.3f} {med[2][k]:>7.3f}")
     return out
 
 
