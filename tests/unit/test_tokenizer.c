@@ -14,7 +14,6 @@
 #include <stdint.h>
 /* cmocka.h needs the four headers above first. */
 #include <cmocka.h>
-#include <jansson.h>
 
 #include <pthread.h>
 #include <stdio.h>
@@ -667,101 +666,6 @@ static void test_bpe_pass_semantics(void **state)
     tokenizer_free(t);
 }
 
-/* GPT-2's byte characters back to bytes: the code point of byte b's
- * character -> b (byte_char), -1 elsewhere. */
-static int byte_of_char(uint32_t cp)
-{
-    for (unsigned b = 0; b < 256; b++) {
-        char c[3];
-        size_t n = byte_char(b, c);
-        uint32_t x = n == 1 ? (unsigned char)c[0] : ((uint32_t)(c[0] & 0x1F) << 6) | (uint32_t)(c[1] & 0x3F);
-        if (x == cp)
-            return (int)b;
-    }
-    return -1;
-}
-
-/* vocab.json is read without a JSON tree (tokenizer.c, vocab_read_fast):
- * every GPT-2 token gets the bytes that jansson's reading of the same file
- * gives, escapes (\u0120 ...) decoded alike. */
-static void test_vocab_fast_matches_jansson(void **state)
-{
-    (void)state;
-    char *path = fs_join(gpt2_dir(), "vocab.json");
-    assert_non_null(path);
-    if (!fs_is_file(path)) {
-        free(path);
-        path = fs_join(gpt2_dir(), "encoder.json");
-        assert_non_null(path);
-    }
-    json_error_t je;
-    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    free(path);
-    assert_non_null(root);
-    assert_int_equal(json_object_size(root), tokenizer_vocab_size(gpt2));
-    const char *key;
-    size_t key_len, checked = 0;
-    json_t *val;
-    json_object_keylen_foreach(root, key, key_len, val) {
-        unsigned char want[1024];
-        size_t nw = 0;
-        for (size_t i = 0; i < key_len;) {
-            const unsigned char *u = (const unsigned char *)key + i;
-            uint32_t cp = u[0] < 0x80 ? u[0] : ((uint32_t)(u[0] & 0x1F) << 6) | (uint32_t)(u[1] & 0x3F);
-            i += u[0] < 0x80 ? 1 : 2;
-            int b = byte_of_char(cp);
-            assert_true(b >= 0 && nw < sizeof want);
-            want[nw++] = (unsigned char)b;
-        }
-        size_t n = 0;
-        const char *got = tokenizer_token_bytes(gpt2, (int32_t)json_integer_value(val), &n);
-        assert_non_null(got);
-        assert_int_equal(n, nw);
-        assert_memory_equal(got, want, nw);
-        checked++;
-    }
-    assert_int_equal(checked, 50257);
-    json_decref(root);
-}
-
-/* JSON escapes in a small vocabulary: \u escapes of ASCII load as the
- * plain tokens (the same ids for the same text), a surrogate pair decodes
- * to its code point (named in the byte-character error), and a lone
- * surrogate is refused as invalid JSON. */
-static void test_vocab_escapes(void **state)
-{
-    (void)state;
-    static const char *const escaped[] = {"\\u0061b", "ab\\u0063", "<|endoftext|>"};
-    tokenizer *t = NULL, *plain = NULL;
-    write_tiny(escaped, TINY_N, "", TINY_MERGES);
-    assert_int_equal(load_tiny(&t), PS_OK);
-    write_tiny(tiny_tokens, TINY_N, "", TINY_MERGES);
-    assert_int_equal(load_tiny(&plain), PS_OK);
-    int32_t *a = NULL, *b = NULL;
-    size_t na = 0, nb = 0;
-    assert_int_equal(tokenizer_encode(t, "abcab c", 7, &a, &na), PS_OK);
-    assert_int_equal(tokenizer_encode(plain, "abcab c", 7, &b, &nb), PS_OK);
-    assert_int_equal(na, nb);
-    assert_memory_equal(a, b, na * sizeof *a);
-    assert_int_equal(na, 4); /* abc ab Ġ c */
-    free(a), free(b);
-    tokenizer_free(t), tokenizer_free(plain);
-    write_tiny(tiny_tokens, TINY_N, ", \"\\ud83d\\ude00\": 259", TINY_MERGES);
-    expect_load_error(PS_ERR_FORMAT, "contains U+1F600");
-    write_tiny(tiny_tokens, TINY_N, ", \"\\ud83d\": 259", TINY_MERGES);
-    expect_load_error(PS_ERR_FORMAT, "vocab.json: not valid JSON");
-    write_tiny(tiny_tokens, TINY_N, ", \"z\\t\": 259", TINY_MERGES);
-    expect_load_error(PS_ERR_FORMAT, "contains U+0009");
-    /* \" \\ \/ decoded: the token's bytes are z"\/ */
-    write_tiny(tiny_tokens, TINY_N, ", \"z\\\"\\\\\\/\": 259", TINY_MERGES);
-    assert_int_equal(load_tiny(&t), PS_OK);
-    size_t n = 0;
-    const char *bytes = tokenizer_token_bytes(t, 259, &n);
-    assert_int_equal(n, 4);
-    assert_memory_equal(bytes, "z\"\\/", 4);
-    tokenizer_free(t);
-}
-
 static void test_load_errors(void **state)
 {
     (void)state;
@@ -926,8 +830,6 @@ int main(void)
         cmocka_unit_test(test_tiny_tokenizer),
         cmocka_unit_test(test_bpe_pass_semantics),
         cmocka_unit_test(test_load_errors),
-        cmocka_unit_test(test_vocab_fast_matches_jansson),
-        cmocka_unit_test(test_vocab_escapes),
         cmocka_unit_test(test_load_dir_and_model),
     };
     return cmocka_run_group_tests_name("tokenizer", tests, group_setup, group_teardown);
