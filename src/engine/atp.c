@@ -4,6 +4,7 @@
 #include "forward.h"
 #include "ops.h"
 #include "patch_internal.h"
+#include "rankstat.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -273,40 +274,6 @@ out:
 
 /* ---- estimate vs truth ---------------------------------------------------- */
 
-typedef struct {
-    double v;
-    size_t i;
-} keyed;
-
-static int by_value(const void *a, const void *b)
-{
-    const keyed *x = a, *y = b;
-    return x->v < y->v ? -1 : x->v > y->v ? 1 : (x->i > y->i) - (x->i < y->i);
-}
-
-/* descending |effect|, then index */
-static int by_abs_desc(const void *a, const void *b)
-{
-    const keyed *x = a, *y = b;
-    return x->v > y->v ? -1 : x->v < y->v ? 1 : (x->i > y->i) - (x->i < y->i);
-}
-
-/* average ranks (1-based) of v into r */
-static void ranks(const double *v, size_t n, keyed *tmp, double *r)
-{
-    for (size_t i = 0; i < n; i++)
-        tmp[i] = (keyed){v[i], i};
-    qsort(tmp, n, sizeof *tmp, by_value);
-    for (size_t i = 0; i < n;) {
-        size_t j = i;
-        while (j + 1 < n && tmp[j + 1].v == tmp[i].v)
-            j++;
-        for (size_t t = i; t <= j; t++)
-            r[tmp[t].i] = 0.5 * (double)(i + j) + 1.0;
-        i = j + 1;
-    }
-}
-
 ps_status atp_compare(const double *exact, const double *estimate, size_t n, double base, size_t k, atp_stats *out)
 {
     memset(out, 0, sizeof *out);
@@ -316,44 +283,10 @@ ps_status atp_compare(const double *exact, const double *estimate, size_t n, dou
     k = k < n ? k : n;
     k = k < sizeof out->missed / sizeof *out->missed ? k : sizeof out->missed / sizeof *out->missed;
     out->k = k;
-    keyed *tmp = malloc(n * sizeof *tmp), *top = malloc(n * sizeof *top);
-    double *ra = malloc(2 * n * sizeof *ra);
-    if (!tmp || !top || !ra) {
-        free(tmp), free(top), free(ra);
-        return err_set(PS_ERR_NOMEM, "atp_compare: out of memory");
-    }
-    double *rb = ra + n;
     for (size_t i = 0; i < n; i++) {
         const double e = fabs(estimate[i] - exact[i]);
         out->max_abs_error = e > out->max_abs_error ? e : out->max_abs_error;
     }
-    ranks(exact, n, tmp, ra);
-    ranks(estimate, n, tmp, rb);
-    double ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
-    for (size_t i = 0; i < n; i++)
-        ma += ra[i], mb += rb[i];
-    ma /= (double)n, mb /= (double)n;
-    for (size_t i = 0; i < n; i++) {
-        sab += (ra[i] - ma) * (rb[i] - mb);
-        saa += (ra[i] - ma) * (ra[i] - ma);
-        sbb += (rb[i] - mb) * (rb[i] - mb);
-    }
-    if (saa > 0 && sbb > 0)
-        out->rank_correlation = sab / sqrt(saa * sbb);
-    /* top k of each by |effect| */
-    for (size_t i = 0; i < n; i++)
-        top[i] = (keyed){fabs(estimate[i] - base), i};
-    qsort(top, n, sizeof *top, by_abs_desc);
-    for (size_t i = 0; i < n; i++)
-        tmp[i] = (keyed){fabs(exact[i] - base), i};
-    qsort(tmp, n, sizeof *tmp, by_abs_desc);
-    for (size_t a = 0; a < k; a++) {
-        bool found = false;
-        for (size_t b = 0; b < k && !found; b++)
-            found = top[b].i == tmp[a].i;
-        if (!found)
-            out->missed[out->n_missed++] = tmp[a].i;
-    }
-    free(tmp), free(top), free(ra);
-    return PS_OK;
+    ps_status st = rankstat_spearman(exact, estimate, n, &out->rank_correlation);
+    return st ? st : rankstat_missed_top_k(exact, estimate, n, base, k, out->missed, &out->n_missed);
 }

@@ -8,20 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    double key; /* |est - base|, -1 for NaN (last) */
-    size_t i;
-} verify_key;
-
-/* Largest key first; equal keys in index order (a total order: the same
- * selection on every rank and run). */
-static int by_key_desc(const void *a, const void *b)
-{
-    const verify_key *x = a, *y = b;
-    if (x->key != y->key)
-        return x->key > y->key ? -1 : 1;
-    return (x->i > y->i) - (x->i < y->i);
-}
+#include "rankstat.h"
 
 static int by_size(const void *a, const void *b)
 {
@@ -32,20 +19,17 @@ static int by_size(const void *a, const void *b)
 ps_status atp_verify_select(const double *est, size_t n, double base, size_t k, size_t *idx, size_t *n_out)
 {
     k = k < n ? k : n;
-    verify_key *keys = malloc((n ? n : 1) * sizeof *keys);
-    if (!keys)
+    size_t *order = malloc((n ? n : 1) * sizeof *order);
+    if (!order)
         return err_set(PS_ERR_NOMEM, "out of memory");
-    for (size_t i = 0; i < n; i++) {
-        const double e = fabs(est[i] - base);
-        keys[i] = (verify_key){e == e ? e : -1.0, i};
+    ps_status st = rankstat_order_by_effect(est, n, base, order);
+    if (st == PS_OK) {
+        memcpy(idx, order, k * sizeof *idx);
+        qsort(idx, k, sizeof *idx, by_size);
+        *n_out = k;
     }
-    qsort(keys, n, sizeof *keys, by_key_desc);
-    for (size_t i = 0; i < k; i++)
-        idx[i] = keys[i].i;
-    free(keys);
-    qsort(idx, k, sizeof *idx, by_size);
-    *n_out = k;
-    return PS_OK;
+    free(order);
+    return st;
 }
 
 ps_status atp_verify_pair(const model *m, const patch_pair *p, const bool on[PATCH_COMPONENT_COUNT],

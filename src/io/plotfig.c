@@ -9,6 +9,7 @@
 #include "ncin.h"
 #include "patchspec.h"
 #include "prov.h"
+#include "rankstat.h"
 #include "schema.h"
 
 /* ---- provenance ------------------------------------------------------------ */
@@ -1073,40 +1074,7 @@ static ps_status atp_component(const ncin_file *f, agg_pool *pl, const char *spe
     return PS_OK;
 }
 
-typedef struct {
-    double v;
-    size_t i;
-} atp_keyed;
-
-static int atp_by_value(const void *a, const void *b)
-{
-    const atp_keyed *x = a, *y = b;
-    return x->v < y->v ? -1 : x->v > y->v ? 1 : x->i < y->i ? -1 : x->i > y->i;
-}
-
-static int atp_by_abs_desc(const void *a, const void *b)
-{
-    const atp_keyed *x = a, *y = b;
-    return x->v > y->v ? -1 : x->v < y->v ? 1 : x->i < y->i ? -1 : x->i > y->i;
-}
-
-/* Ranks 1..n of v[n] (ties: their mean rank) into r[n]; tmp[n] scratch. */
-static void atp_ranks(const double *v, size_t n, atp_keyed *tmp, double *r)
-{
-    for (size_t i = 0; i < n; i++)
-        tmp[i] = (atp_keyed){v[i], i};
-    qsort(tmp, n, sizeof *tmp, atp_by_value);
-    for (size_t a = 0; a < n;) {
-        size_t b = a + 1;
-        while (b < n && tmp[b].v == tmp[a].v)
-            b++;
-        for (size_t k = a; k < b; k++)
-            r[tmp[k].i] = (double)(a + b + 1) / 2.0; /* mean of ranks a+1..b */
-        a = b;
-    }
-}
-
-/* The estimate against the exact values over n cells (as engine/atp.c's
+/* The estimate against the exact values over n cells (rankstat.h, as engine/atp.c's
  * atp_compare, here on the normalized values shown): Spearman's rank
  * correlation (Pearson of the ranks, ties at their mean rank; NaN when one
  * side is constant) and the cells of the exact top k by |exact - base| that
@@ -1116,46 +1084,8 @@ static void atp_ranks(const double *v, size_t n, atp_keyed *tmp, double *r)
 static ps_status atp_stats_of(const double *exact, const double *est, size_t n, double base, size_t k, double *rho,
                               size_t *missed, size_t *n_missed)
 {
-    *rho = NAN;
-    *n_missed = 0;
-    if (n == 0)
-        return PS_OK;
-    atp_keyed *t1 = malloc(n * sizeof *t1), *t2 = malloc(n * sizeof *t2);
-    double *ra = malloc(2 * n * sizeof *ra);
-    if (!t1 || !t2 || !ra) {
-        free(t1), free(t2), free(ra);
-        return PS_ERR_NOMEM;
-    }
-    double *rb = ra + n;
-    atp_ranks(exact, n, t1, ra);
-    atp_ranks(est, n, t1, rb);
-    double ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
-    for (size_t i = 0; i < n; i++)
-        ma += ra[i], mb += rb[i];
-    ma /= (double)n, mb /= (double)n;
-    for (size_t i = 0; i < n; i++) {
-        sab += (ra[i] - ma) * (rb[i] - mb);
-        saa += (ra[i] - ma) * (ra[i] - ma);
-        sbb += (rb[i] - mb) * (rb[i] - mb);
-    }
-    if (saa > 0 && sbb > 0)
-        *rho = sab / sqrt(saa * sbb);
-    k = k < n ? k : n;
-    for (size_t i = 0; i < n; i++) {
-        t1[i] = (atp_keyed){fabs(exact[i] - base), i};
-        t2[i] = (atp_keyed){fabs(est[i] - base), i};
-    }
-    qsort(t1, n, sizeof *t1, atp_by_abs_desc);
-    qsort(t2, n, sizeof *t2, atp_by_abs_desc);
-    for (size_t a = 0; a < k; a++) {
-        bool found = false;
-        for (size_t b = 0; b < k && !found; b++)
-            found = t2[b].i == t1[a].i;
-        if (!found)
-            missed[(*n_missed)++] = t1[a].i;
-    }
-    free(t1), free(t2), free(ra);
-    return PS_OK;
+    ps_status st = rankstat_spearman(exact, est, n, rho);
+    return st ? st : rankstat_missed_top_k(exact, est, n, base, k, missed, n_missed);
 }
 
 #define PLOTFIG_ATP_TOP_K 10
