@@ -481,6 +481,26 @@ static void print_atp_stats(const patch_pair *p, patch_component c, const model_
            patch_component_name(c), what, s.rank_correlation, s.max_abs_error, s.n_missed, s.k);
 }
 
+/* One grid of raw patched-metric values (NaN stays NaN) and its normalized
+ * copy (patch_normalize) into the results file as C<suffix> (long name
+ * ln_raw) and C<nsuffix> (ln_norm). */
+static ps_status put_raw_and_normalized(ncout_results *res, model *m, const patch_pair *p, patch_component pc,
+                                        patch_metric metric, const double *raw, const char *suffix, const char *ln_raw,
+                                        const char *nsuffix, const char *ln_norm)
+{
+    const size_t n = grid_cells(pc, &m->cfg, p->T);
+    double *norm = malloc(n * sizeof *norm);
+    if (!norm)
+        return err_set(PS_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        norm[i] = patch_normalize(p, metric, raw[i]);
+    ps_status st = ncout_results_put_grid(res, m, pc, suffix, 0, raw, ln_raw, NULL);
+    if (st == PS_OK)
+        st = ncout_results_put_grid(res, m, pc, nsuffix, 0, norm, ln_norm, NULL);
+    free(norm);
+    return st;
+}
+
 /* The estimates (and with atp+exact the errors and their statistics) into the results file. */
 static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, const bool on[PATCH_COMPONENT_COUNT],
                            patch_metric metric, patch_direction dir, patch_method method, bool graddrop,
@@ -495,19 +515,16 @@ static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, co
             continue;
         const patch_component pc = (patch_component)c;
         const size_t n = grid_cells(pc, &m->cfg, p->T);
-        double *tmp = malloc(n * sizeof *tmp);
-        if (!tmp)
-            return err_set(PS_ERR_NOMEM, "out of memory");
-        char ln[160];
+        char ln[160], lnn[160];
         snprintf(ln, sizeof ln, "attribution patching estimate of %s after patching %s", patch_metric_name(metric),
                  patch_component_name(pc));
-        st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_SUFFIX, 0, est[c], ln, NULL);
-        for (size_t i = 0; i < n; i++)
-            tmp[i] = patch_normalize(p, metric, est[c][i]);
-        snprintf(ln, sizeof ln, "normalized attribution patching estimate, %s", patch_component_name(pc));
-        if (st == PS_OK)
-            st = ncout_results_put_grid(res, m, pc, SCHEMA_ATP_NORMALIZED_SUFFIX, 0, tmp, ln, NULL);
+        snprintf(lnn, sizeof lnn, "normalized attribution patching estimate, %s", patch_component_name(pc));
+        st = put_raw_and_normalized(res, m, p, pc, metric, est[c], SCHEMA_ATP_SUFFIX, ln, SCHEMA_ATP_NORMALIZED_SUFFIX,
+                                    lnn);
         if (st == PS_OK && patch_method_runs_exact(method)) {
+            double *tmp = malloc(n * sizeof *tmp);
+            if (!tmp)
+                return err_set(PS_ERR_NOMEM, "out of memory");
             int var;
             atp_stats s;
             for (size_t i = 0; i < n; i++)
@@ -518,8 +535,8 @@ static ps_status atp_write(ncout_results *res, model *m, const patch_pair *p, co
                     PS_OK) {
                 st = ncout_results_put_stats(res, var, s.rank_correlation, s.k, s.missed, s.n_missed);
             }
+            free(tmp);
         }
-        free(tmp);
     }
     return st;
 }
@@ -548,20 +565,12 @@ static ps_status verify_write(ncout_results *res, model *m, const patch_pair *p,
         if (!on[c])
             continue;
         const patch_component pc = (patch_component)c;
-        const size_t n = grid_cells(pc, &m->cfg, p->T);
-        double *tmp = malloc(n * sizeof *tmp);
-        if (!tmp)
-            return err_set(PS_ERR_NOMEM, "out of memory");
-        char ln[160];
+        char ln[160], lnn[160];
         snprintf(ln, sizeof ln, "exact %s at the verified cells (NaN: not verified), %s", patch_metric_name(metric),
                  patch_component_name(pc));
-        st = ncout_results_put_grid(res, m, pc, SCHEMA_VERIFIED_SUFFIX, 0, ver[c], ln, NULL);
-        for (size_t i = 0; i < n; i++)
-            tmp[i] = isnan(ver[c][i]) ? NAN : patch_normalize(p, metric, ver[c][i]);
-        snprintf(ln, sizeof ln, "normalized exact value at the verified cells, %s", patch_component_name(pc));
-        if (st == PS_OK)
-            st = ncout_results_put_grid(res, m, pc, SCHEMA_VERIFIED_NORMALIZED_SUFFIX, 0, tmp, ln, NULL);
-        free(tmp);
+        snprintf(lnn, sizeof lnn, "normalized exact value at the verified cells, %s", patch_component_name(pc));
+        st = put_raw_and_normalized(res, m, p, pc, metric, ver[c], SCHEMA_VERIFIED_SUFFIX, ln,
+                                    SCHEMA_VERIFIED_NORMALIZED_SUFFIX, lnn);
     }
     return st;
 }
