@@ -449,19 +449,36 @@ ps_status ncin_read_strings(const ncin_file *f, const ncin_var *v, size_t first,
     return PS_OK;
 }
 
-ps_status ncin_get_text_att(const ncin_file *f, const char *var, const char *name, char **value)
+/* Attribute `name` of variable `var` (NULL: global): its variable id, type
+ * and length; *found false (and PS_OK) when the variable has no such
+ * attribute. */
+static ps_status att_find(const ncin_file *f, const char *var, const char *name, int *varid, nc_type *type,
+                          size_t *len, bool *found)
 {
-    *value = NULL;
-    int varid = NC_GLOBAL, rc;
-    if (var && (rc = nc_inq_varid(f->ncid, var, &varid)) != NC_NOERR)
+    int rc;
+    *found = false;
+    *varid = NC_GLOBAL;
+    if (var && (rc = nc_inq_varid(f->ncid, var, varid)) != NC_NOERR)
         return nc_fail(rc, f, var);
-    nc_type type;
-    size_t len;
-    rc = nc_inq_att(f->ncid, varid, name, &type, &len);
+    rc = nc_inq_att(f->ncid, *varid, name, type, len);
     if (rc == NC_ENOTATT)
         return PS_OK;
     if (rc != NC_NOERR)
         return nc_fail(rc, f, name);
+    *found = true;
+    return PS_OK;
+}
+
+ps_status ncin_get_text_att(const ncin_file *f, const char *var, const char *name, char **value)
+{
+    *value = NULL;
+    int varid, rc;
+    nc_type type;
+    size_t len;
+    bool found;
+    ps_status st = att_find(f, var, name, &varid, &type, &len, &found);
+    if (st || !found)
+        return st;
     if (type == NC_CHAR) {
         if (len > NCIN_MAX_ATT_BYTES)
             return err_set(PS_ERR_FORMAT, "%s: attribute '%s' is too long (%zu bytes)", f->path, name, len);
@@ -498,16 +515,13 @@ ps_status ncin_get_num_att(const ncin_file *f, const char *var, const char *name
 {
     *n = 0;
     *present = false;
-    int varid = NC_GLOBAL, rc;
-    if (var && (rc = nc_inq_varid(f->ncid, var, &varid)) != NC_NOERR)
-        return nc_fail(rc, f, var);
+    int varid, rc;
     nc_type type;
     size_t len;
-    rc = nc_inq_att(f->ncid, varid, name, &type, &len);
-    if (rc == NC_ENOTATT)
-        return PS_OK;
-    if (rc != NC_NOERR)
-        return nc_fail(rc, f, name);
+    bool found;
+    ps_status st = att_find(f, var, name, &varid, &type, &len, &found);
+    if (st || !found)
+        return st;
     if (type == NC_CHAR || type == NC_STRING)
         return err_set(PS_ERR_FORMAT, "%s: attribute '%s' is text, not a number", f->path, name);
     if (len > cap)

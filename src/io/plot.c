@@ -433,13 +433,11 @@ double plot_heatmap_zmax(const plot_heatmap *panels, size_t n)
     return z > 0 ? z : 1.0;
 }
 
-static void put_cell_title(FILE *out, const plot_heatmap *p, size_t i, size_t j)
+/* "NAME [ROW_AXIS ROW, COLUMN_AXIS COLUMN" of cell (i, j), escaped: the
+ * start of a cell's and of a marked cell's hover text. */
+static void put_cell_name(FILE *out, const plot_heatmap *p, const char *name, size_t i, size_t j)
 {
-    size_t idx = i * p->n_cols + j;
-    char v[64];
-    format_value(p->values[idx], v, sizeof v);
-    fputs("<title>", out);
-    plot_xml_escape(out, p->hover_name ? p->hover_name : "");
+    plot_xml_escape(out, name);
     fputs(" [", out);
     plot_xml_escape(out, p->y_name ? p->y_name : "row");
     fputc(' ', out);
@@ -448,6 +446,15 @@ static void put_cell_title(FILE *out, const plot_heatmap *p, size_t i, size_t j)
     plot_xml_escape(out, p->x_name ? p->x_name : "column");
     fputc(' ', out);
     plot_xml_escape(out, p->col_labels[j]);
+}
+
+static void put_cell_title(FILE *out, const plot_heatmap *p, size_t i, size_t j)
+{
+    size_t idx = i * p->n_cols + j;
+    char v[64];
+    format_value(p->values[idx], v, sizeof v);
+    fputs("<title>", out);
+    put_cell_name(out, p, p->hover_name ? p->hover_name : "", i, j);
     fprintf(out, "] = %s", v);
     if (p->n_used && p->lo && p->hi && p->n_used[idx] > 0)
         fprintf(out, " (mean of %zu, min %.9g, max %.9g)", p->n_used[idx], (double)p->lo[idx], (double)p->hi[idx]);
@@ -489,15 +496,7 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
             fprintf(out, "<rect class=\"marked\" x=\"%.1f\" y=\"%.1f\" width=\"%d\" height=\"%d\" fill=\"none\" "
                          "stroke=\"#000\" stroke-width=\"2\"><title>",
                     rint(x0 + (double)j * l->cw) + 1.5, rint(y0 + (double)i * l->ch) + 1.5, l->cw - 3, l->ch - 3);
-            plot_xml_escape(out, p->marked_name ? p->marked_name : "marked");
-            fputs(" [", out);
-            plot_xml_escape(out, p->y_name ? p->y_name : "row");
-            fputc(' ', out);
-            plot_xml_escape(out, p->row_labels[i]);
-            fputs(", ", out);
-            plot_xml_escape(out, p->x_name ? p->x_name : "column");
-            fputc(' ', out);
-            plot_xml_escape(out, p->col_labels[j]);
+            put_cell_name(out, p, p->marked_name ? p->marked_name : "marked", i, j);
             fputs("]</title></rect>\n", out);
         }
     /* y tick labels (rows), right-aligned against the plot area */
