@@ -12,12 +12,10 @@
  * The pair: 17 token ids differing at position 10 (the shape of the
  * worksheet's IOI pair), as bench_atp.
  */
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "atp.h"
 #include "atp_edges.h"
@@ -26,34 +24,21 @@
 #include "model.h"
 #include "pool.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "bench_tool.h"
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 int main(int argc, char **argv)
 {
     if (argc < 2)
         return fprintf(stderr, "usage: bench_edges MODEL_DIR [REPS [THREADS]]\n"), 2;
     const int reps = argc > 2 ? atoi(argv[2]) : 3;
-    pool_set_threads(argc > 3 ? (size_t)atoi(argv[3]) : 2);
-    openblas_set_num_threads(1); /* as the CLI: the pool's threads call it (gemm.h) */
+    bench_set_threads(argc > 3 ? (size_t)atoi(argv[3]) : 2);
     model m;
     if (model_load(&m, argv[1]) != PS_OK)
         return fprintf(stderr, "bench_edges: %s\n", err_msg()), 2;
-    int32_t clean[17] = {50256, 3260, 1757, 290, 5335, 1816, 284, 262, 3650, 11, 5335, 2921, 257, 9294, 286, 7545, 284};
-    int32_t corr[17];
-    memcpy(corr, clean, sizeof corr);
-    corr[10] = 1757;
-    const size_t T = 17;
+    int32_t clean[BENCH_PAIR_T], corr[BENCH_PAIR_T];
+    bench_pair_ids(clean, corr);
+    const size_t T = BENCH_PAIR_T;
     bool on[PATCH_COMPONENT_COUNT] = {[PATCH_RESID_PRE] = true, [PATCH_ATTN_OUT] = true, [PATCH_MLP_OUT] = true,
                                       [PATCH_Z] = true};
     double *vals[PATCH_COMPONENT_COUNT] = {0};
@@ -66,21 +51,21 @@ int main(int argc, char **argv)
     if (forward_cache_init(&fc, &m.cfg, T, FORWARD_LOGITS_LAST) != PS_OK)
         return 2;
     for (int r = 0; r < reps && r < 64; r++) {
-        double t0 = now();
+        double t0 = clock_now();
         if (forward_run(&m, &fc, corr, T, NULL) != PS_OK)
             return 2;
-        double t1 = now();
+        double t1 = clock_now();
         patch_pair pair;
         if (patch_pair_init(&pair, &m, clean, corr, T, 7, 8) != PS_OK)
             return fprintf(stderr, "bench_edges: %s\n", err_msg()), 2;
-        double t2 = now();
+        double t2 = clock_now();
         if (atp_eval(&m, &pair, on, PATCH_LOGIT_DIFF, PATCH_DENOISE, vals) != PS_OK)
             return fprintf(stderr, "bench_edges: %s\n", err_msg()), 2;
-        double t3 = now();
+        double t3 = clock_now();
         atp_edges e;
         if (atp_edges_eval(&m, &pair, PATCH_LOGIT_DIFF, PATCH_DENOISE, &e) != PS_OK)
             return fprintf(stderr, "bench_edges: %s\n", err_msg()), 2;
-        double t4 = now();
+        double t4 = clock_now();
         n_edges = 0;
         for (size_t i = 0; i < e.n_up * e.n_down; i++)
             n_edges += !isnan(e.score[i]);
@@ -89,9 +74,8 @@ int main(int argc, char **argv)
         patch_pair_free(&pair);
     }
     const int n = reps < 64 ? reps : 64;
-    qsort(t_fwd, n, sizeof *t_fwd, cmp_d), qsort(t_pair, n, sizeof *t_pair, cmp_d);
-    qsort(t_atp, n, sizeof *t_atp, cmp_d), qsort(t_edges, n, sizeof *t_edges, cmp_d);
-    const double f = t_fwd[n / 2], p = t_pair[n / 2], a = t_atp[n / 2], g = t_edges[n / 2];
+    const double f = bench_median(t_fwd, (size_t)n), p = bench_median(t_pair, (size_t)n),
+                 a = bench_median(t_atp, (size_t)n), g = bench_median(t_edges, (size_t)n);
     printf("{\"edges\": %zu, \"threads\": %zu, \"reps\": %d, \"forward_s\": %.5f, \"pair_s\": %.5f, "
            "\"atp_s\": %.5f, \"edges_s\": %.5f, \"edges_forward_equivalents\": %.2f, \"edges_over_atp\": %.2f}\n",
            n_edges, pool_threads(), n, f, p, a, g, (p + g) / f, g / a);

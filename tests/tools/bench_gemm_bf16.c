@@ -14,24 +14,13 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "gemm.h"
 #include "gemm_bf16.h"
 #include "pool.h"
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "bench_tool.h"
 
-static int cmp_d(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 int main(int argc, char **argv)
 {
@@ -75,18 +64,16 @@ int main(int argc, char **argv)
                         continue;
                     if (kk != F32)
                         gemm_bf16_isa_set(kk == AMX ? GEMM_BF16_ISA_AMX : GEMM_BF16_ISA_AVX512);
-                    const double t0 = now();
+                    const double t0 = clock_now();
                     for (size_t b = 0; b < batch; b++)
                         gemm_run(out, x, R, kk == F32 ? &wf[b % N_COPIES] : &wb[b % N_COPIES], NULL, GEMM_PLAIN);
                     if (r >= 0)
-                        t[kk][r] = (now() - t0) / (double)batch;
+                        t[kk][r] = (clock_now() - t0) / (double)batch;
                 }
             double med[NK] = {0};
             for (int kk = 0; kk < NK; kk++)
-                if (have[kk]) {
-                    qsort(t[kk], (size_t)reps, sizeof(double), cmp_d);
-                    med[kk] = t[kk][reps / 2];
-                }
+                if (have[kk])
+                    med[kk] = bench_median(t[kk], (size_t)reps);
             printf("{\"rows\": %zu, \"k\": %zu, \"n\": %zu, \"threads\": %zu, \"reps\": %d", R, K, N, threads, reps);
             for (int kk = 0; kk < NK; kk++)
                 if (have[kk])
