@@ -461,6 +461,17 @@ static void put_cell_title(FILE *out, const plot_heatmap *p, size_t i, size_t j)
     fputs("</title>", out);
 }
 
+/* The key of the hatched "no value" cells: a swatch at (x, y) and its label. */
+static void put_nan_key(FILE *out, double x, double y)
+{
+    fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" fill=\"url(#ps-nan)\" "
+                 "stroke=\"#444\" stroke-width=\"0.5\"/>\n",
+            x, y);
+    char a[64];
+    snprintf(a, sizeof a, "font-size=\"%.0f\" fill=\"#222\" dy=\"0.35em\"", TICK_FS);
+    put_text(out, x + 16, y + 6, a, "no value");
+}
+
 static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, double ox, double oy, double zmax)
 {
     fprintf(out, "<g class=\"panel heatmap\" transform=\"translate(%.1f,%.1f)\">\n", ox, oy);
@@ -522,15 +533,8 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
     fputs("</g>\n", out);
     put_axis_titles(out, x0, y0, pw, ph, l->xlab_h, p->x_name, p->y_name);
     if (p->no_colorbar) {
-        if (l->has_nan) {
-            double sy = y0 + ph + l->xlab_h + AXIS_FS + 8;
-            fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" "
-                         "fill=\"url(#ps-nan)\" stroke=\"#444\" stroke-width=\"0.5\"/>\n",
-                    x0, sy);
-            char a2[64];
-            snprintf(a2, sizeof a2, "font-size=\"%.0f\" fill=\"#222\" dy=\"0.35em\"", TICK_FS);
-            put_text(out, x0 + 16, sy + 6, a2, "no value");
-        }
+        if (l->has_nan)
+            put_nan_key(out, x0, y0 + ph + l->xlab_h + AXIS_FS + 8);
         fputs("</g>\n", out);
         return;
     }
@@ -563,15 +567,8 @@ static void put_heatmap(FILE *out, const plot_heatmap *p, const hm_layout *l, do
         put_text(out, cbx, key_y - 4, a1, p->scale_name);
         key_y += 18;
     }
-    if (l->has_nan) {
-        double sy = key_y;
-        fprintf(out, "<rect class=\"nan-key\" x=\"%.0f\" y=\"%.0f\" width=\"12\" height=\"12\" fill=\"url(#ps-nan)\" "
-                     "stroke=\"#444\" stroke-width=\"0.5\"/>\n",
-                cbx, sy);
-        char a2[64];
-        snprintf(a2, sizeof a2, "font-size=\"%.0f\" fill=\"#222\" dy=\"0.35em\"", TICK_FS);
-        put_text(out, cbx + 16, sy + 6, a2, "no value");
-    }
+    if (l->has_nan)
+        put_nan_key(out, cbx, key_y);
     fputs("</g>\n</g>\n", out);
 }
 
