@@ -18,11 +18,6 @@ static size_t block_readers(const model_config *cfg) { return cfg->n_head + 2 * 
 
 size_t atp_edges_downstream_count(const model_config *cfg) { return cfg->n_layer * block_readers(cfg) + 1; }
 
-static bool parallel_residual(const model_config *cfg)
-{
-    return cfg->family != MODEL_FAMILY_GPT2 && cfg->parallel_residual;
-}
-
 /* The order of writes and reads along the residual stream: hook_embed
  * writes at 0, block l's heads at 2l+1 and its MLP at 2l+2; block l's
  * q/k/v inputs read at 2l+1, its MLP input at 2l+2 (parallel residual:
@@ -41,7 +36,7 @@ static size_t read_step(const model_config *cfg, size_t v)
     const size_t R = block_readers(cfg), l = v / R, j = v % R;
     if (l >= cfg->n_layer)
         return 2 * cfg->n_layer + 1;
-    return 2 * l + (j + 1 == R && !parallel_residual(cfg) ? 2 : 1);
+    return 2 * l + (j + 1 == R && !cfg->parallel_residual ? 2 : 1);
 }
 
 bool atp_edges_valid(const model_config *cfg, size_t u, size_t v)
@@ -238,7 +233,7 @@ ps_status atp_edges_eval(const model *m, const patch_pair *pair, patch_metric me
         score_task t = {cfg, e, D, G, NULL, NULL, NULL, NULL, l * R, backward_node_count(cfg, l), nd, d};
         if (l < L) {
             const forward_layer *ls = &src->layers[l], *lb = &base->layers[l];
-            const bool par = parallel_residual(cfg);
+            const bool par = cfg->parallel_residual;
             t.xs1 = ls->resid_pre + o, t.xb1 = lb->resid_pre + o;
             t.xs2 = (par ? ls->resid_pre : ls->resid_mid) + o, t.xb2 = (par ? lb->resid_pre : lb->resid_mid) + o;
         } else {
