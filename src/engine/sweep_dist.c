@@ -313,7 +313,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
     double *vals = NULL, *second = NULL, *mine = NULL, *gathered = NULL;
     size_t n_mine = 0, n_cells = 0, n_total = 0, n_chunk_cells = 0;
     /* the second grid: atp+exact: exact vals, estimates second; atp+verify: estimates vals, verified second */
-    const bool both = sweep_method_both(j), verify = patch_method_verifies(j->method);
+    const bool both = sweep_method_both(j), verify = patch_method_verifies(j->method), two = sweep_has_second_grid(j);
     const size_t M = sweep_metric_count(j);
     ps_status st = PS_OK;
     if (!v || !items || !owner || !counts || !base || !pairs) {
@@ -345,9 +345,9 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         goto agree;
     vals = malloc((n_cells ? n_cells * M : 1) * sizeof *vals);
     mine = malloc((counts[me] ? counts[me] : 1));
-    if (both || verify)
+    if (two)
         second = malloc((n_cells ? n_cells : 1) * sizeof *second);
-    if (!vals || !mine || ((both || verify) && !second)) {
+    if (!vals || !mine || (two && !second)) {
         st = err_set(PS_ERR_NOMEM, "out of memory");
         goto agree;
     }
@@ -364,7 +364,7 @@ static ps_status run_chunk_prompts(const job *j, const model *m, comm *c, const 
         goto agree;
     for (size_t i = 0, w = 0, r = 0; i < n_mine; i++) {
         const size_t nv = sweep_prompt_cells(j->components, &m->cfg, pairs[i].T);
-        prompt_record(j, &m->cfg, &pairs[i], nv, vals + r * M, both || verify ? second + r : NULL, mine + w);
+        prompt_record(j, &m->cfg, &pairs[i], nv, vals + r * M, two ? second + r : NULL, mine + w);
         w += sweep_prompt_values(j, &m->cfg, pairs[i].T), r += nv;
     }
     if (me == 0 && !(gathered = malloc((n_total ? n_total : 1) * sizeof *gathered)))

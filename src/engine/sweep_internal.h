@@ -52,6 +52,10 @@ size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T);
  * elsewhere). */
 bool sweep_method_both(const job *j);
 
+/* Whether a prompt's record holds a second grid after the first:
+ * atp+exact's estimate or atp+verify's verified cells (above). */
+bool sweep_has_second_grid(const job *j);
+
 /* Where one prompt pair is in the dataset file: the plan's per-prompt index
  * (16 bytes a pair), from which a chunk's records are read again. */
 typedef struct {

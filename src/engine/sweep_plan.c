@@ -35,12 +35,14 @@ size_t sweep_metric_count(const job *j) { return j->metrics.n ? j->metrics.n : 1
 
 bool sweep_method_both(const job *j) { return patch_method_runs_exact(j->method) && patch_method_estimates(j->method); }
 
+bool sweep_has_second_grid(const job *j) { return sweep_method_both(j) || patch_method_verifies(j->method); }
+
 size_t sweep_prompt_values(const job *j, const model_config *cfg, size_t T)
 {
     const size_t nv = sweep_prompt_cells(j->components, cfg, T);
     /* atp+exact: the estimate's cells after the exact ones; atp+verify: the verified after the estimate's */
     return SWEEP_TOP_K + sweep_metric_count(j) * (2 + nv) +
-           (sweep_method_both(j) || patch_method_verifies(j->method) ? nv : 0);
+           (sweep_has_second_grid(j) ? nv : 0);
 }
 
 void sweep_plan_free(sweep_plan *p)

@@ -291,7 +291,7 @@ static ps_status write_prompt(finalize_ctx *fx, const journal_prompt *h)
         st = ncout_results_put_metric(&fx->r, h->prompt, k, blk[0], blk[1], vk);
     }
     const bool verify = patch_method_verifies(fx->j->method);
-    if (st == PS_OK && (sweep_method_both(fx->j) || verify)) {
+    if (st == PS_OK && sweep_has_second_grid(fx->j)) {
         /* the second grid's cells after the first's (sweep_internal.h): the
          * estimate after the exact values, or the verified after the estimate */
         double *second[PATCH_COMPONENT_COUNT] = {0};
