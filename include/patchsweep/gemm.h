@@ -133,6 +133,14 @@ void gemm_gelu(float *x, size_t n);
  * (GEMM_GELU_ERF) or afterwards gives the same bits. */
 void gemm_gelu_erf(float *x, size_t n);
 
+/* The epilogue ep applied in place to x[0 .. n) (nothing for GEMM_PLAIN):
+ * what gemm_run's products do to each block of their output. */
+void gemm_epilogue_apply(gemm_epilogue ep, float *x, size_t n);
+
+/* out[rows, n] of a product with k = 0 (an empty sum): the bias (or 0) in
+ * every row, then the epilogue. */
+void gemm_empty_sum(float *out, size_t rows, size_t n, const float *bias, gemm_epilogue ep);
+
 /* Kernel variants: chosen once from the CPU (the widest it supports);
  * tests force each supported one to compare them. */
 typedef enum { GEMM_ISA_C, GEMM_ISA_AVX2, GEMM_ISA_AVX512, GEMM_ISA_COUNT } gemm_isa;

@@ -495,6 +495,20 @@ void gemm_gelu(float *x, size_t n) { isa_table[gemm_isa_get()].gelu(x, n); }
 
 void gemm_gelu_erf(float *x, size_t n) { isa_table[gemm_isa_get()].gelu_erf(x, n); }
 
+void gemm_epilogue_apply(gemm_epilogue ep, float *x, size_t n)
+{
+    if (ep != GEMM_PLAIN)
+        (ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(x, n);
+}
+
+void gemm_empty_sum(float *out, size_t rows, size_t n, const float *bias, gemm_epilogue ep)
+{
+    for (size_t i = 0; i < rows; i++)
+        for (size_t j = 0; j < n; j++)
+            out[i * n + j] = bias ? bias[j] : 0.0f;
+    gemm_epilogue_apply(ep, out, rows * n);
+}
+
 const char *gemm_isa_name(gemm_isa isa) { return isa < GEMM_ISA_COUNT ? isa_table[isa].name : "?"; }
 
 /* ---- driver ------------------------------------------------------------------ */
@@ -535,7 +549,7 @@ static void gemm_worker(void *arg, size_t tid, size_t nt)
         if (t->ep != GEMM_PLAIN) {
             const size_t c0 = pg * GEMM_NR, c1 = pe * GEMM_NR < n ? pe * GEMM_NR : n;
             for (size_t i = 0; i < t->rows; i++)
-                (t->ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(t->out + i * n + c0, c1 - c0);
+                gemm_epilogue_apply(t->ep, t->out + i * n + c0, c1 - c0);
         }
     }
 }
@@ -550,12 +564,8 @@ void gemm_run(float *out, const float *x, size_t rows, const gemm_weight *w, con
     }
     const gemm_isa isa = gemm_isa_get();
     gemm_task t = {out, x, rows, w, bias, ep, isa_table[isa].mr, isa_table[isa].tile[w->dtype]};
-    if (w->k == 0) { /* an empty sum: bias (or 0) */
-        for (size_t i = 0; i < rows; i++)
-            for (size_t j = 0; j < w->n; j++)
-                out[i * w->n + j] = bias ? bias[j] : 0.0f;
-        if (ep != GEMM_PLAIN)
-            (ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(out, rows * w->n);
+    if (w->k == 0) {
+        gemm_empty_sum(out, rows, w->n, bias, ep);
         return;
     }
     const size_t np = (w->n + GEMM_NR - 1) / GEMM_NR;

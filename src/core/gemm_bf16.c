@@ -441,7 +441,7 @@ static void bf16_worker(void *arg, size_t tid, size_t nt)
             if (t->ep != GEMM_PLAIN) {
                 const size_t c0 = pg * GEMM_NR, c1 = pe * GEMM_NR < t->n ? pe * GEMM_NR : t->n;
                 for (size_t r = 0; r < rb; r++)
-                    (t->ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(t->out + (i + r) * t->n + c0, c1 - c0);
+                    gemm_epilogue_apply(t->ep, t->out + (i + r) * t->n + c0, c1 - c0);
             }
         }
     }
@@ -456,12 +456,8 @@ void gemm_bf16_run(float *out, const float *x, size_t rows, const uint16_t *pack
 {
     if (rows == 0 || n == 0)
         return;
-    if (k == 0) { /* an empty sum: bias (or 0) */
-        for (size_t i = 0; i < rows; i++)
-            for (size_t j = 0; j < n; j++)
-                out[i * n + j] = bias ? bias[j] : 0.0f;
-        if (ep != GEMM_PLAIN)
-            (ep == GEMM_GELU ? gemm_gelu : gemm_gelu_erf)(out, rows * n);
+    if (k == 0) {
+        gemm_empty_sum(out, rows, n, bias, ep);
         return;
     }
     bf16_task t = {out, x, rows, k, n, packed, bias, ep, gemm_bf16_isa_get()};
